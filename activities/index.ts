@@ -1,0 +1,116 @@
+/**
+ * Activities, built from their dependencies once per worker (pool, Temporal client, settings).
+ * Thin: I/O and error classification; the lifecycle decisions live in the workflow.
+ */
+import { ApplicationFailure } from '@temporalio/activity';
+import type { Client } from '@temporalio/client';
+import type pg from 'pg';
+import type { Settings } from '../common/config.js';
+import { NotFoundError } from '../common/errors.js';
+import * as store from '../common/store.js';
+import type { ReconcileReport } from '../workflows/messages.js';
+import { signalRevoke, startTokenWorkflow } from '../client/temporal.js';
+import { deliverRevocation, toDeliveryView } from './propagation.js';
+
+export interface ActivityDeps {
+  pool: pg.Pool;
+  client: Client;
+  settings: Pick<Settings, 'masterKey' | 'timing' | 'reconcileGraceMs' | 'temporal'>;
+}
+
+/** How many rows one reconciler pass handles of each kind; the next pass takes the rest. */
+const RECONCILE_BATCH = 500;
+
+export function createActivities(deps: ActivityDeps) {
+  const { pool, client, settings } = deps;
+  const taskQueue = settings.temporal.taskQueue;
+
+  /** Store errors the workflow cannot fix by retrying become non-retryable failures. */
+  async function classify<T>(fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      if (err instanceof NotFoundError) throw ApplicationFailure.nonRetryable(err.message, err.name);
+      throw err;
+    }
+  }
+
+  return {
+    async killToken(req: store.KillRequest): Promise<store.KillResult> {
+      return classify(() => store.killToken(pool, req));
+    },
+
+    async listDeliveries(tokenId: string) {
+      return (await store.listDeliveries(pool, tokenId)).map(toDeliveryView);
+    },
+
+    async deliverRevocation(input: { eventId: string; receiverId: string }) {
+      return deliverRevocation({ pool, masterKey: settings.masterKey }, input);
+    },
+
+    async setPropagation(input: {
+      tokenId: string;
+      state: 'pending' | 'stuck' | 'complete';
+      auditKey: string;
+      detail: Record<string, unknown>;
+    }): Promise<store.TokenRecord> {
+      return store.setPropagation(pool, input.tokenId, input.state, input.auditKey, input.detail);
+    },
+
+    async forceCompleteDeliveries(input: { tokenId: string; auditKey: string; reason: string; actor: string }) {
+      return store.forceCompleteDeliveries(pool, input.tokenId, input.auditKey, input.reason, input.actor);
+    },
+
+    async recordAudit(input: { tokenId: string; auditKey: string; kind: string; data: Record<string, unknown> }) {
+      await store.recordAudit(pool, input.tokenId, input.auditKey, input.kind, input.data);
+    },
+
+    /**
+     * Heals what a crash left between the store and the workflows: overdue tokens are killed as
+     * expired, dead tokens whose workflow never took over are signalled (with start), active tokens
+     * whose workflow was never started get it started.
+     */
+    async reconcileStore(input: { graceMs?: number }): Promise<ReconcileReport> {
+      const graceMs = input.graceMs ?? settings.reconcileGraceMs;
+      const report: ReconcileReport = { expired: [], signalled: [], started: [] };
+
+      const tell = async (token: store.TokenRecord) => {
+        await signalRevoke(
+          client,
+          token,
+          {
+            reason: token.revokeReason ?? 'unspecified',
+            actor: token.revokedBy ?? 'reconciler',
+            initiatingEntity: token.initiatingEntity ?? 'system',
+          },
+          taskQueue,
+          settings.timing,
+        );
+        report.signalled.push(token.id);
+      };
+      for (const tokenId of await store.findOverdueTokens(pool, graceMs, RECONCILE_BATCH)) {
+        const result = await store.killToken(pool, {
+          tokenId,
+          reason: 'expired',
+          actor: 'reconciler',
+          initiatingEntity: 'system',
+          onlyIfExpired: true,
+        });
+        if (!result.changed) continue;
+        report.expired.push(tokenId);
+        await tell(result.token);
+      }
+      for (const token of await store.findUntoldTokens(pool, graceMs, RECONCILE_BATCH)) {
+        if (!report.signalled.includes(token.id)) await tell(token);
+      }
+      for (const token of await store.findUnstartedTokens(pool, graceMs, RECONCILE_BATCH)) {
+        await startTokenWorkflow(client, token, taskQueue, settings.timing);
+        await store.markWorkflowStarted(pool, token.id);
+        report.started.push(token.id);
+      }
+      return report;
+    },
+  };
+}
+
+export type Activities = ReturnType<typeof createActivities>;

@@ -1,0 +1,213 @@
+/**
+ * The library apps import: issue, revoke, show, list, receivers. Reads and kills in the store
+ * directly (the store answers "is it valid?"), and tells each token's workflow through Temporal.
+ */
+import type { Client } from '@temporalio/client';
+import type pg from 'pg';
+import { z } from 'zod';
+import { loadSettings, type Settings } from '../common/config.js';
+import { createPool } from '../common/db.js';
+import { ConfigError } from '../common/errors.js';
+import { newCredentialId, newTokenId } from '../common/ids.js';
+import { INITIATING_ENTITIES, TOKEN_STATUSES, type InitiatingEntity, type TokenStatus } from '../common/names.js';
+import { encryptSecret, generateSigningSecret, generateTokenString, hashToken, masterKeyId } from '../common/secrets.js';
+import * as store from '../common/store.js';
+import {
+  actorSchema,
+  durationSchema,
+  parseInput,
+  reasonSchema,
+  receiverIdSchema,
+  subjectSchema,
+  tokenIdSchema,
+} from '../common/validation.js';
+import { connectTemporal, signalRevoke, startTokenWorkflow } from './temporal.js';
+
+export { loadSettings, type Settings } from '../common/config.js';
+export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.js';
+export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/store.js';
+
+const issueSchema = z.object({
+  subject: subjectSchema,
+  receivers: z.array(receiverIdSchema).default([]),
+  ttl: z.union([durationSchema, z.number().int().positive('expected a positive number of milliseconds')]),
+  name: z.string().trim().min(1).max(200).optional(),
+  scopes: z.array(z.string().regex(/^[\x21-\x7e]{1,100}$/, 'expected a scope without spaces')).default([]),
+});
+export type IssueRequest = z.input<typeof issueSchema>;
+
+const revokeSchema = z.object({
+  tokenId: tokenIdSchema,
+  reason: reasonSchema,
+  actor: actorSchema.default('admin'),
+  initiatingEntity: z.enum(INITIATING_ENTITIES).default('admin'),
+  correlationId: z.string().min(1).max(200).optional(),
+});
+export type RevokeInput = z.input<typeof revokeSchema>;
+
+const listSchema = z.object({
+  subject: subjectSchema.optional(),
+  status: z.enum(TOKEN_STATUSES).optional(),
+  limit: z.number().int().min(1).max(10_000).default(100),
+});
+
+const receiverSchema = z.object({
+  id: receiverIdSchema,
+  url: z.url({ protocol: /^https?$/, error: 'expected an http(s) URL' }),
+  /** An existing signing secret to import (e.g. read from stdin); generated when absent. */
+  secret: z
+    .string()
+    .regex(/^whsec_[A-Za-z0-9+/]{32,}={0,2}$/, 'expected a Standard Webhooks secret: whsec_ followed by base64 of at least 24 bytes')
+    .optional(),
+});
+
+export interface IssuedToken {
+  tokenId: string;
+  /** The raw token: returned here once, stored nowhere (only its SHA-256). */
+  token: string;
+  expiresAt: string;
+}
+
+export interface RevokeOutcome {
+  tokenId: string;
+  status: TokenStatus;
+  /** False when the token was already dead: these are the first kill's facts. */
+  changed: boolean;
+  revokedAt: string;
+  revokedBy: string;
+  reason: string;
+  /** Whether the token's workflow accepted the signal; when false the reconciler will tell it. */
+  workflowSignalled: boolean;
+  warning?: string;
+}
+
+export interface TokenView extends store.TokenRecord {
+  deliveries: store.DeliveryRecord[];
+}
+
+export class TokenWarden {
+  private constructor(
+    readonly settings: Settings,
+    readonly pool: pg.Pool,
+    private readonly temporal: Client,
+  ) {}
+
+  /** Connects to the store and Temporal with the given settings (default: from the environment). */
+  static async connect(settings: Settings = loadSettings()): Promise<TokenWarden> {
+    const pool = createPool(settings.databaseUrl, settings.databaseSchema);
+    try {
+      const client = await connectTemporal(settings);
+      return new TokenWarden(settings, pool, client);
+    } catch (err) {
+      await pool.end();
+      throw err;
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.temporal.connection.close();
+    await this.pool.end();
+  }
+
+  /**
+   * Issues a token: the secret is generated here, only its hash is stored, the workflow is started
+   * with ids only, and the raw token is returned once both succeeded. A crash in between leaves an
+   * active row with a bounded life, which the reconciler adopts.
+   */
+  async issue(request: IssueRequest): Promise<IssuedToken> {
+    const req = parseInput(issueSchema, request, 'token request');
+    const token = generateTokenString();
+    const record = await store.insertToken(this.pool, {
+      tokenId: newTokenId(),
+      credentialId: newCredentialId(),
+      subject: req.subject,
+      name: req.name ?? null,
+      scopes: req.scopes,
+      receivers: [...new Set(req.receivers)].sort(),
+      ttlMs: req.ttl,
+      secretHash: hashToken(token),
+    });
+    await startTokenWorkflow(this.temporal, record, this.settings.temporal.taskQueue, this.settings.timing);
+    await store.markWorkflowStarted(this.pool, record.id);
+    return { tokenId: record.id, token, expiresAt: record.expiresAt };
+  }
+
+  /**
+   * Kills the token in the store (dead for every verifier when this returns), then signals its
+   * workflow to propagate. Idempotent: a second call returns the first revocation's facts.
+   */
+  async revoke(input: RevokeInput): Promise<RevokeOutcome> {
+    const req = parseInput(revokeSchema, input, 'revoke request');
+    const kill = await store.killToken(this.pool, {
+      tokenId: req.tokenId,
+      reason: req.reason,
+      actor: req.actor,
+      initiatingEntity: req.initiatingEntity as InitiatingEntity,
+      ...(req.correlationId ? { correlationId: req.correlationId } : {}),
+    });
+    const t = kill.token;
+    const outcome: RevokeOutcome = {
+      tokenId: t.id,
+      status: t.status,
+      changed: kill.changed,
+      revokedAt: t.revokedAt!,
+      revokedBy: t.revokedBy!,
+      reason: t.revokeReason!,
+      workflowSignalled: false,
+    };
+    if (!kill.changed) return outcome;
+    try {
+      await signalRevoke(
+        this.temporal,
+        t,
+        { reason: t.revokeReason!, actor: t.revokedBy!, initiatingEntity: t.initiatingEntity ?? 'admin' },
+        this.settings.temporal.taskQueue,
+        this.settings.timing,
+      );
+      outcome.workflowSignalled = true;
+    } catch (err) {
+      outcome.warning = `revoked in the store, but its workflow could not be signalled (${(err as Error).message}); the reconciler will start propagation`;
+    }
+    return outcome;
+  }
+
+  async show(tokenId: string): Promise<TokenView> {
+    const id = parseInput(tokenIdSchema, tokenId, 'token id');
+    const token = await store.requireToken(this.pool, id);
+    return { ...token, deliveries: await store.listDeliveries(this.pool, id) };
+  }
+
+  async list(filter: z.input<typeof listSchema> = {}): Promise<store.TokenRecord[]> {
+    const f = parseInput(listSchema, filter, 'list filter');
+    return store.listTokens(this.pool, {
+      ...(f.subject ? { subject: f.subject } : {}),
+      ...(f.status ? { status: f.status } : {}),
+      limit: f.limit,
+    });
+  }
+
+  /** Registers a receiver; its signing secret is generated (or imported), encrypted at rest and returned once. */
+  async addReceiver(input: z.input<typeof receiverSchema>): Promise<store.ReceiverRecord & { secret: string }> {
+    const req = parseInput(receiverSchema, input, 'receiver');
+    const key = this.settings.masterKey;
+    if (!key) {
+      throw new ConfigError('TOKENWARDEN_MASTER_KEY is not set: it encrypts receivers\' signing secrets at rest (32 bytes, base64)');
+    }
+    const secret = req.secret ?? generateSigningSecret();
+    const record = await store.insertReceiver(this.pool, {
+      id: req.id,
+      url: req.url,
+      secretCiphertext: encryptSecret(key, secret, req.id),
+      secretKeyId: masterKeyId(key),
+    });
+    return { ...record, secret };
+  }
+
+  async listReceivers(): Promise<store.ReceiverRecord[]> {
+    return store.listReceivers(this.pool);
+  }
+
+  async removeReceiver(id: string): Promise<store.ReceiverRecord> {
+    return store.removeReceiver(this.pool, parseInput(receiverIdSchema, id, 'receiver id'));
+  }
+}

@@ -1,0 +1,27 @@
+/** One error type per failure kind the user can act on. Messages never contain secrets. */
+
+/** Bad input: names the field and what was expected. Nothing was changed. */
+export class InvalidInputError extends Error {
+  override readonly name = 'InvalidInputError';
+  constructor(
+    message: string,
+    readonly fields: { path: string; message: string }[] = [],
+  ) {
+    super(message);
+  }
+}
+
+export class NotFoundError extends Error {
+  override readonly name = 'NotFoundError';
+  constructor(
+    readonly kind: 'token' | 'receiver',
+    readonly id: string,
+  ) {
+    super(`${kind} ${JSON.stringify(id)} not found`);
+  }
+}
+
+/** A required setting is missing or malformed; names the environment variable. */
+export class ConfigError extends Error {
+  override readonly name = 'ConfigError';
+}

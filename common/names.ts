@@ -1,0 +1,80 @@
+/**
+ * Names that cross a process boundary: a wire contract. Workflows sleeping for months depend on
+ * them, so they never change once released. This module is imported by workflow code: it must stay
+ * pure (no Node built-ins, no I/O).
+ */
+import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
+
+export const DEFAULT_NAMESPACE = 'tokenwarden';
+export const DEFAULT_TASK_QUEUE = 'tokenwarden';
+
+export const WORKFLOW_TYPE = {
+  tokenLifecycle: 'tokenLifecycle',
+  reconcile: 'reconcile',
+} as const;
+
+export const SIGNAL = {
+  /** Revoke the token. Also the path for Temporal batch operations, which can signal but not update. */
+  revoke: 'revoke',
+} as const;
+
+export const UPDATE = {
+  retryPropagation: 'retryPropagation',
+  forceComplete: 'forceComplete',
+} as const;
+
+export const QUERY = {
+  describe: 'describe',
+} as const;
+
+/** Activity names are the keys of createActivities(); a test holds them to this list. */
+export const ACTIVITY_NAMES = [
+  'killToken',
+  'listDeliveries',
+  'deliverRevocation',
+  'setPropagation',
+  'forceCompleteDeliveries',
+  'recordAudit',
+  'reconcileStore',
+] as const;
+
+export const SEARCH_ATTRIBUTE = {
+  subject: defineSearchAttributeKey('TokenSubject', SearchAttributeType.KEYWORD),
+  status: defineSearchAttributeKey('TokenStatus', SearchAttributeType.KEYWORD),
+  propagation: defineSearchAttributeKey('TokenPropagation', SearchAttributeType.KEYWORD),
+  expiresAt: defineSearchAttributeKey('TokenExpiresAt', SearchAttributeType.DATETIME),
+  receivers: defineSearchAttributeKey('TokenReceivers', SearchAttributeType.KEYWORD_LIST),
+} as const;
+
+/** The same list in the `temporal --search-attribute NAME=Type` spelling, for the dev server. */
+export const SEARCH_ATTRIBUTE_CLI_TYPES: Record<string, string> = {
+  TokenSubject: 'Keyword',
+  TokenStatus: 'Keyword',
+  TokenPropagation: 'Keyword',
+  TokenExpiresAt: 'Datetime',
+  TokenReceivers: 'KeywordList',
+};
+
+export const RECONCILER_SCHEDULE_ID = 'tokenwarden-reconciler';
+export const RECONCILER_WORKFLOW_ID = 'tokenwarden-reconcile';
+
+export const TOKEN_ID_PREFIX = 'tok_';
+export const CREDENTIAL_ID_PREFIX = 'cred_';
+export const EVENT_ID_PREFIX = 'evt_';
+/** The prefix of raw token strings: `tw_<base62 body>_<checksum>`. */
+export const TOKEN_STRING_PREFIX = 'tw';
+
+export const tokenWorkflowId = (tokenId: string): string => `token:${tokenId}`;
+
+/** Postgres NOTIFY channel on which every kill is announced (payload: `<schema>:<tokenId>`). */
+export const KILL_CHANNEL = 'tokenwarden_token_killed';
+
+export const TOKEN_STATUSES = ['active', 'revoked', 'expired'] as const;
+export type TokenStatus = (typeof TOKEN_STATUSES)[number];
+export const PROPAGATION_STATES = ['none', 'pending', 'complete', 'stuck'] as const;
+export type PropagationState = (typeof PROPAGATION_STATES)[number];
+export const DELIVERY_STATES = ['pending', 'delivered', 'failed', 'forced', 'cancelled'] as const;
+export type DeliveryState = (typeof DELIVERY_STATES)[number];
+/** CAEP initiating_entity values. */
+export const INITIATING_ENTITIES = ['admin', 'user', 'policy', 'system'] as const;
+export type InitiatingEntity = (typeof INITIATING_ENTITIES)[number];

@@ -1,0 +1,601 @@
+/**
+ * The central store: every SQL statement of tokenwarden lives here. Validity is decided by the
+ * database clock: a token is valid iff `status = 'active' AND expires_at > now()`.
+ */
+import canonicalize from 'canonicalize';
+import type pg from 'pg';
+import { createHash } from 'node:crypto';
+import { revocationEventId } from './ids.js';
+import {
+  KILL_CHANNEL,
+  type DeliveryState,
+  type InitiatingEntity,
+  type PropagationState,
+  type TokenStatus,
+} from './names.js';
+import { InvalidInputError, NotFoundError } from './errors.js';
+
+type Queryable = pg.Pool | pg.PoolClient;
+
+export interface TokenRecord {
+  id: string;
+  subject: string;
+  name: string | null;
+  scopes: string[];
+  receivers: string[];
+  /** The stored status. */
+  status: TokenStatus;
+  /** What a verifier sees now: an active row past its expiry is already `expired`. */
+  effectiveStatus: TokenStatus;
+  valid: boolean;
+  propagation: PropagationState;
+  issuedAt: string;
+  expiresAt: string;
+  revokedAt: string | null;
+  revokedBy: string | null;
+  revokeReason: string | null;
+  initiatingEntity: InitiatingEntity | null;
+  workflowStartedAt: string | null;
+  propagationStartedAt: string | null;
+  propagationCompletedAt: string | null;
+}
+
+export interface DeliveryRecord {
+  eventId: string;
+  receiverId: string;
+  tokenId: string;
+  status: DeliveryState;
+  attempts: number;
+  lastStatusCode: number | null;
+  lastError: string | null;
+  lastAttemptAt: string | null;
+  ackedAt: string | null;
+}
+
+export interface ReceiverRecord {
+  id: string;
+  kind: 'webhook';
+  url: string;
+  enabled: boolean;
+  createdAt: string;
+  removedAt: string | null;
+}
+
+export interface AuditRecord {
+  seq: number;
+  kind: string;
+  canonical: string;
+  hash: string;
+  prevHash: string | null;
+}
+
+const TOKEN_COLUMNS = `
+  id, subject, name, scopes, receivers, status, propagation, issued_at, expires_at, revoked_at,
+  revoked_by, revoke_reason, initiating_entity, workflow_started_at, propagation_started_at,
+  propagation_completed_at,
+  CASE WHEN status = 'active' AND expires_at <= now() THEN 'expired' ELSE status END AS effective_status,
+  (status = 'active' AND expires_at > now()) AS valid`;
+
+const iso = (d: Date | null): string | null => (d ? d.toISOString() : null);
+
+function toToken(row: Record<string, unknown>): TokenRecord {
+  return {
+    id: row.id as string,
+    subject: row.subject as string,
+    name: (row.name as string | null) ?? null,
+    scopes: row.scopes as string[],
+    receivers: row.receivers as string[],
+    status: row.status as TokenStatus,
+    effectiveStatus: row.effective_status as TokenStatus,
+    valid: row.valid as boolean,
+    propagation: row.propagation as PropagationState,
+    issuedAt: iso(row.issued_at as Date)!,
+    expiresAt: iso(row.expires_at as Date)!,
+    revokedAt: iso(row.revoked_at as Date | null),
+    revokedBy: (row.revoked_by as string | null) ?? null,
+    revokeReason: (row.revoke_reason as string | null) ?? null,
+    initiatingEntity: (row.initiating_entity as InitiatingEntity | null) ?? null,
+    workflowStartedAt: iso(row.workflow_started_at as Date | null),
+    propagationStartedAt: iso(row.propagation_started_at as Date | null),
+    propagationCompletedAt: iso(row.propagation_completed_at as Date | null),
+  };
+}
+
+function toDelivery(row: Record<string, unknown>): DeliveryRecord {
+  return {
+    eventId: row.event_id as string,
+    receiverId: row.receiver_id as string,
+    tokenId: row.token_id as string,
+    status: row.status as DeliveryState,
+    attempts: row.attempts as number,
+    lastStatusCode: (row.last_status_code as number | null) ?? null,
+    lastError: (row.last_error as string | null) ?? null,
+    lastAttemptAt: iso(row.last_attempt_at as Date | null),
+    ackedAt: iso(row.acked_at as Date | null),
+  };
+}
+
+function toReceiver(row: Record<string, unknown>): ReceiverRecord {
+  return {
+    id: row.id as string,
+    kind: row.kind as 'webhook',
+    url: row.url as string,
+    enabled: row.enabled as boolean,
+    createdAt: iso(row.created_at as Date)!,
+    removedAt: iso(row.removed_at as Date | null),
+  };
+}
+
+export async function inTransaction<T>(pool: pg.Pool, fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+  const client = await pool.connect();
+  try {
+    await client.query('BEGIN');
+    const result = await fn(client);
+    await client.query('COMMIT');
+    return result;
+  } catch (err) {
+    await client.query('ROLLBACK').catch(() => {});
+    throw err;
+  } finally {
+    client.release();
+  }
+}
+
+// ---------------------------------------------------------------- audit
+
+/**
+ * Appends one event to the token's hash chain, in the caller's transaction. Takes the token row's
+ * lock so concurrent writers cannot fork the chain; a repeated idempotency key is a no-op, so a
+ * retried activity does not log twice.
+ */
+export async function appendAudit(
+  client: pg.PoolClient,
+  tokenId: string,
+  idempotencyKey: string,
+  kind: string,
+  data: Record<string, unknown>,
+): Promise<void> {
+  await client.query('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [tokenId]);
+  const { rows } = await client.query(
+    `SELECT now() AS now,
+            (SELECT 1 FROM audit_event WHERE token_id = $1 AND idempotency_key = $2) AS seen,
+            last.seq, last.hash
+       FROM (SELECT 1) one
+       LEFT JOIN LATERAL (SELECT seq, hash FROM audit_event WHERE token_id = $1 ORDER BY seq DESC LIMIT 1) last ON true`,
+    [tokenId, idempotencyKey],
+  );
+  const head = rows[0] as { now: Date; seen: number | null; seq: number | null; hash: Buffer | null };
+  if (head.seen) return;
+  const seq = (head.seq ?? 0) + 1;
+  const prevHash = head.hash ? head.hash.toString('hex') : null;
+  const canonical = canonicalize({ tokenId, seq, kind, at: head.now.toISOString(), prevHash, data });
+  if (canonical === undefined) throw new Error('audit event is not serialisable');
+  const hash = createHash('sha256').update(canonical, 'utf8').digest();
+  await client.query(
+    `INSERT INTO audit_event (token_id, seq, idempotency_key, kind, canonical, prev_hash, hash)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)`,
+    [tokenId, seq, idempotencyKey, kind, canonical, head.hash, hash],
+  );
+}
+
+export async function recordAudit(
+  pool: pg.Pool,
+  tokenId: string,
+  idempotencyKey: string,
+  kind: string,
+  data: Record<string, unknown>,
+): Promise<void> {
+  await inTransaction(pool, (client) => appendAudit(client, tokenId, idempotencyKey, kind, data));
+}
+
+export async function readAudit(db: Queryable, tokenId: string): Promise<AuditRecord[]> {
+  const { rows } = await db.query(
+    'SELECT seq, kind, canonical, hash, prev_hash FROM audit_event WHERE token_id = $1 ORDER BY seq',
+    [tokenId],
+  );
+  return rows.map((r) => ({
+    seq: r.seq as number,
+    kind: r.kind as string,
+    canonical: r.canonical as string,
+    hash: (r.hash as Buffer).toString('hex'),
+    prevHash: r.prev_hash ? (r.prev_hash as Buffer).toString('hex') : null,
+  }));
+}
+
+/** Recomputes the chain; returns the seq of the first broken link, or null when intact. */
+export function findBrokenAuditLink(events: AuditRecord[]): number | null {
+  let prev: string | null = null;
+  for (const event of events) {
+    const hash = createHash('sha256').update(event.canonical, 'utf8').digest('hex');
+    const body = JSON.parse(event.canonical) as { prevHash: string | null; seq: number };
+    if (hash !== event.hash || event.prevHash !== prev || body.prevHash !== prev || body.seq !== event.seq) {
+      return event.seq;
+    }
+    prev = hash;
+  }
+  return null;
+}
+
+// ---------------------------------------------------------------- receivers
+
+export async function insertReceiver(
+  pool: pg.Pool,
+  receiver: { id: string; url: string; secretCiphertext: Buffer; secretKeyId: string },
+): Promise<ReceiverRecord> {
+  const { rows } = await pool.query(
+    `INSERT INTO receiver (id, url, secret_ciphertext, secret_key_id) VALUES ($1, $2, $3, $4)
+     ON CONFLICT (id) DO NOTHING RETURNING *`,
+    [receiver.id, receiver.url, receiver.secretCiphertext, receiver.secretKeyId],
+  );
+  if (!rows[0]) {
+    throw new InvalidInputError(`invalid receiver: id: receiver ${JSON.stringify(receiver.id)} already exists`, [
+      { path: 'id', message: 'already exists' },
+    ]);
+  }
+  return toReceiver(rows[0]);
+}
+
+export async function listReceivers(db: Queryable, includeRemoved = false): Promise<ReceiverRecord[]> {
+  const { rows } = await db.query(
+    `SELECT * FROM receiver ${includeRemoved ? '' : 'WHERE removed_at IS NULL'} ORDER BY id`,
+  );
+  return rows.map(toReceiver);
+}
+
+/** Removal keeps the row (deliveries reference it) and stops new tokens from naming it. */
+export async function removeReceiver(db: Queryable, id: string): Promise<ReceiverRecord> {
+  const { rows } = await db.query(
+    `UPDATE receiver SET enabled = false, removed_at = coalesce(removed_at, now()) WHERE id = $1 RETURNING *`,
+    [id],
+  );
+  if (!rows[0]) throw new NotFoundError('receiver', id);
+  return toReceiver(rows[0]);
+}
+
+export async function loadReceiverSecret(
+  db: Queryable,
+  id: string,
+): Promise<{ receiver: ReceiverRecord; ciphertext: Buffer; keyId: string } | undefined> {
+  const { rows } = await db.query('SELECT * FROM receiver WHERE id = $1', [id]);
+  const row = rows[0];
+  if (!row) return undefined;
+  return { receiver: toReceiver(row), ciphertext: row.secret_ciphertext as Buffer, keyId: row.secret_key_id as string };
+}
+
+// ---------------------------------------------------------------- tokens
+
+export interface NewToken {
+  tokenId: string;
+  credentialId: string;
+  subject: string;
+  name: string | null;
+  scopes: string[];
+  receivers: string[];
+  ttlMs: number;
+  secretHash: Buffer;
+}
+
+/** Writes an active token and its current credential (hash only); expiry comes from the database clock. */
+export async function insertToken(pool: pg.Pool, token: NewToken): Promise<TokenRecord> {
+  return inTransaction(pool, async (client) => {
+    if (token.receivers.length > 0) {
+      const { rows } = await client.query(
+        'SELECT id FROM receiver WHERE id = ANY($1::text[]) AND enabled FOR SHARE',
+        [token.receivers],
+      );
+      const known = new Set(rows.map((r) => r.id as string));
+      const unknown = token.receivers.filter((r) => !known.has(r));
+      if (unknown.length > 0) {
+        throw new InvalidInputError(`invalid token request: receivers: unknown or removed receiver ${unknown.join(', ')}`, [
+          { path: 'receivers', message: `unknown or removed receiver ${unknown.join(', ')}` },
+        ]);
+      }
+    }
+    const { rows } = await client.query(
+      `INSERT INTO token (id, subject, name, scopes, receivers, expires_at)
+       VALUES ($1, $2, $3, $4, $5, now() + $6 * interval '1 millisecond')
+       RETURNING ${TOKEN_COLUMNS}`,
+      [token.tokenId, token.subject, token.name, token.scopes, token.receivers, token.ttlMs],
+    );
+    await client.query(
+      `INSERT INTO credential (id, token_id, secret_hash, state) VALUES ($1, $2, $3, 'current')`,
+      [token.credentialId, token.tokenId, token.secretHash],
+    );
+    const record = toToken(rows[0]);
+    await appendAudit(client, token.tokenId, 'issued', 'token.issued', {
+      subject: record.subject,
+      credentialId: token.credentialId,
+      receivers: record.receivers,
+      scopes: record.scopes,
+      expiresAt: record.expiresAt,
+    });
+    return record;
+  });
+}
+
+export async function markWorkflowStarted(db: Queryable, tokenId: string): Promise<void> {
+  await db.query(
+    'UPDATE token SET workflow_started_at = coalesce(workflow_started_at, now()) WHERE id = $1',
+    [tokenId],
+  );
+}
+
+export async function getToken(db: Queryable, tokenId: string): Promise<TokenRecord | undefined> {
+  const { rows } = await db.query(`SELECT ${TOKEN_COLUMNS} FROM token WHERE id = $1`, [tokenId]);
+  return rows[0] ? toToken(rows[0]) : undefined;
+}
+
+export async function requireToken(db: Queryable, tokenId: string): Promise<TokenRecord> {
+  const token = await getToken(db, tokenId);
+  if (!token) throw new NotFoundError('token', tokenId);
+  return token;
+}
+
+export async function listTokens(
+  db: Queryable,
+  filter: { subject?: string; status?: TokenStatus; limit: number },
+): Promise<TokenRecord[]> {
+  const { rows } = await db.query(
+    `SELECT ${TOKEN_COLUMNS} FROM token
+      WHERE ($1::text IS NULL OR subject = $1)
+        AND ($2::text IS NULL OR CASE WHEN status = 'active' AND expires_at <= now() THEN 'expired' ELSE status END = $2)
+      ORDER BY id DESC LIMIT $3`,
+    [filter.subject ?? null, filter.status ?? null, filter.limit],
+  );
+  return rows.map(toToken);
+}
+
+export interface KillRequest {
+  tokenId: string;
+  reason: string;
+  actor: string;
+  initiatingEntity: InitiatingEntity;
+  /** Kill only if the token is already past its expiry on the database clock (the expiry timer's kill). */
+  onlyIfExpired?: boolean;
+  /** Called by the token's own workflow: records that the workflow has taken over propagation. */
+  byWorkflow?: boolean;
+  /** Ties events with one root cause together (e.g. an offboarding). */
+  correlationId?: string;
+}
+
+export interface KillResult {
+  /** True when this call killed the token; false when it was already dead (the first kill's facts). */
+  changed: boolean;
+  /** Only with onlyIfExpired: the token is active and not yet expired; ms until it is. */
+  notYetExpiredMs?: number;
+  token: TokenRecord;
+}
+
+/**
+ * The one kill used by every path. One transaction: status (expired if past expiry, else revoked),
+ * credentials revoked, one outbox row per receiver, an audit event, NOTIFY. Idempotent: when the
+ * token is already dead nothing changes and the existing facts are returned.
+ */
+export async function killToken(pool: pg.Pool, req: KillRequest): Promise<KillResult> {
+  return inTransaction(pool, async (client) => {
+    const { rows } = await client.query(
+      `UPDATE token
+          SET status = CASE WHEN expires_at <= now() THEN 'expired' ELSE 'revoked' END,
+              revoked_at = now(), revoked_by = $2,
+              revoke_reason = CASE WHEN expires_at <= now() THEN 'expired' ELSE $3 END,
+              initiating_entity = CASE WHEN expires_at <= now() THEN 'system' ELSE $4 END,
+              propagation = CASE WHEN cardinality(receivers) = 0 THEN 'complete' ELSE 'pending' END,
+              propagation_completed_at = CASE WHEN cardinality(receivers) = 0 THEN now() END,
+              propagation_started_at = CASE WHEN $5::boolean THEN now() END
+        WHERE id = $1 AND status = 'active' AND (NOT $6::boolean OR expires_at <= now())
+        RETURNING ${TOKEN_COLUMNS}`,
+      [req.tokenId, req.actor, req.reason, req.initiatingEntity, req.byWorkflow ?? false, req.onlyIfExpired ?? false],
+    );
+    if (!rows[0]) {
+      const { rows: current } = await client.query(
+        `SELECT ${TOKEN_COLUMNS}, greatest(0, ceil(extract(epoch FROM expires_at - now()) * 1000))::bigint AS remaining_ms
+           FROM token WHERE id = $1 FOR UPDATE`,
+        [req.tokenId],
+      );
+      const row = current[0];
+      if (!row) throw new NotFoundError('token', req.tokenId);
+      let token = toToken(row);
+      if (token.status === 'active') {
+        return { changed: false, notYetExpiredMs: Math.max(1, Number(row.remaining_ms)), token };
+      }
+      if (req.byWorkflow && !token.propagationStartedAt) {
+        const { rows: updated } = await client.query(
+          `UPDATE token SET propagation_started_at = now() WHERE id = $1 RETURNING ${TOKEN_COLUMNS}`,
+          [req.tokenId],
+        );
+        token = toToken(updated[0]);
+      }
+      return { changed: false, token };
+    }
+    const token = toToken(rows[0]);
+    const { rows: creds } = await client.query(
+      `UPDATE credential SET state = 'revoked', revoked_at = now() WHERE token_id = $1 AND state <> 'revoked' RETURNING id`,
+      [req.tokenId],
+    );
+    const credentialIds = creds.map((c) => c.id as string).sort();
+    const eventId = revocationEventId(token.id);
+    const body = canonicalize({
+      id: eventId,
+      type: token.status === 'expired' ? 'token.expired' : 'token.revoked',
+      // CAEP credential-change vocabulary, so receivers that speak SSF/CAEP can map it directly.
+      change_type: 'revoke',
+      credential_type: 'api-token',
+      token_id: token.id,
+      credential_ids: credentialIds,
+      sub_id: { format: 'opaque', id: token.subject },
+      reason: token.revokeReason,
+      initiating_entity: token.initiatingEntity,
+      actor: token.revokedBy,
+      event_timestamp: Math.floor(Date.parse(token.revokedAt!) / 1000),
+      occurred_at: token.revokedAt,
+      txn: req.correlationId ?? null,
+    })!;
+    if (token.receivers.length > 0) {
+      await client.query(
+        `INSERT INTO delivery (event_id, receiver_id, token_id, body)
+         SELECT $1, r, $2, $3 FROM unnest($4::text[]) AS r
+         ON CONFLICT DO NOTHING`,
+        [eventId, token.id, body, token.receivers],
+      );
+    }
+    await appendAudit(client, token.id, 'killed', token.status === 'expired' ? 'token.expired' : 'token.revoked', {
+      reason: token.revokeReason,
+      actor: token.revokedBy,
+      initiatingEntity: token.initiatingEntity,
+      credentialIds,
+      eventId,
+      receivers: token.receivers,
+      correlationId: req.correlationId ?? null,
+    });
+    await client.query('SELECT pg_notify($1, current_schema() || $2)', [KILL_CHANNEL, `:${token.id}`]);
+    return { changed: true, token };
+  });
+}
+
+// ---------------------------------------------------------------- deliveries
+
+export async function listDeliveries(db: Queryable, tokenId: string): Promise<DeliveryRecord[]> {
+  const { rows } = await db.query(
+    'SELECT * FROM delivery WHERE token_id = $1 ORDER BY receiver_id',
+    [tokenId],
+  );
+  return rows.map(toDelivery);
+}
+
+export async function loadDeliveryForAttempt(
+  db: Queryable,
+  eventId: string,
+  receiverId: string,
+): Promise<{ delivery: DeliveryRecord; body: string } | undefined> {
+  const { rows } = await db.query('SELECT * FROM delivery WHERE event_id = $1 AND receiver_id = $2', [eventId, receiverId]);
+  return rows[0] ? { delivery: toDelivery(rows[0]), body: rows[0].body as string } : undefined;
+}
+
+export type AttemptOutcome =
+  | { kind: 'delivered'; statusCode: number }
+  | { kind: 'retryable'; statusCode: number | null; error: string }
+  | { kind: 'rejected'; statusCode: number; error: string }
+  | { kind: 'cancelled'; error: string };
+
+/**
+ * Records one delivery attempt. A delivery already settled (delivered, forced, cancelled) is never
+ * moved back; the returned row says what the store holds.
+ */
+export async function recordDeliveryAttempt(
+  pool: pg.Pool,
+  eventId: string,
+  receiverId: string,
+  outcome: AttemptOutcome,
+): Promise<DeliveryRecord> {
+  const status = { delivered: 'delivered', retryable: 'pending', rejected: 'failed', cancelled: 'cancelled' }[outcome.kind];
+  return inTransaction(pool, async (client) => {
+    const { rows } = await client.query(
+      `UPDATE delivery
+          SET attempts = attempts + CASE WHEN $3 = 'cancelled' THEN 0 ELSE 1 END,
+              status = $3,
+              last_status_code = $4, last_error = $5, last_attempt_at = now(),
+              acked_at = CASE WHEN $3 = 'delivered' THEN now() END
+        WHERE event_id = $1 AND receiver_id = $2 AND status IN ('pending', 'failed')
+        RETURNING *`,
+      [eventId, receiverId, status, 'statusCode' in outcome ? outcome.statusCode : null, 'error' in outcome ? outcome.error : null],
+    );
+    const row = rows[0] ?? (await client.query('SELECT * FROM delivery WHERE event_id = $1 AND receiver_id = $2', [eventId, receiverId])).rows[0];
+    if (!row) throw new Error(`delivery ${eventId}/${receiverId} does not exist`);
+    const delivery = toDelivery(row);
+    if (rows[0] && (outcome.kind === 'delivered' || outcome.kind === 'cancelled')) {
+      await appendAudit(client, delivery.tokenId, `delivery:${eventId}:${receiverId}:${outcome.kind}`, `delivery.${outcome.kind}`, {
+        eventId,
+        receiverId,
+        attempts: delivery.attempts,
+        ...(outcome.kind === 'delivered' ? { statusCode: outcome.statusCode } : { detail: outcome.error }),
+      });
+    }
+    return delivery;
+  });
+}
+
+/**
+ * Moves the token's propagation state (pending ⇄ stuck → complete) with an audit event. `complete`
+ * is refused while a delivery is unsettled, so a crash can never report half-done as done.
+ */
+export async function setPropagation(
+  pool: pg.Pool,
+  tokenId: string,
+  state: Exclude<PropagationState, 'none'>,
+  auditKey: string,
+  detail: Record<string, unknown>,
+): Promise<TokenRecord> {
+  return inTransaction(pool, async (client) => {
+    if (state === 'complete') {
+      const { rows } = await client.query(
+        `SELECT receiver_id FROM delivery WHERE token_id = $1 AND status IN ('pending', 'failed')`,
+        [tokenId],
+      );
+      if (rows.length > 0) {
+        throw new Error(`propagation of ${tokenId} is not complete: ${rows.map((r) => r.receiver_id).join(', ')} unsettled`);
+      }
+    }
+    const { rows } = await client.query(
+      `UPDATE token SET propagation = $2,
+              propagation_completed_at = CASE WHEN $2 = 'complete' THEN coalesce(propagation_completed_at, now()) END
+        WHERE id = $1 AND status <> 'active' AND propagation <> 'complete'
+        RETURNING ${TOKEN_COLUMNS}`,
+      [tokenId, state],
+    );
+    if (rows[0]) await appendAudit(client, tokenId, auditKey, `propagation.${state}`, detail);
+    return rows[0] ? toToken(rows[0]) : requireToken(client, tokenId);
+  });
+}
+
+/** Operator override: unsettled deliveries become `forced`; audited with the reason. */
+export async function forceCompleteDeliveries(
+  pool: pg.Pool,
+  tokenId: string,
+  auditKey: string,
+  reason: string,
+  actor: string,
+): Promise<string[]> {
+  return inTransaction(pool, async (client) => {
+    const { rows } = await client.query(
+      `UPDATE delivery SET status = 'forced' WHERE token_id = $1 AND status IN ('pending', 'failed') RETURNING receiver_id`,
+      [tokenId],
+    );
+    const receivers = rows.map((r) => r.receiver_id as string).sort();
+    await appendAudit(client, tokenId, auditKey, 'propagation.forced', { reason, actor, receivers });
+    return receivers;
+  });
+}
+
+// ---------------------------------------------------------------- reconciler
+
+/** Active rows past expiry (plus grace): the expiry timer did not fire or its worker was down. */
+export async function findOverdueTokens(db: Queryable, graceMs: number, limit: number): Promise<string[]> {
+  const { rows } = await db.query(
+    `SELECT id FROM token WHERE status = 'active' AND expires_at <= now() - $1 * interval '1 millisecond'
+      ORDER BY expires_at LIMIT $2`,
+    [graceMs, limit],
+  );
+  return rows.map((r) => r.id as string);
+}
+
+/** Active rows whose workflow was never confirmed started (the issuer died between commit and start). */
+export async function findUnstartedTokens(db: Queryable, graceMs: number, limit: number): Promise<TokenRecord[]> {
+  const { rows } = await db.query(
+    `SELECT ${TOKEN_COLUMNS} FROM token
+      WHERE workflow_started_at IS NULL AND status = 'active' AND issued_at <= now() - $1 * interval '1 millisecond'
+      ORDER BY issued_at LIMIT $2`,
+    [graceMs, limit],
+  );
+  return rows.map(toToken);
+}
+
+/** Dead rows whose workflow never took over propagation (a crash between the kill and the signal). */
+export async function findUntoldTokens(db: Queryable, graceMs: number, limit: number): Promise<TokenRecord[]> {
+  const { rows } = await db.query(
+    `SELECT ${TOKEN_COLUMNS} FROM token
+      WHERE status <> 'active' AND propagation_started_at IS NULL AND revoked_at <= now() - $1 * interval '1 millisecond'
+      ORDER BY revoked_at LIMIT $2`,
+    [graceMs, limit],
+  );
+  return rows.map(toToken);
+}

@@ -1,0 +1,41 @@
+import { z } from 'zod';
+import { parseDuration, DURATION_HINT } from './durations.js';
+import { InvalidInputError } from './errors.js';
+
+/** Parses with a zod schema; on failure throws InvalidInputError naming every bad field. */
+export function parseInput<S extends z.ZodType>(schema: S, input: unknown, what: string): z.output<S> {
+  const result = schema.safeParse(input);
+  if (result.success) return result.data;
+  const fields = result.error.issues.map((issue) => ({
+    path: issue.path.map(String).join('.') || '(input)',
+    message: issue.message,
+  }));
+  const detail = fields.map((f) => `${f.path}: ${f.message}`).join('; ');
+  throw new InvalidInputError(`invalid ${what}: ${detail}`, fields);
+}
+
+export const durationSchema = z
+  .string({ error: `expected ${DURATION_HINT}` })
+  .transform((text, ctx) => {
+    const ms = parseDuration(text);
+    if (ms === undefined) {
+      ctx.addIssue({ code: 'custom', message: `expected ${DURATION_HINT}, got ${JSON.stringify(text)}` });
+      return z.NEVER;
+    }
+    return ms;
+  });
+
+/** Opaque subject ids (user or account ids). Emails are refused: search attributes are plaintext. */
+export const subjectSchema = z
+  .string()
+  .regex(/^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/, 'expected an opaque id of letters, digits and _.:- (max 128), not an email');
+
+export const receiverIdSchema = z
+  .string()
+  .regex(/^[a-z0-9][a-z0-9_-]{0,62}$/, 'expected a lowercase id of a-z, 0-9, _ and - (max 63)');
+
+export const tokenIdSchema = z.string().regex(/^tok_[0-9a-f]{32}$/, 'expected a token id like tok_0193…(32 hex digits)');
+
+export const reasonSchema = z.string().trim().min(1, 'a reason is required').max(500, 'at most 500 characters');
+
+export const actorSchema = z.string().trim().min(1, 'expected a non-empty actor').max(200, 'at most 200 characters');

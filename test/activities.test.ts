@@ -1,0 +1,75 @@
+/** Delivery activity crash points, with MockActivityEnvironment, real Postgres and a real receiver. */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { after, before, describe, it } from 'node:test';
+import { ApplicationFailure } from '@temporalio/common';
+import { MockActivityEnvironment } from '@temporalio/testing';
+import { deliverRevocation } from '../activities/propagation.js';
+import * as store from '../common/store.js';
+import type { DeliveryView } from '../workflows/messages.js';
+import { TestContext } from './support/context.js';
+import { TestReceiver } from './support/receiver.js';
+
+let ctx: TestContext;
+let receiver: TestReceiver;
+
+before(async () => {
+  ctx = await TestContext.create('activities');
+  receiver = await TestReceiver.start();
+  receiver.secret = (await ctx.warden.addReceiver({ id: 'billing', url: receiver.url })).secret;
+});
+after(async () => {
+  await receiver.close();
+  await ctx.close();
+});
+
+async function revokedToken(): Promise<{ tokenId: string; eventId: string }> {
+  const { tokenId } = await ctx.warden.issue({ subject: 'usr_act', receivers: ['billing'], ttl: '1h' });
+  await store.killToken(ctx.pool, { tokenId, reason: 'test', actor: 'admin', initiatingEntity: 'admin' });
+  const [d] = await store.listDeliveries(ctx.pool, tokenId);
+  return { tokenId, eventId: d!.eventId };
+}
+
+const run = (masterKey: Buffer | undefined, input: { eventId: string; receiverId: string }): Promise<DeliveryView> =>
+  new MockActivityEnvironment().run(deliverRevocation, { pool: ctx.pool, masterKey }, input) as Promise<DeliveryView>;
+
+describe('deliverRevocation', () => {
+  it('should not send again when the receiver acknowledged but the result was lost', async () => {
+    const { eventId } = await revokedToken();
+    const first = await run(ctx.settings.masterKey, { eventId, receiverId: 'billing' });
+    assert.equal(first.status, 'delivered');
+    const sent = receiver.requests.length;
+    // The worker died after the ack was recorded: the retried attempt finds it settled.
+    const retried = await run(ctx.settings.masterKey, { eventId, receiverId: 'billing' });
+    assert.equal(retried.status, 'delivered');
+    assert.equal(retried.attempts, 1);
+    assert.equal(receiver.requests.length, sent);
+  });
+
+  it('should refuse to sign with the wrong master key, without revealing any secret', async () => {
+    const { eventId } = await revokedToken();
+    const err = await run(randomBytes(32), { eventId, receiverId: 'billing' }).catch((e: unknown) => e);
+    assert.ok(err instanceof ApplicationFailure);
+    assert.equal(err.type, 'SigningKeyUnavailable');
+    assert.equal(err.nonRetryable, false);
+    assert.match(err.message, /TOKENWARDEN_MASTER_KEY/);
+    assert.ok(!err.message.includes(receiver.secret!.slice(6)));
+  });
+
+  it('should cancel, with an audit event, a delivery to a removed receiver', async () => {
+    const other = await TestReceiver.start();
+    try {
+      await ctx.warden.addReceiver({ id: 'legacy', url: other.url });
+      const { tokenId } = await ctx.warden.issue({ subject: 'usr_act', receivers: ['legacy'], ttl: '1h' });
+      await store.killToken(ctx.pool, { tokenId, reason: 'test', actor: 'admin', initiatingEntity: 'admin' });
+      const [d] = await store.listDeliveries(ctx.pool, tokenId);
+      await ctx.warden.removeReceiver('legacy');
+      const result = await run(ctx.settings.masterKey, { eventId: d!.eventId, receiverId: 'legacy' });
+      assert.equal(result.status, 'cancelled');
+      assert.equal(other.requests.length, 0);
+      assert.ok((await store.readAudit(ctx.pool, tokenId)).some((e) => e.kind === 'delivery.cancelled'));
+    } finally {
+      await other.close();
+    }
+  });
+});

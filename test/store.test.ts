@@ -1,0 +1,146 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { randomBytes } from 'node:crypto';
+import { newCredentialId, newTokenId } from '../common/ids.js';
+import { InvalidInputError, NotFoundError } from '../common/errors.js';
+import * as store from '../common/store.js';
+import { TestContext } from './support/context.js';
+
+let ctx: TestContext;
+before(async () => {
+  ctx = await TestContext.create('store');
+  await store.insertReceiver(ctx.pool, { id: 'billing', url: 'http://127.0.0.1:1/x', secretCiphertext: Buffer.from('x'), secretKeyId: 'k' });
+  await store.insertReceiver(ctx.pool, { id: 'crm', url: 'http://127.0.0.1:1/y', secretCiphertext: Buffer.from('y'), secretKeyId: 'k' });
+});
+after(async () => ctx.close());
+
+const newToken = (overrides: Partial<store.NewToken> = {}) =>
+  store.insertToken(ctx.pool, {
+    tokenId: newTokenId(),
+    credentialId: newCredentialId(),
+    subject: 'usr_store',
+    name: null,
+    scopes: [],
+    receivers: ['billing', 'crm'],
+    ttlMs: 60_000,
+    secretHash: randomBytes(32),
+    ...overrides,
+  });
+
+const kill = (tokenId: string, reason = 'left the company') =>
+  store.killToken(ctx.pool, { tokenId, reason, actor: 'admin:alice', initiatingEntity: 'admin' });
+
+describe('central store', () => {
+  it('should issue an active, valid token whose expiry comes from the database clock', async () => {
+    const t = await newToken();
+    assert.equal(t.status, 'active');
+    assert.equal(t.valid, true);
+    assert.equal(t.propagation, 'none');
+    const lifetime = Date.parse(t.expiresAt) - Date.parse(t.issuedAt);
+    assert.equal(lifetime, 60_000);
+  });
+
+  it('should refuse an unknown receiver and write nothing', async () => {
+    const tokenId = newTokenId();
+    await assert.rejects(newToken({ tokenId, receivers: ['billing', 'nope'] }), (e: unknown) => e instanceof InvalidInputError && /receivers: .*nope/.test(e.message));
+    assert.equal(await store.getToken(ctx.pool, tokenId), undefined);
+  });
+
+  it('should treat an active row past its expiry as expired and invalid, with no worker involved', async () => {
+    const t = await newToken({ ttlMs: 1 });
+    await ctx.pool.query('SELECT pg_sleep(0.01)');
+    const now = await store.requireToken(ctx.pool, t.id);
+    assert.equal(now.status, 'active');
+    assert.equal(now.effectiveStatus, 'expired');
+    assert.equal(now.valid, false);
+    const listed = await store.listTokens(ctx.pool, { subject: 'usr_store', status: 'active', limit: 1000 });
+    assert.ok(!listed.some((x) => x.id === t.id));
+  });
+
+  it('should kill once: revoked credentials, one outbox row per receiver, audit, and idempotent repeats', async () => {
+    const t = await newToken();
+    const first = await kill(t.id);
+    assert.equal(first.changed, true);
+    assert.equal(first.token.status, 'revoked');
+    assert.equal(first.token.valid, false);
+    assert.equal(first.token.propagation, 'pending');
+    const second = await kill(t.id, 'a different reason');
+    assert.equal(second.changed, false);
+    assert.equal(second.token.revokedAt, first.token.revokedAt);
+    assert.equal(second.token.revokeReason, 'left the company');
+    const deliveries = await store.listDeliveries(ctx.pool, t.id);
+    assert.deepEqual(deliveries.map((d) => [d.receiverId, d.status]), [['billing', 'pending'], ['crm', 'pending']]);
+    assert.equal(new Set(deliveries.map((d) => d.eventId)).size, 1);
+    const { rows } = await ctx.pool.query('SELECT state FROM credential WHERE token_id = $1', [t.id]);
+    assert.deepEqual(rows.map((r) => r.state), ['revoked']);
+    const audit = await store.readAudit(ctx.pool, t.id);
+    assert.deepEqual(audit.map((a) => a.kind), ['token.issued', 'token.revoked']);
+  });
+
+  it('should record expired, not revoked, when the kill comes after expiry', async () => {
+    const t = await newToken({ ttlMs: 1 });
+    await ctx.pool.query('SELECT pg_sleep(0.01)');
+    const result = await kill(t.id);
+    assert.equal(result.token.status, 'expired');
+    assert.equal(result.token.revokeReason, 'expired');
+    assert.equal(result.token.initiatingEntity, 'system');
+  });
+
+  it('should not let the expiry kill fire before the database clock says expired', async () => {
+    const t = await newToken({ ttlMs: 60_000 });
+    const result = await store.killToken(ctx.pool, { tokenId: t.id, reason: 'expired', actor: 'system', initiatingEntity: 'system', onlyIfExpired: true });
+    assert.equal(result.changed, false);
+    assert.ok(result.notYetExpiredMs! > 50_000 && result.notYetExpiredMs! <= 60_000);
+    assert.equal((await store.requireToken(ctx.pool, t.id)).status, 'active');
+  });
+
+  it('should resolve concurrent kills to exactly one', async () => {
+    const t = await newToken();
+    const results = await Promise.all(Array.from({ length: 6 }, (_, i) => kill(t.id, `racer ${i}`)));
+    assert.equal(results.filter((r) => r.changed).length, 1);
+    assert.equal(new Set(results.map((r) => r.token.revokeReason)).size, 1);
+    assert.equal((await store.listDeliveries(ctx.pool, t.id)).length, 2);
+    assert.equal(store.findBrokenAuditLink(await store.readAudit(ctx.pool, t.id)), null);
+  });
+
+  it('should say not found for an unknown token', async () => {
+    await assert.rejects(kill(newTokenId()), NotFoundError);
+  });
+
+  it('should refuse complete while a delivery is unsettled', async () => {
+    const t = await newToken();
+    await kill(t.id);
+    await assert.rejects(store.setPropagation(ctx.pool, t.id, 'complete', 'complete', {}), /billing, crm unsettled/);
+    assert.equal((await store.requireToken(ctx.pool, t.id)).propagation, 'pending');
+  });
+});
+
+describe('audit trail', () => {
+  it('should chain events by hash and skip a repeated idempotency key', async () => {
+    const t = await newToken();
+    await store.recordAudit(ctx.pool, t.id, 'note-1', 'test.note', { n: 1 });
+    await store.recordAudit(ctx.pool, t.id, 'note-1', 'test.note', { n: 1 });
+    await Promise.all([2, 3, 4, 5].map((n) => store.recordAudit(ctx.pool, t.id, `note-${n}`, 'test.note', { n })));
+    const events = await store.readAudit(ctx.pool, t.id);
+    assert.deepEqual(events.map((e) => e.seq), [1, 2, 3, 4, 5, 6]);
+    assert.equal(store.findBrokenAuditLink(events), null);
+    const body = JSON.parse(events[1]!.canonical);
+    assert.equal(body.prevHash, events[0]!.hash);
+  });
+
+  it('should detect a tampered event', async () => {
+    const t = await newToken();
+    await kill(t.id);
+    const events = await store.readAudit(ctx.pool, t.id);
+    const tampered = events.map((e, i) => (i === 0 ? { ...e, canonical: e.canonical.replace('usr_store', 'usr_other') } : e));
+    assert.equal(store.findBrokenAuditLink(tampered), 1);
+  });
+
+  it('should reject UPDATE, DELETE and TRUNCATE of audit events', async () => {
+    const t = await newToken();
+    await assert.rejects(ctx.pool.query(`UPDATE audit_event SET kind = 'x' WHERE token_id = $1`, [t.id]), /append-only: UPDATE/);
+    await assert.rejects(ctx.pool.query(`DELETE FROM audit_event WHERE token_id = $1`, [t.id]), /append-only: DELETE/);
+    await assert.rejects(ctx.pool.query('TRUNCATE audit_event CASCADE'), /append-only: TRUNCATE/);
+    assert.equal((await store.readAudit(ctx.pool, t.id)).length, 1);
+  });
+});

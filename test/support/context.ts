@@ -1,0 +1,92 @@
+/**
+ * Per-test-file context against the run's real services (started by dev/run-tests): its own
+ * Postgres schema, its own task queue, a Temporal client, workers on demand, the library.
+ */
+import { randomBytes } from 'node:crypto';
+import { Client, Connection } from '@temporalio/client';
+import { DefaultLogger, NativeConnection, Runtime, type Worker } from '@temporalio/worker';
+import type pg from 'pg';
+import type { Settings } from '../../common/config.js';
+import { createPool, migrate, quoteIdent } from '../../common/db.js';
+import { TokenWarden } from '../../client/index.js';
+import { createTokenWorker } from '../../worker/worker.js';
+
+function required(name: string): string {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set: run the tests with \`npm test\`, which starts Temporal and PostgreSQL`);
+  return value;
+}
+
+export interface RunningWorker {
+  worker: Worker;
+  stop(): Promise<void>;
+}
+
+export class TestContext {
+  private workers = new Set<RunningWorker>();
+  private constructor(
+    readonly settings: Settings,
+    readonly pool: pg.Pool,
+    readonly client: Client,
+    readonly nativeConnection: NativeConnection,
+    readonly warden: TokenWarden,
+  ) {}
+
+  static async create(label: string, timing: Partial<Settings['timing']> = {}): Promise<TestContext> {
+    // Quiet runtime: expected activity failures (fault injection) would otherwise fill the output.
+    Runtime.install({ logger: new DefaultLogger('ERROR') });
+    const databaseUrl = required('TOKENWARDEN_TEST_DATABASE_URL');
+    const address = required('TOKENWARDEN_TEST_TEMPORAL_ADDRESS');
+    const namespace = required('TOKENWARDEN_TEST_NAMESPACE');
+    const schema = `test_${label}_${randomBytes(4).toString('hex')}`;
+    await migrate(databaseUrl, schema);
+    const settings: Settings = {
+      temporal: { connectionOptions: { address }, namespace, taskQueue: `tq-${schema}` },
+      databaseUrl,
+      databaseSchema: schema,
+      dataDir: '/nonexistent',
+      timing: { escalateAfterMs: 3_000, retryInitialMs: 200, retryMaxMs: 1_000, ...timing },
+      reconcileGraceMs: 0,
+      masterKey: randomBytes(32),
+    };
+    const pool = createPool(databaseUrl, schema, 5);
+    const client = new Client({ connection: await Connection.connect({ address }), namespace });
+    const nativeConnection = await NativeConnection.connect({ address });
+    const warden = await TokenWarden.connect(settings);
+    return new TestContext(settings, pool, client, nativeConnection, warden);
+  }
+
+  /** Starts a worker on this file's task queue with the run's pre-built workflow bundle. */
+  async startWorker(): Promise<RunningWorker> {
+    const bundlePath = process.env.TOKENWARDEN_TEST_WORKFLOW_BUNDLE;
+    const worker = await createTokenWorker({
+      connection: this.nativeConnection,
+      client: this.client,
+      pool: this.pool,
+      settings: this.settings,
+      ...(bundlePath ? { workflowBundle: { codePath: bundlePath } } : {}),
+    });
+    const running = worker.run();
+    const handle: RunningWorker = {
+      worker,
+      stop: async () => {
+        if (worker.getState() === 'RUNNING') worker.shutdown();
+        await running;
+        this.workers.delete(handle);
+      },
+    };
+    this.workers.add(handle);
+    return handle;
+  }
+
+  async close(): Promise<void> {
+    for (const w of [...this.workers]) await w.stop();
+    await this.warden.close();
+    await this.client.connection.close();
+    await this.nativeConnection.close();
+    if (!process.env.TOKENWARDEN_KEEP_TEST_SCHEMAS) {
+      await this.pool.query(`DROP SCHEMA ${quoteIdent(this.settings.databaseSchema)} CASCADE`);
+    }
+    await this.pool.end();
+  }
+}

@@ -1,0 +1,154 @@
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { Webhook } from 'standardwebhooks';
+import { createActivities } from '../activities/index.js';
+import { isRetryableStatus, parseRetryAfter } from '../activities/propagation.js';
+import { formatDuration, parseDuration } from '../common/durations.js';
+import { ACTIVITY_NAMES } from '../common/names.js';
+import {
+  decryptSecret,
+  encryptSecret,
+  generateSigningSecret,
+  generateTokenString,
+  isWellFormedToken,
+  signWebhook,
+} from '../common/secrets.js';
+import { InvalidInputError } from '../common/errors.js';
+import { parseInput, subjectSchema } from '../common/validation.js';
+import { loadSettings } from '../common/config.js';
+import { ConfigError } from '../common/errors.js';
+import {
+  msUntil,
+  parseRevokeSignal,
+  propagationVerdict,
+  validateOperatorRequest,
+} from '../workflows/lifecycle-state.js';
+
+describe('durations', () => {
+  it('should parse the units people write', () => {
+    assert.equal(parseDuration('500ms'), 500);
+    assert.equal(parseDuration('30s'), 30_000);
+    assert.equal(parseDuration('15m'), 900_000);
+    assert.equal(parseDuration('2h'), 7_200_000);
+    assert.equal(parseDuration('90d'), 90 * 86_400_000);
+  });
+  it('should refuse what is not a duration', () => {
+    for (const bad of ['', '5', '5x', '-5s', '0s', '1.5h', 's', '5 s m']) assert.equal(parseDuration(bad), undefined, bad);
+  });
+  it('should format back to the largest exact unit', () => {
+    assert.equal(formatDuration(90 * 86_400_000), '90d');
+    assert.equal(formatDuration(1500), '1500ms');
+  });
+});
+
+describe('token format', () => {
+  it('should produce tw_<43 base62>_<6 checksum> tokens that pass the offline check', () => {
+    const token = generateTokenString();
+    assert.match(token, /^tw_[0-9A-Za-z]{43}_[0-9A-Za-z]{6}$/);
+    assert.ok(isWellFormedToken(token));
+  });
+  it('should reject a lookalike whose checksum does not match', () => {
+    const token = generateTokenString();
+    const body = token.slice(3, 46);
+    const flipped = body[0] === 'a' ? 'b' + body.slice(1) : 'a' + body.slice(1);
+    assert.equal(isWellFormedToken(`tw_${flipped}${token.slice(46)}`), false);
+    assert.equal(isWellFormedToken(token.replace(/^tw_/, 'tx_')), false);
+  });
+  it('should never repeat', () => {
+    const seen = new Set(Array.from({ length: 1000 }, generateTokenString));
+    assert.equal(seen.size, 1000);
+  });
+});
+
+describe('receiver secrets', () => {
+  it('should sign exactly as the Standard Webhooks reference implementation verifies', () => {
+    const secret = generateSigningSecret();
+    const ts = Math.floor(Date.now() / 1000);
+    const body = '{"id":"evt_1","type":"token.revoked"}';
+    const signature = signWebhook(secret, 'evt_1', ts, body);
+    const headers = { 'webhook-id': 'evt_1', 'webhook-timestamp': String(ts), 'webhook-signature': signature };
+    assert.deepEqual(new Webhook(secret).verify(body, headers), JSON.parse(body));
+    assert.throws(() => new Webhook(generateSigningSecret()).verify(body, headers));
+  });
+  it('should encrypt at rest and refuse a ciphertext moved to another receiver', () => {
+    const key = Buffer.alloc(32, 7);
+    const blob = encryptSecret(key, 'whsec_abc', 'billing');
+    assert.equal(blob.includes(Buffer.from('whsec_abc')), false);
+    assert.equal(decryptSecret(key, blob, 'billing'), 'whsec_abc');
+    assert.throws(() => decryptSecret(key, blob, 'crm'));
+  });
+});
+
+describe('lifecycle decisions', () => {
+  it('should turn a malformed revoke signal into a revoke with reason unspecified', () => {
+    for (const payload of [undefined, null, 42, 'x', { reason: '' }, { reason: 7 }]) {
+      const r = parseRevokeSignal(payload);
+      assert.equal(r.reason, 'unspecified');
+      assert.equal(r.malformed, true);
+      assert.equal(r.initiatingEntity, 'admin');
+    }
+    const ok = parseRevokeSignal({ reason: ' left ', actor: 'hr', initiatingEntity: 'policy' });
+    assert.deepEqual(ok, { reason: 'left', actor: 'hr', initiatingEntity: 'policy', malformed: false });
+  });
+  it('should reject operator requests without a reason', () => {
+    assert.throws(() => validateOperatorRequest({}), /reason/);
+    assert.throws(() => validateOperatorRequest({ reason: '  ' }), /reason/);
+    assert.throws(() => validateOperatorRequest({ reason: 'x', actor: '' }), /actor/);
+    assert.doesNotThrow(() => validateOperatorRequest({ reason: 'receiver fixed' }));
+  });
+  it('should compute time left until a deadline', () => {
+    assert.equal(msUntil('2026-01-01T00:00:10.000Z', Date.parse('2026-01-01T00:00:00.000Z')), 10_000);
+    assert.ok(msUntil('2026-01-01T00:00:00.000Z', Date.parse('2026-01-01T00:00:01.000Z')) < 0);
+  });
+  it('should decide complete, stuck or wait', () => {
+    assert.deepEqual(propagationVerdict([{ status: 'delivered' }, { status: 'forced' }], 0, 10), { kind: 'complete' });
+    assert.deepEqual(propagationVerdict([], 0, 10), { kind: 'complete' });
+    assert.deepEqual(propagationVerdict([{ status: 'delivered' }, { status: 'pending' }], 4, 10), { kind: 'wait', ms: 6 });
+    assert.deepEqual(propagationVerdict([{ status: 'pending' }], 10, 10), { kind: 'stuck' });
+    assert.deepEqual(propagationVerdict([{ status: 'failed' }, { status: 'pending' }], 0, 10), { kind: 'stuck' });
+  });
+});
+
+describe('HTTP answers', () => {
+  it('should retry 408, 429 and 5xx only', () => {
+    for (const s of [408, 429, 500, 502, 503]) assert.ok(isRetryableStatus(s), String(s));
+    for (const s of [400, 401, 403, 404, 410, 422]) assert.ok(!isRetryableStatus(s), String(s));
+  });
+  it('should honour Retry-After in seconds or as a date', () => {
+    const now = Date.parse('2026-01-01T00:00:00Z');
+    assert.equal(parseRetryAfter('7', now), 7000);
+    assert.equal(parseRetryAfter('Thu, 01 Jan 2026 00:00:30 GMT', now), 30_000);
+    assert.equal(parseRetryAfter(null, now), undefined);
+    assert.equal(parseRetryAfter('soon', now), undefined);
+  });
+});
+
+describe('wire contract', () => {
+  it('should expose exactly the activity names listed in common/names', () => {
+    const activities = createActivities({
+      pool: {} as never,
+      client: {} as never,
+      settings: { masterKey: undefined, reconcileGraceMs: 0, timing: {} as never, temporal: {} as never },
+    });
+    assert.deepEqual(Object.keys(activities).sort(), [...ACTIVITY_NAMES].sort());
+  });
+});
+
+describe('input validation', () => {
+  it('should name the field and what was expected', () => {
+    assert.throws(
+      () => parseInput(subjectSchema, 'jane@example.com', 'subject'),
+      (err: unknown) => err instanceof InvalidInputError && /not an email/.test(err.message),
+    );
+  });
+  it('should say which setting is missing or malformed', () => {
+    assert.throws(() => loadSettings({ TOKENWARDEN_DATA_DIR: '/nonexistent' }), (e: unknown) => e instanceof ConfigError && /DATABASE_URL/.test(e.message));
+    assert.throws(
+      () => loadSettings({ DATABASE_URL: 'postgres://x/y', TOKENWARDEN_ESCALATE_AFTER: 'soon' }),
+      (e: unknown) => e instanceof ConfigError && /TOKENWARDEN_ESCALATE_AFTER/.test(e.message),
+    );
+    const s = loadSettings({ DATABASE_URL: 'postgres://x/y', TOKENWARDEN_DATA_DIR: '/nonexistent', TOKENWARDEN_RETRY_MAX: '2m' });
+    assert.equal(s.timing.retryMaxMs, 120_000);
+    assert.equal(s.temporal.namespace, 'tokenwarden');
+  });
+});

@@ -1,0 +1,85 @@
+/** Worker process: one pg pool, one Temporal client, the activities built once, graceful shutdown. */
+import path from 'node:path';
+import { ScheduleAlreadyRunning, ScheduleOverlapPolicy, type Client } from '@temporalio/client';
+import { NativeConnection, Worker, type WorkflowBundleOption } from '@temporalio/worker';
+import type pg from 'pg';
+import { PACKAGE_ROOT, type Settings } from '../common/config.js';
+import { createPool } from '../common/db.js';
+import { RECONCILER_SCHEDULE_ID, RECONCILER_WORKFLOW_ID, WORKFLOW_TYPE } from '../common/names.js';
+import { createActivities } from '../activities/index.js';
+import { connectTemporal } from '../client/temporal.js';
+import type { ReconcileInput } from '../workflows/messages.js';
+
+export const WORKFLOWS_PATH = path.join(PACKAGE_ROOT, 'dist', 'workflows', 'index.js');
+
+export interface TokenWorkerOptions {
+  connection: NativeConnection;
+  client: Client;
+  pool: pg.Pool;
+  settings: Settings;
+  /** A pre-built bundle (tests, production); otherwise the workflows are bundled at start. */
+  workflowBundle?: WorkflowBundleOption;
+}
+
+export async function createTokenWorker(opts: TokenWorkerOptions): Promise<Worker> {
+  const { settings } = opts;
+  return Worker.create({
+    connection: opts.connection,
+    namespace: settings.temporal.namespace,
+    taskQueue: settings.temporal.taskQueue,
+    ...(opts.workflowBundle ? { workflowBundle: opts.workflowBundle } : { workflowsPath: WORKFLOWS_PATH }),
+    activities: createActivities({ pool: opts.pool, client: opts.client, settings }),
+  });
+}
+
+/** The reconciler Schedule: every minute, one run at a time. Creating it twice is harmless. */
+export async function ensureReconcilerSchedule(client: Client, settings: Settings): Promise<void> {
+  try {
+    await client.schedule.create({
+      scheduleId: RECONCILER_SCHEDULE_ID,
+      spec: { intervals: [{ every: '1m' }] },
+      action: {
+        type: 'startWorkflow',
+        workflowType: WORKFLOW_TYPE.reconcile,
+        workflowId: RECONCILER_WORKFLOW_ID,
+        taskQueue: settings.temporal.taskQueue,
+        args: [{ version: 1 } satisfies ReconcileInput],
+        staticSummary: 'Reconcile the token store with the token workflows',
+      },
+      policies: { overlap: ScheduleOverlapPolicy.SKIP, catchupWindow: '1m' },
+      state: { note: 'Heals crashes between the central store and the token workflows.' },
+    });
+  } catch (err) {
+    if (!(err instanceof ScheduleAlreadyRunning)) throw err;
+  }
+}
+
+/**
+ * Runs a worker until shutdown (SIGINT/SIGTERM are handled by the SDK's Runtime). With
+ * `ensureSchedule`, also creates the reconciler Schedule and triggers one pass right away.
+ */
+export async function runWorkerProcess(
+  settings: Settings,
+  opts: { ensureSchedule: boolean },
+): Promise<{ shutdown(): Promise<void>; done: Promise<void> }> {
+  const pool = createPool(settings.databaseUrl, settings.databaseSchema);
+  const client = await connectTemporal(settings);
+  const connection = await NativeConnection.connect(settings.temporal.connectionOptions);
+  const worker = await createTokenWorker({ connection, client, pool, settings });
+  if (opts.ensureSchedule) {
+    await ensureReconcilerSchedule(client, settings);
+    await client.schedule.getHandle(RECONCILER_SCHEDULE_ID).trigger(ScheduleOverlapPolicy.SKIP);
+  }
+  const done = worker.run().finally(async () => {
+    await connection.close();
+    await client.connection.close();
+    await pool.end();
+  });
+  return {
+    async shutdown() {
+      if (worker.getState() === 'RUNNING') worker.shutdown();
+      await done;
+    },
+    done,
+  };
+}

@@ -1,0 +1,103 @@
+/**
+ * Workflow inputs, results and message definitions: shared by the workflow, the worker and every
+ * client. Pure module (it is bundled into the workflow sandbox).
+ */
+import { defineQuery, defineSignal, defineUpdate } from '@temporalio/workflow';
+import {
+  QUERY,
+  SIGNAL,
+  UPDATE,
+  type DeliveryState,
+  type InitiatingEntity,
+  type PropagationState,
+  type TokenStatus,
+} from '../common/names.js';
+
+/** Timing baked into each token workflow at creation (short in tests, long in production). */
+export interface PropagationTiming {
+  /** A receiver that has not confirmed after this long makes propagation `stuck` (retries continue). */
+  escalateAfterMs: number;
+  /** First retry interval of a delivery; doubles on each attempt. */
+  retryInitialMs: number;
+  /** Upper bound of the retry interval. */
+  retryMaxMs: number;
+}
+
+/** Input of `tokenLifecycle`: ids and timestamps only, never a secret. */
+export interface TokenWorkflowInput {
+  version: 1;
+  tokenId: string;
+  subject: string;
+  receivers: string[];
+  /** From the store (database clock), ISO 8601. */
+  expiresAt: string;
+  timing: PropagationTiming;
+}
+
+export interface RevokeRequest {
+  reason: string;
+  actor: string;
+  initiatingEntity: InitiatingEntity;
+  correlationId?: string;
+}
+
+/** Payload of the `revoke` Signal. Every field is optional: a malformed signal still revokes. */
+export type RevokeSignalPayload = Partial<RevokeRequest> | undefined;
+
+export interface OperatorRequest {
+  /** Required: why the operator intervenes (audited). */
+  reason: string;
+  actor?: string;
+}
+
+export interface DeliveryView {
+  receiverId: string;
+  eventId: string;
+  status: DeliveryState;
+  attempts: number;
+  lastStatusCode: number | null;
+  lastError: string | null;
+}
+
+export type LifecyclePhase = 'active' | 'killing' | 'propagating' | 'stuck' | 'complete';
+
+export interface TokenWorkflowView {
+  tokenId: string;
+  phase: LifecyclePhase;
+  status: TokenStatus;
+  propagation: PropagationState;
+  expiresAt: string;
+  deliveries: DeliveryView[];
+  retryRound: number;
+}
+
+export interface TokenLifecycleResult {
+  tokenId: string;
+  status: TokenStatus;
+  propagation: 'complete';
+  forced: boolean;
+  deliveries: DeliveryView[];
+}
+
+export interface RetryPropagationResult {
+  retrying: string[];
+}
+export interface ForceCompleteResult {
+  forced: string[];
+}
+
+export interface ReconcileInput {
+  version: 1;
+  /** Overrides the worker's TOKENWARDEN_RECONCILE_GRACE (tests use 0). */
+  graceMs?: number;
+}
+export interface ReconcileReport {
+  expired: string[];
+  signalled: string[];
+  started: string[];
+}
+
+export const revokeSignal = defineSignal<[RevokeSignalPayload?]>(SIGNAL.revoke);
+export const retryPropagationUpdate = defineUpdate<RetryPropagationResult, [OperatorRequest]>(UPDATE.retryPropagation);
+export const forceCompleteUpdate = defineUpdate<ForceCompleteResult, [OperatorRequest]>(UPDATE.forceComplete);
+export const describeQuery = defineQuery<TokenWorkflowView>(QUERY.describe);
