@@ -14,12 +14,12 @@ import { encryptSecret, generateSigningSecret, generateTokenString, hashToken, m
 import * as store from '../common/store.js';
 import {
   actorSchema,
-  durationSchema,
   parseInput,
   reasonSchema,
   receiverIdSchema,
   subjectSchema,
   tokenIdSchema,
+  ttlSchema,
 } from '../common/validation.js';
 import { connectTemporal, signalRevoke, startTokenWorkflow } from './temporal.js';
 
@@ -30,7 +30,7 @@ export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/stor
 const issueSchema = z.object({
   subject: subjectSchema,
   receivers: z.array(receiverIdSchema).default([]),
-  ttl: z.union([durationSchema, z.number().int().positive('expected a positive number of milliseconds')]),
+  ttl: ttlSchema,
   name: z.string().trim().min(1).max(200).optional(),
   scopes: z.array(z.string().regex(/^[\x21-\x7e]{1,100}$/, 'expected a scope without spaces')).default([]),
 });

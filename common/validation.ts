@@ -14,16 +14,17 @@ export function parseInput<S extends z.ZodType>(schema: S, input: unknown, what:
   throw new InvalidInputError(`invalid ${what}: ${detail}`, fields);
 }
 
-export const durationSchema = z
-  .string({ error: `expected ${DURATION_HINT}` })
-  .transform((text, ctx) => {
-    const ms = parseDuration(text);
-    if (ms === undefined) {
-      ctx.addIssue({ code: 'custom', message: `expected ${DURATION_HINT}, got ${JSON.stringify(text)}` });
-      return z.NEVER;
-    }
-    return ms;
+/** A lifetime: a duration string (`30s`, `90d`) or a positive number of milliseconds. */
+export const ttlSchema = z.unknown().transform((value, ctx) => {
+  if (typeof value === 'number' && Number.isSafeInteger(value) && value > 0) return value;
+  const ms = typeof value === 'string' ? parseDuration(value) : undefined;
+  if (ms !== undefined) return ms;
+  ctx.addIssue({
+    code: 'custom',
+    message: `expected ${DURATION_HINT} (or a positive number of milliseconds), got ${JSON.stringify(value) ?? 'nothing'}`,
   });
+  return z.NEVER;
+});
 
 /** Opaque subject ids (user or account ids). Emails are refused: search attributes are plaintext. */
 export const subjectSchema = z

@@ -1,7 +1,9 @@
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import type { WorkflowHandle } from '@temporalio/client';
-import { historyToJSON } from '@temporalio/common/lib/proto-utils.js';
+import proto from '@temporalio/proto';
+
+const { temporal } = proto;
 import { PACKAGE_ROOT } from '../../common/config.js';
 
 export const HISTORIES_DIR = path.join(PACKAGE_ROOT, 'test', 'histories');
@@ -18,6 +20,11 @@ export function historyText(value: unknown, out: string[] = []): string[] {
 /** With TOKENWARDEN_RECORD_HISTORIES=1, checks a finished workflow's history into test/histories/ for replay. */
 export async function maybeRecordHistory(handle: WorkflowHandle, name: string): Promise<void> {
   if (!process.env.TOKENWARDEN_RECORD_HISTORIES) return;
-  const history = await handle.fetchHistory();
-  writeFileSync(path.join(HISTORIES_DIR, `${name}.json`), historyToJSON(history));
+  const history = temporal.api.history.v1.History.fromObject(await handle.fetchHistory());
+  writeFileSync(path.join(HISTORIES_DIR, `${name}.json`), JSON.stringify(history.toJSON(), null, 1));
+}
+
+/** Reads a history written by maybeRecordHistory (protobuf's own JSON mapping). */
+export function loadHistory(json: string): ReturnType<typeof temporal.api.history.v1.History.fromObject> {
+  return temporal.api.history.v1.History.fromObject(JSON.parse(json));
 }
