@@ -6,8 +6,13 @@ import canonicalize from 'canonicalize';
 import type pg from 'pg';
 import { createHash } from 'node:crypto';
 import { revocationEventId } from './ids.js';
+import { z } from 'zod';
 import {
+  DELIVERY_STATES,
+  INITIATING_ENTITIES,
   KILL_CHANNEL,
+  PROPAGATION_STATES,
+  TOKEN_STATUSES,
   type DeliveryState,
   type InitiatingEntity,
   type PropagationState,
@@ -76,55 +81,112 @@ const TOKEN_COLUMNS = `
   CASE WHEN status = 'active' AND expires_at <= now() THEN 'expired' ELSE status END AS effective_status,
   (status = 'active' AND expires_at > now()) AS valid`;
 
-const iso = (d: Date | null): string | null => (d ? d.toISOString() : null);
+// Rows are parsed, not cast: a row the code does not expect (a manual edit, a schema drift) fails
+// loudly with the column named instead of travelling on as a wrong fact.
+const date = z.date().transform((d) => d.toISOString());
+const nullableDate = date.nullable();
+const nullableText = z.string().nullable();
 
-function toToken(row: Record<string, unknown>): TokenRecord {
-  return {
-    id: row.id as string,
-    subject: row.subject as string,
-    name: (row.name as string | null) ?? null,
-    scopes: row.scopes as string[],
-    receivers: row.receivers as string[],
-    status: row.status as TokenStatus,
-    effectiveStatus: row.effective_status as TokenStatus,
-    valid: row.valid as boolean,
-    propagation: row.propagation as PropagationState,
-    issuedAt: iso(row.issued_at as Date)!,
-    expiresAt: iso(row.expires_at as Date)!,
-    revokedAt: iso(row.revoked_at as Date | null),
-    revokedBy: (row.revoked_by as string | null) ?? null,
-    revokeReason: (row.revoke_reason as string | null) ?? null,
-    initiatingEntity: (row.initiating_entity as InitiatingEntity | null) ?? null,
-    workflowStartedAt: iso(row.workflow_started_at as Date | null),
-    propagationStartedAt: iso(row.propagation_started_at as Date | null),
-    propagationCompletedAt: iso(row.propagation_completed_at as Date | null),
-  };
+const tokenRow = z
+  .object({
+    id: z.string(),
+    subject: z.string(),
+    name: nullableText,
+    scopes: z.array(z.string()),
+    receivers: z.array(z.string()),
+    status: z.enum(TOKEN_STATUSES),
+    effective_status: z.enum(TOKEN_STATUSES),
+    valid: z.boolean(),
+    propagation: z.enum(PROPAGATION_STATES),
+    issued_at: date,
+    expires_at: date,
+    revoked_at: nullableDate,
+    revoked_by: nullableText,
+    revoke_reason: nullableText,
+    initiating_entity: z.enum(INITIATING_ENTITIES).nullable(),
+    workflow_started_at: nullableDate,
+    propagation_started_at: nullableDate,
+    propagation_completed_at: nullableDate,
+  })
+  .transform(
+    (r): TokenRecord => ({
+      id: r.id,
+      subject: r.subject,
+      name: r.name,
+      scopes: r.scopes,
+      receivers: r.receivers,
+      status: r.status,
+      effectiveStatus: r.effective_status,
+      valid: r.valid,
+      propagation: r.propagation,
+      issuedAt: r.issued_at,
+      expiresAt: r.expires_at,
+      revokedAt: r.revoked_at,
+      revokedBy: r.revoked_by,
+      revokeReason: r.revoke_reason,
+      initiatingEntity: r.initiating_entity,
+      workflowStartedAt: r.workflow_started_at,
+      propagationStartedAt: r.propagation_started_at,
+      propagationCompletedAt: r.propagation_completed_at,
+    }),
+  );
+
+const deliveryRow = z
+  .object({
+    event_id: z.string(),
+    receiver_id: z.string(),
+    token_id: z.string(),
+    status: z.enum(DELIVERY_STATES),
+    attempts: z.number().int().nonnegative(),
+    last_status_code: z.number().int().nullable(),
+    last_error: nullableText,
+    last_attempt_at: nullableDate,
+    acked_at: nullableDate,
+  })
+  .transform(
+    (r): DeliveryRecord => ({
+      eventId: r.event_id,
+      receiverId: r.receiver_id,
+      tokenId: r.token_id,
+      status: r.status,
+      attempts: r.attempts,
+      lastStatusCode: r.last_status_code,
+      lastError: r.last_error,
+      lastAttemptAt: r.last_attempt_at,
+      ackedAt: r.acked_at,
+    }),
+  );
+
+const receiverRow = z
+  .object({
+    id: z.string(),
+    kind: z.literal('webhook'),
+    url: z.string(),
+    enabled: z.boolean(),
+    created_at: date,
+    removed_at: nullableDate,
+  })
+  .transform(
+    (r): ReceiverRecord => ({
+      id: r.id,
+      kind: r.kind,
+      url: r.url,
+      enabled: r.enabled,
+      createdAt: r.created_at,
+      removedAt: r.removed_at,
+    }),
+  );
+
+function parseRow<T>(schema: z.ZodType<T>, table: string, row: unknown): T {
+  const result = schema.safeParse(row);
+  if (result.success) return result.data;
+  const issue = result.error.issues[0];
+  throw new Error(`unexpected ${table} row in the store: ${issue?.path.join('.')}: ${issue?.message}`);
 }
 
-function toDelivery(row: Record<string, unknown>): DeliveryRecord {
-  return {
-    eventId: row.event_id as string,
-    receiverId: row.receiver_id as string,
-    tokenId: row.token_id as string,
-    status: row.status as DeliveryState,
-    attempts: row.attempts as number,
-    lastStatusCode: (row.last_status_code as number | null) ?? null,
-    lastError: (row.last_error as string | null) ?? null,
-    lastAttemptAt: iso(row.last_attempt_at as Date | null),
-    ackedAt: iso(row.acked_at as Date | null),
-  };
-}
-
-function toReceiver(row: Record<string, unknown>): ReceiverRecord {
-  return {
-    id: row.id as string,
-    kind: row.kind as 'webhook',
-    url: row.url as string,
-    enabled: row.enabled as boolean,
-    createdAt: iso(row.created_at as Date)!,
-    removedAt: iso(row.removed_at as Date | null),
-  };
-}
+const toToken = (row: unknown) => parseRow(tokenRow, 'token', row);
+const toDelivery = (row: unknown) => parseRow(deliveryRow, 'delivery', row);
+const toReceiver = (row: unknown) => parseRow(receiverRow, 'receiver', row);
 
 export async function inTransaction<T>(pool: pg.Pool, fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
   const client = await pool.connect();

@@ -103,6 +103,14 @@ describe('central store', () => {
     assert.equal(store.findBrokenAuditLink(await store.readAudit(ctx.pool, t.id)), null);
   });
 
+  it('should refuse a row it does not understand instead of passing on a wrong fact', async () => {
+    const t = await newToken();
+    await ctx.pool.query('ALTER TABLE token DROP CONSTRAINT token_status_check, DROP CONSTRAINT token_check');
+    await ctx.pool.query(`UPDATE token SET status = 'zombie' WHERE id = $1`, [t.id]);
+    await assert.rejects(store.getToken(ctx.pool, t.id), /unexpected token row in the store: status/);
+    await ctx.pool.query(`UPDATE token SET status = 'active' WHERE id = $1`, [t.id]);
+  });
+
   it('should say not found for an unknown token', async () => {
     await assert.rejects(kill(newTokenId()), NotFoundError);
   });
