@@ -43,7 +43,15 @@ export default tseslint.config(
           ],
           patterns: [
             {
-              group: ['**/activities/*', '**/client/*', '**/worker/*', '**/common/store*', '**/common/secrets*', '**/common/config*', '**/common/db*'],
+              group: [
+                '**/activities/*',
+                '**/client/*',
+                '**/worker/*',
+                '**/common/store*',
+                '**/common/secrets*',
+                '**/common/config*',
+                '**/common/db*',
+              ],
               allowTypeImports: true,
               message: 'Workflow code may only import types from I/O modules.',
             },

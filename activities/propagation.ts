@@ -2,7 +2,12 @@
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import type pg from 'pg';
 import { decryptSecret, masterKeyId, signWebhook } from '../common/secrets.js';
-import { loadDeliveryForAttempt, loadReceiverSecret, recordDeliveryAttempt, type DeliveryRecord } from '../common/store.js';
+import {
+  loadDeliveryForAttempt,
+  loadReceiverSecret,
+  recordDeliveryAttempt,
+  type DeliveryRecord,
+} from '../common/store.js';
 import type { DeliveryView } from '../workflows/messages.js';
 
 /** Error types the workflow (and its retry policy) recognise. */
@@ -50,7 +55,8 @@ export async function deliverRevocation(
 ): Promise<DeliveryView> {
   const { eventId, receiverId } = input;
   const loaded = await loadDeliveryForAttempt(deps.pool, eventId, receiverId);
-  if (!loaded) throw ApplicationFailure.nonRetryable(`delivery ${eventId} to ${receiverId} does not exist`, 'DeliveryMissing');
+  if (!loaded)
+    throw ApplicationFailure.nonRetryable(`delivery ${eventId} to ${receiverId} does not exist`, 'DeliveryMissing');
   // Settled by an earlier attempt whose result was lost, or forced by an operator: nothing to send.
   if (!['pending', 'failed'].includes(loaded.delivery.status)) return toDeliveryView(loaded.delivery);
 
@@ -102,7 +108,11 @@ export async function deliverRevocation(
   }
   const error = `receiver ${receiverId} answered HTTP ${response.status}`;
   if (isRetryableStatus(response.status)) {
-    await recordDeliveryAttempt(deps.pool, eventId, receiverId, { kind: 'retryable', statusCode: response.status, error });
+    await recordDeliveryAttempt(deps.pool, eventId, receiverId, {
+      kind: 'retryable',
+      statusCode: response.status,
+      error,
+    });
     throw ApplicationFailure.create({
       message: error,
       type: RECEIVER_UNAVAILABLE,

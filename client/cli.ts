@@ -92,20 +92,34 @@ export function buildProgram(): Command {
     .option('--scope <scope>', 'a scope (repeatable)', collect)
     .option('--name <name>', 'a label for people')
     .addOption(json)
-    .action(async (opts: { subject: string; ttl: string; receiver?: string[]; scope?: string[]; name?: string; json?: boolean }) => {
-      const issued = await withWarden((tw) =>
-        tw.issue({
-          subject: opts.subject,
-          ttl: opts.ttl,
-          receivers: opts.receiver ?? [],
-          scopes: opts.scope ?? [],
-          ...(opts.name ? { name: opts.name } : {}),
-        }),
-      );
-      print(!!opts.json, issued, () =>
-        [`token id  ${issued.tokenId}`, `expires   ${issued.expiresAt}`, `token     ${issued.token}`, '(the token is shown once; store it now)'].join('\n'),
-      );
-    });
+    .action(
+      async (opts: {
+        subject: string;
+        ttl: string;
+        receiver?: string[];
+        scope?: string[];
+        name?: string;
+        json?: boolean;
+      }) => {
+        const issued = await withWarden((tw) =>
+          tw.issue({
+            subject: opts.subject,
+            ttl: opts.ttl,
+            receivers: opts.receiver ?? [],
+            scopes: opts.scope ?? [],
+            ...(opts.name ? { name: opts.name } : {}),
+          }),
+        );
+        print(!!opts.json, issued, () =>
+          [
+            `token id  ${issued.tokenId}`,
+            `expires   ${issued.expiresAt}`,
+            `token     ${issued.token}`,
+            '(the token is shown once; store it now)',
+          ].join('\n'),
+        );
+      },
+    );
 
   program
     .command('revoke')
@@ -126,7 +140,7 @@ export function buildProgram(): Command {
 
   program
     .command('show')
-    .description('a token as the store sees it, with each receiver\'s delivery state')
+    .description("a token as the store sees it, with each receiver's delivery state")
     .argument('<tokenId>')
     .addOption(json)
     .action(async (tokenId: string, opts: { json?: boolean }) => {
@@ -151,7 +165,12 @@ export function buildProgram(): Command {
       );
       print(!!opts.json, tokens, () =>
         tokens.length
-          ? tokens.map((t) => `${t.id}  ${t.subject}  ${t.effectiveStatus.padEnd(7)}  ${t.propagation.padEnd(8)}  expires ${t.expiresAt}`).join('\n')
+          ? tokens
+              .map(
+                (t) =>
+                  `${t.id}  ${t.subject}  ${t.effectiveStatus.padEnd(7)}  ${t.propagation.padEnd(8)}  expires ${t.expiresAt}`,
+              )
+              .join('\n')
           : '(no tokens)',
       );
     });
@@ -165,7 +184,9 @@ export function buildProgram(): Command {
     .addOption(json)
     .action(async (id: string, opts: { url: string; secretStdin?: boolean; json?: boolean }) => {
       const secret = opts.secretStdin ? await readStdin() : undefined;
-      const added = await withWarden((tw) => tw.addReceiver({ id, url: opts.url, ...(secret !== undefined ? { secret } : {}) }));
+      const added = await withWarden((tw) =>
+        tw.addReceiver({ id, url: opts.url, ...(secret !== undefined ? { secret } : {}) }),
+      );
       const out = { id: added.id, url: added.url, ...(secret === undefined ? { secret: added.secret } : {}) };
       print(!!opts.json, out, () =>
         secret === undefined
@@ -178,7 +199,9 @@ export function buildProgram(): Command {
     .addOption(json)
     .action(async (opts: { json?: boolean }) => {
       const receivers = await withWarden((tw) => tw.listReceivers());
-      print(!!opts.json, receivers, () => (receivers.length ? receivers.map((r) => `${r.id}  ${r.url}`).join('\n') : '(no receivers)'));
+      print(!!opts.json, receivers, () =>
+        receivers.length ? receivers.map((r) => `${r.id}  ${r.url}`).join('\n') : '(no receivers)',
+      );
     });
   receiver
     .command('remove')
@@ -197,7 +220,11 @@ export async function main(argv: string[]): Promise<void> {
     await buildProgram().parseAsync(argv);
   } catch (err) {
     const code =
-      err instanceof InvalidInputError ? EXIT.invalidInput : err instanceof NotFoundError ? EXIT.notFound : EXIT.failure;
+      err instanceof InvalidInputError
+        ? EXIT.invalidInput
+        : err instanceof NotFoundError
+          ? EXIT.notFound
+          : EXIT.failure;
     const message = err instanceof Error ? err.message : String(err);
     const known = err instanceof InvalidInputError || err instanceof NotFoundError || err instanceof ConfigError;
     process.stderr.write(`tokenwarden: ${message}\n`);

@@ -10,7 +10,13 @@ import { createPool } from '../common/db.js';
 import { ConfigError } from '../common/errors.js';
 import { newCredentialId, newTokenId } from '../common/ids.js';
 import { INITIATING_ENTITIES, TOKEN_STATUSES, type InitiatingEntity, type TokenStatus } from '../common/names.js';
-import { encryptSecret, generateSigningSecret, generateTokenString, hashToken, masterKeyId } from '../common/secrets.js';
+import {
+  encryptSecret,
+  generateSigningSecret,
+  generateTokenString,
+  hashToken,
+  masterKeyId,
+} from '../common/secrets.js';
 import * as store from '../common/store.js';
 import {
   actorSchema,
@@ -57,7 +63,10 @@ const receiverSchema = z.object({
   /** An existing signing secret to import (e.g. read from stdin); generated when absent. */
   secret: z
     .string()
-    .regex(/^whsec_[A-Za-z0-9+/]{32,}={0,2}$/, 'expected a Standard Webhooks secret: whsec_ followed by base64 of at least 24 bytes')
+    .regex(
+      /^whsec_[A-Za-z0-9+/]{32,}={0,2}$/,
+      'expected a Standard Webhooks secret: whsec_ followed by base64 of at least 24 bytes',
+    )
     .optional(),
 });
 
@@ -191,7 +200,9 @@ export class TokenWarden {
     const req = parseInput(receiverSchema, input, 'receiver');
     const key = this.settings.masterKey;
     if (!key) {
-      throw new ConfigError('TOKENWARDEN_MASTER_KEY is not set: it encrypts receivers\' signing secrets at rest (32 bytes, base64)');
+      throw new ConfigError(
+        "TOKENWARDEN_MASTER_KEY is not set: it encrypts receivers' signing secrets at rest (32 bytes, base64)",
+      );
     }
     const secret = req.secret ?? generateSigningSecret();
     const record = await store.insertReceiver(this.pool, {

@@ -11,7 +11,9 @@ import {
 } from '../workflows/messages.js';
 
 export async function connectTemporal(settings: Settings): Promise<Client> {
-  const connection = await Connection.connect(settings.temporal.connectionOptions as Parameters<typeof Connection.connect>[0]);
+  const connection = await Connection.connect(
+    settings.temporal.connectionOptions as Parameters<typeof Connection.connect>[0],
+  );
   return new Client({ connection, namespace: settings.temporal.namespace });
 }
 

@@ -22,7 +22,11 @@ export const MIGRATIONS_DIR = path.join(PACKAGE_ROOT, 'migrations');
  * Applies the numbered, forward-only SQL migrations to `schema` (created if missing), under
  * node-pg-migrate's advisory lock so concurrent starters wait for each other.
  */
-export async function migrate(databaseUrl: string, schema: string, log: (msg: string) => void = () => {}): Promise<string[]> {
+export async function migrate(
+  databaseUrl: string,
+  schema: string,
+  log: (msg: string) => void = () => {},
+): Promise<string[]> {
   const { runner } = await import('node-pg-migrate');
   const applied = await runner({
     databaseUrl,

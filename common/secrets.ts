@@ -58,7 +58,9 @@ export function signingKeyBytes(secret: string): Buffer {
 
 /** `v1,<base64 HMAC-SHA256(key, "${id}.${timestamp}.${body}")>` per Standard Webhooks. */
 export function signWebhook(secret: string, id: string, timestampSeconds: number, body: string): string {
-  const mac = createHmac('sha256', signingKeyBytes(secret)).update(`${id}.${timestampSeconds}.${body}`).digest('base64');
+  const mac = createHmac('sha256', signingKeyBytes(secret))
+    .update(`${id}.${timestampSeconds}.${body}`)
+    .digest('base64');
   return `v1,${mac}`;
 }
 

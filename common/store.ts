@@ -108,28 +108,26 @@ const tokenRow = z
     propagation_started_at: nullableDate,
     propagation_completed_at: nullableDate,
   })
-  .transform(
-    (r): TokenRecord => ({
-      id: r.id,
-      subject: r.subject,
-      name: r.name,
-      scopes: r.scopes,
-      receivers: r.receivers,
-      status: r.status,
-      effectiveStatus: r.effective_status,
-      valid: r.valid,
-      propagation: r.propagation,
-      issuedAt: r.issued_at,
-      expiresAt: r.expires_at,
-      revokedAt: r.revoked_at,
-      revokedBy: r.revoked_by,
-      revokeReason: r.revoke_reason,
-      initiatingEntity: r.initiating_entity,
-      workflowStartedAt: r.workflow_started_at,
-      propagationStartedAt: r.propagation_started_at,
-      propagationCompletedAt: r.propagation_completed_at,
-    }),
-  );
+  .transform((r): TokenRecord => ({
+    id: r.id,
+    subject: r.subject,
+    name: r.name,
+    scopes: r.scopes,
+    receivers: r.receivers,
+    status: r.status,
+    effectiveStatus: r.effective_status,
+    valid: r.valid,
+    propagation: r.propagation,
+    issuedAt: r.issued_at,
+    expiresAt: r.expires_at,
+    revokedAt: r.revoked_at,
+    revokedBy: r.revoked_by,
+    revokeReason: r.revoke_reason,
+    initiatingEntity: r.initiating_entity,
+    workflowStartedAt: r.workflow_started_at,
+    propagationStartedAt: r.propagation_started_at,
+    propagationCompletedAt: r.propagation_completed_at,
+  }));
 
 const deliveryRow = z
   .object({
@@ -143,19 +141,17 @@ const deliveryRow = z
     last_attempt_at: nullableDate,
     acked_at: nullableDate,
   })
-  .transform(
-    (r): DeliveryRecord => ({
-      eventId: r.event_id,
-      receiverId: r.receiver_id,
-      tokenId: r.token_id,
-      status: r.status,
-      attempts: r.attempts,
-      lastStatusCode: r.last_status_code,
-      lastError: r.last_error,
-      lastAttemptAt: r.last_attempt_at,
-      ackedAt: r.acked_at,
-    }),
-  );
+  .transform((r): DeliveryRecord => ({
+    eventId: r.event_id,
+    receiverId: r.receiver_id,
+    tokenId: r.token_id,
+    status: r.status,
+    attempts: r.attempts,
+    lastStatusCode: r.last_status_code,
+    lastError: r.last_error,
+    lastAttemptAt: r.last_attempt_at,
+    ackedAt: r.acked_at,
+  }));
 
 const receiverRow = z
   .object({
@@ -166,16 +162,14 @@ const receiverRow = z
     created_at: date,
     removed_at: nullableDate,
   })
-  .transform(
-    (r): ReceiverRecord => ({
-      id: r.id,
-      kind: r.kind,
-      url: r.url,
-      enabled: r.enabled,
-      createdAt: r.created_at,
-      removedAt: r.removed_at,
-    }),
-  );
+  .transform((r): ReceiverRecord => ({
+    id: r.id,
+    kind: r.kind,
+    url: r.url,
+    enabled: r.enabled,
+    createdAt: r.created_at,
+    removedAt: r.removed_at,
+  }));
 
 function parseRow<T>(schema: z.ZodType<T>, table: string, row: unknown): T {
   const result = schema.safeParse(row);
@@ -341,16 +335,16 @@ export interface NewToken {
 export async function insertToken(pool: pg.Pool, token: NewToken): Promise<TokenRecord> {
   return inTransaction(pool, async (client) => {
     if (token.receivers.length > 0) {
-      const { rows } = await client.query(
-        'SELECT id FROM receiver WHERE id = ANY($1::text[]) AND enabled FOR SHARE',
-        [token.receivers],
-      );
+      const { rows } = await client.query('SELECT id FROM receiver WHERE id = ANY($1::text[]) AND enabled FOR SHARE', [
+        token.receivers,
+      ]);
       const known = new Set(rows.map((r) => r.id as string));
       const unknown = token.receivers.filter((r) => !known.has(r));
       if (unknown.length > 0) {
-        throw new InvalidInputError(`invalid token request: receivers: unknown or removed receiver ${unknown.join(', ')}`, [
-          { path: 'receivers', message: `unknown or removed receiver ${unknown.join(', ')}` },
-        ]);
+        throw new InvalidInputError(
+          `invalid token request: receivers: unknown or removed receiver ${unknown.join(', ')}`,
+          [{ path: 'receivers', message: `unknown or removed receiver ${unknown.join(', ')}` }],
+        );
       }
     }
     const { rows } = await client.query(
@@ -359,10 +353,11 @@ export async function insertToken(pool: pg.Pool, token: NewToken): Promise<Token
        RETURNING ${TOKEN_COLUMNS}`,
       [token.tokenId, token.subject, token.name, token.scopes, token.receivers, token.ttlMs],
     );
-    await client.query(
-      `INSERT INTO credential (id, token_id, secret_hash, state) VALUES ($1, $2, $3, 'current')`,
-      [token.credentialId, token.tokenId, token.secretHash],
-    );
+    await client.query(`INSERT INTO credential (id, token_id, secret_hash, state) VALUES ($1, $2, $3, 'current')`, [
+      token.credentialId,
+      token.tokenId,
+      token.secretHash,
+    ]);
     const record = toToken(rows[0]);
     await appendAudit(client, token.tokenId, 'issued', 'token.issued', {
       subject: record.subject,
@@ -376,10 +371,9 @@ export async function insertToken(pool: pg.Pool, token: NewToken): Promise<Token
 }
 
 export async function markWorkflowStarted(db: Queryable, tokenId: string): Promise<void> {
-  await db.query(
-    'UPDATE token SET workflow_started_at = coalesce(workflow_started_at, now()) WHERE id = $1',
-    [tokenId],
-  );
+  await db.query('UPDATE token SET workflow_started_at = coalesce(workflow_started_at, now()) WHERE id = $1', [
+    tokenId,
+  ]);
 }
 
 export async function getToken(db: Queryable, tokenId: string): Promise<TokenRecord | undefined> {
@@ -517,10 +511,7 @@ export async function killToken(pool: pg.Pool, req: KillRequest): Promise<KillRe
 // ---------------------------------------------------------------- deliveries
 
 export async function listDeliveries(db: Queryable, tokenId: string): Promise<DeliveryRecord[]> {
-  const { rows } = await db.query(
-    'SELECT * FROM delivery WHERE token_id = $1 ORDER BY receiver_id',
-    [tokenId],
-  );
+  const { rows } = await db.query('SELECT * FROM delivery WHERE token_id = $1 ORDER BY receiver_id', [tokenId]);
   return rows.map(toDelivery);
 }
 
@@ -529,7 +520,10 @@ export async function loadDeliveryForAttempt(
   eventId: string,
   receiverId: string,
 ): Promise<{ delivery: DeliveryRecord; body: string } | undefined> {
-  const { rows } = await db.query('SELECT * FROM delivery WHERE event_id = $1 AND receiver_id = $2', [eventId, receiverId]);
+  const { rows } = await db.query('SELECT * FROM delivery WHERE event_id = $1 AND receiver_id = $2', [
+    eventId,
+    receiverId,
+  ]);
   return rows[0] ? { delivery: toDelivery(rows[0]), body: rows[0].body as string } : undefined;
 }
 
@@ -549,7 +543,9 @@ export async function recordDeliveryAttempt(
   receiverId: string,
   outcome: AttemptOutcome,
 ): Promise<DeliveryRecord> {
-  const status = { delivered: 'delivered', retryable: 'pending', rejected: 'failed', cancelled: 'cancelled' }[outcome.kind];
+  const status = { delivered: 'delivered', retryable: 'pending', rejected: 'failed', cancelled: 'cancelled' }[
+    outcome.kind
+  ];
   return inTransaction(pool, async (client) => {
     const { rows } = await client.query(
       `UPDATE delivery
@@ -559,18 +555,33 @@ export async function recordDeliveryAttempt(
               acked_at = CASE WHEN $3 = 'delivered' THEN now() END
         WHERE event_id = $1 AND receiver_id = $2 AND status IN ('pending', 'failed')
         RETURNING *`,
-      [eventId, receiverId, status, 'statusCode' in outcome ? outcome.statusCode : null, 'error' in outcome ? outcome.error : null],
+      [
+        eventId,
+        receiverId,
+        status,
+        'statusCode' in outcome ? outcome.statusCode : null,
+        'error' in outcome ? outcome.error : null,
+      ],
     );
-    const row = rows[0] ?? (await client.query('SELECT * FROM delivery WHERE event_id = $1 AND receiver_id = $2', [eventId, receiverId])).rows[0];
+    const row =
+      rows[0] ??
+      (await client.query('SELECT * FROM delivery WHERE event_id = $1 AND receiver_id = $2', [eventId, receiverId]))
+        .rows[0];
     if (!row) throw new Error(`delivery ${eventId}/${receiverId} does not exist`);
     const delivery = toDelivery(row);
     if (rows[0] && (outcome.kind === 'delivered' || outcome.kind === 'cancelled')) {
-      await appendAudit(client, delivery.tokenId, `delivery:${eventId}:${receiverId}:${outcome.kind}`, `delivery.${outcome.kind}`, {
-        eventId,
-        receiverId,
-        attempts: delivery.attempts,
-        ...(outcome.kind === 'delivered' ? { statusCode: outcome.statusCode } : { detail: outcome.error }),
-      });
+      await appendAudit(
+        client,
+        delivery.tokenId,
+        `delivery:${eventId}:${receiverId}:${outcome.kind}`,
+        `delivery.${outcome.kind}`,
+        {
+          eventId,
+          receiverId,
+          attempts: delivery.attempts,
+          ...(outcome.kind === 'delivered' ? { statusCode: outcome.statusCode } : { detail: outcome.error }),
+        },
+      );
     }
     return delivery;
   });
@@ -594,7 +605,9 @@ export async function setPropagation(
         [tokenId],
       );
       if (rows.length > 0) {
-        throw new Error(`propagation of ${tokenId} is not complete: ${rows.map((r) => r.receiver_id).join(', ')} unsettled`);
+        throw new Error(
+          `propagation of ${tokenId} is not complete: ${rows.map((r) => r.receiver_id).join(', ')} unsettled`,
+        );
       }
     }
     const { rows } = await client.query(

@@ -29,13 +29,18 @@ export const ttlSchema = z.unknown().transform((value, ctx) => {
 /** Opaque subject ids (user or account ids). Emails are refused: search attributes are plaintext. */
 export const subjectSchema = z
   .string()
-  .regex(/^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/, 'expected an opaque id of letters, digits and _.:- (max 128), not an email');
+  .regex(
+    /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/,
+    'expected an opaque id of letters, digits and _.:- (max 128), not an email',
+  );
 
 export const receiverIdSchema = z
   .string()
   .regex(/^[a-z0-9][a-z0-9_-]{0,62}$/, 'expected a lowercase id of a-z, 0-9, _ and - (max 63)');
 
-export const tokenIdSchema = z.string().regex(/^tok_[0-9a-f]{32}$/, 'expected a token id like tok_0193…(32 hex digits)');
+export const tokenIdSchema = z
+  .string()
+  .regex(/^tok_[0-9a-f]{32}$/, 'expected a token id like tok_0193…(32 hex digits)');
 
 export const reasonSchema = z.string().trim().min(1, 'a reason is required').max(500, 'at most 500 characters');
 

@@ -73,14 +73,19 @@ describe('tokenwarden CLI', () => {
     assert.equal(refused.code, 2);
     assert.match(refused.stderr, /receivers: unknown or removed receiver nope/);
 
-    const issued = json(await cli(['issue', '--subject', 'usr_8f3a21', '--receiver', 'billing', '--ttl', '30s', '--json']));
+    const issued = json(
+      await cli(['issue', '--subject', 'usr_8f3a21', '--receiver', 'billing', '--ttl', '30s', '--json']),
+    );
     assert.match(issued.tokenId, /^tok_[0-9a-f]{32}$/);
     assert.ok(isWellFormedToken(issued.token));
     const lifetime = Date.parse(issued.expiresAt) - Date.now();
     assert.ok(lifetime > 20_000 && lifetime <= 30_000, `expires in ~30s (${lifetime} ms)`);
 
     const active = json(await cli(['list', '--subject', 'usr_8f3a21', '--status', 'active', '--json']));
-    assert.deepEqual(active.map((t: { id: string }) => t.id), [issued.tokenId]);
+    assert.deepEqual(
+      active.map((t: { id: string }) => t.id),
+      [issued.tokenId],
+    );
 
     const revoked = json(await cli(['revoke', issued.tokenId, '--reason', 'left the company', '--json']));
     assert.equal(revoked.status, 'revoked');
@@ -94,7 +99,10 @@ describe('tokenwarden CLI', () => {
     assert.equal(shown.status, 'revoked');
     assert.equal(shown.propagation, 'complete');
     assert.equal(shown.revokeReason, 'left the company');
-    assert.deepEqual(shown.deliveries.map((d: { receiverId: string; status: string }) => [d.receiverId, d.status]), [['billing', 'delivered']]);
+    assert.deepEqual(
+      shown.deliveries.map((d: { receiverId: string; status: string }) => [d.receiverId, d.status]),
+      [['billing', 'delivered']],
+    );
     assert.ok(receiver.requests[0]?.verified);
 
     assert.deepEqual(json(await cli(['list', '--subject', 'usr_8f3a21', '--status', 'active', '--json'])), []);

@@ -68,15 +68,21 @@ describe('token lifecycle', () => {
     assert.equal(shown.revokeReason, 'expired');
     assert.equal(shown.propagation, 'complete');
     assert.ok(Date.parse(shown.revokedAt!) >= Date.parse(shown.expiresAt), 'killed at or after expires_at');
-    assert.deepEqual(shown.deliveries.map((d) => [d.receiverId, d.status, d.attempts]), [
-      [a.id, 'delivered', 1],
-      [b.id, 'delivered', 3],
-    ]);
+    assert.deepEqual(
+      shown.deliveries.map((d) => [d.receiverId, d.status, d.attempts]),
+      [
+        [a.id, 'delivered', 1],
+        [b.id, 'delivered', 3],
+      ],
+    );
 
     assert.equal(a.receiver.requests.length, 1);
     assert.equal(b.receiver.requests.length, 3);
     const all = [...a.receiver.requests, ...b.receiver.requests];
-    assert.ok(all.every((r) => r.verified), 'every attempt carries a valid Standard Webhooks signature');
+    assert.ok(
+      all.every((r) => r.verified),
+      'every attempt carries a valid Standard Webhooks signature',
+    );
     assert.equal(new Set(all.map((r) => r.headers['webhook-id'])).size, 1, 'one logical event');
     assert.equal(new Set(all.map((r) => r.body)).size, 1, 'the same body on every attempt');
     const event = JSON.parse(all[0]!.body);
@@ -94,7 +100,11 @@ describe('token lifecycle', () => {
     const issued = await ctx.warden.issue({ subject: 'usr_revoke', receivers: [a.id], ttl: '1h' });
     assert.equal((await ctx.warden.show(issued.tokenId)).valid, true);
 
-    const first = await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'left the company', actor: 'admin:alice' });
+    const first = await ctx.warden.revoke({
+      tokenId: issued.tokenId,
+      reason: 'left the company',
+      actor: 'admin:alice',
+    });
     const row = await store.requireToken(ctx.pool, issued.tokenId);
     assert.equal(row.status, 'revoked');
     assert.equal(row.valid, false);
@@ -138,7 +148,13 @@ describe('token lifecycle', () => {
     await ensureWorker();
     const a = await addReceiver();
     a.receiver.behaviour = (n) =>
-      n === 1 ? { status: 500 } : n === 2 ? { drop: true } : n === 3 ? { status: 429, headers: { 'retry-after': '2' } } : { status: 202 };
+      n === 1
+        ? { status: 500 }
+        : n === 2
+          ? { drop: true }
+          : n === 3
+            ? { status: 429, headers: { 'retry-after': '2' } }
+            : { status: 202 };
     const issued = await ctx.warden.issue({ subject: 'usr_flaky', receivers: [a.id], ttl: '1h' });
     await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'rotation of staff' });
     await result(issued.tokenId);
@@ -161,17 +177,28 @@ describe('token lifecycle', () => {
     await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'contract ended' });
     const handle = handleOf(issued.tokenId);
 
-    await waitUntil(async () => (await store.requireToken(ctx.pool, issued.tokenId)).propagation === 'stuck', 'propagation stuck');
+    await waitUntil(
+      async () => (await store.requireToken(ctx.pool, issued.tokenId)).propagation === 'stuck',
+      'propagation stuck',
+    );
     const stuck = await ctx.warden.show(issued.tokenId);
     assert.equal(stuck.status, 'revoked');
     assert.equal(stuck.valid, false);
-    assert.deepEqual(stuck.deliveries.map((d) => d.status), ['failed', 'delivered']);
+    assert.deepEqual(
+      stuck.deliveries.map((d) => d.status),
+      ['failed', 'delivered'],
+    );
     assert.equal(a.receiver.requests.length, 1, 'a 400 is not retried by itself');
     assert.equal((await handle.query(describeQuery)).phase, 'stuck');
 
-    await assert.rejects(handle.executeUpdate(retryPropagationUpdate, { args: [{ reason: '' }] }), WorkflowUpdateFailedError);
+    await assert.rejects(
+      handle.executeUpdate(retryPropagationUpdate, { args: [{ reason: '' }] }),
+      WorkflowUpdateFailedError,
+    );
     a.receiver.behaviour = () => ({ status: 204 });
-    const retried = await handle.executeUpdate(retryPropagationUpdate, { args: [{ reason: 'receiver fixed', actor: 'ops:carol' }] });
+    const retried = await handle.executeUpdate(retryPropagationUpdate, {
+      args: [{ reason: 'receiver fixed', actor: 'ops:carol' }],
+    });
     assert.deepEqual(retried.retrying, [a.id]);
 
     const done = await result(issued.tokenId);
@@ -190,13 +217,18 @@ describe('token lifecycle', () => {
     a.receiver.behaviour = () => ({ status: 503 });
     const issued = await ctx.warden.issue({ subject: 'usr_force', receivers: [a.id], ttl: '1h' });
     await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'offboarding' });
-    await waitUntil(async () => (await store.requireToken(ctx.pool, issued.tokenId)).propagation === 'stuck', 'escalation to stuck');
+    await waitUntil(
+      async () => (await store.requireToken(ctx.pool, issued.tokenId)).propagation === 'stuck',
+      'escalation to stuck',
+    );
     const before = a.receiver.requests.length;
     await waitUntil(() => a.receiver.requests.length > before, 'retries to continue while stuck');
 
     const handle = handleOf(issued.tokenId);
     await assert.rejects(handle.executeUpdate(forceCompleteUpdate, { args: [{} as never] }), WorkflowUpdateFailedError);
-    const forced = await handle.executeUpdate(forceCompleteUpdate, { args: [{ reason: 'receiver decommissioned', actor: 'ops:dan' }] });
+    const forced = await handle.executeUpdate(forceCompleteUpdate, {
+      args: [{ reason: 'receiver decommissioned', actor: 'ops:dan' }],
+    });
     assert.deepEqual(forced.forced, [a.id]);
     const done = await result(issued.tokenId);
     assert.equal(done.forced, true);

@@ -51,7 +51,12 @@ describe('reconciler', () => {
   it('should heal a crash between the store kill and the signal', async () => {
     const issued = await ctx.warden.issue({ subject: 'usr_reconcile', receivers: ['audit-log'], ttl: '1h' });
     // The revoke path's first step only: dead in the store, the workflow never told.
-    await store.killToken(ctx.pool, { tokenId: issued.tokenId, reason: 'crash drill', actor: 'admin', initiatingEntity: 'admin' });
+    await store.killToken(ctx.pool, {
+      tokenId: issued.tokenId,
+      reason: 'crash drill',
+      actor: 'admin',
+      initiatingEntity: 'admin',
+    });
     const handle = ctx.client.workflow.getHandle(tokenWorkflowId(issued.tokenId));
     assert.equal((await handle.describe()).status.name, 'RUNNING');
 

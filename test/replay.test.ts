@@ -11,7 +11,9 @@ import { Worker } from '@temporalio/worker';
 import { WORKFLOWS_PATH } from '../worker/worker.js';
 import { HISTORIES_DIR, loadHistory } from './support/history.js';
 
-const files = readdirSync(HISTORIES_DIR).filter((f) => f.endsWith('.json')).sort();
+const files = readdirSync(HISTORIES_DIR)
+  .filter((f) => f.endsWith('.json'))
+  .sort();
 const bundle = process.env.TOKENWARDEN_TEST_WORKFLOW_BUNDLE;
 
 describe('recorded histories replay', () => {
@@ -22,7 +24,10 @@ describe('recorded histories replay', () => {
     it(`should replay ${file} without a determinism error`, async () => {
       const history = loadHistory(readFileSync(path.join(HISTORIES_DIR, file), 'utf8'));
       assert.ok((history.events?.length ?? 0) > 10, 'a real history');
-      await Worker.runReplayHistory(bundle ? { workflowBundle: { codePath: bundle } } : { workflowsPath: WORKFLOWS_PATH }, history);
+      await Worker.runReplayHistory(
+        bundle ? { workflowBundle: { codePath: bundle } } : { workflowsPath: WORKFLOWS_PATH },
+        history,
+      );
     });
   }
 });

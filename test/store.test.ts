@@ -9,8 +9,18 @@ import { TestContext } from './support/context.js';
 let ctx: TestContext;
 before(async () => {
   ctx = await TestContext.create('store');
-  await store.insertReceiver(ctx.pool, { id: 'billing', url: 'http://127.0.0.1:1/x', secretCiphertext: Buffer.from('x'), secretKeyId: 'k' });
-  await store.insertReceiver(ctx.pool, { id: 'crm', url: 'http://127.0.0.1:1/y', secretCiphertext: Buffer.from('y'), secretKeyId: 'k' });
+  await store.insertReceiver(ctx.pool, {
+    id: 'billing',
+    url: 'http://127.0.0.1:1/x',
+    secretCiphertext: Buffer.from('x'),
+    secretKeyId: 'k',
+  });
+  await store.insertReceiver(ctx.pool, {
+    id: 'crm',
+    url: 'http://127.0.0.1:1/y',
+    secretCiphertext: Buffer.from('y'),
+    secretKeyId: 'k',
+  });
 });
 after(async () => ctx.close());
 
@@ -42,7 +52,10 @@ describe('central store', () => {
 
   it('should refuse an unknown receiver and write nothing', async () => {
     const tokenId = newTokenId();
-    await assert.rejects(newToken({ tokenId, receivers: ['billing', 'nope'] }), (e: unknown) => e instanceof InvalidInputError && /receivers: .*nope/.test(e.message));
+    await assert.rejects(
+      newToken({ tokenId, receivers: ['billing', 'nope'] }),
+      (e: unknown) => e instanceof InvalidInputError && /receivers: .*nope/.test(e.message),
+    );
     assert.equal(await store.getToken(ctx.pool, tokenId), undefined);
   });
 
@@ -69,12 +82,24 @@ describe('central store', () => {
     assert.equal(second.token.revokedAt, first.token.revokedAt);
     assert.equal(second.token.revokeReason, 'left the company');
     const deliveries = await store.listDeliveries(ctx.pool, t.id);
-    assert.deepEqual(deliveries.map((d) => [d.receiverId, d.status]), [['billing', 'pending'], ['crm', 'pending']]);
+    assert.deepEqual(
+      deliveries.map((d) => [d.receiverId, d.status]),
+      [
+        ['billing', 'pending'],
+        ['crm', 'pending'],
+      ],
+    );
     assert.equal(new Set(deliveries.map((d) => d.eventId)).size, 1);
     const { rows } = await ctx.pool.query('SELECT state FROM credential WHERE token_id = $1', [t.id]);
-    assert.deepEqual(rows.map((r) => r.state), ['revoked']);
+    assert.deepEqual(
+      rows.map((r) => r.state),
+      ['revoked'],
+    );
     const audit = await store.readAudit(ctx.pool, t.id);
-    assert.deepEqual(audit.map((a) => a.kind), ['token.issued', 'token.revoked']);
+    assert.deepEqual(
+      audit.map((a) => a.kind),
+      ['token.issued', 'token.revoked'],
+    );
   });
 
   it('should record expired, not revoked, when the kill comes after expiry', async () => {
@@ -88,7 +113,13 @@ describe('central store', () => {
 
   it('should not let the expiry kill fire before the database clock says expired', async () => {
     const t = await newToken({ ttlMs: 60_000 });
-    const result = await store.killToken(ctx.pool, { tokenId: t.id, reason: 'expired', actor: 'system', initiatingEntity: 'system', onlyIfExpired: true });
+    const result = await store.killToken(ctx.pool, {
+      tokenId: t.id,
+      reason: 'expired',
+      actor: 'system',
+      initiatingEntity: 'system',
+      onlyIfExpired: true,
+    });
     assert.equal(result.changed, false);
     assert.ok(result.notYetExpiredMs! > 50_000 && result.notYetExpiredMs! <= 60_000);
     assert.equal((await store.requireToken(ctx.pool, t.id)).status, 'active');
@@ -130,7 +161,10 @@ describe('audit trail', () => {
     await store.recordAudit(ctx.pool, t.id, 'note-1', 'test.note', { n: 1 });
     await Promise.all([2, 3, 4, 5].map((n) => store.recordAudit(ctx.pool, t.id, `note-${n}`, 'test.note', { n })));
     const events = await store.readAudit(ctx.pool, t.id);
-    assert.deepEqual(events.map((e) => e.seq), [1, 2, 3, 4, 5, 6]);
+    assert.deepEqual(
+      events.map((e) => e.seq),
+      [1, 2, 3, 4, 5, 6],
+    );
     assert.equal(store.findBrokenAuditLink(events), null);
     const body = JSON.parse(events[1]!.canonical);
     assert.equal(body.prevHash, events[0]!.hash);
@@ -140,13 +174,18 @@ describe('audit trail', () => {
     const t = await newToken();
     await kill(t.id);
     const events = await store.readAudit(ctx.pool, t.id);
-    const tampered = events.map((e, i) => (i === 0 ? { ...e, canonical: e.canonical.replace('usr_store', 'usr_other') } : e));
+    const tampered = events.map((e, i) =>
+      i === 0 ? { ...e, canonical: e.canonical.replace('usr_store', 'usr_other') } : e,
+    );
     assert.equal(store.findBrokenAuditLink(tampered), 1);
   });
 
   it('should reject UPDATE, DELETE and TRUNCATE of audit events', async () => {
     const t = await newToken();
-    await assert.rejects(ctx.pool.query(`UPDATE audit_event SET kind = 'x' WHERE token_id = $1`, [t.id]), /append-only: UPDATE/);
+    await assert.rejects(
+      ctx.pool.query(`UPDATE audit_event SET kind = 'x' WHERE token_id = $1`, [t.id]),
+      /append-only: UPDATE/,
+    );
     await assert.rejects(ctx.pool.query(`DELETE FROM audit_event WHERE token_id = $1`, [t.id]), /append-only: DELETE/);
     await assert.rejects(ctx.pool.query('TRUNCATE audit_event CASCADE'), /append-only: TRUNCATE/);
     assert.equal((await store.readAudit(ctx.pool, t.id)).length, 1);

@@ -33,7 +33,8 @@ describe('durations', () => {
     assert.equal(parseDuration('90d'), 90 * 86_400_000);
   });
   it('should refuse what is not a duration', () => {
-    for (const bad of ['', '5', '5x', '-5s', '0s', '1.5h', 's', '5 s m']) assert.equal(parseDuration(bad), undefined, bad);
+    for (const bad of ['', '5', '5x', '-5s', '0s', '1.5h', 's', '5 s m'])
+      assert.equal(parseDuration(bad), undefined, bad);
   });
   it('should format back to the largest exact unit', () => {
     assert.equal(formatDuration(90 * 86_400_000), '90d');
@@ -103,7 +104,10 @@ describe('lifecycle decisions', () => {
   it('should decide complete, stuck or wait', () => {
     assert.deepEqual(propagationVerdict([{ status: 'delivered' }, { status: 'forced' }], 0, 10), { kind: 'complete' });
     assert.deepEqual(propagationVerdict([], 0, 10), { kind: 'complete' });
-    assert.deepEqual(propagationVerdict([{ status: 'delivered' }, { status: 'pending' }], 4, 10), { kind: 'wait', ms: 6 });
+    assert.deepEqual(propagationVerdict([{ status: 'delivered' }, { status: 'pending' }], 4, 10), {
+      kind: 'wait',
+      ms: 6,
+    });
     assert.deepEqual(propagationVerdict([{ status: 'pending' }], 10, 10), { kind: 'stuck' });
     assert.deepEqual(propagationVerdict([{ status: 'failed' }, { status: 'pending' }], 0, 10), { kind: 'stuck' });
   });
@@ -142,12 +146,19 @@ describe('input validation', () => {
     );
   });
   it('should say which setting is missing or malformed', () => {
-    assert.throws(() => loadSettings({ TOKENWARDEN_DATA_DIR: '/nonexistent' }), (e: unknown) => e instanceof ConfigError && /DATABASE_URL/.test(e.message));
+    assert.throws(
+      () => loadSettings({ TOKENWARDEN_DATA_DIR: '/nonexistent' }),
+      (e: unknown) => e instanceof ConfigError && /DATABASE_URL/.test(e.message),
+    );
     assert.throws(
       () => loadSettings({ DATABASE_URL: 'postgres://x/y', TOKENWARDEN_ESCALATE_AFTER: 'soon' }),
       (e: unknown) => e instanceof ConfigError && /TOKENWARDEN_ESCALATE_AFTER/.test(e.message),
     );
-    const s = loadSettings({ DATABASE_URL: 'postgres://x/y', TOKENWARDEN_DATA_DIR: '/nonexistent', TOKENWARDEN_RETRY_MAX: '2m' });
+    const s = loadSettings({
+      DATABASE_URL: 'postgres://x/y',
+      TOKENWARDEN_DATA_DIR: '/nonexistent',
+      TOKENWARDEN_RETRY_MAX: '2m',
+    });
     assert.equal(s.timing.retryMaxMs, 120_000);
     assert.equal(s.temporal.namespace, 'tokenwarden');
   });

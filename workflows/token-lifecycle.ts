@@ -23,7 +23,13 @@ import {
 import type { Activities } from '../activities/index.js';
 import { SEARCH_ATTRIBUTE, type PropagationState, type TokenStatus } from '../common/names.js';
 import type { KillResult } from '../common/store.js';
-import { isSettled, msUntil, parseRevokeSignal, propagationVerdict, validateOperatorRequest } from './lifecycle-state.js';
+import {
+  isSettled,
+  msUntil,
+  parseRevokeSignal,
+  propagationVerdict,
+  validateOperatorRequest,
+} from './lifecycle-state.js';
 import {
   describeQuery,
   forceCompleteUpdate,
@@ -40,7 +46,12 @@ const RECEIVER_REJECTED = 'ReceiverRejected';
 
 const store = proxyActivities<Activities>({
   startToCloseTimeout: '30s',
-  retry: { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '1m', nonRetryableErrorTypes: ['NotFoundError'] },
+  retry: {
+    initialInterval: '1s',
+    backoffCoefficient: 2,
+    maximumInterval: '1m',
+    nonRetryableErrorTypes: ['NotFoundError'],
+  },
 });
 
 export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLifecycleResult> {
@@ -136,7 +147,12 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
       ]);
       if (malformed) {
         await store.recordAudit.executeWithOptions({ summary: 'audit: malformed revoke signal' }, [
-          { tokenId, auditKey: 'malformed-revoke-signal', kind: 'signal.malformed', data: { reasonRecorded: 'unspecified' } },
+          {
+            tokenId,
+            auditKey: 'malformed-revoke-signal',
+            kind: 'signal.malformed',
+            data: { reasonRecorded: 'unspecified' },
+          },
         ]);
       }
       break;
@@ -145,7 +161,14 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
     if (remaining <= 0) {
       phase = 'killing';
       const result = await store.killToken.executeWithOptions({ summary: 'expire: the token reached its expiry' }, [
-        { tokenId, reason: 'expired', actor: 'system', initiatingEntity: 'system', onlyIfExpired: true, byWorkflow: true },
+        {
+          tokenId,
+          reason: 'expired',
+          actor: 'system',
+          initiatingEntity: 'system',
+          onlyIfExpired: true,
+          byWorkflow: true,
+        },
       ]);
       if (result.notYetExpiredMs === undefined) {
         kill = result;
@@ -164,7 +187,9 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
       continue;
     }
     setCurrentDetails(`Active until ${input.expiresAt}.`);
-    await condition(() => revokeRequest !== undefined, remaining, { summary: `sleep until expiry at ${input.expiresAt}` });
+    await condition(() => revokeRequest !== undefined, remaining, {
+      summary: `sleep until expiry at ${input.expiresAt}`,
+    });
   }
 
   status = kill.token.status;
@@ -215,7 +240,11 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
         if (!(err instanceof ActivityFailure)) throw err;
         // Retries are unlimited, so only a non-retryable answer (e.g. HTTP 400 or 410) ends up here.
         const cause = err.cause instanceof ApplicationFailure ? err.cause : undefined;
-        update(receiverId, { ...deliveries.get(receiverId)!, status: 'failed', lastError: cause?.message ?? err.message });
+        update(receiverId, {
+          ...deliveries.get(receiverId)!,
+          status: 'failed',
+          lastError: cause?.message ?? err.message,
+        });
       } finally {
         running.delete(receiverId);
       }
@@ -248,7 +277,9 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
           tokenId,
           state: 'stuck',
           auditKey: `stuck:${round}`,
-          detail: { receivers: unsettled.map((d) => ({ receiverId: d.receiverId, status: d.status, lastError: d.lastError })) },
+          detail: {
+            receivers: unsettled.map((d) => ({ receiverId: d.receiverId, status: d.status, lastError: d.lastError })),
+          },
         },
       ]);
       propagation = token.propagation;
@@ -258,9 +289,10 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
     }
     await condition(() => settled || retryRound > round);
     if (retryRound > round && !settled) {
-      const token = await store.setPropagation.executeWithOptions({ summary: 'operator retry: propagation pending again' }, [
-        { tokenId, state: 'pending', auditKey: `pending:${retryRound}`, detail: { retryRound } },
-      ]);
+      const token = await store.setPropagation.executeWithOptions(
+        { summary: 'operator retry: propagation pending again' },
+        [{ tokenId, state: 'pending', auditKey: `pending:${retryRound}`, detail: { retryRound } }],
+      );
       propagation = token.propagation;
       phase = 'propagating';
       upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.propagation, value: propagation }]);

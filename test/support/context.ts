@@ -13,7 +13,8 @@ import { createTokenWorker } from '../../worker/worker.js';
 
 function required(name: string): string {
   const value = process.env[name];
-  if (!value) throw new Error(`${name} is not set: run the tests with \`npm test\`, which starts Temporal and PostgreSQL`);
+  if (!value)
+    throw new Error(`${name} is not set: run the tests with \`npm test\`, which starts Temporal and PostgreSQL`);
   return value;
 }
 

@@ -80,7 +80,11 @@ export class TestReceiver {
   }
 
   async waitForAcks(count: number, timeoutMs?: number): Promise<ReceivedRequest[]> {
-    return waitUntil(() => this.acked().length >= count && this.acked(), `${count} acknowledged request(s) at ${this.url}`, timeoutMs);
+    return waitUntil(
+      () => this.acked().length >= count && this.acked(),
+      `${count} acknowledged request(s) at ${this.url}`,
+      timeoutMs,
+    );
   }
 
   async close(): Promise<void> {
