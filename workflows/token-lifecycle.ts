@@ -57,7 +57,8 @@ const store = proxyActivities<Activities>({
 export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLifecycleResult> {
   const { tokenId, timing } = input;
   const delivery = proxyActivities<Activities>({
-    startToCloseTimeout: '30s',
+    // One HTTP attempt is bounded at 10 s; a worker that died mid-attempt delays the retry by this much.
+    startToCloseTimeout: '15s',
     // TRY_CANCEL: retryPropagation restarts a delivery at once; an attempt still in flight records
     // its own outcome in the store, which the next attempt reads before sending anything.
     cancellationType: 'TRY_CANCEL',
