@@ -30,6 +30,8 @@ export interface StackFile {
   databaseUrl: string;
   temporalAddress: string;
   namespace: string;
+  /** The stack's process: a file left behind by a killed stack is ignored. */
+  pid: number;
 }
 
 const duration = (name: string, fallback: string) =>
@@ -66,7 +68,17 @@ const envSchema = z.object({
 export function readStackFile(dataDir: string): StackFile | undefined {
   const file = path.join(dataDir, 'stack.json');
   if (!existsSync(file)) return undefined;
-  return JSON.parse(readFileSync(file, 'utf8')) as StackFile;
+  const stack = JSON.parse(readFileSync(file, 'utf8')) as StackFile;
+  return isAlive(stack.pid) ? stack : undefined;
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
 }
 
 export const masterKeyFile = (dataDir: string) => path.join(dataDir, 'master.key');

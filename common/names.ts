@@ -46,14 +46,20 @@ export const SEARCH_ATTRIBUTE = {
   receivers: defineSearchAttributeKey('TokenReceivers', SearchAttributeType.KEYWORD_LIST),
 } as const;
 
-/** The same list in the `temporal --search-attribute NAME=Type` spelling, for the dev server. */
-export const SEARCH_ATTRIBUTE_CLI_TYPES: Record<string, string> = {
-  TokenSubject: 'Keyword',
-  TokenStatus: 'Keyword',
-  TokenPropagation: 'Keyword',
-  TokenExpiresAt: 'Datetime',
-  TokenReceivers: 'KeywordList',
+const CLI_TYPE_NAMES: Record<string, string> = {
+  [SearchAttributeType.KEYWORD]: 'Keyword',
+  [SearchAttributeType.TEXT]: 'Text',
+  [SearchAttributeType.INT]: 'Int',
+  [SearchAttributeType.DOUBLE]: 'Double',
+  [SearchAttributeType.BOOL]: 'Bool',
+  [SearchAttributeType.DATETIME]: 'Datetime',
+  [SearchAttributeType.KEYWORD_LIST]: 'KeywordList',
 };
+
+/** The same list in the `temporal --search-attribute NAME=Type` spelling, for the dev server. */
+export const SEARCH_ATTRIBUTE_CLI_TYPES: Record<string, string> = Object.fromEntries(
+  Object.values(SEARCH_ATTRIBUTE).map((key) => [key.name, CLI_TYPE_NAMES[key.type]!]),
+);
 
 export const RECONCILER_SCHEDULE_ID = 'tokenwarden-reconciler';
 export const RECONCILER_WORKFLOW_ID = 'tokenwarden-reconcile';

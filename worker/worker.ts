@@ -1,7 +1,7 @@
 /** Worker process: one pg pool, one Temporal client, the activities built once, graceful shutdown. */
 import path from 'node:path';
 import { ScheduleAlreadyRunning, ScheduleOverlapPolicy, type Client } from '@temporalio/client';
-import { NativeConnection, Worker, type WorkflowBundleOption } from '@temporalio/worker';
+import { DefaultLogger, NativeConnection, Runtime, Worker, type WorkflowBundleOption } from '@temporalio/worker';
 import type pg from 'pg';
 import { PACKAGE_ROOT, type Settings } from '../common/config.js';
 import { createPool } from '../common/db.js';
@@ -62,6 +62,8 @@ export async function runWorkerProcess(
   settings: Settings,
   opts: { ensureSchedule: boolean },
 ): Promise<{ shutdown(): Promise<void>; done: Promise<void> }> {
+  // Warnings and errors only: the SDK's INFO lines (and the bundler's output) drown what matters.
+  Runtime.install({ logger: new DefaultLogger('WARN') });
   const pool = createPool(settings.databaseUrl, settings.databaseSchema);
   const client = await connectTemporal(settings);
   const connection = await NativeConnection.connect(settings.temporal.connectionOptions);
