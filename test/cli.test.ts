@@ -33,14 +33,7 @@ interface Run {
 
 function cli(args: string[], stdin?: string): Promise<Run> {
   const env = {
-    PATH: process.env.PATH,
-    DATABASE_URL: ctx.settings.databaseUrl,
-    TOKENWARDEN_DB_SCHEMA: ctx.settings.databaseSchema,
-    TOKENWARDEN_DATA_DIR: '/nonexistent',
-    TEMPORAL_ADDRESS: ctx.settings.temporal.connectionOptions.address!,
-    TEMPORAL_NAMESPACE: ctx.settings.temporal.namespace,
-    TOKENWARDEN_TASK_QUEUE: ctx.settings.temporal.taskQueue,
-    TOKENWARDEN_MASTER_KEY: ctx.settings.masterKey!.toString('base64'),
+    ...ctx.childEnv(),
     TOKENWARDEN_ESCALATE_AFTER: '3s',
     TOKENWARDEN_RETRY_INITIAL: '200ms',
     TOKENWARDEN_RETRY_MAX: '1s',

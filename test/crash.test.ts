@@ -31,18 +31,8 @@ after(async () => {
 });
 
 function startWorkerProcess(): ChildProcess {
-  const s = ctx.settings;
   return spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), 'worker', '--no-schedule'], {
-    env: {
-      PATH: process.env.PATH,
-      DATABASE_URL: s.databaseUrl,
-      TOKENWARDEN_DB_SCHEMA: s.databaseSchema,
-      TOKENWARDEN_DATA_DIR: '/nonexistent',
-      TEMPORAL_ADDRESS: s.temporal.connectionOptions.address!,
-      TEMPORAL_NAMESPACE: s.temporal.namespace,
-      TOKENWARDEN_TASK_QUEUE: s.temporal.taskQueue,
-      TOKENWARDEN_MASTER_KEY: s.masterKey!.toString('base64'),
-    },
+    env: ctx.childEnv(),
     stdio: 'ignore',
   });
 }

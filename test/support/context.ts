@@ -80,6 +80,21 @@ export class TestContext {
     return handle;
   }
 
+  /** The environment a `tokenwarden` child process needs to use this context's store and queue. */
+  childEnv(): Record<string, string> {
+    const s = this.settings;
+    return {
+      PATH: process.env.PATH ?? '',
+      DATABASE_URL: s.databaseUrl,
+      TOKENWARDEN_DB_SCHEMA: s.databaseSchema,
+      TOKENWARDEN_DATA_DIR: '/nonexistent',
+      TEMPORAL_ADDRESS: s.temporal.connectionOptions.address!,
+      TEMPORAL_NAMESPACE: s.temporal.namespace,
+      TOKENWARDEN_TASK_QUEUE: s.temporal.taskQueue,
+      TOKENWARDEN_MASTER_KEY: s.masterKey!.toString('base64'),
+    };
+  }
+
   async close(): Promise<void> {
     for (const w of [...this.workers]) await w.stop();
     await this.warden.close();
