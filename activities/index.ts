@@ -10,7 +10,7 @@ import { NotFoundError } from '../common/errors.js';
 import * as store from '../common/store.js';
 import type { ReconcileReport } from '../workflows/messages.js';
 import { signalRevoke, startTokenWorkflow } from '../client/temporal.js';
-import { deliverRevocation, toDeliveryView } from './propagation.js';
+import { deliverRevocation } from './propagation.js';
 
 export interface ActivityDeps {
   pool: pg.Pool;
@@ -38,10 +38,6 @@ export function createActivities(deps: ActivityDeps) {
   return {
     async killToken(req: store.KillRequest): Promise<store.KillResult> {
       return classify(() => store.killToken(pool, req));
-    },
-
-    async listDeliveries(tokenId: string) {
-      return (await store.listDeliveries(pool, tokenId)).map(toDeliveryView);
     },
 
     async deliverRevocation(input: { eventId: string; receiverId: string }) {

@@ -15,6 +15,7 @@ export const RECEIVER_REJECTED = 'ReceiverRejected';
 export const RECEIVER_UNAVAILABLE = 'ReceiverUnavailable';
 
 const HTTP_TIMEOUT_MS = 10_000;
+const OUTBOX_POLL_MS = 100;
 /** A Retry-After longer than this is capped: the workflow's own escalation still applies. */
 const MAX_RETRY_AFTER_MS = 6 * 3_600_000;
 
@@ -55,8 +56,14 @@ export async function deliverRevocation(
 ): Promise<DeliveryView> {
   const { eventId, receiverId } = input;
   const loaded = await loadDeliveryForAttempt(deps.pool, eventId, receiverId);
-  if (!loaded)
-    throw ApplicationFailure.nonRetryable(`delivery ${eventId} to ${receiverId} does not exist`, 'DeliveryMissing');
+  if (!loaded) {
+    // The workflow starts deliveries together with its kill; the outbox row appears when a kill commits.
+    throw ApplicationFailure.create({
+      message: `no outbox row yet for ${eventId} to ${receiverId}: the kill has not committed`,
+      type: 'OutboxRowNotYetWritten',
+      nextRetryDelay: OUTBOX_POLL_MS,
+    });
+  }
   // Settled by an earlier attempt whose result was lost, or forced by an operator: nothing to send.
   if (!['pending', 'failed'].includes(loaded.delivery.status)) return toDeliveryView(loaded.delivery);
 

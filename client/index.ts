@@ -2,7 +2,8 @@
  * The library apps import: issue, revoke, show, list, receivers. Reads and kills in the store
  * directly (the store answers "is it valid?"), and tells each token's workflow through Temporal.
  */
-import type { Client } from '@temporalio/client';
+import { randomUUID } from 'node:crypto';
+import { WorkflowNotFoundError, type Client } from '@temporalio/client';
 import type pg from 'pg';
 import { z } from 'zod';
 import { loadSettings, type Settings } from '../common/config.js';
@@ -27,7 +28,8 @@ import {
   tokenIdSchema,
   ttlSchema,
 } from '../common/validation.js';
-import { connectTemporal, signalRevoke, startTokenWorkflow } from './temporal.js';
+import type { RevokeRequest } from '../workflows/messages.js';
+import { connectTemporal, signalRevoke, signalRevokeRunning, startTokenWorkflow } from './temporal.js';
 
 export { loadSettings, type Settings } from '../common/config.js';
 export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.js';
@@ -147,32 +149,37 @@ export class TokenWarden {
    */
   async revoke(input: RevokeInput): Promise<RevokeOutcome> {
     const req = parseInput(revokeSchema, input, 'revoke request');
-    const kill = await store.killToken(this.pool, {
-      tokenId: req.tokenId,
+    const request: RevokeRequest = {
       reason: req.reason,
       actor: req.actor,
       initiatingEntity: req.initiatingEntity as InitiatingEntity,
+      requestId: randomUUID(),
       ...(req.correlationId ? { correlationId: req.correlationId } : {}),
-    });
-    const t = kill.token;
+    };
+    // The kill and the signal go out together, so the call costs the slower of the two, not their
+    // sum. Both carry the same request: whichever kill commits first (ours, or the workflow's own)
+    // records it, and the request id tells us which revocation is ours.
+    const [killed, signalled] = await Promise.allSettled([
+      store.killToken(this.pool, { tokenId: req.tokenId, ...request }),
+      signalRevokeRunning(this.temporal, req.tokenId, request),
+    ]);
+    if (killed.status === 'rejected') throw killed.reason;
+    const t = killed.value.token;
+    const changed = killed.value.changed || t.revokeRequestId === request.requestId;
     const outcome: RevokeOutcome = {
       tokenId: t.id,
       status: t.status,
-      changed: kill.changed,
+      changed,
       revokedAt: t.revokedAt!,
       revokedBy: t.revokedBy!,
       reason: t.revokeReason!,
-      workflowSignalled: false,
+      workflowSignalled: signalled.status === 'fulfilled',
     };
-    if (!kill.changed) return outcome;
+    if (!changed || signalled.status === 'fulfilled') return outcome;
     try {
-      await signalRevoke(
-        this.temporal,
-        t,
-        { reason: t.revokeReason!, actor: t.revokedBy!, initiatingEntity: t.initiatingEntity ?? 'admin' },
-        this.settings.temporal.taskQueue,
-        this.settings.timing,
-      );
+      if (!(signalled.reason instanceof WorkflowNotFoundError)) throw signalled.reason;
+      // No running workflow (never started, or already closed): start one that adopts the kill.
+      await signalRevoke(this.temporal, t, request, this.settings.temporal.taskQueue, this.settings.timing);
       outcome.workflowSignalled = true;
     } catch (err) {
       outcome.warning = `revoked in the store, but its workflow could not be signalled (${(err as Error).message}); the reconciler will start propagation`;

@@ -1,6 +1,7 @@
 /** The one Temporal client factory, and the start/signal calls every path shares. */
 import { Client, Connection, WorkflowIdConflictPolicy, type WorkflowHandle } from '@temporalio/client';
 import type { Settings } from '../common/config.js';
+import { revocationEventId } from '../common/ids.js';
 import { SEARCH_ATTRIBUTE, WORKFLOW_TYPE, tokenWorkflowId } from '../common/names.js';
 import type { TokenRecord } from '../common/store.js';
 import {
@@ -24,6 +25,7 @@ export function tokenWorkflowInput(token: TokenRecord, timing: PropagationTiming
     subject: token.subject,
     receivers: token.receivers,
     expiresAt: token.expiresAt,
+    revocationEventId: revocationEventId(token.id),
     timing,
   };
 }
@@ -79,4 +81,9 @@ export async function signalRevoke(
     signal: revokeSignal,
     signalArgs: [request],
   });
+}
+
+/** A plain Signal to the token's running workflow (throws WorkflowNotFoundError when none runs). */
+export async function signalRevokeRunning(client: Client, tokenId: string, request: RevokeRequest): Promise<void> {
+  await client.workflow.getHandle(tokenWorkflowId(tokenId)).signal(revokeSignal, request);
 }

@@ -30,7 +30,6 @@ export const QUERY = {
 /** Activity names are the keys of createActivities(); a test holds them to this list. */
 export const ACTIVITY_NAMES = [
   'killToken',
-  'listDeliveries',
   'deliverRevocation',
   'setPropagation',
   'forceCompleteDeliveries',

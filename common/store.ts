@@ -40,6 +40,7 @@ export interface TokenRecord {
   revokedBy: string | null;
   revokeReason: string | null;
   initiatingEntity: InitiatingEntity | null;
+  revokeRequestId: string | null;
   workflowStartedAt: string | null;
   propagationStartedAt: string | null;
   propagationCompletedAt: string | null;
@@ -76,7 +77,7 @@ export interface AuditRecord {
 
 const TOKEN_COLUMNS = `
   id, subject, name, scopes, receivers, status, propagation, issued_at, expires_at, revoked_at,
-  revoked_by, revoke_reason, initiating_entity, workflow_started_at, propagation_started_at,
+  revoked_by, revoke_reason, initiating_entity, revoke_request_id, workflow_started_at, propagation_started_at,
   propagation_completed_at,
   CASE WHEN status = 'active' AND expires_at <= now() THEN 'expired' ELSE status END AS effective_status,
   (status = 'active' AND expires_at > now()) AS valid`;
@@ -104,6 +105,7 @@ const tokenRow = z
     revoked_by: nullableText,
     revoke_reason: nullableText,
     initiating_entity: z.enum(INITIATING_ENTITIES).nullable(),
+    revoke_request_id: nullableText,
     workflow_started_at: nullableDate,
     propagation_started_at: nullableDate,
     propagation_completed_at: nullableDate,
@@ -124,6 +126,7 @@ const tokenRow = z
     revokedBy: r.revoked_by,
     revokeReason: r.revoke_reason,
     initiatingEntity: r.initiating_entity,
+    revokeRequestId: r.revoke_request_id,
     workflowStartedAt: r.workflow_started_at,
     propagationStartedAt: r.propagation_started_at,
     propagationCompletedAt: r.propagation_completed_at,
@@ -412,6 +415,8 @@ export interface KillRequest {
   byWorkflow?: boolean;
   /** Ties events with one root cause together (e.g. an offboarding). */
   correlationId?: string;
+  /** Id of this revoke request, recorded with the kill that commits (see revoke_request_id). */
+  requestId?: string;
 }
 
 export interface KillResult {
@@ -437,10 +442,19 @@ export async function killToken(pool: pg.Pool, req: KillRequest): Promise<KillRe
               initiating_entity = CASE WHEN expires_at <= now() THEN 'system' ELSE $4 END,
               propagation = CASE WHEN cardinality(receivers) = 0 THEN 'complete' ELSE 'pending' END,
               propagation_completed_at = CASE WHEN cardinality(receivers) = 0 THEN now() END,
-              propagation_started_at = CASE WHEN $5::boolean THEN now() END
+              propagation_started_at = CASE WHEN $5::boolean THEN now() END,
+              revoke_request_id = $7
         WHERE id = $1 AND status = 'active' AND (NOT $6::boolean OR expires_at <= now())
         RETURNING ${TOKEN_COLUMNS}`,
-      [req.tokenId, req.actor, req.reason, req.initiatingEntity, req.byWorkflow ?? false, req.onlyIfExpired ?? false],
+      [
+        req.tokenId,
+        req.actor,
+        req.reason,
+        req.initiatingEntity,
+        req.byWorkflow ?? false,
+        req.onlyIfExpired ?? false,
+        req.requestId ?? null,
+      ],
     );
     if (!rows[0]) {
       const { rows: current } = await client.query(

@@ -28,6 +28,9 @@ CREATE TABLE token (
   revoked_by         text,
   revoke_reason      text,
   initiating_entity  text CHECK (initiating_entity IN ('admin', 'user', 'policy', 'system')),
+  -- Id of the revoke request whose kill committed: tells a caller racing the workflow's own kill
+  -- (both carry the same request) that the revocation is its own.
+  revoke_request_id  text,
   last_used_at       timestamptz,
   -- Set once the token's workflow is known to exist / to have taken over propagation; the
   -- reconciler looks for rows where these stayed NULL (a crash between two steps).

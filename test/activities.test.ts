@@ -19,8 +19,8 @@ before(async () => {
   receiver.secret = (await ctx.warden.addReceiver({ id: 'billing', url: receiver.url })).secret;
 });
 after(async () => {
-  await receiver.close();
-  await ctx.close();
+  await receiver?.close();
+  await ctx?.close();
 });
 
 async function revokedToken(): Promise<{ tokenId: string; eventId: string }> {

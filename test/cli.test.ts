@@ -20,9 +20,9 @@ before(async () => {
   receiver = await TestReceiver.start();
 });
 after(async () => {
-  await worker.stop();
-  await receiver.close();
-  await ctx.close();
+  await worker?.stop();
+  await receiver?.close();
+  await ctx?.close();
 });
 
 interface Run {

@@ -26,8 +26,8 @@ before(async () => {
 after(async () => {
   child?.kill('SIGKILL');
   await worker?.stop();
-  await receiver.close();
-  await ctx.close();
+  await receiver?.close();
+  await ctx?.close();
 });
 
 function startWorkerProcess(): ChildProcess {

@@ -30,7 +30,7 @@ before(async () => {
 after(async () => {
   await worker?.stop();
   for (const r of receivers) await r.close();
-  await ctx.close();
+  await ctx?.close();
 });
 
 async function ensureWorker(): Promise<void> {

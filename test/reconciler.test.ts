@@ -21,9 +21,9 @@ before(async () => {
   receiver.secret = (await ctx.warden.addReceiver({ id: 'audit-log', url: receiver.url })).secret;
 });
 after(async () => {
-  await worker.stop();
-  await receiver.close();
-  await ctx.close();
+  await worker?.stop();
+  await receiver?.close();
+  await ctx?.close();
 });
 
 async function reconcileNow(): Promise<ReconcileReport> {
@@ -80,6 +80,16 @@ describe('reconciler', () => {
     assert.equal((await handle.describe()).status.name, 'RUNNING');
     assert.ok((await store.requireToken(ctx.pool, token.id)).workflowStartedAt);
     assert.ok(!(await reconcileNow()).started.includes(token.id));
+  });
+
+  it('should start the workflow from revoke itself when none runs for the token', async () => {
+    const token = await insertOnly(3_600_000);
+    const outcome = await ctx.warden.revoke({ tokenId: token.id, reason: 'never started' });
+    assert.equal(outcome.changed, true);
+    assert.equal(outcome.workflowSignalled, true);
+    const done = (await ctx.client.workflow.getHandle(tokenWorkflowId(token.id)).result()) as TokenLifecycleResult;
+    assert.equal(done.status, 'revoked');
+    assert.equal(done.propagation, 'complete');
   });
 
   it('should kill an overdue token as expired and propagate it', async () => {

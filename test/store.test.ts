@@ -22,7 +22,7 @@ before(async () => {
     secretKeyId: 'k',
   });
 });
-after(async () => ctx.close());
+after(async () => ctx?.close());
 
 const newToken = (overrides: Partial<store.NewToken> = {}) =>
   store.insertToken(ctx.pool, {
@@ -100,6 +100,27 @@ describe('central store', () => {
       audit.map((a) => a.kind),
       ['token.issued', 'token.revoked'],
     );
+  });
+
+  it('should record the request id of the kill that committed, whichever path sent it', async () => {
+    const t = await newToken();
+    const first = await store.killToken(ctx.pool, {
+      tokenId: t.id,
+      reason: 'r',
+      actor: 'workflow',
+      initiatingEntity: 'admin',
+      requestId: 'req-1',
+    });
+    const second = await store.killToken(ctx.pool, {
+      tokenId: t.id,
+      reason: 'r',
+      actor: 'client',
+      initiatingEntity: 'admin',
+      requestId: 'req-2',
+    });
+    assert.equal(first.token.revokeRequestId, 'req-1');
+    assert.equal(second.changed, false);
+    assert.equal(second.token.revokeRequestId, 'req-1');
   });
 
   it('should record expired, not revoked, when the kill comes after expiry', async () => {

@@ -24,11 +24,13 @@ export function parseRevokeSignal(payload: unknown): RevokeRequest & { malformed
     ? (p.initiatingEntity as InitiatingEntity)
     : undefined;
   const correlationId = text(p.correlationId, 200);
+  const requestId = text(p.requestId, 100);
   return {
     reason: reason ?? 'unspecified',
     actor: actor ?? 'unknown (via Temporal signal)',
     initiatingEntity: entity ?? 'admin',
     ...(correlationId ? { correlationId } : {}),
+    ...(requestId ? { requestId } : {}),
     malformed: reason === undefined,
   };
 }

@@ -31,6 +31,8 @@ export interface TokenWorkflowInput {
   receivers: string[];
   /** From the store (database clock), ISO 8601. */
   expiresAt: string;
+  /** Id of the token's revocation event (the outbox rows' event id, the receivers' webhook-id). */
+  revocationEventId: string;
   timing: PropagationTiming;
 }
 
@@ -39,6 +41,8 @@ export interface RevokeRequest {
   actor: string;
   initiatingEntity: InitiatingEntity;
   correlationId?: string;
+  /** Set by the library: lets the caller recognise its own kill if the workflow's commits first. */
+  requestId?: string;
 }
 
 /** Payload of the `revoke` Signal. Every field is optional: a malformed signal still revokes. */

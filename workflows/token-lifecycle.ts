@@ -66,7 +66,7 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
       initialInterval: timing.retryInitialMs,
       backoffCoefficient: 2,
       maximumInterval: timing.retryMaxMs,
-      nonRetryableErrorTypes: [RECEIVER_REJECTED, 'DeliveryMissing'],
+      nonRetryableErrorTypes: [RECEIVER_REJECTED],
     },
   });
 
@@ -137,15 +137,86 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
     { validator: requirePropagating },
   );
 
+  // One delivery per receiver, of the token's one revocation event (its outbox row is written by
+  // whichever kill commits).
+  for (const receiverId of input.receivers) {
+    deliveries.set(receiverId, {
+      receiverId,
+      eventId: input.revocationEventId,
+      status: 'pending',
+      attempts: 0,
+      lastStatusCode: null,
+      lastError: null,
+    });
+  }
+
+  /** Bumped whenever a delivery settles or fails, so the supervisor below re-evaluates. */
+  let changes = 0;
+  const update = (receiverId: string, next: DeliveryView) => {
+    deliveries.set(receiverId, next);
+    changes++;
+  };
+
+  const deliverUntilSettled = async (receiverId: string): Promise<void> => {
+    while (!isSettled(deliveries.get(receiverId)!.status)) {
+      const current = deliveries.get(receiverId)!;
+      if (current.status === 'failed') {
+        // A non-retryable answer: wait for an operator (retryPropagation or forceComplete).
+        const round = retryRound;
+        await condition(() => retryRound > round || isSettled(deliveries.get(receiverId)!.status));
+        if (isSettled(deliveries.get(receiverId)!.status)) return;
+        update(receiverId, { ...deliveries.get(receiverId)!, status: 'pending' });
+      }
+      const scope = new CancellationScope();
+      running.set(receiverId, scope);
+      try {
+        const result = await scope.run(() =>
+          delivery.deliverRevocation.executeWithOptions({ summary: `deliver revocation to ${receiverId}` }, [
+            { eventId: current.eventId, receiverId },
+          ]),
+        );
+        if (!isSettled(deliveries.get(receiverId)!.status)) update(receiverId, result);
+      } catch (err) {
+        // Cancelled: retryPropagation restarted it, or forceComplete settled it; the loop re-checks.
+        if (isCancellation(err)) continue;
+        if (!(err instanceof ActivityFailure)) throw err;
+        // Retries are unlimited, so only a non-retryable answer (e.g. HTTP 400 or 410) ends up here.
+        const cause = err.cause instanceof ApplicationFailure ? err.cause : undefined;
+        update(receiverId, {
+          ...deliveries.get(receiverId)!,
+          status: 'failed',
+          lastError: cause?.message ?? err.message,
+        });
+      } finally {
+        running.delete(receiverId);
+      }
+    }
+  };
+
+  let settled = false;
+  let deliveriesStarted = false;
+  const startDeliveries = () => {
+    if (deliveriesStarted) return;
+    deliveriesStarted = true;
+    void Promise.all([...deliveries.keys()].map((receiverId) => deliverUntilSettled(receiverId))).then(() => {
+      settled = true;
+    });
+  };
+
   // ---- Phase 1: alive. Sleep until expiry or a revoke.
   let kill: KillResult | undefined;
   while (!kill) {
     if (revokeRequest) {
       const { malformed, ...request } = revokeRequest;
       phase = 'killing';
-      kill = await store.killToken.executeWithOptions({ summary: `revoke: ${request.reason}`.slice(0, 200) }, [
+      const killing = store.killToken.executeWithOptions({ summary: `revoke: ${request.reason}`.slice(0, 200) }, [
         { tokenId, ...request, byWorkflow: true },
       ]);
+      // Deliveries go out in the same workflow task as the kill: a revoke's caller has usually
+      // committed the kill (and its outbox rows) before this workflow ran; an attempt that finds no
+      // outbox row yet retries shortly.
+      startDeliveries();
+      kill = await killing;
       if (malformed) {
         await store.recordAudit.executeWithOptions({ summary: 'audit: malformed revoke signal' }, [
           {
@@ -203,59 +274,9 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
     `**${status}** at ${kill.token.revokedAt} by ${kill.token.revokedBy}: ${kill.token.revokeReason}. Propagation: ${propagation}.`,
   );
 
-  // ---- Phase 2: tell every receiver, from the outbox, in parallel.
+  // ---- Phase 2: every receiver told, in parallel, until each confirms or an operator decides.
   phase = 'propagating';
-  for (const d of await store.listDeliveries.executeWithOptions({ summary: 'read the outbox' }, [tokenId])) {
-    deliveries.set(d.receiverId, d);
-  }
-
-  /** Bumped whenever a delivery settles or fails, so the supervisor below re-evaluates. */
-  let changes = 0;
-  const update = (receiverId: string, next: DeliveryView) => {
-    deliveries.set(receiverId, next);
-    changes++;
-  };
-
-  const deliverUntilSettled = async (receiverId: string): Promise<void> => {
-    while (!isSettled(deliveries.get(receiverId)!.status)) {
-      const current = deliveries.get(receiverId)!;
-      if (current.status === 'failed') {
-        // A non-retryable answer: wait for an operator (retryPropagation or forceComplete).
-        const round = retryRound;
-        await condition(() => retryRound > round || isSettled(deliveries.get(receiverId)!.status));
-        if (isSettled(deliveries.get(receiverId)!.status)) return;
-        update(receiverId, { ...deliveries.get(receiverId)!, status: 'pending' });
-      }
-      const scope = new CancellationScope();
-      running.set(receiverId, scope);
-      try {
-        const result = await scope.run(() =>
-          delivery.deliverRevocation.executeWithOptions({ summary: `deliver revocation to ${receiverId}` }, [
-            { eventId: current.eventId, receiverId },
-          ]),
-        );
-        if (!isSettled(deliveries.get(receiverId)!.status)) update(receiverId, result);
-      } catch (err) {
-        // Cancelled: retryPropagation restarted it, or forceComplete settled it; the loop re-checks.
-        if (isCancellation(err)) continue;
-        if (!(err instanceof ActivityFailure)) throw err;
-        // Retries are unlimited, so only a non-retryable answer (e.g. HTTP 400 or 410) ends up here.
-        const cause = err.cause instanceof ApplicationFailure ? err.cause : undefined;
-        update(receiverId, {
-          ...deliveries.get(receiverId)!,
-          status: 'failed',
-          lastError: cause?.message ?? err.message,
-        });
-      } finally {
-        running.delete(receiverId);
-      }
-    }
-  };
-
-  let settled = false;
-  void Promise.all([...deliveries.keys()].map((receiverId) => deliverUntilSettled(receiverId))).then(() => {
-    settled = true;
-  });
+  startDeliveries();
 
   let escalateAt = Date.now() + timing.escalateAfterMs;
   for (;;) {
