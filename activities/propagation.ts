@@ -1,4 +1,5 @@
 /** Delivery of signed revocation events to receivers (Standard Webhooks). I/O and error classification only. */
+import { setTimeout } from 'node:timers/promises';
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import type pg from 'pg';
 import { decryptSecret, masterKeyId, signWebhook } from '../common/secrets.js';
@@ -15,7 +16,8 @@ export const RECEIVER_REJECTED = 'ReceiverRejected';
 export const RECEIVER_UNAVAILABLE = 'ReceiverUnavailable';
 
 const HTTP_TIMEOUT_MS = 10_000;
-const OUTBOX_POLL_MS = 100;
+const OUTBOX_POLL_MS = 10;
+const OUTBOX_WAIT_MS = 2_000;
 /** A Retry-After longer than this is capped: the workflow's own escalation still applies. */
 const MAX_RETRY_AFTER_MS = 6 * 3_600_000;
 
@@ -55,14 +57,18 @@ export async function deliverRevocation(
   input: { eventId: string; receiverId: string },
 ): Promise<DeliveryView> {
   const { eventId, receiverId } = input;
-  const loaded = await loadDeliveryForAttempt(deps.pool, eventId, receiverId);
+  // The workflow starts deliveries together with its kill: the outbox row appears when a kill
+  // commits, usually within milliseconds. Past a short wait, the attempt fails and is retried.
+  let loaded = await loadDeliveryForAttempt(deps.pool, eventId, receiverId);
+  for (const deadline = Date.now() + OUTBOX_WAIT_MS; !loaded && Date.now() < deadline;) {
+    await setTimeout(OUTBOX_POLL_MS);
+    loaded = await loadDeliveryForAttempt(deps.pool, eventId, receiverId);
+  }
   if (!loaded) {
-    // The workflow starts deliveries together with its kill; the outbox row appears when a kill commits.
-    throw ApplicationFailure.create({
-      message: `no outbox row yet for ${eventId} to ${receiverId}: the kill has not committed`,
-      type: 'OutboxRowNotYetWritten',
-      nextRetryDelay: OUTBOX_POLL_MS,
-    });
+    throw ApplicationFailure.retryable(
+      `no outbox row for ${eventId} to ${receiverId}: the token's kill has not committed`,
+      'OutboxRowNotYetWritten',
+    );
   }
   // Settled by an earlier attempt whose result was lost, or forced by an operator: nothing to send.
   if (!['pending', 'failed'].includes(loaded.delivery.status)) return toDeliveryView(loaded.delivery);

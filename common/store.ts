@@ -225,16 +225,26 @@ export async function appendAudit(
   );
   const head = rows[0] as { now: Date; seen: number | null; seq: number | null; hash: Buffer | null };
   if (head.seen) return;
+  const event = sealAuditEvent(tokenId, head, kind, data);
+  await client.query(
+    `INSERT INTO audit_event (token_id, seq, idempotency_key, kind, canonical, prev_hash, hash)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)`,
+    [tokenId, event.seq, idempotencyKey, kind, event.canonical, head.hash, event.hash],
+  );
+}
+
+/** The next link of a token's chain: canonical JSON (RFC 8785) of the event, and its SHA-256. */
+function sealAuditEvent(
+  tokenId: string,
+  head: { now: Date; seq: number | null; hash: Buffer | null },
+  kind: string,
+  data: Record<string, unknown>,
+): { seq: number; canonical: string; hash: Buffer } {
   const seq = (head.seq ?? 0) + 1;
   const prevHash = head.hash ? head.hash.toString('hex') : null;
   const canonical = canonicalize({ tokenId, seq, kind, at: head.now.toISOString(), prevHash, data });
   if (canonical === undefined) throw new Error('audit event is not serialisable');
-  const hash = createHash('sha256').update(canonical, 'utf8').digest();
-  await client.query(
-    `INSERT INTO audit_event (token_id, seq, idempotency_key, kind, canonical, prev_hash, hash)
-     VALUES ($1, $2, $3, $4, $5, $6, $7)`,
-    [tokenId, seq, idempotencyKey, kind, canonical, head.hash, hash],
-  );
+  return { seq, canonical, hash: createHash('sha256').update(canonical, 'utf8').digest() };
 }
 
 export async function recordAudit(
@@ -434,18 +444,30 @@ export interface KillResult {
  */
 export async function killToken(pool: pg.Pool, req: KillRequest): Promise<KillResult> {
   return inTransaction(pool, async (client) => {
+    // Statement 1: the kill itself, the credentials, and what the audit chain needs next. The
+    // UPDATE holds the token row's lock until COMMIT, so no other writer can fork the chain.
     const { rows } = await client.query(
-      `UPDATE token
-          SET status = CASE WHEN expires_at <= now() THEN 'expired' ELSE 'revoked' END,
-              revoked_at = now(), revoked_by = $2,
-              revoke_reason = CASE WHEN expires_at <= now() THEN 'expired' ELSE $3 END,
-              initiating_entity = CASE WHEN expires_at <= now() THEN 'system' ELSE $4 END,
-              propagation = CASE WHEN cardinality(receivers) = 0 THEN 'complete' ELSE 'pending' END,
-              propagation_completed_at = CASE WHEN cardinality(receivers) = 0 THEN now() END,
-              propagation_started_at = CASE WHEN $5::boolean THEN now() END,
-              revoke_request_id = $7
-        WHERE id = $1 AND status = 'active' AND (NOT $6::boolean OR expires_at <= now())
-        RETURNING ${TOKEN_COLUMNS}`,
+      `WITH killed AS (
+         UPDATE token
+            SET status = CASE WHEN expires_at <= now() THEN 'expired' ELSE 'revoked' END,
+                revoked_at = now(), revoked_by = $2,
+                revoke_reason = CASE WHEN expires_at <= now() THEN 'expired' ELSE $3 END,
+                initiating_entity = CASE WHEN expires_at <= now() THEN 'system' ELSE $4 END,
+                propagation = CASE WHEN cardinality(receivers) = 0 THEN 'complete' ELSE 'pending' END,
+                propagation_completed_at = CASE WHEN cardinality(receivers) = 0 THEN now() END,
+                propagation_started_at = CASE WHEN $5::boolean THEN now() END,
+                revoke_request_id = $7
+          WHERE id = $1 AND status = 'active' AND (NOT $6::boolean OR expires_at <= now())
+          RETURNING *),
+       creds AS (
+         UPDATE credential SET state = 'revoked', revoked_at = now()
+          WHERE token_id = $1 AND state <> 'revoked' AND EXISTS (SELECT 1 FROM killed)
+          RETURNING id)
+       SELECT ${TOKEN_COLUMNS},
+              ARRAY(SELECT id FROM creds ORDER BY id) AS credential_ids,
+              now() AS now, head.seq AS audit_seq, head.hash AS audit_hash
+         FROM killed
+         LEFT JOIN LATERAL (SELECT seq, hash FROM audit_event WHERE token_id = $1 ORDER BY seq DESC LIMIT 1) head ON true`,
       [
         req.tokenId,
         req.actor,
@@ -456,37 +478,20 @@ export async function killToken(pool: pg.Pool, req: KillRequest): Promise<KillRe
         req.requestId ?? null,
       ],
     );
-    if (!rows[0]) {
-      const { rows: current } = await client.query(
-        `SELECT ${TOKEN_COLUMNS}, greatest(0, ceil(extract(epoch FROM expires_at - now()) * 1000))::bigint AS remaining_ms
-           FROM token WHERE id = $1 FOR UPDATE`,
-        [req.tokenId],
-      );
-      const row = current[0];
-      if (!row) throw new NotFoundError('token', req.tokenId);
-      let token = toToken(row);
-      if (token.status === 'active') {
-        return { changed: false, notYetExpiredMs: Math.max(1, Number(row.remaining_ms)), token };
-      }
-      if (req.byWorkflow && !token.propagationStartedAt) {
-        const { rows: updated } = await client.query(
-          `UPDATE token SET propagation_started_at = now() WHERE id = $1 RETURNING ${TOKEN_COLUMNS}`,
-          [req.tokenId],
-        );
-        token = toToken(updated[0]);
-      }
-      return { changed: false, token };
-    }
-    const token = toToken(rows[0]);
-    const { rows: creds } = await client.query(
-      `UPDATE credential SET state = 'revoked', revoked_at = now() WHERE token_id = $1 AND state <> 'revoked' RETURNING id`,
-      [req.tokenId],
-    );
-    const credentialIds = creds.map((c) => c.id as string).sort();
+    if (!rows[0]) return existingFacts(client, req);
+    const row = rows[0] as Record<string, unknown> & {
+      credential_ids: string[];
+      now: Date;
+      audit_seq: number | null;
+      audit_hash: Buffer | null;
+    };
+    const token = toToken(row);
+    const credentialIds = row.credential_ids;
     const eventId = revocationEventId(token.id);
+    const kind = token.status === 'expired' ? 'token.expired' : 'token.revoked';
     const body = canonicalize({
       id: eventId,
-      type: token.status === 'expired' ? 'token.expired' : 'token.revoked',
+      type: kind,
       // CAEP credential-change vocabulary, so receivers that speak SSF/CAEP can map it directly.
       change_type: 'revoke',
       credential_type: 'api-token',
@@ -500,15 +505,7 @@ export async function killToken(pool: pg.Pool, req: KillRequest): Promise<KillRe
       occurred_at: token.revokedAt,
       txn: req.correlationId ?? null,
     })!;
-    if (token.receivers.length > 0) {
-      await client.query(
-        `INSERT INTO delivery (event_id, receiver_id, token_id, body)
-         SELECT $1, r, $2, $3 FROM unnest($4::text[]) AS r
-         ON CONFLICT DO NOTHING`,
-        [eventId, token.id, body, token.receivers],
-      );
-    }
-    await appendAudit(client, token.id, 'killed', token.status === 'expired' ? 'token.expired' : 'token.revoked', {
+    const audit = sealAuditEvent(token.id, { now: row.now, seq: row.audit_seq, hash: row.audit_hash }, kind, {
       reason: token.revokeReason,
       actor: token.revokedBy,
       initiatingEntity: token.initiatingEntity,
@@ -517,9 +514,54 @@ export async function killToken(pool: pg.Pool, req: KillRequest): Promise<KillRe
       receivers: token.receivers,
       correlationId: req.correlationId ?? null,
     });
-    await client.query('SELECT pg_notify($1, current_schema() || $2)', [KILL_CHANNEL, `:${token.id}`]);
+    // Statement 2: one outbox row per receiver, the audit event, and the NOTIFY (sent at COMMIT).
+    await client.query(
+      `WITH outbox AS (
+         INSERT INTO delivery (event_id, receiver_id, token_id, body)
+         SELECT $1, r, $2, $3 FROM unnest($4::text[]) AS r
+         ON CONFLICT DO NOTHING),
+       audit AS (
+         INSERT INTO audit_event (token_id, seq, idempotency_key, kind, canonical, prev_hash, hash)
+         VALUES ($2, $5, 'killed', $6, $7, $8, $9))
+       SELECT pg_notify($10, current_schema() || ':' || $2)`,
+      [
+        eventId,
+        token.id,
+        body,
+        token.receivers,
+        audit.seq,
+        kind,
+        audit.canonical,
+        row.audit_hash,
+        audit.hash,
+        KILL_CHANNEL,
+      ],
+    );
     return { changed: true, token };
   });
+}
+
+/** The kill changed nothing: the token is already dead (its first kill's facts) or not yet expired. */
+async function existingFacts(client: pg.PoolClient, req: KillRequest): Promise<KillResult> {
+  const { rows: current } = await client.query(
+    `SELECT ${TOKEN_COLUMNS}, greatest(0, ceil(extract(epoch FROM expires_at - now()) * 1000))::bigint AS remaining_ms
+       FROM token WHERE id = $1 FOR UPDATE`,
+    [req.tokenId],
+  );
+  const row = current[0];
+  if (!row) throw new NotFoundError('token', req.tokenId);
+  let token = toToken(row);
+  if (token.status === 'active') {
+    return { changed: false, notYetExpiredMs: Math.max(1, Number(row.remaining_ms)), token };
+  }
+  if (req.byWorkflow && !token.propagationStartedAt) {
+    const { rows: updated } = await client.query(
+      `UPDATE token SET propagation_started_at = now() WHERE id = $1 RETURNING ${TOKEN_COLUMNS}`,
+      [req.tokenId],
+    );
+    token = toToken(updated[0]);
+  }
+  return { changed: false, token };
 }
 
 // ---------------------------------------------------------------- deliveries

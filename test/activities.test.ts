@@ -1,10 +1,12 @@
 /** Delivery activity crash points, with MockActivityEnvironment, real Postgres and a real receiver. */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { setTimeout } from 'node:timers/promises';
 import { after, before, describe, it } from 'node:test';
 import { ApplicationFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
 import { deliverRevocation } from '../activities/propagation.js';
+import { revocationEventId } from '../common/ids.js';
 import * as store from '../common/store.js';
 import type { DeliveryView } from '../workflows/messages.js';
 import { TestContext } from './support/context.js';
@@ -44,6 +46,24 @@ describe('deliverRevocation', () => {
     assert.equal(retried.status, 'delivered');
     assert.equal(retried.attempts, 1);
     assert.equal(receiver.requests.length, sent);
+  });
+
+  it('should wait for the outbox row of a kill that commits while it runs', async () => {
+    const { tokenId } = await ctx.warden.issue({ subject: 'usr_act', receivers: ['billing'], ttl: '1h' });
+    const attempt = run(ctx.settings.masterKey, { eventId: revocationEventId(tokenId), receiverId: 'billing' });
+    await setTimeout(300); // the kill commits while the attempt is already waiting for its row
+    await store.killToken(ctx.pool, { tokenId, reason: 'test', actor: 'admin', initiatingEntity: 'admin' });
+    assert.equal((await attempt).status, 'delivered');
+  });
+
+  it('should fail retryably when no kill ever wrote the outbox row', async () => {
+    const { tokenId } = await ctx.warden.issue({ subject: 'usr_act', receivers: ['billing'], ttl: '1h' });
+    const err = await run(ctx.settings.masterKey, { eventId: revocationEventId(tokenId), receiverId: 'billing' }).catch(
+      (e: unknown) => e,
+    );
+    assert.ok(err instanceof ApplicationFailure);
+    assert.equal(err.type, 'OutboxRowNotYetWritten');
+    assert.equal(err.nonRetryable, false);
   });
 
   it('should refuse to sign with the wrong master key, without revealing any secret', async () => {
