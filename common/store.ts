@@ -446,8 +446,10 @@ export async function killToken(pool: pg.Pool, req: KillRequest): Promise<KillRe
   return inTransaction(pool, async (client) => {
     // Statement 1: the kill itself, the credentials, and what the audit chain needs next. The
     // UPDATE holds the token row's lock until COMMIT, so no other writer can fork the chain.
-    const { rows } = await client.query(
-      `WITH killed AS (
+    // Named statements: parsed and planned once per connection (the kill is the hot path of revoke).
+    const { rows } = await client.query({
+      name: 'tokenwarden-kill',
+      text: `WITH killed AS (
          UPDATE token
             SET status = CASE WHEN expires_at <= now() THEN 'expired' ELSE 'revoked' END,
                 revoked_at = now(), revoked_by = $2,
@@ -468,7 +470,7 @@ export async function killToken(pool: pg.Pool, req: KillRequest): Promise<KillRe
               now() AS now, head.seq AS audit_seq, head.hash AS audit_hash
          FROM killed
          LEFT JOIN LATERAL (SELECT seq, hash FROM audit_event WHERE token_id = $1 ORDER BY seq DESC LIMIT 1) head ON true`,
-      [
+      values: [
         req.tokenId,
         req.actor,
         req.reason,
@@ -477,7 +479,7 @@ export async function killToken(pool: pg.Pool, req: KillRequest): Promise<KillRe
         req.onlyIfExpired ?? false,
         req.requestId ?? null,
       ],
-    );
+    });
     if (!rows[0]) return existingFacts(client, req);
     const row = rows[0] as Record<string, unknown> & {
       credential_ids: string[];
@@ -515,8 +517,9 @@ export async function killToken(pool: pg.Pool, req: KillRequest): Promise<KillRe
       correlationId: req.correlationId ?? null,
     });
     // Statement 2: one outbox row per receiver, the audit event, and the NOTIFY (sent at COMMIT).
-    await client.query(
-      `WITH outbox AS (
+    await client.query({
+      name: 'tokenwarden-kill-outbox',
+      text: `WITH outbox AS (
          INSERT INTO delivery (event_id, receiver_id, token_id, body)
          SELECT $1, r, $2, $3 FROM unnest($4::text[]) AS r
          ON CONFLICT DO NOTHING),
@@ -524,7 +527,7 @@ export async function killToken(pool: pg.Pool, req: KillRequest): Promise<KillRe
          INSERT INTO audit_event (token_id, seq, idempotency_key, kind, canonical, prev_hash, hash)
          VALUES ($2, $5, 'killed', $6, $7, $8, $9))
        SELECT pg_notify($10, current_schema() || ':' || $2)`,
-      [
+      values: [
         eventId,
         token.id,
         body,
@@ -536,7 +539,7 @@ export async function killToken(pool: pg.Pool, req: KillRequest): Promise<KillRe
         audit.hash,
         KILL_CHANNEL,
       ],
-    );
+    });
     return { changed: true, token };
   });
 }
