@@ -435,7 +435,7 @@ async function main(): Promise<void> {
     out(line('floor: signal start → its activity’s POST', figure.deliveryFloor));
     out(verdict(deliveredRatio));
     out();
-    out('profile of (a): the two steps of revoke(), timed apart (separate tokens, same iterations)');
+    out('profile of (a): the store kill and signal-with-start, timed apart (separate tokens, same iterations)');
     out(line('store.killToken() transaction', figure.killTransaction));
     out(line('signalRevoke(): signalWithStart, token options', figure.signalWithStart));
     out(line('signalWithStart to a bare workflow', figure.bareSignalWithStart));
