@@ -5,6 +5,7 @@ import { setTimeout } from 'node:timers/promises';
 import { after, before, describe, it } from 'node:test';
 import { ApplicationFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
+import { DefaultLogger } from '@temporalio/worker';
 import { deliverRevocation } from '../activities/propagation.js';
 import { revocationEventId } from '../common/ids.js';
 import * as store from '../common/store.js';
@@ -33,7 +34,11 @@ async function revokedToken(): Promise<{ tokenId: string; eventId: string }> {
 }
 
 const run = (masterKey: Buffer | undefined, input: { eventId: string; receiverId: string }): Promise<DeliveryView> =>
-  new MockActivityEnvironment().run(deliverRevocation, { pool: ctx.pool, masterKey }, input) as Promise<DeliveryView>;
+  new MockActivityEnvironment(undefined, { logger: new DefaultLogger('ERROR') }).run(
+    deliverRevocation,
+    { pool: ctx.pool, masterKey },
+    input,
+  ) as Promise<DeliveryView>;
 
 describe('deliverRevocation', () => {
   it('should not send again when the receiver acknowledged but the result was lost', async () => {
