@@ -3,10 +3,11 @@
  * Thin: I/O and error classification; the lifecycle decisions live in the workflow.
  */
 import { ApplicationFailure } from '@temporalio/activity';
-import type { Client } from '@temporalio/client';
+import { WorkflowNotFoundError, type Client } from '@temporalio/client';
 import type pg from 'pg';
 import type { Settings } from '../common/config.js';
 import { NotFoundError } from '../common/errors.js';
+import { tokenWorkflowId } from '../common/names.js';
 import * as store from '../common/store.js';
 import type { ReconcileReport } from '../workflows/messages.js';
 import { signalRevoke, startTokenWorkflow } from '../client/temporal.js';
@@ -68,10 +69,20 @@ export function createActivities(deps: ActivityDeps) {
      */
     async reconcileStore(input: { graceMs?: number }): Promise<ReconcileReport> {
       const graceMs = input.graceMs ?? settings.reconcileGraceMs;
-      const report: ReconcileReport = { expired: [], signalled: [], started: [] };
-
-      const tell = async (token: store.TokenRecord) => {
-        await signalRevoke(
+      const report: ReconcileReport = { expired: [], signalled: [], restarted: [], started: [], errors: [] };
+      /** One row's failure is reported and skipped: it must not starve the rows after it. */
+      const each = async <T extends string | store.TokenRecord>(rows: T[], heal: (row: T) => Promise<void>) => {
+        for (const row of rows) {
+          try {
+            await heal(row);
+          } catch (err) {
+            const tokenId = typeof row === 'string' ? row : row.id;
+            report.errors.push({ tokenId, error: err instanceof Error ? err.message : String(err) });
+          }
+        }
+      };
+      const tell = (token: store.TokenRecord) =>
+        signalRevoke(
           client,
           token,
           {
@@ -82,9 +93,8 @@ export function createActivities(deps: ActivityDeps) {
           taskQueue,
           settings.timing,
         );
-        report.signalled.push(token.id);
-      };
-      for (const tokenId of await store.findOverdueTokens(pool, graceMs, RECONCILE_BATCH)) {
+
+      await each(await store.findOverdueTokens(pool, graceMs, RECONCILE_BATCH), async (tokenId) => {
         const result = await store.killToken(pool, {
           tokenId,
           reason: 'expired',
@@ -92,18 +102,34 @@ export function createActivities(deps: ActivityDeps) {
           initiatingEntity: 'system',
           onlyIfExpired: true,
         });
-        if (!result.changed) continue;
+        if (!result.changed) return;
         report.expired.push(tokenId);
         await tell(result.token);
-      }
-      for (const token of await store.findUntoldTokens(pool, graceMs, RECONCILE_BATCH)) {
-        if (!report.signalled.includes(token.id)) await tell(token);
-      }
-      for (const token of await store.findUnstartedTokens(pool, graceMs, RECONCILE_BATCH)) {
+        report.signalled.push(tokenId);
+      });
+      await each(await store.findUntoldTokens(pool, graceMs, RECONCILE_BATCH), async (token) => {
+        if (report.signalled.includes(token.id)) return;
+        await tell(token);
+        report.signalled.push(token.id);
+      });
+      // Propagation under way in the store but no workflow running it (terminated, failed, cancelled):
+      // a new run adopts the store's facts and finishes it. Describe is strongly consistent.
+      await each(await store.findUnfinishedPropagations(pool, graceMs, RECONCILE_BATCH), async (token) => {
+        if (report.signalled.includes(token.id)) return;
+        try {
+          const { status } = await client.workflow.getHandle(tokenWorkflowId(token.id)).describe();
+          if (status.name === 'RUNNING') return;
+        } catch (err) {
+          if (!(err instanceof WorkflowNotFoundError)) throw err;
+        }
+        await tell(token);
+        report.restarted.push(token.id);
+      });
+      await each(await store.findUnstartedTokens(pool, graceMs, RECONCILE_BATCH), async (token) => {
         await startTokenWorkflow(client, token, taskQueue, settings.timing);
         await store.markWorkflowStarted(pool, token.id);
         report.started.push(token.id);
-      }
+      });
       return report;
     },
   };

@@ -10,14 +10,12 @@ import {
   type DeliveryRecord,
 } from '../common/store.js';
 import type { DeliveryView } from '../workflows/messages.js';
+import { RECEIVER_REJECTED } from '../common/names.js';
 
 /** Error types the workflow (and its retry policy) recognise. */
-export const RECEIVER_REJECTED = 'ReceiverRejected';
 export const RECEIVER_UNAVAILABLE = 'ReceiverUnavailable';
 
 const HTTP_TIMEOUT_MS = 10_000;
-const OUTBOX_POLL_MS = 10;
-const OUTBOX_WAIT_MS = 2_000;
 /** A Retry-After longer than this is capped: the workflow's own escalation still applies. */
 const MAX_RETRY_AFTER_MS = 6 * 3_600_000;
 
@@ -39,6 +37,14 @@ export function parseRetryAfter(value: string | null, nowMs: number): number | u
   return Number.isNaN(at) ? undefined : Math.min(Math.max(0, at - nowMs), MAX_RETRY_AFTER_MS);
 }
 
+/** A network failure as a code (ECONNREFUSED, TimeoutError, …), never its message. */
+export function networkErrorCode(err: unknown): string {
+  const cause = (err as { cause?: { code?: unknown; name?: unknown } }).cause;
+  if (typeof cause?.code === 'string') return cause.code;
+  if (typeof cause?.name === 'string' && cause.name !== 'Error') return cause.name;
+  return err instanceof Error ? err.name : 'unknown error';
+}
+
 /** 408, 429 and 5xx are worth retrying; any other non-2xx (410 Gone included) waits for an operator. */
 export const isRetryableStatus = (status: number): boolean => status === 408 || status === 429 || status >= 500;
 
@@ -58,17 +64,19 @@ export async function deliverRevocation(
 ): Promise<DeliveryView> {
   const { eventId, receiverId } = input;
   // The workflow starts deliveries together with its kill: the outbox row appears when a kill
-  // commits, usually within milliseconds. Past a short wait, the attempt fails and is retried.
+  // commits, usually within milliseconds. A few reads with growing pauses (about 1.3 s in all), then
+  // the attempt fails and is retried a second later.
   let loaded = await loadDeliveryForAttempt(deps.pool, eventId, receiverId);
-  for (const deadline = Date.now() + OUTBOX_WAIT_MS; !loaded && Date.now() < deadline;) {
-    await setTimeout(OUTBOX_POLL_MS);
+  for (let pause = 10; !loaded && pause <= 640; pause *= 2) {
+    await setTimeout(pause);
     loaded = await loadDeliveryForAttempt(deps.pool, eventId, receiverId);
   }
   if (!loaded) {
-    throw ApplicationFailure.retryable(
-      `no outbox row for ${eventId} to ${receiverId}: the token's kill has not committed`,
-      'OutboxRowNotYetWritten',
-    );
+    throw ApplicationFailure.create({
+      message: `no outbox row for ${eventId} to ${receiverId}: the token's kill has not committed`,
+      type: 'OutboxRowNotYetWritten',
+      nextRetryDelay: 1000,
+    });
   }
   // Settled by an earlier attempt whose result was lost, or forced by an operator: nothing to send.
   if (!['pending', 'failed'].includes(loaded.delivery.status)) return toDeliveryView(loaded.delivery);
@@ -107,7 +115,8 @@ export async function deliverRevocation(
     });
     await response.body?.cancel();
   } catch (err) {
-    const error = `receiver ${receiverId} unreachable: ${(err as Error).cause instanceof Error ? ((err as Error).cause as Error).message : (err as Error).message}`;
+    // Error codes only: a raw message can quote the URL, and a URL can carry credentials.
+    const error = `receiver ${receiverId} unreachable: ${networkErrorCode(err)}`;
     await recordDeliveryAttempt(deps.pool, eventId, receiverId, { kind: 'retryable', statusCode: null, error });
     throw ApplicationFailure.retryable(error, RECEIVER_UNAVAILABLE);
   }

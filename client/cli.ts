@@ -209,7 +209,11 @@ export function buildProgram(): Command {
     .addOption(json)
     .action(async (id: string, opts: { json?: boolean }) => {
       const removed = await withWarden((tw) => tw.removeReceiver(id));
-      print(!!opts.json, removed, () => `receiver ${removed.id} removed (pending deliveries to it are cancelled)`);
+      print(
+        !!opts.json,
+        removed,
+        () => `receiver ${removed.id} removed (its pending deliveries are cancelled at their next attempt)`,
+      );
     });
 
   return program;

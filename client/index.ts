@@ -29,7 +29,13 @@ import {
   ttlSchema,
 } from '../common/validation.js';
 import type { RevokeRequest } from '../workflows/messages.js';
-import { connectTemporal, signalRevoke, signalRevokeRunning, startTokenWorkflow } from './temporal.js';
+import {
+  SIGNAL_DEADLINE_MS,
+  connectTemporal,
+  signalRevoke,
+  signalRevokeRunning,
+  startTokenWorkflow,
+} from './temporal.js';
 
 export { loadSettings, type Settings } from '../common/config.js';
 export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.js';
@@ -61,7 +67,12 @@ const listSchema = z.object({
 
 const receiverSchema = z.object({
   id: receiverIdSchema,
-  url: z.url({ protocol: /^https?$/, error: 'expected an http(s) URL' }),
+  url: z
+    .url({ protocol: /^https?$/, error: 'expected an http(s) URL' })
+    .refine(
+      (u) => !new URL(u).username && !new URL(u).password,
+      'credentials in the URL are not accepted: it is stored and shown in plain text',
+    ),
   /** An existing signing secret to import (e.g. read from stdin); generated when absent. */
   secret: z
     .string()
@@ -161,7 +172,7 @@ export class TokenWarden {
     // records it, and the request id tells us which revocation is ours.
     const [killed, signalled] = await Promise.allSettled([
       store.killToken(this.pool, { tokenId: req.tokenId, ...request }),
-      signalRevokeRunning(this.temporal, req.tokenId, request),
+      this.withSignalDeadline(() => signalRevokeRunning(this.temporal, req.tokenId, request)),
     ]);
     if (killed.status === 'rejected') throw killed.reason;
     const t = killed.value.token;
@@ -179,12 +190,18 @@ export class TokenWarden {
     try {
       if (!(signalled.reason instanceof WorkflowNotFoundError)) throw signalled.reason;
       // No running workflow (never started, or already closed): start one that adopts the kill.
-      await signalRevoke(this.temporal, t, request, this.settings.temporal.taskQueue, this.settings.timing);
+      await this.withSignalDeadline(() =>
+        signalRevoke(this.temporal, t, request, this.settings.temporal.taskQueue, this.settings.timing),
+      );
       outcome.workflowSignalled = true;
     } catch (err) {
       outcome.warning = `revoked in the store, but its workflow could not be signalled (${(err as Error).message}); the reconciler will start propagation`;
     }
     return outcome;
+  }
+
+  private withSignalDeadline<T>(fn: () => Promise<T>): Promise<T> {
+    return this.temporal.connection.withDeadline(Date.now() + SIGNAL_DEADLINE_MS, fn);
   }
 
   async show(tokenId: string): Promise<TokenView> {

@@ -11,12 +11,17 @@ import {
   type PropagationTiming,
 } from '../workflows/messages.js';
 
+/**
+ * A client whose connection opens on first use: reading and killing in the store must keep working
+ * while Temporal is unreachable (revoke then reports that its workflow could not be told).
+ */
 export async function connectTemporal(settings: Settings): Promise<Client> {
-  const connection = await Connection.connect(
-    settings.temporal.connectionOptions as Parameters<typeof Connection.connect>[0],
-  );
+  const connection = Connection.lazy(settings.temporal.connectionOptions as Parameters<typeof Connection.lazy>[0]);
   return new Client({ connection, namespace: settings.temporal.namespace });
 }
+
+/** How long revoke waits for Temporal to accept its signal before reporting it could not. */
+export const SIGNAL_DEADLINE_MS = 5_000;
 
 export function tokenWorkflowInput(token: TokenRecord, timing: PropagationTiming): TokenWorkflowInput {
   return {

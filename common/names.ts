@@ -60,6 +60,9 @@ export const SEARCH_ATTRIBUTE_CLI_TYPES: Record<string, string> = Object.fromEnt
   Object.values(SEARCH_ATTRIBUTE).map((key) => [key.name, CLI_TYPE_NAMES[key.type]!]),
 );
 
+/** Failure type of a receiver's non-retryable answer (4xx other than 408/429, 410): waits for an operator. */
+export const RECEIVER_REJECTED = 'ReceiverRejected';
+
 export const RECONCILER_SCHEDULE_ID = 'tokenwarden-reconciler';
 export const RECONCILER_WORKFLOW_ID = 'tokenwarden-reconcile';
 

@@ -43,10 +43,6 @@ export function hashToken(token: string): Buffer {
   return createHash('sha256').update(token, 'utf8').digest();
 }
 
-export function sha256Hex(text: string): string {
-  return createHash('sha256').update(text, 'utf8').digest('hex');
-}
-
 /** A Standard Webhooks signing secret: `whsec_` + base64 of 32 random bytes. */
 export function generateSigningSecret(): string {
   return `whsec_${randomBytes(32).toString('base64')}`;

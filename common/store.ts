@@ -304,10 +304,8 @@ export async function insertReceiver(
   return toReceiver(rows[0]);
 }
 
-export async function listReceivers(db: Queryable, includeRemoved = false): Promise<ReceiverRecord[]> {
-  const { rows } = await db.query(
-    `SELECT * FROM receiver ${includeRemoved ? '' : 'WHERE removed_at IS NULL'} ORDER BY id`,
-  );
+export async function listReceivers(db: Queryable): Promise<ReceiverRecord[]> {
+  const { rows } = await db.query('SELECT * FROM receiver WHERE removed_at IS NULL ORDER BY id');
   return rows.map(toReceiver);
 }
 
@@ -443,9 +441,23 @@ export interface KillResult {
  * token is already dead nothing changes and the existing facts are returned.
  */
 export async function killToken(pool: pg.Pool, req: KillRequest): Promise<KillResult> {
+  // Statement 1 reads the audit head with the snapshot taken before it waited for the row lock, so a
+  // writer that appended to this token's chain meanwhile makes our seq collide: the transaction
+  // rolls back whole and runs again on a fresh snapshot.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await killOnce(pool, req);
+    } catch (err) {
+      const pgErr = err as { code?: string; constraint?: string };
+      if (attempt >= 5 || pgErr.code !== '23505' || pgErr.constraint !== 'audit_event_pkey') throw err;
+    }
+  }
+}
+
+async function killOnce(pool: pg.Pool, req: KillRequest): Promise<KillResult> {
   return inTransaction(pool, async (client) => {
     // Statement 1: the kill itself, the credentials, and what the audit chain needs next. The
-    // UPDATE holds the token row's lock until COMMIT, so no other writer can fork the chain.
+    // UPDATE holds the token row's lock until COMMIT (see killToken for the head read).
     // Named statements: parsed and planned once per connection (the kill is the hot path of revoke).
     const { rows } = await client.query({
       name: 'tokenwarden-kill',
@@ -729,6 +741,22 @@ export async function findUntoldTokens(db: Queryable, graceMs: number, limit: nu
     `SELECT ${TOKEN_COLUMNS} FROM token
       WHERE status <> 'active' AND propagation_started_at IS NULL AND revoked_at <= now() - $1 * interval '1 millisecond'
       ORDER BY revoked_at LIMIT $2`,
+    [graceMs, limit],
+  );
+  return rows.map(toToken);
+}
+
+/** Dead tokens whose propagation started but has not completed: the reconciler checks their workflow runs. */
+export async function findUnfinishedPropagations(
+  db: Queryable,
+  graceMs: number,
+  limit: number,
+): Promise<TokenRecord[]> {
+  const { rows } = await db.query(
+    `SELECT ${TOKEN_COLUMNS} FROM token
+      WHERE status <> 'active' AND propagation IN ('pending', 'stuck')
+        AND propagation_started_at <= now() - $1 * interval '1 millisecond'
+      ORDER BY propagation_started_at LIMIT $2`,
     [graceMs, limit],
   );
   return rows.map(toToken);

@@ -44,6 +44,7 @@ CREATE INDEX token_subject_status ON token (subject, status);
 CREATE INDEX token_active_expiry ON token (expires_at) WHERE status = 'active';
 CREATE INDEX token_unstarted ON token (issued_at) WHERE workflow_started_at IS NULL AND status = 'active';
 CREATE INDEX token_untold ON token (revoked_at) WHERE status <> 'active' AND propagation_started_at IS NULL;
+CREATE INDEX token_propagating ON token (propagation_started_at) WHERE propagation IN ('pending', 'stuck');
 
 CREATE TABLE credential (
   id           text PRIMARY KEY,

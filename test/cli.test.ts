@@ -101,7 +101,7 @@ describe('tokenwarden CLI', () => {
     assert.deepEqual(json(await cli(['list', '--subject', 'usr_8f3a21', '--status', 'active', '--json'])), []);
     const human = await cli(['show', issued.tokenId]);
     assert.match(human.stdout, /status\s+revoked/);
-    assert.ok(!human.stdout.includes(issued.token) && !shown.toString().includes(issued.token));
+    assert.ok(!human.stdout.includes(issued.token) && !JSON.stringify(shown).includes(issued.token));
   });
 
   it('should import a signing secret from stdin, never from the command line', async () => {
@@ -128,6 +128,7 @@ describe('tokenwarden CLI', () => {
       [['list', '--status', 'zombie'], 2, /status: /],
       [['receiver', 'add', 'Bad Id', '--url', 'http://127.0.0.1:1/'], 2, /id: expected a lowercase id/],
       [['receiver', 'add', 'ok', '--url', 'ftp://x'], 2, /url: expected an http\(s\) URL/],
+      [['receiver', 'add', 'ok', '--url', 'https://u:p@127.0.0.1/'], 2, /url: credentials in the URL are not accepted/],
       [['receiver', 'remove', 'ghost'], 3, /receiver "ghost" not found/],
     ];
     for (const [args, code, message] of cases) {
@@ -139,6 +140,27 @@ describe('tokenwarden CLI', () => {
     }
     const { rows } = await ctx.pool.query(`SELECT count(*)::int AS n FROM token WHERE subject <> 'usr_8f3a21'`);
     assert.equal(rows[0].n, 0);
+  });
+
+  it('should revoke in the store while Temporal is unreachable, and say the workflow was not told', async () => {
+    const { tokenId } = await ctx.warden.issue({ subject: 'usr_down', ttl: '1h' });
+    const env = { ...ctx.childEnv(), TEMPORAL_ADDRESS: '127.0.0.1:1' };
+    const child = spawn(
+      process.execPath,
+      [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), 'revoke', tokenId, '--reason', 'leaked', '--json'],
+      { env },
+    );
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
+    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+    const code = await new Promise((resolve) => child.on('close', resolve));
+    assert.equal(code, 0, stderr);
+    const outcome = JSON.parse(stdout);
+    assert.equal(outcome.status, 'revoked');
+    assert.equal(outcome.workflowSignalled, false);
+    assert.match(stderr, /warning: revoked in the store, but its workflow could not be signalled/);
+    assert.equal((await ctx.warden.show(tokenId)).valid, false);
   });
 
   it('should name the missing setting when the store is not configured', async () => {

@@ -239,6 +239,36 @@ describe('token lifecycle', () => {
     assert.match(forcedEvent!.canonical, /receiver decommissioned/);
   });
 
+  it('should complete at once when an operator forces completion before escalation', async () => {
+    // Escalation an hour away: only the forced completion can end this workflow within the test.
+    const slow = await TestContext.create('lifecycle_slow', { escalateAfterMs: 3_600_000 });
+    const slowWorker = await slow.startWorker();
+    try {
+      const r = await TestReceiver.start();
+      receivers.push(r);
+      r.secret = (await slow.warden.addReceiver({ id: 'flaky', url: r.url })).secret;
+      r.behaviour = () => ({ status: 503 });
+      const issued = await slow.warden.issue({ subject: 'usr_force_early', receivers: ['flaky'], ttl: '1h' });
+      await slow.warden.revoke({ tokenId: issued.tokenId, reason: 'offboarding' });
+      await waitUntil(() => r.requests.length >= 1, 'a first delivery attempt');
+      const handle = slow.client.workflow.getHandle(tokenWorkflowId(issued.tokenId));
+      await handle.executeUpdate(forceCompleteUpdate, { args: [{ reason: 'receiver retired' }] });
+      await waitUntil(
+        async () => (await handle.describe()).status.name === 'COMPLETED',
+        'the workflow to complete',
+        15_000,
+      );
+      assert.equal((await slow.warden.show(issued.tokenId)).propagation, 'complete');
+      await assert.rejects(
+        handle.executeUpdate(forceCompleteUpdate, { args: [{ reason: 'again' }] }),
+        'nothing left to force once complete',
+      );
+    } finally {
+      await slowWorker.stop();
+      await slow.close();
+    }
+  });
+
   it('should finish propagation on a new worker after the first one stops mid-delivery', async () => {
     await ensureWorker();
     const a = await addReceiver();

@@ -9,6 +9,7 @@ import { ensureReconcilerSchedule } from '../worker/worker.js';
 import type { ReconcileInput, ReconcileReport, TokenLifecycleResult } from '../workflows/messages.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
+import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
 let worker: RunningWorker;
@@ -104,6 +105,31 @@ describe('reconciler', () => {
     assert.equal(shown.revokedBy, 'reconciler');
     assert.equal(shown.propagation, 'complete');
   });
+
+  for (const how of ['terminated', 'cancelled'] as const) {
+    it(`should finish a propagation whose workflow was ${how} mid-way`, async () => {
+      receiver.behaviour = () => ({ status: 503 });
+      const issued = await ctx.warden.issue({ subject: 'usr_reconcile', receivers: ['audit-log'], ttl: '1h' });
+      await ctx.warden.revoke({ tokenId: issued.tokenId, reason: `${how} drill` });
+      const eventOf = (r: { body: string }) => JSON.parse(r.body).token_id === issued.tokenId;
+      await waitUntil(() => receiver.requests.some(eventOf), 'a first delivery attempt');
+      const handle = ctx.client.workflow.getHandle(tokenWorkflowId(issued.tokenId));
+      if (how === 'terminated') await handle.terminate('operator mistake');
+      else await handle.cancel();
+      await assert.rejects(handle.result());
+      assert.equal((await store.requireToken(ctx.pool, issued.tokenId)).propagation, 'pending');
+
+      receiver.behaviour = () => ({ status: 204 });
+      const report = await reconcileNow();
+      assert.ok(report.restarted.includes(issued.tokenId), JSON.stringify(report));
+      const done = (await ctx.client.workflow
+        .getHandle(tokenWorkflowId(issued.tokenId))
+        .result()) as TokenLifecycleResult;
+      assert.equal(done.propagation, 'complete');
+      assert.equal((await store.requireToken(ctx.pool, issued.tokenId)).propagation, 'complete');
+      assert.ok(!(await reconcileNow()).restarted.includes(issued.tokenId));
+    });
+  }
 
   it('should create its schedule once, every minute', async () => {
     await ensureReconcilerSchedule(ctx.client, ctx.settings);

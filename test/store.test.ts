@@ -5,6 +5,7 @@ import { newCredentialId, newTokenId } from '../common/ids.js';
 import { InvalidInputError, NotFoundError } from '../common/errors.js';
 import * as store from '../common/store.js';
 import { TestContext } from './support/context.js';
+import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
 before(async () => {
@@ -161,6 +162,33 @@ describe('central store', () => {
     await ctx.pool.query(`UPDATE token SET status = 'zombie' WHERE id = $1`, [t.id]);
     await assert.rejects(store.getToken(ctx.pool, t.id), /unexpected token row in the store: status/);
     await ctx.pool.query(`UPDATE token SET status = 'active' WHERE id = $1`, [t.id]);
+  });
+
+  it('should kill correctly when another writer extends the audit chain while the kill waits for the row', async () => {
+    const t = await newToken();
+    const other = await ctx.pool.connect();
+    try {
+      await other.query('BEGIN');
+      await store.appendAudit(other, t.id, 'concurrent', 'test.concurrent', {}); // holds the row lock
+      const killing = kill(t.id); // blocks on the row lock with a snapshot taken before the append
+      await waitUntil(async () => {
+        const { rows } = await ctx.pool.query(
+          `SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%WITH killed AS%'`,
+        );
+        return rows.length > 0;
+      }, 'the kill to wait for the row lock');
+      await other.query('COMMIT');
+      const result = await killing;
+      assert.equal(result.changed, true);
+    } finally {
+      other.release();
+    }
+    const events = await store.readAudit(ctx.pool, t.id);
+    assert.deepEqual(
+      events.map((e) => e.kind),
+      ['token.issued', 'test.concurrent', 'token.revoked'],
+    );
+    assert.equal(store.findBrokenAuditLink(events), null);
   });
 
   it('should say not found for an unknown token', async () => {

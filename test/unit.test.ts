@@ -1,8 +1,10 @@
 import assert from 'node:assert/strict';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { describe, it } from 'node:test';
 import { Webhook } from 'standardwebhooks';
 import { createActivities } from '../activities/index.js';
-import { isRetryableStatus, parseRetryAfter } from '../activities/propagation.js';
+import { isRetryableStatus, networkErrorCode, parseRetryAfter } from '../activities/propagation.js';
 import { formatDuration, parseDuration } from '../common/durations.js';
 import { ACTIVITY_NAMES } from '../common/names.js';
 import {
@@ -117,6 +119,18 @@ describe('HTTP answers', () => {
   it('should retry 408, 429 and 5xx only', () => {
     for (const s of [408, 429, 500, 502, 503]) assert.ok(isRetryableStatus(s), String(s));
     for (const s of [400, 401, 403, 404, 410, 422]) assert.ok(!isRetryableStatus(s), String(s));
+  });
+  it('should describe network failures by code, never by a message that could quote the URL', async () => {
+    const server = createServer();
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const { port } = server.address() as AddressInfo;
+    await new Promise((resolve) => server.close(resolve));
+    const refused = await fetch(`http://127.0.0.1:${port}/`).catch((e: unknown) => e);
+    assert.equal(networkErrorCode(refused), 'ECONNREFUSED');
+    const withCredentials = await fetch(`http://user:hunter2@127.0.0.1:${port}/`).catch((e: unknown) => e);
+    assert.match(String((withCredentials as Error).message), /hunter2/, 'the raw message would leak it');
+    assert.ok(!networkErrorCode(withCredentials).includes('hunter2'));
+    assert.equal(networkErrorCode(new DOMException('x', 'TimeoutError')), 'TimeoutError');
   });
   it('should honour Retry-After in seconds or as a date', () => {
     const now = Date.parse('2026-01-01T00:00:00Z');

@@ -96,9 +96,16 @@ export interface ReconcileInput {
   graceMs?: number;
 }
 export interface ReconcileReport {
+  /** Active rows past expiry, killed as expired. */
   expired: string[];
+  /** Dead tokens whose workflow had not taken over propagation, signalled (with start). */
   signalled: string[];
+  /** Unfinished propagations whose workflow was no longer running, started again. */
+  restarted: string[];
+  /** Active tokens whose workflow was never started. */
   started: string[];
+  /** Rows that could not be healed this pass (retried on the next). */
+  errors: { tokenId: string; error: string }[];
 }
 
 export const revokeSignal = defineSignal<[RevokeSignalPayload?]>(SIGNAL.revoke);

@@ -21,7 +21,7 @@ import {
   workflowInfo,
 } from '@temporalio/workflow';
 import type { Activities } from '../activities/index.js';
-import { SEARCH_ATTRIBUTE, type PropagationState, type TokenStatus } from '../common/names.js';
+import { RECEIVER_REJECTED, SEARCH_ATTRIBUTE, type PropagationState, type TokenStatus } from '../common/names.js';
 import type { KillResult } from '../common/store.js';
 import {
   isSettled,
@@ -41,8 +41,6 @@ import {
   type TokenLifecycleResult,
   type TokenWorkflowInput,
 } from './messages.js';
-
-const RECEIVER_REJECTED = 'ReceiverRejected';
 
 const store = proxyActivities<Activities>({
   startToCloseTimeout: '30s',
@@ -78,6 +76,22 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
   let forced = false;
   const deliveries = new Map<string, DeliveryView>();
   const running = new Map<string, CancellationScope>();
+  /** Receivers whose running attempt an operator cancelled (retry or force), as opposed to a workflow cancel. */
+  const restarted = new Set<string>();
+  /** Bumped whenever a delivery's state changes, so the supervisor below re-evaluates. */
+  let changes = 0;
+  const update = (receiverId: string, next: DeliveryView) => {
+    deliveries.set(receiverId, next);
+    changes++;
+  };
+  const unsettledReceivers = () =>
+    [...deliveries.values()].filter((d) => !isSettled(d.status)).map((d) => d.receiverId);
+  const restart = (receiverId: string) => {
+    const scope = running.get(receiverId);
+    if (!scope) return;
+    restarted.add(receiverId);
+    scope.cancel();
+  };
 
   // Handlers first, before any await: an Update reaching a workflow without its handler is rejected.
   setHandler(revokeSignal, (payload) => {
@@ -97,12 +111,15 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
     if (phase !== 'propagating' && phase !== 'stuck') {
       throw new Error(`token ${tokenId} is not propagating a revocation (phase ${phase})`);
     }
+    if (unsettledReceivers().length === 0) {
+      throw new Error(`token ${tokenId}: every receiver has already confirmed; nothing to retry or force`);
+    }
   };
   setHandler(
     retryPropagationUpdate,
     async (request) => {
       const updateId = currentUpdateInfo()?.id ?? String(retryRound + 1);
-      const retrying = [...deliveries.values()].filter((d) => !isSettled(d.status)).map((d) => d.receiverId);
+      const retrying = unsettledReceivers();
       await store.recordAudit.executeWithOptions({ summary: 'audit: operator asked to retry propagation' }, [
         {
           tokenId,
@@ -113,7 +130,7 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
       ]);
       retryRound++;
       // Restart deliveries now: cancelling a running activity resets its backoff.
-      for (const receiverId of retrying) running.get(receiverId)?.cancel();
+      for (const receiverId of retrying) restart(receiverId);
       return { retrying };
     },
     { validator: requirePropagating },
@@ -129,8 +146,8 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
       forced = true;
       for (const receiverId of receivers) {
         const d = deliveries.get(receiverId);
-        if (d) deliveries.set(receiverId, { ...d, status: 'forced' });
-        running.get(receiverId)?.cancel();
+        if (d) update(receiverId, { ...d, status: 'forced' });
+        restart(receiverId);
       }
       return { forced: receivers };
     },
@@ -149,13 +166,6 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
       lastError: null,
     });
   }
-
-  /** Bumped whenever a delivery settles or fails, so the supervisor below re-evaluates. */
-  let changes = 0;
-  const update = (receiverId: string, next: DeliveryView) => {
-    deliveries.set(receiverId, next);
-    changes++;
-  };
 
   const deliverUntilSettled = async (receiverId: string): Promise<void> => {
     while (!isSettled(deliveries.get(receiverId)!.status)) {
@@ -177,8 +187,10 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
         );
         if (!isSettled(deliveries.get(receiverId)!.status)) update(receiverId, result);
       } catch (err) {
-        // Cancelled: retryPropagation restarted it, or forceComplete settled it; the loop re-checks.
-        if (isCancellation(err)) continue;
+        // Cancelled by retryPropagation (restart) or forceComplete (settled): the loop re-checks. Any
+        // other cancellation is the workflow's own (e.g. from the Web UI): let it end the workflow;
+        // the reconciler restarts propagation that a closed workflow left unfinished.
+        if (isCancellation(err) && restarted.delete(receiverId)) continue;
         if (!(err instanceof ActivityFailure)) throw err;
         // Retries are unlimited, so only a non-retryable answer (e.g. HTTP 400 or 410) ends up here.
         const cause = err.cause instanceof ApplicationFailure ? err.cause : undefined;
@@ -193,14 +205,20 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
     }
   };
 
+  /** True once every delivery loop has ended; `deliveryFailure` holds what ended one abnormally. */
   let settled = false;
+  let deliveryFailure: unknown;
   let deliveriesStarted = false;
   const startDeliveries = () => {
     if (deliveriesStarted) return;
     deliveriesStarted = true;
-    void Promise.all([...deliveries.keys()].map((receiverId) => deliverUntilSettled(receiverId))).then(() => {
-      settled = true;
-    });
+    Promise.all([...deliveries.keys()].map((receiverId) => deliverUntilSettled(receiverId))).then(
+      () => (settled = true),
+      (err: unknown) => {
+        deliveryFailure = err;
+        settled = true;
+      },
+    );
   };
 
   // ---- Phase 1: alive. Sleep until expiry or a revoke.
@@ -280,14 +298,16 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
 
   let escalateAt = Date.now() + timing.escalateAfterMs;
   for (;;) {
+    if (deliveryFailure !== undefined) throw deliveryFailure;
     const verdict = propagationVerdict([...deliveries.values()], Date.now(), escalateAt);
     if (verdict.kind === 'complete') {
       await condition(() => settled);
+      if (deliveryFailure !== undefined) throw deliveryFailure;
       break;
     }
     if (verdict.kind === 'wait') {
       const seen = changes;
-      await condition(() => changes !== seen, verdict.ms, { summary: 'waiting for receivers to confirm' });
+      await condition(() => settled || changes !== seen, verdict.ms, { summary: 'waiting for receivers to confirm' });
       continue;
     }
     // Stuck: record it (retryable deliveries keep retrying), then wait for progress or an operator.

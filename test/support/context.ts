@@ -18,6 +18,8 @@ function required(name: string): string {
   return value;
 }
 
+let quietRuntime: Runtime | undefined;
+
 export interface RunningWorker {
   worker: Worker;
   stop(): Promise<void>;
@@ -35,7 +37,7 @@ export class TestContext {
 
   static async create(label: string, timing: Partial<Settings['timing']> = {}): Promise<TestContext> {
     // Quiet runtime: expected activity failures (fault injection) would otherwise fill the output.
-    Runtime.install({ logger: new DefaultLogger('ERROR') });
+    quietRuntime ??= Runtime.install({ logger: new DefaultLogger('ERROR') });
     const databaseUrl = required('TOKENWARDEN_TEST_DATABASE_URL');
     const address = required('TOKENWARDEN_TEST_TEMPORAL_ADDRESS');
     const namespace = required('TOKENWARDEN_TEST_NAMESPACE');

@@ -2,7 +2,6 @@
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Webhook } from 'standardwebhooks';
-import { waitUntil } from './wait.js';
 
 export interface ReceivedRequest {
   n: number;
@@ -77,14 +76,6 @@ export class TestReceiver {
   /** Requests answered with 2xx. */
   acked(): ReceivedRequest[] {
     return this.requests.filter((r) => typeof r.answered === 'number' && r.answered < 300);
-  }
-
-  async waitForAcks(count: number, timeoutMs?: number): Promise<ReceivedRequest[]> {
-    return waitUntil(
-      () => this.acked().length >= count && this.acked(),
-      `${count} acknowledged request(s) at ${this.url}`,
-      timeoutMs,
-    );
   }
 
   async close(): Promise<void> {
