@@ -33,7 +33,7 @@ function describeToken(t: TokenView): string {
   const lines = [
     `token        ${t.id}`,
     `subject      ${t.subject}${t.name ? ` (${t.name})` : ''}`,
-    `status       ${t.effectiveStatus}${t.valid ? ' (valid)' : ''}`,
+    `status       ${t.status}${t.valid ? ' (valid)' : ''}`,
     `propagation  ${t.propagation}`,
     `issued       ${t.issuedAt}`,
     `expires      ${t.expiresAt}`,
@@ -168,7 +168,7 @@ export function buildProgram(): Command {
           ? tokens
               .map(
                 (t) =>
-                  `${t.id}  ${t.subject}  ${t.effectiveStatus.padEnd(7)}  ${t.propagation.padEnd(8)}  expires ${t.expiresAt}`,
+                  `${t.id}  ${t.subject}  ${t.status.padEnd(7)}  ${t.propagation.padEnd(8)}  expires ${t.expiresAt}`,
               )
               .join('\n')
           : '(no tokens)',

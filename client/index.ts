@@ -103,9 +103,24 @@ export interface RevokeOutcome {
   warning?: string;
 }
 
-export interface TokenView extends store.TokenRecord {
+/**
+ * A token as callers see it: `status` is what a verifier sees now (an active row past its expiry is
+ * `expired` before any worker records it); `recordedStatus` is the row's own column.
+ */
+export type TokenSummary = Omit<store.TokenRecord, 'status' | 'effectiveStatus'> & {
+  status: TokenStatus;
+  recordedStatus: TokenStatus;
+};
+
+export interface TokenView extends TokenSummary {
   deliveries: store.DeliveryRecord[];
 }
+
+const summarise = ({ status, effectiveStatus, ...rest }: store.TokenRecord): TokenSummary => ({
+  ...rest,
+  status: effectiveStatus,
+  recordedStatus: status,
+});
 
 export class TokenWarden {
   private constructor(
@@ -207,16 +222,17 @@ export class TokenWarden {
   async show(tokenId: string): Promise<TokenView> {
     const id = parseInput(tokenIdSchema, tokenId, 'token id');
     const token = await store.requireToken(this.pool, id);
-    return { ...token, deliveries: await store.listDeliveries(this.pool, id) };
+    return { ...summarise(token), deliveries: await store.listDeliveries(this.pool, id) };
   }
 
-  async list(filter: z.input<typeof listSchema> = {}): Promise<store.TokenRecord[]> {
+  async list(filter: z.input<typeof listSchema> = {}): Promise<TokenSummary[]> {
     const f = parseInput(listSchema, filter, 'list filter');
-    return store.listTokens(this.pool, {
+    const tokens = await store.listTokens(this.pool, {
       ...(f.subject ? { subject: f.subject } : {}),
       ...(f.status ? { status: f.status } : {}),
       limit: f.limit,
     });
+    return tokens.map(summarise);
   }
 
   /** Registers a receiver; its signing secret is generated (or imported), encrypted at rest and returned once. */

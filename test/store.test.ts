@@ -71,6 +71,18 @@ describe('central store', () => {
     assert.ok(!listed.some((x) => x.id === t.id));
   });
 
+  it('should show and list a token as expired from its expiry instant, before any worker records it', async () => {
+    const { tokenId } = await ctx.warden.issue({ subject: 'usr_view', ttl: 1 }); // no worker runs in this file
+    await ctx.pool.query('SELECT pg_sleep(0.01)');
+    const shown = await ctx.warden.show(tokenId);
+    assert.equal(shown.status, 'expired');
+    assert.equal(shown.recordedStatus, 'active');
+    assert.equal(shown.valid, false);
+    const [listed] = await ctx.warden.list({ subject: 'usr_view', status: 'expired' });
+    assert.equal(listed?.id, tokenId);
+    assert.deepEqual(await ctx.warden.list({ subject: 'usr_view', status: 'active' }), []);
+  });
+
   it('should kill once: revoked credentials, one outbox row per receiver, audit, and idempotent repeats', async () => {
     const t = await newToken();
     const first = await kill(t.id);
