@@ -43,6 +43,10 @@ const bound = (target: object, value: unknown) => (typeof value === 'function' ?
 /** The statement's first words, enough to tell the statements of one function apart. */
 function statementLabel(query: unknown): string {
   const text = typeof query === 'string' ? query : ((query as { text?: string }).text ?? '?');
-  const words = text.replace(/\s+/g, ' ').trim();
+  // Literal arguments of EXECUTE calls would make every statement unique: keep the statement's name.
+  const words = text
+    .replace(/\s+/g, ' ')
+    .replace(/(EXECUTE \w+)\(.*?\)(;|$)/g, '$1(…)$2')
+    .trim();
   return words.length > 48 ? `${words.slice(0, 47)}…` : words;
 }

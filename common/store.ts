@@ -454,35 +454,80 @@ export async function killToken(pool: pg.Pool, req: KillRequest): Promise<KillRe
   }
 }
 
+/** Statement 1 of the kill: the token, its credentials, and what the audit chain needs next. */
+const KILL_SQL = `WITH killed AS (
+     UPDATE token
+        SET status = CASE WHEN expires_at <= now() THEN 'expired' ELSE 'revoked' END,
+            revoked_at = now(), revoked_by = $2,
+            revoke_reason = CASE WHEN expires_at <= now() THEN 'expired' ELSE $3 END,
+            initiating_entity = CASE WHEN expires_at <= now() THEN 'system' ELSE $4 END,
+            propagation = CASE WHEN cardinality(receivers) = 0 THEN 'complete' ELSE 'pending' END,
+            propagation_completed_at = CASE WHEN cardinality(receivers) = 0 THEN now() END,
+            propagation_started_at = CASE WHEN $5 THEN now() END,
+            revoke_request_id = $7
+      WHERE id = $1 AND status = 'active' AND (NOT $6 OR expires_at <= now())
+      RETURNING *),
+   creds AS (
+     UPDATE credential SET state = 'revoked', revoked_at = now()
+      WHERE token_id = $1 AND state <> 'revoked' AND EXISTS (SELECT 1 FROM killed)
+      RETURNING id)
+   SELECT ${TOKEN_COLUMNS},
+          ARRAY(SELECT id FROM creds ORDER BY id) AS credential_ids,
+          now() AS now, head.seq AS audit_seq, head.hash AS audit_hash
+     FROM killed
+     LEFT JOIN LATERAL (SELECT seq, hash FROM audit_event WHERE token_id = $1 ORDER BY seq DESC LIMIT 1) head ON true`;
+
+/** Statement 2: one outbox row per receiver, the audit event, and the NOTIFY (sent at COMMIT). */
+const KILL_OUTBOX_SQL = `WITH outbox AS (
+     INSERT INTO delivery (event_id, receiver_id, token_id, body)
+     SELECT $1, r, $2, $3 FROM unnest($4) AS r
+     ON CONFLICT DO NOTHING),
+   audit AS (
+     INSERT INTO audit_event (token_id, seq, idempotency_key, kind, canonical, prev_hash, hash)
+     VALUES ($2, $5, 'killed', $6, $7, $8, $9))
+   SELECT pg_notify($10, current_schema() || ':' || $2)`;
+
+/**
+ * Revoke's hot path runs in two round trips: `BEGIN; EXECUTE kill(…)` and `EXECUTE outbox(…); COMMIT`.
+ * The statements are prepared once per connection (SQL PREPARE, so they can share a round trip with
+ * BEGIN and COMMIT in the simple protocol); values are sent as literals escaped by the driver.
+ */
+const KILL_PREPARED = Symbol('tokenwarden kill statements prepared on this connection');
+async function prepareKill(client: pg.PoolClient & { [KILL_PREPARED]?: true }): Promise<void> {
+  if (client[KILL_PREPARED]) return;
+  try {
+    await client.query(
+      `PREPARE tokenwarden_kill(text, text, text, text, boolean, boolean, text) AS ${KILL_SQL};
+       PREPARE tokenwarden_kill_outbox(text, text, text, text[], integer, text, text, bytea, bytea, text) AS ${KILL_OUTBOX_SQL}`,
+    );
+  } catch (err) {
+    // 42P05: already prepared on this connection (e.g. by another wrapper of the same client).
+    if ((err as { code?: string }).code !== '42P05') throw err;
+  }
+  client[KILL_PREPARED] = true;
+}
+
+type SqlValue = string | number | boolean | null | Buffer | string[];
+function literal(client: pg.PoolClient, value: SqlValue): string {
+  if (value === null) return 'NULL';
+  if (typeof value === 'boolean') return value ? 'TRUE' : 'FALSE';
+  if (typeof value === 'number') {
+    if (!Number.isSafeInteger(value)) throw new Error(`not an integer: ${value}`);
+    return String(value);
+  }
+  if (Buffer.isBuffer(value)) return `decode('${value.toString('hex')}', 'hex')`;
+  if (Array.isArray(value)) return `ARRAY[${value.map((v) => client.escapeLiteral(v)).join(', ')}]::text[]`;
+  return client.escapeLiteral(value);
+}
+const call = (client: pg.PoolClient, name: string, values: SqlValue[]) =>
+  `EXECUTE ${name}(${values.map((v) => literal(client, v)).join(', ')})`;
+
 async function killOnce(pool: pg.Pool, req: KillRequest): Promise<KillResult> {
-  return inTransaction(pool, async (client) => {
-    // Statement 1: the kill itself, the credentials, and what the audit chain needs next. The
-    // UPDATE holds the token row's lock until COMMIT (see killToken for the head read).
-    // Named statements: parsed and planned once per connection (the kill is the hot path of revoke).
-    const { rows } = await client.query({
-      name: 'tokenwarden-kill',
-      text: `WITH killed AS (
-         UPDATE token
-            SET status = CASE WHEN expires_at <= now() THEN 'expired' ELSE 'revoked' END,
-                revoked_at = now(), revoked_by = $2,
-                revoke_reason = CASE WHEN expires_at <= now() THEN 'expired' ELSE $3 END,
-                initiating_entity = CASE WHEN expires_at <= now() THEN 'system' ELSE $4 END,
-                propagation = CASE WHEN cardinality(receivers) = 0 THEN 'complete' ELSE 'pending' END,
-                propagation_completed_at = CASE WHEN cardinality(receivers) = 0 THEN now() END,
-                propagation_started_at = CASE WHEN $5::boolean THEN now() END,
-                revoke_request_id = $7
-          WHERE id = $1 AND status = 'active' AND (NOT $6::boolean OR expires_at <= now())
-          RETURNING *),
-       creds AS (
-         UPDATE credential SET state = 'revoked', revoked_at = now()
-          WHERE token_id = $1 AND state <> 'revoked' AND EXISTS (SELECT 1 FROM killed)
-          RETURNING id)
-       SELECT ${TOKEN_COLUMNS},
-              ARRAY(SELECT id FROM creds ORDER BY id) AS credential_ids,
-              now() AS now, head.seq AS audit_seq, head.hash AS audit_hash
-         FROM killed
-         LEFT JOIN LATERAL (SELECT seq, hash FROM audit_event WHERE token_id = $1 ORDER BY seq DESC LIMIT 1) head ON true`,
-      values: [
+  const client = await pool.connect();
+  try {
+    await prepareKill(client);
+    const results = (await client.query(
+      `BEGIN; ${call(client, 'tokenwarden_kill', [
         req.tokenId,
         req.actor,
         req.reason,
@@ -490,9 +535,14 @@ async function killOnce(pool: pg.Pool, req: KillRequest): Promise<KillResult> {
         req.byWorkflow ?? false,
         req.onlyIfExpired ?? false,
         req.requestId ?? null,
-      ],
-    });
-    if (!rows[0]) return existingFacts(client, req);
+      ])}`,
+    )) as unknown as pg.QueryResult[];
+    const rows = results[1]!.rows;
+    if (!rows[0]) {
+      const facts = await existingFacts(client, req);
+      await client.query('COMMIT');
+      return facts;
+    }
     const row = rows[0] as Record<string, unknown> & {
       credential_ids: string[];
       now: Date;
@@ -528,18 +578,8 @@ async function killOnce(pool: pg.Pool, req: KillRequest): Promise<KillResult> {
       receivers: token.receivers,
       correlationId: req.correlationId ?? null,
     });
-    // Statement 2: one outbox row per receiver, the audit event, and the NOTIFY (sent at COMMIT).
-    await client.query({
-      name: 'tokenwarden-kill-outbox',
-      text: `WITH outbox AS (
-         INSERT INTO delivery (event_id, receiver_id, token_id, body)
-         SELECT $1, r, $2, $3 FROM unnest($4::text[]) AS r
-         ON CONFLICT DO NOTHING),
-       audit AS (
-         INSERT INTO audit_event (token_id, seq, idempotency_key, kind, canonical, prev_hash, hash)
-         VALUES ($2, $5, 'killed', $6, $7, $8, $9))
-       SELECT pg_notify($10, current_schema() || ':' || $2)`,
-      values: [
+    await client.query(
+      `${call(client, 'tokenwarden_kill_outbox', [
         eventId,
         token.id,
         body,
@@ -550,10 +590,15 @@ async function killOnce(pool: pg.Pool, req: KillRequest): Promise<KillResult> {
         row.audit_hash,
         audit.hash,
         KILL_CHANNEL,
-      ],
-    });
+      ])}; COMMIT`,
+    );
     return { changed: true, token };
-  });
+  } catch (err) {
+    await client.query('ROLLBACK').catch(() => {});
+    throw err;
+  } finally {
+    client.release();
+  }
 }
 
 /** The kill changed nothing: the token is already dead (its first kill's facts) or not yet expired. */

@@ -42,6 +42,15 @@ export const tokenIdSchema = z
   .string()
   .regex(/^tok_[0-9a-f]{32}$/, 'expected a token id like tok_0193…(32 hex digits)');
 
-export const reasonSchema = z.string().trim().min(1, 'a reason is required').max(500, 'at most 500 characters');
+/** Free text stored and sent to receivers: PostgreSQL text cannot hold NUL. */
+const freeText = (max: number, empty: string) =>
+  z
+    .string()
+    .trim()
+    .min(1, empty)
+    .max(max, `at most ${max} characters`)
+    .refine((v) => !v.includes('\u0000'), 'must not contain NUL characters');
 
-export const actorSchema = z.string().trim().min(1, 'expected a non-empty actor').max(200, 'at most 200 characters');
+export const reasonSchema = freeText(500, 'a reason is required');
+
+export const actorSchema = freeText(200, 'expected a non-empty actor');

@@ -136,6 +136,29 @@ describe('central store', () => {
     assert.equal(second.token.revokeRequestId, 'req-1');
   });
 
+  it('should store hostile text verbatim (the kill sends values as escaped literals)', async () => {
+    const t = await newToken();
+    const reason = String.raw`it's \ "quoted" '); DROP TABLE token; -- \x00ff ünïcødé` + `\n E'\\'`;
+    const result = await store.killToken(ctx.pool, {
+      tokenId: t.id,
+      reason,
+      actor: "o'brien\\",
+      initiatingEntity: 'admin',
+    });
+    assert.equal(result.token.revokeReason, reason);
+    assert.equal(result.token.revokedBy, "o'brien\\");
+    const [delivery] = await ctx.pool
+      .query('SELECT body FROM delivery WHERE token_id = $1', [t.id])
+      .then((r) => r.rows);
+    assert.equal(JSON.parse(delivery.body).reason, reason);
+    assert.equal(store.findBrokenAuditLink(await store.readAudit(ctx.pool, t.id)), null);
+    assert.ok((await store.getToken(ctx.pool, t.id))!.revokedAt);
+    await assert.rejects(
+      ctx.warden.revoke({ tokenId: t.id, reason: 'nul \u0000 byte' }),
+      (e: unknown) => e instanceof InvalidInputError && /reason: must not contain NUL/.test(e.message),
+    );
+  });
+
   it('should record expired, not revoked, when the kill comes after expiry', async () => {
     const t = await newToken({ ttlMs: 1 });
     await ctx.pool.query('SELECT pg_sleep(0.01)');
@@ -185,7 +208,7 @@ describe('central store', () => {
       const killing = kill(t.id); // blocks on the row lock with a snapshot taken before the append
       await waitUntil(async () => {
         const { rows } = await ctx.pool.query(
-          `SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%WITH killed AS%'`,
+          `SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()`,
         );
         return rows.length > 0;
       }, 'the kill to wait for the row lock');

@@ -90,6 +90,7 @@ describe('lifecycle decisions', () => {
       assert.equal(r.malformed, true);
       assert.equal(r.initiatingEntity, 'admin');
     }
+    assert.equal(parseRevokeSignal({ reason: 'nul\u0000byte' }).reason, 'nulbyte');
     const ok = parseRevokeSignal({ reason: ' left ', actor: 'hr', initiatingEntity: 'policy' });
     assert.deepEqual(ok, { reason: 'left', actor: 'hr', initiatingEntity: 'policy', malformed: false });
   });

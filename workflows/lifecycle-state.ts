@@ -9,8 +9,12 @@ const SETTLED: ReadonlySet<DeliveryState> = new Set(['delivered', 'forced', 'can
 
 export const isSettled = (status: DeliveryState): boolean => SETTLED.has(status);
 
-const text = (value: unknown, max: number): string | undefined =>
-  typeof value === 'string' && value.trim().length > 0 ? value.trim().slice(0, max) : undefined;
+/** A trimmed, bounded string, or undefined. NUL is dropped: PostgreSQL text cannot store it. */
+const text = (value: unknown, max: number): string | undefined => {
+  if (typeof value !== 'string') return undefined;
+  const clean = value.replaceAll('\u0000', '').trim();
+  return clean.length > 0 ? clean.slice(0, max) : undefined;
+};
 
 /**
  * A revoke Signal is never refused (batch operations and old clients send it): a malformed payload
