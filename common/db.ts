@@ -4,12 +4,16 @@ import { PACKAGE_ROOT } from './config.js';
 
 /** A pool whose connections all use `schema` (one schema per deployment, one per test file). */
 export function createPool(databaseUrl: string, schema: string, max = 10): pg.Pool {
-  return new pg.Pool({
+  const pool = new pg.Pool({
     connectionString: databaseUrl,
     max,
     options: `-c search_path=${quoteIdent(schema)}`,
     application_name: 'tokenwarden',
   });
+  // An idle connection dropped by the server (restart, failover) is discarded by the pool; without a
+  // listener the 'error' event would crash the process. Queries in flight still fail to their caller.
+  pool.on('error', (err) => console.warn(`tokenwarden: an idle database connection was closed: ${err.message}`));
+  return pool;
 }
 
 export function quoteIdent(name: string): string {

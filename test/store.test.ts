@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { randomBytes } from 'node:crypto';
+import { createPool } from '../common/db.js';
 import { newCredentialId, newTokenId } from '../common/ids.js';
 import { InvalidInputError, NotFoundError } from '../common/errors.js';
 import * as store from '../common/store.js';
@@ -235,6 +236,20 @@ describe('central store', () => {
     await kill(t.id);
     await assert.rejects(store.setPropagation(ctx.pool, t.id, 'complete', 'complete', {}), /billing, crm unsettled/);
     assert.equal((await store.requireToken(ctx.pool, t.id)).propagation, 'pending');
+  });
+});
+
+describe('database connections', () => {
+  it('should survive the server closing an idle pooled connection', async () => {
+    const pool = createPool(ctx.settings.databaseUrl, ctx.settings.databaseSchema, 1);
+    try {
+      const { rows } = await pool.query('SELECT pg_backend_pid() AS pid');
+      await ctx.pool.query('SELECT pg_terminate_backend($1)', [rows[0].pid]);
+      await waitUntil(() => pool.totalCount === 0, 'the pool to drop the closed connection');
+      assert.equal((await pool.query('SELECT 1 AS one')).rows[0].one, 1);
+    } finally {
+      await pool.end();
+    }
   });
 });
 
