@@ -40,6 +40,8 @@ import {
 export { loadSettings, type Settings } from '../common/config.js';
 export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.js';
 export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/store.js';
+/** Offline check of a token string's shape and checksum (for secret scanners); no store access. */
+export { isWellFormedToken } from '../common/secrets.js';
 
 const issueSchema = z.object({
   subject: subjectSchema,

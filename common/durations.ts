@@ -20,11 +20,3 @@ export function parseDuration(text: string): number | undefined {
 }
 
 export const DURATION_HINT = 'a duration such as 500ms, 30s, 15m, 2h or 90d';
-
-export function formatDuration(ms: number): string {
-  for (const unit of ['w', 'd', 'h', 'm', 's'] as const) {
-    const size = UNIT_MS[unit]!;
-    if (ms >= size && ms % size === 0) return `${ms / size}${unit}`;
-  }
-  return `${ms}ms`;
-}
