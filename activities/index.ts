@@ -4,17 +4,17 @@
  */
 import { ApplicationFailure } from '@temporalio/activity';
 import { WorkflowNotFoundError, type Client } from '@temporalio/client';
-import type pg from 'pg';
+import type { StorePool } from '../common/db.js';
 import type { Settings } from '../common/config.js';
 import { NotFoundError } from '../common/errors.js';
 import { tokenWorkflowId } from '../common/names.js';
-import * as store from '../common/store.js';
+import * as store from '../common/store/index.js';
 import type { ReconcileReport } from '../workflows/messages.js';
-import { signalRevoke, startTokenWorkflow } from '../client/temporal.js';
+import { signalRevoke, startTokenWorkflow } from '../common/temporal.js';
 import { deliverRevocation } from './propagation.js';
 
 export interface ActivityDeps {
-  pool: pg.Pool;
+  pool: StorePool;
   client: Client;
   settings: Pick<Settings, 'masterKey' | 'timing' | 'reconcileGraceMs' | 'temporal'>;
 }

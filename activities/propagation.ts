@@ -1,14 +1,14 @@
 /** Delivery of signed revocation events to receivers (Standard Webhooks). I/O and error classification only. */
 import { setTimeout } from 'node:timers/promises';
 import { ApplicationFailure, Context } from '@temporalio/activity';
-import type pg from 'pg';
+import type { StorePool } from '../common/db.js';
 import { decryptSecret, masterKeyId, signWebhook } from '../common/secrets.js';
 import {
   loadDeliveryForAttempt,
   loadReceiverSecret,
   recordDeliveryAttempt,
   type DeliveryRecord,
-} from '../common/store.js';
+} from '../common/store/index.js';
 import type { DeliveryView } from '../workflows/messages.js';
 import { RECEIVER_REJECTED } from '../common/names.js';
 
@@ -49,7 +49,7 @@ export function networkErrorCode(err: unknown): string {
 export const isRetryableStatus = (status: number): boolean => status === 408 || status === 429 || status >= 500;
 
 export interface DeliveryDeps {
-  pool: pg.Pool;
+  pool: StorePool;
   masterKey: Buffer | undefined;
 }
 

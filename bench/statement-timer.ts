@@ -7,7 +7,7 @@ import type pg from 'pg';
 
 export type StatementListener = (statement: string, ms: number) => void;
 
-export function timeStatements(pool: pg.Pool, onStatement: StatementListener): pg.Pool {
+export function timeStatements<P extends pg.Pool>(pool: P, onStatement: StatementListener): P {
   return new Proxy(pool, {
     get(target, prop, receiver) {
       if (prop !== 'connect') return bound(target, Reflect.get(target, prop, receiver));

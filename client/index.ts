@@ -4,7 +4,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { WorkflowNotFoundError, type Client } from '@temporalio/client';
-import type pg from 'pg';
+import type { StorePool } from '../common/db.js';
 import { z } from 'zod';
 import { loadSettings, type Settings } from '../common/config.js';
 import { createPool } from '../common/db.js';
@@ -18,7 +18,7 @@ import {
   hashToken,
   masterKeyId,
 } from '../common/secrets.js';
-import * as store from '../common/store.js';
+import * as store from '../common/store/index.js';
 import {
   actorSchema,
   parseInput,
@@ -35,11 +35,11 @@ import {
   signalRevoke,
   signalRevokeRunning,
   startTokenWorkflow,
-} from './temporal.js';
+} from '../common/temporal.js';
 
 export { loadSettings, type Settings } from '../common/config.js';
 export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.js';
-export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/store.js';
+export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/store/index.js';
 /** Offline check of a token string's shape and checksum (for secret scanners); no store access. */
 export { isWellFormedToken } from '../common/secrets.js';
 
@@ -127,7 +127,7 @@ const summarise = ({ status, effectiveStatus, ...rest }: store.TokenRecord): Tok
 export class TokenWarden {
   private constructor(
     readonly settings: Settings,
-    readonly pool: pg.Pool,
+    readonly pool: StorePool,
     private readonly temporal: Client,
   ) {}
 

@@ -4,10 +4,9 @@ import { fileURLToPath } from 'node:url';
 import { loadClientConnectConfig } from '@temporalio/envconfig';
 import type { NativeConnectionOptions } from '@temporalio/worker';
 import { z } from 'zod';
-import { DEFAULT_NAMESPACE, DEFAULT_TASK_QUEUE } from './names.js';
+import { DEFAULT_NAMESPACE, DEFAULT_TASK_QUEUE, type PropagationTiming } from './names.js';
 import { parseDuration, DURATION_HINT } from './durations.js';
 import { ConfigError } from './errors.js';
-import type { PropagationTiming } from '../workflows/messages.js';
 
 /** The package root (this file lives in dist/common/). */
 export const PACKAGE_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');

@@ -2,18 +2,51 @@ import path from 'node:path';
 import pg from 'pg';
 import { PACKAGE_ROOT } from './config.js';
 
-/** A pool whose connections all use `schema` (one schema per deployment, one per test file). */
-export function createPool(databaseUrl: string, schema: string, max = 10): pg.Pool {
-  const pool = new pg.Pool({
-    connectionString: databaseUrl,
-    max,
-    options: `-c search_path=${quoteIdent(schema)}`,
-    application_name: 'tokenwarden',
-  });
+/**
+ * Schema-qualified names of the store's tables. Every statement names its schema itself: nothing
+ * rides on session state (search_path, prepared statements), so the store works behind a
+ * transaction-mode connection pooler such as PgBouncer.
+ */
+export interface Tables {
+  schema: string;
+  token: string;
+  credential: string;
+  receiver: string;
+  delivery: string;
+  audit_event: string;
+}
+
+export const tablesFor = (schema: string): Tables => {
+  const q = quoteIdent(schema);
+  return {
+    schema,
+    token: `${q}.token`,
+    credential: `${q}.credential`,
+    receiver: `${q}.receiver`,
+    delivery: `${q}.delivery`,
+    audit_event: `${q}.audit_event`,
+  };
+};
+
+/** A pool that knows the schema its statements address. */
+export type StorePool = pg.Pool & { readonly tables: Tables };
+/** A connection checked out of a StorePool (for a transaction). */
+export type StoreClient = pg.PoolClient & { readonly tables: Tables };
+export type Queryable = StorePool | StoreClient;
+
+/** A pool for the store in `schema` (one schema per deployment, one per test file). */
+export function createPool(databaseUrl: string, schema: string, max = 10): StorePool {
+  const pool = new pg.Pool({ connectionString: databaseUrl, max, application_name: 'tokenwarden' });
   // An idle connection dropped by the server (restart, failover) is discarded by the pool; without a
   // listener the 'error' event would crash the process. Queries in flight still fail to their caller.
   pool.on('error', (err) => console.warn(`tokenwarden: an idle database connection was closed: ${err.message}`));
-  return pool;
+  return Object.assign(pool, { tables: tablesFor(schema) });
+}
+
+/** Checks a connection out of the pool for a transaction; release it with `client.release()`. */
+export async function checkout(pool: StorePool): Promise<StoreClient> {
+  const client = await pool.connect();
+  return Object.assign(client, { tables: pool.tables });
 }
 
 export function quoteIdent(name: string): string {
@@ -24,7 +57,8 @@ export const MIGRATIONS_DIR = path.join(PACKAGE_ROOT, 'migrations');
 
 /**
  * Applies the numbered, forward-only SQL migrations to `schema` (created if missing), under
- * node-pg-migrate's advisory lock so concurrent starters wait for each other.
+ * node-pg-migrate's advisory lock so concurrent starters wait for each other. Migrations run on a
+ * direct connection (they set search_path for the migration scripts).
  */
 export async function migrate(
   databaseUrl: string,

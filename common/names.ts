@@ -86,3 +86,13 @@ export type DeliveryState = (typeof DELIVERY_STATES)[number];
 /** CAEP initiating_entity values. */
 export const INITIATING_ENTITIES = ['admin', 'user', 'policy', 'system'] as const;
 export type InitiatingEntity = (typeof INITIATING_ENTITIES)[number];
+
+/** Timing baked into each token workflow at creation (short in tests, long in production). */
+export interface PropagationTiming {
+  /** A receiver that has not confirmed after this long makes propagation `stuck` (retries continue). */
+  escalateAfterMs: number;
+  /** First retry interval of a delivery; doubles on each attempt. */
+  retryInitialMs: number;
+  /** Upper bound of the retry interval. */
+  retryMaxMs: number;
+}

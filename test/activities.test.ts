@@ -8,7 +8,7 @@ import { MockActivityEnvironment } from '@temporalio/testing';
 import { DefaultLogger } from '@temporalio/worker';
 import { deliverRevocation } from '../activities/propagation.js';
 import { revocationEventId } from '../common/ids.js';
-import * as store from '../common/store.js';
+import * as store from '../common/store/index.js';
 import type { DeliveryView } from '../workflows/messages.js';
 import { TestContext } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';

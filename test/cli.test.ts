@@ -138,7 +138,7 @@ describe('tokenwarden CLI', () => {
       assert.equal(run.stderr.trim().split('\n').length, 1, `one line: ${run.stderr}`);
       assert.ok(!/\n\s+at /.test(run.stderr), 'no stack trace');
     }
-    const { rows } = await ctx.pool.query(`SELECT count(*)::int AS n FROM token WHERE subject <> 'usr_8f3a21'`);
+    const { rows } = await ctx.sql.query(`SELECT count(*)::int AS n FROM token WHERE subject <> 'usr_8f3a21'`);
     assert.equal(rows[0].n, 0);
   });
 

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { WorkflowUpdateFailedError } from '@temporalio/client';
 import { tokenWorkflowId } from '../common/names.js';
-import * as store from '../common/store.js';
+import * as store from '../common/store/index.js';
 import {
   describeQuery,
   forceCompleteUpdate,

@@ -4,7 +4,7 @@ import { randomBytes } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import { WORKFLOW_TYPE, RECONCILER_SCHEDULE_ID, tokenWorkflowId } from '../common/names.js';
 import { newCredentialId, newTokenId } from '../common/ids.js';
-import * as store from '../common/store.js';
+import * as store from '../common/store/index.js';
 import { ensureReconcilerSchedule } from '../worker/worker.js';
 import type { ReconcileInput, ReconcileReport, TokenLifecycleResult } from '../workflows/messages.js';
 import { TestContext, type RunningWorker } from './support/context.js';
@@ -95,7 +95,7 @@ describe('reconciler', () => {
 
   it('should kill an overdue token as expired and propagate it', async () => {
     const token = await insertOnly(1);
-    await ctx.pool.query('SELECT pg_sleep(0.01)');
+    await ctx.sql.query('SELECT pg_sleep(0.01)');
     const report = await reconcileNow();
     assert.ok(report.expired.includes(token.id));
     const handle = ctx.client.workflow.getHandle(tokenWorkflowId(token.id));

@@ -1,10 +1,10 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { randomBytes } from 'node:crypto';
-import { createPool } from '../common/db.js';
+import { checkout, createPool } from '../common/db.js';
 import { newCredentialId, newTokenId } from '../common/ids.js';
 import { InvalidInputError, NotFoundError } from '../common/errors.js';
-import * as store from '../common/store.js';
+import * as store from '../common/store/index.js';
 import { TestContext } from './support/context.js';
 import { waitUntil } from './support/wait.js';
 
@@ -63,7 +63,7 @@ describe('central store', () => {
 
   it('should treat an active row past its expiry as expired and invalid, with no worker involved', async () => {
     const t = await newToken({ ttlMs: 1 });
-    await ctx.pool.query('SELECT pg_sleep(0.01)');
+    await ctx.sql.query('SELECT pg_sleep(0.01)');
     const now = await store.requireToken(ctx.pool, t.id);
     assert.equal(now.status, 'active');
     assert.equal(now.effectiveStatus, 'expired');
@@ -74,7 +74,7 @@ describe('central store', () => {
 
   it('should show and list a token as expired from its expiry instant, before any worker records it', async () => {
     const { tokenId } = await ctx.warden.issue({ subject: 'usr_view', ttl: 1 }); // no worker runs in this file
-    await ctx.pool.query('SELECT pg_sleep(0.01)');
+    await ctx.sql.query('SELECT pg_sleep(0.01)');
     const shown = await ctx.warden.show(tokenId);
     assert.equal(shown.status, 'expired');
     assert.equal(shown.recordedStatus, 'active');
@@ -104,7 +104,7 @@ describe('central store', () => {
       ],
     );
     assert.equal(new Set(deliveries.map((d) => d.eventId)).size, 1);
-    const { rows } = await ctx.pool.query('SELECT state FROM credential WHERE token_id = $1', [t.id]);
+    const { rows } = await ctx.sql.query('SELECT state FROM credential WHERE token_id = $1', [t.id]);
     assert.deepEqual(
       rows.map((r) => r.state),
       ['revoked'],
@@ -148,9 +148,7 @@ describe('central store', () => {
     });
     assert.equal(result.token.revokeReason, reason);
     assert.equal(result.token.revokedBy, "o'brien\\");
-    const [delivery] = await ctx.pool
-      .query('SELECT body FROM delivery WHERE token_id = $1', [t.id])
-      .then((r) => r.rows);
+    const [delivery] = await ctx.sql.query('SELECT body FROM delivery WHERE token_id = $1', [t.id]).then((r) => r.rows);
     assert.equal(JSON.parse(delivery.body).reason, reason);
     assert.equal(store.findBrokenAuditLink(await store.readAudit(ctx.pool, t.id)), null);
     assert.ok((await store.getToken(ctx.pool, t.id))!.revokedAt);
@@ -162,7 +160,7 @@ describe('central store', () => {
 
   it('should record expired, not revoked, when the kill comes after expiry', async () => {
     const t = await newToken({ ttlMs: 1 });
-    await ctx.pool.query('SELECT pg_sleep(0.01)');
+    await ctx.sql.query('SELECT pg_sleep(0.01)');
     const result = await kill(t.id);
     assert.equal(result.token.status, 'expired');
     assert.equal(result.token.revokeReason, 'expired');
@@ -194,21 +192,21 @@ describe('central store', () => {
 
   it('should refuse a row it does not understand instead of passing on a wrong fact', async () => {
     const t = await newToken();
-    await ctx.pool.query('ALTER TABLE token DROP CONSTRAINT token_status_check, DROP CONSTRAINT token_check');
-    await ctx.pool.query(`UPDATE token SET status = 'zombie' WHERE id = $1`, [t.id]);
+    await ctx.sql.query('ALTER TABLE token DROP CONSTRAINT token_status_check, DROP CONSTRAINT token_check');
+    await ctx.sql.query(`UPDATE token SET status = 'zombie' WHERE id = $1`, [t.id]);
     await assert.rejects(store.getToken(ctx.pool, t.id), /unexpected token row in the store: status/);
-    await ctx.pool.query(`UPDATE token SET status = 'active' WHERE id = $1`, [t.id]);
+    await ctx.sql.query(`UPDATE token SET status = 'active' WHERE id = $1`, [t.id]);
   });
 
   it('should kill correctly when another writer extends the audit chain while the kill waits for the row', async () => {
     const t = await newToken();
-    const other = await ctx.pool.connect();
+    const other = await checkout(ctx.pool);
     try {
       await other.query('BEGIN');
       await store.appendAudit(other, t.id, 'concurrent', 'test.concurrent', {}); // holds the row lock
       const killing = kill(t.id); // blocks on the row lock with a snapshot taken before the append
       await waitUntil(async () => {
-        const { rows } = await ctx.pool.query(
+        const { rows } = await ctx.sql.query(
           `SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()`,
         );
         return rows.length > 0;
@@ -244,7 +242,7 @@ describe('database connections', () => {
     const pool = createPool(ctx.settings.databaseUrl, ctx.settings.databaseSchema, 1);
     try {
       const { rows } = await pool.query('SELECT pg_backend_pid() AS pid');
-      await ctx.pool.query('SELECT pg_terminate_backend($1)', [rows[0].pid]);
+      await ctx.sql.query('SELECT pg_terminate_backend($1)', [rows[0].pid]);
       await waitUntil(() => pool.totalCount === 0, 'the pool to drop the closed connection');
       assert.equal((await pool.query('SELECT 1 AS one')).rows[0].one, 1);
     } finally {
@@ -282,11 +280,11 @@ describe('audit trail', () => {
   it('should reject UPDATE, DELETE and TRUNCATE of audit events', async () => {
     const t = await newToken();
     await assert.rejects(
-      ctx.pool.query(`UPDATE audit_event SET kind = 'x' WHERE token_id = $1`, [t.id]),
+      ctx.sql.query(`UPDATE audit_event SET kind = 'x' WHERE token_id = $1`, [t.id]),
       /append-only: UPDATE/,
     );
-    await assert.rejects(ctx.pool.query(`DELETE FROM audit_event WHERE token_id = $1`, [t.id]), /append-only: DELETE/);
-    await assert.rejects(ctx.pool.query('TRUNCATE audit_event CASCADE'), /append-only: TRUNCATE/);
+    await assert.rejects(ctx.sql.query(`DELETE FROM audit_event WHERE token_id = $1`, [t.id]), /append-only: DELETE/);
+    await assert.rejects(ctx.sql.query('TRUNCATE audit_event CASCADE'), /append-only: TRUNCATE/);
     assert.equal((await store.readAudit(ctx.pool, t.id)).length, 1);
   });
 });

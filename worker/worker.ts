@@ -2,12 +2,12 @@
 import path from 'node:path';
 import { ScheduleAlreadyRunning, ScheduleOverlapPolicy, type Client } from '@temporalio/client';
 import { DefaultLogger, NativeConnection, Runtime, Worker, type WorkflowBundleOption } from '@temporalio/worker';
-import type pg from 'pg';
+import type { StorePool } from '../common/db.js';
 import { PACKAGE_ROOT, type Settings } from '../common/config.js';
 import { createPool } from '../common/db.js';
 import { RECONCILER_SCHEDULE_ID, RECONCILER_WORKFLOW_ID, WORKFLOW_TYPE } from '../common/names.js';
 import { createActivities } from '../activities/index.js';
-import { connectTemporal } from '../client/temporal.js';
+import { connectTemporal } from '../common/temporal.js';
 import type { ReconcileInput } from '../workflows/messages.js';
 
 export const WORKFLOWS_PATH = path.join(PACKAGE_ROOT, 'dist', 'workflows', 'index.js');
@@ -15,7 +15,7 @@ export const WORKFLOWS_PATH = path.join(PACKAGE_ROOT, 'dist', 'workflows', 'inde
 export interface TokenWorkerOptions {
   connection: NativeConnection;
   client: Client;
-  pool: pg.Pool;
+  pool: StorePool;
   settings: Settings;
   /** A pre-built bundle (tests, production); otherwise the workflows are bundled at start. */
   workflowBundle?: WorkflowBundleOption;

@@ -10,18 +10,11 @@ import {
   type DeliveryState,
   type InitiatingEntity,
   type PropagationState,
+  type PropagationTiming,
   type TokenStatus,
 } from '../common/names.js';
 
-/** Timing baked into each token workflow at creation (short in tests, long in production). */
-export interface PropagationTiming {
-  /** A receiver that has not confirmed after this long makes propagation `stuck` (retries continue). */
-  escalateAfterMs: number;
-  /** First retry interval of a delivery; doubles on each attempt. */
-  retryInitialMs: number;
-  /** Upper bound of the retry interval. */
-  retryMaxMs: number;
-}
+export type { PropagationTiming } from '../common/names.js';
 
 /** Input of `tokenLifecycle`: ids and timestamps only, never a secret. */
 export interface TokenWorkflowInput {

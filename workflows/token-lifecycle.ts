@@ -22,7 +22,7 @@ import {
 } from '@temporalio/workflow';
 import type { Activities } from '../activities/index.js';
 import { RECEIVER_REJECTED, SEARCH_ATTRIBUTE, type PropagationState, type TokenStatus } from '../common/names.js';
-import type { KillResult } from '../common/store.js';
+import type { KillResult } from '../common/store/index.js';
 import {
   isSettled,
   msUntil,

@@ -5,7 +5,8 @@
 import { randomBytes } from 'node:crypto';
 import { Client, Connection } from '@temporalio/client';
 import { DefaultLogger, NativeConnection, Runtime, type Worker } from '@temporalio/worker';
-import type pg from 'pg';
+import pg from 'pg';
+import type { StorePool } from '../../common/db.js';
 import type { Settings } from '../../common/config.js';
 import { createPool, migrate, quoteIdent } from '../../common/db.js';
 import { TokenWarden } from '../../client/index.js';
@@ -29,7 +30,9 @@ export class TestContext {
   private workers = new Set<RunningWorker>();
   private constructor(
     readonly settings: Settings,
-    readonly pool: pg.Pool,
+    readonly pool: StorePool,
+    /** Raw SQL in tests (assertions, fault injection): a pool whose search_path is this file's schema. */
+    readonly sql: pg.Pool,
     readonly client: Client,
     readonly nativeConnection: NativeConnection,
     readonly warden: TokenWarden,
@@ -53,10 +56,11 @@ export class TestContext {
       masterKey: randomBytes(32),
     };
     const pool = createPool(databaseUrl, schema, 5);
+    const sql = new pg.Pool({ connectionString: databaseUrl, max: 2, options: `-c search_path=${quoteIdent(schema)}` });
     const client = new Client({ connection: await Connection.connect({ address }), namespace });
     const nativeConnection = await NativeConnection.connect({ address });
     const warden = await TokenWarden.connect(settings);
-    return new TestContext(settings, pool, client, nativeConnection, warden);
+    return new TestContext(settings, pool, sql, client, nativeConnection, warden);
   }
 
   /** Starts a worker on this file's task queue with the run's pre-built workflow bundle. */
@@ -103,8 +107,9 @@ export class TestContext {
     await this.client.connection.close();
     await this.nativeConnection.close();
     if (!process.env.TOKENWARDEN_KEEP_TEST_SCHEMAS) {
-      await this.pool.query(`DROP SCHEMA ${quoteIdent(this.settings.databaseSchema)} CASCADE`);
+      await this.sql.query(`DROP SCHEMA ${quoteIdent(this.settings.databaseSchema)} CASCADE`);
     }
+    await this.sql.end();
     await this.pool.end();
   }
 }

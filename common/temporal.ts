@@ -1,9 +1,9 @@
 /** The one Temporal client factory, and the start/signal calls every path shares. */
 import { Client, Connection, WorkflowIdConflictPolicy, type WorkflowHandle } from '@temporalio/client';
-import type { Settings } from '../common/config.js';
-import { revocationEventId } from '../common/ids.js';
-import { SEARCH_ATTRIBUTE, WORKFLOW_TYPE, tokenWorkflowId } from '../common/names.js';
-import type { TokenRecord } from '../common/store.js';
+import type { Settings } from './config.js';
+import { revocationEventId } from './ids.js';
+import { SEARCH_ATTRIBUTE, WORKFLOW_TYPE, tokenWorkflowId } from './names.js';
+import type { TokenRecord } from './store/index.js';
 import {
   revokeSignal,
   type RevokeRequest,

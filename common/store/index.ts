@@ -1,0 +1,12 @@
+/**
+ * The central store: every SQL statement of tokenwarden lives in this folder, one module per role.
+ * Validity is decided by the database clock: a token is valid iff `status = 'active' AND
+ * expires_at > now()`. Every statement names its schema (see db.ts `Tables`).
+ */
+export * from './rows.js';
+export * from './audit.js';
+export * from './receivers.js';
+export * from './tokens.js';
+export * from './kill.js';
+export * from './deliveries.js';
+export * from './reconciler.js';

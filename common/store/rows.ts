@@ -1,0 +1,194 @@
+/**
+ * The store's records and how rows become them. Rows are parsed, not cast: a row the code does not
+ * expect (a manual edit, a schema drift) fails loudly with the column named.
+ */
+import { z } from 'zod';
+import { checkout, type StoreClient, type StorePool } from '../db.js';
+import {
+  DELIVERY_STATES,
+  INITIATING_ENTITIES,
+  PROPAGATION_STATES,
+  TOKEN_STATUSES,
+  type DeliveryState,
+  type InitiatingEntity,
+  type PropagationState,
+  type TokenStatus,
+} from '../names.js';
+
+export interface TokenRecord {
+  id: string;
+  subject: string;
+  name: string | null;
+  scopes: string[];
+  receivers: string[];
+  /** The stored status. */
+  status: TokenStatus;
+  /** What a verifier sees now: an active row past its expiry is already `expired`. */
+  effectiveStatus: TokenStatus;
+  valid: boolean;
+  propagation: PropagationState;
+  issuedAt: string;
+  expiresAt: string;
+  revokedAt: string | null;
+  revokedBy: string | null;
+  revokeReason: string | null;
+  initiatingEntity: InitiatingEntity | null;
+  revokeRequestId: string | null;
+  workflowStartedAt: string | null;
+  propagationStartedAt: string | null;
+  propagationCompletedAt: string | null;
+}
+
+export interface DeliveryRecord {
+  eventId: string;
+  receiverId: string;
+  tokenId: string;
+  status: DeliveryState;
+  attempts: number;
+  lastStatusCode: number | null;
+  lastError: string | null;
+  lastAttemptAt: string | null;
+  ackedAt: string | null;
+}
+
+export interface ReceiverRecord {
+  id: string;
+  kind: 'webhook';
+  url: string;
+  enabled: boolean;
+  createdAt: string;
+  removedAt: string | null;
+}
+
+export interface AuditRecord {
+  seq: number;
+  kind: string;
+  canonical: string;
+  hash: string;
+  prevHash: string | null;
+}
+
+export const TOKEN_COLUMNS = `
+  id, subject, name, scopes, receivers, status, propagation, issued_at, expires_at, revoked_at,
+  revoked_by, revoke_reason, initiating_entity, revoke_request_id, workflow_started_at, propagation_started_at,
+  propagation_completed_at,
+  CASE WHEN status = 'active' AND expires_at <= now() THEN 'expired' ELSE status END AS effective_status,
+  (status = 'active' AND expires_at > now()) AS valid`;
+
+// Rows are parsed, not cast: a row the code does not expect (a manual edit, a schema drift) fails
+// loudly with the column named instead of travelling on as a wrong fact.
+const date = z.date().transform((d) => d.toISOString());
+const nullableDate = date.nullable();
+const nullableText = z.string().nullable();
+
+const tokenRow = z
+  .object({
+    id: z.string(),
+    subject: z.string(),
+    name: nullableText,
+    scopes: z.array(z.string()),
+    receivers: z.array(z.string()),
+    status: z.enum(TOKEN_STATUSES),
+    effective_status: z.enum(TOKEN_STATUSES),
+    valid: z.boolean(),
+    propagation: z.enum(PROPAGATION_STATES),
+    issued_at: date,
+    expires_at: date,
+    revoked_at: nullableDate,
+    revoked_by: nullableText,
+    revoke_reason: nullableText,
+    initiating_entity: z.enum(INITIATING_ENTITIES).nullable(),
+    revoke_request_id: nullableText,
+    workflow_started_at: nullableDate,
+    propagation_started_at: nullableDate,
+    propagation_completed_at: nullableDate,
+  })
+  .transform((r): TokenRecord => ({
+    id: r.id,
+    subject: r.subject,
+    name: r.name,
+    scopes: r.scopes,
+    receivers: r.receivers,
+    status: r.status,
+    effectiveStatus: r.effective_status,
+    valid: r.valid,
+    propagation: r.propagation,
+    issuedAt: r.issued_at,
+    expiresAt: r.expires_at,
+    revokedAt: r.revoked_at,
+    revokedBy: r.revoked_by,
+    revokeReason: r.revoke_reason,
+    initiatingEntity: r.initiating_entity,
+    revokeRequestId: r.revoke_request_id,
+    workflowStartedAt: r.workflow_started_at,
+    propagationStartedAt: r.propagation_started_at,
+    propagationCompletedAt: r.propagation_completed_at,
+  }));
+
+const deliveryRow = z
+  .object({
+    event_id: z.string(),
+    receiver_id: z.string(),
+    token_id: z.string(),
+    status: z.enum(DELIVERY_STATES),
+    attempts: z.number().int().nonnegative(),
+    last_status_code: z.number().int().nullable(),
+    last_error: nullableText,
+    last_attempt_at: nullableDate,
+    acked_at: nullableDate,
+  })
+  .transform((r): DeliveryRecord => ({
+    eventId: r.event_id,
+    receiverId: r.receiver_id,
+    tokenId: r.token_id,
+    status: r.status,
+    attempts: r.attempts,
+    lastStatusCode: r.last_status_code,
+    lastError: r.last_error,
+    lastAttemptAt: r.last_attempt_at,
+    ackedAt: r.acked_at,
+  }));
+
+const receiverRow = z
+  .object({
+    id: z.string(),
+    kind: z.literal('webhook'),
+    url: z.string(),
+    enabled: z.boolean(),
+    created_at: date,
+    removed_at: nullableDate,
+  })
+  .transform((r): ReceiverRecord => ({
+    id: r.id,
+    kind: r.kind,
+    url: r.url,
+    enabled: r.enabled,
+    createdAt: r.created_at,
+    removedAt: r.removed_at,
+  }));
+
+export function parseRow<T>(schema: z.ZodType<T>, table: string, row: unknown): T {
+  const result = schema.safeParse(row);
+  if (result.success) return result.data;
+  const issue = result.error.issues[0];
+  throw new Error(`unexpected ${table} row in the store: ${issue?.path.join('.')}: ${issue?.message}`);
+}
+
+export const toToken = (row: unknown) => parseRow(tokenRow, 'token', row);
+export const toDelivery = (row: unknown) => parseRow(deliveryRow, 'delivery', row);
+export const toReceiver = (row: unknown) => parseRow(receiverRow, 'receiver', row);
+
+export async function inTransaction<T>(pool: StorePool, fn: (client: StoreClient) => Promise<T>): Promise<T> {
+  const client = await checkout(pool);
+  try {
+    await client.query('BEGIN');
+    const result = await fn(client);
+    await client.query('COMMIT');
+    return result;
+  } catch (err) {
+    await client.query('ROLLBACK').catch(() => {});
+    throw err;
+  } finally {
+    client.release();
+  }
+}
