@@ -15,6 +15,7 @@ import { startEmbeddedPostgres } from './postgres.js';
 import { freePort } from './processes.js';
 import { resolveTemporalCli } from './temporal-cli.js';
 import { ensureNamespaceReady, startDevServer } from './temporal-server.js';
+import { WORKFLOW_BUNDLE_OPTIONS } from '../worker/worker.js';
 
 const TEST_DIR = path.join(PACKAGE_ROOT, 'dist', 'test');
 const say = (msg: string) => process.stderr.write(`[run-tests] ${msg}\n`);
@@ -72,10 +73,7 @@ async function main(): Promise<number> {
         return postgres.databaseUrl;
       })(),
       (async () => {
-        const { code } = await bundleWorkflowCode({
-          workflowsPath: path.join(PACKAGE_ROOT, 'dist', 'workflows', 'index.js'),
-          logger: new DefaultLogger('WARN'),
-        });
+        const { code } = await bundleWorkflowCode({ ...WORKFLOW_BUNDLE_OPTIONS, logger: new DefaultLogger('WARN') });
         const file = path.join(tmp, 'workflow-bundle.js');
         await writeFile(file, code);
         return file;

@@ -11,6 +11,10 @@ import { connectTemporal } from '../common/temporal.js';
 import type { ReconcileInput } from '../workflows/messages.js';
 
 export const WORKFLOWS_PATH = path.join(PACKAGE_ROOT, 'dist', 'workflows', 'index.js');
+/** Tolerates undecodable payloads (see the module); bundles must be built with it too. */
+export const PAYLOAD_CONVERTER_PATH = path.join(PACKAGE_ROOT, 'dist', 'workflows', 'payload-converter.js');
+/** What `bundleWorkflowCode` needs to build the bundle a token worker runs. */
+export const WORKFLOW_BUNDLE_OPTIONS = { workflowsPath: WORKFLOWS_PATH, payloadConverterPath: PAYLOAD_CONVERTER_PATH };
 
 export interface TokenWorkerOptions {
   connection: NativeConnection;
@@ -28,6 +32,7 @@ export async function createTokenWorker(opts: TokenWorkerOptions): Promise<Worke
     namespace: settings.temporal.namespace,
     taskQueue: settings.temporal.taskQueue,
     ...(opts.workflowBundle ? { workflowBundle: opts.workflowBundle } : { workflowsPath: WORKFLOWS_PATH }),
+    dataConverter: { payloadConverterPath: PAYLOAD_CONVERTER_PATH },
     activities: createActivities({ pool: opts.pool, client: opts.client, settings }),
   });
 }
