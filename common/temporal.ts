@@ -4,6 +4,7 @@ import type { Settings } from './config.js';
 import { revocationEventId } from './ids.js';
 import { SEARCH_ATTRIBUTE, WORKFLOW_TYPE, tokenWorkflowId } from './names.js';
 import type { TokenRecord } from './store/index.js';
+import { summaryText } from './text.js';
 import {
   revokeSignal,
   type RevokeRequest,
@@ -49,7 +50,7 @@ function startOptions(token: TokenRecord, taskQueue: string, timing: Propagation
       { key: SEARCH_ATTRIBUTE.expiresAt, value: new Date(token.expiresAt) },
       { key: SEARCH_ATTRIBUTE.receivers, value: token.receivers },
     ],
-    staticSummary: `Token ${token.id} of ${token.subject}, expires ${token.expiresAt}`.slice(0, 380),
+    staticSummary: summaryText(`Token ${token.id} of ${token.subject}, expires ${token.expiresAt}`),
     staticDetails: [
       `**Token** \`${token.id}\``,
       `**Subject** \`${token.subject}\``,

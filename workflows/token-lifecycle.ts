@@ -23,6 +23,7 @@ import {
 import type { Activities } from '../activities/index.js';
 import { RECEIVER_REJECTED, SEARCH_ATTRIBUTE, type PropagationState, type TokenStatus } from '../common/names.js';
 import type { KillResult } from '../common/store/index.js';
+import { summaryText } from '../common/text.js';
 import {
   isSettled,
   msUntil,
@@ -227,7 +228,7 @@ export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLi
     if (revokeRequest) {
       const { malformed, ...request } = revokeRequest;
       phase = 'killing';
-      const killing = store.killToken.executeWithOptions({ summary: `revoke: ${request.reason}`.slice(0, 200) }, [
+      const killing = store.killToken.executeWithOptions({ summary: summaryText(`revoke: ${request.reason}`) }, [
         { tokenId, ...request, byWorkflow: true },
       ]);
       // Deliveries go out in the same workflow task as the kill: a revoke's caller has usually
