@@ -51,6 +51,7 @@ export default tseslint.config(
                 '**/common/secrets*',
                 '**/common/config*',
                 '**/common/db*',
+                '**/common/temporal*',
               ],
               allowTypeImports: true,
               message: 'Workflow code may only import types from I/O modules.',
