@@ -11,12 +11,16 @@ import { tokenWorkflowId } from '../common/names.js';
 import * as store from '../common/store/index.js';
 import type { ReconcileReport } from '../workflows/messages.js';
 import { signalRevoke, startTokenWorkflow } from '../common/temporal.js';
+import { MasterKeyring } from '../common/secrets.js';
 import { deliverRevocation } from './propagation.js';
 
 export interface ActivityDeps {
   pool: StorePool;
   client: Client;
-  settings: Pick<Settings, 'masterKey' | 'timing' | 'reconcileGraceMs' | 'temporal'>;
+  settings: Pick<
+    Settings,
+    'masterKey' | 'previousMasterKeys' | 'receiverAllow' | 'timing' | 'reconcileGraceMs' | 'temporal'
+  >;
 }
 
 /** How many rows one reconciler pass handles of each kind; the next pass takes the rest. */
@@ -25,6 +29,7 @@ const RECONCILE_BATCH = 500;
 export function createActivities(deps: ActivityDeps) {
   const { pool, client, settings } = deps;
   const taskQueue = settings.temporal.taskQueue;
+  const keyring = new MasterKeyring(settings.masterKey, settings.previousMasterKeys);
 
   /** Store errors the workflow cannot fix by retrying become non-retryable failures. */
   async function classify<T>(fn: () => Promise<T>): Promise<T> {
@@ -42,7 +47,7 @@ export function createActivities(deps: ActivityDeps) {
     },
 
     async deliverRevocation(input: { eventId: string; receiverId: string }) {
-      return deliverRevocation({ pool, masterKey: settings.masterKey }, input);
+      return deliverRevocation({ pool, keyring, receiverAllow: settings.receiverAllow }, input);
     },
 
     async setPropagation(input: {

@@ -1,8 +1,14 @@
 /** Delivery of signed revocation events to receivers (Standard Webhooks). I/O and error classification only. */
+import type { LookupAddress } from 'node:dns';
+import { request as httpRequest } from 'node:http';
+import { request as httpsRequest } from 'node:https';
 import { setTimeout } from 'node:timers/promises';
 import { ApplicationFailure, Context } from '@temporalio/activity';
+import { ApplicationFailureCategory, type RetryPolicy } from '@temporalio/common';
+import { msOptionalToNumber } from '@temporalio/common/lib/time.js';
+import { checkReceiverUrl, pinnedLookup, resolveReceiver, type ReceiverAllowance } from '../common/addresses.js';
 import type { StorePool } from '../common/db.js';
-import { decryptSecret, masterKeyId, signWebhook } from '../common/secrets.js';
+import { signWebhook, type MasterKeyring } from '../common/secrets.js';
 import {
   loadDeliveryForAttempt,
   loadReceiverSecret,
@@ -29,12 +35,44 @@ export const toDeliveryView = (d: DeliveryRecord): DeliveryView => ({
 });
 
 /** Parses an HTTP Retry-After value (seconds or HTTP date) to ms; undefined when absent or invalid. */
-export function parseRetryAfter(value: string | null, nowMs: number): number | undefined {
+export function parseRetryAfter(value: string | null | undefined, nowMs: number): number | undefined {
   if (!value) return undefined;
   const trimmed = value.trim();
-  if (/^\d+$/.test(trimmed)) return Math.min(Number(trimmed) * 1000, MAX_RETRY_AFTER_MS);
+  if (/^\d+$/.test(trimmed)) return Number(trimmed) * 1000;
   const at = Date.parse(trimmed);
-  return Number.isNaN(at) ? undefined : Math.min(Math.max(0, at - nowMs), MAX_RETRY_AFTER_MS);
+  return Number.isNaN(at) ? undefined : Math.max(0, at - nowMs);
+}
+
+/** The retry schedule an activity runs under; Temporal's defaults where the server sent none. */
+export interface RetrySchedule {
+  initialMs: number;
+  coefficient: number;
+  maximumMs: number;
+}
+
+export function retryScheduleOf(policy: RetryPolicy | undefined): RetrySchedule {
+  const initialMs = msOptionalToNumber(policy?.initialInterval) ?? 1000;
+  return {
+    initialMs,
+    coefficient: policy?.backoffCoefficient ?? 2,
+    maximumMs: msOptionalToNumber(policy?.maximumInterval) ?? 100 * initialMs,
+  };
+}
+
+/**
+ * The delay before the next attempt when a receiver asked for one (Retry-After): never shorter
+ * than the schedule's own step after this attempt (a `Retry-After: 0` must not turn the backoff
+ * into a hammering loop, and a zero delay ends the activity on the server), never longer than the
+ * cap. Undefined when the receiver asked nothing: the schedule applies as it is.
+ */
+export function retryDelayMs(
+  requestedMs: number | undefined,
+  attempt: number,
+  schedule: RetrySchedule,
+): number | undefined {
+  if (requestedMs === undefined) return undefined;
+  const step = Math.min(schedule.initialMs * schedule.coefficient ** Math.max(0, attempt - 1), schedule.maximumMs);
+  return Math.max(schedule.initialMs, step, Math.min(requestedMs, MAX_RETRY_AFTER_MS));
 }
 
 /** A network failure as a code (ECONNREFUSED, TimeoutError, …), never its message. */
@@ -42,6 +80,8 @@ export function networkErrorCode(err: unknown): string {
   const cause = (err as { cause?: { code?: unknown; name?: unknown } }).cause;
   if (typeof cause?.code === 'string') return cause.code;
   if (typeof cause?.name === 'string' && cause.name !== 'Error') return cause.name;
+  const code = (err as { code?: unknown }).code;
+  if (typeof code === 'string') return code;
   return err instanceof Error ? err.name : 'unknown error';
 }
 
@@ -50,7 +90,41 @@ export const isRetryableStatus = (status: number): boolean => status === 408 || 
 
 export interface DeliveryDeps {
   pool: StorePool;
-  masterKey: Buffer | undefined;
+  keyring: MasterKeyring;
+  /** Address ranges receivers may use besides public ones. */
+  receiverAllow: readonly ReceiverAllowance[];
+}
+
+/**
+ * POSTs to the URL, connecting only to `addresses` (already checked). Redirects are not followed:
+ * a 3xx is an answer like any other. Resolves once the status is known; the body is discarded.
+ */
+function post(
+  url: URL,
+  addresses: readonly LookupAddress[],
+  headers: Record<string, string>,
+  body: string,
+  signal: AbortSignal,
+): Promise<{ status: number; retryAfter: string | undefined }> {
+  const send = url.protocol === 'https:' ? httpsRequest : httpRequest;
+  return new Promise((resolve, reject) => {
+    const req = send(
+      url,
+      {
+        method: 'POST',
+        headers: { ...headers, 'content-length': String(Buffer.byteLength(body)) },
+        lookup: pinnedLookup(addresses),
+        signal,
+      },
+      (res) => {
+        res.on('error', () => {}); // the status is all we need; a body cut short changes nothing
+        res.resume();
+        resolve({ status: res.statusCode ?? 0, retryAfter: res.headers['retry-after'] });
+      },
+    );
+    req.on('error', reject);
+    req.end(body);
+  });
 }
 
 /**
@@ -72,10 +146,12 @@ export async function deliverRevocation(
     loaded = await loadDeliveryForAttempt(deps.pool, eventId, receiverId);
   }
   if (!loaded) {
+    // Expected and transient: benign, so the worker logs it at debug level, without a stack trace.
     throw ApplicationFailure.create({
       message: `no outbox row for ${eventId} to ${receiverId}: the token's kill has not committed`,
       type: 'OutboxRowNotYetWritten',
       nextRetryDelay: 1000,
+      category: ApplicationFailureCategory.BENIGN,
     });
   }
   // Settled by an earlier attempt whose result was lost, or forced by an operator: nothing to send.
@@ -89,31 +165,51 @@ export async function deliverRevocation(
     });
     return toDeliveryView(cancelled);
   }
-  if (!deps.masterKey || masterKeyId(deps.masterKey) !== stored.keyId) {
+  const secret = deps.keyring.decrypt(stored.keyId, stored.ciphertext, receiverId);
+  if (secret === undefined) {
     // Retryable: fixing the worker's configuration and restarting it resumes delivery.
     throw ApplicationFailure.retryable(
-      `cannot decrypt the signing secret of receiver ${receiverId}: the worker's TOKENWARDEN_MASTER_KEY is ${deps.masterKey ? 'a different key' : 'not set'} (key id ${stored.keyId} expected)`,
+      `cannot decrypt the signing secret of receiver ${receiverId}: no key of the worker's TOKENWARDEN_MASTER_KEY or TOKENWARDEN_PREVIOUS_MASTER_KEYS has id ${stored.keyId}`,
       'SigningKeyUnavailable',
     );
   }
-  const secret = decryptSecret(deps.masterKey, stored.ciphertext, receiverId);
-  const timestamp = Math.floor(Date.now() / 1000);
-  let response: Response;
+
+  // The address is checked at every attempt: the policy may have changed since the receiver was
+  // added, and a name may resolve elsewhere now (DNS rebinding).
+  const checked = checkReceiverUrl(stored.receiver.url, deps.receiverAllow);
+  let resolved: Awaited<ReturnType<typeof resolveReceiver>> | undefined;
   try {
-    response = await fetch(stored.receiver.url, {
-      method: 'POST',
-      headers: {
+    if (checked.url) resolved = await resolveReceiver(checked.url, deps.receiverAllow);
+  } catch (err) {
+    const error = `receiver ${receiverId} unreachable: ${networkErrorCode(err)}`;
+    await recordDeliveryAttempt(deps.pool, eventId, receiverId, { kind: 'retryable', statusCode: null, error });
+    throw ApplicationFailure.retryable(error, RECEIVER_UNAVAILABLE);
+  }
+  if (!checked.url || !resolved?.addresses) {
+    const error = `receiver ${receiverId} refused: ${checked.problem ?? resolved?.problem}`;
+    await recordDeliveryAttempt(deps.pool, eventId, receiverId, { kind: 'rejected', statusCode: null, error });
+    throw ApplicationFailure.nonRetryable(
+      `${error}; not retried until an operator runs retryPropagation (after fixing the receiver or TOKENWARDEN_RECEIVER_ALLOW) or forceComplete`,
+      RECEIVER_REJECTED,
+    );
+  }
+
+  const timestamp = Math.floor(Date.now() / 1000);
+  let response: { status: number; retryAfter: string | undefined };
+  try {
+    response = await post(
+      checked.url,
+      resolved.addresses,
+      {
         'content-type': 'application/json',
         'user-agent': 'tokenwarden',
         'webhook-id': eventId,
         'webhook-timestamp': String(timestamp),
         'webhook-signature': signWebhook(secret, eventId, timestamp, loaded.body),
       },
-      body: loaded.body,
-      signal: AbortSignal.any([AbortSignal.timeout(HTTP_TIMEOUT_MS), Context.current().cancellationSignal]),
-      redirect: 'error',
-    });
-    await response.body?.cancel();
+      loaded.body,
+      AbortSignal.any([AbortSignal.timeout(HTTP_TIMEOUT_MS), Context.current().cancellationSignal]),
+    );
   } catch (err) {
     // Error codes only: a raw message can quote the URL, and a URL can carry credentials.
     const error = `receiver ${receiverId} unreachable: ${networkErrorCode(err)}`;
@@ -121,7 +217,7 @@ export async function deliverRevocation(
     throw ApplicationFailure.retryable(error, RECEIVER_UNAVAILABLE);
   }
 
-  if (response.ok) {
+  if (response.status >= 200 && response.status < 300) {
     const delivered = await recordDeliveryAttempt(deps.pool, eventId, receiverId, {
       kind: 'delivered',
       statusCode: response.status,
@@ -135,10 +231,15 @@ export async function deliverRevocation(
       statusCode: response.status,
       error,
     });
+    const info = Context.current().info;
     throw ApplicationFailure.create({
       message: error,
       type: RECEIVER_UNAVAILABLE,
-      nextRetryDelay: parseRetryAfter(response.headers.get('retry-after'), Date.now()),
+      nextRetryDelay: retryDelayMs(
+        parseRetryAfter(response.retryAfter, Date.now()),
+        info.attempt,
+        retryScheduleOf(info.retryPolicy),
+      ),
     });
   }
   await recordDeliveryAttempt(deps.pool, eventId, receiverId, { kind: 'rejected', statusCode: response.status, error });

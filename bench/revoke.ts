@@ -157,6 +157,8 @@ async function main(): Promise<void> {
       timing: { escalateAfterMs: 3_600_000, retryInitialMs: 1_000, retryMaxMs: 600_000 },
       reconcileGraceMs: 60_000,
       masterKey: randomBytes(32),
+      previousMasterKeys: [],
+      receiverAllow: ['loopback'],
     };
     const floorQueue = `bench-floor-${tag}`;
 

@@ -216,6 +216,25 @@ export function buildProgram(): Command {
       );
     });
 
+  receiver
+    .command('rekey')
+    .description(
+      "re-encrypt every receiver's signing secret under TOKENWARDEN_MASTER_KEY (after a key change; old keys in TOKENWARDEN_PREVIOUS_MASTER_KEYS)",
+    )
+    .addOption(json)
+    .action(async (opts: { json?: boolean }) => {
+      const outcome = await withWarden((tw) => tw.rekeyReceivers());
+      for (const f of outcome.failed) {
+        process.stderr.write(`tokenwarden: receiver ${f.receiverId} not re-encrypted: ${f.error}\n`);
+      }
+      print(
+        !!opts.json,
+        outcome,
+        () => `re-encrypted ${outcome.rekeyed.length} signing secret(s) under master key ${outcome.keyId}`,
+      );
+      if (outcome.failed.length > 0) process.exitCode = EXIT.failure;
+    });
+
   return program;
 }
 

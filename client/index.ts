@@ -8,16 +8,11 @@ import type { StorePool } from '../common/db.js';
 import { z } from 'zod';
 import { loadSettings, type Settings } from '../common/config.js';
 import { createPool } from '../common/db.js';
-import { ConfigError } from '../common/errors.js';
+import { ConfigError, InvalidInputError } from '../common/errors.js';
 import { newCredentialId, newTokenId } from '../common/ids.js';
 import { INITIATING_ENTITIES, TOKEN_STATUSES, type InitiatingEntity, type TokenStatus } from '../common/names.js';
-import {
-  encryptSecret,
-  generateSigningSecret,
-  generateTokenString,
-  hashToken,
-  masterKeyId,
-} from '../common/secrets.js';
+import { checkReceiverUrl, resolveReceiver, type ReceiverAllowance } from '../common/addresses.js';
+import { generateSigningSecret, generateTokenString, hashToken, MasterKeyring } from '../common/secrets.js';
 import * as store from '../common/store/index.js';
 import {
   actorSchema,
@@ -67,23 +62,32 @@ const listSchema = z.object({
   limit: z.number().int().min(1).max(10_000).default(100),
 });
 
-const receiverSchema = z.object({
-  id: receiverIdSchema,
-  url: z
-    .url({ protocol: /^https?$/, error: 'expected an http(s) URL' })
-    .refine(
-      (u) => !new URL(u).username && !new URL(u).password,
-      'credentials in the URL are not accepted: it is stored and shown in plain text',
-    ),
-  /** An existing signing secret to import (e.g. read from stdin); generated when absent. */
-  secret: z
-    .string()
-    .regex(
-      /^whsec_[A-Za-z0-9+/]{32,}={0,2}$/,
-      'expected a Standard Webhooks secret: whsec_ followed by base64 of at least 24 bytes',
-    )
-    .optional(),
-});
+/** Receiver input; the URL rules depend on the deployment's allowed address ranges. */
+const receiverSchema = (allow: readonly ReceiverAllowance[]) =>
+  z.object({
+    id: receiverIdSchema,
+    url: z.string().superRefine((text, ctx) => {
+      const { problem } = checkReceiverUrl(text, allow);
+      if (problem) ctx.addIssue({ code: 'custom', message: problem });
+    }),
+    /** An existing signing secret to import (e.g. read from stdin); generated when absent. */
+    secret: z
+      .string()
+      .regex(
+        /^whsec_[A-Za-z0-9+/]{32,}={0,2}$/,
+        'expected a Standard Webhooks secret: whsec_ followed by base64 of at least 24 bytes',
+      )
+      .optional(),
+  });
+export type ReceiverRequest = z.input<ReturnType<typeof receiverSchema>>;
+
+export interface RekeyOutcome {
+  /** Id of the current master key, under which every listed secret is now encrypted. */
+  keyId: string;
+  rekeyed: string[];
+  /** Secrets left as they were, with the reason (e.g. no configured key can decrypt them). */
+  failed: { receiverId: string; error: string }[];
+}
 
 export interface IssuedToken {
   tokenId: string;
@@ -118,6 +122,11 @@ export interface TokenView extends TokenSummary {
   deliveries: store.DeliveryRecord[];
 }
 
+const missingMasterKey = () =>
+  new ConfigError(
+    "TOKENWARDEN_MASTER_KEY is not set: it encrypts receivers' signing secrets at rest (32 bytes, base64)",
+  );
+
 const summarise = ({ status, effectiveStatus, ...rest }: store.TokenRecord): TokenSummary => ({
   ...rest,
   status: effectiveStatus,
@@ -125,6 +134,8 @@ const summarise = ({ status, effectiveStatus, ...rest }: store.TokenRecord): Tok
 });
 
 export class TokenWarden {
+  #keyring: MasterKeyring | undefined;
+
   private constructor(
     readonly settings: Settings,
     readonly pool: StorePool,
@@ -217,6 +228,10 @@ export class TokenWarden {
     return outcome;
   }
 
+  private get keyring(): MasterKeyring {
+    return (this.#keyring ??= new MasterKeyring(this.settings.masterKey, this.settings.previousMasterKeys));
+  }
+
   private withSignalDeadline<T>(fn: () => Promise<T>): Promise<T> {
     return this.temporal.connection.withDeadline(Date.now() + SIGNAL_DEADLINE_MS, fn);
   }
@@ -237,23 +252,61 @@ export class TokenWarden {
     return tokens.map(summarise);
   }
 
-  /** Registers a receiver; its signing secret is generated (or imported), encrypted at rest and returned once. */
-  async addReceiver(input: z.input<typeof receiverSchema>): Promise<store.ReceiverRecord & { secret: string }> {
-    const req = parseInput(receiverSchema, input, 'receiver');
-    const key = this.settings.masterKey;
-    if (!key) {
-      throw new ConfigError(
-        "TOKENWARDEN_MASTER_KEY is not set: it encrypts receivers' signing secrets at rest (32 bytes, base64)",
-      );
+  /**
+   * Registers a receiver; its signing secret is generated (or imported), encrypted at rest and
+   * returned once. The URL's host must not resolve to a forbidden address; a name that does not
+   * resolve yet is accepted, since every delivery attempt checks the resolved address again.
+   */
+  async addReceiver(input: ReceiverRequest): Promise<store.ReceiverRecord & { secret: string }> {
+    const allow = this.settings.receiverAllow;
+    const req = parseInput(receiverSchema(allow), input, 'receiver');
+    const resolved = await resolveReceiver(new URL(req.url), allow).catch(() => undefined);
+    if (resolved?.problem) {
+      throw new InvalidInputError(`invalid receiver: url: ${resolved.problem}`, [
+        { path: 'url', message: resolved.problem },
+      ]);
     }
     const secret = req.secret ?? generateSigningSecret();
+    const encrypted = this.keyring.encrypt(secret, req.id);
+    if (!encrypted) throw missingMasterKey();
     const record = await store.insertReceiver(this.pool, {
       id: req.id,
       url: req.url,
-      secretCiphertext: encryptSecret(key, secret, req.id),
-      secretKeyId: masterKeyId(key),
+      secretCiphertext: encrypted.ciphertext,
+      secretKeyId: encrypted.keyId,
     });
     return { ...record, secret };
+  }
+
+  /**
+   * Re-encrypts every receiver's signing secret under the current master key, each with its own
+   * compare-and-set, so it is safe while workers deliver and idempotent. Run it after configuring
+   * a new TOKENWARDEN_MASTER_KEY with the old one in TOKENWARDEN_PREVIOUS_MASTER_KEYS.
+   */
+  async rekeyReceivers(): Promise<RekeyOutcome> {
+    const keyId = this.keyring.currentId;
+    if (!keyId) throw missingMasterKey();
+    const outcome: RekeyOutcome = { keyId, rekeyed: [], failed: [] };
+    for (const stored of await store.listSecretsNotUnderKey(this.pool, keyId)) {
+      const { receiverId } = stored;
+      try {
+        const secret = this.keyring.decrypt(stored.keyId, stored.ciphertext, receiverId);
+        if (secret === undefined) {
+          outcome.failed.push({
+            receiverId,
+            error: `no configured master key has id ${stored.keyId}: add the key it was encrypted with to TOKENWARDEN_PREVIOUS_MASTER_KEYS`,
+          });
+          continue;
+        }
+        const replaced = await store.replaceSecret(this.pool, stored, this.keyring.encrypt(secret, receiverId)!);
+        if (replaced) outcome.rekeyed.push(receiverId);
+        else outcome.failed.push({ receiverId, error: 'its secret changed while rekeying: run rekey again' });
+      } catch (err) {
+        // Decryption errors say only that authentication failed; they never quote key material.
+        outcome.failed.push({ receiverId, error: err instanceof Error ? err.message : String(err) });
+      }
+    }
+    return outcome;
   }
 
   async listReceivers(): Promise<store.ReceiverRecord[]> {

@@ -7,6 +7,7 @@ import { z } from 'zod';
 import { DEFAULT_NAMESPACE, DEFAULT_TASK_QUEUE, type PropagationTiming } from './names.js';
 import { parseDuration, DURATION_HINT } from './durations.js';
 import { ConfigError } from './errors.js';
+import { RECEIVER_ALLOWANCES, type ReceiverAllowance } from './addresses.js';
 
 /** The package root (this file lives in dist/common/). */
 export const PACKAGE_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -22,6 +23,10 @@ export interface Settings {
   reconcileGraceMs: number;
   /** Key that encrypts receivers' signing secrets at rest; undefined when not configured. */
   masterKey: Buffer | undefined;
+  /** Earlier master keys, kept to decrypt secrets not yet re-encrypted by `receiver rekey`. */
+  previousMasterKeys: Buffer[];
+  /** Address ranges receivers may use besides public ones (the dev stack allows loopback). */
+  receiverAllow: ReceiverAllowance[];
 }
 
 /** What `tokenwarden start` writes into the data folder so that CLI calls find the running stack. */
@@ -31,6 +36,8 @@ export interface StackFile {
   namespace: string;
   /** The stack's process: a file left behind by a killed stack is ignored. */
   pid: number;
+  /** Receivers' address ranges the stack allows; clients of its store apply them too. */
+  receiverAllow?: ReceiverAllowance[];
 }
 
 const duration = (name: string, fallback: string) =>
@@ -56,13 +63,54 @@ const envSchema = z.object({
   TOKENWARDEN_TASK_QUEUE: z.string().min(1).default(DEFAULT_TASK_QUEUE),
   TOKENWARDEN_MASTER_KEY: z
     .string()
-    .refine((v) => Buffer.from(v, 'base64').length === 32, 'TOKENWARDEN_MASTER_KEY must be 32 bytes, base64-encoded')
+    .refine(isMasterKey, 'TOKENWARDEN_MASTER_KEY must be 32 bytes, base64-encoded')
+    .optional(),
+  TOKENWARDEN_PREVIOUS_MASTER_KEYS: z
+    .string()
+    .default('')
+    .transform((text, ctx) => {
+      const keys = text
+        .split(',')
+        .map((k) => k.trim())
+        .filter(Boolean);
+      // Positions only: a message must never quote key material.
+      const bad = keys.map((k, i) => (isMasterKey(k) ? -1 : i + 1)).filter((i) => i > 0);
+      if (bad.length > 0) {
+        ctx.addIssue({
+          code: 'custom',
+          message: `TOKENWARDEN_PREVIOUS_MASTER_KEYS must be comma-separated keys of 32 bytes, base64-encoded (key ${bad.join(', ')} is not)`,
+        });
+        return z.NEVER;
+      }
+      return keys.map((k) => Buffer.from(k, 'base64'));
+    }),
+  TOKENWARDEN_RECEIVER_ALLOW: z
+    .string()
+    .transform((text, ctx) => {
+      const ranges = text
+        .split(',')
+        .map((r) => r.trim())
+        .filter(Boolean);
+      const unknown = ranges.filter((r) => !(RECEIVER_ALLOWANCES as readonly string[]).includes(r));
+      if (unknown.length > 0) {
+        ctx.addIssue({
+          code: 'custom',
+          message: `TOKENWARDEN_RECEIVER_ALLOW must list ${RECEIVER_ALLOWANCES.join(' and/or ')}, comma-separated; got ${JSON.stringify(unknown.join(','))}`,
+        });
+        return z.NEVER;
+      }
+      return [...new Set(ranges)] as ReceiverAllowance[];
+    })
     .optional(),
   TOKENWARDEN_ESCALATE_AFTER: duration('TOKENWARDEN_ESCALATE_AFTER', '1h'),
   TOKENWARDEN_RETRY_INITIAL: duration('TOKENWARDEN_RETRY_INITIAL', '1s'),
   TOKENWARDEN_RETRY_MAX: duration('TOKENWARDEN_RETRY_MAX', '10m'),
   TOKENWARDEN_RECONCILE_GRACE: duration('TOKENWARDEN_RECONCILE_GRACE', '1m'),
 });
+
+function isMasterKey(text: string): boolean {
+  return Buffer.from(text, 'base64').length === 32;
+}
 
 export function readStackFile(dataDir: string): StackFile | undefined {
   const file = path.join(dataDir, 'stack.json');
@@ -134,6 +182,10 @@ export function loadSettings(env: NodeJS.ProcessEnv = process.env): Settings {
     },
     reconcileGraceMs: e.TOKENWARDEN_RECONCILE_GRACE,
     masterKey,
+    previousMasterKeys: e.TOKENWARDEN_PREVIOUS_MASTER_KEYS,
+    // The dev stack's own allowance applies to whoever uses its store, unless set explicitly.
+    receiverAllow:
+      e.TOKENWARDEN_RECEIVER_ALLOW ?? (stack && databaseUrl === stack.databaseUrl ? (stack.receiverAllow ?? []) : []),
   };
 }
 

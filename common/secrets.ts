@@ -2,7 +2,15 @@
  * Everything that touches secret material: token strings, their hashes, receivers' signing keys
  * (encrypted at rest) and Standard Webhooks signatures. Never imported by workflow code.
  */
-import { createCipheriv, createDecipheriv, createHash, createHmac, randomBytes, randomInt } from 'node:crypto';
+import {
+  createCipheriv,
+  createDecipheriv,
+  createHash,
+  createHmac,
+  hkdfSync,
+  randomBytes,
+  randomInt,
+} from 'node:crypto';
 import { crc32 } from 'node:zlib';
 import { TOKEN_STRING_PREFIX } from './names.js';
 
@@ -60,9 +68,50 @@ export function signWebhook(secret: string, id: string, timestampSeconds: number
   return `v1,${mac}`;
 }
 
-/** Key id of a master key: lets old ciphertexts name the key they need after a key change. */
+/**
+ * Key id of a master key, stored next to each ciphertext so a keyring can pick the key it needs.
+ * HKDF under its own label, not a plain hash: the id is no fingerprint usable anywhere else. Like
+ * any GCM tag it still confirms a guessed key, which is why keys must be 32 random bytes.
+ */
 export function masterKeyId(key: Buffer): string {
-  return createHash('sha256').update(key).digest('hex').slice(0, 16);
+  return Buffer.from(hkdfSync('sha256', key, Buffer.alloc(0), 'tokenwarden master key id', 8)).toString('hex');
+}
+
+/** The id earlier versions stored (a truncated SHA-256 of the key): still read, replaced by rekey. */
+const legacyMasterKeyId = (key: Buffer): string => createHash('sha256').update(key).digest('hex').slice(0, 16);
+
+/**
+ * The master keys of a deployment: the current key encrypts, every key decrypts. Rolling the key:
+ * configure the new current key with the old one as previous, run `receiver rekey`, then drop the
+ * old key.
+ */
+export class MasterKeyring {
+  private readonly byId = new Map<string, Buffer>();
+  readonly currentId: string | undefined;
+
+  constructor(
+    private readonly current: Buffer | undefined,
+    previous: readonly Buffer[] = [],
+  ) {
+    this.currentId = current && masterKeyId(current);
+    const keys = [...(current ? [current] : []), ...previous];
+    // First come, first kept: the current key, then current-format ids, win any collision.
+    for (const idOf of [masterKeyId, legacyMasterKeyId]) {
+      for (const key of keys) if (!this.byId.has(idOf(key))) this.byId.set(idOf(key), key);
+    }
+  }
+
+  /** Encrypts under the current key; undefined when no key is configured. */
+  encrypt(plaintext: string, aad: string): { ciphertext: Buffer; keyId: string } | undefined {
+    if (!this.current || !this.currentId) return undefined;
+    return { ciphertext: encryptSecret(this.current, plaintext, aad), keyId: this.currentId };
+  }
+
+  /** Decrypts with the key the id names; undefined when the keyring does not hold it. */
+  decrypt(keyId: string, ciphertext: Buffer, aad: string): string | undefined {
+    const key = this.byId.get(keyId);
+    return key && decryptSecret(key, ciphertext, aad);
+  }
 }
 
 /** AES-256-GCM; output is iv(12) ‖ tag(16) ‖ ciphertext. `aad` binds the ciphertext to its row. */

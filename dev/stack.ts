@@ -99,7 +99,13 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
       log(`PostgreSQL on 127.0.0.1:${pgPort} (data in ${path.join(dataDir, 'postgres')})`);
     }
 
-    const loaded = loadSettings({ ...process.env, TOKENWARDEN_DATA_DIR: dataDir, DATABASE_URL: databaseUrl });
+    const loaded = loadSettings({
+      // Receivers on this machine (the walkthrough's) are the point of a dev stack.
+      TOKENWARDEN_RECEIVER_ALLOW: 'loopback',
+      ...process.env,
+      TOKENWARDEN_DATA_DIR: dataDir,
+      DATABASE_URL: databaseUrl,
+    });
     // The stack's own server, whatever TEMPORAL_ADDRESS or a Temporal profile may point at.
     const settings = {
       ...loaded,
@@ -108,7 +114,13 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
     const applied = await migrate(databaseUrl, settings.databaseSchema, log);
     if (applied.length > 0) log(`applied migrations: ${applied.join(', ')}`);
 
-    const stack: StackFile = { databaseUrl, temporalAddress: temporal.address, namespace, pid: process.pid };
+    const stack: StackFile = {
+      databaseUrl,
+      temporalAddress: temporal.address,
+      namespace,
+      pid: process.pid,
+      receiverAllow: settings.receiverAllow,
+    };
     // The URL carries the database password.
     await writeFile(stackFile, `${JSON.stringify(stack, null, 2)}\n`, { mode: 0o600 });
     wroteStackFile = true;

@@ -5,9 +5,10 @@ import { setTimeout } from 'node:timers/promises';
 import { after, before, describe, it } from 'node:test';
 import { ApplicationFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
-import { DefaultLogger } from '@temporalio/worker';
-import { deliverRevocation } from '../activities/propagation.js';
+import { DefaultLogger, type LogEntry } from '@temporalio/worker';
+import { deliverRevocation, RECEIVER_UNAVAILABLE, type DeliveryDeps } from '../activities/propagation.js';
 import { revocationEventId } from '../common/ids.js';
+import { MasterKeyring } from '../common/secrets.js';
 import * as store from '../common/store/index.js';
 import type { DeliveryView } from '../workflows/messages.js';
 import { TestContext } from './support/context.js';
@@ -33,12 +34,26 @@ async function revokedToken(): Promise<{ tokenId: string; eventId: string }> {
   return { tokenId, eventId: d!.eventId };
 }
 
-const run = (masterKey: Buffer | undefined, input: { eventId: string; receiverId: string }): Promise<DeliveryView> =>
-  new MockActivityEnvironment(undefined, { logger: new DefaultLogger('ERROR') }).run(
+/** One attempt in a mock activity context; `log` collects what the worker would log. */
+const run = (
+  masterKey: Buffer | undefined,
+  input: { eventId: string; receiverId: string },
+  log: LogEntry[] = [],
+): Promise<DeliveryView> => {
+  const deps: DeliveryDeps = {
+    pool: ctx.pool,
+    keyring: new MasterKeyring(masterKey),
+    receiverAllow: ctx.settings.receiverAllow,
+  };
+  const logger = new DefaultLogger('DEBUG', (entry) => log.push(entry));
+  return new MockActivityEnvironment(undefined, { logger }).run(
     deliverRevocation,
-    { pool: ctx.pool, masterKey },
+    deps,
     input,
   ) as Promise<DeliveryView>;
+};
+
+const failureLogs = (log: LogEntry[]) => log.filter((e) => e.message === 'Activity failed');
 
 describe('deliverRevocation', () => {
   it('should not send again when the receiver acknowledged but the result was lost', async () => {
@@ -61,14 +76,39 @@ describe('deliverRevocation', () => {
     assert.equal((await attempt).status, 'delivered');
   });
 
-  it('should fail retryably when no kill ever wrote the outbox row', async () => {
+  it('should fail retryably, and quietly, when no kill ever wrote the outbox row', async () => {
     const { tokenId } = await ctx.warden.issue({ subject: 'usr_act', receivers: ['billing'], ttl: '1h' });
-    const err = await run(ctx.settings.masterKey, { eventId: revocationEventId(tokenId), receiverId: 'billing' }).catch(
-      (e: unknown) => e,
-    );
+    const log: LogEntry[] = [];
+    const err = await run(
+      ctx.settings.masterKey,
+      { eventId: revocationEventId(tokenId), receiverId: 'billing' },
+      log,
+    ).catch((e: unknown) => e);
     assert.ok(err instanceof ApplicationFailure);
     assert.equal(err.type, 'OutboxRowNotYetWritten');
     assert.equal(err.nonRetryable, false);
+    // An expected, transient wait: logged at debug level, not as a warning with a stack trace.
+    assert.deepEqual(
+      failureLogs(log).map((e) => e.level),
+      ['DEBUG'],
+    );
+  });
+
+  it('should still warn about a real failure', async () => {
+    const { eventId } = await revokedToken();
+    receiver.behaviour = () => ({ status: 503 });
+    const log: LogEntry[] = [];
+    try {
+      const err = await run(ctx.settings.masterKey, { eventId, receiverId: 'billing' }, log).catch((e: unknown) => e);
+      assert.ok(err instanceof ApplicationFailure);
+      assert.equal(err.type, RECEIVER_UNAVAILABLE);
+    } finally {
+      receiver.behaviour = () => ({ status: 204 });
+    }
+    assert.deepEqual(
+      failureLogs(log).map((e) => e.level),
+      ['WARN'],
+    );
   });
 
   it('should refuse to sign with the wrong master key, without revealing any secret', async () => {
@@ -79,6 +119,7 @@ describe('deliverRevocation', () => {
     assert.equal(err.nonRetryable, false);
     assert.match(err.message, /TOKENWARDEN_MASTER_KEY/);
     assert.ok(!err.message.includes(receiver.secret!.slice(6)));
+    assert.ok(!err.message.includes(ctx.settings.masterKey!.toString('base64')));
   });
 
   it('should cancel, with an audit event, a delivery to a removed receiver', async () => {

@@ -143,7 +143,14 @@ describe('wire contract', () => {
     const activities = createActivities({
       pool: {} as never,
       client: {} as never,
-      settings: { masterKey: undefined, reconcileGraceMs: 0, timing: {} as never, temporal: {} as never },
+      settings: {
+        masterKey: undefined,
+        previousMasterKeys: [],
+        receiverAllow: [],
+        reconcileGraceMs: 0,
+        timing: {} as never,
+        temporal: {} as never,
+      },
     });
     assert.deepEqual(Object.keys(activities).sort(), [...ACTIVITY_NAMES].sort());
   });

@@ -27,7 +27,7 @@ export async function loadDeliveryForAttempt(
 export type AttemptOutcome =
   | { kind: 'delivered'; statusCode: number }
   | { kind: 'retryable'; statusCode: number | null; error: string }
-  | { kind: 'rejected'; statusCode: number; error: string }
+  | { kind: 'rejected'; statusCode: number | null; error: string }
   | { kind: 'cancelled'; error: string };
 
 /**

@@ -48,3 +48,41 @@ export async function loadReceiverSecret(
   if (!row) return undefined;
   return { receiver: toReceiver(row), ciphertext: row.secret_ciphertext as Buffer, keyId: row.secret_key_id as string };
 }
+
+export interface StoredSecret {
+  receiverId: string;
+  ciphertext: Buffer;
+  keyId: string;
+}
+
+/** Every receiver's secret (removed ones too) not encrypted under the key `keyId` names. */
+export async function listSecretsNotUnderKey(db: Queryable, keyId: string): Promise<StoredSecret[]> {
+  const t = db.tables;
+  const { rows } = await db.query(
+    `SELECT id, secret_ciphertext, secret_key_id FROM ${t.receiver} WHERE secret_key_id <> $1 ORDER BY id`,
+    [keyId],
+  );
+  return rows.map((r) => ({
+    receiverId: r.id as string,
+    ciphertext: r.secret_ciphertext as Buffer,
+    keyId: r.secret_key_id as string,
+  }));
+}
+
+/**
+ * Replaces a receiver's encrypted secret if it is still the one read (compare and set): one
+ * statement, so a worker reading the row sees either pair, and both decrypt during a key roll.
+ */
+export async function replaceSecret(
+  db: Queryable,
+  from: StoredSecret,
+  to: { ciphertext: Buffer; keyId: string },
+): Promise<boolean> {
+  const t = db.tables;
+  const { rowCount } = await db.query(
+    `UPDATE ${t.receiver} SET secret_ciphertext = $4, secret_key_id = $5
+      WHERE id = $1 AND secret_key_id = $2 AND secret_ciphertext = $3`,
+    [from.receiverId, from.keyId, from.ciphertext, to.ciphertext, to.keyId],
+  );
+  return rowCount === 1;
+}

@@ -54,6 +54,9 @@ export class TestContext {
       timing: { escalateAfterMs: 3_000, retryInitialMs: 200, retryMaxMs: 1_000, ...timing },
       reconcileGraceMs: 0,
       masterKey: randomBytes(32),
+      previousMasterKeys: [],
+      // Test receivers listen on loopback.
+      receiverAllow: ['loopback'],
     };
     const pool = createPool(databaseUrl, schema, 5);
     const sql = new pg.Pool({ connectionString: databaseUrl, max: 2, options: `-c search_path=${quoteIdent(schema)}` });
@@ -64,13 +67,13 @@ export class TestContext {
   }
 
   /** Starts a worker on this file's task queue with the run's pre-built workflow bundle. */
-  async startWorker(): Promise<RunningWorker> {
+  async startWorker(settings: Settings = this.settings): Promise<RunningWorker> {
     const bundlePath = process.env.TOKENWARDEN_TEST_WORKFLOW_BUNDLE;
     const worker = await createTokenWorker({
       connection: this.nativeConnection,
       client: this.client,
       pool: this.pool,
-      settings: this.settings,
+      settings,
       ...(bundlePath ? { workflowBundle: { codePath: bundlePath } } : {}),
     });
     const running = worker.run();
@@ -98,6 +101,8 @@ export class TestContext {
       TEMPORAL_NAMESPACE: s.temporal.namespace,
       TOKENWARDEN_TASK_QUEUE: s.temporal.taskQueue,
       TOKENWARDEN_MASTER_KEY: s.masterKey!.toString('base64'),
+      TOKENWARDEN_PREVIOUS_MASTER_KEYS: s.previousMasterKeys.map((k) => k.toString('base64')).join(','),
+      TOKENWARDEN_RECEIVER_ALLOW: s.receiverAllow.join(','),
     };
   }
 
