@@ -174,12 +174,14 @@ export async function deliverRevocation(
     );
   }
 
+  // One deadline for the whole attempt, name resolution included.
+  const signal = AbortSignal.any([AbortSignal.timeout(HTTP_TIMEOUT_MS), Context.current().cancellationSignal]);
   // The address is checked at every attempt: the policy may have changed since the receiver was
   // added, and a name may resolve elsewhere now (DNS rebinding).
   const checked = checkReceiverUrl(stored.receiver.url, deps.receiverAllow);
   let resolved: Awaited<ReturnType<typeof resolveReceiver>> | undefined;
   try {
-    if (checked.url) resolved = await resolveReceiver(checked.url, deps.receiverAllow);
+    if (checked.url) resolved = await resolveReceiver(checked.url, deps.receiverAllow, signal);
   } catch (err) {
     const error = `receiver ${receiverId} unreachable: ${networkErrorCode(err)}`;
     await recordDeliveryAttempt(deps.pool, eventId, receiverId, { kind: 'retryable', statusCode: null, error });
@@ -208,7 +210,7 @@ export async function deliverRevocation(
         'webhook-signature': signWebhook(secret, eventId, timestamp, loaded.body),
       },
       loaded.body,
-      AbortSignal.any([AbortSignal.timeout(HTTP_TIMEOUT_MS), Context.current().cancellationSignal]),
+      signal,
     );
   } catch (err) {
     // Error codes only: a raw message can quote the URL, and a URL can carry credentials.

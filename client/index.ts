@@ -260,7 +260,7 @@ export class TokenWarden {
   async addReceiver(input: ReceiverRequest): Promise<store.ReceiverRecord & { secret: string }> {
     const allow = this.settings.receiverAllow;
     const req = parseInput(receiverSchema(allow), input, 'receiver');
-    const resolved = await resolveReceiver(new URL(req.url), allow).catch(() => undefined);
+    const resolved = await resolveReceiver(new URL(req.url), allow, AbortSignal.timeout(5_000)).catch(() => undefined);
     if (resolved?.problem) {
       throw new InvalidInputError(`invalid receiver: url: ${resolved.problem}`, [
         { path: 'url', message: resolved.problem },

@@ -154,14 +154,25 @@ export function checkReceiverUrl(
 
 /**
  * Resolves the URL's host (every address it has) and refuses it when any address is forbidden:
- * one forbidden answer among several would otherwise be reached by chance.
+ * one forbidden answer among several would otherwise be reached by chance. `signal` bounds the
+ * wait (getaddrinfo itself has no deadline).
  */
 export async function resolveReceiver(
   url: URL,
   allow: readonly ReceiverAllowance[],
+  signal: AbortSignal,
 ): Promise<{ addresses: LookupAddress[]; problem?: undefined } | { addresses?: undefined; problem: string }> {
   const host = bareHost(url);
-  const addresses = isIP(host) ? [{ address: host, family: isIP(host) }] : await lookup(host, { all: true });
+  const addresses = isIP(host)
+    ? [{ address: host, family: isIP(host) }]
+    : await new Promise<LookupAddress[]>((resolve, reject) => {
+        signal.throwIfAborted();
+        const abort = () => reject(signal.reason as Error);
+        signal.addEventListener('abort', abort, { once: true });
+        lookup(host, { all: true })
+          .then(resolve, reject)
+          .finally(() => signal.removeEventListener('abort', abort));
+      });
   for (const { address } of addresses) {
     const problem = addressProblem(address, allow);
     if (problem) return { problem: `${host} resolves to a forbidden address: ${problem}` };

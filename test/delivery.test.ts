@@ -76,11 +76,11 @@ describe('retry pacing', () => {
     assert.deepEqual(retryScheduleOf(undefined), { initialMs: 1_000, coefficient: 2, maximumMs: 100_000 });
   });
 
-  it('should retry a receiver answering 503 Retry-After: 0 a handful of times, then deliver', async () => {
+  it('should retry a receiver answering 503 Retry-After: 0 a handful of times, then deliver', async (t) => {
     const worker = await ctx.startWorker();
     try {
       const { id, receiver } = await addReceiver();
-      const unavailableMs = 3_000;
+      const unavailableMs = 4_000;
       let firstAt: number | undefined;
       receiver.behaviour = () => {
         firstAt ??= Date.now();
@@ -92,9 +92,11 @@ describe('retry pacing', () => {
       await propagated(tokenId);
 
       const attempts = receiver.requests;
-      // 200 ms doubling to 1 s over 3 s: about six attempts. One means the activity gave up; dozens
-      // mean Retry-After: 0 turned the backoff into a loop.
-      assert.ok(attempts.length >= 4 && attempts.length <= 12, `${attempts.length} attempts`);
+      t.diagnostic(`attempts ${attempts.length}, gaps ${attempts.slice(1).map((r, i) => r.at - attempts[i]!.at)} ms`);
+      // The schedule (200 ms doubling to 1 s; the dev server fires retry timers about once a second)
+      // gives four or five attempts in 4 s. One means the activity gave up; dozens mean Retry-After: 0
+      // turned the backoff into a loop.
+      assert.ok(attempts.length >= 3 && attempts.length <= 15, `${attempts.length} attempts`);
       for (let i = 1; i < attempts.length; i++) {
         const gap = attempts[i]!.at - attempts[i - 1]!.at;
         assert.ok(gap >= 150, `attempt ${i + 1} came ${gap} ms after the previous one`);
