@@ -1,55 +1,31 @@
 /**
- * The append-only, per-token hash chain of audit events (canonical JSON, RFC 8785, and SHA-256).
+ * The append-only, per-token hash chain of audit events: canonical JSON (RFC 8785) of each event,
+ * hashed with SHA-256. The store's `append_audit` function writes every link (migrations/0002), so
+ * the kill appends in its own statement exactly as every other writer does; Node only verifies.
  */
-import canonicalize from 'canonicalize';
 import { createHash } from 'node:crypto';
-import type { Queryable, StoreClient, StorePool } from '../db.js';
-import { inTransaction, type AuditRecord } from './rows.js';
+import type { Queryable, StorePool } from '../db.js';
+import { routine, type AuditRecord } from './rows.js';
 
 /**
- * Appends one event to the token's hash chain, in the caller's transaction. Takes the token row's
- * lock so concurrent writers cannot fork the chain; a repeated idempotency key is a no-op, so a
- * retried activity does not log twice.
+ * Appends one event to the token's hash chain: one statement, in the caller's transaction when `db`
+ * is a checked-out client. It takes the token row's lock so concurrent writers cannot fork the
+ * chain; a repeated idempotency key is a no-op, so a retried activity does not log twice. `data` is
+ * JSON with integer numbers only (the store's canonical JSON refuses fractions).
  */
 export async function appendAudit(
-  client: StoreClient,
+  db: Queryable,
   tokenId: string,
   idempotencyKey: string,
   kind: string,
   data: Record<string, unknown>,
 ): Promise<void> {
-  const t = client.tables;
-  await client.query(`SELECT 1 FROM ${t.token} WHERE id = $1 FOR UPDATE`, [tokenId]);
-  const { rows } = await client.query(
-    `SELECT now() AS now,
-            (SELECT 1 FROM ${t.audit_event} WHERE token_id = $1 AND idempotency_key = $2) AS seen,
-            last.seq, last.hash
-       FROM (SELECT 1) one
-       LEFT JOIN LATERAL (SELECT seq, hash FROM ${t.audit_event} WHERE token_id = $1 ORDER BY seq DESC LIMIT 1) last ON true`,
-    [tokenId, idempotencyKey],
-  );
-  const head = rows[0] as { now: Date; seen: number | null; seq: number | null; hash: Buffer | null };
-  if (head.seen) return;
-  const event = sealAuditEvent(tokenId, head, kind, data);
-  await client.query(
-    `INSERT INTO ${t.audit_event} (token_id, seq, idempotency_key, kind, canonical, prev_hash, hash)
-     VALUES ($1, $2, $3, $4, $5, $6, $7)`,
-    [tokenId, event.seq, idempotencyKey, kind, event.canonical, head.hash, event.hash],
-  );
-}
-
-/** The next link of a token's chain: canonical JSON (RFC 8785) of the event, and its SHA-256. */
-export function sealAuditEvent(
-  tokenId: string,
-  head: { now: Date; seq: number | null; hash: Buffer | null },
-  kind: string,
-  data: Record<string, unknown>,
-): { seq: number; canonical: string; hash: Buffer } {
-  const seq = (head.seq ?? 0) + 1;
-  const prevHash = head.hash ? head.hash.toString('hex') : null;
-  const canonical = canonicalize({ tokenId, seq, kind, at: head.now.toISOString(), prevHash, data });
-  if (canonical === undefined) throw new Error('audit event is not serialisable');
-  return { seq, canonical, hash: createHash('sha256').update(canonical, 'utf8').digest() };
+  await db.query(`SELECT ${routine(db.tables, 'append_audit')}($1, $2, $3, $4::jsonb)`, [
+    tokenId,
+    idempotencyKey,
+    kind,
+    JSON.stringify(data),
+  ]);
 }
 
 export async function recordAudit(
@@ -59,7 +35,7 @@ export async function recordAudit(
   kind: string,
   data: Record<string, unknown>,
 ): Promise<void> {
-  await inTransaction(pool, (client) => appendAudit(client, tokenId, idempotencyKey, kind, data));
+  await appendAudit(pool, tokenId, idempotencyKey, kind, data);
 }
 
 export async function readAudit(db: Queryable, tokenId: string): Promise<AuditRecord[]> {

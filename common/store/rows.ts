@@ -3,7 +3,7 @@
  * expect (a manual edit, a schema drift) fails loudly with the column named.
  */
 import { z } from 'zod';
-import { checkout, type StoreClient, type StorePool } from '../db.js';
+import { checkout, quoteIdent, type StoreClient, type StorePool, type Tables } from '../db.js';
 import {
   DELIVERY_STATES,
   INITIATING_ENTITIES,
@@ -67,6 +67,10 @@ export interface AuditRecord {
   hash: string;
   prevHash: string | null;
 }
+
+/** A function of the store (created by the migrations), named with its schema like the tables. */
+export const routine = (t: Tables, name: 'kill_token' | 'append_audit' | 'canonical_json') =>
+  `${quoteIdent(t.schema)}.${name}`;
 
 export const TOKEN_COLUMNS = `
   id, subject, name, scopes, receivers, status, propagation, issued_at, expires_at, revoked_at,

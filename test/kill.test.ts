@@ -1,0 +1,264 @@
+/**
+ * The kill as one statement (the store's kill_token function) and the audit chain written in SQL:
+ * canonical JSON identical to Node's, no session state, and an expired token's time of death.
+ */
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import { after, before, describe, it } from 'node:test';
+import canonicalize from 'canonicalize';
+import pg from 'pg';
+import { createPool } from '../common/db.js';
+import { newCredentialId, newTokenId, revocationEventId } from '../common/ids.js';
+import { KILL_CHANNEL } from '../common/names.js';
+import * as store from '../common/store/index.js';
+import { TestContext } from './support/context.js';
+import { TestReceiver } from './support/receiver.js';
+import { waitUntil } from './support/wait.js';
+
+let ctx: TestContext;
+const receivers: TestReceiver[] = [];
+before(async () => {
+  ctx = await TestContext.create('kill');
+  for (const id of ['billing', 'crm']) {
+    await store.insertReceiver(ctx.pool, {
+      id,
+      url: `http://127.0.0.1:1/${id}`,
+      secretCiphertext: Buffer.from('x'),
+      secretKeyId: 'k',
+    });
+  }
+});
+after(async () => {
+  for (const r of receivers) await r.close();
+  await ctx?.close();
+});
+
+const newToken = (overrides: Partial<store.NewToken> = {}) =>
+  store.insertToken(ctx.pool, {
+    tokenId: newTokenId(),
+    credentialId: newCredentialId(),
+    subject: 'usr_kill',
+    name: null,
+    scopes: [],
+    receivers: ['billing', 'crm'],
+    ttlMs: 60_000,
+    secretHash: randomBytes(32),
+    ...overrides,
+  });
+
+async function storedBodies(tokenId: string): Promise<string[]> {
+  const { rows } = await ctx.sql.query('SELECT body FROM delivery WHERE token_id = $1 ORDER BY receiver_id', [tokenId]);
+  return rows.map((r) => r.body as string);
+}
+
+// Every character class where JSON encoders differ: escapes JSON.stringify writes in short form,
+// the rest of C0 (as \u00xx, lowercase), DEL and U+2028/9 (raw), astral characters (raw, not escaped).
+const C0 = Array.from({ length: 0x1f }, (_, i) => String.fromCharCode(i + 1)).join('');
+const HOSTILE_STRINGS = [
+  '',
+  C0,
+  '"quoted" \\ back\\slash \\u0041 /slash/ </script>',
+  '\u007f DEL \u0080 \u009f \u00a0 \u00ad',
+  'line\u2028separator\u2029paragraph',
+  '😀 🏳️‍🌈 𝄞 emoji and astral',
+  '日本語の理由 中文 한국어',
+  '\ufeff BOM \ufffd replacement \ue000 private use',
+  "it's '); DROP TABLE token; -- E'\\'",
+];
+
+describe('canonical JSON in SQL', () => {
+  const inSql = async (value: unknown) =>
+    (await ctx.sql.query('SELECT canonical_json($1::jsonb) AS text', [JSON.stringify(value)])).rows[0].text as string;
+
+  it('should write exactly what Node canonicalize writes, on hostile strings, keys and nesting', async () => {
+    const values: unknown[] = [
+      ...HOSTILE_STRINGS,
+      HOSTILE_STRINGS,
+      Object.fromEntries(HOSTILE_STRINGS.map((s, i) => [s, i])),
+      { b: 1, a: [true, false, null, { z: [], y: {} }], A: -0, _: 9007199254740991, aa: -9007199254740991, a1: 1e2 },
+      { é: 1, e: 2, 中: 3, '~': 4, ' ': 5, '': 6, Z: { nested: { deeper: [C0, ['x']] } } },
+      { tokenId: 'tok_1', seq: 12, at: new Date(Date.UTC(2030, 0, 2, 3, 4, 5, 6)), prevHash: null, data: {} },
+      [],
+      {},
+      0,
+      null,
+      true,
+    ];
+    for (const value of values) assert.equal(await inSql(value), canonicalize(value), JSON.stringify(value));
+  });
+
+  it('should refuse what it cannot write as Node does, instead of writing it differently', async () => {
+    await assert.rejects(inSql({ n: 1.5 }), /safe integers only/);
+    await assert.rejects(inSql({ n: 2 ** 53 }), /safe integers only/);
+    // PostgreSQL text cannot hold U+0000 (the library refuses it in every field before the store).
+    await assert.rejects(inSql({ s: 'nul \u0000' }), /unsupported Unicode escape sequence/);
+  });
+
+  it('should write instants as Date#toISOString does for the values node-postgres reads', async () => {
+    for (const text of ['2030-02-28T23:59:59.999999Z', '2024-02-29T00:00:00Z', '1999-12-31T23:59:59.000500+05:30']) {
+      const { rows } = await ctx.sql.query('SELECT $1::timestamptz AS at, iso_time($1::timestamptz) AS iso', [text]);
+      assert.equal(rows[0].iso, (rows[0].at as Date).toISOString(), text);
+    }
+  });
+});
+
+describe('audit chain', () => {
+  /** How the chain's links were written in Node before the store wrote them (kept to prove continuity). */
+  function nodeLink(tokenId: string, seq: number, prevHash: string | null, kind: string, data: object) {
+    const canonical = canonicalize({ tokenId, seq, kind, at: new Date().toISOString(), prevHash, data })!;
+    return { canonical, hash: createHash('sha256').update(canonical, 'utf8').digest() };
+  }
+
+  it('should verify a chain written partly by Node and continued by the store, hostile text included', async () => {
+    const t = await newToken({ receivers: [] });
+    const [issued] = await store.readAudit(ctx.pool, t.id);
+    const legacy = nodeLink(t.id, 2, issued!.hash, 'test.node', { texts: HOSTILE_STRINGS, n: 7 });
+    await ctx.sql.query(
+      `INSERT INTO audit_event (token_id, seq, idempotency_key, kind, canonical, prev_hash, hash)
+       VALUES ($1, 2, 'node', 'test.node', $2, $3, $4)`,
+      [t.id, legacy.canonical, Buffer.from(issued!.hash, 'hex'), legacy.hash],
+    );
+    await store.recordAudit(ctx.pool, t.id, 'sql', 'test.sql', { texts: HOSTILE_STRINGS, n: 8 });
+    await store.killToken(ctx.pool, {
+      tokenId: t.id,
+      reason: HOSTILE_STRINGS.join(' | '),
+      actor: HOSTILE_STRINGS[2]!,
+      initiatingEntity: 'admin',
+    });
+    const events = await store.readAudit(ctx.pool, t.id);
+    assert.deepEqual(
+      events.map((e) => e.kind),
+      ['token.issued', 'test.node', 'test.sql', 'token.revoked'],
+    );
+    assert.equal(store.findBrokenAuditLink(events), null);
+    for (const e of events) assert.equal(canonicalize(JSON.parse(e.canonical)), e.canonical, `link ${e.seq}`);
+    assert.deepEqual((JSON.parse(events[2]!.canonical) as { data: unknown }).data, {
+      texts: HOSTILE_STRINGS,
+      n: 8,
+    });
+  });
+
+  it('should keep one chain when kills and other writers race on the same token', async () => {
+    for (let round = 0; round < 5; round++) {
+      const t = await newToken();
+      await Promise.all([
+        ...[1, 2, 3].map((n) => store.recordAudit(ctx.pool, t.id, `note-${n}`, 'test.note', { n })),
+        store.killToken(ctx.pool, { tokenId: t.id, reason: 'r', actor: 'a', initiatingEntity: 'admin' }),
+        store.killToken(ctx.pool, { tokenId: t.id, reason: 'r', actor: 'b', initiatingEntity: 'admin' }),
+      ]);
+      const events = await store.readAudit(ctx.pool, t.id);
+      assert.equal(events.length, 5);
+      assert.equal(store.findBrokenAuditLink(events), null);
+    }
+  });
+});
+
+describe('the kill', () => {
+  it('should store one event body with all its fields, canonical, the same for every receiver and repeat', async () => {
+    const t = await newToken();
+    await store.killToken(ctx.pool, {
+      tokenId: t.id,
+      reason: 'left the company',
+      actor: 'admin:alice',
+      initiatingEntity: 'admin',
+      correlationId: 'offboarding-42',
+    });
+    const [billing, crm] = await storedBodies(t.id);
+    assert.equal(billing, crm);
+    assert.equal(canonicalize(JSON.parse(billing!)), billing);
+    const row = await store.requireToken(ctx.pool, t.id);
+    const { rows: creds } = await ctx.sql.query('SELECT id FROM credential WHERE token_id = $1', [t.id]);
+    assert.deepEqual(JSON.parse(billing!), {
+      id: revocationEventId(t.id),
+      type: 'token.revoked',
+      change_type: 'revoke',
+      credential_type: 'api-token',
+      token_id: t.id,
+      credential_ids: creds.map((c) => c.id),
+      sub_id: { format: 'opaque', id: 'usr_kill' },
+      reason: 'left the company',
+      initiating_entity: 'admin',
+      actor: 'admin:alice',
+      event_timestamp: Math.floor(Date.parse(row.revokedAt!) / 1000),
+      occurred_at: row.revokedAt,
+      txn: 'offboarding-42',
+    });
+    await store.killToken(ctx.pool, { tokenId: t.id, reason: 'again', actor: 'admin:bob', initiatingEntity: 'admin' });
+    assert.deepEqual(await storedBodies(t.id), [billing, crm]);
+  });
+
+  it('should kill in one statement on a connection that keeps no state (DISCARD ALL between kills)', async () => {
+    const pool = createPool(ctx.settings.databaseUrl, ctx.settings.databaseSchema, 1);
+    let statements = 0;
+    pool.on('connect', (client) => {
+      const query = client.query.bind(client) as (...args: unknown[]) => unknown;
+      client.query = ((...args: unknown[]) => (statements++, query(...args))) as typeof client.query;
+    });
+    try {
+      for (let i = 0; i < 3; i++) {
+        const t = await newToken();
+        statements = 0;
+        const killed = await store.killToken(pool, {
+          tokenId: t.id,
+          reason: 'r',
+          actor: 'a',
+          initiatingEntity: 'admin',
+        });
+        assert.equal(killed.changed, true);
+        assert.equal(statements, 1, 'one statement, one round trip');
+        await pool.query('DISCARD ALL');
+        await store.recordAudit(pool, t.id, 'after-discard', 'test.note', {});
+      }
+    } finally {
+      await pool.end();
+    }
+  });
+
+  it('should notify `<schema>:<tokenId>` when it kills, and not when the token was already dead', async () => {
+    const listener = new pg.Client({ connectionString: ctx.settings.databaseUrl });
+    await listener.connect();
+    const payloads: string[] = [];
+    listener.on('notification', (n) => {
+      if (n.channel === KILL_CHANNEL && n.payload) payloads.push(n.payload);
+    });
+    try {
+      await listener.query(`LISTEN ${KILL_CHANNEL}`);
+      const t = await newToken();
+      const kill = () =>
+        store.killToken(ctx.pool, { tokenId: t.id, reason: 'r', actor: 'a', initiatingEntity: 'admin' });
+      await kill();
+      await kill();
+      const marker = await newToken();
+      await store.killToken(ctx.pool, { tokenId: marker.id, reason: 'r', actor: 'a', initiatingEntity: 'admin' });
+      await waitUntil(() => payloads.includes(`${ctx.settings.databaseSchema}:${marker.id}`), 'the marker NOTIFY');
+      assert.deepEqual(payloads, [
+        `${ctx.settings.databaseSchema}:${t.id}`,
+        `${ctx.settings.databaseSchema}:${marker.id}`,
+      ]);
+    } finally {
+      await listener.end();
+    }
+  });
+
+  it('should record that the workflow took over when its kill finds the token already dead', async () => {
+    const t = await newToken();
+    const first = await store.killToken(ctx.pool, {
+      tokenId: t.id,
+      reason: 'r',
+      actor: 'a',
+      initiatingEntity: 'admin',
+    });
+    assert.equal(first.token.propagationStartedAt, null);
+    const byWorkflow = await store.killToken(ctx.pool, {
+      tokenId: t.id,
+      reason: 'r',
+      actor: 'a',
+      initiatingEntity: 'admin',
+      byWorkflow: true,
+    });
+    assert.equal(byWorkflow.changed, false);
+    assert.ok(byWorkflow.token.propagationStartedAt);
+    assert.equal(byWorkflow.token.revokedAt, first.token.revokedAt);
+    assert.equal((await store.readAudit(ctx.pool, t.id)).length, 2);
+  });
+});
