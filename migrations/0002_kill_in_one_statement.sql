@@ -88,7 +88,8 @@ BEGIN
 END;
 $$;
 
--- The one kill (see common/store/kill.ts).
+-- The one kill (see common/store/kill.ts). A token found past its expiry died at its expiry, by the
+-- system, whoever asks: revoked_at = expires_at, revoked_by = 'system', reason 'expired'.
 -- Returns no row for an unknown token; changed = false with the first kill's facts when it is
 -- already dead; changed = false with remaining_ms when only_if_expired and it has not expired yet.
 CREATE FUNCTION kill_token(
@@ -105,7 +106,8 @@ DECLARE
 BEGIN
   UPDATE token t
      SET status = CASE WHEN t.expires_at <= now() THEN 'expired' ELSE 'revoked' END,
-         revoked_at = now(), revoked_by = kill_token.actor,
+         revoked_at = CASE WHEN t.expires_at <= now() THEN t.expires_at ELSE now() END,
+         revoked_by = CASE WHEN t.expires_at <= now() THEN 'system' ELSE kill_token.actor END,
          revoke_reason = CASE WHEN t.expires_at <= now() THEN 'expired' ELSE kill_token.reason END,
          initiating_entity = CASE WHEN t.expires_at <= now() THEN 'system' ELSE kill_token.initiating_entity END,
          propagation = CASE WHEN cardinality(t.receivers) = 0 THEN 'complete' ELSE 'pending' END,

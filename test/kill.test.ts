@@ -46,10 +46,25 @@ const newToken = (overrides: Partial<store.NewToken> = {}) =>
     ...overrides,
   });
 
+/** Moves a token's lifetime into the past, as if every worker had been down since it expired. */
+async function expiredAgo(tokenId: string, hours: number): Promise<void> {
+  await ctx.sql.query(
+    `UPDATE token SET issued_at = now() - ($2 + 1) * interval '1 hour', expires_at = now() - $2 * interval '1 hour'
+      WHERE id = $1`,
+    [tokenId, hours],
+  );
+}
+
 async function storedBodies(tokenId: string): Promise<string[]> {
   const { rows } = await ctx.sql.query('SELECT body FROM delivery WHERE token_id = $1 ORDER BY receiver_id', [tokenId]);
   return rows.map((r) => r.body as string);
 }
+
+const auditData = async (tokenId: string, kind: string) => {
+  const event = (await store.readAudit(ctx.pool, tokenId)).find((e) => e.kind === kind);
+  assert.ok(event, `an audit event ${kind}`);
+  return (JSON.parse(event.canonical) as { data: Record<string, unknown> }).data;
+};
 
 // Every character class where JSON encoders differ: escapes JSON.stringify writes in short form,
 // the rest of C0 (as \u00xx, lowercase), DEL and U+2028/9 (raw), astral characters (raw, not escaped).
@@ -262,5 +277,91 @@ describe('the kill', () => {
     assert.ok(byWorkflow.token.propagationStartedAt);
     assert.equal(byWorkflow.token.revokedAt, first.token.revokedAt);
     assert.equal((await store.readAudit(ctx.pool, t.id)).length, 2);
+  });
+});
+
+describe('time of death of an expired token', () => {
+  it('should be its expiry, by the system, in the row, the event body and the audit, whoever kills it late', async () => {
+    const t = await newToken();
+    await expiredAgo(t.id, 3);
+    const killed = await store.killToken(ctx.pool, {
+      tokenId: t.id,
+      reason: 'expired',
+      actor: 'reconciler',
+      initiatingEntity: 'system',
+      onlyIfExpired: true,
+    });
+    const expiresAt = killed.token.expiresAt;
+    assert.ok(Date.now() - Date.parse(expiresAt) > 2 * 3_600_000);
+    assert.equal(killed.changed, true);
+    assert.equal(killed.token.status, 'expired');
+    assert.equal(killed.token.revokedAt, expiresAt);
+    assert.equal(killed.token.revokedBy, 'system');
+    assert.equal(killed.token.revokeReason, 'expired');
+    assert.equal(killed.token.initiatingEntity, 'system');
+
+    const body = JSON.parse((await storedBodies(t.id))[0]!);
+    assert.equal(body.type, 'token.expired');
+    assert.equal(body.occurred_at, expiresAt);
+    assert.equal(body.event_timestamp, Math.floor(Date.parse(expiresAt) / 1000));
+    assert.equal(body.actor, 'system');
+    assert.equal(body.initiating_entity, 'system');
+
+    const data = await auditData(t.id, 'token.expired');
+    assert.equal(data.occurredAt, expiresAt);
+    assert.equal(data.actor, 'system');
+
+    const { rows } = await ctx.sql.query('SELECT revoked_at FROM credential WHERE token_id = $1', [t.id]);
+    assert.equal((rows[0].revoked_at as Date).toISOString(), expiresAt);
+    const shown = await ctx.warden.show(t.id);
+    assert.equal(shown.revokedAt, expiresAt);
+    assert.equal(shown.revokedBy, 'system');
+  });
+
+  it('should say system, not the revoker, when a revoke is processed just past expiry', async () => {
+    const { tokenId } = await ctx.warden.issue({ subject: 'usr_kill', ttl: '300ms', receivers: ['billing'] });
+    await waitUntil(async () => !(await store.requireToken(ctx.pool, tokenId)).valid, 'the token to expire');
+    const outcome = await ctx.warden.revoke({
+      tokenId,
+      reason: 'offboarding',
+      actor: 'cli:alice',
+      initiatingEntity: 'admin',
+    });
+    const row = await store.requireToken(ctx.pool, tokenId);
+    assert.equal(row.status, 'expired');
+    assert.equal(row.revokedAt, row.expiresAt);
+    assert.equal(row.revokedBy, 'system');
+    assert.equal(row.revokeReason, 'expired');
+    assert.equal(row.initiatingEntity, 'system');
+    assert.equal(outcome.revokedBy, 'system');
+    const body = JSON.parse((await storedBodies(tokenId))[0]!);
+    assert.equal(body.type, 'token.expired');
+    assert.equal(body.actor, 'system');
+    assert.equal(body.initiating_entity, 'system');
+    assert.equal(body.reason, 'expired');
+    assert.equal(body.occurred_at, row.expiresAt);
+  });
+
+  it('should reach receivers with the expiry as its time after a worker outage', async () => {
+    const receiver = await TestReceiver.start();
+    receivers.push(receiver);
+    const added = await ctx.warden.addReceiver({ id: 'late', url: receiver.url });
+    receiver.secret = added.secret;
+    // No worker runs yet: the token expires unattended.
+    const { tokenId } = await ctx.warden.issue({ subject: 'usr_outage', ttl: '300ms', receivers: ['late'] });
+    await waitUntil(async () => !(await store.requireToken(ctx.pool, tokenId)).valid, 'the token to expire');
+    await expiredAgo(tokenId, 2);
+    const worker = await ctx.startWorker();
+    try {
+      await waitUntil(() => receiver.requests.length > 0, 'the expiry event', 30_000);
+    } finally {
+      await worker.stop();
+    }
+    const expiresAt = (await store.requireToken(ctx.pool, tokenId)).expiresAt;
+    const event = JSON.parse(receiver.requests[0]!.body);
+    assert.equal(receiver.requests[0]!.verified, true);
+    assert.equal(event.type, 'token.expired');
+    assert.equal(event.occurred_at, expiresAt);
+    assert.equal(event.actor, 'system');
   });
 });
