@@ -15,7 +15,7 @@ import type { Client, WorkflowHandle } from '@temporalio/client';
 import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
 import { TokenWarden } from '../client/index.js';
 import { connectTemporal, signalRevoke } from '../common/temporal.js';
-import { PACKAGE_ROOT, type Settings } from '../common/config.js';
+import { DEFAULT_MAX_TTL_MS, PACKAGE_ROOT, type Settings } from '../common/config.js';
 import { createPool } from '../common/db.js';
 import { tokenWorkflowId } from '../common/names.js';
 import * as store from '../common/store/index.js';
@@ -157,6 +157,7 @@ async function main(): Promise<void> {
       timing: { escalateAfterMs: 3_600_000, retryInitialMs: 1_000, retryMaxMs: 600_000 },
       reconcileGraceMs: 60_000,
       masterKey: randomBytes(32),
+      maxTtlMs: DEFAULT_MAX_TTL_MS,
     };
     const floorQueue = `bench-floor-${tag}`;
 

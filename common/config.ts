@@ -5,7 +5,7 @@ import { loadClientConnectConfig } from '@temporalio/envconfig';
 import type { NativeConnectionOptions } from '@temporalio/worker';
 import { z } from 'zod';
 import { DEFAULT_NAMESPACE, DEFAULT_TASK_QUEUE, type PropagationTiming } from './names.js';
-import { parseDuration, DURATION_HINT } from './durations.js';
+import { formatDuration, parseDuration, DURATION_HINT } from './durations.js';
 import { ConfigError } from './errors.js';
 
 /** The package root (this file lives in dist/common/). */
@@ -22,13 +22,19 @@ export interface Settings {
   reconcileGraceMs: number;
   /** Key that encrypts receivers' signing secrets at rest; undefined when not configured. */
   masterKey: Buffer | undefined;
+  /** The longest lifetime a token may be issued with (TOKENWARDEN_MAX_TTL). */
+  maxTtlMs: number;
 }
 
 /** What `tokenwarden start` writes into the data folder so that CLI calls find the running stack. */
 export interface StackFile {
   databaseUrl: string;
+  databaseSchema: string;
   temporalAddress: string;
   namespace: string;
+  taskQueue: string;
+  /** Where the stack's master key is; absent when the stack got it from TOKENWARDEN_MASTER_KEY. */
+  masterKeyFile?: string;
   /** The stack's process: a file left behind by a killed stack is ignored. */
   pid: number;
 }
@@ -46,18 +52,28 @@ const duration = (name: string, fallback: string) =>
       return ms;
     });
 
+/** One year, as peers cap tokens (TOKENWARDEN_MAX_TTL's default). */
+export const DEFAULT_MAX_TTL_MS = 365 * 86_400_000;
+/** The longest TOKENWARDEN_MAX_TTL may be: keeps every expiry a date PostgreSQL, JS and Temporal agree on. */
+export const MAX_TTL_CEILING_MS = 3650 * 86_400_000;
+
 const envSchema = z.object({
   DATABASE_URL: z.url({ protocol: /^postgres(ql)?$/, error: 'DATABASE_URL must be a postgres:// URL' }).optional(),
   TOKENWARDEN_DB_SCHEMA: z
     .string()
     .regex(/^[a-z_][a-z0-9_]{0,62}$/, 'TOKENWARDEN_DB_SCHEMA must be a lowercase SQL identifier')
-    .default('tokenwarden'),
+    .optional(),
   TOKENWARDEN_DATA_DIR: z.string().min(1).optional(),
-  TOKENWARDEN_TASK_QUEUE: z.string().min(1).default(DEFAULT_TASK_QUEUE),
+  TOKENWARDEN_TASK_QUEUE: z.string().min(1).optional(),
   TOKENWARDEN_MASTER_KEY: z
     .string()
     .refine((v) => Buffer.from(v, 'base64').length === 32, 'TOKENWARDEN_MASTER_KEY must be 32 bytes, base64-encoded')
     .optional(),
+  TOKENWARDEN_MASTER_KEY_FILE: z.string().min(1).optional(),
+  TOKENWARDEN_MAX_TTL: duration('TOKENWARDEN_MAX_TTL', formatDuration(DEFAULT_MAX_TTL_MS)).refine(
+    (ms) => ms <= MAX_TTL_CEILING_MS,
+    `TOKENWARDEN_MAX_TTL must be at most ${formatDuration(MAX_TTL_CEILING_MS)}`,
+  ),
   TOKENWARDEN_ESCALATE_AFTER: duration('TOKENWARDEN_ESCALATE_AFTER', '1h'),
   TOKENWARDEN_RETRY_INITIAL: duration('TOKENWARDEN_RETRY_INITIAL', '1s'),
   TOKENWARDEN_RETRY_MAX: duration('TOKENWARDEN_RETRY_MAX', '10m'),
@@ -79,6 +95,8 @@ function isAlive(pid: number): boolean {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
+
+export const DEFAULT_DB_SCHEMA = 'tokenwarden';
 
 export const masterKeyFile = (dataDir: string) => path.join(dataDir, 'master.key');
 
@@ -113,19 +131,25 @@ export function loadSettings(env: NodeJS.ProcessEnv = process.env): Settings {
     throw new ConfigError(`invalid Temporal client configuration: ${(err as Error).message}`);
   }
   const connectionOptions: NativeConnectionOptions = { ...connect.connectionOptions };
+  // The stack's schema and task queue go with its database and its Temporal server, never alone.
+  const stackDatabase = e.DATABASE_URL ? undefined : stack;
+  const stackTemporal = connectionOptions.address ? undefined : stack;
   connectionOptions.address ??= stack?.temporalAddress ?? 'localhost:7233';
   const namespace = connect.namespace ?? stack?.namespace ?? DEFAULT_NAMESPACE;
 
   let masterKey: Buffer | undefined;
   if (e.TOKENWARDEN_MASTER_KEY) masterKey = Buffer.from(e.TOKENWARDEN_MASTER_KEY, 'base64');
-  else if (existsSync(masterKeyFile(dataDir))) {
-    masterKey = Buffer.from(readFileSync(masterKeyFile(dataDir), 'utf8').trim(), 'base64');
-  }
+  else if (e.TOKENWARDEN_MASTER_KEY_FILE) masterKey = readMasterKeyFile(e.TOKENWARDEN_MASTER_KEY_FILE);
+  else if (existsSync(masterKeyFile(dataDir))) masterKey = readMasterKeyFile(masterKeyFile(dataDir));
 
   return {
-    temporal: { connectionOptions, namespace, taskQueue: e.TOKENWARDEN_TASK_QUEUE },
+    temporal: {
+      connectionOptions,
+      namespace,
+      taskQueue: e.TOKENWARDEN_TASK_QUEUE ?? stackTemporal?.taskQueue ?? DEFAULT_TASK_QUEUE,
+    },
     databaseUrl,
-    databaseSchema: e.TOKENWARDEN_DB_SCHEMA,
+    databaseSchema: e.TOKENWARDEN_DB_SCHEMA ?? stackDatabase?.databaseSchema ?? DEFAULT_DB_SCHEMA,
     dataDir,
     timing: {
       escalateAfterMs: e.TOKENWARDEN_ESCALATE_AFTER,
@@ -134,7 +158,23 @@ export function loadSettings(env: NodeJS.ProcessEnv = process.env): Settings {
     },
     reconcileGraceMs: e.TOKENWARDEN_RECONCILE_GRACE,
     masterKey,
+    maxTtlMs: e.TOKENWARDEN_MAX_TTL,
   };
+}
+
+/** A master key file holds the key in base64 (what `tokenwarden start` writes). */
+function readMasterKeyFile(file: string): Buffer {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError(
+      `TOKENWARDEN_MASTER_KEY_FILE: cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? err}`,
+    );
+  }
+  const key = Buffer.from(text.trim(), 'base64');
+  if (key.length !== 32) throw new ConfigError(`the master key in ${file} must be 32 bytes, base64-encoded`);
+  return key;
 }
 
 function stringEnv(env: NodeJS.ProcessEnv): Record<string, string> {

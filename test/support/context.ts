@@ -7,7 +7,7 @@ import { Client, Connection } from '@temporalio/client';
 import { DefaultLogger, NativeConnection, Runtime, type Worker } from '@temporalio/worker';
 import pg from 'pg';
 import type { StorePool } from '../../common/db.js';
-import type { Settings } from '../../common/config.js';
+import { DEFAULT_MAX_TTL_MS, type Settings } from '../../common/config.js';
 import { createPool, migrate, quoteIdent } from '../../common/db.js';
 import { TokenWarden } from '../../client/index.js';
 import { createTokenWorker } from '../../worker/worker.js';
@@ -54,6 +54,7 @@ export class TestContext {
       timing: { escalateAfterMs: 3_000, retryInitialMs: 200, retryMaxMs: 1_000, ...timing },
       reconcileGraceMs: 0,
       masterKey: randomBytes(32),
+      maxTtlMs: DEFAULT_MAX_TTL_MS,
     };
     const pool = createPool(databaseUrl, schema, 5);
     const sql = new pg.Pool({ connectionString: databaseUrl, max: 2, options: `-c search_path=${quoteIdent(schema)}` });
