@@ -1,7 +1,13 @@
 /** The `tokenwarden` command as a user runs it: a child process, exit codes, stdout and stderr. */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
+import { Client, Connection } from '@temporalio/client';
+import proto from '@temporalio/proto';
 import { after, before, describe, it } from 'node:test';
 import { PACKAGE_ROOT } from '../common/config.js';
 import { newTokenId } from '../common/ids.js';
@@ -279,7 +285,6 @@ describe('tokenwarden CLI: input that must not pass, output that must not steer 
   });
 
   it('should print its version', async () => {
-    const { readFile } = await import('node:fs/promises');
     const pkg = JSON.parse(await readFile(path.join(PACKAGE_ROOT, 'package.json'), 'utf8')) as { version: string };
     for (const flag of ['--version', '-V']) {
       const run = await cli([flag]);
@@ -372,3 +377,141 @@ describe('tokenwarden CLI: retry and force', () => {
     assert.match(rows[0].canonical, /ops:bob/);
   });
 });
+
+describe('tokenwarden CLI: a dev stack without its worker, and its settings as environment lines', () => {
+  const children: ChildProcess[] = [];
+  let dataDir: string;
+  let stackSchema: string;
+  after(async () => {
+    // The worker before the stack: it is the stack's Temporal that the worker polls.
+    for (const child of children.reverse()) await stop(child);
+    if (stackSchema) await ctx.sql.query(`DROP SCHEMA IF EXISTS ${stackSchema} CASCADE`);
+    if (dataDir) await rm(dataDir, { recursive: true, force: true });
+  });
+
+  it('should run separate worker processes with what `tokenwarden env` prints', async () => {
+    dataDir = await mkdtemp(path.join(os.tmpdir(), 'tokenwarden-stack-'));
+    stackSchema = `test_stack_${randomBytes(4).toString('hex')}`;
+    const taskQueue = `tq-${stackSchema}`;
+    const base = {
+      PATH: process.env.PATH ?? '',
+      HOME: process.env.HOME ?? '',
+      TEMPORAL_CLI: process.env.TEMPORAL_CLI ?? '',
+    };
+    const stack = background(['start', '--no-worker', '--data-dir', dataDir], {
+      ...base,
+      DATABASE_URL: ctx.settings.databaseUrl,
+      TOKENWARDEN_DB_SCHEMA: stackSchema,
+      TOKENWARDEN_TASK_QUEUE: taskQueue,
+      TOKENWARDEN_TEMPORAL_PORT: String(await freePort()),
+      TOKENWARDEN_UI_PORT: String(await freePort()),
+    });
+    children.push(stack.child);
+    await waitUntil(
+      () => existsSync(path.join(dataDir, 'stack.json')),
+      `the stack to start (${stack.output()})`,
+      90_000,
+    );
+
+    const printed = await run(['env', '--data-dir', dataDir], base);
+    assert.equal(printed.code, 0, printed.stderr);
+    const lines = printed.stdout.trimEnd().split('\n');
+    const env: Record<string, string> = {};
+    for (const line of lines) {
+      const m = /^export ([A-Z_]+)='([^']*)'$/.exec(line);
+      assert.ok(m, `a shell line: ${line}`);
+      env[m[1]!] = m[2]!;
+    }
+    const masterKeyFile = path.join(dataDir, 'master.key');
+    assert.deepEqual(Object.keys(env).sort(), [
+      'DATABASE_URL',
+      'TEMPORAL_ADDRESS',
+      'TEMPORAL_NAMESPACE',
+      'TOKENWARDEN_DB_SCHEMA',
+      'TOKENWARDEN_MASTER_KEY_FILE',
+      'TOKENWARDEN_TASK_QUEUE',
+    ]);
+    assert.equal(env.DATABASE_URL, ctx.settings.databaseUrl);
+    assert.equal(env.TOKENWARDEN_DB_SCHEMA, stackSchema);
+    assert.equal(env.TOKENWARDEN_TASK_QUEUE, taskQueue);
+    assert.equal(env.TEMPORAL_NAMESPACE, 'tokenwarden');
+    assert.equal(env.TOKENWARDEN_MASTER_KEY_FILE, masterKeyFile);
+    const key = (await readFile(masterKeyFile, 'utf8')).trim();
+    assert.ok(!printed.stdout.includes(key), 'the master key itself is not printed');
+
+    const temporal = new Client({
+      connection: await Connection.connect({ address: env.TEMPORAL_ADDRESS! }),
+      namespace: 'tokenwarden',
+    });
+    try {
+      const pollers = async () =>
+        (
+          await temporal.workflowService.describeTaskQueue({
+            namespace: 'tokenwarden',
+            taskQueue: { name: taskQueue },
+            taskQueueType: proto.temporal.api.enums.v1.TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+          })
+        ).pollers ?? [];
+      assert.deepEqual(await pollers(), [], 'no worker runs in the stack');
+
+      // Only the printed lines: no stack discovery through the data folder.
+      const only = { ...base, ...env, TOKENWARDEN_DATA_DIR: '/nonexistent' };
+      const worker = background(['worker'], only);
+      children.push(worker.child);
+      await waitUntil(async () => (await pollers()).length > 0, `the worker to poll (${worker.output()})`, 90_000);
+
+      const issued = await run(['issue', '--subject', 'usr_stack', '--ttl', '1s', '--json'], only);
+      assert.equal(issued.code, 0, issued.stderr);
+      const { tokenId } = JSON.parse(issued.stdout) as { tokenId: string };
+      await waitUntil(
+        async () => {
+          const shown = await run(['show', tokenId, '--json'], only);
+          const t = JSON.parse(shown.stdout) as { recordedStatus: string; propagation: string };
+          return t.recordedStatus === 'expired' && t.propagation === 'complete';
+        },
+        `the separate worker to expire ${tokenId} (${worker.output()})`,
+        60_000,
+      );
+    } finally {
+      await temporal.connection.close();
+    }
+  });
+
+  it('should say so when no stack is running', async () => {
+    const printed = await run(['env', '--data-dir', '/nonexistent'], { PATH: process.env.PATH ?? '' });
+    assert.equal(printed.code, 1);
+    assert.match(printed.stderr, /no dev stack is running from \/nonexistent/);
+  });
+});
+
+/** A `tokenwarden` run with exactly `env` (no test defaults). */
+function run(args: string[], env: Record<string, string>): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), ...args], { env });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
+    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, stdout, stderr }));
+    child.stdin.end();
+  });
+}
+
+/** A long-running `tokenwarden` process; its output is kept for failure messages. */
+function background(args: string[], env: Record<string, string>): { child: ChildProcess; output(): string } {
+  const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), ...args], { env });
+  let output = '';
+  child.stdout!.on('data', (c: Buffer) => (output += c.toString()));
+  child.stderr!.on('data', (c: Buffer) => (output += c.toString()));
+  return { child, output: () => output.slice(-2000) };
+}
+
+async function stop(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  child.kill('SIGINT');
+  const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
+  await exited;
+  clearTimeout(timer);
+}
