@@ -302,7 +302,7 @@ export class TokenWarden {
       );
       outcome.workflowSignalled = true;
     } catch (err) {
-      outcome.warning = `revoked in the store, but its workflow could not be signalled (${(err as Error).message}); the reconciler will start propagation`;
+      outcome.warning = `revoked in the store, but its workflow could not be signalled (${causes(err)}); the reconciler will start propagation`;
     }
     return outcome;
   }

@@ -41,9 +41,13 @@ export function withCallDeadline<T>(client: Client, fn: () => Promise<T>, ms = T
 
 type GrpcInterceptor = NonNullable<ConnectionOptions['interceptors']>[number];
 
+/** A retry starting later than this before the deadline could not get an answer in time. */
+const LAST_RETRY_MARGIN_MS = 250;
+
 /**
- * The SDK's gRPC retries, minus any retry that would start after the call's deadline: the SDK
- * schedules its backoff regardless, so a 5 s deadline used to end at the next retry, 5.4-7 s in.
+ * The SDK's gRPC retries, minus any retry that would start too close to the call's deadline or
+ * after it: the SDK schedules its backoff regardless, so a 5 s deadline used to end 5.2-7 s in, with
+ * "deadline exceeded" instead of the reason. Now the call fails in time with its last real error.
  */
 function retriesWithinDeadline(): GrpcInterceptor {
   const sdk = defaultGrpcRetryOptions();
@@ -55,7 +59,7 @@ function retriesWithinDeadline(): GrpcInterceptor {
       retryableDecider: (attempt, status) => {
         if (!sdk.retryableDecider(attempt, status)) return false;
         delay = sdk.delayFunction(attempt, status);
-        return Date.now() + delay < end;
+        return Date.now() + delay + LAST_RETRY_MARGIN_MS < end;
       },
       delayFunction: () => delay,
     })(options, nextCall);

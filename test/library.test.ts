@@ -43,8 +43,12 @@ describe('the library while Temporal is unreachable', () => {
       await warden.issue({ subject: 'usr_orphan', ttl: '1h' }).catch((err: Error) => (failure = err));
       const elapsed = Date.now() - started;
       assert.ok(failure, 'the issue failed');
-      assert.ok(elapsed < 5_500, `failed within the 5 s deadline (${elapsed} ms)`);
-      assert.match(failure.message, /^issue failed: the token's workflow could not be started \(.+\)/);
+      assert.ok(elapsed < 5_200, `failed within the 5 s deadline (${elapsed} ms)`);
+      assert.match(
+        failure.message,
+        /^issue failed: the token's workflow could not be started \(.*UNAVAILABLE.*ECONNREFUSED/,
+      );
+      assert.doesNotMatch(failure.message, /deadline exceeded/i);
       assert.match(failure.message, /tok_[0-9a-f]{32} was revoked in the store, no valid token is left behind/);
     } finally {
       await warden.close();
@@ -65,10 +69,13 @@ describe('the library while Temporal is unreachable', () => {
       const started = Date.now();
       const outcome = await warden.revoke({ tokenId, reason: 'leaked' });
       const elapsed = Date.now() - started;
-      assert.ok(elapsed < 5_500, `answered within the 5 s deadline (${elapsed} ms)`);
+      assert.ok(elapsed < 5_200, `answered within the 5 s deadline (${elapsed} ms)`);
       assert.equal(outcome.status, 'revoked');
       assert.equal(outcome.workflowSignalled, false);
       assert.match(outcome.warning ?? '', /revoked in the store, but its workflow could not be signalled/);
+      // The reason, not the deadline: no retry was left to run into it.
+      assert.match(outcome.warning ?? '', /UNAVAILABLE.*ECONNREFUSED/);
+      assert.doesNotMatch(outcome.warning ?? '', /deadline exceeded/i);
     } finally {
       await warden.close();
     }
