@@ -408,7 +408,8 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
     });
     children.push(stack.child);
     await waitUntil(
-      () => existsSync(path.join(dataDir, 'stack.json')),
+      // Printed once everything the stack runs has started (its worker too, when it has one).
+      () => existsSync(path.join(dataDir, 'stack.json')) && stack.output().includes('tokenwarden is running'),
       `the stack to start (${stack.output()})`,
       90_000,
     );
@@ -472,6 +473,11 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
         `the separate worker to expire ${tokenId} (${worker.output()})`,
         60_000,
       );
+      const identities = (await pollers()).map((p) => p.identity ?? '');
+      assert.ok(
+        identities.length > 0 && identities.every((id) => id.startsWith(`${worker.child.pid}@`)),
+        `only the worker process polls: ${identities.join(', ')} (worker pid ${worker.child.pid})`,
+      );
     } finally {
       await temporal.connection.close();
     }
@@ -504,7 +510,7 @@ function background(args: string[], env: Record<string, string>): { child: Child
   let output = '';
   child.stdout!.on('data', (c: Buffer) => (output += c.toString()));
   child.stderr!.on('data', (c: Buffer) => (output += c.toString()));
-  return { child, output: () => output.slice(-2000) };
+  return { child, output: () => output };
 }
 
 async function stop(child: ChildProcess): Promise<void> {
