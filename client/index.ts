@@ -274,8 +274,8 @@ export class TokenWarden {
     };
     // The kill and the signal go out together, so the call costs the slower of the two, not their
     // sum. Both carry the same request: whichever kill commits first (ours, or the workflow's own)
-    // records it, and the request id tells us which revocation is ours.
-    // One deadline for both Temporal calls below: revoke answers within it, whatever Temporal does.
+    // records it, and the request id tells us which revocation is ours. One deadline covers both
+    // Temporal calls below: revoke answers within it, whatever Temporal does.
     const deadline = Date.now() + TEMPORAL_CALL_DEADLINE_MS;
     const [killed, signalled] = await Promise.allSettled([
       store.killToken(this.pool, { tokenId: req.tokenId, ...request }),
@@ -340,23 +340,16 @@ export class TokenWarden {
         handle.executeUpdate(update, options),
       );
     } catch (err) {
-      if (err instanceof WorkflowUpdateFailedError) {
-        // The workflow's validator refused (e.g. every receiver confirmed meanwhile).
-        throw notPropagating(req.tokenId, err.cause?.message ?? err.message);
-      }
-      if (err instanceof WorkflowNotFoundError) {
-        throw new Error(
-          `token ${req.tokenId}: its workflow is not running; the reconciler restarts an unfinished propagation, then try again`,
-          { cause: err },
-        );
-      }
-      if (err instanceof WorkflowUpdateRPCTimeoutOrCancelledError) {
-        throw new Error(
-          `token ${req.tokenId}: its workflow did not apply the ${kind} within ${OPERATOR_DEADLINE_MS / 1000} s (is Temporal reachable and a worker running?); check with show`,
-          { cause: err },
-        );
-      }
-      throw err;
+      const what =
+        err instanceof WorkflowUpdateFailedError
+          ? // Its validator refused (e.g. every receiver confirmed meanwhile), or its handler failed.
+            `its workflow refused the ${kind}: ${err.cause?.message ?? err.message}`
+          : err instanceof WorkflowNotFoundError
+            ? 'its workflow is not running; the reconciler restarts an unfinished propagation, then try again'
+            : err instanceof WorkflowUpdateRPCTimeoutOrCancelledError
+              ? `its workflow did not apply the ${kind} within ${OPERATOR_DEADLINE_MS / 1000} s (is a worker running?); check with show`
+              : `the ${kind} could not be sent to its workflow (${causes(err)})`;
+      throw new Error(`token ${req.tokenId}: ${what}`, { cause: err });
     }
   }
 
