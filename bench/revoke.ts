@@ -15,7 +15,7 @@ import type { Client, WorkflowHandle } from '@temporalio/client';
 import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
 import { TokenWarden } from '../client/index.js';
 import { connectTemporal, signalRevoke } from '../common/temporal.js';
-import { PACKAGE_ROOT, type Settings } from '../common/config.js';
+import { DEFAULT_MAX_TTL_MS, PACKAGE_ROOT, type Settings } from '../common/config.js';
 import { createPool } from '../common/db.js';
 import { tokenWorkflowId } from '../common/names.js';
 import * as store from '../common/store/index.js';
@@ -159,6 +159,7 @@ async function main(): Promise<void> {
       masterKey: randomBytes(32),
       previousMasterKeys: [],
       receiverAllow: ['loopback'],
+      maxTtlMs: DEFAULT_MAX_TTL_MS,
     };
     const floorQueue = `bench-floor-${tag}`;
 

@@ -1,18 +1,46 @@
 /** The `tokenwarden` command. Human output by default, `--json` for scripts; one-line errors. */
-import { Command, Option } from 'commander';
-import { loadSettings } from '../common/config.js';
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import { Command, CommanderError, Option } from 'commander';
+import { loadSettings, PACKAGE_ROOT, readStackFile } from '../common/config.js';
 import { migrate } from '../common/db.js';
 import { ConfigError, InvalidInputError, NotFoundError } from '../common/errors.js';
+import { UNPRINTABLE } from '../common/validation.js';
 import { TokenWarden, type TokenView } from './index.js';
 
 const EXIT = { failure: 1, invalidInput: 2, notFound: 3 } as const;
 
-function print(json: boolean, value: unknown, human: () => string): void {
-  process.stdout.write(json ? `${JSON.stringify(value)}\n` : `${human()}\n`);
+const UNPRINTABLE_ALL = new RegExp(UNPRINTABLE.source, 'gu');
+const hex = (char: string, digits: number) => char.codePointAt(0)!.toString(16).padStart(digits, '0');
+
+/**
+ * Text as a terminal should show it, never obey it: ESC becomes `\x1b`, U+202E `\u202e`. Stored
+ * values are validated, but rows written before that (or by hand) reach terminals too.
+ */
+export function printable(text: string): string {
+  return text.replace(UNPRINTABLE_ALL, (c) => (c.length === 1 && c < '\u0100' ? `\\x${hex(c, 2)}` : `\\u${hex(c, 4)}`));
 }
 
+/** A template whose interpolated values are made printable (the template's own text is ours). */
+function tty(strings: TemplateStringsArray, ...values: unknown[]): string {
+  return strings.reduce((out, text, i) => out + printable(String(values[i - 1])) + text);
+}
+
+/** JSON that stays valid and parses to the same value, with nothing a terminal would obey. */
+function printableJson(value: unknown): string {
+  return JSON.stringify(value).replace(UNPRINTABLE_ALL, (c) => `\\u${hex(c, 4)}`);
+}
+
+function print(json: boolean, value: unknown, human: () => string): void {
+  process.stdout.write(json ? `${printableJson(value)}\n` : `${human()}\n`);
+}
+
+const warn = (message: string) => process.stderr.write(`tokenwarden: warning: ${printable(message)}\n`);
+
 async function withWarden<T>(fn: (tw: TokenWarden) => Promise<T>): Promise<T> {
-  const tw = await TokenWarden.connect(loadSettings());
+  const tw = await TokenWarden.connect(loadSettings(), {
+    onError: (err) => warn(`an idle database connection was closed: ${err.message}`),
+  });
   try {
     return await fn(tw);
   } finally {
@@ -31,37 +59,79 @@ const collect = (value: string, previous: string[] = []) => [...previous, value]
 
 function describeToken(t: TokenView): string {
   const lines = [
-    `token        ${t.id}`,
-    `subject      ${t.subject}${t.name ? ` (${t.name})` : ''}`,
-    `status       ${t.status}${t.valid ? ' (valid)' : ''}`,
-    `propagation  ${t.propagation}`,
-    `issued       ${t.issuedAt}`,
-    `expires      ${t.expiresAt}`,
+    tty`token        ${t.id}`,
+    tty`subject      ${t.subject}` + (t.name ? tty` (${t.name})` : ''),
+    tty`status       ${t.status}` + (t.valid ? ' (valid)' : ''),
+    tty`propagation  ${t.propagation}`,
+    tty`issued       ${t.issuedAt}`,
+    tty`expires      ${t.expiresAt}`,
   ];
-  if (t.revokedAt) lines.push(`revoked      ${t.revokedAt} by ${t.revokedBy}: ${t.revokeReason}`);
+  if (t.revokedAt) lines.push(tty`revoked      ${t.revokedAt} by ${t.revokedBy}: ${t.revokeReason}`);
   for (const d of t.deliveries) {
     lines.push(
-      `receiver     ${d.receiverId}: ${d.status}, ${d.attempts} attempt(s)${d.lastError ? `, last error: ${d.lastError}` : ''}`,
+      tty`receiver     ${d.receiverId}: ${d.status}, ${d.attempts} attempt(s)` +
+        (d.lastError ? tty`, last error: ${d.lastError}` : ''),
     );
   }
   return lines.join('\n');
 }
 
+/** `NAME='value'` for POSIX shells: single quotes take everything literally but a single quote. */
+const shellLine = (name: string, value: string) => `export ${name}='${value.replaceAll("'", "'\\''")}'`;
+
+const packageVersion = (): string =>
+  (JSON.parse(readFileSync(path.join(PACKAGE_ROOT, 'package.json'), 'utf8')) as { version: string }).version;
+
+const defaultActor = process.env.USER ? `cli:${process.env.USER}` : 'cli';
+
 export function buildProgram(): Command {
+  // Subcommands inherit these settings: usage errors throw (exit 2 in main) instead of exiting 1.
   const program = new Command('tokenwarden')
     .description('Token lifecycle orchestrator: every token a defined life and a defined death.')
+    .version(packageVersion(), '-V, --version', 'print the version')
     .showHelpAfterError(false)
-    .configureOutput({ outputError: (text, write) => write(`tokenwarden: ${text.replace(/^error: /, '')}`) });
+    .exitOverride()
+    .configureOutput({
+      outputError: (text, write) => write(`tokenwarden: ${printable(text.replace(/^error: /, '').trimEnd())}\n`),
+    });
   const json = new Option('--json', 'machine-readable output');
+  const dataDirOption = () =>
+    new Option('--data-dir <dir>', 'where the dev stack keeps its data (default: .data in the package)');
 
   program
     .command('start')
     .description('run the dev stack: Temporal dev server + Web UI, PostgreSQL, migrations, reconciler, worker')
-    .option('--data-dir <dir>', 'where the dev stack keeps its data (default: .data in the package)')
-    .action(async (opts: { dataDir?: string }) => {
+    .addOption(dataDirOption())
+    .option('--no-worker', 'without its in-process worker (run `tokenwarden worker` processes instead)')
+    .action(async (opts: { dataDir?: string; worker: boolean }) => {
       const { runStack } = await import('../dev/stack.js');
-      const settingsDir = opts.dataDir ?? process.env.TOKENWARDEN_DATA_DIR;
-      await runStack({ ...(settingsDir ? { dataDir: settingsDir } : {}) });
+      const dataDir = opts.dataDir ?? process.env.TOKENWARDEN_DATA_DIR;
+      await runStack({ ...(dataDir ? { dataDir } : {}), worker: opts.worker });
+    });
+
+  program
+    .command('env')
+    .description('print the running dev stack\'s connection settings as shell lines: eval "$(tokenwarden env)"')
+    .addOption(dataDirOption())
+    .action((opts: { dataDir?: string }) => {
+      const dataDir = path.resolve(
+        opts.dataDir ?? process.env.TOKENWARDEN_DATA_DIR ?? path.join(PACKAGE_ROOT, '.data'),
+      );
+      const stack = readStackFile(dataDir);
+      if (!stack)
+        throw new ConfigError(`no dev stack is running from ${dataDir}: start one with \`tokenwarden start\``);
+      const lines = [
+        shellLine('DATABASE_URL', stack.databaseUrl),
+        shellLine('TOKENWARDEN_DB_SCHEMA', stack.databaseSchema),
+        shellLine('TEMPORAL_ADDRESS', stack.temporalAddress),
+        shellLine('TEMPORAL_NAMESPACE', stack.namespace),
+        shellLine('TOKENWARDEN_TASK_QUEUE', stack.taskQueue),
+        // The key stays in its file: a path in the environment, never the key itself.
+        stack.masterKeyFile
+          ? shellLine('TOKENWARDEN_MASTER_KEY_FILE', stack.masterKeyFile)
+          : '# the stack took TOKENWARDEN_MASTER_KEY from its environment: set the same value here',
+      ];
+      process.stdout.write(`${lines.join('\n')}\n`);
     });
 
   program
@@ -107,14 +177,14 @@ export function buildProgram(): Command {
             ttl: opts.ttl,
             receivers: opts.receiver ?? [],
             scopes: opts.scope ?? [],
-            ...(opts.name ? { name: opts.name } : {}),
+            ...(opts.name !== undefined ? { name: opts.name } : {}),
           }),
         );
         print(!!opts.json, issued, () =>
           [
-            `token id  ${issued.tokenId}`,
-            `expires   ${issued.expiresAt}`,
-            `token     ${issued.token}`,
+            tty`token id  ${issued.tokenId}`,
+            tty`expires   ${issued.expiresAt}`,
+            tty`token     ${issued.token}`,
             '(the token is shown once; store it now)',
           ].join('\n'),
         );
@@ -126,15 +196,49 @@ export function buildProgram(): Command {
     .description('revoke a token: returns once it is dead in the store, then propagation runs')
     .argument('<tokenId>')
     .requiredOption('--reason <text>', 'why (audited, sent to receivers)')
-    .option('--actor <who>', 'who revokes (audited)', process.env.USER ? `cli:${process.env.USER}` : 'cli')
+    .option('--actor <who>', 'who revokes (audited)', defaultActor)
     .addOption(json)
     .action(async (tokenId: string, opts: { reason: string; actor: string; json?: boolean }) => {
       const outcome = await withWarden((tw) => tw.revoke({ tokenId, reason: opts.reason, actor: opts.actor }));
-      if (outcome.warning) process.stderr.write(`tokenwarden: warning: ${outcome.warning}\n`);
+      if (outcome.warning) warn(outcome.warning);
       print(!!opts.json, outcome, () =>
         outcome.changed
-          ? `${outcome.tokenId} ${outcome.status} at ${outcome.revokedAt}; propagating to receivers`
-          : `${outcome.tokenId} was already ${outcome.status} at ${outcome.revokedAt} (by ${outcome.revokedBy}: ${outcome.reason})`,
+          ? tty`${outcome.tokenId} ${outcome.status} at ${outcome.revokedAt}; propagating to receivers`
+          : tty`${outcome.tokenId} was already ${outcome.status} at ${outcome.revokedAt} (by ${outcome.revokedBy}: ${outcome.reason})`,
+      );
+    });
+
+  program
+    .command('retry')
+    .description('retry every unconfirmed receiver of a revoked token now (resets its backoff); audited')
+    .argument('<tokenId>')
+    .requiredOption('--reason <text>', 'why (audited)')
+    .option('--actor <who>', 'who asks (audited)', defaultActor)
+    .addOption(json)
+    .action(async (tokenId: string, opts: { reason: string; actor: string; json?: boolean }) => {
+      const outcome = await withWarden((tw) =>
+        tw.retryPropagation(tokenId, { reason: opts.reason, actor: opts.actor }),
+      );
+      print(!!opts.json, outcome, () =>
+        outcome.retrying.length
+          ? tty`${outcome.tokenId}: retrying ${outcome.retrying.join(', ')} now`
+          : tty`${outcome.tokenId}: no receiver left to retry`,
+      );
+    });
+
+  program
+    .command('force')
+    .description("mark a revoked token's unconfirmed receivers `forced` and complete its propagation; audited")
+    .argument('<tokenId>')
+    .requiredOption('--reason <text>', 'why (audited)')
+    .option('--actor <who>', 'who decides (audited)', defaultActor)
+    .addOption(json)
+    .action(async (tokenId: string, opts: { reason: string; actor: string; json?: boolean }) => {
+      const outcome = await withWarden((tw) => tw.forceComplete(tokenId, { reason: opts.reason, actor: opts.actor }));
+      print(
+        !!opts.json,
+        outcome,
+        () => tty`${outcome.tokenId}: forced ${outcome.forced.join(', ') || 'no receiver'}; propagation completes`,
       );
     });
 
@@ -158,8 +262,9 @@ export function buildProgram(): Command {
     .action(async (opts: { subject?: string; status?: string; limit: number; json?: boolean }) => {
       const tokens = await withWarden((tw) =>
         tw.list({
-          ...(opts.subject ? { subject: opts.subject } : {}),
-          ...(opts.status ? { status: opts.status as 'active' } : {}),
+          // An empty value is passed on (and refused): it must not silently mean "no filter".
+          ...(opts.subject !== undefined ? { subject: opts.subject } : {}),
+          ...(opts.status !== undefined ? { status: opts.status as 'active' } : {}),
           limit: opts.limit,
         }),
       );
@@ -168,7 +273,7 @@ export function buildProgram(): Command {
           ? tokens
               .map(
                 (t) =>
-                  `${t.id}  ${t.subject}  ${t.status.padEnd(7)}  ${t.propagation.padEnd(8)}  expires ${t.expiresAt}`,
+                  tty`${t.id}  ${t.subject}  ${t.status.padEnd(7)}  ${t.propagation.padEnd(8)}  expires ${t.expiresAt}`,
               )
               .join('\n')
           : '(no tokens)',
@@ -190,8 +295,9 @@ export function buildProgram(): Command {
       const out = { id: added.id, url: added.url, ...(secret === undefined ? { secret: added.secret } : {}) };
       print(!!opts.json, out, () =>
         secret === undefined
-          ? `receiver ${added.id} → ${added.url}\nsigning secret ${added.secret}\n(the secret is shown once; give it to the receiver now)`
-          : `receiver ${added.id} → ${added.url} (imported secret)`,
+          ? tty`receiver ${added.id} → ${added.url}` +
+            tty`\nsigning secret ${added.secret}\n(the secret is shown once; give it to the receiver now)`
+          : tty`receiver ${added.id} → ${added.url} (imported secret)`,
       );
     });
   receiver
@@ -200,7 +306,7 @@ export function buildProgram(): Command {
     .action(async (opts: { json?: boolean }) => {
       const receivers = await withWarden((tw) => tw.listReceivers());
       print(!!opts.json, receivers, () =>
-        receivers.length ? receivers.map((r) => `${r.id}  ${r.url}`).join('\n') : '(no receivers)',
+        receivers.length ? receivers.map((r) => tty`${r.id}  ${r.url}`).join('\n') : '(no receivers)',
       );
     });
   receiver
@@ -212,7 +318,7 @@ export function buildProgram(): Command {
       print(
         !!opts.json,
         removed,
-        () => `receiver ${removed.id} removed (its pending deliveries are cancelled at their next attempt)`,
+        () => tty`receiver ${removed.id} removed (its pending deliveries are cancelled at their next attempt)`,
       );
     });
 
@@ -242,6 +348,11 @@ export async function main(argv: string[]): Promise<void> {
   try {
     await buildProgram().parseAsync(argv);
   } catch (err) {
+    if (err instanceof CommanderError) {
+      // Commander has printed the usage error (or the help or version that was asked for).
+      process.exitCode = err.exitCode === 0 ? 0 : EXIT.invalidInput;
+      return;
+    }
     const code =
       err instanceof InvalidInputError
         ? EXIT.invalidInput
@@ -250,7 +361,7 @@ export async function main(argv: string[]): Promise<void> {
           : EXIT.failure;
     const message = err instanceof Error ? err.message : String(err);
     const known = err instanceof InvalidInputError || err instanceof NotFoundError || err instanceof ConfigError;
-    process.stderr.write(`tokenwarden: ${message}\n`);
+    process.stderr.write(`tokenwarden: ${printable(message)}\n`);
     if (!known && process.env.TOKENWARDEN_DEBUG) console.error(err);
     process.exitCode = code;
   }

@@ -3,7 +3,13 @@
  * directly (the store answers "is it valid?"), and tells each token's workflow through Temporal.
  */
 import { randomUUID } from 'node:crypto';
-import { WorkflowNotFoundError, type Client } from '@temporalio/client';
+import {
+  WorkflowNotFoundError,
+  WorkflowUpdateFailedError,
+  WorkflowUpdateRPCTimeoutOrCancelledError,
+  type Client,
+  type UpdateDefinition,
+} from '@temporalio/client';
 import type { StorePool } from '../common/db.js';
 import { z } from 'zod';
 import { loadSettings, type Settings } from '../common/config.js';
@@ -16,6 +22,8 @@ import { generateSigningSecret, generateTokenString, hashToken, MasterKeyring } 
 import * as store from '../common/store/index.js';
 import {
   actorSchema,
+  correlationIdSchema,
+  nameSchema,
   parseInput,
   reasonSchema,
   receiverIdSchema,
@@ -23,14 +31,20 @@ import {
   tokenIdSchema,
   ttlSchema,
 } from '../common/validation.js';
-import type { RevokeRequest } from '../workflows/messages.js';
 import {
-  SIGNAL_DEADLINE_MS,
+  forceCompleteUpdate,
+  retryPropagationUpdate,
+  type OperatorRequest,
+  type RevokeRequest,
+} from '../workflows/messages.js';
+import {
+  TEMPORAL_CALL_DEADLINE_MS,
   connectTemporal,
   signalRevoke,
   signalRevokeRunning,
   startTokenWorkflow,
 } from '../common/temporal.js';
+import { tokenWorkflowId } from '../common/names.js';
 
 export { loadSettings, type Settings } from '../common/config.js';
 export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.js';
@@ -38,23 +52,33 @@ export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/stor
 /** Offline check of a token string's shape and checksum (for secret scanners); no store access. */
 export { isWellFormedToken } from '../common/secrets.js';
 
-const issueSchema = z.object({
-  subject: subjectSchema,
-  receivers: z.array(receiverIdSchema).default([]),
-  ttl: ttlSchema,
-  name: z.string().trim().min(1).max(200).optional(),
-  scopes: z.array(z.string().regex(/^[\x21-\x7e]{1,100}$/, 'expected a scope without spaces')).default([]),
-});
-export type IssueRequest = z.input<typeof issueSchema>;
+const issueSchema = (maxTtlMs: number) =>
+  z.object({
+    subject: subjectSchema,
+    receivers: z.array(receiverIdSchema).default([]),
+    ttl: ttlSchema(maxTtlMs),
+    name: nameSchema.optional(),
+    scopes: z.array(z.string().regex(/^[\x21-\x7e]{1,100}$/, 'expected a scope without spaces')).default([]),
+  });
+export type IssueRequest = z.input<ReturnType<typeof issueSchema>>;
 
 const revokeSchema = z.object({
   tokenId: tokenIdSchema,
   reason: reasonSchema,
   actor: actorSchema.default('admin'),
   initiatingEntity: z.enum(INITIATING_ENTITIES).default('admin'),
-  correlationId: z.string().min(1).max(200).optional(),
+  correlationId: correlationIdSchema.optional(),
 });
 export type RevokeInput = z.input<typeof revokeSchema>;
+
+const operatorSchema = z.object({
+  tokenId: tokenIdSchema,
+  reason: reasonSchema,
+  actor: actorSchema.default('operator'),
+  /** Makes the call idempotent: the same request id is applied once (default: a new one per call). */
+  requestId: z.uuid().optional(),
+});
+export type OperatorInput = Omit<z.input<typeof operatorSchema>, 'tokenId'>;
 
 const listSchema = z.object({
   subject: subjectSchema.optional(),
@@ -118,6 +142,29 @@ export type TokenSummary = Omit<store.TokenRecord, 'status' | 'effectiveStatus'>
   recordedStatus: TokenStatus;
 };
 
+export interface RetryOutcome {
+  tokenId: string;
+  /** Receivers whose delivery is retried now (its backoff reset). */
+  retrying: string[];
+}
+
+export interface ForceOutcome {
+  tokenId: string;
+  /** Receivers whose delivery was marked `forced`: propagation completes without their confirmation. */
+  forced: string[];
+}
+
+export interface ConnectOptions {
+  /**
+   * Called when an idle database connection fails (e.g. the server restarted): the pool discards it
+   * and opens a new one on the next query. The library itself prints nothing.
+   */
+  onError?: (err: Error) => void;
+}
+
+/** How long retry and force wait for the token's workflow to apply them (a worker runs the handler). */
+export const OPERATOR_DEADLINE_MS = 15_000;
+
 export interface TokenView extends TokenSummary {
   deliveries: store.DeliveryRecord[];
 }
@@ -133,6 +180,18 @@ const summarise = ({ status, effectiveStatus, ...rest }: store.TokenRecord): Tok
   recordedStatus: status,
 });
 
+/** The messages of an error and its causes, outermost first (Temporal wraps the gRPC status). */
+function causes(err: unknown): string {
+  const messages: string[] = [];
+  for (let e: unknown = err; e instanceof Error && messages.length < 4; e = e.cause) messages.push(e.message);
+  return messages.join(': ') || String(err);
+}
+
+const notPropagating = (tokenId: string, detail: string) =>
+  new InvalidInputError(`invalid token id: ${tokenId} is not propagating a revocation (${detail})`, [
+    { path: 'tokenId', message: `not propagating a revocation (${detail})` },
+  ]);
+
 export class TokenWarden {
   #keyring: MasterKeyring | undefined;
 
@@ -143,8 +202,8 @@ export class TokenWarden {
   ) {}
 
   /** Connects to the store and Temporal with the given settings (default: from the environment). */
-  static async connect(settings: Settings = loadSettings()): Promise<TokenWarden> {
-    const pool = createPool(settings.databaseUrl, settings.databaseSchema);
+  static async connect(settings: Settings = loadSettings(), options: ConnectOptions = {}): Promise<TokenWarden> {
+    const pool = createPool(settings.databaseUrl, settings.databaseSchema, undefined, options.onError);
     try {
       const client = await connectTemporal(settings);
       return new TokenWarden(settings, pool, client);
@@ -161,11 +220,13 @@ export class TokenWarden {
 
   /**
    * Issues a token: the secret is generated here, only its hash is stored, the workflow is started
-   * with ids only, and the raw token is returned once both succeeded. A crash in between leaves an
-   * active row with a bounded life, which the reconciler adopts.
+   * with ids only, and the raw token is returned once both succeeded. When the start fails (Temporal
+   * unreachable past the call deadline, the start refused), the row is killed before the error is
+   * thrown: nobody holds the raw token, so nothing valid may stay behind. A crash in between leaves
+   * an active row with a bounded life, which the reconciler adopts.
    */
   async issue(request: IssueRequest): Promise<IssuedToken> {
-    const req = parseInput(issueSchema, request, 'token request');
+    const req = parseInput(issueSchema(this.settings.maxTtlMs), request, 'token request');
     const token = generateTokenString();
     const record = await store.insertToken(this.pool, {
       tokenId: newTokenId(),
@@ -177,9 +238,36 @@ export class TokenWarden {
       ttlMs: req.ttl,
       secretHash: hashToken(token),
     });
-    await startTokenWorkflow(this.temporal, record, this.settings.temporal.taskQueue, this.settings.timing);
-    await store.markWorkflowStarted(this.pool, record.id);
+    try {
+      await this.temporal.connection.withDeadline(Date.now() + TEMPORAL_CALL_DEADLINE_MS, () =>
+        startTokenWorkflow(this.temporal, record, this.settings.temporal.taskQueue, this.settings.timing),
+      );
+      await store.markWorkflowStarted(this.pool, record.id);
+    } catch (err) {
+      throw await this.abandonIssue(record.id, err);
+    }
     return { tokenId: record.id, token, expiresAt: record.expiresAt };
+  }
+
+  /** Kills the row of an issue that failed after it was written, and says what happened. */
+  private async abandonIssue(tokenId: string, failure: unknown): Promise<Error> {
+    const why = `issue failed: the token's workflow could not be started (${causes(failure)})`;
+    try {
+      await store.killToken(this.pool, {
+        tokenId,
+        reason: 'issue failed: its workflow could not be started',
+        actor: 'system',
+        initiatingEntity: 'system',
+      });
+    } catch (killFailure) {
+      return new Error(
+        `${why}, and revoking ${tokenId} in the store failed too (${causes(killFailure)}): nobody received the token, but it stays valid until it expires or is revoked`,
+        { cause: failure },
+      );
+    }
+    return new Error(`${why}; ${tokenId} was revoked in the store, no valid token is left behind`, {
+      cause: failure,
+    });
   }
 
   /**
@@ -197,10 +285,12 @@ export class TokenWarden {
     };
     // The kill and the signal go out together, so the call costs the slower of the two, not their
     // sum. Both carry the same request: whichever kill commits first (ours, or the workflow's own)
-    // records it, and the request id tells us which revocation is ours.
+    // records it, and the request id tells us which revocation is ours. One deadline covers both
+    // Temporal calls below: revoke answers within it, whatever Temporal does.
+    const deadline = Date.now() + TEMPORAL_CALL_DEADLINE_MS;
     const [killed, signalled] = await Promise.allSettled([
       store.killToken(this.pool, { tokenId: req.tokenId, ...request }),
-      this.withSignalDeadline(() => signalRevokeRunning(this.temporal, req.tokenId, request)),
+      this.temporal.connection.withDeadline(deadline, () => signalRevokeRunning(this.temporal, req.tokenId, request)),
     ]);
     if (killed.status === 'rejected') throw killed.reason;
     const t = killed.value.token;
@@ -218,12 +308,12 @@ export class TokenWarden {
     try {
       if (!(signalled.reason instanceof WorkflowNotFoundError)) throw signalled.reason;
       // No running workflow (never started, or already closed): start one that adopts the kill.
-      await this.withSignalDeadline(() =>
+      await this.temporal.connection.withDeadline(deadline, () =>
         signalRevoke(this.temporal, t, request, this.settings.temporal.taskQueue, this.settings.timing),
       );
       outcome.workflowSignalled = true;
     } catch (err) {
-      outcome.warning = `revoked in the store, but its workflow could not be signalled (${(err as Error).message}); the reconciler will start propagation`;
+      outcome.warning = `revoked in the store, but its workflow could not be signalled (${causes(err)}); the reconciler will start propagation`;
     }
     return outcome;
   }
@@ -232,8 +322,50 @@ export class TokenWarden {
     return (this.#keyring ??= new MasterKeyring(this.settings.masterKey, this.settings.previousMasterKeys));
   }
 
-  private withSignalDeadline<T>(fn: () => Promise<T>): Promise<T> {
-    return this.temporal.connection.withDeadline(Date.now() + SIGNAL_DEADLINE_MS, fn);
+  /**
+   * Retries every unconfirmed delivery of a revoked token now, resetting its backoff (after a
+   * receiver's 4xx was fixed, or to hurry a stuck propagation). Audited by the workflow.
+   */
+  async retryPropagation(tokenId: string, input: OperatorInput): Promise<RetryOutcome> {
+    const { retrying } = await this.operatorUpdate('retry', retryPropagationUpdate, { tokenId, ...input });
+    return { tokenId, retrying };
+  }
+
+  /** Marks every unconfirmed delivery `forced` and completes propagation (an operator's decision, audited). */
+  async forceComplete(tokenId: string, input: OperatorInput): Promise<ForceOutcome> {
+    const { forced } = await this.operatorUpdate('force', forceCompleteUpdate, { tokenId, ...input });
+    return { tokenId, forced };
+  }
+
+  private async operatorUpdate<Result>(
+    kind: 'retry' | 'force',
+    update: UpdateDefinition<Result, [OperatorRequest]>,
+    input: z.input<typeof operatorSchema>,
+  ): Promise<Result> {
+    const req = parseInput(operatorSchema, input, `${kind} request`);
+    const token = await store.requireToken(this.pool, req.tokenId);
+    if (token.propagation !== 'pending' && token.propagation !== 'stuck') {
+      throw notPropagating(req.tokenId, `status ${summarise(token).status}, propagation ${token.propagation}`);
+    }
+    const request: OperatorRequest = { reason: req.reason, actor: req.actor };
+    const handle = this.temporal.workflow.getHandle(tokenWorkflowId(req.tokenId));
+    const options = { args: [request] as [OperatorRequest], updateId: req.requestId ?? randomUUID() };
+    try {
+      return await this.temporal.connection.withDeadline(Date.now() + OPERATOR_DEADLINE_MS, () =>
+        handle.executeUpdate(update, options),
+      );
+    } catch (err) {
+      const what =
+        err instanceof WorkflowUpdateFailedError
+          ? // Its validator refused (e.g. every receiver confirmed meanwhile), or its handler failed.
+            `its workflow refused the ${kind}: ${err.cause?.message ?? err.message}`
+          : err instanceof WorkflowNotFoundError
+            ? 'its workflow is not running; the reconciler restarts an unfinished propagation, then try again'
+            : err instanceof WorkflowUpdateRPCTimeoutOrCancelledError
+              ? `its workflow did not apply the ${kind} within ${OPERATOR_DEADLINE_MS / 1000} s (is a worker running?); check with show`
+              : `the ${kind} could not be sent to its workflow (${causes(err)})`;
+      throw new Error(`token ${req.tokenId}: ${what}`, { cause: err });
+    }
   }
 
   async show(tokenId: string): Promise<TokenView> {

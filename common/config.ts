@@ -5,7 +5,7 @@ import { loadClientConnectConfig } from '@temporalio/envconfig';
 import type { NativeConnectionOptions } from '@temporalio/worker';
 import { z } from 'zod';
 import { DEFAULT_NAMESPACE, DEFAULT_TASK_QUEUE, type PropagationTiming } from './names.js';
-import { parseDuration, DURATION_HINT } from './durations.js';
+import { formatDuration, parseDuration, DURATION_HINT } from './durations.js';
 import { ConfigError } from './errors.js';
 import { RECEIVER_ALLOWANCES, type ReceiverAllowance } from './addresses.js';
 
@@ -27,13 +27,19 @@ export interface Settings {
   previousMasterKeys: Buffer[];
   /** Address ranges receivers may use besides public ones (the dev stack allows loopback). */
   receiverAllow: ReceiverAllowance[];
+  /** The longest lifetime a token may be issued with (TOKENWARDEN_MAX_TTL). */
+  maxTtlMs: number;
 }
 
 /** What `tokenwarden start` writes into the data folder so that CLI calls find the running stack. */
 export interface StackFile {
   databaseUrl: string;
+  databaseSchema: string;
   temporalAddress: string;
   namespace: string;
+  taskQueue: string;
+  /** Where the stack's master key is; absent when the stack got it from TOKENWARDEN_MASTER_KEY. */
+  masterKeyFile?: string;
   /** The stack's process: a file left behind by a killed stack is ignored. */
   pid: number;
   /** Receivers' address ranges the stack allows; clients of its store apply them too. */
@@ -53,14 +59,19 @@ const duration = (name: string, fallback: string) =>
       return ms;
     });
 
+/** One year, as peers cap tokens (TOKENWARDEN_MAX_TTL's default). */
+export const DEFAULT_MAX_TTL_MS = 365 * 86_400_000;
+/** The longest TOKENWARDEN_MAX_TTL may be: keeps every expiry a date PostgreSQL, JS and Temporal agree on. */
+export const MAX_TTL_CEILING_MS = 3650 * 86_400_000;
+
 const envSchema = z.object({
   DATABASE_URL: z.url({ protocol: /^postgres(ql)?$/, error: 'DATABASE_URL must be a postgres:// URL' }).optional(),
   TOKENWARDEN_DB_SCHEMA: z
     .string()
     .regex(/^[a-z_][a-z0-9_]{0,62}$/, 'TOKENWARDEN_DB_SCHEMA must be a lowercase SQL identifier')
-    .default('tokenwarden'),
+    .optional(),
   TOKENWARDEN_DATA_DIR: z.string().min(1).optional(),
-  TOKENWARDEN_TASK_QUEUE: z.string().min(1).default(DEFAULT_TASK_QUEUE),
+  TOKENWARDEN_TASK_QUEUE: z.string().min(1).optional(),
   TOKENWARDEN_MASTER_KEY: z
     .string()
     .refine(isMasterKey, 'TOKENWARDEN_MASTER_KEY must be 32 bytes, base64-encoded')
@@ -102,6 +113,11 @@ const envSchema = z.object({
       return [...new Set(ranges)] as ReceiverAllowance[];
     })
     .optional(),
+  TOKENWARDEN_MASTER_KEY_FILE: z.string().min(1).optional(),
+  TOKENWARDEN_MAX_TTL: duration('TOKENWARDEN_MAX_TTL', formatDuration(DEFAULT_MAX_TTL_MS)).refine(
+    (ms) => ms <= MAX_TTL_CEILING_MS,
+    `TOKENWARDEN_MAX_TTL must be at most ${formatDuration(MAX_TTL_CEILING_MS)}`,
+  ),
   TOKENWARDEN_ESCALATE_AFTER: duration('TOKENWARDEN_ESCALATE_AFTER', '1h'),
   TOKENWARDEN_RETRY_INITIAL: duration('TOKENWARDEN_RETRY_INITIAL', '1s'),
   TOKENWARDEN_RETRY_MAX: duration('TOKENWARDEN_RETRY_MAX', '10m'),
@@ -127,6 +143,8 @@ function isAlive(pid: number): boolean {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
+
+export const DEFAULT_DB_SCHEMA = 'tokenwarden';
 
 export const masterKeyFile = (dataDir: string) => path.join(dataDir, 'master.key');
 
@@ -161,19 +179,25 @@ export function loadSettings(env: NodeJS.ProcessEnv = process.env): Settings {
     throw new ConfigError(`invalid Temporal client configuration: ${(err as Error).message}`);
   }
   const connectionOptions: NativeConnectionOptions = { ...connect.connectionOptions };
+  // The stack's schema and task queue go with its database and its Temporal server, never alone.
+  const stackDatabase = e.DATABASE_URL ? undefined : stack;
+  const stackTemporal = connectionOptions.address ? undefined : stack;
   connectionOptions.address ??= stack?.temporalAddress ?? 'localhost:7233';
   const namespace = connect.namespace ?? stack?.namespace ?? DEFAULT_NAMESPACE;
 
   let masterKey: Buffer | undefined;
   if (e.TOKENWARDEN_MASTER_KEY) masterKey = Buffer.from(e.TOKENWARDEN_MASTER_KEY, 'base64');
-  else if (existsSync(masterKeyFile(dataDir))) {
-    masterKey = Buffer.from(readFileSync(masterKeyFile(dataDir), 'utf8').trim(), 'base64');
-  }
+  else if (e.TOKENWARDEN_MASTER_KEY_FILE) masterKey = readMasterKeyFile(e.TOKENWARDEN_MASTER_KEY_FILE);
+  else if (existsSync(masterKeyFile(dataDir))) masterKey = readMasterKeyFile(masterKeyFile(dataDir));
 
   return {
-    temporal: { connectionOptions, namespace, taskQueue: e.TOKENWARDEN_TASK_QUEUE },
+    temporal: {
+      connectionOptions,
+      namespace,
+      taskQueue: e.TOKENWARDEN_TASK_QUEUE ?? stackTemporal?.taskQueue ?? DEFAULT_TASK_QUEUE,
+    },
     databaseUrl,
-    databaseSchema: e.TOKENWARDEN_DB_SCHEMA,
+    databaseSchema: e.TOKENWARDEN_DB_SCHEMA ?? stackDatabase?.databaseSchema ?? DEFAULT_DB_SCHEMA,
     dataDir,
     timing: {
       escalateAfterMs: e.TOKENWARDEN_ESCALATE_AFTER,
@@ -186,7 +210,23 @@ export function loadSettings(env: NodeJS.ProcessEnv = process.env): Settings {
     // The dev stack's own allowance applies to whoever uses its store, unless set explicitly.
     receiverAllow:
       e.TOKENWARDEN_RECEIVER_ALLOW ?? (stack && databaseUrl === stack.databaseUrl ? (stack.receiverAllow ?? []) : []),
+    maxTtlMs: e.TOKENWARDEN_MAX_TTL,
   };
+}
+
+/** A master key file holds the key in base64 (what `tokenwarden start` writes). */
+function readMasterKeyFile(file: string): Buffer {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError(
+      `TOKENWARDEN_MASTER_KEY_FILE: cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? err}`,
+    );
+  }
+  const key = Buffer.from(text.trim(), 'base64');
+  if (key.length !== 32) throw new ConfigError(`the master key in ${file} must be 32 bytes, base64-encoded`);
+  return key;
 }
 
 function stringEnv(env: NodeJS.ProcessEnv): Record<string, string> {

@@ -34,12 +34,20 @@ export type StorePool = pg.Pool & { readonly tables: Tables };
 export type StoreClient = pg.PoolClient & { readonly tables: Tables };
 export type Queryable = StorePool | StoreClient;
 
-/** A pool for the store in `schema` (one schema per deployment, one per test file). */
-export function createPool(databaseUrl: string, schema: string, max = 10): StorePool {
+/**
+ * A pool for the store in `schema` (one schema per deployment, one per test file). `onIdleError`
+ * hears of idle connections the server dropped (restart, failover); the pool discards them, and
+ * without a listener the 'error' event would crash the process. The pool itself prints nothing:
+ * processes pass a logger, a library's app decides. Queries in flight still fail to their caller.
+ */
+export function createPool(
+  databaseUrl: string,
+  schema: string,
+  max = 10,
+  onIdleError: (err: Error) => void = () => {},
+): StorePool {
   const pool = new pg.Pool({ connectionString: databaseUrl, max, application_name: 'tokenwarden' });
-  // An idle connection dropped by the server (restart, failover) is discarded by the pool; without a
-  // listener the 'error' event would crash the process. Queries in flight still fail to their caller.
-  pool.on('error', (err) => console.warn(`tokenwarden: an idle database connection was closed: ${err.message}`));
+  pool.on('error', onIdleError);
   return Object.assign(pool, { tables: tablesFor(schema) });
 }
 

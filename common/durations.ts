@@ -20,3 +20,12 @@ export function parseDuration(text: string): number | undefined {
 }
 
 export const DURATION_HINT = 'a duration such as 500ms, 30s, 15m, 2h or 90d';
+
+/** The inverse of parseDuration, in the largest unit that divides it (`365d`, `2w`, `90s`). */
+export function formatDuration(ms: number): string {
+  for (const unit of ['w', 'd', 'h', 'm', 's'] as const) {
+    const size = UNIT_MS[unit]!;
+    if (ms >= size && ms % size === 0) return `${ms / size}${unit}`;
+  }
+  return `${ms}ms`;
+}

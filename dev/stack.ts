@@ -22,6 +22,8 @@ export interface StackOptions {
   temporalPort?: number;
   uiPort?: number;
   pgPort?: number;
+  /** Run the in-process worker (default); without it, run `tokenwarden worker` processes yourself. */
+  worker?: boolean;
   log?: (msg: string) => void;
 }
 
@@ -68,7 +70,7 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
 
   try {
     await mkdir(dataDir, { recursive: true });
-    await ensureMasterKey(dataDir, log);
+    const keyFile = await ensureMasterKey(dataDir, log);
 
     const cliPath = await resolveTemporalCli(log);
     const namespace = DEFAULT_NAMESPACE;
@@ -116,8 +118,11 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
 
     const stack: StackFile = {
       databaseUrl,
+      databaseSchema: settings.databaseSchema,
       temporalAddress: temporal.address,
       namespace,
+      taskQueue: settings.temporal.taskQueue,
+      ...(keyFile ? { masterKeyFile: keyFile } : {}),
       pid: process.pid,
       receiverAllow: settings.receiverAllow,
     };
@@ -125,18 +130,22 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
     await writeFile(stackFile, `${JSON.stringify(stack, null, 2)}\n`, { mode: 0o600 });
     wroteStackFile = true;
 
-    const worker = await runWorkerProcess(settings, { ensureSchedule: true });
-    running.push({ name: 'the worker', stop: worker.shutdown });
-    worker.done.then(
-      () => {
-        if (!shuttingDown) console.error('the worker stopped unexpectedly');
-        return shutdown(shuttingDown ? 0 : 1);
-      },
-      (err: unknown) => {
-        console.error(`the worker failed: ${(err as Error).stack ?? String(err)}`);
-        return shutdown(1);
-      },
-    );
+    if (opts.worker ?? true) {
+      const worker = await runWorkerProcess(settings, { ensureSchedule: true });
+      running.push({ name: 'the worker', stop: worker.shutdown });
+      worker.done.then(
+        () => {
+          if (!shuttingDown) console.error('the worker stopped unexpectedly');
+          return shutdown(shuttingDown ? 0 : 1);
+        },
+        (err: unknown) => {
+          console.error(`the worker failed: ${(err as Error).stack ?? String(err)}`);
+          return shutdown(1);
+        },
+      );
+    } else {
+      log('no worker in this process (--no-worker): start `tokenwarden worker` processes with `tokenwarden env`');
+    }
     log(walkthrough(uiPort));
   } catch (err) {
     console.error((err as Error).message);
@@ -145,12 +154,18 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
   return new Promise<never>(() => {});
 }
 
-/** 32 random bytes, created once; it encrypts receivers' signing secrets at rest. */
-async function ensureMasterKey(dataDir: string, log: (msg: string) => void): Promise<void> {
+/**
+ * 32 random bytes, created once; it encrypts receivers' signing secrets at rest. Returns the file
+ * the stack's key is in, or undefined when it comes from TOKENWARDEN_MASTER_KEY.
+ */
+async function ensureMasterKey(dataDir: string, log: (msg: string) => void): Promise<string | undefined> {
+  if (process.env.TOKENWARDEN_MASTER_KEY) return undefined;
+  if (process.env.TOKENWARDEN_MASTER_KEY_FILE) return path.resolve(process.env.TOKENWARDEN_MASTER_KEY_FILE);
   const file = masterKeyFile(dataDir);
-  if (process.env.TOKENWARDEN_MASTER_KEY || existsSync(file)) return;
+  if (existsSync(file)) return file;
   await writeFile(file, `${randomBytes(32).toString('base64')}\n`, { mode: 0o600, flag: 'wx' });
   log(`created the master key ${file} (back it up: receivers' secrets cannot be read without it)`);
+  return file;
 }
 
 function envPort(name: string, fallback: number): number {

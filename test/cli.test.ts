@@ -1,14 +1,22 @@
 /** The `tokenwarden` command as a user runs it: a child process, exit codes, stdout and stderr. */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
+import { Client, Connection } from '@temporalio/client';
+import proto from '@temporalio/proto';
 import { after, before, describe, it } from 'node:test';
 import { PACKAGE_ROOT } from '../common/config.js';
 import { newTokenId } from '../common/ids.js';
 import { tokenWorkflowId } from '../common/names.js';
 import { isWellFormedToken } from '../common/secrets.js';
+import { freePort } from '../dev/processes.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
+import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
 let worker: RunningWorker;
@@ -31,12 +39,13 @@ interface Run {
   stderr: string;
 }
 
-function cli(args: string[], stdin?: string): Promise<Run> {
+function cli(args: string[], stdin?: string, extraEnv: Record<string, string> = {}): Promise<Run> {
   const env = {
     ...ctx.childEnv(),
     TOKENWARDEN_ESCALATE_AFTER: '3s',
     TOKENWARDEN_RETRY_INITIAL: '200ms',
     TOKENWARDEN_RETRY_MAX: '1s',
+    ...extraEnv,
   };
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), ...args], { env });
@@ -120,7 +129,7 @@ describe('tokenwarden CLI', () => {
     const cases: [string[], number, RegExp][] = [
       [['issue', '--subject', 'usr_1', '--ttl', '5x'], 2, /ttl: expected a duration such as .*"5x"/],
       [['issue', '--subject', 'jane@example.com', '--ttl', '1h'], 2, /subject: .*not an email/],
-      [['issue', '--ttl', '1h'], 1, /required option '--subject <id>' not specified/],
+      [['issue', '--ttl', '1h'], 2, /required option '--subject <id>' not specified/],
       [['show', 'tok_123'], 2, /token id.*expected a token id/],
       [['show', newTokenId()], 3, /token "tok_[0-9a-f]{32}" not found/],
       [['revoke', newTokenId(), '--reason', 'x'], 3, /not found/],
@@ -174,3 +183,341 @@ describe('tokenwarden CLI', () => {
     assert.match(stderr, /DATABASE_URL is not set/);
   });
 });
+
+const oneLine = (run: Run) => {
+  assert.equal(run.stderr.trim().split('\n').length, 1, `one line: ${run.stderr}`);
+  assert.ok(!/\n\s+at /.test(run.stderr), 'no stack trace');
+};
+
+/** Whether text holds anything a terminal would act on, besides the line breaks between lines. */
+const obeyable = (text: string) => /[\p{Cc}\u202e]/u.test(text.replaceAll('\n', ''));
+
+async function tokensOf(subject: string): Promise<number> {
+  const { rows } = await ctx.sql.query(`SELECT count(*)::int AS n FROM token WHERE subject = $1`, [subject]);
+  return rows[0].n;
+}
+
+describe('tokenwarden CLI: lifetimes are bounded', () => {
+  it('should refuse a ttl beyond TOKENWARDEN_MAX_TTL with the field named, writing nothing', async () => {
+    for (const ttl of ['99999999d', '3000000d', '300000d', '366d']) {
+      const run = await cli(['issue', '--subject', 'usr_ttl', '--ttl', ttl]);
+      assert.equal(run.code, 2, `${ttl}: ${run.stderr}`);
+      assert.match(run.stderr, /ttl: at most 365d \(TOKENWARDEN_MAX_TTL\)/, ttl);
+      oneLine(run);
+    }
+    const lower = await cli(['issue', '--subject', 'usr_ttl', '--ttl', '2h'], undefined, { TOKENWARDEN_MAX_TTL: '1h' });
+    assert.equal(lower.code, 2, lower.stderr);
+    assert.match(lower.stderr, /ttl: at most 1h \(TOKENWARDEN_MAX_TTL\)/);
+    const unbounded = await cli(['list'], undefined, { TOKENWARDEN_MAX_TTL: '3651d' });
+    assert.equal(unbounded.code, 1, unbounded.stderr);
+    assert.match(unbounded.stderr, /TOKENWARDEN_MAX_TTL: TOKENWARDEN_MAX_TTL must be at most 3650d/);
+    assert.equal(await tokensOf('usr_ttl'), 0);
+  });
+});
+
+describe('tokenwarden CLI: input that must not pass, output that must not steer a terminal', () => {
+  it('should refuse control characters in --name, --reason and --actor', async () => {
+    const cases: [string[], RegExp][] = [
+      [
+        ['issue', '--subject', 'usr_ctl', '--ttl', '1h', '--name', 'key\u001b]0;pwned\u0007'],
+        /name: must not contain control characters \(found U\+001B\)/,
+      ],
+      [['issue', '--subject', 'usr_ctl', '--ttl', '1h', '--name', 'line\rover'], /name: .*\(found U\+000D\)/],
+      [['issue', '--subject', 'usr_ctl', '--ttl', '1h', '--name', '\u009b31mred'], /name: .*\(found U\+009B\)/],
+      [['issue', '--subject', 'usr_ctl', '--ttl', '1h', '--name', ''], /name: expected a non-empty name/],
+      [['revoke', newTokenId(), '--reason', 'left\nstatus active'], /reason: .*\(found U\+000A\)/],
+      [['revoke', newTokenId(), '--reason', 'left', '--actor', 'hr\u007f'], /actor: .*\(found U\+007F\)/],
+    ];
+    for (const [args, message] of cases) {
+      const run = await cli(args);
+      assert.equal(run.code, 2, `${JSON.stringify(args)}: ${run.stderr}`);
+      assert.match(run.stderr, message, JSON.stringify(args));
+      oneLine(run);
+      assert.ok(!obeyable(run.stderr), 'nothing raw reaches the terminal');
+    }
+    assert.equal(await tokensOf('usr_ctl'), 0);
+  });
+
+  it('should escape what a terminal would obey in rows written before validation', async () => {
+    const { tokenId } = await ctx.warden.issue({ subject: 'usr_legacy', ttl: '1h' });
+    const evil = 'laptop\u001b[2J\u0007\u009b\u202e\nstatus       active (valid)';
+    await ctx.sql.query(`UPDATE token SET name = $2 WHERE id = $1`, [tokenId, evil]);
+    const human = await cli(['show', tokenId]);
+    assert.equal(human.code, 0, human.stderr);
+    assert.ok(!obeyable(human.stdout), JSON.stringify(human.stdout));
+    assert.match(
+      human.stdout,
+      /subject {6}usr_legacy \(laptop\\x1b\[2J\\x07\\x9b\\u202e\\x0astatus {7}active \(valid\)\)/,
+    );
+    assert.equal(human.stdout.split('\n').filter((l) => l.startsWith('status')).length, 1, 'no forged line');
+    const machine = await cli(['show', tokenId, '--json']);
+    assert.ok(!obeyable(machine.stdout) && machine.stdout.split('\n').length === 2, JSON.stringify(machine.stdout));
+    assert.equal(json(machine).name, evil, 'JSON output still parses to the stored value');
+  });
+
+  it('should refuse an empty --subject instead of listing everything', async () => {
+    const run = await cli(['list', '--subject', '']);
+    assert.equal(run.code, 2, run.stderr);
+    assert.match(run.stderr, /subject: expected an opaque id/);
+    const status = await cli(['list', '--status', '']);
+    assert.equal(status.code, 2, status.stderr);
+    assert.match(status.stderr, /status: /);
+  });
+
+  it('should exit 2 on usage errors, as on any invalid input', async () => {
+    const cases: [string[], RegExp][] = [
+      [['bogus'], /unknown command 'bogus'/],
+      [['issue', '--subject', 'usr_1', '--ttl', '1h', '--bogus'], /unknown option '--bogus'/],
+      [['revoke', newTokenId()], /required option '--reason <text>' not specified/],
+      [['show'], /missing required argument 'tokenId'/],
+      [['list', '--limit'], /option '--limit <n>' argument missing/],
+      [['retry', newTokenId()], /required option '--reason <text>' not specified/],
+    ];
+    for (const [args, message] of cases) {
+      const run = await cli(args);
+      assert.equal(run.code, 2, `${args.join(' ')}: ${run.stderr}`);
+      assert.match(run.stderr, message, args.join(' '));
+      oneLine(run);
+    }
+    const help = await cli(['--help']);
+    assert.equal(help.code, 0, help.stderr);
+    assert.match(help.stdout, /Usage: tokenwarden/);
+  });
+
+  it('should print its version', async () => {
+    const pkg = JSON.parse(await readFile(path.join(PACKAGE_ROOT, 'package.json'), 'utf8')) as { version: string };
+    for (const flag of ['--version', '-V']) {
+      const run = await cli([flag]);
+      assert.equal(run.code, 0, run.stderr);
+      assert.equal(run.stdout, `${pkg.version}\n`);
+    }
+  });
+});
+
+describe('tokenwarden CLI: issue while Temporal is unreachable', () => {
+  it('should fail within the deadline, say so, and leave nothing valid behind', async () => {
+    const started = Date.now();
+    const run = await cli(['issue', '--subject', 'usr_nobody_told', '--ttl', '1h', '--json'], undefined, {
+      TEMPORAL_ADDRESS: `127.0.0.1:${await freePort()}`,
+    });
+    const elapsed = Date.now() - started;
+    assert.equal(run.code, 1, run.stderr);
+    assert.equal(run.stdout, '', 'no token is printed');
+    assert.match(run.stderr, /issue failed: the token's workflow could not be started .* was revoked in the store/);
+    oneLine(run);
+    assert.ok(elapsed < 8_000, `the process ended within the deadline plus its start-up (${elapsed} ms)`);
+    const { rows } = await ctx.sql.query(
+      `SELECT status, (status = 'active' AND expires_at > now()) AS valid FROM token WHERE subject = 'usr_nobody_told'`,
+    );
+    assert.deepEqual(rows, [{ status: 'revoked', valid: false }]);
+  });
+});
+
+describe('tokenwarden CLI: retry and force', () => {
+  let flaky: TestReceiver;
+  before(async () => {
+    flaky = await TestReceiver.start();
+    flaky.secret = json(await cli(['receiver', 'add', 'flaky', '--url', flaky.url, '--json'])).secret;
+  });
+  after(async () => {
+    await flaky?.close();
+  });
+
+  /** A revoked token whose one delivery was refused with 400 (it waits for an operator). */
+  async function refusedRevocation(subject: string): Promise<string> {
+    flaky.behaviour = () => ({ status: 400 });
+    const { tokenId } = json(
+      await cli(['issue', '--subject', subject, '--receiver', 'flaky', '--ttl', '1h', '--json']),
+    );
+    json(await cli(['revoke', tokenId, '--reason', 'rotated', '--json']));
+    await waitUntil(async () => {
+      const t = await ctx.warden.show(tokenId);
+      return t.deliveries[0]?.status === 'failed';
+    }, 'the 400 to be recorded as a failed delivery');
+    return tokenId;
+  }
+
+  it('should retry a refused delivery now, once the receiver accepts', async () => {
+    const { tokenId: active } = await ctx.warden.issue({ subject: 'usr_retry', ttl: '1h' });
+    const early = await cli(['retry', active, '--reason', 'too early']);
+    assert.equal(early.code, 2, early.stderr);
+    assert.match(early.stderr, /is not propagating a revocation \(status active, propagation none\)/);
+    oneLine(early);
+
+    const tokenId = await refusedRevocation('usr_retry');
+    const attemptsBefore = flaky.requests.length;
+    flaky.behaviour = () => ({ status: 204 });
+    const retried = json(await cli(['retry', tokenId, '--reason', 'receiver fixed', '--json']));
+    assert.deepEqual(retried, { tokenId, retrying: ['flaky'] });
+    await ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)).result();
+    const shown = await ctx.warden.show(tokenId);
+    assert.equal(shown.propagation, 'complete');
+    assert.equal(shown.deliveries[0]?.status, 'delivered');
+    assert.ok(flaky.requests.slice(attemptsBefore).some((r) => r.answered === 204 && r.verified));
+
+    const late = await cli(['retry', tokenId, '--reason', 'again']);
+    assert.equal(late.code, 2, late.stderr);
+    assert.match(late.stderr, /is not propagating a revocation \(status revoked, propagation complete\)/);
+  });
+
+  it('should force a refused delivery complete, audited with the reason', async () => {
+    const tokenId = await refusedRevocation('usr_force');
+    const forced = json(await cli(['force', tokenId, '--reason', 'receiver retired', '--actor', 'ops:bob', '--json']));
+    assert.deepEqual(forced, { tokenId, forced: ['flaky'] });
+    const result = await ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)).result();
+    assert.equal(result.forced, true);
+    const human = await cli(['show', tokenId]);
+    assert.match(human.stdout, /propagation {2}complete/);
+    assert.match(human.stdout, /receiver {5}flaky: forced/);
+    const { rows } = await ctx.sql.query(
+      `SELECT canonical FROM audit_event WHERE token_id = $1 AND canonical LIKE '%receiver retired%'`,
+      [tokenId],
+    );
+    assert.equal(rows.length, 1, 'the force is audited once, with its reason');
+    assert.match(rows[0].canonical, /ops:bob/);
+  });
+});
+
+describe('tokenwarden CLI: a dev stack without its worker, and its settings as environment lines', () => {
+  const children: ChildProcess[] = [];
+  let dataDir: string;
+  let stackSchema: string;
+  after(async () => {
+    // The worker before the stack: it is the stack's Temporal that the worker polls.
+    for (const child of children.reverse()) await stop(child);
+    if (stackSchema) await ctx.sql.query(`DROP SCHEMA IF EXISTS ${stackSchema} CASCADE`);
+    if (dataDir) await rm(dataDir, { recursive: true, force: true });
+  });
+
+  it('should run separate worker processes with what `tokenwarden env` prints', async () => {
+    dataDir = await mkdtemp(path.join(os.tmpdir(), 'tokenwarden-stack-'));
+    stackSchema = `test_stack_${randomBytes(4).toString('hex')}`;
+    const taskQueue = `tq-${stackSchema}`;
+    const base = {
+      PATH: process.env.PATH ?? '',
+      HOME: process.env.HOME ?? '',
+      TEMPORAL_CLI: process.env.TEMPORAL_CLI ?? '',
+    };
+    const stack = background(['start', '--no-worker', '--data-dir', dataDir], {
+      ...base,
+      DATABASE_URL: ctx.settings.databaseUrl,
+      TOKENWARDEN_DB_SCHEMA: stackSchema,
+      TOKENWARDEN_TASK_QUEUE: taskQueue,
+      TOKENWARDEN_TEMPORAL_PORT: String(await freePort()),
+      TOKENWARDEN_UI_PORT: String(await freePort()),
+    });
+    children.push(stack.child);
+    await waitUntil(
+      // Printed once everything the stack runs has started (its worker too, when it has one).
+      () => existsSync(path.join(dataDir, 'stack.json')) && stack.output().includes('tokenwarden is running'),
+      `the stack to start (${stack.output()})`,
+      90_000,
+    );
+
+    const printed = await run(['env', '--data-dir', dataDir], base);
+    assert.equal(printed.code, 0, printed.stderr);
+    const lines = printed.stdout.trimEnd().split('\n');
+    const env: Record<string, string> = {};
+    for (const line of lines) {
+      const m = /^export ([A-Z_]+)='([^']*)'$/.exec(line);
+      assert.ok(m, `a shell line: ${line}`);
+      env[m[1]!] = m[2]!;
+    }
+    const masterKeyFile = path.join(dataDir, 'master.key');
+    assert.deepEqual(Object.keys(env).sort(), [
+      'DATABASE_URL',
+      'TEMPORAL_ADDRESS',
+      'TEMPORAL_NAMESPACE',
+      'TOKENWARDEN_DB_SCHEMA',
+      'TOKENWARDEN_MASTER_KEY_FILE',
+      'TOKENWARDEN_TASK_QUEUE',
+    ]);
+    assert.equal(env.DATABASE_URL, ctx.settings.databaseUrl);
+    assert.equal(env.TOKENWARDEN_DB_SCHEMA, stackSchema);
+    assert.equal(env.TOKENWARDEN_TASK_QUEUE, taskQueue);
+    assert.equal(env.TEMPORAL_NAMESPACE, 'tokenwarden');
+    assert.equal(env.TOKENWARDEN_MASTER_KEY_FILE, masterKeyFile);
+    const key = (await readFile(masterKeyFile, 'utf8')).trim();
+    assert.ok(!printed.stdout.includes(key), 'the master key itself is not printed');
+
+    const temporal = new Client({
+      connection: await Connection.connect({ address: env.TEMPORAL_ADDRESS! }),
+      namespace: 'tokenwarden',
+    });
+    try {
+      const pollers = async () =>
+        (
+          await temporal.workflowService.describeTaskQueue({
+            namespace: 'tokenwarden',
+            taskQueue: { name: taskQueue },
+            taskQueueType: proto.temporal.api.enums.v1.TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+          })
+        ).pollers ?? [];
+      assert.deepEqual(await pollers(), [], 'no worker runs in the stack');
+
+      // Only the printed lines: no stack discovery through the data folder.
+      const only = { ...base, ...env, TOKENWARDEN_DATA_DIR: '/nonexistent' };
+      const worker = background(['worker'], only);
+      children.push(worker.child);
+      await waitUntil(async () => (await pollers()).length > 0, `the worker to poll (${worker.output()})`, 90_000);
+
+      const issued = await run(['issue', '--subject', 'usr_stack', '--ttl', '1s', '--json'], only);
+      assert.equal(issued.code, 0, issued.stderr);
+      const { tokenId } = JSON.parse(issued.stdout) as { tokenId: string };
+      await waitUntil(
+        async () => {
+          const shown = await run(['show', tokenId, '--json'], only);
+          const t = JSON.parse(shown.stdout) as { recordedStatus: string; propagation: string };
+          return t.recordedStatus === 'expired' && t.propagation === 'complete';
+        },
+        `the separate worker to expire ${tokenId} (${worker.output()})`,
+        60_000,
+      );
+      const identities = (await pollers()).map((p) => p.identity ?? '');
+      assert.ok(
+        identities.length > 0 && identities.every((id) => id.startsWith(`${worker.child.pid}@`)),
+        `only the worker process polls: ${identities.join(', ')} (worker pid ${worker.child.pid})`,
+      );
+    } finally {
+      await temporal.connection.close();
+    }
+  });
+
+  it('should say so when no stack is running', async () => {
+    const printed = await run(['env', '--data-dir', '/nonexistent'], { PATH: process.env.PATH ?? '' });
+    assert.equal(printed.code, 1);
+    assert.match(printed.stderr, /no dev stack is running from \/nonexistent/);
+  });
+});
+
+/** A `tokenwarden` run with exactly `env` (no test defaults). */
+function run(args: string[], env: Record<string, string>): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), ...args], { env });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
+    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, stdout, stderr }));
+    child.stdin.end();
+  });
+}
+
+/** A long-running `tokenwarden` process; its output is kept for failure messages. */
+function background(args: string[], env: Record<string, string>): { child: ChildProcess; output(): string } {
+  const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), ...args], { env });
+  let output = '';
+  child.stdout!.on('data', (c: Buffer) => (output += c.toString()));
+  child.stderr!.on('data', (c: Buffer) => (output += c.toString()));
+  return { child, output: () => output };
+}
+
+async function stop(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  child.kill('SIGINT');
+  const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
+  await exited;
+  clearTimeout(timer);
+}

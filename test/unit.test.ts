@@ -1,11 +1,16 @@
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { describe, it } from 'node:test';
 import { Webhook } from 'standardwebhooks';
+import type { z } from 'zod';
 import { createActivities } from '../activities/index.js';
 import { isRetryableStatus, networkErrorCode, parseRetryAfter } from '../activities/propagation.js';
-import { parseDuration } from '../common/durations.js';
+import { formatDuration, parseDuration } from '../common/durations.js';
 import { ACTIVITY_NAMES } from '../common/names.js';
 import {
   decryptSecret,
@@ -16,7 +21,7 @@ import {
   signWebhook,
 } from '../common/secrets.js';
 import { InvalidInputError } from '../common/errors.js';
-import { parseInput, subjectSchema } from '../common/validation.js';
+import { actorSchema, nameSchema, parseInput, reasonSchema, subjectSchema, ttlSchema } from '../common/validation.js';
 import { loadSettings } from '../common/config.js';
 import { ConfigError } from '../common/errors.js';
 import {
@@ -179,5 +184,94 @@ describe('input validation', () => {
     });
     assert.equal(s.timing.retryMaxMs, 120_000);
     assert.equal(s.temporal.namespace, 'tokenwarden');
+  });
+});
+
+describe('input bounds: lifetimes, free text, settings', () => {
+  const year = 365 * 86_400_000;
+  const field = (schema: z.ZodType, value: unknown) => {
+    try {
+      parseInput(schema, value, 'input');
+      return undefined;
+    } catch (err) {
+      assert.ok(err instanceof InvalidInputError);
+      return err.fields[0]?.message;
+    }
+  };
+
+  it('should bound a lifetime by the configured maximum, whatever its spelling', () => {
+    assert.equal(parseInput(ttlSchema(year), '365d', 'ttl'), year);
+    assert.equal(parseInput(ttlSchema(year), year, 'ttl'), year);
+    for (const tooLong of ['366d', '53w', '99999999d', '3000000d', '300000d', year + 1]) {
+      assert.equal(field(ttlSchema(year), tooLong), 'at most 365d (TOKENWARDEN_MAX_TTL)', String(tooLong));
+    }
+    assert.equal(field(ttlSchema(3_600_000), '61m'), 'at most 1h (TOKENWARDEN_MAX_TTL)');
+    assert.match(field(ttlSchema(year), '5x') ?? '', /expected a duration/);
+  });
+
+  it('should refuse characters that steer a terminal in free text, and keep printable Unicode', () => {
+    for (const bad of [
+      '\u001b[31m',
+      '\u0007',
+      '\r',
+      'a\nb',
+      '\t',
+      '\u0000',
+      '\u0085',
+      '\u009b',
+      '\u007f',
+      '\u202e',
+      '\u2066',
+      '\u2028',
+    ]) {
+      assert.match(
+        field(reasonSchema, `x${bad}y`) ?? '',
+        /^must not contain control characters \(found U\+[0-9A-F]{4}\)$/,
+        JSON.stringify(bad),
+      );
+      assert.ok(field(actorSchema, `x${bad}y`), JSON.stringify(bad));
+      assert.ok(field(nameSchema, `x${bad}y`), JSON.stringify(bad));
+    }
+    for (const good of ['left the company', 'Zoë’s 🧑‍💻 laptop', '退職しました', 'מחק את המפתח']) {
+      assert.equal(parseInput(reasonSchema, good, 'reason'), good);
+    }
+    assert.equal(parseInput(reasonSchema, '  trailing newline\n', 'reason'), 'trailing newline');
+  });
+
+  it('should read TOKENWARDEN_MAX_TTL, bounded itself, and a master key from a file', () => {
+    const base = { DATABASE_URL: 'postgres://x/y', TOKENWARDEN_DATA_DIR: '/nonexistent' };
+    assert.equal(loadSettings(base).maxTtlMs, year);
+    assert.equal(loadSettings({ ...base, TOKENWARDEN_MAX_TTL: '30d' }).maxTtlMs, 30 * 86_400_000);
+    assert.equal(loadSettings({ ...base, TOKENWARDEN_MAX_TTL: '3650d' }).maxTtlMs, 3650 * 86_400_000);
+    assert.throws(
+      () => loadSettings({ ...base, TOKENWARDEN_MAX_TTL: '3651d' }),
+      (e: unknown) => e instanceof ConfigError && /TOKENWARDEN_MAX_TTL must be at most 3650d/.test(e.message),
+    );
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'tokenwarden-key-'));
+    try {
+      const key = randomBytes(32);
+      writeFileSync(path.join(dir, 'key'), `${key.toString('base64')}\n`);
+      writeFileSync(path.join(dir, 'short'), randomBytes(16).toString('base64'));
+      const s = loadSettings({ ...base, TOKENWARDEN_MASTER_KEY_FILE: path.join(dir, 'key') });
+      assert.deepEqual(s.masterKey, key);
+      assert.throws(
+        () => loadSettings({ ...base, TOKENWARDEN_MASTER_KEY_FILE: path.join(dir, 'short') }),
+        (e: unknown) =>
+          e instanceof ConfigError && /must be 32 bytes/.test(e.message) && !e.message.includes('base64,'),
+      );
+      assert.throws(
+        () => loadSettings({ ...base, TOKENWARDEN_MASTER_KEY_FILE: path.join(dir, 'missing') }),
+        (e: unknown) => e instanceof ConfigError && /TOKENWARDEN_MASTER_KEY_FILE: cannot read/.test(e.message),
+      );
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('should print a duration the way people write it', () => {
+    assert.equal(formatDuration(year), '365d');
+    assert.equal(formatDuration(14 * 86_400_000), '2w');
+    assert.equal(formatDuration(3_600_000), '1h');
+    assert.equal(formatDuration(1500), '1500ms');
   });
 });

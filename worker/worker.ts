@@ -69,7 +69,9 @@ export async function runWorkerProcess(
 ): Promise<{ shutdown(): Promise<void>; done: Promise<void> }> {
   // Warnings and errors only: the SDK's INFO lines (and the bundler's output) drown what matters.
   Runtime.install({ logger: new DefaultLogger('WARN') });
-  const pool = createPool(settings.databaseUrl, settings.databaseSchema);
+  const pool = createPool(settings.databaseUrl, settings.databaseSchema, undefined, (err) =>
+    console.warn(`tokenwarden: an idle database connection was closed: ${err.message}`),
+  );
   const client = await connectTemporal(settings);
   const connection = await NativeConnection.connect(settings.temporal.connectionOptions);
   const worker = await createTokenWorker({ connection, client, pool, settings });
