@@ -22,6 +22,8 @@ export interface Settings {
   reconcileGraceMs: number;
   /** Key that encrypts receivers' signing secrets at rest; undefined when not configured. */
   masterKey: Buffer | undefined;
+  /** host:port where a worker serves Prometheus metrics (`/metrics`); none when unset. */
+  metricsAddress?: string;
 }
 
 /** What `tokenwarden start` writes into the data folder so that CLI calls find the running stack. */
@@ -62,6 +64,13 @@ const envSchema = z.object({
   TOKENWARDEN_RETRY_INITIAL: duration('TOKENWARDEN_RETRY_INITIAL', '1s'),
   TOKENWARDEN_RETRY_MAX: duration('TOKENWARDEN_RETRY_MAX', '10m'),
   TOKENWARDEN_RECONCILE_GRACE: duration('TOKENWARDEN_RECONCILE_GRACE', '1m'),
+  TOKENWARDEN_METRICS_ADDRESS: z
+    .string()
+    .regex(
+      /^(\[[0-9a-fA-F:]+\]|[^\s:[\]]+):\d{1,5}$/,
+      'TOKENWARDEN_METRICS_ADDRESS must be host:port, e.g. 127.0.0.1:9464',
+    )
+    .optional(),
 });
 
 export function readStackFile(dataDir: string): StackFile | undefined {
@@ -134,6 +143,7 @@ export function loadSettings(env: NodeJS.ProcessEnv = process.env): Settings {
     },
     reconcileGraceMs: e.TOKENWARDEN_RECONCILE_GRACE,
     masterKey,
+    ...(e.TOKENWARDEN_METRICS_ADDRESS ? { metricsAddress: e.TOKENWARDEN_METRICS_ADDRESS } : {}),
   };
 }
 

@@ -12,6 +12,15 @@ import type { ReconcileInput } from '../workflows/messages.js';
 
 export const WORKFLOWS_PATH = path.join(PACKAGE_ROOT, 'dist', 'workflows', 'index.js');
 
+/**
+ * How long a stopping worker (SIGTERM in a rolling deploy) lets running activities finish before it
+ * cancels them: longer than one delivery attempt (10 s HTTP timeout, then its outcome is recorded),
+ * so a deploy never cuts a POST short and never records an attempt that did not happen.
+ */
+export const SHUTDOWN_GRACE_MS = 15_000;
+/** After this, a worker that still has not drained gives up (its process exits with an error). */
+export const SHUTDOWN_FORCE_MS = 25_000;
+
 export interface TokenWorkerOptions {
   connection: NativeConnection;
   client: Client;
@@ -29,6 +38,8 @@ export async function createTokenWorker(opts: TokenWorkerOptions): Promise<Worke
     taskQueue: settings.temporal.taskQueue,
     ...(opts.workflowBundle ? { workflowBundle: opts.workflowBundle } : { workflowsPath: WORKFLOWS_PATH }),
     activities: createActivities({ pool: opts.pool, client: opts.client, settings }),
+    shutdownGraceTime: SHUTDOWN_GRACE_MS,
+    shutdownForceTime: SHUTDOWN_FORCE_MS,
   });
 }
 
@@ -63,7 +74,12 @@ export async function runWorkerProcess(
   opts: { ensureSchedule: boolean },
 ): Promise<{ shutdown(): Promise<void>; done: Promise<void> }> {
   // Warnings and errors only: the SDK's INFO lines (and the bundler's output) drown what matters.
-  Runtime.install({ logger: new DefaultLogger('WARN') });
+  Runtime.install({
+    logger: new DefaultLogger('WARN'),
+    ...(settings.metricsAddress
+      ? { telemetryOptions: { metrics: { prometheus: { bindAddress: settings.metricsAddress } } } }
+      : {}),
+  });
   const pool = createPool(settings.databaseUrl, settings.databaseSchema);
   const client = await connectTemporal(settings);
   const connection = await NativeConnection.connect(settings.temporal.connectionOptions);
