@@ -302,7 +302,7 @@ describe('reconciler', () => {
       } else {
         await ctx.warden.revoke({ tokenId: token.id, reason: 'wedge drill' });
         await waitUntil(
-          async () => (await store.requireToken(ctx.pool, token.id)).propagationStartedAt,
+          async () => (await store.requireToken(ctx.pool, token.id)).propagationStartedAt !== null,
           'the workflow to take over propagation',
         );
         await handle.signal(wedgeSignal);
@@ -372,7 +372,7 @@ describe('reconciler', () => {
       const token = await insertOnly(3_600_000);
       await handle.trigger();
       await waitUntil(
-        async () => (await store.requireToken(ctx.pool, token.id)).workflowStartedAt,
+        async () => (await store.requireToken(ctx.pool, token.id)).workflowStartedAt !== null,
         'a schedule-triggered pass to start the workflow',
         30_000,
       );
