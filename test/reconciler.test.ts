@@ -1,28 +1,24 @@
 /** Crash points between the store and the workflows, healed by the reconciler (never by luck). */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { WorkflowFailedError } from '@temporalio/client';
 import { ApplicationFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
-import { bundleWorkflowCode, DefaultLogger, type Worker } from '@temporalio/worker';
 import {
   createReconcilerActivities,
   type ReconcilePageInput,
   type ReconcilePageResult,
 } from '../activities/reconciler.js';
-import { PACKAGE_ROOT } from '../common/config.js';
 import { revocationEventId, newCredentialId, newTokenId } from '../common/ids.js';
 import { WORKFLOW_TYPE, RECONCILER_SCHEDULE_ID, RECONCILER_WORKFLOW_ID, tokenWorkflowId } from '../common/names.js';
 import * as store from '../common/store/index.js';
-import { startTokenWorkflow } from '../common/temporal.js';
-import { createTokenWorker, ensureReconcilerSchedule } from '../worker/worker.js';
+import { ensureReconcilerSchedule } from '../worker/worker.js';
 import type { ReconcileInput, ReconcileReport, TokenLifecycleResult } from '../workflows/messages.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
-import { wedgeSignal } from './support/wedging-workflows.js';
+import { WedgingWorker } from './support/wedging.js';
 
 let ctx: TestContext;
 let worker: RunningWorker;
@@ -268,61 +264,18 @@ describe('reconciler', () => {
   });
 
   describe('a propagation whose workflow runs but cannot make progress', () => {
-    const wedgeQueue = `${randomBytes(4).toString('hex')}-wedged`;
-    let wedgingWorker: Worker | undefined;
-    let wedgingRun: Promise<void> | undefined;
-
+    let wedging: WedgingWorker | undefined;
     before(async () => {
-      const { code } = await bundleWorkflowCode({
-        workflowsPath: path.join(PACKAGE_ROOT, 'dist', 'test', 'support', 'wedging-workflows.js'),
-        logger: new DefaultLogger('WARN'),
-      });
-      wedgingWorker = await createTokenWorker({
-        connection: ctx.nativeConnection,
-        client: ctx.client,
-        pool: ctx.pool,
-        settings: { ...ctx.settings, temporal: { ...ctx.settings.temporal, taskQueue: wedgeQueue } },
-        workflowBundle: { code },
-      });
-      wedgingRun = wedgingWorker.run();
+      wedging = await WedgingWorker.start(ctx);
     });
     after(async () => {
-      if (wedgingWorker?.getState() === 'RUNNING') wedgingWorker.shutdown();
-      await wedgingRun;
+      await wedging?.stop();
     });
 
-    /** A token whose workflow runs on the wedging worker, revoked before or after it wedges. */
-    async function wedgedToken(when: 'before the workflow took over' | 'after the workflow took over') {
-      const token = await insertOnly(3_600_000);
-      const handle = await startTokenWorkflow(ctx.client, token, wedgeQueue, ctx.settings.timing);
-      await store.markWorkflowStarted(ctx.pool, token.id);
-      if (when === 'before the workflow took over') {
-        await handle.signal(wedgeSignal);
-        await ctx.warden.revoke({ tokenId: token.id, reason: 'wedge drill' });
-      } else {
-        await ctx.warden.revoke({ tokenId: token.id, reason: 'wedge drill' });
-        await waitUntil(
-          async () => (await store.requireToken(ctx.pool, token.id)).propagationStartedAt !== null,
-          'the workflow to take over propagation',
-        );
-        await handle.signal(wedgeSignal);
-      }
-      return token.id;
-    }
-
     it('should be marked stuck, audited once per occurrence and reported', async () => {
-      const untold = await wedgedToken('before the workflow took over');
-      const unfinished = await wedgedToken('after the workflow took over');
-      for (const tokenId of [untold, unfinished]) {
-        await waitUntil(
-          async () =>
-            ((await ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)).describe()).raw.pendingWorkflowTask
-              ?.attempt ?? 0) >= 3,
-          'workflow tasks failing again and again',
-          60_000,
-          500,
-        );
-      }
+      const untold = await wedging!.wedgedToken('audit-log', 'before the workflow took over');
+      const unfinished = await wedging!.wedgedToken('audit-log', 'after the workflow took over');
+      await wedging!.waitWedged([untold, unfinished]);
       const stuckEvents = async (tokenId: string) =>
         (await store.readAudit(ctx.pool, tokenId))
           .filter((e) => e.kind === 'propagation.stuck')
