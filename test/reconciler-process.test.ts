@@ -113,7 +113,12 @@ describe('reconciler on a worker process', () => {
       await ctx.sql.query('DROP FUNCTION refuse_update()');
     }
     const text = await (await fetch(metricsUrl)).text();
-    t.diagnostic(text.split('\n').filter((line) => line.startsWith('tokenwarden_')).join('\n'));
+    t.diagnostic(
+      text
+        .split('\n')
+        .filter((line) => line.startsWith('tokenwarden_'))
+        .join('\n'),
+    );
     assert.ok(counter(text, RECONCILER_METRIC.wedged) >= 1, text);
     assert.ok(counter(text, RECONCILER_METRIC.errors, { set: 'unstarted' }) >= 1, text);
     assert.ok(counter(text, RECONCILER_METRIC.healed, { action: 'started' }) >= 1, text);
