@@ -87,7 +87,7 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
    * The first failed (or timed-out) workflow task of the current streak: later attempts of a failing
    * task are not written to history, so this event names the occurrence and says what went wrong.
    */
-  async function lastTaskFailure(
+  async function failedTaskOfStreak(
     tokenId: string,
     runId: string,
   ): Promise<{ eventId: string; cause: string } | undefined> {
@@ -116,7 +116,7 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
    * occurrence (the run and the failed task that began it).
    */
   async function surfaceWedged(token: store.TokenRecord, state: { runId: string; attempt: number }): Promise<void> {
-    const failure = await lastTaskFailure(token.id, state.runId);
+    const failure = await failedTaskOfStreak(token.id, state.runId);
     await store.setPropagation(pool, token.id, 'stuck', `wedged:${state.runId}:${failure?.eventId ?? 'unknown'}`, {
       cause: 'the workflow runs but its workflow tasks keep failing',
       runId: state.runId,
