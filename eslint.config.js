@@ -28,7 +28,14 @@ export default tseslint.config(
   {
     // Workflow code runs in Temporal's deterministic sandbox: no I/O, no clock or randomness of
     // Node's, no zod (schemas would be re-instantiated per cached workflow).
-    files: ['workflows/**/*.ts', 'common/names.ts', 'common/durations.ts', 'common/text.ts', 'bench/floor-workflows.ts'],
+    files: [
+      'workflows/**/*.ts',
+      'common/names.ts',
+      'common/durations.ts',
+      'common/text.ts',
+      'bench/floor-workflows.ts',
+      'test/support/wedging-workflows.ts',
+    ],
     rules: {
       'no-restricted-imports': [
         'error',

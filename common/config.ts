@@ -29,6 +29,8 @@ export interface Settings {
   receiverAllow: ReceiverAllowance[];
   /** The longest lifetime a token may be issued with (TOKENWARDEN_MAX_TTL). */
   maxTtlMs: number;
+  /** host:port where a worker serves Prometheus metrics (`/metrics`); none when unset. */
+  metricsAddress?: string;
 }
 
 /** What `tokenwarden start` writes into the data folder so that CLI calls find the running stack. */
@@ -122,6 +124,13 @@ const envSchema = z.object({
   TOKENWARDEN_RETRY_INITIAL: duration('TOKENWARDEN_RETRY_INITIAL', '1s'),
   TOKENWARDEN_RETRY_MAX: duration('TOKENWARDEN_RETRY_MAX', '10m'),
   TOKENWARDEN_RECONCILE_GRACE: duration('TOKENWARDEN_RECONCILE_GRACE', '1m'),
+  TOKENWARDEN_METRICS_ADDRESS: z
+    .string()
+    .regex(
+      /^(\[[0-9a-fA-F:]+\]|[^\s:[\]]+):\d{1,5}$/,
+      'TOKENWARDEN_METRICS_ADDRESS must be host:port, e.g. 127.0.0.1:9464',
+    )
+    .optional(),
 });
 
 function isMasterKey(text: string): boolean {
@@ -211,6 +220,7 @@ export function loadSettings(env: NodeJS.ProcessEnv = process.env): Settings {
     receiverAllow:
       e.TOKENWARDEN_RECEIVER_ALLOW ?? (stack && databaseUrl === stack.databaseUrl ? (stack.receiverAllow ?? []) : []),
     maxTtlMs: e.TOKENWARDEN_MAX_TTL,
+    ...(e.TOKENWARDEN_METRICS_ADDRESS ? { metricsAddress: e.TOKENWARDEN_METRICS_ADDRESS } : {}),
   };
 }
 

@@ -34,7 +34,7 @@ export const ACTIVITY_NAMES = [
   'setPropagation',
   'forceCompleteDeliveries',
   'recordAudit',
-  'reconcileStore',
+  'reconcilePage',
 ] as const;
 
 export const SEARCH_ATTRIBUTE = {
@@ -64,6 +64,21 @@ export const SEARCH_ATTRIBUTE_CLI_TYPES: Record<string, string> = Object.fromEnt
 export const RECEIVER_REJECTED = 'ReceiverRejected';
 
 export const RECONCILER_SCHEDULE_ID = 'tokenwarden-reconciler';
+/**
+ * The sets of rows a reconciler pass walks, in this order (see common/store/reconciler.ts): a token
+ * killed as overdue is told at once, so the untold set before it does not tell it twice.
+ */
+export const RECONCILE_SETS = ['untold', 'overdue', 'unfinished', 'unstarted'] as const;
+export type ReconcileSet = (typeof RECONCILE_SETS)[number];
+/** Metrics the reconciler emits (through the worker's Runtime; exported when TOKENWARDEN_METRICS_ADDRESS is set). */
+export const RECONCILER_METRIC = {
+  /** Rows healed, by `action` (expired, signalled, restarted, started). */
+  healed: 'tokenwarden_reconciler_healed',
+  /** Propagations found making no progress although their workflow runs (marked stuck). */
+  wedged: 'tokenwarden_reconciler_wedged',
+  /** Rows that could not be healed, by `set`. */
+  errors: 'tokenwarden_reconciler_errors',
+} as const;
 export const RECONCILER_WORKFLOW_ID = 'tokenwarden-reconcile';
 
 export const TOKEN_ID_PREFIX = 'tok_';

@@ -2,48 +2,62 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
-import { WORKFLOW_TYPE, RECONCILER_SCHEDULE_ID, tokenWorkflowId } from '../common/names.js';
-import { newCredentialId, newTokenId } from '../common/ids.js';
+import { WorkflowFailedError } from '@temporalio/client';
+import { ApplicationFailure } from '@temporalio/common';
+import { MockActivityEnvironment } from '@temporalio/testing';
+import {
+  createReconcilerActivities,
+  type ReconcilePageInput,
+  type ReconcilePageResult,
+} from '../activities/reconciler.js';
+import { revocationEventId, newCredentialId, newTokenId } from '../common/ids.js';
+import { WORKFLOW_TYPE, RECONCILER_SCHEDULE_ID, RECONCILER_WORKFLOW_ID, tokenWorkflowId } from '../common/names.js';
 import * as store from '../common/store/index.js';
 import { ensureReconcilerSchedule } from '../worker/worker.js';
 import type { ReconcileInput, ReconcileReport, TokenLifecycleResult } from '../workflows/messages.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
+import { WedgingWorker } from './support/wedging.js';
 
 let ctx: TestContext;
 let worker: RunningWorker;
 let receiver: TestReceiver;
+/** Answers 400: its propagations stay stuck, their workflows waiting for an operator (no retries). */
+let rejecting: TestReceiver;
 
 before(async () => {
   ctx = await TestContext.create('reconciler');
   worker = await ctx.startWorker();
   receiver = await TestReceiver.start();
   receiver.secret = (await ctx.warden.addReceiver({ id: 'audit-log', url: receiver.url })).secret;
+  rejecting = await TestReceiver.start();
 });
 after(async () => {
   await worker?.stop();
   await receiver?.close();
+  await rejecting?.close();
   await ctx?.close();
 });
 
-async function reconcileNow(): Promise<ReconcileReport> {
+/** One pass, started directly; a pass that could not heal every row fails (its report in the failure). */
+async function reconcileNow(input: Omit<ReconcileInput, 'version'> = {}): Promise<ReconcileReport> {
   return ctx.client.workflow.execute(WORKFLOW_TYPE.reconcile, {
     workflowId: `reconcile-${randomBytes(4).toString('hex')}`,
     taskQueue: ctx.settings.temporal.taskQueue,
-    args: [{ version: 1, graceMs: 0 } satisfies ReconcileInput],
+    args: [{ version: 1, graceMs: 0, ...input } satisfies ReconcileInput],
   });
 }
 
 /** Step one of issuing without step two: the issuer died between the commit and the workflow start. */
-const insertOnly = (ttlMs: number) =>
+const insertOnly = (ttlMs: number, receivers = ['audit-log']) =>
   store.insertToken(ctx.pool, {
     tokenId: newTokenId(),
     credentialId: newCredentialId(),
     subject: 'usr_reconcile',
     name: null,
     scopes: [],
-    receivers: ['audit-log'],
+    receivers,
     ttlMs,
     secretHash: randomBytes(32),
   });
@@ -109,12 +123,12 @@ describe('reconciler', () => {
   });
 
   for (const how of ['terminated', 'cancelled'] as const) {
-    it(`should finish a propagation whose workflow was ${how} mid-way`, async () => {
+    it(`should finish a propagation whose workflow was ${how} mid-way, delivering the event exactly once`, async () => {
       receiver.behaviour = () => ({ status: 503 });
       const issued = await ctx.warden.issue({ subject: 'usr_reconcile', receivers: ['audit-log'], ttl: '1h' });
       await ctx.warden.revoke({ tokenId: issued.tokenId, reason: `${how} drill` });
-      const eventOf = (r: { body: string }) => JSON.parse(r.body).token_id === issued.tokenId;
-      await waitUntil(() => receiver.requests.some(eventOf), 'a first delivery attempt');
+      const ofToken = () => receiver.requests.filter((r) => JSON.parse(r.body).token_id === issued.tokenId);
+      await waitUntil(() => ofToken().length >= 1, 'a first delivery attempt');
       const handle = ctx.client.workflow.getHandle(tokenWorkflowId(issued.tokenId));
       if (how === 'terminated') await handle.terminate('operator mistake');
       else await handle.cancel();
@@ -130,16 +144,199 @@ describe('reconciler', () => {
       assert.equal(done.propagation, 'complete');
       assert.equal((await store.requireToken(ctx.pool, issued.tokenId)).propagation, 'complete');
       assert.ok(!(await reconcileNow()).restarted.includes(issued.tokenId));
+
+      // Across both runs: one logical event, the same bytes every time, accepted once.
+      const requests = ofToken();
+      const { rows } = await ctx.sql.query('SELECT body FROM delivery WHERE token_id = $1', [issued.tokenId]);
+      assert.equal(rows.length, 1, 'one outbox row');
+      assert.ok(requests.length >= 2, 'attempts before and after the restart');
+      assert.deepEqual(
+        new Set(requests.map((r) => r.headers['webhook-id'])),
+        new Set([revocationEventId(issued.tokenId)]),
+      );
+      assert.ok(
+        requests.every((r) => r.body === rows[0].body),
+        'every attempt sent the outbox body verbatim',
+      );
+      assert.ok(requests.every((r) => r.verified));
+      assert.equal(requests.filter((r) => r.answered === 204).length, 1, 'accepted exactly once');
+      const [delivery] = await store.listDeliveries(ctx.pool, issued.tokenId);
+      assert.equal(delivery!.status, 'delivered');
     });
   }
 
-  it('should create its schedule once, every minute', async () => {
+  it('should page past propagations that stay stuck with running workflows', async () => {
+    // 12 propagations legitimately stuck (their receiver rejects; their workflows wait for an
+    // operator), read 5 rows per page: the one whose workflow died sits past the first page.
+    rejecting.behaviour = () => ({ status: 400 });
+    rejecting.secret = (await ctx.warden.addReceiver({ id: 'rejecting', url: rejecting.url })).secret;
+    const tokenIds: string[] = [];
+    for (let i = 0; i < 12; i++) {
+      const issued = await ctx.warden.issue({ subject: 'usr_paging', receivers: ['rejecting'], ttl: '1h' });
+      await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'paging drill' });
+      tokenIds.push(issued.tokenId);
+    }
+    await waitUntil(async () => {
+      const { rows } = await ctx.sql.query(
+        `SELECT count(*)::int AS n FROM token WHERE id = ANY($1) AND propagation = 'stuck' AND propagation_started_at IS NOT NULL`,
+        [tokenIds],
+      );
+      return rows[0].n === 12;
+    }, 'every propagation stuck, taken over by its workflow');
+    const { rows: ordered } = await ctx.sql.query(
+      `SELECT id FROM token WHERE id = ANY($1) ORDER BY propagation_started_at, id`,
+      [tokenIds],
+    );
+    const dead = ordered[7].id as string;
+    await ctx.client.workflow.getHandle(tokenWorkflowId(dead)).terminate('operator mistake');
+
+    const report = await reconcileNow({ batchSize: 5 });
+    assert.deepEqual(
+      report.restarted.filter((id) => tokenIds.includes(id)),
+      [dead],
+    );
+    assert.equal((await ctx.client.workflow.getHandle(tokenWorkflowId(dead)).describe()).status.name, 'RUNNING');
+  });
+
+  it('should fail the pass, after healing every other row, when a row cannot be healed', async () => {
+    const tokens = [await insertOnly(3_600_000), await insertOnly(3_600_000), await insertOnly(3_600_000)];
+    const broken = tokens[1]!.id;
+    // Fault injection in the store: this row refuses every update (here: recording its workflow start).
+    await ctx.sql.query(`CREATE FUNCTION refuse_update() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN RAISE EXCEPTION 'injected fault on %', OLD.id; END $$`);
+    await ctx.sql.query(
+      `CREATE TRIGGER refuse_update BEFORE UPDATE ON token FOR EACH ROW WHEN (OLD.id = '${broken}') EXECUTE FUNCTION refuse_update()`,
+    );
+    try {
+      // Two rows a page: the broken row is on the first page, the last row on the second.
+      const failure = await reconcileNow({ batchSize: 2 }).then(
+        () => assert.fail('the pass should fail'),
+        (err: unknown) => err,
+      );
+      assert.ok(failure instanceof WorkflowFailedError, String(failure));
+      const cause = failure.cause;
+      assert.ok(cause instanceof ApplicationFailure && cause.type === 'ReconcilePassIncomplete', String(cause));
+      const report = cause.details?.[0] as ReconcileReport;
+      assert.deepEqual(
+        report.errors.map((e) => e.tokenId),
+        [broken],
+      );
+      assert.match(report.errors[0]!.error, /injected fault/);
+      assert.ok(
+        report.started.includes(tokens[0]!.id) && report.started.includes(tokens[2]!.id),
+        JSON.stringify(report),
+      );
+    } finally {
+      await ctx.sql.query('DROP TRIGGER refuse_update ON token');
+      await ctx.sql.query('DROP FUNCTION refuse_update()');
+    }
+    assert.ok((await reconcileNow()).started.includes(broken));
+    assert.ok((await store.requireToken(ctx.pool, broken)).workflowStartedAt);
+  });
+
+  it('should resume a page after the rows its last heartbeat recorded', async () => {
+    const tokens = [await insertOnly(3_600_000), await insertOnly(3_600_000), await insertOnly(3_600_000)];
+    const prior: ReconcileReport = {
+      expired: [],
+      signalled: [],
+      restarted: [],
+      started: ['tok_before'],
+      wedged: [],
+      errors: [],
+    };
+    // A retry of an attempt that had handled 2 rows of a 3-row page, the second being tokens[0].
+    const env = new MockActivityEnvironment({
+      heartbeatDetails: { lastId: tokens[0]!.id, handled: 2, report: prior },
+      heartbeatTimeoutMs: 30_000,
+    });
+    const beats: unknown[] = [];
+    env.on('heartbeat', (d: unknown) => beats.push(d));
+    const { reconcilePage } = createReconcilerActivities({
+      pool: ctx.pool,
+      client: ctx.client,
+      settings: ctx.settings,
+    });
+    const input: ReconcilePageInput = { set: 'unstarted', afterId: null, batchSize: 3, graceMs: 0 };
+    const result: ReconcilePageResult = await env.run(reconcilePage, input);
+    assert.deepEqual(result.report.started, ['tok_before', tokens[1]!.id]);
+    assert.equal(result.nextAfterId, tokens[1]!.id, 'the page is full: the next one starts after its last row');
+    assert.ok((await store.requireToken(ctx.pool, tokens[1]!.id)).workflowStartedAt);
+    assert.equal((await store.requireToken(ctx.pool, tokens[2]!.id)).workflowStartedAt, null, 'not on this page');
+    assert.ok(beats.length >= 1);
+    await reconcileNow();
+  });
+
+  describe('a propagation whose workflow runs but cannot make progress', () => {
+    let wedging: WedgingWorker | undefined;
+    before(async () => {
+      wedging = await WedgingWorker.start(ctx);
+    });
+    after(async () => {
+      await wedging?.stop();
+    });
+
+    it('should be marked stuck, audited once per occurrence and reported', async () => {
+      const untold = await wedging!.wedgedToken('audit-log', 'before the workflow took over');
+      const unfinished = await wedging!.wedgedToken('audit-log', 'after the workflow took over');
+      await wedging!.waitWedged([untold, unfinished]);
+      const stuckEvents = async (tokenId: string) =>
+        (await store.readAudit(ctx.pool, tokenId))
+          .filter((e) => e.kind === 'propagation.stuck')
+          .map((e) => JSON.parse(e.canonical).data);
+
+      const report = await reconcileNow();
+      for (const tokenId of [untold, unfinished]) {
+        assert.ok(report.wedged.includes(tokenId), JSON.stringify(report));
+        assert.ok(!report.signalled.includes(tokenId) && !report.restarted.includes(tokenId));
+        assert.equal((await store.requireToken(ctx.pool, tokenId)).propagation, 'stuck');
+        const [event, ...more] = await stuckEvents(tokenId);
+        assert.equal(more.length, 0);
+        assert.match(event.cause, /workflow tasks keep failing/);
+        assert.match(event.taskFailure, /this workflow task always fails/);
+      }
+
+      // Still wedged on the next pass: reported again, but the same occurrence is audited once.
+      const again = await reconcileNow();
+      for (const tokenId of [untold, unfinished]) {
+        assert.ok(again.wedged.includes(tokenId));
+        assert.equal((await stuckEvents(tokenId)).length, 1);
+      }
+
+      // The operator's remedy: end the wedged run; the reconciler starts a healthy one, which finishes.
+      for (const tokenId of [untold, unfinished]) {
+        await ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)).terminate('wedged');
+      }
+      const healed = await reconcileNow();
+      assert.ok(healed.signalled.includes(untold), JSON.stringify(healed));
+      assert.ok(healed.restarted.includes(unfinished), JSON.stringify(healed));
+      for (const tokenId of [untold, unfinished]) {
+        const done = (await ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)).result()) as TokenLifecycleResult;
+        assert.equal(done.propagation, 'complete');
+      }
+    });
+  });
+
+  it('should run from its schedule: a triggered run heals a row', async () => {
     await ensureReconcilerSchedule(ctx.client, ctx.settings);
     await ensureReconcilerSchedule(ctx.client, ctx.settings);
     const handle = ctx.client.schedule.getHandle(RECONCILER_SCHEDULE_ID);
-    const described = await handle.describe();
-    assert.equal(described.spec.intervals?.[0]?.every, 60_000);
-    assert.equal(described.action.type, 'startWorkflow');
-    await handle.delete();
+    try {
+      const described = await handle.describe();
+      assert.equal(described.spec.intervals?.[0]?.every, 60_000);
+      assert.equal(described.action.type, 'startWorkflow');
+
+      const token = await insertOnly(3_600_000);
+      await handle.trigger();
+      await waitUntil(
+        async () => (await store.requireToken(ctx.pool, token.id)).workflowStartedAt !== null,
+        'a schedule-triggered pass to start the workflow',
+        30_000,
+      );
+      const runs = (await handle.describe()).info.recentActions;
+      assert.ok(runs.length >= 1, 'the schedule started a run');
+      assert.ok(runs.every((a) => a.action.workflow.workflowId.startsWith(RECONCILER_WORKFLOW_ID)));
+    } finally {
+      await handle.delete();
+    }
   });
 });

@@ -16,6 +16,15 @@ export const PAYLOAD_CONVERTER_PATH = path.join(PACKAGE_ROOT, 'dist', 'workflows
 /** What `bundleWorkflowCode` needs to build the bundle a token worker runs. */
 export const WORKFLOW_BUNDLE_OPTIONS = { workflowsPath: WORKFLOWS_PATH, payloadConverterPath: PAYLOAD_CONVERTER_PATH };
 
+/**
+ * How long a stopping worker (SIGTERM in a rolling deploy) lets running activities finish before it
+ * cancels them: longer than one delivery attempt (10 s HTTP timeout, then its outcome is recorded),
+ * so a deploy never cuts a POST short and never records an attempt that did not happen.
+ */
+export const SHUTDOWN_GRACE_MS = 15_000;
+/** After this, a worker that still has not drained gives up (its process exits with an error). */
+export const SHUTDOWN_FORCE_MS = 25_000;
+
 export interface TokenWorkerOptions {
   connection: NativeConnection;
   client: Client;
@@ -34,6 +43,8 @@ export async function createTokenWorker(opts: TokenWorkerOptions): Promise<Worke
     ...(opts.workflowBundle ? { workflowBundle: opts.workflowBundle } : { workflowsPath: WORKFLOWS_PATH }),
     dataConverter: { payloadConverterPath: PAYLOAD_CONVERTER_PATH },
     activities: createActivities({ pool: opts.pool, client: opts.client, settings }),
+    shutdownGraceTime: SHUTDOWN_GRACE_MS,
+    shutdownForceTime: SHUTDOWN_FORCE_MS,
   });
 }
 
@@ -68,7 +79,12 @@ export async function runWorkerProcess(
   opts: { ensureSchedule: boolean },
 ): Promise<{ shutdown(): Promise<void>; done: Promise<void> }> {
   // Warnings and errors only: the SDK's INFO lines (and the bundler's output) drown what matters.
-  Runtime.install({ logger: new DefaultLogger('WARN') });
+  Runtime.install({
+    logger: new DefaultLogger('WARN'),
+    ...(settings.metricsAddress
+      ? { telemetryOptions: { metrics: { prometheus: { bindAddress: settings.metricsAddress } } } }
+      : {}),
+  });
   const pool = createPool(settings.databaseUrl, settings.databaseSchema, undefined, (err) =>
     console.warn(`tokenwarden: an idle database connection was closed: ${err.message}`),
   );

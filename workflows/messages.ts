@@ -87,6 +87,8 @@ export interface ReconcileInput {
   version: 1;
   /** Overrides the worker's TOKENWARDEN_RECONCILE_GRACE (tests use 0). */
   graceMs?: number;
+  /** Rows one activity handles (one page of one set); the pass walks every page. */
+  batchSize?: number;
 }
 export interface ReconcileReport {
   /** Active rows past expiry, killed as expired. */
@@ -97,6 +99,8 @@ export interface ReconcileReport {
   restarted: string[];
   /** Active tokens whose workflow was never started. */
   started: string[];
+  /** Propagations whose workflow runs but cannot make progress (its workflow tasks keep failing): marked stuck. */
+  wedged: string[];
   /** Rows that could not be healed this pass (retried on the next). */
   errors: { tokenId: string; error: string }[];
 }

@@ -1,55 +1,59 @@
-/** What the reconciler looks for: facts a crash left between the store and the workflows. */
+/**
+ * What the reconciler looks for: facts a crash left between the store and the workflows. Each set is
+ * read in pages (keyset on its time column, then id), so rows that stay in a set (a propagation
+ * legitimately stuck, a row that fails to heal) never hide the rows after them.
+ */
 import type { Queryable } from '../db.js';
+import type { ReconcileSet } from '../names.js';
 import { toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
 
-/** Active rows past expiry (plus grace): the expiry timer did not fire or its worker was down. */
-export async function findOverdueTokens(db: Queryable, graceMs: number, limit: number): Promise<string[]> {
-  const t = db.tables;
-  const { rows } = await db.query(
-    `SELECT id FROM ${t.token} WHERE status = 'active' AND expires_at <= now() - $1 * interval '1 millisecond'
-      ORDER BY expires_at LIMIT $2`,
-    [graceMs, limit],
-  );
-  return rows.map((r) => r.id as string);
-}
+/**
+ * Each set: its condition ($1 is the grace in ms) and the immutable time column it is paged by.
+ * - untold: dead rows whose workflow never took over propagation (a crash between the kill and the signal);
+ * - overdue: active rows past expiry (plus grace): the expiry timer did not fire or its worker was down;
+ * - unfinished: dead rows whose propagation started but has not completed (is its workflow still running?);
+ * - unstarted: active rows whose workflow was never confirmed started (the issuer died between commit and start).
+ */
+const SETS: Record<ReconcileSet, { where: string; key: string }> = {
+  untold: {
+    where: `status <> 'active' AND propagation_started_at IS NULL AND revoked_at <= now() - $1 * interval '1 millisecond'`,
+    key: 'revoked_at',
+  },
+  overdue: {
+    where: `status = 'active' AND expires_at <= now() - $1 * interval '1 millisecond'`,
+    key: 'expires_at',
+  },
+  unfinished: {
+    where: `status <> 'active' AND propagation IN ('pending', 'stuck')
+        AND propagation_started_at <= now() - $1 * interval '1 millisecond'`,
+    key: 'propagation_started_at',
+  },
+  unstarted: {
+    where: `workflow_started_at IS NULL AND status = 'active' AND issued_at <= now() - $1 * interval '1 millisecond'`,
+    key: 'issued_at',
+  },
+};
 
-/** Active rows whose workflow was never confirmed started (the issuer died between commit and start). */
-export async function findUnstartedTokens(db: Queryable, graceMs: number, limit: number): Promise<TokenRecord[]> {
-  const t = db.tables;
-  const { rows } = await db.query(
-    `SELECT ${TOKEN_COLUMNS} FROM ${t.token}
-      WHERE workflow_started_at IS NULL AND status = 'active' AND issued_at <= now() - $1 * interval '1 millisecond'
-      ORDER BY issued_at LIMIT $2`,
-    [graceMs, limit],
-  );
-  return rows.map(toToken);
-}
-
-/** Dead rows whose workflow never took over propagation (a crash between the kill and the signal). */
-export async function findUntoldTokens(db: Queryable, graceMs: number, limit: number): Promise<TokenRecord[]> {
-  const t = db.tables;
-  const { rows } = await db.query(
-    `SELECT ${TOKEN_COLUMNS} FROM ${t.token}
-      WHERE status <> 'active' AND propagation_started_at IS NULL AND revoked_at <= now() - $1 * interval '1 millisecond'
-      ORDER BY revoked_at LIMIT $2`,
-    [graceMs, limit],
-  );
-  return rows.map(toToken);
-}
-
-/** Dead tokens whose propagation started but has not completed: the reconciler checks their workflow runs. */
-export async function findUnfinishedPropagations(
+/**
+ * One page of a reconciler set: up to `limit` rows after the row `afterId` (null: from the start).
+ * The cursor is a token id; its time key is read in SQL, so no timestamp loses precision in transit.
+ */
+export async function findReconcilePage(
   db: Queryable,
-  graceMs: number,
-  limit: number,
+  set: ReconcileSet,
+  opts: { graceMs: number; afterId: string | null; limit: number },
 ): Promise<TokenRecord[]> {
   const t = db.tables;
+  const { where, key } = SETS[set];
+  // The plain bound on the key lets the set's partial index start at the cursor; the row comparison
+  // breaks ties between equal timestamps by id.
   const { rows } = await db.query(
-    `SELECT ${TOKEN_COLUMNS} FROM ${t.token}
-      WHERE status <> 'active' AND propagation IN ('pending', 'stuck')
-        AND propagation_started_at <= now() - $1 * interval '1 millisecond'
-      ORDER BY propagation_started_at LIMIT $2`,
-    [graceMs, limit],
+    `WITH cursor AS (SELECT ${key} AS key, id FROM ${t.token} WHERE id = $2)
+     SELECT ${TOKEN_COLUMNS} FROM ${t.token}
+      WHERE ${where}
+        AND ($2::text IS NULL OR (${key} >= (SELECT key FROM cursor) AND (${key}, id) > (SELECT key, id FROM cursor)))
+      ORDER BY ${key}, id LIMIT $3`,
+    [opts.graceMs, opts.afterId, opts.limit],
   );
   return rows.map(toToken);
 }

@@ -1,0 +1,237 @@
+/**
+ * The reconciler's activity: heals one page of one reconciler set, row by row, heartbeating as it
+ * goes. A worker that dies mid-page is noticed within the heartbeat timeout, and the retry resumes
+ * after the last row its heartbeats recorded (every heal is idempotent, so a row done twice is harmless).
+ */
+import { Context } from '@temporalio/activity';
+import { WorkflowNotFoundError, type Client } from '@temporalio/client';
+import type { Settings } from '../common/config.js';
+import type { StorePool } from '../common/db.js';
+import { RECONCILER_METRIC, tokenWorkflowId, type ReconcileSet } from '../common/names.js';
+import { signalRevoke, startTokenWorkflow } from '../common/temporal.js';
+import * as store from '../common/store/index.js';
+import type { ReconcileReport } from '../workflows/messages.js';
+
+export interface ReconcilerDeps {
+  pool: StorePool;
+  client: Client;
+  settings: Pick<Settings, 'timing' | 'reconcileGraceMs' | 'temporal'>;
+}
+
+export interface ReconcilePageInput {
+  set: ReconcileSet;
+  /** The page starts after this token id (null: at the start of the set). */
+  afterId: string | null;
+  batchSize: number;
+  /** Overrides the worker's TOKENWARDEN_RECONCILE_GRACE. */
+  graceMs?: number;
+}
+
+export interface ReconcilePageResult {
+  report: ReconcileReport;
+  /** Where the next page starts; null when this page was the set's last. */
+  nextAfterId: string | null;
+}
+
+/** What the heartbeats carry: how far into the page the activity got, and what it healed so far. */
+interface PageProgress {
+  lastId: string | null;
+  handled: number;
+  report: ReconcileReport;
+}
+
+/**
+ * A workflow task on this attempt or later means the workflow's tasks keep failing (or timing out):
+ * one crashed worker accounts for attempt 2, never for two failures in a row.
+ */
+export const WEDGED_TASK_ATTEMPTS = 3;
+
+type Healed = Exclude<keyof ReconcileReport, 'errors'>;
+
+/** What describe() says about a token's workflow, as far as the reconciler cares. */
+type WorkflowState = { kind: 'absent' | 'closed' | 'running' } | { kind: 'wedged'; runId: string; attempt: number };
+
+export function createReconcilerActivities(deps: ReconcilerDeps) {
+  const { pool, client, settings } = deps;
+  const taskQueue = settings.temporal.taskQueue;
+
+  const tell = (token: store.TokenRecord) =>
+    signalRevoke(
+      client,
+      token,
+      {
+        reason: token.revokeReason ?? 'unspecified',
+        actor: token.revokedBy ?? 'reconciler',
+        initiatingEntity: token.initiatingEntity ?? 'system',
+      },
+      taskQueue,
+      settings.timing,
+    );
+
+  /** Describe is strongly consistent: RUNNING means a run exists now, not that it makes progress. */
+  async function inspectWorkflow(tokenId: string): Promise<WorkflowState> {
+    let described;
+    try {
+      described = await client.workflow.getHandle(tokenWorkflowId(tokenId)).describe();
+    } catch (err) {
+      if (err instanceof WorkflowNotFoundError) return { kind: 'absent' };
+      throw err;
+    }
+    if (described.status.name !== 'RUNNING') return { kind: 'closed' };
+    const attempt = described.raw.pendingWorkflowTask?.attempt ?? 0;
+    if (attempt < WEDGED_TASK_ATTEMPTS) return { kind: 'running' };
+    return { kind: 'wedged', runId: described.runId, attempt };
+  }
+
+  /**
+   * The first failed (or timed-out) workflow task of the current streak: later attempts of a failing
+   * task are not written to history, so this event names the occurrence and says what went wrong.
+   */
+  async function failedTaskOfStreak(
+    tokenId: string,
+    runId: string,
+  ): Promise<{ eventId: string; cause: string } | undefined> {
+    const { history } = await client.workflowService.getWorkflowExecutionHistoryReverse({
+      namespace: client.options.namespace,
+      execution: { workflowId: tokenWorkflowId(tokenId), runId },
+      maximumPageSize: 50,
+    });
+    for (const event of history?.events ?? []) {
+      const failed = event.workflowTaskFailedEventAttributes;
+      if (failed)
+        return {
+          eventId: String(event.eventId),
+          cause: (failed.failure?.message ?? 'workflow task failed').slice(0, 300),
+        };
+      if (event.workflowTaskTimedOutEventAttributes)
+        return { eventId: String(event.eventId), cause: 'workflow task timed out' };
+      if (event.workflowTaskCompletedEventAttributes) return undefined;
+    }
+    return undefined;
+  }
+
+  /**
+   * Its workflow runs but cannot move (e.g. a payload it cannot decode fails every task): nothing
+   * else would ever say so, because the workflow is RUNNING. Stuck in the store, audited once per
+   * occurrence (the run and the failed task that began it).
+   */
+  async function surfaceWedged(token: store.TokenRecord, state: { runId: string; attempt: number }): Promise<void> {
+    const failure = await failedTaskOfStreak(token.id, state.runId);
+    await store.setPropagation(pool, token.id, 'stuck', `wedged:${state.runId}:${failure?.eventId ?? 'unknown'}`, {
+      cause: 'the workflow runs but its workflow tasks keep failing',
+      runId: state.runId,
+      workflowTaskAttempt: state.attempt,
+      ...(failure ? { taskFailure: failure.cause } : {}),
+    });
+  }
+
+  const isPropagating = (token: store.TokenRecord) => token.propagation === 'pending' || token.propagation === 'stuck';
+
+  /** How each set's row is healed; `healed` records what was done (also when a later step fails). */
+  const heal: Record<ReconcileSet, (token: store.TokenRecord, healed: Healed[]) => Promise<void>> = {
+    async untold(token, healed) {
+      const state = await inspectWorkflow(token.id);
+      if (state.kind === 'wedged' && isPropagating(token)) {
+        await surfaceWedged(token, state);
+        healed.push('wedged');
+        return;
+      }
+      await tell(token);
+      healed.push('signalled');
+    },
+    async overdue(token, healed) {
+      const result = await store.killToken(pool, {
+        tokenId: token.id,
+        reason: 'expired',
+        actor: 'reconciler',
+        initiatingEntity: 'system',
+        onlyIfExpired: true,
+      });
+      if (!result.changed) return;
+      healed.push('expired');
+      await tell(result.token);
+      healed.push('signalled');
+    },
+    // Propagation under way in the store: a closed (terminated, failed, cancelled) or missing run is
+    // started again and adopts the store's facts; a running one is left alone unless it is wedged.
+    async unfinished(token, healed) {
+      const state = await inspectWorkflow(token.id);
+      if (state.kind === 'running') return;
+      if (state.kind === 'wedged') {
+        await surfaceWedged(token, state);
+        healed.push('wedged');
+        return;
+      }
+      await tell(token);
+      healed.push('restarted');
+    },
+    async unstarted(token, healed) {
+      await startTokenWorkflow(client, token, taskQueue, settings.timing);
+      await store.markWorkflowStarted(pool, token.id);
+      healed.push('started');
+    },
+  };
+
+  return {
+    /**
+     * Heals one page of one set. One row's failure is reported (and counted) and skipped: it must not
+     * starve the rows after it. The workflow turns reported failures into a failed pass.
+     */
+    async reconcilePage(input: ReconcilePageInput): Promise<ReconcilePageResult> {
+      const ctx = Context.current();
+      const meter = ctx.metricMeter;
+      const healedCounter = meter.createCounter(RECONCILER_METRIC.healed, 'rows', 'rows healed by the reconciler');
+      const wedgedCounter = meter.createCounter(
+        RECONCILER_METRIC.wedged,
+        'propagations',
+        'propagations making no progress although their workflow runs',
+      );
+      const errorCounter = meter.createCounter(RECONCILER_METRIC.errors, 'rows', 'rows the reconciler could not heal');
+
+      const progress: PageProgress = (ctx.info.heartbeatDetails as PageProgress | undefined) ?? {
+        lastId: input.afterId,
+        handled: 0,
+        report: { expired: [], signalled: [], restarted: [], started: [], wedged: [], errors: [] },
+      };
+      const rows = await store.findReconcilePage(pool, input.set, {
+        graceMs: input.graceMs ?? settings.reconcileGraceMs,
+        afterId: progress.lastId,
+        limit: input.batchSize - progress.handled,
+      });
+      // Details are encoded later, off this call: hand over a copy, never the object being mutated.
+      const beat = () => ctx.heartbeat(structuredClone(progress));
+      // Also while one row is slow (a lock, a slow server), so only a dead worker misses heartbeats.
+      const timer = setInterval(beat, Math.max(1_000, (ctx.info.heartbeatTimeoutMs ?? 30_000) / 3));
+      try {
+        for (const token of rows) {
+          ctx.cancellationSignal.throwIfAborted();
+          const healed: Healed[] = [];
+          let error: string | undefined;
+          try {
+            await heal[input.set](token, healed);
+          } catch (err) {
+            error = err instanceof Error ? err.message : String(err);
+          }
+          for (const action of healed) {
+            progress.report[action].push(token.id);
+            if (action === 'wedged') wedgedCounter.add(1);
+            else healedCounter.add(1, { action });
+          }
+          if (error !== undefined) {
+            progress.report.errors.push({ tokenId: token.id, error });
+            errorCounter.add(1, { set: input.set });
+          }
+          progress.lastId = token.id;
+          progress.handled++;
+          beat();
+        }
+      } finally {
+        clearInterval(timer);
+      }
+      return {
+        report: progress.report,
+        nextAfterId: progress.handled >= input.batchSize ? progress.lastId : null,
+      };
+    },
+  };
+}

@@ -1,0 +1,172 @@
+/**
+ * The reconciler on a real worker process: what it counts in the worker's metrics, and a pass whose
+ * worker is SIGKILLed mid-page healing within two minutes on a fresh worker.
+ */
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import path from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { WorkflowFailedError } from '@temporalio/client';
+import type { ApplicationFailure } from '@temporalio/common';
+import { PACKAGE_ROOT } from '../common/config.js';
+import { newCredentialId, newTokenId } from '../common/ids.js';
+import { RECONCILER_METRIC, WORKFLOW_TYPE } from '../common/names.js';
+import * as store from '../common/store/index.js';
+import { freePort } from '../dev/processes.js';
+import type { ReconcileInput, ReconcileReport } from '../workflows/messages.js';
+import { TestContext, type RunningWorker } from './support/context.js';
+import { TestReceiver } from './support/receiver.js';
+import { waitUntil } from './support/wait.js';
+import { WedgingWorker } from './support/wedging.js';
+
+let ctx: TestContext;
+let receiver: TestReceiver;
+let wedging: WedgingWorker;
+let child: ChildProcess;
+let childExited: Promise<unknown>;
+const childOutput: string[] = [];
+let metricsUrl: string;
+let worker: RunningWorker | undefined;
+
+before(async () => {
+  ctx = await TestContext.create('reconcilerproc');
+  receiver = await TestReceiver.start();
+  receiver.secret = (await ctx.warden.addReceiver({ id: 'audit-log', url: receiver.url })).secret;
+  wedging = await WedgingWorker.start(ctx);
+  const metricsAddress = `127.0.0.1:${await freePort()}`;
+  metricsUrl = `http://${metricsAddress}/metrics`;
+  // The only worker on the file's task queue until the crash test starts a fresh one.
+  child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), 'worker', '--no-schedule'], {
+    env: { ...ctx.childEnv(), TOKENWARDEN_METRICS_ADDRESS: metricsAddress },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  child.stdout!.on('data', (chunk: Buffer) => childOutput.push(chunk.toString()));
+  child.stderr!.on('data', (chunk: Buffer) => childOutput.push(chunk.toString()));
+  childExited = new Promise((resolve) => child.once('exit', resolve));
+});
+after(async () => {
+  child?.kill('SIGKILL');
+  await childExited;
+  await worker?.stop();
+  await wedging?.stop();
+  await receiver?.close();
+  await ctx?.close();
+});
+
+const insertOnly = (ttlMs: number) =>
+  store.insertToken(ctx.pool, {
+    tokenId: newTokenId(),
+    credentialId: newCredentialId(),
+    subject: 'usr_reconcile',
+    name: null,
+    scopes: [],
+    receivers: [],
+    ttlMs,
+    secretHash: randomBytes(32),
+  });
+
+const startPass = () =>
+  ctx.client.workflow.start(WORKFLOW_TYPE.reconcile, {
+    workflowId: `reconcile-${randomBytes(4).toString('hex')}`,
+    taskQueue: ctx.settings.temporal.taskQueue,
+    args: [{ version: 1, graceMs: 0 } satisfies ReconcileInput],
+  });
+
+/** Sum of a counter's samples in Prometheus text format whose labels include `labels`. */
+function counter(text: string, name: string, labels: Record<string, string> = {}): number {
+  let sum = 0;
+  for (const line of text.split('\n')) {
+    const match = /^(\w+)(?:\{(.*)\})? (\S+)$/.exec(line);
+    if (!match || (match[1] !== name && match[1] !== `${name}_total`)) continue;
+    const have = match[2] ?? '';
+    if (Object.entries(labels).every(([k, v]) => have.includes(`${k}="${v}"`))) sum += Number(match[3]);
+  }
+  return sum;
+}
+
+describe('reconciler on a worker process', () => {
+  it('should count healed rows, rows it cannot heal and wedged propagations in the metrics', async (t) => {
+    const wedged = await wedging.wedgedToken('audit-log', 'after the workflow took over');
+    await wedging.waitWedged([wedged]);
+    const healable = await insertOnly(3_600_000);
+    const broken = await insertOnly(3_600_000);
+    await ctx.sql.query(`CREATE FUNCTION refuse_update() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN RAISE EXCEPTION 'injected fault on %', OLD.id; END $$`);
+    await ctx.sql.query(
+      `CREATE TRIGGER refuse_update BEFORE UPDATE ON token FOR EACH ROW WHEN (OLD.id = '${broken.id}') EXECUTE FUNCTION refuse_update()`,
+    );
+    try {
+      const failure = await (await startPass()).result().then(
+        () => assert.fail('the pass should fail'),
+        (err: unknown) => err,
+      );
+      assert.ok(failure instanceof WorkflowFailedError, `${String(failure)}\n${childOutput.join('')}`);
+      const report = (failure.cause as ApplicationFailure).details?.[0] as ReconcileReport;
+      assert.deepEqual(
+        report.errors.map((e) => e.tokenId),
+        [broken.id],
+      );
+      assert.ok(report.wedged.includes(wedged) && report.started.includes(healable.id), JSON.stringify(report));
+    } finally {
+      await ctx.sql.query('DROP TRIGGER refuse_update ON token');
+      await ctx.sql.query('DROP FUNCTION refuse_update()');
+    }
+    const text = await (await fetch(metricsUrl)).text();
+    t.diagnostic(
+      text
+        .split('\n')
+        .filter((line) => line.startsWith('tokenwarden_'))
+        .join('\n'),
+    );
+    assert.ok(counter(text, RECONCILER_METRIC.wedged) >= 1, text);
+    assert.ok(counter(text, RECONCILER_METRIC.errors, { set: 'unstarted' }) >= 1, text);
+    assert.ok(counter(text, RECONCILER_METRIC.healed, { action: 'started' }) >= 1, text);
+    assert.ok((await store.requireToken(ctx.pool, healable.id)).workflowStartedAt);
+  });
+
+  it('should heal within two minutes when its worker process is SIGKILLed mid-pass', async (t) => {
+    const overdue = await insertOnly(1);
+    // A long lock on the row holds the pass in the middle of its overdue page: a pass in flight.
+    const locker = await ctx.sql.connect();
+    try {
+      await locker.query('BEGIN');
+      await locker.query('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [overdue.id]);
+      const lockerPid = (await locker.query('SELECT pg_backend_pid() AS pid')).rows[0].pid as number;
+      const pass = await startPass();
+      await waitUntil(
+        async () =>
+          (await ctx.sql.query('SELECT 1 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))', [lockerPid]))
+            .rowCount === 1,
+        'the pass to wait on the locked row',
+        90_000,
+      );
+      child.kill('SIGKILL');
+      await childExited;
+      const killedAt = Date.now();
+      await locker.query('ROLLBACK');
+
+      worker = await ctx.startWorker();
+      await waitUntil(
+        async () => (await store.requireToken(ctx.pool, overdue.id)).status === 'expired',
+        'the overdue row to be healed by a retried page',
+        150_000,
+        200,
+      );
+      const healMs = Date.now() - killedAt;
+      t.diagnostic(`healed ${(healMs / 1000).toFixed(1)} s after the worker process was SIGKILLed`);
+      assert.ok(healMs < 120_000, `healed after ${healMs} ms`);
+
+      const report = (await pass.result()) as ReconcileReport;
+      assert.ok(report.expired.includes(overdue.id), JSON.stringify(report));
+      // The retry of the lost page healed it: the overdue page's activity started more than once.
+      const history = await pass.fetchHistory();
+      const attempts = (history.events ?? [])
+        .map((e) => e.activityTaskStartedEventAttributes?.attempt ?? 0)
+        .filter((a) => a > 0);
+      assert.ok(Math.max(...attempts) >= 2, `attempts ${attempts.join(', ')}`);
+    } finally {
+      locker.release();
+    }
+  });
+});
