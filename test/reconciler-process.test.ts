@@ -157,8 +157,12 @@ describe('reconciler on a worker process', () => {
       t.diagnostic(`healed ${(healMs / 1000).toFixed(1)} s after the worker process was SIGKILLed`);
       assert.ok(healMs < 120_000, `healed after ${healMs} ms`);
 
+      // Either the retried page killed the row, or the dead worker's own statement did: PostgreSQL
+      // finishes (and commits) a statement whose client died once the lock is released. Both heal it once.
       const report = (await pass.result()) as ReconcileReport;
-      assert.ok(report.expired.includes(overdue.id), JSON.stringify(report));
+      assert.deepEqual(report.errors, [], JSON.stringify(report));
+      const kills = (await store.readAudit(ctx.pool, overdue.id)).filter((e) => e.kind === 'token.expired');
+      assert.equal(kills.length, 1, 'one kill recorded');
       // The retry of the lost page healed it: the overdue page's activity started more than once.
       const history = await pass.fetchHistory();
       const attempts = (history.events ?? [])

@@ -317,13 +317,17 @@ describe('reconciler', () => {
   });
 
   it('should run from its schedule: a triggered run heals a row', async () => {
-    await ensureReconcilerSchedule(ctx.client, ctx.settings);
+    // A schedule left by an earlier deployment (another task queue) is brought up to date.
+    const earlier = { ...ctx.settings, temporal: { ...ctx.settings.temporal, taskQueue: 'tq-earlier-release' } };
+    await ensureReconcilerSchedule(ctx.client, earlier);
     await ensureReconcilerSchedule(ctx.client, ctx.settings);
     const handle = ctx.client.schedule.getHandle(RECONCILER_SCHEDULE_ID);
     try {
       const described = await handle.describe();
       assert.equal(described.spec.intervals?.[0]?.every, 60_000);
       assert.equal(described.action.type, 'startWorkflow');
+      assert.equal(described.action.taskQueue, ctx.settings.temporal.taskQueue);
+      assert.equal(described.action.workflowRunTimeout, 15 * 60_000, 'a pass that cannot finish ends');
 
       const token = await insertOnly(3_600_000);
       await handle.trigger();

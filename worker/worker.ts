@@ -50,23 +50,29 @@ export async function createTokenWorker(opts: TokenWorkerOptions): Promise<Worke
 
 /** The reconciler Schedule: every minute, one run at a time. Creating it twice is harmless. */
 export async function ensureReconcilerSchedule(client: Client, settings: Settings): Promise<void> {
+  const action = {
+    type: 'startWorkflow' as const,
+    workflowType: WORKFLOW_TYPE.reconcile,
+    workflowId: RECONCILER_WORKFLOW_ID,
+    taskQueue: settings.temporal.taskQueue,
+    args: [{ version: 1 } satisfies ReconcileInput],
+    // Overlap SKIP means a pass that can never finish (e.g. an incompatible deploy) would block every
+    // later one: a pass that has not finished in this time is ended and the next one starts.
+    workflowRunTimeout: '15m',
+    staticSummary: 'Reconcile the token store with the token workflows',
+  };
   try {
     await client.schedule.create({
       scheduleId: RECONCILER_SCHEDULE_ID,
       spec: { intervals: [{ every: '1m' }] },
-      action: {
-        type: 'startWorkflow',
-        workflowType: WORKFLOW_TYPE.reconcile,
-        workflowId: RECONCILER_WORKFLOW_ID,
-        taskQueue: settings.temporal.taskQueue,
-        args: [{ version: 1 } satisfies ReconcileInput],
-        staticSummary: 'Reconcile the token store with the token workflows',
-      },
+      action,
       policies: { overlap: ScheduleOverlapPolicy.SKIP, catchupWindow: '1m' },
       state: { note: 'Heals crashes between the central store and the token workflows.' },
     });
   } catch (err) {
     if (!(err instanceof ScheduleAlreadyRunning)) throw err;
+    // A schedule created by an earlier release: bring its action up to date (task queue, timeout).
+    await client.schedule.getHandle(RECONCILER_SCHEDULE_ID).update((current) => ({ ...current, action }));
   }
 }
 
