@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { randomBytes } from 'node:crypto';
-import { checkout, createPool } from '../common/db.js';
+import { checkout, createPool, migrate, quoteIdent } from '../common/db.js';
 import { newCredentialId, newTokenId } from '../common/ids.js';
 import { InvalidInputError, NotFoundError } from '../common/errors.js';
 import * as store from '../common/store/index.js';
@@ -26,8 +26,8 @@ before(async () => {
 });
 after(async () => ctx?.close());
 
-const newToken = (overrides: Partial<store.NewToken> = {}) =>
-  store.insertToken(ctx.pool, {
+const newToken = (overrides: Partial<store.NewToken> = {}, pool = ctx.pool) =>
+  store.insertToken(pool, {
     tokenId: newTokenId(),
     credentialId: newCredentialId(),
     subject: 'usr_store',
@@ -191,11 +191,22 @@ describe('central store', () => {
   });
 
   it('should refuse a row it does not understand instead of passing on a wrong fact', async () => {
-    const t = await newToken();
-    await ctx.sql.query('ALTER TABLE token DROP CONSTRAINT token_status_check, DROP CONSTRAINT token_check');
-    await ctx.sql.query(`UPDATE token SET status = 'zombie' WHERE id = $1`, [t.id]);
-    await assert.rejects(store.getToken(ctx.pool, t.id), /unexpected token row in the store: status/);
-    await ctx.sql.query(`UPDATE token SET status = 'active' WHERE id = $1`, [t.id]);
+    // Such a row needs the token constraints dropped: in a schema of its own, so that every other
+    // test keeps the status/revoked_at invariant.
+    const schema = `${ctx.settings.databaseSchema}_unchecked`;
+    await migrate(ctx.settings.databaseUrl, schema);
+    const pool = createPool(ctx.settings.databaseUrl, schema, 1);
+    try {
+      const t = await newToken({ receivers: [] }, pool);
+      await pool.query(
+        `ALTER TABLE ${pool.tables.token} DROP CONSTRAINT token_status_check, DROP CONSTRAINT token_check`,
+      );
+      await pool.query(`UPDATE ${pool.tables.token} SET status = 'zombie' WHERE id = $1`, [t.id]);
+      await assert.rejects(store.getToken(pool, t.id), /unexpected token row in the store: status/);
+    } finally {
+      await pool.query(`DROP SCHEMA ${quoteIdent(schema)} CASCADE`);
+      await pool.end();
+    }
   });
 
   it('should kill correctly when another writer extends the audit chain while the kill waits for the row', async () => {
@@ -286,5 +297,20 @@ describe('audit trail', () => {
     await assert.rejects(ctx.sql.query(`DELETE FROM audit_event WHERE token_id = $1`, [t.id]), /append-only: DELETE/);
     await assert.rejects(ctx.sql.query('TRUNCATE audit_event CASCADE'), /append-only: TRUNCATE/);
     assert.equal((await store.readAudit(ctx.pool, t.id)).length, 1);
+  });
+});
+
+describe('token invariants', () => {
+  // Runs last: no earlier test may have loosened the schema the rest of the file relies on.
+  it('should still refuse an unknown status and an active row with a revocation time', async () => {
+    const t = await newToken();
+    await assert.rejects(
+      ctx.sql.query(`UPDATE token SET status = 'zombie', revoked_at = now() WHERE id = $1`, [t.id]),
+      (e: unknown) => (e as { constraint?: string }).constraint === 'token_status_check',
+    );
+    await assert.rejects(
+      ctx.sql.query('UPDATE token SET revoked_at = now() WHERE id = $1', [t.id]),
+      (e: unknown) => (e as { constraint?: string }).constraint === 'token_check',
+    );
   });
 });
