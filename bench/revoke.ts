@@ -19,7 +19,7 @@ import { DEFAULT_MAX_TTL_MS, PACKAGE_ROOT, type Settings } from '../common/confi
 import { createPool } from '../common/db.js';
 import { tokenWorkflowId } from '../common/names.js';
 import * as store from '../common/store/index.js';
-import { createTokenWorker, WORKFLOWS_PATH } from '../worker/worker.js';
+import { createTokenWorker, WORKFLOW_BUNDLE_OPTIONS } from '../worker/worker.js';
 import type { RevokeRequest } from '../workflows/messages.js';
 import { createFloorActivities } from './floor-activities.js';
 import { deliverSignal, floorDelivery, pingSignal, signalSink } from './floor-workflows.js';
@@ -135,7 +135,7 @@ async function main(): Promise<void> {
     const started = performance.now();
     const services = await startBenchServices({
       label: 'revoke',
-      workflows: { token: WORKFLOWS_PATH, floor: FLOOR_WORKFLOWS_PATH },
+      workflows: { token: WORKFLOW_BUNDLE_OPTIONS, floor: { workflowsPath: FLOOR_WORKFLOWS_PATH } },
       serverArgs: options.serverDefaults ? [] : UNTHROTTLED_SERVER_ARGS,
       log: say,
     });

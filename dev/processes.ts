@@ -50,9 +50,13 @@ export class ManagedChild {
     readonly name: string,
     command: string,
     args: string[],
-    options: SpawnOptions & { onLine?: (line: string) => void } = {},
+    options: SpawnOptions & {
+      onLine?: (line: string) => void;
+      /** Every line of both streams, including those printed while stopping (tests scan them). */
+      onOutput?: (line: string, stream: 'stdout' | 'stderr') => void;
+    } = {},
   ) {
-    const { onLine, ...spawnOptions } = options;
+    const { onLine, onOutput, ...spawnOptions } = options;
     this.child = spawn(command, args, { ...spawnOptions, detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
     this.exited = new Promise((resolve) => {
       this.child.once('error', (err) => {
@@ -66,17 +70,25 @@ export class ManagedChild {
     // Both streams feed the tail for error messages; only stderr (where servers log) reaches onLine,
     // stdout being the CLI's banner.
     for (const stream of [this.child.stdout, this.child.stderr]) {
+      const name = stream === this.child.stderr ? 'stderr' : 'stdout';
       let partial = '';
+      const emit = (line: string) => {
+        this.record(line);
+        onOutput?.(line, name);
+        if (name === 'stderr' && !this.stopping && line.trim()) onLine?.(line);
+      };
       stream?.setEncoding('utf8');
       stream?.on('data', (chunk: string) => {
         const lines = (partial + chunk).split('\n');
         partial = lines.pop() ?? '';
-        for (const line of lines) {
-          this.record(line);
-          if (stream === this.child.stderr && !this.stopping && line.trim()) onLine?.(line);
-        }
+        for (const line of lines) emit(line);
       });
+      stream?.on('end', () => partial && emit(partial));
     }
+  }
+
+  get pid(): number | undefined {
+    return this.child.pid;
   }
 
   get running(): boolean {
@@ -96,6 +108,14 @@ export class ManagedChild {
     const timer = setTimeout(() => this.child.kill('SIGKILL'), graceMs);
     await this.exited;
     clearTimeout(timer);
+  }
+
+  /** SIGKILLs the child's whole process group (it runs detached), e.g. a server and its backends. */
+  async killGroup(): Promise<void> {
+    this.stopping = true;
+    if (!this.running || this.child.pid === undefined) return;
+    process.kill(-this.child.pid, 'SIGKILL');
+    await this.exited;
   }
 
   /** An error carrying the child's recent output, for "it exited before it was ready". */

@@ -1,21 +1,15 @@
 /**
- * `npm test`: one Temporal dev server, one Postgres and one workflow bundle for the whole run,
- * shared by every test file through TOKENWARDEN_TEST_* variables, then `node --test`.
+ * `npm test`: one Temporal dev server, one Postgres and one workflow bundle for the whole run
+ * (dev/services.ts), shared by every test file through TOKENWARDEN_TEST_* variables, then `node --test`.
  * Arguments filter the test files by path: `npm test -- store` runs the files whose path contains "store".
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { chmod, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { Connection } from '@temporalio/client';
-import { bundleWorkflowCode, DefaultLogger } from '@temporalio/worker';
 import { PACKAGE_ROOT } from '../common/config.js';
-import { DEFAULT_NAMESPACE } from '../common/names.js';
-import { startEmbeddedPostgres } from './postgres.js';
-import { freePort } from './processes.js';
-import { resolveTemporalCli } from './temporal-cli.js';
-import { ensureNamespaceReady, startDevServer } from './temporal-server.js';
 import { WORKFLOW_BUNDLE_OPTIONS } from '../worker/worker.js';
+import { startThrowawayServices } from './services.js';
 
 const TEST_DIR = path.join(PACKAGE_ROOT, 'dist', 'test');
 const say = (msg: string) => process.stderr.write(`[run-tests] ${msg}\n`);
@@ -45,45 +39,18 @@ async function main(): Promise<number> {
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   try {
-    const cliPath = await resolveTemporalCli(say);
     const started = Date.now();
-    // The three are independent; starting them together saves a few seconds per run.
-    const [temporalResult, databaseResult, bundleResult] = await Promise.allSettled([
-      (async () => {
-        const server = await startDevServer({ cliPath, port: await freePort(), namespace: DEFAULT_NAMESPACE });
-        cleanups.push(server.stop);
-        const connection = await Connection.connect({ address: server.address });
-        try {
-          await ensureNamespaceReady(connection, DEFAULT_NAMESPACE, 1);
-        } finally {
-          await connection.close();
-        }
-        return server;
-      })(),
-      (async () => {
-        if (process.env.DATABASE_URL) return process.env.DATABASE_URL;
-        const postgres = await startEmbeddedPostgres({
-          dataDir: path.join(tmp, 'postgres'),
-          port: await freePort(),
-          log: say,
-          // A throwaway cluster: durability only costs time here.
-          settings: { fsync: 'off', synchronous_commit: 'off', full_page_writes: 'off' },
-        });
-        cleanups.push(postgres.stop);
-        return postgres.databaseUrl;
-      })(),
-      (async () => {
-        const { code } = await bundleWorkflowCode({ ...WORKFLOW_BUNDLE_OPTIONS, logger: new DefaultLogger('WARN') });
-        const file = path.join(tmp, 'workflow-bundle.js');
-        await writeFile(file, code);
-        return file;
-      })(),
-    ]);
-    const temporal = valueOf(temporalResult);
-    const databaseUrl = valueOf(databaseResult);
-    const bundlePath = valueOf(bundleResult);
+    const services = await startThrowawayServices({
+      tmpDir: tmp,
+      workflows: { token: WORKFLOW_BUNDLE_OPTIONS },
+      ...(process.env.DATABASE_URL ? { databaseUrl: process.env.DATABASE_URL } : {}),
+      log: say,
+    });
+    cleanups.push(services.stop);
+    const bundlePath = path.join(tmp, 'workflow-bundle.js');
+    await writeFile(bundlePath, services.bundles.token.code);
     say(
-      `Temporal on ${temporal.address}, PostgreSQL and the workflow bundle ready in ${((Date.now() - started) / 1000).toFixed(1)} s`,
+      `Temporal on ${services.temporalAddress}, PostgreSQL and the workflow bundle ready in ${((Date.now() - started) / 1000).toFixed(1)} s`,
     );
 
     if (interrupted) return 130;
@@ -92,11 +59,11 @@ async function main(): Promise<number> {
       stdio: 'inherit',
       env: {
         ...process.env,
-        TOKENWARDEN_TEST_TEMPORAL_ADDRESS: temporal.address,
-        TOKENWARDEN_TEST_NAMESPACE: DEFAULT_NAMESPACE,
-        TOKENWARDEN_TEST_DATABASE_URL: databaseUrl,
+        TOKENWARDEN_TEST_TEMPORAL_ADDRESS: services.temporalAddress,
+        TOKENWARDEN_TEST_NAMESPACE: services.namespace,
+        TOKENWARDEN_TEST_DATABASE_URL: services.databaseUrl,
         TOKENWARDEN_TEST_WORKFLOW_BUNDLE: bundlePath,
-        TEMPORAL_CLI: cliPath,
+        TEMPORAL_CLI: services.cliPath,
       },
     });
     testProcess = child;
@@ -108,12 +75,6 @@ async function main(): Promise<number> {
   } finally {
     for (const cleanup of cleanups.reverse()) await cleanup().catch((err: Error) => say(`cleanup: ${err.message}`));
   }
-}
-
-/** Every start is awaited (allSettled) so that those that succeeded are cleaned up when one fails. */
-function valueOf<T>(result: PromiseSettledResult<T>): T {
-  if (result.status === 'rejected') throw result.reason;
-  return result.value;
 }
 
 /** Node 20's --test takes no glob, so the files are listed here. */
