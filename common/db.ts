@@ -48,6 +48,9 @@ export function createPool(
 ): StorePool {
   const pool = new pg.Pool({ connectionString: databaseUrl, max, application_name: 'tokenwarden' });
   pool.on('error', onIdleError);
+  // A connection lost while checked out (between a transaction's statements) emits 'error' on its
+  // client, which the pool listens to only while idle: the caller's next statement fails instead.
+  pool.on('connect', (client) => client.on('error', () => {}));
   return Object.assign(pool, { tables: tablesFor(schema) });
 }
 

@@ -260,6 +260,27 @@ describe('database connections', () => {
       await pool.end();
     }
   });
+
+  it('should survive the server closing a connection checked out between two statements', async () => {
+    // As inside a transaction when the server restarts: the error must reach the caller's next
+    // statement, not crash the process as an unhandled 'error' event.
+    const pool = createPool(ctx.settings.databaseUrl, ctx.settings.databaseSchema, 1);
+    try {
+      const client = await pool.connect();
+      await client.query('BEGIN');
+      const { rows } = await client.query('SELECT pg_backend_pid() AS pid');
+      await ctx.pool.query('SELECT pg_terminate_backend($1)', [rows[0].pid]);
+      await waitUntil(async () => {
+        const gone = await ctx.pool.query('SELECT 1 FROM pg_stat_activity WHERE pid = $1', [rows[0].pid]);
+        return gone.rowCount === 0;
+      }, 'the terminated backend to be gone');
+      await assert.rejects(client.query('SELECT 1'));
+      client.release(true);
+      assert.equal((await pool.query('SELECT 1 AS one')).rows[0].one, 1);
+    } finally {
+      await pool.end();
+    }
+  });
 });
 
 describe('audit trail', () => {
