@@ -21,6 +21,13 @@ function required(name: string): string {
 
 let quietRuntime: Runtime | undefined;
 
+/** Services other than the run's shared ones, e.g. a Postgres or a Temporal server a test crashes. */
+export interface ContextServices {
+  databaseUrl?: string;
+  temporalAddress?: string;
+  namespace?: string;
+}
+
 export interface RunningWorker {
   worker: Worker;
   stop(): Promise<void>;
@@ -38,12 +45,16 @@ export class TestContext {
     readonly warden: TokenWarden,
   ) {}
 
-  static async create(label: string, timing: Partial<Settings['timing']> = {}): Promise<TestContext> {
+  static async create(
+    label: string,
+    timing: Partial<Settings['timing']> = {},
+    services: ContextServices = {},
+  ): Promise<TestContext> {
     // Quiet runtime: expected activity failures (fault injection) would otherwise fill the output.
     quietRuntime ??= Runtime.install({ logger: new DefaultLogger('ERROR') });
-    const databaseUrl = required('TOKENWARDEN_TEST_DATABASE_URL');
-    const address = required('TOKENWARDEN_TEST_TEMPORAL_ADDRESS');
-    const namespace = required('TOKENWARDEN_TEST_NAMESPACE');
+    const databaseUrl = services.databaseUrl ?? required('TOKENWARDEN_TEST_DATABASE_URL');
+    const address = services.temporalAddress ?? required('TOKENWARDEN_TEST_TEMPORAL_ADDRESS');
+    const namespace = services.namespace ?? required('TOKENWARDEN_TEST_NAMESPACE');
     const schema = `test_${label}_${randomBytes(4).toString('hex')}`;
     await migrate(databaseUrl, schema);
     const settings: Settings = {
@@ -90,10 +101,16 @@ export class TestContext {
     return handle;
   }
 
-  /** The environment a `tokenwarden` child process needs to use this context's store and queue. */
+  /**
+   * The environment a `tokenwarden` child process needs to use this context's store and queue, with
+   * this context's short timing.
+   */
   childEnv(): Record<string, string> {
     const s = this.settings;
     return {
+      TOKENWARDEN_ESCALATE_AFTER: `${s.timing.escalateAfterMs}ms`,
+      TOKENWARDEN_RETRY_INITIAL: `${s.timing.retryInitialMs}ms`,
+      TOKENWARDEN_RETRY_MAX: `${s.timing.retryMaxMs}ms`,
       PATH: process.env.PATH ?? '',
       DATABASE_URL: s.databaseUrl,
       TOKENWARDEN_DB_SCHEMA: s.databaseSchema,

@@ -17,6 +17,8 @@ export interface Answer {
   status?: number;
   headers?: Record<string, string>;
   delayMs?: number;
+  /** Answer once this settles (a request held until the test lets it go). */
+  after?: Promise<unknown>;
   /** Destroy the socket without answering. */
   drop?: boolean;
 }
@@ -26,6 +28,7 @@ export class TestReceiver {
   secret: string | undefined;
   behaviour: (n: number, req: { headers: IncomingHttpHeaders; body: string }) => Answer = () => ({ status: 204 });
 
+  private port = 0;
   private constructor(private readonly server: Server) {}
 
   static async start(): Promise<TestReceiver> {
@@ -61,16 +64,50 @@ export class TestReceiver {
           res.writeHead(answer.status ?? 204, answer.headers ?? {});
           res.end();
         };
-        if (answer.delayMs) setTimeout(respond, answer.delayMs);
+        if (answer.after) void answer.after.finally(respond);
+        else if (answer.delayMs) setTimeout(respond, answer.delayMs);
         else respond();
       });
     });
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    receiver.port = (server.address() as AddressInfo).port;
     return receiver;
   }
 
   get url(): string {
-    return `http://127.0.0.1:${(this.server.address() as AddressInfo).port}/revocations`;
+    return `http://127.0.0.1:${this.port}/revocations`;
+  }
+
+  /** Stops listening: senders get connection refused until comeBack(). */
+  async goDown(): Promise<void> {
+    this.server.closeAllConnections();
+    await new Promise<void>((resolve, reject) => this.server.close((err) => (err ? reject(err) : resolve())));
+  }
+
+  /** Listens again on the same port. */
+  async comeBack(): Promise<void> {
+    await new Promise<void>((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(this.port, '127.0.0.1', () => {
+        this.server.off('error', reject);
+        resolve();
+      });
+    });
+  }
+
+  /** The requests of each logical event, by `webhook-id`. */
+  byWebhookId(): Map<string, ReceivedRequest[]> {
+    const events = new Map<string, ReceivedRequest[]>();
+    for (const r of this.requests) {
+      const id = String(r.headers['webhook-id']);
+      events.set(id, [...(events.get(id) ?? []), r]);
+    }
+    return events;
+  }
+
+  /** The requests about one token (the body's `token_id`). */
+  requestsFor(tokenId: string): ReceivedRequest[] {
+    return this.requests.filter((r) => tokenIdOf(r) === tokenId);
   }
 
   /** Requests answered with 2xx. */
@@ -81,5 +118,15 @@ export class TestReceiver {
   async close(): Promise<void> {
     this.server.closeAllConnections();
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+}
+
+/** The `token_id` of an event body, or undefined for a body that is not one. */
+export function tokenIdOf(request: ReceivedRequest): string | undefined {
+  try {
+    const body = JSON.parse(request.body) as { token_id?: unknown };
+    return typeof body.token_id === 'string' ? body.token_id : undefined;
+  } catch {
+    return undefined;
   }
 }
