@@ -1,64 +1,148 @@
 /**
- * A worker process killed with SIGKILL in the middle of a delivery: nothing is lost. The delivery
- * activity's start-to-close timeout (15 s) bounds how long the dead attempt blocks the retry.
+ * A worker process killed with SIGKILL (no shutdown, connections dropped) with three revocations
+ * at three points of their delivery: before the POST, while the receiver holds the POST, and after
+ * the receiver answered but before the answer is recorded. Each receiver then has exactly one
+ * logical event. The dead attempts block their retries until their start-to-close timeouts.
  */
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
-import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { PACKAGE_ROOT } from '../common/config.js';
+import proto from '@temporalio/proto';
+import type pg from 'pg';
+import type { RevokeOutcome } from '../client/index.js';
 import { tokenWorkflowId } from '../common/names.js';
-import type { TokenLifecycleResult } from '../workflows/messages.js';
-import { TestContext, type RunningWorker } from './support/context.js';
+import { TestContext } from './support/context.js';
+import { workflowResults } from './support/fault.js';
+import { propagationProblems, readFacts, receiverProblems } from './support/invariants.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
+import { WorkerProcess } from './support/worker-process.js';
+
+const { PendingActivityState } = proto.temporal.api.enums.v1;
 
 let ctx: TestContext;
-let receiver: TestReceiver;
-let child: ChildProcess | undefined;
-let worker: RunningWorker | undefined;
+const receivers: TestReceiver[] = [];
+const workers: WorkerProcess[] = [];
+const locks: pg.PoolClient[] = [];
+const backendPids = new Map<pg.PoolClient, number>();
 
 before(async () => {
-  ctx = await TestContext.create('crash');
-  receiver = await TestReceiver.start();
-  receiver.secret = (await ctx.warden.addReceiver({ id: 'billing', url: receiver.url })).secret;
+  // No escalation while the dead attempts time out: this file is about delivery, not `stuck`.
+  ctx = await TestContext.create('crash', { escalateAfterMs: 600_000 });
 });
 after(async () => {
-  child?.kill('SIGKILL');
-  await worker?.stop();
-  await receiver?.close();
+  for (const lock of locks) lock.release(true);
+  for (const w of workers) await w.kill();
+  for (const r of receivers) await r.close();
   await ctx?.close();
 });
 
-function startWorkerProcess(): ChildProcess {
-  return spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), 'worker', '--no-schedule'], {
-    env: ctx.childEnv(),
-    stdio: 'ignore',
-  });
+async function addReceiver(id: string): Promise<TestReceiver> {
+  const receiver = await TestReceiver.start();
+  receivers.push(receiver);
+  receiver.secret = (await ctx.warden.addReceiver({ id, url: receiver.url })).secret;
+  return receiver;
 }
 
-describe('worker crash', () => {
-  it('should complete propagation after the worker process is killed mid-delivery', async () => {
-    let hold = true;
-    receiver.behaviour = () => (hold ? { status: 204, delayMs: 5_000 } : { status: 204 });
-    child = startWorkerProcess();
-    const issued = await ctx.warden.issue({ subject: 'usr_crash', receivers: ['billing'], ttl: '1h' });
-    await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'crash drill' });
+async function issue(receiverId: string): Promise<string> {
+  return (await ctx.warden.issue({ subject: 'usr_crash', receivers: [receiverId], ttl: '1h' })).tokenId;
+}
 
-    await waitUntil(() => receiver.requests.length >= 1, 'the delivery to be in flight on the child worker', 60_000);
-    child.kill('SIGKILL');
-    await new Promise((resolve) => child!.once('exit', resolve));
-    hold = false;
+/** A transaction of the test's own holding row locks, so that the worker blocks where the test wants. */
+async function lockRows(sql: string, params: unknown[]): Promise<pg.PoolClient> {
+  const client = await ctx.pool.connect();
+  locks.push(client);
+  await client.query('BEGIN');
+  const { rows } = await client.query('SELECT pg_backend_pid() AS pid');
+  backendPids.set(client, rows[0].pid as number);
+  await client.query(sql, params);
+  return client;
+}
 
-    worker = await ctx.startWorker();
-    const done = (await ctx.client.workflow
-      .getHandle(tokenWorkflowId(issued.tokenId))
-      .result()) as TokenLifecycleResult;
-    assert.equal(done.propagation, 'complete');
-    const shown = await ctx.warden.show(issued.tokenId);
-    assert.equal(shown.deliveries[0]!.status, 'delivered');
-    assert.ok(receiver.requests.length >= 2, 'the attempt was made again after the crash');
-    assert.equal(new Set(receiver.requests.map((r) => r.headers['webhook-id'])).size, 1, 'the same logical event');
-    assert.ok(receiver.requests.every((r) => r.verified));
+/** Whether another session waits for a lock this transaction holds. */
+async function blocks(lock: pg.PoolClient): Promise<boolean> {
+  const { rows } = await ctx.pool.query('SELECT 1 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))', [
+    backendPids.get(lock),
+  ]);
+  return rows.length > 0;
+}
+
+async function endLock(client: pg.PoolClient, how: 'COMMIT' | 'ROLLBACK'): Promise<void> {
+  await client.query(how);
+  locks.splice(locks.indexOf(client), 1);
+  client.release();
+}
+
+/** Whether the token's workflow has an activity running on this worker (started, not finished). */
+async function runsActivityOn(tokenId: string, worker: WorkerProcess): Promise<boolean> {
+  const { raw } = await ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)).describe();
+  return (raw.pendingActivities ?? []).some(
+    (a) =>
+      a.state === PendingActivityState.PENDING_ACTIVITY_STATE_STARTED &&
+      a.lastWorkerIdentity?.startsWith(`${worker.pid}@`),
+  );
+}
+
+describe('worker process crash', () => {
+  it('should deliver one logical event per receiver when the worker is SIGKILLed before, during and after a POST', async () => {
+    const beforePost = await addReceiver('before-post');
+    const holding = await addReceiver('holding');
+    const answered = await addReceiver('answered');
+    const doomed = await WorkerProcess.start(ctx.childEnv(), ctx.client);
+    workers.push(doomed);
+    const [tokenA, tokenB, tokenC] = [await issue('before-post'), await issue('holding'), await issue('answered')];
+
+    // A: the token's row is locked, so its kills wait (the caller's and the workflow's): the worker
+    // has taken the revocation, nothing has been POSTed.
+    const rowOfA = await lockRows('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [tokenA]);
+    const revokingA = ctx.warden.revoke({ tokenId: tokenA, reason: 'crash before the POST' });
+    await waitUntil(() => runsActivityOn(tokenA, doomed), 'an activity of A running on the doomed worker', 60_000);
+
+    // B: the receiver holds the POST unanswered.
+    let answerB!: () => void;
+    const heldB = new Promise<void>((resolve) => (answerB = resolve));
+    holding.behaviour = (n) => (n === 1 ? { status: 204, after: heldB } : { status: 204 });
+    const revokedB = await ctx.warden.revoke({ tokenId: tokenB, reason: 'crash while the receiver holds the POST' });
+    await waitUntil(() => holding.requests.length === 1, 'the POST of B at its receiver', 60_000);
+
+    // C: the receiver answers 204 once the test holds the delivery row, so recording the answer waits.
+    let answerC!: () => void;
+    const gateC = new Promise<void>((resolve) => (answerC = resolve));
+    answered.behaviour = (n) => (n === 1 ? { status: 204, after: gateC } : { status: 204 });
+    const revokedC = await ctx.warden.revoke({ tokenId: tokenC, reason: 'crash before the answer is recorded' });
+    await waitUntil(() => answered.requests.length === 1, 'the POST of C at its receiver', 60_000);
+    const deliveryOfC = await lockRows('SELECT 1 FROM delivery WHERE token_id = $1 FOR UPDATE', [tokenC]);
+    answerC();
+    await waitUntil(() => blocks(deliveryOfC), 'the worker recording C’s answer to wait for the delivery row', 60_000);
+
+    assert.equal(beforePost.requests.length, 0, 'nothing of A was POSTed before the crash');
+    await doomed.kill();
+    assert.equal((await doomed.exited).signal, 'SIGKILL');
+    await endLock(rowOfA, 'COMMIT');
+    answerB();
+    await endLock(deliveryOfC, 'ROLLBACK');
+
+    workers.push(await WorkerProcess.start(ctx.childEnv(), ctx.client));
+    const outcomes: RevokeOutcome[] = [await revokingA, revokedB, revokedC];
+    assert.deepEqual(
+      outcomes.map((o) => [o.status, o.changed]),
+      [
+        ['revoked', true],
+        ['revoked', true],
+        ['revoked', true],
+      ],
+    );
+    const tokenIds = [tokenA, tokenB, tokenC];
+    await workflowResults(ctx.client, tokenIds, 120_000);
+    assert.deepEqual(
+      [
+        ...(await readFacts(ctx.pool, tokenIds)).flatMap(propagationProblems),
+        ...receiverProblems('before-post', beforePost, [tokenA]),
+        ...receiverProblems('holding', holding, [tokenB]),
+        ...receiverProblems('answered', answered, [tokenC]),
+      ],
+      [],
+    );
+    assert.ok(holding.requests.length >= 2, 'the held POST was sent again after the crash');
+    assert.ok(answered.requests.length >= 2, 'the answer that was never recorded was asked for again');
   });
 });
