@@ -14,17 +14,26 @@ import { newTokenId } from '../common/ids.js';
 import { tokenWorkflowId } from '../common/names.js';
 import { isWellFormedToken } from '../common/secrets.js';
 import { freePort } from '../dev/processes.js';
-import { TestContext, type RunningWorker } from './support/context.js';
+import { runCli, type CliRun } from './support/cli.js';
+import { TestContext } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
+import { SecretScan } from './support/secret-scan.js';
 import { waitUntil } from './support/wait.js';
+import { WorkerProcess } from './support/worker-process.js';
 
 let ctx: TestContext;
-let worker: RunningWorker;
+let worker: WorkerProcess;
 let receiver: TestReceiver;
+/** Every run of this file's commands, searched for secrets by the last test. */
+const runs: Run[] = [];
+/** The runs that print a raw token or a signing secret by design: their stdout is not searched. */
+const shownOnce = new Set<Run>();
+const scan = new SecretScan();
+const tokenIds: string[] = [];
 
 before(async () => {
   ctx = await TestContext.create('cli');
-  worker = await ctx.startWorker();
+  worker = await WorkerProcess.start(ctx.childEnv(), ctx.client);
   receiver = await TestReceiver.start();
 });
 after(async () => {
@@ -33,30 +42,22 @@ after(async () => {
   await ctx?.close();
 });
 
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
+type Run = CliRun;
+
+/** A `tokenwarden` run with this file's store, queue and timing (plus `extraEnv`). */
+async function cli(args: string[], stdin?: string, extraEnv: Record<string, string> = {}): Promise<Run> {
+  return recorded(await runCli(args, { ...ctx.childEnv(), ...extraEnv }, stdin));
 }
 
-function cli(args: string[], stdin?: string, extraEnv: Record<string, string> = {}): Promise<Run> {
-  const env = {
-    ...ctx.childEnv(),
-    TOKENWARDEN_ESCALATE_AFTER: '3s',
-    TOKENWARDEN_RETRY_INITIAL: '200ms',
-    TOKENWARDEN_RETRY_MAX: '1s',
-    ...extraEnv,
-  };
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), ...args], { env });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
-    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code, stdout, stderr }));
-    child.stdin.end(stdin ?? '');
-  });
+function recorded(run: Run): Run {
+  runs.push(run);
+  return run;
+}
+
+/** Marks the one output that shows a secret (a new token, a generated signing secret). */
+function showsSecretOnce(run: Run): Run {
+  shownOnce.add(run);
+  return run;
 }
 
 const json = (run: Run) => {
@@ -66,7 +67,8 @@ const json = (run: Run) => {
 
 describe('tokenwarden CLI', () => {
   it('should walk through receiver add, issue, revoke, show and list', async () => {
-    const added = json(await cli(['receiver', 'add', 'billing', '--url', receiver.url, '--json']));
+    const added = json(showsSecretOnce(await cli(['receiver', 'add', 'billing', '--url', receiver.url, '--json'])));
+    scan.addSigningSecret('billing', added.secret);
     assert.equal(added.id, 'billing');
     assert.match(added.secret, /^whsec_/);
     receiver.secret = added.secret;
@@ -76,8 +78,12 @@ describe('tokenwarden CLI', () => {
     assert.match(refused.stderr, /receivers: unknown or removed receiver nope/);
 
     const issued = json(
-      await cli(['issue', '--subject', 'usr_8f3a21', '--receiver', 'billing', '--ttl', '30s', '--json']),
+      showsSecretOnce(
+        await cli(['issue', '--subject', 'usr_8f3a21', '--receiver', 'billing', '--ttl', '30s', '--json']),
+      ),
     );
+    scan.addToken(issued.tokenId, issued.token);
+    tokenIds.push(issued.tokenId);
     assert.match(issued.tokenId, /^tok_[0-9a-f]{32}$/);
     assert.ok(isWellFormedToken(issued.token));
     const lifetime = Date.parse(issued.expiresAt) - Date.now();
@@ -115,6 +121,7 @@ describe('tokenwarden CLI', () => {
 
   it('should import a signing secret from stdin, never from the command line', async () => {
     const secret = `whsec_${Buffer.alloc(32, 9).toString('base64')}`;
+    scan.addSigningSecret('crm', secret);
     const run = await cli(['receiver', 'add', 'crm', '--url', receiver.url, '--secret-stdin', '--json'], `${secret}\n`);
     const added = json(run);
     assert.equal(added.id, 'crm');
@@ -152,35 +159,24 @@ describe('tokenwarden CLI', () => {
   });
 
   it('should revoke in the store while Temporal is unreachable, and say the workflow was not told', async () => {
-    const { tokenId } = await ctx.warden.issue({ subject: 'usr_down', ttl: '1h' });
-    const env = { ...ctx.childEnv(), TEMPORAL_ADDRESS: '127.0.0.1:1' };
-    const child = spawn(
-      process.execPath,
-      [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), 'revoke', tokenId, '--reason', 'leaked', '--json'],
-      { env },
-    );
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
-    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
-    const code = await new Promise((resolve) => child.on('close', resolve));
-    assert.equal(code, 0, stderr);
-    const outcome = JSON.parse(stdout);
+    const { tokenId, token } = await ctx.warden.issue({ subject: 'usr_down', ttl: '1h' });
+    scan.addToken(tokenId, token);
+    tokenIds.push(tokenId);
+    const revoked = await cli(['revoke', tokenId, '--reason', 'leaked', '--json'], undefined, {
+      TEMPORAL_ADDRESS: '127.0.0.1:1',
+    });
+    assert.equal(revoked.code, 0, revoked.stderr);
+    const outcome = JSON.parse(revoked.stdout);
     assert.equal(outcome.status, 'revoked');
     assert.equal(outcome.workflowSignalled, false);
-    assert.match(stderr, /warning: revoked in the store, but its workflow could not be signalled/);
+    assert.match(revoked.stderr, /warning: revoked in the store, but its workflow could not be signalled/);
     assert.equal((await ctx.warden.show(tokenId)).valid, false);
   });
 
   it('should name the missing setting when the store is not configured', async () => {
-    const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), 'list'], {
-      env: { PATH: process.env.PATH, TOKENWARDEN_DATA_DIR: '/nonexistent' },
-    });
-    let stderr = '';
-    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
-    const code = await new Promise((resolve) => child.on('close', resolve));
-    assert.equal(code, 1);
-    assert.match(stderr, /DATABASE_URL is not set/);
+    const listed = await run(['list'], { PATH: process.env.PATH ?? '', TOKENWARDEN_DATA_DIR: '/nonexistent' });
+    assert.equal(listed.code, 1);
+    assert.match(listed.stderr, /DATABASE_URL is not set/);
   });
 });
 
@@ -317,7 +313,8 @@ describe('tokenwarden CLI: retry and force', () => {
   let flaky: TestReceiver;
   before(async () => {
     flaky = await TestReceiver.start();
-    flaky.secret = json(await cli(['receiver', 'add', 'flaky', '--url', flaky.url, '--json'])).secret;
+    flaky.secret = json(showsSecretOnce(await cli(['receiver', 'add', 'flaky', '--url', flaky.url, '--json']))).secret;
+    scan.addSigningSecret('flaky', flaky.secret!);
   });
   after(async () => {
     await flaky?.close();
@@ -326,9 +323,11 @@ describe('tokenwarden CLI: retry and force', () => {
   /** A revoked token whose one delivery was refused with 400 (it waits for an operator). */
   async function refusedRevocation(subject: string): Promise<string> {
     flaky.behaviour = () => ({ status: 400 });
-    const { tokenId } = json(
-      await cli(['issue', '--subject', subject, '--receiver', 'flaky', '--ttl', '1h', '--json']),
+    const { tokenId, token } = json(
+      showsSecretOnce(await cli(['issue', '--subject', subject, '--receiver', 'flaky', '--ttl', '1h', '--json'])),
     );
+    scan.addToken(tokenId, token);
+    tokenIds.push(tokenId);
     json(await cli(['revoke', tokenId, '--reason', 'rotated', '--json']));
     await waitUntil(async () => {
       const t = await ctx.warden.show(tokenId);
@@ -491,17 +490,8 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
 });
 
 /** A `tokenwarden` run with exactly `env` (no test defaults). */
-function run(args: string[], env: Record<string, string>): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), ...args], { env });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
-    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code, stdout, stderr }));
-    child.stdin.end();
-  });
+async function run(args: string[], env: Record<string, string>): Promise<Run> {
+  return recorded(await runCli(args, env));
 }
 
 /** A long-running `tokenwarden` process; its output is kept for failure messages. */
@@ -521,3 +511,20 @@ async function stop(child: ChildProcess): Promise<void> {
   await exited;
   clearTimeout(timer);
 }
+
+describe('tokenwarden CLI: secrets', () => {
+  // Last: every run above has happened.
+  it('should print no raw token or signing secret but in the one output that shows it', async (t) => {
+    scan.addMasterKey('this file', ctx.settings.masterKey!);
+    for (const run of runs) {
+      const command = `tokenwarden ${run.args.join(' ')}`;
+      if (!shownOnce.has(run)) scan.searchOutput(`the output of ${command}`, run.stdout);
+      scan.searchOutput(`the error output of ${command}`, run.stderr);
+    }
+    scan.searchOutput('the worker process', worker.output.join('\n'));
+    await scan.searchHistories(ctx.client, tokenIds.map(tokenWorkflowId));
+    await scan.searchTables(ctx.sql, 'the store');
+    assert.deepEqual(scan.hits(), []);
+    t.diagnostic(scan.summary());
+  });
+});
