@@ -49,7 +49,7 @@ async function issue(receiverId: string): Promise<string> {
 
 /** A transaction of the test's own holding row locks, so that the worker blocks where the test wants. */
 async function lockRows(sql: string, params: unknown[]): Promise<pg.PoolClient> {
-  const client = await ctx.pool.connect();
+  const client = await ctx.sql.connect();
   locks.push(client);
   await client.query('BEGIN');
   const { rows } = await client.query('SELECT pg_backend_pid() AS pid');

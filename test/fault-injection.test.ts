@@ -188,7 +188,7 @@ describe('fault injection', () => {
     );
     await waitUntil(
       async () => {
-        const { rows } = await shared.pool.query(
+        const { rows } = await shared.sql.query(
           'SELECT count(*)::int AS n FROM delivery WHERE token_id = ANY($1) AND receiver_id = $2 AND attempts >= 2',
           [tokenIds, flaky.id],
         );
@@ -323,7 +323,7 @@ describe('fault injection', () => {
     );
     // A success is a durable kill: the store holds that very kill, not a later one by the workflow.
     const facts = await readFacts(ctx.pool, tokenIds);
-    const { rows } = await ctx.pool.query('SELECT id, revoked_at FROM token WHERE id = ANY($1)', [tokenIds]);
+    const { rows } = await ctx.sql.query('SELECT id, revoked_at FROM token WHERE id = ANY($1)', [tokenIds]);
     const revokedAt = new Map(rows.map((r) => [r.id as string, (r.revoked_at as Date | null)?.toISOString()]));
     const lost = calls.filter((c) => c.outcome && revokedAt.get(c.tokenId) !== c.outcome.revokedAt);
     assert.deepEqual(lost, [], 'every reported revocation survived the crash as reported');
@@ -333,7 +333,7 @@ describe('fault injection', () => {
     await workflowResults(ctx.client, tokenIds, SETTLE_MS);
     assert.deepEqual(await everyProblem(ctx, tokenIds, receivers), []);
     assert.deepEqual(fleet.crashed(), [], 'no worker process ended on its own');
-    await scan.searchTables(ctx.pool, 'the PostgreSQL-crash schema');
+    await scan.searchTables(ctx.sql, 'the PostgreSQL-crash schema');
     const failed = calls.filter((c) => c.error).length + cliRuns.length;
     t.diagnostic(
       `${calls.filter((c) => c.outcome).length} revocations reported done, ${failed} reported failed ` +
@@ -394,13 +394,13 @@ describe('fault injection', () => {
     assert.deepEqual(await everyProblem(ctx, tokenIds, receivers), []);
     assert.deepEqual(fleet.crashed(), [], 'the worker process survived the restart');
     await scan.searchHistories(ctx.client, tokenIds.map(tokenWorkflowId));
-    await scan.searchTables(ctx.pool, 'the Temporal-restart schema');
+    await scan.searchTables(ctx.sql, 'the Temporal-restart schema');
     t.diagnostic(`${tokenIds.length} timers fired across the restart; ${seconds(started)}`);
   });
 
   it('should leave no raw token or signing secret in any history, log, error output or table', async (t) => {
     await scan.searchHistories(shared.client, sharedWorkflowIds);
-    await scan.searchTables(shared.pool, 'the shared schema');
+    await scan.searchTables(shared.sql, 'the shared schema');
     for (const fleet of fleets) {
       for (const worker of fleet.processes) scan.searchOutput(worker.name, worker.output.join('\n'));
     }

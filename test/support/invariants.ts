@@ -2,9 +2,9 @@
  * What must hold after revocations whatever the faults: read from the store and from the receivers,
  * returned as lists of problems (empty when all holds), so one assertion names every broken token.
  */
-import type pg from 'pg';
+import type { StorePool } from '../../common/db.js';
 import { revocationEventId } from '../../common/ids.js';
-import * as store from '../../common/store.js';
+import * as store from '../../common/store/index.js';
 import { tokenIdOf, type TestReceiver } from './receiver.js';
 
 const KILL_KINDS = ['token.revoked', 'token.expired'];
@@ -21,18 +21,20 @@ export interface TokenFacts {
 }
 
 /** The store's facts about each token, read with plain SQL (plus the store's own chain check). */
-export async function readFacts(pool: pg.Pool, tokenIds: string[]): Promise<TokenFacts[]> {
+export async function readFacts(pool: StorePool, tokenIds: string[]): Promise<TokenFacts[]> {
+  const t = pool.tables;
   const { rows: tokens } = await pool.query(
-    'SELECT id, status, propagation, receivers FROM token WHERE id = ANY($1) ORDER BY id',
+    `SELECT id, status, propagation, receivers FROM ${t.token} WHERE id = ANY($1) ORDER BY id`,
     [tokenIds],
   );
   const { rows: deliveries } = await pool.query(
-    'SELECT token_id, receiver_id, event_id, status, body FROM delivery WHERE token_id = ANY($1) ORDER BY receiver_id',
+    `SELECT token_id, receiver_id, event_id, status, body FROM ${t.delivery} WHERE token_id = ANY($1) ORDER BY receiver_id`,
     [tokenIds],
   );
-  const { rows: credentials } = await pool.query('SELECT token_id, state FROM credential WHERE token_id = ANY($1)', [
-    tokenIds,
-  ]);
+  const { rows: credentials } = await pool.query(
+    `SELECT token_id, state FROM ${t.credential} WHERE token_id = ANY($1)`,
+    [tokenIds],
+  );
   const facts: TokenFacts[] = [];
   for (const t of tokens as Array<{ id: string; status: string; propagation: string; receivers: string[] }>) {
     const audit = await store.readAudit(pool, t.id);

@@ -65,7 +65,7 @@ export class SecretScan {
     }
   }
 
-  /** Every row of every table in the pool's schema, as PostgreSQL prints it. */
+  /** Every row of every table in the schema on the pool's search_path, as PostgreSQL prints it. */
   async searchTables(pool: pg.Pool, where: string): Promise<void> {
     const { rows: tables } = await pool.query(
       `SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'`,
