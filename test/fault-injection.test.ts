@@ -223,13 +223,13 @@ describe('fault injection', () => {
     const tokens = await issueTokens(shared, 'usr_race', 3, receivers, '3s');
     for (const x of tokens) sharedWorkflowIds.add(tokenWorkflowId(x.tokenId));
 
-    // The racers' calls start spread over 100 ms around the expiry instant.
+    // The racers' calls start spread over 100 ms, a window placed at random around the expiry instant.
     const settled = await Promise.all(
       tokens.map(async (token) => {
-        const expiresAt = Date.parse(token.expiresAt);
+        const windowStart = Date.parse(token.expiresAt) - 100 * random();
         return Promise.allSettled(
           Array.from({ length: config.racers }, async (_, i) => {
-            await sleep(Math.max(0, expiresAt - 50 + (i * 100) / config.racers - Date.now()));
+            await sleep(Math.max(0, windowStart + (i * 100) / config.racers - Date.now()));
             return shared.warden.revoke({ tokenId: token.tokenId, reason: `racer ${i}` });
           }),
         );
