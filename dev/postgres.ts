@@ -26,7 +26,10 @@ export interface EmbeddedPostgresOptions {
 export interface EmbeddedPostgres {
   databaseUrl: string;
   stop(): Promise<void>;
-  /** `kill -9` of the server and every backend at once, for fault injection; start again on the same dataDir. */
+  /**
+   * `kill -9` of the postmaster, for fault injection: its backends (sessions of their own) notice and
+   * exit. Start again on the same dataDir.
+   */
   crash(): Promise<void>;
 }
 
@@ -98,7 +101,7 @@ export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Prom
     databaseUrl: `postgresql://${SUPERUSER}:${encodeURIComponent(password)}@127.0.0.1:${opts.port}/${DATABASE}`,
     // SIGINT is Postgres' "fast" shutdown: it ends open sessions (pools we forgot) and checkpoints.
     stop: () => child.stop('SIGINT', 15_000),
-    crash: () => child.killGroup(),
+    crash: () => child.stop('SIGKILL'),
   };
 }
 

@@ -110,14 +110,6 @@ export class ManagedChild {
     clearTimeout(timer);
   }
 
-  /** SIGKILLs the child's whole process group (it runs detached), e.g. a server and its backends. */
-  async killGroup(): Promise<void> {
-    this.stopping = true;
-    if (!this.running || this.child.pid === undefined) return;
-    process.kill(-this.child.pid, 'SIGKILL');
-    await this.exited;
-  }
-
   /** An error carrying the child's recent output, for "it exited before it was ready". */
   exitError(what: string, exit: { code: number | null; signal: NodeJS.Signals | null }): Error {
     const how = exit.signal

@@ -11,6 +11,7 @@ import { startEmbeddedPostgres, type EmbeddedPostgres } from '../../dev/postgres
 import { freePort } from '../../dev/processes.js';
 import { resolveTemporalCli } from '../../dev/temporal-cli.js';
 import { ensureNamespaceReady, startDevServer, type DevServer } from '../../dev/temporal-server.js';
+import { waitUntil } from './wait.js';
 
 const quiet = () => {};
 
@@ -44,15 +45,23 @@ export class OwnPostgres {
     return { dataDir: path.join(dir, 'data'), port, log: quiet, settings: { fsync: 'off', full_page_writes: 'off' } };
   }
 
-  /** `kill -9` of the server and its backends: open transactions are lost, committed ones are not. */
+  /** `kill -9` of the postmaster: open transactions are lost, committed ones are not. */
   async crash(): Promise<void> {
     await this.server?.crash();
     this.server = undefined;
   }
 
-  /** Starts again on the same data and port (crash recovery replays the WAL). */
+  /**
+   * Starts again on the same data and port (crash recovery replays the WAL), once the old backends
+   * have let go of the shared memory that a new postmaster refuses to share.
+   */
   async restart(): Promise<void> {
-    this.server = await startEmbeddedPostgres(OwnPostgres.options(this.dir, this.port));
+    this.server = await waitUntil(
+      () => startEmbeddedPostgres(OwnPostgres.options(this.dir, this.port)),
+      'PostgreSQL to start again after the crash',
+      30_000,
+      200,
+    );
   }
 
   async stop(): Promise<void> {
