@@ -2,7 +2,7 @@
  * What must hold after revocations whatever the faults: read from the store and from the receivers,
  * returned as lists of problems (empty when all holds), so one assertion names every broken token.
  */
-import type { StorePool } from '../../common/db.js';
+import { checkout, type StoreClient, type StorePool } from '../../common/db.js';
 import { revocationEventId } from '../../common/ids.js';
 import * as store from '../../common/store/index.js';
 import { tokenIdOf, type TestReceiver } from './receiver.js';
@@ -20,24 +20,39 @@ export interface TokenFacts {
   brokenAuditLink: number | null;
 }
 
-/** The store's facts about each token, read with plain SQL (plus the store's own chain check). */
+/**
+ * The store's facts about each token, read with plain SQL (plus the store's own chain check) in one
+ * snapshot: workers may be killing tokens meanwhile, and facts from two moments would disagree.
+ */
 export async function readFacts(pool: StorePool, tokenIds: string[]): Promise<TokenFacts[]> {
-  const t = pool.tables;
-  const { rows: tokens } = await pool.query(
-    `SELECT id, status, propagation, receivers FROM ${t.token} WHERE id = ANY($1) ORDER BY id`,
+  const db = await checkout(pool);
+  try {
+    await db.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
+    const facts = await readFactsIn(db, tokenIds);
+    await db.query('COMMIT');
+    return facts;
+  } finally {
+    db.release();
+  }
+}
+
+async function readFactsIn(db: StoreClient, tokenIds: string[]): Promise<TokenFacts[]> {
+  const tables = db.tables;
+  const { rows: tokens } = await db.query(
+    `SELECT id, status, propagation, receivers FROM ${tables.token} WHERE id = ANY($1) ORDER BY id`,
     [tokenIds],
   );
-  const { rows: deliveries } = await pool.query(
-    `SELECT token_id, receiver_id, event_id, status, body FROM ${t.delivery} WHERE token_id = ANY($1) ORDER BY receiver_id`,
+  const { rows: deliveries } = await db.query(
+    `SELECT token_id, receiver_id, event_id, status, body FROM ${tables.delivery} WHERE token_id = ANY($1) ORDER BY receiver_id`,
     [tokenIds],
   );
-  const { rows: credentials } = await pool.query(
-    `SELECT token_id, state FROM ${t.credential} WHERE token_id = ANY($1)`,
+  const { rows: credentials } = await db.query(
+    `SELECT token_id, state FROM ${tables.credential} WHERE token_id = ANY($1)`,
     [tokenIds],
   );
   const facts: TokenFacts[] = [];
   for (const t of tokens as Array<{ id: string; status: string; propagation: string; receivers: string[] }>) {
-    const audit = await store.readAudit(pool, t.id);
+    const audit = await store.readAudit(db, t.id);
     facts.push({
       tokenId: t.id,
       status: t.status,
