@@ -460,9 +460,10 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
       children.push(worker.child);
       await waitUntil(async () => (await pollers()).length > 0, `the worker to poll (${worker.output()})`, 90_000);
 
-      const issued = await run(['issue', '--subject', 'usr_stack', '--ttl', '1s', '--json'], only);
+      const issued = showsSecretOnce(await run(['issue', '--subject', 'usr_stack', '--ttl', '1s', '--json'], only));
       assert.equal(issued.code, 0, issued.stderr);
-      const { tokenId } = JSON.parse(issued.stdout) as { tokenId: string };
+      const { tokenId, token } = JSON.parse(issued.stdout) as { tokenId: string; token: string };
+      scan.addToken(tokenId, token);
       await waitUntil(
         async () => {
           const shown = await run(['show', tokenId, '--json'], only);
