@@ -1,6 +1,7 @@
 /**
- * Profiles a store function without touching it: a view of a pg.Pool whose clients report how long
- * each statement took, as the caller saw it (round trip plus the server's execution).
+ * Profiles a store function without touching it: a view of a pg.Pool whose statements (sent on the
+ * pool or on a client checked out of it) report how long each took, as the caller saw it (round trip
+ * plus the server's execution).
  */
 import { performance } from 'node:perf_hooks';
 import type pg from 'pg';
@@ -10,6 +11,7 @@ export type StatementListener = (statement: string, ms: number) => void;
 export function timeStatements<P extends pg.Pool>(pool: P, onStatement: StatementListener): P {
   return new Proxy(pool, {
     get(target, prop, receiver) {
+      if (prop === 'query') return timedQuery(target, onStatement);
       if (prop !== 'connect') return bound(target, Reflect.get(target, prop, receiver));
       return async () => {
         const t0 = performance.now();
@@ -24,17 +26,22 @@ export function timeStatements<P extends pg.Pool>(pool: P, onStatement: Statemen
 function timedClient(client: pg.PoolClient, onStatement: StatementListener): pg.PoolClient {
   return new Proxy(client, {
     get(target, prop, receiver) {
-      if (prop !== 'query') return bound(target, Reflect.get(target, prop, receiver));
-      return async (...args: unknown[]) => {
-        const t0 = performance.now();
-        try {
-          return await (target.query as (...a: unknown[]) => Promise<unknown>)(...args);
-        } finally {
-          onStatement(statementLabel(args[0]), performance.now() - t0);
-        }
-      };
+      if (prop === 'query') return timedQuery(target, onStatement);
+      return bound(target, Reflect.get(target, prop, receiver));
     },
   });
+}
+
+/** The target's query(), timed; on a pool it includes taking a connection from the pool. */
+function timedQuery(target: pg.Pool | pg.PoolClient, onStatement: StatementListener) {
+  return async (...args: unknown[]) => {
+    const t0 = performance.now();
+    try {
+      return await (target.query as (...a: unknown[]) => Promise<unknown>).apply(target, args);
+    } finally {
+      onStatement(statementLabel(args[0]), performance.now() - t0);
+    }
+  };
 }
 
 /** pg's methods use `this`: call them on the real object, not on the proxy. */
@@ -43,10 +50,6 @@ const bound = (target: object, value: unknown) => (typeof value === 'function' ?
 /** The statement's first words, enough to tell the statements of one function apart. */
 function statementLabel(query: unknown): string {
   const text = typeof query === 'string' ? query : ((query as { text?: string }).text ?? '?');
-  // Literal arguments of EXECUTE calls would make every statement unique: keep the statement's name.
-  const words = text
-    .replace(/\s+/g, ' ')
-    .replace(/(EXECUTE \w+)\(.*?\)(;|$)/g, '$1(…)$2')
-    .trim();
+  const words = text.replace(/\s+/g, ' ').trim();
   return words.length > 48 ? `${words.slice(0, 47)}…` : words;
 }
