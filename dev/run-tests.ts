@@ -54,7 +54,9 @@ async function main(): Promise<number> {
     );
 
     if (interrupted) return 130;
-    const args = ['--test', '--test-reporter=spec', '--test-concurrency=1', ...files];
+    // Force exit once every test and hook has run: a handle left open by a failed test (a pool
+    // to a server a fault test crashed) would otherwise hold the run forever.
+    const args = ['--test', '--test-reporter=spec', '--test-concurrency=1', '--test-force-exit', ...files];
     const child = spawn(process.execPath, args, {
       stdio: 'inherit',
       env: {

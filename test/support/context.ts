@@ -131,10 +131,15 @@ export class TestContext {
     await this.warden.close();
     await this.client.connection.close();
     await this.nativeConnection.close();
-    if (!process.env.TOKENWARDEN_KEEP_TEST_SCHEMAS) {
-      await this.sql.query(`DROP SCHEMA ${quoteIdent(this.settings.databaseSchema)} CASCADE`);
+    try {
+      if (!process.env.TOKENWARDEN_KEEP_TEST_SCHEMAS) {
+        await this.sql.query(`DROP SCHEMA ${quoteIdent(this.settings.databaseSchema)} CASCADE`);
+      }
+    } finally {
+      // Even when the database is gone (a fault test failed while it was down): open pools would
+      // keep the test process alive.
+      await this.sql.end();
+      await this.pool.end();
     }
-    await this.sql.end();
-    await this.pool.end();
   }
 }
