@@ -34,6 +34,18 @@ export type StorePool = pg.Pool & { readonly tables: Tables };
 export type StoreClient = pg.PoolClient & { readonly tables: Tables };
 export type Queryable = StorePool | StoreClient;
 
+export interface DatabaseTimeouts {
+  /** Opening a connection (or waiting for a free one in the pool). */
+  connectMs: number;
+  /** One statement, from send to answer; a hung server costs at most this. */
+  queryMs: number;
+  /** Idle time before TCP keepalive probes start (the OS default is two hours). */
+  keepAliveMs: number;
+}
+
+/** Below the activities' start-to-close timeouts (15 s for a delivery), far above any statement's time. */
+export const DATABASE_TIMEOUTS: DatabaseTimeouts = { connectMs: 10_000, queryMs: 12_000, keepAliveMs: 10_000 };
+
 /**
  * A pool for the store in `schema` (one schema per deployment, one per test file). `onIdleError`
  * hears of idle connections the server dropped (restart, failover); the pool discards them, and
@@ -45,8 +57,20 @@ export function createPool(
   schema: string,
   max = 10,
   onIdleError: (err: Error) => void = () => {},
+  timeouts: Partial<DatabaseTimeouts> = {},
 ): StorePool {
-  const pool = new pg.Pool({ connectionString: databaseUrl, max, application_name: 'tokenwarden' });
+  const t = { ...DATABASE_TIMEOUTS, ...timeouts };
+  const pool = new pg.Pool({
+    connectionString: databaseUrl,
+    max,
+    application_name: 'tokenwarden',
+    connectionTimeoutMillis: t.connectMs,
+    // Client-side (a statement_timeout would be a startup parameter, which poolers refuse): the
+    // caller gets an error instead of waiting on a server that vanished without a reset.
+    query_timeout: t.queryMs,
+    keepAlive: true,
+    keepAliveInitialDelayMillis: t.keepAliveMs,
+  });
   pool.on('error', onIdleError);
   // A connection lost while checked out (between a transaction's statements) emits 'error' on its
   // client, which the pool listens to only while idle: the caller's next statement fails instead.

@@ -12,17 +12,24 @@ const encoder = new TextEncoder();
 // eslint-disable-next-line no-control-regex -- matching control characters is the point
 export const withoutControls = (text: string): string => text.replace(/[\u0000-\u001f\u007f-\u009f]/g, ' ');
 
+/** Bytes of `char` inside a JSON string: its UTF-8, plus the backslash that escapes `"` and `\\`. */
+const jsonBytes = (char: string): number => encoder.encode(char).length + (char === '"' || char === '\\' ? 1 : 0);
+
 /**
- * `text` cut to at most `maxBytes` of UTF-8, never inside a character (a surrogate pair stays whole),
- * with `…` marking a cut. The byte count, not the UTF-16 length, is what servers limit.
+ * `text` cut so that, as a JSON string (how summaries are encoded), its content takes at most
+ * `maxBytes` of UTF-8 — never inside a character (a surrogate pair stays whole), with `…` marking a
+ * cut. The byte count, not the UTF-16 length, is what servers limit. Control characters, which JSON
+ * escapes at up to six bytes each, are expected to be removed first (see summaryText).
  */
 export function truncateUtf8(text: string, maxBytes: number): string {
-  if (encoder.encode(text).length <= maxBytes) return text;
+  let total = 0;
+  for (const char of text) total += jsonBytes(char);
+  if (total <= maxBytes) return text;
   const budget = maxBytes - 3; // the ellipsis is 3 bytes of UTF-8
   let bytes = 0;
   let out = '';
   for (const char of text) {
-    const size = encoder.encode(char).length;
+    const size = jsonBytes(char);
     if (bytes + size > budget) break;
     bytes += size;
     out += char;

@@ -25,7 +25,26 @@ after(async () => {
   await ctx?.close();
 });
 
+const summaryBytes = (s: { data?: Uint8Array | null; metadata?: Record<string, Uint8Array> | null }) =>
+  (s.data?.length ?? 0) + Object.values(s.metadata ?? {}).reduce((n, v) => n + v.length, 0);
+
 describe('summaries', () => {
+  it(
+    'should keep the summary of a reason made of quotes and backslashes within the byte limit',
+    { timeout: 60_000 },
+    async () => {
+      const issued = await ctx.warden.issue({ subject: 'usr_quotes', receivers: ['billing'], ttl: '1h' });
+      await ctx.warden.revoke({ tokenId: issued.tokenId, reason: '"\\'.repeat(240) });
+      const handle = ctx.client.workflow.getHandle(tokenWorkflowId(issued.tokenId));
+      await handle.result();
+      const summaries = ((await handle.fetchHistory()).events ?? []).flatMap((e) =>
+        e.userMetadata?.summary ? [e.userMetadata.summary] : [],
+      );
+      assert.ok(summaries.length >= 2);
+      for (const s of summaries) assert.ok(summaryBytes(s) <= 400, `a summary of ${summaryBytes(s)} bytes`);
+    },
+  );
+
   it(
     'should revoke with a 500-character CJK reason end to end, every summary within the byte limit',
     { timeout: 60_000 },

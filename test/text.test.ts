@@ -17,6 +17,12 @@ describe('text with byte limits', () => {
     assert.ok(reason.startsWith(cut.slice(0, -1)));
   });
 
+  it('should count the escapes JSON adds to quotes and backslashes', () => {
+    const cut = truncateUtf8('"\\'.repeat(300), 300);
+    assert.ok(Buffer.byteLength(JSON.stringify(cut), 'utf8') - 2 <= 300, `${JSON.stringify(cut).length} bytes`);
+    assert.ok(cut.endsWith('…'));
+  });
+
   it('should never split a surrogate pair', () => {
     const cut = truncateUtf8('🔑'.repeat(100), 50);
     assert.ok(utf8(cut) <= 50);

@@ -187,11 +187,15 @@ export async function inTransaction<T>(pool: StorePool, fn: (client: StoreClient
     await client.query('BEGIN');
     const result = await fn(client);
     await client.query('COMMIT');
+    client.release();
     return result;
   } catch (err) {
-    await client.query('ROLLBACK').catch(() => {});
+    // A connection that cannot even roll back is in an unknown state: destroyed, never handed on.
+    const rolledBack = await client.query('ROLLBACK').then(
+      () => true,
+      () => false,
+    );
+    client.release(rolledBack ? undefined : (err as Error));
     throw err;
-  } finally {
-    client.release();
   }
 }
