@@ -126,6 +126,10 @@ export function buildProgram(): Command {
         shellLine('TEMPORAL_ADDRESS', stack.temporalAddress),
         shellLine('TEMPORAL_NAMESPACE', stack.namespace),
         shellLine('TOKENWARDEN_TASK_QUEUE', stack.taskQueue),
+        // Without it a separate worker would refuse the stack's loopback receivers.
+        ...(stack.receiverAllow?.length
+          ? [shellLine('TOKENWARDEN_RECEIVER_ALLOW', stack.receiverAllow.join(','))]
+          : []),
         // The key stays in its file: a path in the environment, never the key itself.
         stack.masterKeyFile
           ? shellLine('TOKENWARDEN_MASTER_KEY_FILE', stack.masterKeyFile)

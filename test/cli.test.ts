@@ -429,8 +429,10 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
       'TEMPORAL_NAMESPACE',
       'TOKENWARDEN_DB_SCHEMA',
       'TOKENWARDEN_MASTER_KEY_FILE',
+      'TOKENWARDEN_RECEIVER_ALLOW',
       'TOKENWARDEN_TASK_QUEUE',
     ]);
+    assert.equal(env.TOKENWARDEN_RECEIVER_ALLOW, 'loopback', 'the stack allows loopback receivers');
     assert.equal(env.DATABASE_URL, ctx.settings.databaseUrl);
     assert.equal(env.TOKENWARDEN_DB_SCHEMA, stackSchema);
     assert.equal(env.TOKENWARDEN_TASK_QUEUE, taskQueue);
@@ -460,7 +462,13 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
       children.push(worker.child);
       await waitUntil(async () => (await pollers()).length > 0, `the worker to poll (${worker.output()})`, 90_000);
 
-      const issued = showsSecretOnce(await run(['issue', '--subject', 'usr_stack', '--ttl', '1s', '--json'], only));
+      // A loopback receiver, as in the walkthrough: the separate worker must be allowed to reach it.
+      const added = showsSecretOnce(await run(['receiver', 'add', 'stack-rcv', '--url', receiver.url, '--json'], only));
+      assert.equal(added.code, 0, added.stderr);
+      scan.addSigningSecret('stack-rcv', (JSON.parse(added.stdout) as { secret: string }).secret);
+      const issued = showsSecretOnce(
+        await run(['issue', '--subject', 'usr_stack', '--receiver', 'stack-rcv', '--ttl', '1s', '--json'], only),
+      );
       assert.equal(issued.code, 0, issued.stderr);
       const { tokenId, token } = JSON.parse(issued.stdout) as { tokenId: string; token: string };
       scan.addToken(tokenId, token);
@@ -472,6 +480,10 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
         },
         `the separate worker to expire ${tokenId} (${worker.output()})`,
         60_000,
+      );
+      assert.ok(
+        receiver.acked().some((r) => (JSON.parse(r.body) as { token_id: string }).token_id === tokenId),
+        'the loopback receiver got the event from the separate worker',
       );
       const identities = (await pollers()).map((p) => p.identity ?? '');
       assert.ok(
