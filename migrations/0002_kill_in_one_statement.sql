@@ -4,6 +4,10 @@
 -- Each function pins its search_path to this migration's schema (SET … FROM CURRENT), so its table
 -- names resolve whatever the calling session's search_path is.
 
+-- What FROM CURRENT captures: this schema, then pg_temp last (a session's temporary tables must
+-- never shadow the store's tables inside these functions), whatever the runner's session had.
+SELECT set_config('search_path', quote_ident(current_schema()) || ', pg_temp', true);
+
 -- A string in CESU-8 (characters beyond U+FFFF as their two UTF-16 surrogates, 3 bytes each): its
 -- byte order is UTF-16 code unit order, by which RFC 8785 sorts member names (JavaScript's order).
 -- Plain UTF-8 byte order differs only when such a character meets one from U+E000 to U+FFFF.

@@ -231,6 +231,18 @@ describe('the kill', () => {
     assert.deepEqual(statementsPerKill, [1, 1, 1], 'one statement (one round trip) per kill');
   });
 
+  it('should resolve its tables in its own schema, never a session temporary table', async () => {
+    const { rows } = await ctx.sql.query(
+      `SELECT p.proname, p.proconfig FROM pg_proc p
+        WHERE p.pronamespace = $1::regnamespace AND p.proname IN ('kill_token', 'append_audit')`,
+      [ctx.settings.databaseSchema],
+    );
+    assert.equal(rows.length, 2);
+    for (const r of rows as { proname: string; proconfig: string[] }[]) {
+      assert.deepEqual(r.proconfig, [`search_path=${ctx.settings.databaseSchema}, pg_temp`], r.proname);
+    }
+  });
+
   it('should notify `<schema>:<tokenId>` when it kills, and not when the token was already dead', async () => {
     const listener = new pg.Client({ connectionString: ctx.settings.databaseUrl });
     await listener.connect();

@@ -336,4 +336,13 @@ describe('token invariants', () => {
       (e: unknown) => (e as { constraint?: string }).constraint === 'token_check',
     );
   });
+
+  it('should refuse a lifetime beyond ten years from any writer', async () => {
+    const t = await newToken();
+    await assert.rejects(
+      ctx.sql.query(`UPDATE token SET expires_at = issued_at + interval '3651 days' WHERE id = $1`, [t.id]),
+      (e: unknown) => (e as { constraint?: string }).constraint === 'token_lifetime_bounded',
+    );
+    await ctx.sql.query(`UPDATE token SET expires_at = issued_at + interval '3650 days' WHERE id = $1`, [t.id]);
+  });
 });
