@@ -90,9 +90,12 @@ const listSchema = z.object({
 const receiverSchema = (allow: readonly ReceiverAllowance[]) =>
   z.object({
     id: receiverIdSchema,
-    url: z.string().superRefine((text, ctx) => {
-      const { problem } = checkReceiverUrl(text, allow);
-      if (problem) ctx.addIssue({ code: 'custom', message: problem });
+    /** Stored as the parser's normalised `href`: what is shown is what workers reach. */
+    url: z.string().transform((text, ctx) => {
+      const checked = checkReceiverUrl(text, allow);
+      if (checked.url) return checked.url.href;
+      ctx.addIssue({ code: 'custom', message: checked.problem });
+      return z.NEVER;
     }),
     /** An existing signing secret to import (e.g. read from stdin); generated when absent. */
     secret: z

@@ -7,6 +7,7 @@
 import type { LookupAddress } from 'node:dns';
 import { lookup } from 'node:dns/promises';
 import { BlockList, isIP, type LookupFunction } from 'node:net';
+import { codePoint } from './validation.js';
 
 /** Address ranges refused by default that TOKENWARDEN_RECEIVER_ALLOW can open. */
 export const RECEIVER_ALLOWANCES = ['loopback', 'private'] as const;
@@ -20,10 +21,13 @@ const NEVER = new BlockList();
 NEVER.addSubnet('0.0.0.0', 8, 'ipv4'); // "this network": 0.0.0.0 reaches the local host
 NEVER.addSubnet('169.254.0.0', 16, 'ipv4'); // link-local, where clouds serve instance metadata
 NEVER.addAddress('100.100.100.200', 'ipv4'); // Alibaba Cloud's metadata service
+NEVER.addSubnet('192.0.0.0', 24, 'ipv4'); // IETF protocol assignments (gateways' own services)
+NEVER.addSubnet('198.18.0.0', 15, 'ipv4'); // benchmarking
 NEVER.addSubnet('224.0.0.0', 4, 'ipv4'); // multicast
 NEVER.addSubnet('240.0.0.0', 4, 'ipv4'); // reserved, and the broadcast address
 NEVER.addAddress('::', 'ipv6');
 NEVER.addSubnet('fe80::', 10, 'ipv6'); // link-local
+NEVER.addSubnet('2001::', 32, 'ipv6'); // Teredo: tunnels to an IPv4 host its obfuscated client field names
 NEVER.addAddress('fd00:ec2::254', 'ipv6'); // AWS's metadata service over IPv6
 NEVER.addSubnet('ff00::', 8, 'ipv6'); // multicast
 
@@ -37,6 +41,7 @@ PRIVATE.addSubnet('172.16.0.0', 12, 'ipv4');
 PRIVATE.addSubnet('192.168.0.0', 16, 'ipv4');
 PRIVATE.addSubnet('100.64.0.0', 10, 'ipv4'); // carrier-grade NAT
 PRIVATE.addSubnet('fc00::', 7, 'ipv6'); // unique local
+PRIVATE.addSubnet('fec0::', 10, 'ipv6'); // site-local: deprecated, still routed inside some sites
 
 /** Names of metadata services, whatever they resolve to from where the check runs. */
 const METADATA_NAMES = [
@@ -51,8 +56,8 @@ const METADATA_NAMES = [
 
 /**
  * The IPv4 address an IPv6 address carries, for the forms that reach an IPv4 host: mapped
- * (::ffff:a.b.c.d), translated (::ffff:0:a.b.c.d), compatible (::a.b.c.d), NAT64 (64:ff9b::/96)
- * and 6to4 (2002:AABB:CCDD::/48).
+ * (::ffff:a.b.c.d), translated (::ffff:0:a.b.c.d), compatible (::a.b.c.d), NAT64 (well-known
+ * 64:ff9b::/96 and local-use 64:ff9b:1::/48, both read as /96 prefixes) and 6to4 (2002:AABB:CCDD::/48).
  */
 export function embeddedIPv4(ipv6: string): string | undefined {
   const bytes = ipv6Bytes(ipv6);
@@ -63,7 +68,8 @@ export function embeddedIPv4(ipv6: string): string | undefined {
   if (zero(0, 8) && bytes[8] === 0xff && bytes[9] === 0xff && zero(10, 12)) return quad(12);
   // Compatible form; :: and ::1 are IPv6's own unspecified and loopback addresses.
   if (zero(0, 12) && !(zero(12, 15) && bytes[15]! <= 1)) return quad(12);
-  if (bytes.readUInt32BE(0) === 0x0064ff9b && zero(4, 12)) return quad(12);
+  // A local-use prefix shorter than /96 (another RFC 6052 layout) is the gateway's choice, unknown here.
+  if (bytes.readUInt32BE(0) === 0x0064ff9b && (zero(4, 12) || bytes.readUInt16BE(4) === 1)) return quad(12);
   if (bytes.readUInt16BE(0) === 0x2002) return quad(2);
   return undefined;
 }
@@ -98,7 +104,8 @@ export function addressProblem(address: string, allow: readonly ReceiverAllowanc
     return inner && `${address} carries ${inner}`;
   }
   const type = family === 4 ? 'ipv4' : 'ipv6';
-  if (NEVER.check(address, type)) return `${address} is a link-local, metadata or non-unicast address (never allowed)`;
+  if (NEVER.check(address, type))
+    return `${address} is a link-local, metadata, reserved or non-unicast address (never allowed)`;
   for (const [range, list] of [
     ['loopback', LOOPBACK],
     ['private', PRIVATE],
@@ -113,16 +120,26 @@ export function addressProblem(address: string, allow: readonly ReceiverAllowanc
 /** A host as the URL parser gives it, without IPv6 brackets or a trailing dot. */
 const bareHost = (url: URL): string => url.hostname.replace(/^\[(.*)\]$/, '$1').replace(/\.$/, '');
 
-/** The URL with any user info masked: shown in errors, never stored. */
-function shown(text: string): string {
-  const masked = text.replace(/\/\/[^/?#]*@/, '//…@');
-  return JSON.stringify(masked.length > 100 ? `${masked.slice(0, 100)}…` : masked);
+/**
+ * Characters the URL parser drops or that show other than they read: controls (C0, DEL, C1, tab and
+ * LF vanish silently), whitespace, and invisible formatting (soft hyphen, zero-width, bidi controls).
+ */
+const UNSEEN_IN_URL = /[\p{Cc}\p{Cf}\p{Z}]/u;
+
+/**
+ * What an error may say of text that is not an http(s) URL: its length and, when it has one, its
+ * http(s) scheme. Never the rest: user info that stops the parser (`user:pa/ss@host`) cannot be masked.
+ */
+function notHttp(text: string): string {
+  const scheme = /^https?:\/\//i.exec(text)?.[0];
+  const start = scheme ? ` starting "${scheme}"` : ', not starting with http:// or https://';
+  return `expected an http(s) URL (got ${text.length} characters${start})`;
 }
 
 /**
  * Checks a receiver URL without touching the network: syntax, scheme, length, credentials, literal
  * addresses (in every spelling the URL parser accepts: `http://2130706433/` is 127.0.0.1) and
- * metadata service names. Returns the parsed URL or why it is refused.
+ * metadata service names. Returns the parsed URL (its `href` is the form to store) or why it is refused.
  */
 export function checkReceiverUrl(
   text: string,
@@ -131,15 +148,19 @@ export function checkReceiverUrl(
   if (text.length > MAX_RECEIVER_URL_LENGTH) {
     return { problem: `at most ${MAX_RECEIVER_URL_LENGTH} characters, got ${text.length}` };
   }
+  const unseen = UNSEEN_IN_URL.exec(text);
+  if (unseen) {
+    return {
+      problem: `must not contain control, whitespace or invisible formatting characters (found ${codePoint(unseen[0])})`,
+    };
+  }
   let url: URL;
   try {
     url = new URL(text);
   } catch {
-    return { problem: `expected an http(s) URL, got ${shown(text)}` };
+    return { problem: notHttp(text) };
   }
-  if (url.protocol !== 'http:' && url.protocol !== 'https:') {
-    return { problem: `expected an http(s) URL, got ${shown(text)}` };
-  }
+  if (url.protocol !== 'http:' && url.protocol !== 'https:') return { problem: notHttp(text) };
   if (url.username || url.password) {
     return { problem: 'credentials in the URL are not accepted: it is stored and shown in plain text' };
   }

@@ -14,7 +14,7 @@ import { MockActivityEnvironment } from '@temporalio/testing';
 import { DefaultLogger } from '@temporalio/worker';
 import { deliverRevocation } from '../activities/propagation.js';
 import { TokenWarden } from '../client/index.js';
-import { addressProblem, checkReceiverUrl, type ReceiverAllowance } from '../common/addresses.js';
+import { addressProblem, checkReceiverUrl, resolveReceiver, type ReceiverAllowance } from '../common/addresses.js';
 import { loadSettings, PACKAGE_ROOT } from '../common/config.js';
 import { ConfigError, InvalidInputError } from '../common/errors.js';
 import { RECEIVER_REJECTED } from '../common/names.js';
@@ -93,6 +93,7 @@ describe('receiver addresses', () => {
       'http://[fc00::1]/',
       'http://[fd12:3456::1]/',
       'http://[::ffff:10.0.0.1]/',
+      'http://[fec0::1]/', // site-local, deprecated but still routed inside sites
     ];
     for (const url of loopback) {
       assert.match(problem(url) ?? '', /loopback address \(allowed only when TOKENWARDEN_RECEIVER_ALLOW includes/, url);
@@ -121,9 +122,120 @@ describe('receiver addresses', () => {
     assert.equal(addressProblem('2001:db8::1', []), undefined);
   });
 
+  it('should refuse local-use NAT64, Teredo, IETF protocol and benchmarking ranges, literal or resolved', async () => {
+    const never = [
+      'http://[64:ff9b:1::a9fe:a9fe]/', // local-use NAT64 to 169.254.169.254
+      'http://[64:ff9b:1:7::169.254.169.254]/',
+      'http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/', // Teredo
+      'http://[2001::1]/',
+      'http://192.0.0.192/',
+      'http://192.0.0.255/',
+      'http://198.18.0.1/',
+      'http://198.19.255.255/',
+    ];
+    for (const url of never) {
+      for (const allow of [[], ['loopback', 'private']] as ReceiverAllowance[][]) {
+        assert.ok(problem(url, allow), `${url} with ${allow.join(',') || 'nothing'} allowed`);
+      }
+    }
+    assert.match(problem('http://[64:ff9b:1::a9fe:a9fe]/')!, /carries 169\.254\.169\.254 is a link-local/);
+    assert.match(problem('http://[64:ff9b:1::7f00:1]/')!, /carries 127\.0\.0\.1 is a loopback address/);
+    assert.equal(problem('http://[64:ff9b:1::7f00:1]/', ['loopback']), undefined);
+    for (const url of [
+      'http://[64:ff9b:1::808:808]/',
+      'http://192.0.1.1/',
+      'http://198.17.255.255/',
+      'http://198.20.0.1/',
+    ]) {
+      assert.equal(problem(url), undefined, url);
+    }
+    // A name's addresses, as the resolver answers them, meet the same classifier at every attempt.
+    for (const address of [
+      '64:ff9b:1::a9fe:a9fe',
+      'fec0::1',
+      '2001:0:4136:e378:8000:63bf:3fff:fdd2',
+      '192.0.0.170',
+      '198.18.0.1',
+    ]) {
+      assert.ok(addressProblem(address, []), address);
+      const host = address.includes(':') ? `[${address}]` : address;
+      const resolved = await resolveReceiver(new URL(`http://${host}/`), [], AbortSignal.timeout(5_000));
+      assert.match(resolved.problem ?? '', /resolves to a forbidden address/, address);
+    }
+  });
+
+  it('should refuse control, whitespace and invisible formatting characters and store the URL normalised', async () => {
+    for (const [url, char] of [
+      ['http://exa\nmple.com/', 'U+000A'],
+      ['http://example.com/a\tb', 'U+0009'],
+      ['http://example.com/\r', 'U+000D'],
+      ['http://example.com/\u0000', 'U+0000'],
+      ['http://example.com/\u007f', 'U+007F'],
+      ['http://example.com/\u0085', 'U+0085'],
+      ['http://example.com/a b', 'U+0020'],
+      ['http://example.com/\u00a0', 'U+00A0'],
+      ['http://example.com/\u2028', 'U+2028'],
+      ['http://exa\u00admple.com/', 'U+00AD'], // soft hyphen: the host parser drops it
+      ['http://exa\u200bmple.com/', 'U+200B'],
+      ['http://example.com/\u202egpj.exe', 'U+202E'],
+      ['http://example.com/\u2066x', 'U+2066'],
+      ['http://example.com/\u200f', 'U+200F'],
+    ]) {
+      const err = await ctx.warden.addReceiver({ id: 'unprintable', url: url! }).catch((e: unknown) => e);
+      assert.ok(err instanceof InvalidInputError, char);
+      assert.equal(
+        err.message,
+        `invalid receiver: url: must not contain control, whitespace or invisible formatting characters (found ${char})`,
+      );
+      assert.deepEqual(
+        err.fields.map((f) => f.path),
+        ['url'],
+      );
+    }
+    const { rows: none } = await ctx.sql.query(`SELECT count(*)::int AS n FROM receiver WHERE id = 'unprintable'`);
+    assert.equal(none[0].n, 0);
+
+    const port = new URL(receiver.url).port;
+    const added = await ctx.warden.addReceiver({ id: 'normalised', url: `HTTP://0x7f.1:${port}/a/../revocations` });
+    const href = `http://127.0.0.1:${port}/revocations`;
+    assert.equal(added.url, href);
+    const { rows } = await ctx.sql.query(`SELECT url FROM receiver WHERE id = 'normalised'`);
+    assert.equal(rows[0].url, href);
+    await ctx.warden.removeReceiver('normalised');
+  });
+
+  it('should never quote a URL that does not parse: it may hold a password', async () => {
+    for (const url of [
+      'http://ops:hun/ter2@hooks.example.com/',
+      'http://ops:hun?ter2@hooks.example.com/',
+      'http://ops:hun#ter2@hooks.example.com/',
+      'https://ops:hun%ter2@[hooks.example.com/',
+      'ops:hunter2@hooks.example.com', // no scheme: parses as an "ops:" URL
+      'ops:hun/ter2@hooks.example.com',
+      '//ops:hunter2@hooks.example.com/',
+    ]) {
+      const err = await ctx.warden.addReceiver({ id: 'leaky', url }).catch((e: unknown) => e);
+      assert.ok(err instanceof InvalidInputError, String(url.length));
+      assert.match(err.message, /^invalid receiver: url: expected an http\(s\) URL \(got \d+ characters/);
+      for (const part of ['ops', 'hun', 'ter2', 'hooks']) {
+        assert.ok(!err.message.includes(part), `${part} quoted (input of ${url.length} characters)`);
+        assert.ok(!err.fields.some((f) => f.message.includes(part)));
+      }
+    }
+    assert.equal(
+      problem('http://ops:hun/ter2@hooks.example.com/'),
+      'expected an http(s) URL (got 38 characters starting "http://")',
+    );
+    assert.equal(
+      problem('ftp://files.example.com/'),
+      'expected an http(s) URL (got 24 characters, not starting with http:// or https://)',
+    );
+  });
+
   it('should name the field and what was wrong when a receiver is added', async () => {
     const cases: [string, RegExp][] = [
-      ['http://a b/', /^invalid receiver: url: expected an http\(s\) URL, got "http:\/\/a b\/"$/],
+      ['http://a b/', /^invalid receiver: url: must not contain control, whitespace/],
+      ['http://[::1/', /^invalid receiver: url: expected an http\(s\) URL \(got 12 characters starting "http:\/\/"\)$/],
       ['ftp://files.example.com/', /url: expected an http\(s\) URL/],
       ['https://u:hunter2@hooks.example.com/', /url: credentials in the URL are not accepted/],
       [`https://hooks.example.com/${'a'.repeat(100_000)}`, /url: at most 2048 characters, got 100026/],
