@@ -9,7 +9,8 @@ import type { Settings } from '../common/config.js';
 import { NotFoundError } from '../common/errors.js';
 import * as store from '../common/store/index.js';
 import { MasterKeyring } from '../common/secrets.js';
-import { deliverRevocation } from './propagation.js';
+import type { PropagationSnapshot } from '../workflows/messages.js';
+import { deliverRevocation, toDeliveryView } from './propagation.js';
 import { createReconcilerActivities } from './reconciler.js';
 
 export interface ActivityDeps {
@@ -59,6 +60,16 @@ export function createActivities(deps: ActivityDeps) {
 
     async recordAudit(input: { tokenId: string; auditKey: string; kind: string; data: Record<string, unknown> }) {
       await store.recordAudit(pool, input.tokenId, input.auditKey, input.kind, input.data);
+    },
+
+    /**
+     * What a token workflow propagates with: this worker's timing (the worker owns those settings)
+     * and the store's delivery rows of the revocation event, which a restarted run resumes from.
+     */
+    async loadPropagation(input: { tokenId: string; eventId: string }): Promise<PropagationSnapshot> {
+      const rows = await store.listDeliveries(pool, input.tokenId);
+      const deliveries = rows.filter((d) => d.eventId === input.eventId).map(toDeliveryView);
+      return { timing: settings.timing, deliveries };
     },
 
     ...createReconcilerActivities(deps),

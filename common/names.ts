@@ -34,6 +34,7 @@ export const ACTIVITY_NAMES = [
   'setPropagation',
   'forceCompleteDeliveries',
   'recordAudit',
+  'loadPropagation',
   'reconcilePage',
 ] as const;
 
@@ -102,7 +103,10 @@ export type DeliveryState = (typeof DELIVERY_STATES)[number];
 export const INITIATING_ENTITIES = ['admin', 'user', 'policy', 'system'] as const;
 export type InitiatingEntity = (typeof INITIATING_ENTITIES)[number];
 
-/** Timing baked into each token workflow at creation (short in tests, long in production). */
+/**
+ * How propagation is paced (short in tests, long in production). The worker owns these settings:
+ * a token's workflow reads them from its worker when propagation starts.
+ */
 export interface PropagationTiming {
   /** A receiver that has not confirmed after this long makes propagation `stuck` (retries continue). */
   escalateAfterMs: number;

@@ -26,7 +26,24 @@ export interface TokenWorkflowInput {
   expiresAt: string;
   /** Id of the token's revocation event (the outbox rows' event id, the receivers' webhook-id). */
   revocationEventId: string;
+  /**
+   * Ignored by runs that read their timing from the worker (every run since that change); runs
+   * recorded before it used this, so histories holding it still replay.
+   */
+  timing?: PropagationTiming;
+}
+
+/** The timing a run propagates with, and where it came from. */
+export interface EffectiveTiming extends PropagationTiming {
+  source: 'worker' | 'workflow input';
+}
+
+/** What the store and the worker say when propagation starts (the `loadPropagation` activity). */
+export interface PropagationSnapshot {
+  /** The worker's TOKENWARDEN_ESCALATE_AFTER, TOKENWARDEN_RETRY_INITIAL and TOKENWARDEN_RETRY_MAX. */
   timing: PropagationTiming;
+  /** The delivery rows of the token's revocation event; empty until a kill has committed. */
+  deliveries: DeliveryView[];
 }
 
 export interface RevokeRequest {
@@ -64,8 +81,15 @@ export interface TokenWorkflowView {
   status: TokenStatus;
   propagation: PropagationState;
   expiresAt: string;
+  /** As of the last delivery result or store read (attempts made since are in the store only). */
   deliveries: DeliveryView[];
   retryRound: number;
+  /** Whether an operator forced completion. */
+  forced: boolean;
+  /** Set once propagation starts. */
+  timing: EffectiveTiming | null;
+  /** When propagation escalates to `stuck` unless every receiver has confirmed; null when not pending. */
+  escalateAt: string | null;
 }
 
 export interface TokenLifecycleResult {

@@ -2,7 +2,7 @@
  * One durable workflow per token: sleeps until expiry or a revoke, kills the token in the store
  * (through the one kill activity), then propagates the revocation to every receiver until each has
  * confirmed, escalating to `stuck` when one has not by the deadline. Deterministic: all I/O is in
- * activities; time is workflow time.
+ * activities; time is workflow time. The state and its transitions live in lifecycle-state.ts.
  */
 import {
   ActivityFailure,
@@ -14,21 +14,25 @@ import {
   currentUpdateInfo,
   isCancellation,
   log,
+  patched,
   proxyActivities,
+  proxyLocalActivities,
   setCurrentDetails,
   setHandler,
   upsertSearchAttributes,
   workflowInfo,
 } from '@temporalio/workflow';
 import type { Activities } from '../activities/index.js';
-import { RECEIVER_REJECTED, SEARCH_ATTRIBUTE, type PropagationState, type TokenStatus } from '../common/names.js';
+import { RECEIVER_REJECTED, SEARCH_ATTRIBUTE } from '../common/names.js';
 import type { KillResult } from '../common/store/index.js';
 import { summaryText } from '../common/text.js';
 import {
-  isSettled,
+  LifecycleState,
+  NOT_PROPAGATING,
+  failureMessage,
+  isReceiverRejection,
   msUntil,
-  parseRevokeSignal,
-  propagationVerdict,
+  pauseAfterEnding,
   validateOperatorRequest,
 } from './lifecycle-state.js';
 import {
@@ -37,11 +41,28 @@ import {
   retryPropagationUpdate,
   revokeSignal,
   type DeliveryView,
-  type LifecyclePhase,
-  type RevokeRequest,
+  type ForceCompleteResult,
+  type OperatorRequest,
+  type PropagationSnapshot,
+  type RetryPropagationResult,
   type TokenLifecycleResult,
   type TokenWorkflowInput,
 } from './messages.js';
+
+/**
+ * Changes to the command sequence since histories were first recorded: a run follows a patch from
+ * the point it reaches it live; a recorded run without its marker replays the code before it.
+ */
+export const PATCHES = {
+  /**
+   * Propagation starts by reading the worker's timing and the store's delivery rows (a local
+   * activity), reads the rows again when a delivery ends and before escalating, and delivers again
+   * after a pause when a delivery activity ended without a receiver's rejection.
+   */
+  storeDrivenPropagation: 'store-driven-propagation',
+  /** A sleeping token also wakes when the server suggests continue-as-new. */
+  wakeForContinueAsNew: 'wake-for-continue-as-new',
+} as const;
 
 const store = proxyActivities<Activities>({
   startToCloseTimeout: '30s',
@@ -53,303 +74,423 @@ const store = proxyActivities<Activities>({
   },
 });
 
+/** Reads that decide the workflow's next step: local, so they cost no round trip through the server. */
+const storeReads = proxyLocalActivities<Activities>({
+  startToCloseTimeout: '10s',
+  retry: { initialInterval: '200ms', backoffCoefficient: 2, maximumInterval: '10s' },
+});
+
 export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLifecycleResult> {
-  const { tokenId, timing } = input;
-  const delivery = proxyActivities<Activities>({
-    // One HTTP attempt is bounded at 10 s; a worker that died mid-attempt delays the retry by this much.
-    startToCloseTimeout: '15s',
-    // TRY_CANCEL: retryPropagation restarts a delivery at once; an attempt still in flight records
-    // its own outcome in the store, which the next attempt reads before sending anything.
-    cancellationType: 'TRY_CANCEL',
-    retry: {
-      initialInterval: timing.retryInitialMs,
-      backoffCoefficient: 2,
-      maximumInterval: timing.retryMaxMs,
-      nonRetryableErrorTypes: [RECEIVER_REJECTED],
-    },
-  });
+  const lifecycle = new TokenLifecycle(input);
+  const kill = await lifecycle.liveUntilKilled();
+  await lifecycle.propagate(kill);
+  return lifecycle.complete();
+}
 
-  let phase: LifecyclePhase = 'active';
-  let status: TokenStatus = 'active';
-  let propagation: PropagationState = 'none';
-  let revokeRequest: (RevokeRequest & { malformed: boolean }) | undefined;
-  let retryRound = 0;
-  let forced = false;
-  const deliveries = new Map<string, DeliveryView>();
-  const running = new Map<string, CancellationScope>();
-  /** Receivers whose running attempt an operator cancelled (retry or force), as opposed to a workflow cancel. */
-  const restarted = new Set<string>();
-  /** Bumped whenever a delivery's state changes, so the supervisor below re-evaluates. */
-  let changes = 0;
-  const update = (receiverId: string, next: DeliveryView) => {
-    deliveries.set(receiverId, next);
-    changes++;
-  };
-  const unsettledReceivers = () =>
-    [...deliveries.values()].filter((d) => !isSettled(d.status)).map((d) => d.receiverId);
-  const restart = (receiverId: string) => {
-    const scope = running.get(receiverId);
-    if (!scope) return;
-    restarted.add(receiverId);
-    scope.cancel();
-  };
+/** One receiver's delivery loop: its running attempt, and whether an operator interrupted it. */
+interface DeliveryRun {
+  scope: CancellationScope | undefined;
+  /** An operator cancelled the attempt (retry now, or forced complete); any other cancellation is the workflow's own. */
+  interrupted: boolean;
+  /** Activities in a row that ended without a result or a rejection (paces the retries). */
+  endingsInARow: number;
+}
 
-  // Handlers first, before any await: an Update reaching a workflow without its handler is rejected.
-  setHandler(revokeSignal, (payload) => {
-    revokeRequest ??= parseRevokeSignal(payload);
-  });
-  setHandler(describeQuery, () => ({
-    tokenId,
-    phase,
-    status,
-    propagation,
-    expiresAt: input.expiresAt,
-    deliveries: [...deliveries.values()],
-    retryRound,
-  }));
-  const requirePropagating = (request: unknown) => {
-    validateOperatorRequest(request);
-    if (phase !== 'propagating' && phase !== 'stuck') {
-      throw new Error(`token ${tokenId} is not propagating a revocation (phase ${phase})`);
+class TokenLifecycle {
+  private readonly state: LifecycleState;
+  private readonly runs = new Map<string, DeliveryRun>();
+  /** Decided when propagation starts: does this run follow PATCHES.storeDrivenPropagation? */
+  private storeDriven = false;
+  private delivery: ReturnType<typeof proxyActivities<Activities>> | undefined;
+  private deliveriesStarted = false;
+  /** True once every delivery loop has ended; `deliveryFailure` holds what ended one abnormally. */
+  private deliveriesEnded = false;
+  private deliveryFailure: unknown;
+
+  constructor(private readonly input: TokenWorkflowInput) {
+    // Every transition rewrites the current details, so the Web UI never shows a stale phase.
+    this.state = new LifecycleState(input, (state) => setCurrentDetails(state.details()));
+    setCurrentDetails(this.state.details());
+    for (const receiverId of input.receivers) {
+      this.runs.set(receiverId, { scope: undefined, interrupted: false, endingsInARow: 0 });
     }
-    if (unsettledReceivers().length === 0) {
-      throw new Error(`token ${tokenId}: every receiver has already confirmed; nothing to retry or force`);
+    this.listen();
+  }
+
+  /** Handlers first, before any await: an Update reaching a workflow without its handler is rejected. */
+  private listen(): void {
+    setHandler(revokeSignal, (payload) => this.state.revokeRequested(payload));
+    setHandler(describeQuery, () => this.state.view());
+    const validator = (request: unknown) => {
+      validateOperatorRequest(request);
+      const refusal = this.state.operatorRefusal();
+      if (refusal) throw ApplicationFailure.nonRetryable(refusal, NOT_PROPAGATING);
+    };
+    setHandler(retryPropagationUpdate, (request) => this.retryPropagation(request), { validator });
+    setHandler(forceCompleteUpdate, (request) => this.forceComplete(request), { validator });
+  }
+
+  // ---------------------------------------------------------------- phase 1: alive until killed
+
+  /** Sleeps until expiry or a revoke; returns the kill's facts once the token is dead in the store. */
+  async liveUntilKilled(): Promise<KillResult> {
+    for (;;) {
+      if (this.state.revokeRequest) return this.killOnRevoke();
+      const remaining = msUntil(this.input.expiresAt, Date.now());
+      if (remaining <= 0) {
+        const kill = await this.killOnExpiry();
+        if (kill) return kill;
+        continue;
+      }
+      if (workflowInfo().continueAsNewSuggested) {
+        await condition(allHandlersFinished);
+        if (!this.state.revokeRequest) await continueAsNew<typeof tokenLifecycle>(this.input);
+        continue;
+      }
+      const wakeForContinueAsNew = patched(PATCHES.wakeForContinueAsNew);
+      await condition(
+        () => this.state.revokeRequest !== undefined || (wakeForContinueAsNew && workflowInfo().continueAsNewSuggested),
+        remaining,
+        { summary: `sleep until expiry at ${this.input.expiresAt}` },
+      );
     }
-  };
-  setHandler(
-    retryPropagationUpdate,
-    async (request) => {
-      const updateId = currentUpdateInfo()?.id ?? String(retryRound + 1);
-      const retrying = unsettledReceivers();
-      await store.recordAudit.executeWithOptions({ summary: 'audit: operator asked to retry propagation' }, [
+  }
+
+  private async killOnRevoke(): Promise<KillResult> {
+    const { malformed, ...request } = this.state.revokeRequest!;
+    this.state.killing('revoke');
+    await this.startPropagation();
+    const killing = store.killToken.executeWithOptions({ summary: summaryText(`revoke: ${request.reason}`) }, [
+      { tokenId: this.input.tokenId, ...request, byWorkflow: true },
+    ]);
+    // Deliveries go out in the same workflow task as the kill: a revoke's caller has usually
+    // committed the kill (and its outbox rows) before this workflow ran; an attempt that finds no
+    // outbox row yet retries shortly.
+    this.startDeliveries();
+    const kill = await killing;
+    if (malformed) {
+      await store.recordAudit.executeWithOptions({ summary: 'audit: malformed revoke signal' }, [
         {
-          tokenId,
-          auditKey: `retry:${updateId}`,
-          kind: 'propagation.retry-requested',
-          data: { reason: request.reason, actor: request.actor ?? 'operator', receivers: retrying },
+          tokenId: this.input.tokenId,
+          auditKey: `malformed-revoke-signal:${workflowInfo().runId}`,
+          kind: 'signal.malformed',
+          data: { reasonRecorded: 'unspecified' },
         },
       ]);
-      retryRound++;
-      // Restart deliveries now: cancelling a running activity resets its backoff.
-      for (const receiverId of retrying) restart(receiverId);
-      return { retrying };
-    },
-    { validator: requirePropagating },
-  );
-  setHandler(
-    forceCompleteUpdate,
-    async (request) => {
-      const updateId = currentUpdateInfo()?.id ?? 'force';
-      const receivers = await store.forceCompleteDeliveries.executeWithOptions(
-        { summary: 'operator forces propagation complete' },
-        [{ tokenId, auditKey: `force:${updateId}`, reason: request.reason, actor: request.actor ?? 'operator' }],
-      );
-      forced = true;
-      for (const receiverId of receivers) {
-        const d = deliveries.get(receiverId);
-        if (d) update(receiverId, { ...d, status: 'forced' });
-        restart(receiverId);
-      }
-      return { forced: receivers };
-    },
-    { validator: requirePropagating },
-  );
+    }
+    return kill;
+  }
 
-  // One delivery per receiver, of the token's one revocation event (its outbox row is written by
-  // whichever kill commits).
-  for (const receiverId of input.receivers) {
-    deliveries.set(receiverId, {
-      receiverId,
-      eventId: input.revocationEventId,
-      status: 'pending',
-      attempts: 0,
-      lastStatusCode: null,
-      lastError: null,
+  /** The expiry's kill; undefined when the database clock has not reached expiry yet. */
+  private async killOnExpiry(): Promise<KillResult | undefined> {
+    this.state.killing('expiry');
+    const result = await store.killToken.executeWithOptions({ summary: 'expire: the token reached its expiry' }, [
+      {
+        tokenId: this.input.tokenId,
+        reason: 'expired',
+        actor: 'system',
+        initiatingEntity: 'system',
+        onlyIfExpired: true,
+        byWorkflow: true,
+      },
+    ]);
+    if (result.notYetExpiredMs === undefined) return result;
+    // The database clock is behind workflow time: wait the difference (a revoke still wins).
+    this.state.stillAlive();
+    await condition(() => this.state.revokeRequest !== undefined, result.notYetExpiredMs, {
+      summary: 'waiting for the database clock to reach expiry',
+    });
+    return undefined;
+  }
+
+  // ---------------------------------------------------------------- phase 2: propagating ⇄ stuck
+
+  /** Every receiver told, in parallel, until each confirms or an operator decides. */
+  async propagate(kill: KillResult): Promise<void> {
+    await this.startPropagation();
+    this.state.killed(kill.token, Date.now());
+    upsertSearchAttributes([
+      { key: SEARCH_ATTRIBUTE.status, value: this.state.status },
+      { key: SEARCH_ATTRIBUTE.propagation, value: this.state.propagation },
+    ]);
+    this.startDeliveries();
+
+    for (;;) {
+      if (this.deliveryFailure !== undefined) throw this.deliveryFailure;
+      let verdict = this.state.verdict(Date.now());
+      // A propagation the store holds as stuck stays stuck until an operator acts or all settle.
+      if (this.storeDriven && verdict.kind === 'wait' && this.state.propagation === 'stuck')
+        verdict = { kind: 'stuck' };
+      if (verdict.kind === 'complete') {
+        await condition(() => this.deliveriesEnded);
+        if (this.deliveryFailure !== undefined) throw this.deliveryFailure;
+        return;
+      }
+      if (verdict.kind === 'wait') {
+        const seen = this.state.deliveryChanges;
+        await condition(() => this.deliveriesEnded || this.state.deliveryChanges !== seen, verdict.ms, {
+          summary: 'waiting for receivers to confirm',
+        });
+        continue;
+      }
+      // Stuck: record it (retryable deliveries keep retrying), then wait for progress or an operator.
+      const round = this.state.retryRound;
+      if (this.state.propagation !== 'stuck') await this.escalate(round);
+      await condition(() => this.deliveriesEnded || this.state.retryRound > round);
+      if (this.state.retryRound > round && !this.deliveriesEnded) await this.resume();
+    }
+  }
+
+  /**
+   * Fixes the run's timing and, for runs that follow the patch, adopts the store's delivery rows:
+   * settled rows stay settled, rejected ones wait for an operator, the rest are delivered.
+   */
+  private async startPropagation(): Promise<void> {
+    if (this.state.timing) return;
+    this.storeDriven = patched(PATCHES.storeDrivenPropagation);
+    if (!this.storeDriven) {
+      // Runs recorded before the patch carry their timing in the input.
+      this.state.propagationStarted({ ...this.input.timing!, source: 'workflow input' });
+      return;
+    }
+    const snapshot = await this.readStore('read the worker timing and the delivery rows');
+    this.state.propagationStarted({ ...snapshot.timing, source: 'worker' }, snapshot.deliveries);
+  }
+
+  private readStore(summary: string): Promise<PropagationSnapshot> {
+    return storeReads.loadPropagation.executeWithOptions({ summary }, [
+      { tokenId: this.input.tokenId, eventId: this.input.revocationEventId },
+    ]);
+  }
+
+  private async escalate(round: number): Promise<void> {
+    if (this.storeDriven) {
+      // The attempts made while the activities retried are in the store only.
+      for (const row of (await this.readStore('read the delivery rows before escalating')).deliveries) {
+        this.state.deliveryObserved(row);
+      }
+    }
+    const unsettled = this.state.unsettled();
+    const token = await store.setPropagation.executeWithOptions({ summary: 'escalate: propagation is stuck' }, [
+      {
+        tokenId: this.input.tokenId,
+        state: 'stuck',
+        auditKey: `stuck:${workflowInfo().runId}:${round}`,
+        detail: {
+          receivers: unsettled.map((d) => ({
+            receiverId: d.receiverId,
+            status: d.status,
+            attempts: d.attempts,
+            lastError: d.lastError,
+          })),
+        },
+      },
+    ]);
+    this.state.escalated(token.propagation);
+    upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.propagation, value: token.propagation }]);
+    log.warn('revocation propagation is stuck', {
+      tokenId: this.input.tokenId,
+      receivers: unsettled.map((d) => d.receiverId),
     });
   }
 
-  const deliverUntilSettled = async (receiverId: string): Promise<void> => {
-    while (!isSettled(deliveries.get(receiverId)!.status)) {
-      const current = deliveries.get(receiverId)!;
-      if (current.status === 'failed') {
-        // A non-retryable answer: wait for an operator (retryPropagation or forceComplete).
-        const round = retryRound;
-        await condition(() => retryRound > round || isSettled(deliveries.get(receiverId)!.status));
-        if (isSettled(deliveries.get(receiverId)!.status)) return;
-        update(receiverId, { ...deliveries.get(receiverId)!, status: 'pending' });
-      }
-      const scope = new CancellationScope();
-      running.set(receiverId, scope);
-      try {
-        const result = await scope.run(() =>
-          delivery.deliverRevocation.executeWithOptions({ summary: `deliver revocation to ${receiverId}` }, [
-            { eventId: current.eventId, receiverId },
-          ]),
-        );
-        if (!isSettled(deliveries.get(receiverId)!.status)) update(receiverId, result);
-      } catch (err) {
-        // Cancelled by retryPropagation (restart) or forceComplete (settled): the loop re-checks. Any
-        // other cancellation is the workflow's own (e.g. from the Web UI): let it end the workflow;
-        // the reconciler restarts propagation that a closed workflow left unfinished.
-        if (isCancellation(err) && restarted.delete(receiverId)) continue;
-        if (!(err instanceof ActivityFailure)) throw err;
-        // Retries are unlimited, so only a non-retryable answer (e.g. HTTP 400 or 410) ends up here.
-        const cause = err.cause instanceof ApplicationFailure ? err.cause : undefined;
-        update(receiverId, {
-          ...deliveries.get(receiverId)!,
-          status: 'failed',
-          lastError: cause?.message ?? err.message,
-        });
-      } finally {
-        running.delete(receiverId);
-      }
-    }
-  };
+  private async resume(): Promise<void> {
+    const { retryRound } = this.state;
+    const token = await store.setPropagation.executeWithOptions(
+      { summary: 'operator retry: propagation pending again' },
+      [
+        {
+          tokenId: this.input.tokenId,
+          state: 'pending',
+          auditKey: `pending:${workflowInfo().runId}:${retryRound}`,
+          detail: { retryRound },
+        },
+      ],
+    );
+    this.state.resumed(token.propagation, Date.now());
+    upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.propagation, value: token.propagation }]);
+  }
 
-  /** True once every delivery loop has ended; `deliveryFailure` holds what ended one abnormally. */
-  let settled = false;
-  let deliveryFailure: unknown;
-  let deliveriesStarted = false;
-  const startDeliveries = () => {
-    if (deliveriesStarted) return;
-    deliveriesStarted = true;
-    Promise.all([...deliveries.keys()].map((receiverId) => deliverUntilSettled(receiverId))).then(
-      () => (settled = true),
+  // ---------------------------------------------------------------- deliveries
+
+  private startDeliveries(): void {
+    if (this.deliveriesStarted) return;
+    this.deliveriesStarted = true;
+    const timing = this.state.timing!;
+    this.delivery = proxyActivities<Activities>({
+      // One HTTP attempt is bounded at 10 s; a worker that died mid-attempt delays the retry by this much.
+      startToCloseTimeout: '15s',
+      // TRY_CANCEL: retryPropagation restarts a delivery at once; an attempt still in flight records
+      // its own outcome in the store, which the next attempt reads before sending anything.
+      cancellationType: 'TRY_CANCEL',
+      retry: {
+        initialInterval: timing.retryInitialMs,
+        backoffCoefficient: 2,
+        maximumInterval: timing.retryMaxMs,
+        nonRetryableErrorTypes: [RECEIVER_REJECTED],
+      },
+    });
+    Promise.all(this.input.receivers.map((receiverId) => this.deliverUntilSettled(receiverId))).then(
+      () => (this.deliveriesEnded = true),
       (err: unknown) => {
-        deliveryFailure = err;
-        settled = true;
+        this.deliveryFailure = err;
+        this.deliveriesEnded = true;
       },
     );
-  };
-
-  // ---- Phase 1: alive. Sleep until expiry or a revoke.
-  let kill: KillResult | undefined;
-  while (!kill) {
-    if (revokeRequest) {
-      const { malformed, ...request } = revokeRequest;
-      phase = 'killing';
-      const killing = store.killToken.executeWithOptions({ summary: summaryText(`revoke: ${request.reason}`) }, [
-        { tokenId, ...request, byWorkflow: true },
-      ]);
-      // Deliveries go out in the same workflow task as the kill: a revoke's caller has usually
-      // committed the kill (and its outbox rows) before this workflow ran; an attempt that finds no
-      // outbox row yet retries shortly.
-      startDeliveries();
-      kill = await killing;
-      if (malformed) {
-        await store.recordAudit.executeWithOptions({ summary: 'audit: malformed revoke signal' }, [
-          {
-            tokenId,
-            auditKey: 'malformed-revoke-signal',
-            kind: 'signal.malformed',
-            data: { reasonRecorded: 'unspecified' },
-          },
-        ]);
-      }
-      break;
-    }
-    const remaining = msUntil(input.expiresAt, Date.now());
-    if (remaining <= 0) {
-      phase = 'killing';
-      const result = await store.killToken.executeWithOptions({ summary: 'expire: the token reached its expiry' }, [
-        {
-          tokenId,
-          reason: 'expired',
-          actor: 'system',
-          initiatingEntity: 'system',
-          onlyIfExpired: true,
-          byWorkflow: true,
-        },
-      ]);
-      if (result.notYetExpiredMs === undefined) {
-        kill = result;
-        break;
-      }
-      // The database clock is behind workflow time: wait the difference (a revoke still wins).
-      phase = 'active';
-      await condition(() => revokeRequest !== undefined, result.notYetExpiredMs, {
-        summary: 'waiting for the database clock to reach expiry',
-      });
-      continue;
-    }
-    if (workflowInfo().continueAsNewSuggested) {
-      await condition(allHandlersFinished);
-      if (!revokeRequest) await continueAsNew<typeof tokenLifecycle>(input);
-      continue;
-    }
-    setCurrentDetails(`Active until ${input.expiresAt}.`);
-    await condition(() => revokeRequest !== undefined, remaining, {
-      summary: `sleep until expiry at ${input.expiresAt}`,
-    });
   }
 
-  status = kill.token.status;
-  propagation = kill.token.propagation;
-  upsertSearchAttributes([
-    { key: SEARCH_ATTRIBUTE.status, value: status },
-    { key: SEARCH_ATTRIBUTE.propagation, value: propagation },
-  ]);
-  setCurrentDetails(
-    `**${status}** at ${kill.token.revokedAt} by ${kill.token.revokedBy}: ${kill.token.revokeReason}. Propagation: ${propagation}.`,
-  );
+  private async deliverUntilSettled(receiverId: string): Promise<void> {
+    const run = this.runs.get(receiverId)!;
+    while (!this.state.isSettled(receiverId)) {
+      if (this.state.delivery(receiverId).status === 'failed') {
+        // A receiver's rejection: wait for an operator (retryPropagation or forceComplete).
+        const round = this.state.retryRound;
+        await condition(() => this.state.retryRound > round || this.state.isSettled(receiverId));
+        if (this.state.isSettled(receiverId)) return;
+        this.state.deliveryRetrying(receiverId);
+      }
+      const outcome = await this.attempt(receiverId, run);
+      if (outcome.kind === 'interrupted') continue;
+      if (outcome.kind === 'result') {
+        run.endingsInARow = 0;
+        this.state.deliveryObserved(outcome.row);
+        // A result is a settled row; anything else is an ending like a failure, paced the same way.
+        if (!this.storeDriven || this.state.isSettled(receiverId)) continue;
+      } else if (!this.storeDriven) {
+        // Runs recorded before the patch took every failure for a rejection.
+        this.state.deliveryRejected(receiverId, failureMessage(outcome.failure));
+        continue;
+      } else {
+        const row = (await this.readStore(`read the delivery row of ${receiverId}`)).deliveries.find(
+          (d) => d.receiverId === receiverId,
+        );
+        if (isReceiverRejection(outcome.failure)) {
+          run.endingsInARow = 0;
+          this.state.deliveryRejected(receiverId, failureMessage(outcome.failure), row);
+          continue;
+        }
+        if (row) this.state.deliveryObserved(row);
+      }
+      await this.pauseBeforeDeliveringAgain(receiverId, run);
+    }
+  }
 
-  // ---- Phase 2: every receiver told, in parallel, until each confirms or an operator decides.
-  phase = 'propagating';
-  startDeliveries();
-
-  let escalateAt = Date.now() + timing.escalateAfterMs;
-  for (;;) {
-    if (deliveryFailure !== undefined) throw deliveryFailure;
-    const verdict = propagationVerdict([...deliveries.values()], Date.now(), escalateAt);
-    if (verdict.kind === 'complete') {
-      await condition(() => settled);
-      if (deliveryFailure !== undefined) throw deliveryFailure;
-      break;
-    }
-    if (verdict.kind === 'wait') {
-      const seen = changes;
-      await condition(() => settled || changes !== seen, verdict.ms, { summary: 'waiting for receivers to confirm' });
-      continue;
-    }
-    // Stuck: record it (retryable deliveries keep retrying), then wait for progress or an operator.
-    const round = retryRound;
-    if (propagation !== 'stuck') {
-      const unsettled = [...deliveries.values()].filter((d) => !isSettled(d.status));
-      const token = await store.setPropagation.executeWithOptions({ summary: 'escalate: propagation is stuck' }, [
-        {
-          tokenId,
-          state: 'stuck',
-          auditKey: `stuck:${round}`,
-          detail: {
-            receivers: unsettled.map((d) => ({ receiverId: d.receiverId, status: d.status, lastError: d.lastError })),
-          },
-        },
-      ]);
-      propagation = token.propagation;
-      phase = 'stuck';
-      upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.propagation, value: propagation }]);
-      log.warn('revocation propagation is stuck', { tokenId, receivers: unsettled.map((d) => d.receiverId) });
-    }
-    await condition(() => settled || retryRound > round);
-    if (retryRound > round && !settled) {
-      const token = await store.setPropagation.executeWithOptions(
-        { summary: 'operator retry: propagation pending again' },
-        [{ tokenId, state: 'pending', auditKey: `pending:${retryRound}`, detail: { retryRound } }],
+  /** One delivery activity (with its own retries), in a scope an operator can cancel. */
+  private async attempt(
+    receiverId: string,
+    run: DeliveryRun,
+  ): Promise<
+    { kind: 'result'; row: DeliveryView } | { kind: 'failure'; failure: ActivityFailure } | { kind: 'interrupted' }
+  > {
+    const scope = new CancellationScope();
+    run.scope = scope;
+    run.interrupted = false;
+    try {
+      const row = await scope.run(() =>
+        this.delivery!.deliverRevocation.executeWithOptions({ summary: `deliver revocation to ${receiverId}` }, [
+          { eventId: this.input.revocationEventId, receiverId },
+        ]),
       );
-      propagation = token.propagation;
-      phase = 'propagating';
-      upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.propagation, value: propagation }]);
-      escalateAt = Date.now() + timing.escalateAfterMs;
+      return { kind: 'result', row };
+    } catch (err) {
+      // Cancelled by retryPropagation (restart) or forceComplete (settled): the loop re-checks. Any
+      // other cancellation is the workflow's own (e.g. from the Web UI): let it end the workflow;
+      // the reconciler restarts propagation that a closed workflow left unfinished.
+      if (isCancellation(err) && run.interrupted) return { kind: 'interrupted' };
+      if (!(err instanceof ActivityFailure)) throw err;
+      return { kind: 'failure', failure: err };
+    } finally {
+      run.scope = undefined;
     }
   }
 
-  const done = await store.setPropagation.executeWithOptions({ summary: 'every receiver confirmed: complete' }, [
-    { tokenId, state: 'complete', auditKey: 'complete', detail: { forced, receivers: [...deliveries.keys()] } },
-  ]);
-  phase = 'complete';
-  propagation = 'complete';
-  upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.propagation, value: done.propagation }]);
-  setCurrentDetails(`**${status}**; every receiver confirmed${forced ? ' (forced by an operator)' : ''}.`);
-  await condition(allHandlersFinished);
-  return { tokenId, status, propagation: 'complete', forced, deliveries: [...deliveries.values()] };
+  /** A durable pause before a delivery that ended without a rejection is scheduled again: it never spins. */
+  private async pauseBeforeDeliveringAgain(receiverId: string, run: DeliveryRun): Promise<void> {
+    run.endingsInARow++;
+    run.interrupted = false;
+    await condition(
+      () => run.interrupted || this.state.isSettled(receiverId),
+      pauseAfterEnding(run.endingsInARow, this.state.timing!),
+      { summary: `pause before delivering to ${receiverId} again` },
+    );
+  }
+
+  /** An operator's retry or force: a running attempt is cancelled, a pause cut short. */
+  private interrupt(receiverId: string): void {
+    const run = this.runs.get(receiverId);
+    if (!run) return;
+    run.interrupted = true;
+    run.scope?.cancel();
+  }
+
+  // ---------------------------------------------------------------- operator Updates
+
+  /** An operator may act while the kill commits (deliveries are already running): wait for it. */
+  private async untilKilled(): Promise<void> {
+    if (!this.state.kill) await condition(() => this.state.kill !== undefined);
+  }
+
+  private async retryPropagation(request: OperatorRequest): Promise<RetryPropagationResult> {
+    const updateId = currentUpdateInfo()?.id ?? String(this.state.retryRound + 1);
+    await this.untilKilled();
+    const retrying = this.state.unsettled().map((d) => d.receiverId);
+    await store.recordAudit.executeWithOptions({ summary: 'audit: operator asked to retry propagation' }, [
+      {
+        tokenId: this.input.tokenId,
+        auditKey: `retry:${workflowInfo().runId}:${updateId}`,
+        kind: 'propagation.retry-requested',
+        data: { reason: request.reason, actor: request.actor ?? 'operator', receivers: retrying },
+      },
+    ]);
+    this.state.retryRequested();
+    // Restart deliveries now: cancelling a running activity resets its backoff.
+    for (const receiverId of retrying) this.interrupt(receiverId);
+    return { retrying };
+  }
+
+  private async forceComplete(request: OperatorRequest): Promise<ForceCompleteResult> {
+    const updateId = currentUpdateInfo()?.id ?? 'force';
+    await this.untilKilled();
+    const receivers = await store.forceCompleteDeliveries.executeWithOptions(
+      { summary: 'operator forces propagation complete' },
+      [
+        {
+          tokenId: this.input.tokenId,
+          auditKey: `force:${workflowInfo().runId}:${updateId}`,
+          reason: request.reason,
+          actor: request.actor ?? 'operator',
+        },
+      ],
+    );
+    this.state.forcedComplete(receivers);
+    for (const receiverId of receivers) this.interrupt(receiverId);
+    return { forced: receivers };
+  }
+
+  // ---------------------------------------------------------------- phase 3: complete
+
+  async complete(): Promise<TokenLifecycleResult> {
+    const { forced } = this.state;
+    const done = await store.setPropagation.executeWithOptions(
+      { summary: forced ? 'complete: forced by an operator' : 'every receiver confirmed: complete' },
+      [
+        {
+          tokenId: this.input.tokenId,
+          state: 'complete',
+          auditKey: `complete:${workflowInfo().runId}`,
+          detail: { forced, receivers: this.input.receivers },
+        },
+      ],
+    );
+    this.state.completed('complete');
+    upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.propagation, value: done.propagation }]);
+    await condition(allHandlersFinished);
+    return {
+      tokenId: this.input.tokenId,
+      status: this.state.status,
+      propagation: 'complete',
+      forced,
+      deliveries: this.state.all(),
+    };
+  }
 }
