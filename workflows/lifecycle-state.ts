@@ -211,12 +211,17 @@ export class LifecycleState {
     this.changed();
   }
 
+  /** The timing this run propagates with is known (read once; it never changes within a run). */
+  timingKnown(timing: EffectiveTiming): void {
+    this.timing ??= timing;
+    this.changed();
+  }
+
   /**
-   * Propagation starts with these timings and, when read from the store, its delivery rows: a row
-   * an earlier run left settled stays settled, a rejected one waits for an operator.
+   * A run that begins already revoking resumes from the store's delivery rows: a row an earlier
+   * run left settled stays settled, a rejected one waits for an operator.
    */
-  propagationStarted(timing: EffectiveTiming, rows: DeliveryView[] = []): void {
-    this.timing = timing;
+  resumedFromStore(rows: DeliveryView[]): void {
     for (const row of rows) {
       const current = this.deliveries.get(row.receiverId);
       if (current && row.eventId === current.eventId) this.deliveries.set(row.receiverId, row);

@@ -44,6 +44,7 @@ import {
   type ForceCompleteResult,
   type OperatorRequest,
   type PropagationSnapshot,
+  type PropagationTiming,
   type RetryPropagationResult,
   type TokenLifecycleResult,
   type TokenWorkflowInput,
@@ -55,9 +56,10 @@ import {
  */
 export const PATCHES = {
   /**
-   * Propagation starts by reading the worker's timing and the store's delivery rows (a local
-   * activity), reads the rows again when a delivery ends and before escalating, and delivers again
-   * after a pause when a delivery activity ended without a receiver's rejection.
+   * Propagation reads the worker's timing and the store's delivery rows (a local activity): before
+   * deliveries start when a run begins already revoking, after the kill otherwise; the rows again
+   * when a delivery ends and before escalating. A delivery activity that ended without a
+   * receiver's rejection is delivered again after a pause.
    */
   storeDrivenPropagation: 'store-driven-propagation',
   /** A sleeping token also wakes when the server suggests continue-as-new. */
@@ -80,6 +82,28 @@ const storeReads = proxyLocalActivities<Activities>({
   retry: { initialInterval: '200ms', backoffCoefficient: 2, maximumInterval: '10s' },
 });
 
+/**
+ * Delivery activities: retried on the worker's schedule, or, before that timing is known (the first
+ * attempt that goes out with the kill), a single attempt that the workflow schedules again.
+ */
+function deliveryActivities(timing: PropagationTiming | undefined) {
+  return proxyActivities<Activities>({
+    // One HTTP attempt is bounded at 10 s; a worker that died mid-attempt delays the retry by this much.
+    startToCloseTimeout: '15s',
+    // TRY_CANCEL: retryPropagation restarts a delivery at once; an attempt still in flight records
+    // its own outcome in the store, which the next attempt reads before sending anything.
+    cancellationType: 'TRY_CANCEL',
+    retry: timing
+      ? {
+          initialInterval: timing.retryInitialMs,
+          backoffCoefficient: 2,
+          maximumInterval: timing.retryMaxMs,
+          nonRetryableErrorTypes: [RECEIVER_REJECTED],
+        }
+      : { maximumAttempts: 1, nonRetryableErrorTypes: [RECEIVER_REJECTED] },
+  });
+}
+
 export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLifecycleResult> {
   const lifecycle = new TokenLifecycle(input);
   const kill = await lifecycle.liveUntilKilled();
@@ -99,10 +123,12 @@ interface DeliveryRun {
 class TokenLifecycle {
   private readonly state: LifecycleState;
   private readonly runs = new Map<string, DeliveryRun>();
-  /** Decided when propagation starts: does this run follow PATCHES.storeDrivenPropagation? */
-  private storeDriven = false;
-  private delivery: ReturnType<typeof proxyActivities<Activities>> | undefined;
+  /** Whether this run follows PATCHES.storeDrivenPropagation: decided where it first matters. */
+  private storeDrivenDecision: boolean | undefined;
+  /** The run has slept since it started: a revoke now finds nothing propagated by this run. */
+  private wasAsleep = false;
   private deliveriesStarted = false;
+  private storeRead: Promise<PropagationSnapshot> | undefined;
   /** True once every delivery loop has ended; `deliveryFailure` holds what ended one abnormally. */
   private deliveriesEnded = false;
   private deliveryFailure: unknown;
@@ -148,6 +174,7 @@ class TokenLifecycle {
         continue;
       }
       const wakeForContinueAsNew = patched(PATCHES.wakeForContinueAsNew);
+      this.wasAsleep = true;
       await condition(
         () => this.state.revokeRequest !== undefined || (wakeForContinueAsNew && workflowInfo().continueAsNewSuggested),
         remaining,
@@ -159,7 +186,10 @@ class TokenLifecycle {
   private async killOnRevoke(): Promise<KillResult> {
     const { malformed, ...request } = this.state.revokeRequest!;
     this.state.killing('revoke');
-    await this.startPropagation();
+    // A run that begins already revoking (restarted, or told late) resumes from the store first. A
+    // run woken from its sleep has propagated nothing: its deliveries go out with the kill, each
+    // one's first attempt before the worker's timing is read.
+    if (!this.wasAsleep) await this.startPropagation();
     const killing = store.killToken.executeWithOptions({ summary: summaryText(`revoke: ${request.reason}`) }, [
       { tokenId: this.input.tokenId, ...request, byWorkflow: true },
     ]);
@@ -197,6 +227,7 @@ class TokenLifecycle {
     if (result.notYetExpiredMs === undefined) return result;
     // The database clock is behind workflow time: wait the difference (a revoke still wins).
     this.state.stillAlive();
+    this.wasAsleep = true;
     await condition(() => this.state.revokeRequest !== undefined, result.notYetExpiredMs, {
       summary: 'waiting for the database clock to reach expiry',
     });
@@ -241,32 +272,44 @@ class TokenLifecycle {
     }
   }
 
+  private get storeDriven(): boolean {
+    this.storeDrivenDecision ??= patched(PATCHES.storeDrivenPropagation);
+    return this.storeDrivenDecision;
+  }
+
   /**
-   * Fixes the run's timing and, for runs that follow the patch, adopts the store's delivery rows:
-   * settled rows stay settled, rejected ones wait for an operator, the rest are delivered.
+   * Fixes the run's timing (the worker owns it). Before deliveries start, the store's rows are
+   * adopted: settled rows stay settled, rejected ones wait for an operator, the rest are delivered.
    */
   private async startPropagation(): Promise<void> {
     if (this.state.timing) return;
-    this.storeDriven = patched(PATCHES.storeDrivenPropagation);
     if (!this.storeDriven) {
       // Runs recorded before the patch carry their timing in the input.
-      this.state.propagationStarted({ ...this.input.timing!, source: 'workflow input' });
+      this.state.timingKnown({ ...this.input.timing!, source: 'workflow input' });
       return;
     }
-    const snapshot = await this.readStore('read the worker timing and the delivery rows');
-    this.state.propagationStarted({ ...snapshot.timing, source: 'worker' }, snapshot.deliveries);
+    const snapshot = await this.readStore();
+    this.state.timingKnown({ ...snapshot.timing, source: 'worker' });
+    if (!this.deliveriesStarted) this.state.resumedFromStore(snapshot.deliveries);
   }
 
-  private readStore(summary: string): Promise<PropagationSnapshot> {
-    return storeReads.loadPropagation.executeWithOptions({ summary }, [
-      { tokenId: this.input.tokenId, eventId: this.input.revocationEventId },
-    ]);
+  /**
+   * The worker's timing and the store's delivery rows. One read at a time, shared by whoever needs
+   * it meanwhile: concurrent local activities can resolve in other groupings on replay.
+   */
+  private readStore(): Promise<PropagationSnapshot> {
+    this.storeRead ??= storeReads.loadPropagation
+      .executeWithOptions({ summary: 'read the worker timing and the delivery rows' }, [
+        { tokenId: this.input.tokenId, eventId: this.input.revocationEventId },
+      ])
+      .finally(() => (this.storeRead = undefined));
+    return this.storeRead;
   }
 
   private async escalate(round: number): Promise<void> {
     if (this.storeDriven) {
       // The attempts made while the activities retried are in the store only.
-      for (const row of (await this.readStore('read the delivery rows before escalating')).deliveries) {
+      for (const row of (await this.readStore()).deliveries) {
         this.state.deliveryObserved(row);
       }
     }
@@ -316,20 +359,6 @@ class TokenLifecycle {
   private startDeliveries(): void {
     if (this.deliveriesStarted) return;
     this.deliveriesStarted = true;
-    const timing = this.state.timing!;
-    this.delivery = proxyActivities<Activities>({
-      // One HTTP attempt is bounded at 10 s; a worker that died mid-attempt delays the retry by this much.
-      startToCloseTimeout: '15s',
-      // TRY_CANCEL: retryPropagation restarts a delivery at once; an attempt still in flight records
-      // its own outcome in the store, which the next attempt reads before sending anything.
-      cancellationType: 'TRY_CANCEL',
-      retry: {
-        initialInterval: timing.retryInitialMs,
-        backoffCoefficient: 2,
-        maximumInterval: timing.retryMaxMs,
-        nonRetryableErrorTypes: [RECEIVER_REJECTED],
-      },
-    });
     Promise.all(this.input.receivers.map((receiverId) => this.deliverUntilSettled(receiverId))).then(
       () => (this.deliveriesEnded = true),
       (err: unknown) => {
@@ -355,15 +384,15 @@ class TokenLifecycle {
         run.endingsInARow = 0;
         this.state.deliveryObserved(outcome.row);
         // A result is a settled row; anything else is an ending like a failure, paced the same way.
-        if (!this.storeDriven || this.state.isSettled(receiverId)) continue;
+        if (this.state.isSettled(receiverId) || !this.storeDriven) continue;
       } else if (!this.storeDriven) {
         // Runs recorded before the patch took every failure for a rejection.
         this.state.deliveryRejected(receiverId, failureMessage(outcome.failure));
         continue;
       } else {
-        const row = (await this.readStore(`read the delivery row of ${receiverId}`)).deliveries.find(
-          (d) => d.receiverId === receiverId,
-        );
+        const snapshot = await this.readStore();
+        this.state.timingKnown({ ...snapshot.timing, source: 'worker' });
+        const row = snapshot.deliveries.find((d) => d.receiverId === receiverId);
         if (isReceiverRejection(outcome.failure)) {
           run.endingsInARow = 0;
           this.state.deliveryRejected(receiverId, failureMessage(outcome.failure), row);
@@ -385,9 +414,10 @@ class TokenLifecycle {
     const scope = new CancellationScope();
     run.scope = scope;
     run.interrupted = false;
+    const activities = deliveryActivities(this.state.timing);
     try {
       const row = await scope.run(() =>
-        this.delivery!.deliverRevocation.executeWithOptions({ summary: `deliver revocation to ${receiverId}` }, [
+        activities.deliverRevocation.executeWithOptions({ summary: `deliver revocation to ${receiverId}` }, [
           { eventId: this.input.revocationEventId, receiverId },
         ]),
       );
@@ -396,7 +426,10 @@ class TokenLifecycle {
       // Cancelled by retryPropagation (restart) or forceComplete (settled): the loop re-checks. Any
       // other cancellation is the workflow's own (e.g. from the Web UI): let it end the workflow;
       // the reconciler restarts propagation that a closed workflow left unfinished.
-      if (isCancellation(err) && run.interrupted) return { kind: 'interrupted' };
+      if (isCancellation(err)) {
+        if (run.interrupted) return { kind: 'interrupted' };
+        throw err;
+      }
       if (!(err instanceof ActivityFailure)) throw err;
       return { kind: 'failure', failure: err };
     } finally {
