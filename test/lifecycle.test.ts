@@ -4,9 +4,18 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { WorkflowUpdateFailedError } from '@temporalio/client';
-import { tokenWorkflowId } from '../common/names.js';
+import {
+  ApplicationFailure,
+  WorkflowUpdateFailedError,
+  WorkflowUpdateStage,
+  type WorkflowHandle,
+} from '@temporalio/client';
+import { RECEIVER_UNAVAILABLE } from '../activities/propagation.js';
+import { signalRevoke, startTokenWorkflow } from '../common/temporal.js';
+import { newCredentialId, newTokenId } from '../common/ids.js';
+import { SEARCH_ATTRIBUTE, tokenWorkflowId } from '../common/names.js';
 import * as store from '../common/store/index.js';
+import { INVALID_OPERATOR_REQUEST, NOT_PROPAGATING } from '../workflows/lifecycle-state.js';
 import {
   describeQuery,
   forceCompleteUpdate,
@@ -50,6 +59,41 @@ async function addReceiver(): Promise<{ id: string; receiver: TestReceiver }> {
 const handleOf = (tokenId: string) => ctx.client.workflow.getHandle(tokenWorkflowId(tokenId));
 
 const result = (tokenId: string) => handleOf(tokenId).result() as Promise<TokenLifecycleResult>;
+
+/** The workflow's current details, as the Web UI reads them (the built-in metadata query). */
+const currentDetails = async (handle: WorkflowHandle) =>
+  (await handle.query<{ currentDetails?: string }>('__temporal_workflow_metadata')).currentDetails ?? '';
+
+const propagationAttribute = async (handle: WorkflowHandle) =>
+  (await handle.describe()).typedSearchAttributes.get(SEARCH_ATTRIBUTE.propagation);
+
+const auditKinds = async (tokenId: string) => (await store.readAudit(ctx.pool, tokenId)).map((e) => e.kind);
+
+const propagationIs = (tokenId: string, state: string) => async () =>
+  (await store.requireToken(ctx.pool, tokenId)).propagation === state;
+
+/** What the reconciler does for an unfinished propagation whose workflow is gone: signal-with-start a new run. */
+async function restartAsReconcilerDoes(tokenId: string): Promise<void> {
+  const token = await store.requireToken(ctx.pool, tokenId);
+  await signalRevoke(
+    ctx.client,
+    token,
+    { reason: token.revokeReason!, actor: token.revokedBy!, initiatingEntity: token.initiatingEntity! },
+    ctx.settings.temporal.taskQueue,
+    ctx.settings.timing,
+  );
+}
+
+/** An operator Update's rejection as the client sees it: the failure it carries. */
+async function updateRejection(update: Promise<unknown>): Promise<ApplicationFailure> {
+  const err = await update.then(
+    () => assert.fail('the update was accepted'),
+    (e: unknown) => e,
+  );
+  assert.ok(err instanceof WorkflowUpdateFailedError, String(err));
+  assert.ok(err.cause instanceof ApplicationFailure, String(err.cause));
+  return err.cause;
+}
 
 describe('token lifecycle', () => {
   it('should expire at expires_at and tell every receiver once, with the same webhook-id on retries', async () => {
@@ -189,12 +233,22 @@ describe('token lifecycle', () => {
       ['failed', 'delivered'],
     );
     assert.equal(a.receiver.requests.length, 1, 'a 400 is not retried by itself');
-    assert.equal((await handle.query(describeQuery)).phase, 'stuck');
+    await waitUntil(async () => (await handle.query(describeQuery)).phase === 'stuck', 'phase stuck');
+    // The workflow's view is the store's: the rejected attempt is counted, with its answer.
+    const view = await handle.query(describeQuery);
+    const rejected = view.deliveries.find((d) => d.receiverId === a.id)!;
+    assert.deepEqual([rejected.status, rejected.attempts, rejected.lastStatusCode], ['failed', 1, 400]);
+    const row = stuck.deliveries.find((d) => d.receiverId === a.id)!;
+    assert.deepEqual([rejected.attempts, rejected.lastStatusCode], [row.attempts, row.lastStatusCode]);
+    const details = await currentDetails(handle);
+    assert.match(details, /Propagation \*\*stuck\*\*/);
+    assert.doesNotMatch(details, /pending/i);
+    assert.match(details, new RegExp(`${a.id}\`: rejected after 1 attempt; last: receiver ${a.id} answered HTTP 400`));
 
-    await assert.rejects(
-      handle.executeUpdate(retryPropagationUpdate, { args: [{ reason: '' }] }),
-      WorkflowUpdateFailedError,
-    );
+    const noReason = await updateRejection(handle.executeUpdate(retryPropagationUpdate, { args: [{ reason: '' }] }));
+    assert.equal(noReason.nonRetryable, true, 'a rejected Update is not worth retrying');
+    assert.equal(noReason.type, INVALID_OPERATOR_REQUEST);
+    assert.match(noReason.message, /^reason: /);
     a.receiver.behaviour = () => ({ status: 204 });
     const retried = await handle.executeUpdate(retryPropagationUpdate, {
       args: [{ reason: 'receiver fixed', actor: 'ops:carol' }],
@@ -225,7 +279,18 @@ describe('token lifecycle', () => {
     await waitUntil(() => a.receiver.requests.length > before, 'retries to continue while stuck');
 
     const handle = handleOf(issued.tokenId);
-    await assert.rejects(handle.executeUpdate(forceCompleteUpdate, { args: [{} as never] }), WorkflowUpdateFailedError);
+    // Attempts made while the activity retried are read from the store when escalating.
+    const stuck = await handle.query(describeQuery);
+    assert.equal(stuck.phase, 'stuck');
+    assert.ok(stuck.deliveries[0]!.attempts >= 1, `attempts at escalation: ${stuck.deliveries[0]!.attempts}`);
+    assert.equal(stuck.deliveries[0]!.lastStatusCode, 503);
+    assert.match(await currentDetails(handle), /Propagation \*\*stuck\*\*/);
+    const stuckEvent = (await store.readAudit(ctx.pool, issued.tokenId)).find((e) => e.kind === 'propagation.stuck');
+    assert.match(stuckEvent!.canonical, /"attempts":[1-9]/);
+
+    const missing = await updateRejection(handle.executeUpdate(forceCompleteUpdate, { args: [{} as never] }));
+    assert.equal(missing.nonRetryable, true);
+    assert.match(missing.message, /^reason: /);
     const forced = await handle.executeUpdate(forceCompleteUpdate, {
       args: [{ reason: 'receiver decommissioned', actor: 'ops:dan' }],
     });
@@ -237,6 +302,11 @@ describe('token lifecycle', () => {
     assert.equal(shown.deliveries[0]!.status, 'forced');
     const forcedEvent = (await store.readAudit(ctx.pool, issued.tokenId)).find((e) => e.kind === 'propagation.forced');
     assert.match(forcedEvent!.canonical, /receiver decommissioned/);
+    const details = await currentDetails(handle);
+    assert.match(details, /Propagation \*\*complete\*\*, forced by an operator: 0 of 1 receivers confirmed, 1 forced/);
+    assert.doesNotMatch(details, /every receiver confirmed/);
+    assert.equal((await handle.query(describeQuery)).phase, 'complete');
+    await maybeRecordHistory(handle, 'escalate-force');
   });
 
   it('should complete at once when an operator forces completion before escalation', async () => {
@@ -310,5 +380,313 @@ describe('token lifecycle', () => {
     assert.equal(row.revokeReason, 'unspecified');
     const kinds = (await store.readAudit(ctx.pool, issued.tokenId)).map((e) => e.kind);
     assert.ok(kinds.includes('signal.malformed'), kinds.join(','));
+    await maybeRecordHistory(handleOf(issued.tokenId), 'malformed-revoke');
+  });
+  it('should deliver again, never as a rejection, when the server ends a delivery after Retry-After: 0', async () => {
+    await ensureWorker();
+    const a = await addReceiver();
+    a.receiver.behaviour = (n) => (n <= 2 ? { status: 503, headers: { 'retry-after': '0' } } : { status: 204 });
+    const issued = await ctx.warden.issue({ subject: 'usr_retry_after_0', receivers: [a.id], ttl: '1h' });
+    await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'transient receiver' });
+    const done = await result(issued.tokenId);
+    assert.equal(done.forced, false);
+    assert.equal(a.receiver.requests.length, 3);
+    assert.equal(a.receiver.acked().length, 1);
+    assert.deepEqual((await ctx.warden.show(issued.tokenId)).deliveries[0]!.attempts, 3);
+    const kinds = await auditKinds(issued.tokenId);
+    assert.ok(!kinds.includes('propagation.stuck'), `a transient answer never escalates: ${kinds.join(',')}`);
+  });
+
+  it('should deliver again after a pause when a delivery activity ends with a failure of another type', async () => {
+    // Fault at the activity boundary: the real attempt reaches the real receiver, then the activity
+    // ends as a worker-side fault would end it (non-retryable, not the receiver's rejection).
+    await worker?.stop();
+    let calls = 0;
+    const faulty = await ctx.startWorker(ctx.settings, {
+      wrapActivities: (real) => ({
+        ...real,
+        async deliverRevocation(input) {
+          calls++;
+          try {
+            return await real.deliverRevocation(input);
+          } catch (err) {
+            if (calls > 1) throw err;
+            throw ApplicationFailure.create({
+              message: `attempt ended by the worker: ${(err as Error).message}`,
+              type: RECEIVER_UNAVAILABLE,
+              nonRetryable: true,
+            });
+          }
+        },
+      }),
+    });
+    try {
+      const a = await addReceiver();
+      a.receiver.behaviour = (n) => (n === 1 ? { status: 503 } : { status: 204 });
+      const issued = await ctx.warden.issue({ subject: 'usr_ended', receivers: [a.id], ttl: '1h' });
+      await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'worker fault drill' });
+      const done = await result(issued.tokenId);
+      assert.equal(done.deliveries[0]!.status, 'delivered');
+      assert.equal(done.deliveries[0]!.attempts, 2, 'the workflow reports the store row');
+      assert.equal(calls, 2);
+      assert.deepEqual(
+        a.receiver.requests.map((r) => [r.answered, r.verified]),
+        [
+          [503, true],
+          [204, true],
+        ],
+      );
+      assert.equal(new Set(a.receiver.requests.map((r) => r.headers['webhook-id'])).size, 1);
+      const kinds = await auditKinds(issued.tokenId);
+      assert.ok(!kinds.includes('propagation.stuck'), kinds.join(','));
+      const text = historyText(await handleOf(issued.tokenId).fetchHistory()).join('\n');
+      assert.match(text, new RegExp(`pause before delivering to ${a.id} again`), 'a durable pause, not a spin');
+      await maybeRecordHistory(handleOf(issued.tokenId), 'delivery-ended-retried');
+    } finally {
+      await faulty.stop();
+    }
+  });
+
+  it('should audit every escalation of a workflow restarted after it was terminated', async () => {
+    await ensureWorker();
+    const a = await addReceiver();
+    a.receiver.behaviour = () => ({ status: 503 });
+    const issued = await ctx.warden.issue({ subject: 'usr_two_escalations', receivers: [a.id], ttl: '1h' });
+    await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'offboarding' });
+    await waitUntil(propagationIs(issued.tokenId, 'stuck'), 'the first escalation');
+    await handleOf(issued.tokenId).executeUpdate(retryPropagationUpdate, { args: [{ reason: 'receiver restarted' }] });
+    await waitUntil(propagationIs(issued.tokenId, 'pending'), 'propagation pending after the retry');
+    await handleOf(issued.tokenId).terminate('drill: the worker fleet lost this run');
+
+    await restartAsReconcilerDoes(issued.tokenId);
+    await waitUntil(propagationIs(issued.tokenId, 'stuck'), 'the restarted run to escalate');
+    const kinds = await auditKinds(issued.tokenId);
+    assert.deepEqual(
+      kinds.filter((k) => k.startsWith('propagation.')),
+      ['propagation.stuck', 'propagation.retry-requested', 'propagation.pending', 'propagation.stuck'],
+    );
+    assert.equal(store.findBrokenAuditLink(await store.readAudit(ctx.pool, issued.tokenId)), null);
+    await handleOf(issued.tokenId).executeUpdate(forceCompleteUpdate, { args: [{ reason: 'drill over' }] });
+    await result(issued.tokenId);
+  });
+
+  it('should resume a restarted run where the store says: rejected deliveries wait, stuck stays stuck, the rest go on', async () => {
+    await ensureWorker();
+    const rejecting = await addReceiver();
+    const retrying = await addReceiver();
+    rejecting.receiver.behaviour = () => ({ status: 410 });
+    retrying.receiver.behaviour = () => ({ status: 503 });
+    const issued = await ctx.warden.issue({
+      subject: 'usr_restarted',
+      receivers: [rejecting.id, retrying.id],
+      ttl: '1h',
+    });
+    await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'contract ended' });
+    await waitUntil(propagationIs(issued.tokenId, 'stuck'), 'escalation on the 410');
+    await handleOf(issued.tokenId).terminate('drill: the worker fleet lost this run');
+    const firstRun = rejecting.receiver.requests.length;
+    assert.equal(firstRun, 1);
+    retrying.receiver.behaviour = () => ({ status: 200 });
+
+    await restartAsReconcilerDoes(issued.tokenId);
+    const handle = handleOf(issued.tokenId);
+    const view = await waitUntil(async () => {
+      const v = await handle.query(describeQuery);
+      return v.deliveries.find((d) => d.receiverId === retrying.id)?.status === 'delivered' && v;
+    }, 'the retryable delivery to go on in the new run');
+    assert.equal(view.phase, 'stuck');
+    assert.equal(view.propagation, 'stuck');
+    const gone = view.deliveries.find((d) => d.receiverId === rejecting.id)!;
+    assert.deepEqual([gone.status, gone.attempts, gone.lastStatusCode], ['failed', 1, 410]);
+    assert.equal(await propagationAttribute(handle), 'stuck');
+    const details = await currentDetails(handle);
+    assert.match(details, /Propagation \*\*stuck\*\*: 1 of 2 receivers confirmed/);
+    assert.match(details, new RegExp(`${rejecting.id}\`: rejected after 1 attempt`));
+
+    // Only an operator sends the rejected delivery again.
+    rejecting.receiver.behaviour = () => ({ status: 204 });
+    const retried = await handle.executeUpdate(retryPropagationUpdate, { args: [{ reason: 'endpoint restored' }] });
+    assert.deepEqual(retried.retrying, [rejecting.id]);
+    const done = await result(issued.tokenId);
+    assert.equal(done.propagation, 'complete');
+    assert.equal(rejecting.receiver.requests.length, 2, 'one attempt before the restart, one after the retry');
+    const kinds = await auditKinds(issued.tokenId);
+    assert.equal(kinds.filter((k) => k === 'propagation.stuck').length, 1, kinds.join(','));
+    await maybeRecordHistory(handle, 'restart-adopts-stuck');
+  });
+
+  it("should propagate with the worker's timing, not the issuer's, and show it", async () => {
+    // The issuing process has slow settings; the worker's fast ones must be the ones in force.
+    const issuer = await TestContext.create('lifecycle_timing', {
+      escalateAfterMs: 3_600_000,
+      retryInitialMs: 30_000,
+      retryMaxMs: 60_000,
+    });
+    const fastWorker = await issuer.startWorker({
+      ...issuer.settings,
+      timing: { escalateAfterMs: 1_000, retryInitialMs: 100, retryMaxMs: 400 },
+    });
+    try {
+      const r = await TestReceiver.start();
+      receivers.push(r);
+      r.secret = (await issuer.warden.addReceiver({ id: 'slowpoke', url: r.url })).secret;
+      r.behaviour = () => ({ status: 503 });
+      const issued = await issuer.warden.issue({ subject: 'usr_timing', receivers: ['slowpoke'], ttl: '1h' });
+      await issuer.warden.revoke({ tokenId: issued.tokenId, reason: 'offboarding' });
+      await waitUntil(() => r.requests.length >= 4, "retries at the worker's pace", 5_000);
+      await waitUntil(
+        async () => (await store.requireToken(issuer.pool, issued.tokenId)).propagation === 'stuck',
+        "escalation after the worker's 1 s",
+        5_000,
+      );
+      const handle = issuer.client.workflow.getHandle(tokenWorkflowId(issued.tokenId));
+      const view = await handle.query(describeQuery);
+      assert.deepEqual(view.timing, {
+        escalateAfterMs: 1_000,
+        retryInitialMs: 100,
+        retryMaxMs: 400,
+        source: 'worker',
+      });
+      assert.match(
+        await currentDetails(handle),
+        /Timing \(from the worker\): escalate after 1 s; retries from 100 ms, doubling up to 400 ms\./,
+      );
+      await handle.executeUpdate(forceCompleteUpdate, { args: [{ reason: 'drill over' }] });
+    } finally {
+      await fastWorker.stop();
+      await issuer.close();
+    }
+  });
+
+  it('should show the escalation deadline and the pending state while receivers retry', async () => {
+    await ensureWorker();
+    const a = await addReceiver();
+    a.receiver.behaviour = (n) => (n <= 3 ? { status: 503 } : { status: 204 });
+    const issued = await ctx.warden.issue({ subject: 'usr_pending', receivers: [a.id], ttl: '1h' });
+    await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'rotation' });
+    const handle = handleOf(issued.tokenId);
+    const view = await waitUntil(async () => {
+      const v = await handle.query(describeQuery);
+      return v.phase === 'propagating' && v;
+    }, 'phase propagating');
+    assert.ok(view.escalateAt && Date.parse(view.escalateAt) > Date.now() - 1_000, String(view.escalateAt));
+    assert.equal(view.timing?.source, 'worker');
+    const details = await currentDetails(handle);
+    assert.match(details, /Propagation \*\*pending\*\*: 0 of 1 receivers confirmed; escalates to stuck at /);
+    await result(issued.tokenId);
+    assert.match(await currentDetails(handle), /Propagation \*\*complete\*\*: every receiver confirmed\./);
+    assert.equal((await handle.query(describeQuery)).deliveries[0]!.attempts, 4);
+  });
+
+  it('should refuse operator Updates on a live token with a non-retryable failure', async () => {
+    await ensureWorker();
+    const issued = await ctx.warden.issue({ subject: 'usr_alive', ttl: '1h' });
+    const handle = handleOf(issued.tokenId);
+    const refused = await updateRejection(handle.executeUpdate(forceCompleteUpdate, { args: [{ reason: 'x' }] }));
+    assert.equal(refused.nonRetryable, true);
+    assert.equal(refused.type, NOT_PROPAGATING);
+    assert.match(refused.message, /is not propagating a revocation \(phase active\)/);
+    assert.match(await currentDetails(handle), /^\*\*active\*\* until /);
+    await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'done' });
+    await result(issued.tokenId);
+  });
+
+  it("should accept an operator's forceComplete while the workflow's kill is still committing", async () => {
+    // The kill waits on a row lock the test holds: deliveries already run, the kill has not returned.
+    await worker?.stop();
+    const a = await addReceiver();
+    a.receiver.behaviour = () => ({ status: 503 });
+    const issued = await ctx.warden.issue({ subject: 'usr_force_killing', receivers: [a.id], ttl: '1h' });
+    await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'offboarding' });
+    const lock = await ctx.pool.connect();
+    try {
+      await lock.query('BEGIN');
+      await lock.query('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [issued.tokenId]);
+      await ensureWorker();
+      await waitUntil(() => a.receiver.requests.length >= 1, 'a delivery attempt during the kill');
+      const handle = handleOf(issued.tokenId);
+      assert.equal((await handle.query(describeQuery)).phase, 'killing');
+      const forcing = await handle.startUpdate(forceCompleteUpdate, {
+        args: [{ reason: 'receiver retired' }],
+        waitForStage: WorkflowUpdateStage.ACCEPTED,
+      });
+      await lock.query('ROLLBACK');
+      assert.deepEqual((await forcing.result()).forced, [a.id]);
+      const done = await result(issued.tokenId);
+      assert.equal(done.forced, true);
+      await maybeRecordHistory(handle, 'force-while-killing');
+    } finally {
+      await lock.query('ROLLBACK').catch(() => {});
+      lock.release();
+    }
+  });
+
+  it('should continue as new when the server suggests it, even while asleep, and still revoke', async () => {
+    await ensureWorker();
+    const a = await addReceiver();
+    const issued = await ctx.warden.issue({ subject: 'usr_long_lived', receivers: [a.id], ttl: '1h' });
+    const handle = handleOf(issued.tokenId);
+    await waitUntil(async () => (await handle.query(describeQuery)).phase === 'active', 'the token asleep');
+    const { runId: firstRunId } = await handle.describe();
+    // Signals without a handler (e.g. a mistyped batch operation) only grow the history: with no
+    // worker polling, each one is one event, and the server suggests continue-as-new past 4096.
+    await worker!.stop();
+    for (let sent = 0; sent < 4_200; sent += 200) {
+      await Promise.all(Array.from({ length: 200 }, () => handle.signal('ping')));
+    }
+    await ensureWorker();
+    await waitUntil(async () => (await handle.describe()).runId !== firstRunId, 'a new run', 30_000);
+    const first = ctx.client.workflow.getHandle(tokenWorkflowId(issued.tokenId), firstRunId);
+    assert.equal((await first.describe()).status.name, 'CONTINUED_AS_NEW');
+    await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'after a long sleep' });
+    const done = await result(issued.tokenId);
+    assert.equal(done.propagation, 'complete');
+    assert.equal(a.receiver.acked().length, 1);
+    await maybeRecordHistory(first, 'continue-as-new', { gzip: true });
+  });
+
+  it('should wait for the database clock when the workflow reaches expiry first', async () => {
+    await ensureWorker();
+    const a = await addReceiver();
+    const token = await store.insertToken(ctx.pool, {
+      tokenId: newTokenId(),
+      credentialId: newCredentialId(),
+      subject: 'usr_clock',
+      name: null,
+      scopes: [],
+      receivers: [a.id],
+      ttlMs: 3_000,
+      secretHash: Buffer.alloc(32, 9),
+    });
+    // The workflow believes expiry comes 2 s before the store does: a database clock 2 s behind.
+    const early = new Date(Date.parse(token.expiresAt) - 2_000).toISOString();
+    await startTokenWorkflow(
+      ctx.client,
+      { ...token, expiresAt: early },
+      ctx.settings.temporal.taskQueue,
+      ctx.settings.timing,
+    );
+    const done = await result(token.id);
+    assert.equal(done.status, 'expired');
+    const row = await store.requireToken(ctx.pool, token.id);
+    assert.ok(Date.parse(row.revokedAt!) >= Date.parse(row.expiresAt), 'killed only once the store says expired');
+    const text = historyText(await handleOf(token.id).fetchHistory()).join('\n');
+    assert.match(text, /waiting for the database clock to reach expiry/);
+    await maybeRecordHistory(handleOf(token.id), 'database-clock-wait');
+  });
+
+  it('should end as cancelled when the workflow is cancelled mid-propagation, leaving the store unfinished', async () => {
+    await ensureWorker();
+    const a = await addReceiver();
+    a.receiver.behaviour = () => ({ status: 503 });
+    const issued = await ctx.warden.issue({ subject: 'usr_cancel', receivers: [a.id], ttl: '1h' });
+    await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'offboarding' });
+    await waitUntil(() => a.receiver.requests.length >= 1, 'a delivery attempt');
+    const handle = handleOf(issued.tokenId);
+    await handle.cancel();
+    await waitUntil(async () => (await handle.describe()).status.name === 'CANCELLED', 'the workflow to end cancelled');
+    // The reconciler finishes what a closed workflow left unfinished.
+    assert.equal((await store.requireToken(ctx.pool, issued.tokenId)).propagation, 'pending');
+    await maybeRecordHistory(handle, 'cancelled-mid-propagation');
   });
 });

@@ -1,28 +1,43 @@
 /**
- * Determinism: recorded histories of released workflow code are replayed against the current
- * code. A change that is not gated by patched() fails here. No server needed.
- * Re-record (only for a deliberate, versioned change): TOKENWARDEN_RECORD_HISTORIES=1 npm test -- lifecycle
+ * Determinism: recorded histories are replayed against the current workflow code (no server). A
+ * change to the command sequence that is not gated by patched() fails here.
+ *
+ * test/histories/*.json(.gz) were recorded by the current code. A subfolder holds the histories of
+ * the code before a patch, named after that patch, and stays as long as such runs may exist.
+ * To record: `TOKENWARDEN_RECORD_HISTORIES=1 npm test -- lifecycle` writes the history of every
+ * scenario whose test calls maybeRecordHistory(), skipping files that already exist. After adding a
+ * patch, move the top-level files into a folder named after it, then record. Never delete and
+ * re-record a history to make this test pass: that hides the very change it exists to catch.
  */
 import assert from 'node:assert/strict';
-import { readdirSync, readFileSync } from 'node:fs';
-import path from 'node:path';
 import { describe, it } from 'node:test';
 import { Worker } from '@temporalio/worker';
 import { WORKFLOWS_PATH } from '../worker/worker.js';
-import { HISTORIES_DIR, loadHistory } from './support/history.js';
+import { historyFiles, loadHistory } from './support/history.js';
 
-const files = readdirSync(HISTORIES_DIR)
-  .filter((f) => f.endsWith('.json'))
-  .sort();
+const files = historyFiles();
 const bundle = process.env.TOKENWARDEN_TEST_WORKFLOW_BUNDLE;
 
 describe('recorded histories replay', () => {
   it('should have the recorded scenarios checked in', () => {
-    assert.deepEqual(files, ['expire-deliver.json', 'revoke-stuck-retry.json']);
+    assert.deepEqual(files, [
+      'before-store-driven-propagation/expire-deliver.json',
+      'before-store-driven-propagation/revoke-stuck-retry.json',
+      'cancelled-mid-propagation.json',
+      'continue-as-new.json.gz',
+      'database-clock-wait.json',
+      'delivery-ended-retried.json',
+      'escalate-force.json',
+      'expire-deliver.json',
+      'force-while-killing.json',
+      'malformed-revoke.json',
+      'restart-adopts-stuck.json',
+      'revoke-stuck-retry.json',
+    ]);
   });
   for (const file of files) {
     it(`should replay ${file} without a determinism error`, async () => {
-      const history = loadHistory(readFileSync(path.join(HISTORIES_DIR, file), 'utf8'));
+      const history = loadHistory(file);
       assert.ok((history.events?.length ?? 0) > 10, 'a real history');
       await Worker.runReplayHistory(
         bundle ? { workflowBundle: { codePath: bundle } } : { workflowsPath: WORKFLOWS_PATH },

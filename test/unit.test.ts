@@ -25,11 +25,19 @@ import { actorSchema, nameSchema, parseInput, reasonSchema, subjectSchema, ttlSc
 import { loadSettings } from '../common/config.js';
 import { ConfigError } from '../common/errors.js';
 import {
+  INVALID_OPERATOR_REQUEST,
+  LifecycleState,
+  formatMs,
+  isReceiverRejection,
   msUntil,
   parseRevokeSignal,
+  pauseAfterEnding,
   propagationVerdict,
   validateOperatorRequest,
 } from '../workflows/lifecycle-state.js';
+import type { DeliveryView, TokenWorkflowInput } from '../workflows/messages.js';
+import { ActivityFailure, ApplicationFailure, RetryState, TimeoutFailure, TimeoutType } from '@temporalio/common';
+import { RECEIVER_REJECTED } from '../common/names.js';
 
 describe('durations', () => {
   it('should parse the units people write', () => {
@@ -95,10 +103,19 @@ describe('lifecycle decisions', () => {
     const ok = parseRevokeSignal({ reason: ' left ', actor: 'hr', initiatingEntity: 'policy' });
     assert.deepEqual(ok, { reason: 'left', actor: 'hr', initiatingEntity: 'policy', malformed: false });
   });
-  it('should reject operator requests without a reason', () => {
-    assert.throws(() => validateOperatorRequest({}), /reason/);
-    assert.throws(() => validateOperatorRequest({ reason: '  ' }), /reason/);
-    assert.throws(() => validateOperatorRequest({ reason: 'x', actor: '' }), /actor/);
+  it('should reject operator requests without a reason, with a non-retryable failure naming the field', () => {
+    const rejects = (request: unknown, field: RegExp) =>
+      assert.throws(
+        () => validateOperatorRequest(request),
+        (e: unknown) =>
+          e instanceof ApplicationFailure &&
+          e.nonRetryable &&
+          e.type === INVALID_OPERATOR_REQUEST &&
+          field.test(e.message),
+      );
+    rejects({}, /^reason: /);
+    rejects({ reason: '  ' }, /^reason: /);
+    rejects({ reason: 'x', actor: '' }, /^actor: /);
     assert.doesNotThrow(() => validateOperatorRequest({ reason: 'receiver fixed' }));
   });
   it('should compute time left until a deadline', () => {
@@ -114,6 +131,153 @@ describe('lifecycle decisions', () => {
     });
     assert.deepEqual(propagationVerdict([{ status: 'pending' }], 10, 10), { kind: 'stuck' });
     assert.deepEqual(propagationVerdict([{ status: 'failed' }, { status: 'pending' }], 0, 10), { kind: 'stuck' });
+  });
+});
+
+describe('delivery endings', () => {
+  const ended = (cause: Error, retryState: RetryState) =>
+    new ActivityFailure('activity failed', 'deliverRevocation', '3', retryState, 'worker', cause);
+  it("should take only a receiver's non-retryable answer for a rejection", () => {
+    const rejected = ApplicationFailure.nonRetryable('receiver answered HTTP 410', RECEIVER_REJECTED);
+    assert.equal(isReceiverRejection(ended(rejected, RetryState.NON_RETRYABLE_FAILURE)), true);
+    const byPolicy = ApplicationFailure.retryable('receiver answered HTTP 400', RECEIVER_REJECTED);
+    assert.equal(isReceiverRejection(ended(byPolicy, RetryState.NON_RETRYABLE_FAILURE)), true);
+    // The server ended the activity (Retry-After: 0 became a zero delay): not the receiver's answer.
+    const unavailable = ApplicationFailure.create({ message: 'HTTP 503', type: 'ReceiverUnavailable' });
+    assert.equal(isReceiverRejection(ended(unavailable, RetryState.TIMEOUT)), false);
+    const otherType = ApplicationFailure.nonRetryable('worker misconfigured', 'SomethingElse');
+    assert.equal(isReceiverRejection(ended(otherType, RetryState.NON_RETRYABLE_FAILURE)), false);
+    const timeout = new TimeoutFailure('timed out', undefined, TimeoutType.START_TO_CLOSE);
+    assert.equal(isReceiverRejection(ended(timeout, RetryState.TIMEOUT)), false);
+  });
+  it('should pause on the retry schedule, growing and capped, so a delivery never spins', () => {
+    const timing = { retryInitialMs: 1_000, retryMaxMs: 5_000 };
+    assert.deepEqual(
+      [1, 2, 3, 4, 50].map((n) => pauseAfterEnding(n, timing)),
+      [1_000, 2_000, 4_000, 5_000, 5_000],
+    );
+  });
+});
+
+describe('lifecycle state', () => {
+  const input: TokenWorkflowInput = {
+    version: 1,
+    tokenId: 'tok_1',
+    subject: 'usr_1',
+    receivers: ['crm', 'billing'],
+    expiresAt: '2026-01-01T01:00:00.000Z',
+    revocationEventId: 'evt_1',
+  };
+  const timing = { escalateAfterMs: 3_600_000, retryInitialMs: 1_000, retryMaxMs: 600_000, source: 'worker' as const };
+  const row = (receiverId: string, over: Partial<DeliveryView>): DeliveryView => ({
+    receiverId,
+    eventId: 'evt_1',
+    status: 'pending',
+    attempts: 0,
+    lastStatusCode: null,
+    lastError: null,
+    ...over,
+  });
+  const killedFacts = (propagation: 'pending' | 'stuck') => ({
+    status: 'revoked' as const,
+    propagation,
+    revokedAt: '2026-01-01T00:00:00.000Z',
+    revokedBy: 'admin:alice',
+    revokeReason: 'left',
+  });
+  const now = Date.parse('2026-01-01T00:00:01.000Z');
+
+  it('should resume from the store: settled stays settled, rejected waits, stuck stays stuck', () => {
+    const state = new LifecycleState(input);
+    state.timingKnown(timing);
+    state.resumedFromStore([
+      row('crm', { status: 'failed', attempts: 1, lastStatusCode: 410, lastError: 'receiver crm answered HTTP 410' }),
+      row('billing', { status: 'delivered', attempts: 2, lastStatusCode: 200 }),
+    ]);
+    state.killed(killedFacts('stuck'), now);
+    assert.equal(state.phase, 'stuck');
+    assert.deepEqual(
+      state.all().map((d) => [d.receiverId, d.status, d.attempts]),
+      [
+        ['crm', 'failed', 1],
+        ['billing', 'delivered', 2],
+      ],
+    );
+    assert.deepEqual(state.verdict(now), { kind: 'stuck' });
+    const details = state.details();
+    assert.match(details, /^\*\*revoked\*\* at 2026-01-01T00:00:00.000Z by admin:alice: left\./);
+    assert.match(details, /Propagation \*\*stuck\*\*: 1 of 2 receivers confirmed\./);
+    assert.match(
+      details,
+      /`crm`: rejected after 1 attempt; last: receiver crm answered HTTP 410; waits for an operator/,
+    );
+    assert.match(details, /`billing`: confirmed after 2 attempts/);
+    assert.match(details, /Timing \(from the worker\): escalate after 1 h; retries from 1 s, doubling up to 10 min\./);
+    assert.equal(state.view().escalateAt, null, 'no deadline while stuck');
+  });
+
+  it('should keep an operator-retried delivery pending when a store read still shows it failed', () => {
+    const state = new LifecycleState(input);
+    state.timingKnown(timing);
+    state.killed(killedFacts('pending'), now);
+    state.deliveryRejected('crm', 'HTTP 400', row('crm', { status: 'failed', attempts: 1, lastStatusCode: 400 }));
+    state.retryRequested();
+    state.deliveryRetrying('crm');
+    state.deliveryObserved(row('crm', { status: 'failed', attempts: 1, lastStatusCode: 400 }));
+    assert.equal(state.delivery('crm').status, 'pending');
+    // Attempts only go forward; a settled row wins and is never moved back.
+    state.deliveryObserved(row('crm', { status: 'pending', attempts: 3, lastStatusCode: 503 }));
+    state.deliveryObserved(row('crm', { status: 'pending', attempts: 2, lastStatusCode: 503 }));
+    assert.equal(state.delivery('crm').attempts, 3);
+    state.deliveryObserved(row('crm', { status: 'delivered', attempts: 4, lastStatusCode: 204 }));
+    state.deliveryRejected('crm', 'late failure');
+    assert.equal(state.delivery('crm').status, 'delivered');
+  });
+
+  it('should tell a forced completion from a confirmed one, and report pending with its deadline', () => {
+    const details: string[] = [];
+    const state = new LifecycleState(input, (s) => details.push(s.details()));
+    state.timingKnown(timing);
+    state.killed(killedFacts('pending'), now);
+    assert.match(
+      details.at(-1)!,
+      /Propagation \*\*pending\*\*: 0 of 2 receivers confirmed; escalates to stuck at 2026-01-01T01:00:01.000Z/,
+    );
+    assert.equal(state.view().escalateAt, '2026-01-01T01:00:01.000Z');
+    state.deliveryObserved(row('billing', { status: 'delivered', attempts: 1, lastStatusCode: 204 }));
+    state.forcedComplete(['crm']);
+    state.completed('complete');
+    assert.match(
+      details.at(-1)!,
+      /Propagation \*\*complete\*\*, forced by an operator: 1 of 2 receivers confirmed, 1 forced/,
+    );
+    assert.doesNotMatch(details.at(-1)!, /every receiver confirmed/);
+    const view = state.view();
+    assert.equal(view.forced, true);
+    assert.equal(view.phase, 'complete');
+  });
+
+  it('should refuse operator requests unless a revocation is propagating something unsettled', () => {
+    const state = new LifecycleState(input);
+    assert.match(state.operatorRefusal()!, /not propagating a revocation \(phase active\)/);
+    state.revokeRequested({ reason: 'left' });
+    state.killing('revoke');
+    assert.equal(state.operatorRefusal(), undefined, 'deliveries run while the kill commits');
+    state.timingKnown(timing);
+    state.killed(killedFacts('pending'), now);
+    state.forcedComplete(['crm', 'billing']);
+    assert.match(state.operatorRefusal()!, /every receiver has already confirmed/);
+  });
+
+  it('should write durations as an operator reads them', () => {
+    assert.deepEqual([3_600_000, 600_000, 1_000, 200, 1_500, 86_400_000].map(formatMs), [
+      '1 h',
+      '10 min',
+      '1 s',
+      '200 ms',
+      '1.5 s',
+      '1 d',
+    ]);
   });
 });
 

@@ -6,7 +6,7 @@ import type { StorePool } from '../common/db.js';
 import { PACKAGE_ROOT, type Settings } from '../common/config.js';
 import { createPool } from '../common/db.js';
 import { RECONCILER_SCHEDULE_ID, RECONCILER_WORKFLOW_ID, WORKFLOW_TYPE } from '../common/names.js';
-import { createActivities } from '../activities/index.js';
+import { createActivities, type Activities } from '../activities/index.js';
 import { connectTemporal } from '../common/temporal.js';
 import type { ReconcileInput } from '../workflows/messages.js';
 
@@ -32,6 +32,8 @@ export interface TokenWorkerOptions {
   settings: Settings;
   /** A pre-built bundle (tests, production); otherwise the workflows are bundled at start. */
   workflowBundle?: WorkflowBundleOption;
+  /** Wraps the activities (fault-injection tests). */
+  wrapActivities?: (real: Activities) => Activities;
 }
 
 export async function createTokenWorker(opts: TokenWorkerOptions): Promise<Worker> {
@@ -42,7 +44,9 @@ export async function createTokenWorker(opts: TokenWorkerOptions): Promise<Worke
     taskQueue: settings.temporal.taskQueue,
     ...(opts.workflowBundle ? { workflowBundle: opts.workflowBundle } : { workflowsPath: WORKFLOWS_PATH }),
     dataConverter: { payloadConverterPath: PAYLOAD_CONVERTER_PATH },
-    activities: createActivities({ pool: opts.pool, client: opts.client, settings }),
+    activities: (opts.wrapActivities ?? ((real) => real))(
+      createActivities({ pool: opts.pool, client: opts.client, settings }),
+    ),
     shutdownGraceTime: SHUTDOWN_GRACE_MS,
     shutdownForceTime: SHUTDOWN_FORCE_MS,
   });

@@ -10,7 +10,7 @@ import type { StorePool } from '../../common/db.js';
 import { DEFAULT_MAX_TTL_MS, type Settings } from '../../common/config.js';
 import { createPool, migrate, quoteIdent } from '../../common/db.js';
 import { TokenWarden } from '../../client/index.js';
-import { createTokenWorker } from '../../worker/worker.js';
+import { createTokenWorker, type TokenWorkerOptions } from '../../worker/worker.js';
 
 function required(name: string): string {
   const value = process.env[name];
@@ -80,14 +80,22 @@ export class TestContext {
     return new TestContext(settings, pool, sql, client, nativeConnection, warden);
   }
 
-  /** Starts a worker on this file's task queue with the run's pre-built workflow bundle. */
-  async startWorker(settings: Settings = this.settings): Promise<RunningWorker> {
+  /**
+   * Starts a worker on this file's task queue with the run's pre-built workflow bundle; `settings`
+   * of its own (e.g. timing that differs from the issuer's), `wrapActivities` to inject a fault at
+   * the real activities' boundary.
+   */
+  async startWorker(
+    settings: Settings = this.settings,
+    opts: Pick<TokenWorkerOptions, 'wrapActivities'> = {},
+  ): Promise<RunningWorker> {
     const bundlePath = process.env.TOKENWARDEN_TEST_WORKFLOW_BUNDLE;
     const worker = await createTokenWorker({
       connection: this.nativeConnection,
       client: this.client,
       pool: this.pool,
       settings,
+      ...opts,
       ...(bundlePath ? { workflowBundle: { codePath: bundlePath } } : {}),
     });
     const running = worker.run();

@@ -1,5 +1,6 @@
-import { writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
+import { gunzipSync, gzipSync } from 'node:zlib';
 import type { WorkflowHandle } from '@temporalio/client';
 import proto from '@temporalio/proto';
 
@@ -17,14 +18,34 @@ export function historyText(value: unknown, out: string[] = []): string[] {
   return out;
 }
 
-/** With TOKENWARDEN_RECORD_HISTORIES=1, checks a finished workflow's history into test/histories/ for replay. */
-export async function maybeRecordHistory(handle: WorkflowHandle, name: string): Promise<void> {
+/**
+ * With TOKENWARDEN_RECORD_HISTORIES=1, checks a finished workflow's history into test/histories/
+ * for replay. A file that exists is kept: a recorded history stands for the code that ran it, and
+ * re-recording it would hide the very change replay must catch. `gzip` for long histories.
+ */
+export async function maybeRecordHistory(
+  handle: WorkflowHandle,
+  name: string,
+  opts: { gzip?: boolean } = {},
+): Promise<void> {
   if (!process.env.TOKENWARDEN_RECORD_HISTORIES) return;
+  const file = path.join(HISTORIES_DIR, `${name}.json${opts.gzip ? '.gz' : ''}`);
+  if (existsSync(file)) return;
   const history = temporal.api.history.v1.History.fromObject(await handle.fetchHistory());
-  writeFileSync(path.join(HISTORIES_DIR, `${name}.json`), JSON.stringify(history.toJSON(), null, 1));
+  const json = JSON.stringify(history.toJSON(), null, 1);
+  writeFileSync(file, opts.gzip ? gzipSync(json) : json);
 }
 
-/** Reads a history written by maybeRecordHistory (protobuf's own JSON mapping). */
-export function loadHistory(json: string): ReturnType<typeof temporal.api.history.v1.History.fromObject> {
+/** The checked-in histories, relative to HISTORIES_DIR (subfolders hold those of earlier code). */
+export function historyFiles(): string[] {
+  return readdirSync(HISTORIES_DIR, { recursive: true, encoding: 'utf8' })
+    .filter((f) => f.endsWith('.json') || f.endsWith('.json.gz'))
+    .sort();
+}
+
+/** Reads a history written by maybeRecordHistory (protobuf's own JSON mapping, maybe gzipped). */
+export function loadHistory(file: string): ReturnType<typeof temporal.api.history.v1.History.fromObject> {
+  const bytes = readFileSync(path.join(HISTORIES_DIR, file));
+  const json = file.endsWith('.gz') ? gunzipSync(bytes).toString('utf8') : bytes.toString('utf8');
   return temporal.api.history.v1.History.fromObject(JSON.parse(json));
 }
