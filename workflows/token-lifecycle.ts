@@ -437,7 +437,10 @@ class TokenLifecycle {
     }
   }
 
-  /** A durable pause before a delivery that ended without a rejection is scheduled again: it never spins. */
+  /**
+   * A durable pause before a delivery that ended without a rejection is scheduled again: it never
+   * spins. (A failure's Retry-After does not reach the workflow: the pause is the schedule's step.)
+   */
   private async pauseBeforeDeliveringAgain(receiverId: string, run: DeliveryRun): Promise<void> {
     run.endingsInARow++;
     run.interrupted = false;
