@@ -54,7 +54,7 @@ import {
  * Changes to the command sequence since histories were first recorded: a run follows a patch from
  * the point it reaches it live; a recorded run without its marker replays the code before it.
  */
-export const PATCHES = {
+const PATCHES = {
   /**
    * Propagation reads the worker's timing and the store's delivery rows (a local activity): before
    * deliveries start when a run begins already revoking, after the kill otherwise; the rows again
