@@ -598,7 +598,7 @@ describe('token lifecycle', () => {
     a.receiver.behaviour = () => ({ status: 503 });
     const issued = await ctx.warden.issue({ subject: 'usr_force_killing', receivers: [a.id], ttl: '1h' });
     await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'offboarding' });
-    const lock = await ctx.pool.connect();
+    const lock = await ctx.sql.connect();
     try {
       await lock.query('BEGIN');
       await lock.query('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [issued.tokenId]);
