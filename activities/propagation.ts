@@ -13,6 +13,7 @@ import {
   loadDeliveryForAttempt,
   loadReceiverSecret,
   recordDeliveryAttempt,
+  retryRequestedSinceLastAttempt,
   type DeliveryRecord,
 } from '../common/store/index.js';
 import type { DeliveryView } from '../workflows/messages.js';
@@ -156,6 +157,14 @@ export async function deliverRevocation(
   }
   // Settled by an earlier attempt whose result was lost, or forced by an operator: nothing to send.
   if (!['pending', 'failed'].includes(loaded.delivery.status)) return toDeliveryView(loaded.delivery);
+  // A rejection is final until an operator asks again: an attempt retried after a crash (the
+  // rejection recorded, the result lost) or a restarted run must not send it on its own.
+  if (loaded.delivery.status === 'failed' && !(await retryRequestedSinceLastAttempt(deps.pool, eventId, receiverId))) {
+    throw ApplicationFailure.nonRetryable(
+      `${loaded.delivery.lastError ?? `receiver ${receiverId} rejected the event`}; not retried until an operator runs retryPropagation or forceComplete`,
+      RECEIVER_REJECTED,
+    );
+  }
 
   const stored = await loadReceiverSecret(deps.pool, receiverId);
   if (!stored || stored.receiver.removedAt) {

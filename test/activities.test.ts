@@ -68,6 +68,27 @@ describe('deliverRevocation', () => {
     assert.equal(receiver.requests.length, sent);
   });
 
+  it('should not send a rejected event again until an operator asks for a retry', async () => {
+    const { tokenId, eventId } = await revokedToken();
+    receiver.behaviour = () => ({ status: 400 });
+    try {
+      const rejected = (err: unknown) =>
+        err instanceof ApplicationFailure && err.type === 'ReceiverRejected' && err.nonRetryable;
+      await assert.rejects(run(ctx.settings.masterKey, { eventId, receiverId: 'billing' }), rejected);
+      const sent = receiver.requests.length;
+      // The worker died after recording the rejection; Temporal retries the attempt, or a new run starts.
+      await assert.rejects(run(ctx.settings.masterKey, { eventId, receiverId: 'billing' }), rejected);
+      assert.equal(receiver.requests.length, sent, 'nothing sent without an operator');
+      receiver.behaviour = () => ({ status: 204 });
+      await store.recordAudit(ctx.pool, tokenId, 'retry:test', 'propagation.retry-requested', { reason: 'fixed' });
+      const delivered = await run(ctx.settings.masterKey, { eventId, receiverId: 'billing' });
+      assert.equal(delivered.status, 'delivered');
+      assert.equal(receiver.requests.length, sent + 1);
+    } finally {
+      receiver.behaviour = () => ({ status: 204 });
+    }
+  });
+
   it('should wait for the outbox row of a kill that commits while it runs', async () => {
     const { tokenId } = await ctx.warden.issue({ subject: 'usr_act', receivers: ['billing'], ttl: '1h' });
     const attempt = run(ctx.settings.masterKey, { eventId: revocationEventId(tokenId), receiverId: 'billing' });

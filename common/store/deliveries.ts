@@ -24,6 +24,26 @@ export async function loadDeliveryForAttempt(
   return rows[0] ? { delivery: toDelivery(rows[0]), body: rows[0].body as string } : undefined;
 }
 
+/**
+ * Whether an operator asked to retry the token's propagation (the audited `retryPropagation`) after
+ * this delivery's last attempt: only then may a rejected delivery be sent again.
+ */
+export async function retryRequestedSinceLastAttempt(
+  db: Queryable,
+  eventId: string,
+  receiverId: string,
+): Promise<boolean> {
+  const t = db.tables;
+  const { rows } = await db.query(
+    `SELECT EXISTS (
+       SELECT 1 FROM ${t.delivery} d JOIN ${t.audit_event} a ON a.token_id = d.token_id
+        WHERE d.event_id = $1 AND d.receiver_id = $2 AND a.kind = 'propagation.retry-requested'
+          AND a.recorded_at > coalesce(d.last_attempt_at, '-infinity')) AS requested`,
+    [eventId, receiverId],
+  );
+  return rows[0]?.requested === true;
+}
+
 export type AttemptOutcome =
   | { kind: 'delivered'; statusCode: number }
   | { kind: 'retryable'; statusCode: number | null; error: string }
