@@ -1,6 +1,6 @@
 /**
  * The reconciler on a real worker process: what it counts in the worker's metrics, and a pass whose
- * worker is SIGKILLed mid-page healing within two minutes on a fresh worker.
+ * worker is SIGKILLed mid-page retrying the lost page on a fresh worker within the heartbeat timeout.
  */
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -126,7 +126,7 @@ describe('reconciler on a worker process', () => {
     assert.ok((await store.requireToken(ctx.pool, healable.id)).workflowStartedAt);
   });
 
-  it('should heal within two minutes when its worker process is SIGKILLed mid-pass', async (t) => {
+  it('should retry the lost page within a minute when its worker process is SIGKILLed mid-pass', async (t) => {
     const overdue = await insertOnly(1);
     // A long lock on the row holds the pass in the middle of its overdue page: a pass in flight.
     const locker = await ctx.sql.connect();
@@ -149,7 +149,8 @@ describe('reconciler on a worker process', () => {
 
       // The dead worker's own statement commits once the lock is released (PostgreSQL finishes a
       // statement whose client died), so the row heals at once whatever the pass does: the retry of
-      // the lost page, started by a fresh worker, is what must come within two minutes.
+      // the lost page must come within a minute (heartbeat timeout 30 s; the 2-minute start-to-close
+      // timeout alone would retry it about two minutes after the attempt began).
       worker = await ctx.startWorker();
       const firstRun = ctx.client.workflow.getHandle(pass.workflowId, pass.firstExecutionRunId);
       const retriedStart = async () =>
@@ -159,7 +160,7 @@ describe('reconciler on a worker process', () => {
       await waitUntil(async () => (await retriedStart()) !== undefined, 'the lost page to be retried', 150_000, 500);
       const retryMs = tsToMs((await retriedStart())!.eventTime) - killedAt;
       t.diagnostic(`the lost page was retried ${(retryMs / 1000).toFixed(1)} s after the worker process was SIGKILLed`);
-      assert.ok(retryMs < 120_000, `retried after ${retryMs} ms`);
+      assert.ok(retryMs < 60_000, `retried after ${retryMs} ms`);
 
       const report = (await pass.result()) as ReconcileReport;
       assert.deepEqual(report.errors, [], JSON.stringify(report));
