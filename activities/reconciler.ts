@@ -10,7 +10,7 @@ import type { StorePool } from '../common/db.js';
 import { RECONCILER_METRIC, tokenWorkflowId, type ReconcileSet } from '../common/names.js';
 import { signalRevoke, startTokenWorkflow } from '../common/temporal.js';
 import * as store from '../common/store/index.js';
-import type { ReconcileReport } from '../workflows/messages.js';
+import { emptyReconcileReport, type ReconcileAction, type ReconcileReport } from '../workflows/messages.js';
 
 export interface ReconcilerDeps {
   pool: StorePool;
@@ -25,6 +25,8 @@ export interface ReconcilePageInput {
   batchSize: number;
   /** Overrides the worker's TOKENWARDEN_RECONCILE_GRACE. */
   graceMs?: number;
+  /** Ids (and errors) the page's report lists per kind; its counts cover every row. */
+  sampleSize: number;
 }
 
 export interface ReconcilePageResult {
@@ -46,7 +48,7 @@ interface PageProgress {
  */
 export const WEDGED_TASK_ATTEMPTS = 3;
 
-type Healed = Exclude<keyof ReconcileReport, 'errors'>;
+type Healed = ReconcileAction;
 
 /** What describe() says about a token's workflow, as far as the reconciler cares. */
 type WorkflowState = { kind: 'absent' | 'closed' | 'running' } | { kind: 'wedged'; runId: string; attempt: number };
@@ -110,28 +112,33 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
     return undefined;
   }
 
+  const isPropagating = (token: store.TokenRecord) => token.propagation === 'pending' || token.propagation === 'stuck';
+
   /**
    * Its workflow runs but cannot move (e.g. a payload it cannot decode fails every task): nothing
-   * else would ever say so, because the workflow is RUNNING. Stuck in the store, audited once per
-   * occurrence (the run and the failed task that began it).
+   * else would ever say so, because the workflow is RUNNING. Audited once per occurrence (the run and
+   * the failed task that began it); an unfinished propagation is also marked stuck in the store.
    */
   async function surfaceWedged(token: store.TokenRecord, state: { runId: string; attempt: number }): Promise<void> {
     const failure = await failedTaskOfStreak(token.id, state.runId);
-    await store.setPropagation(pool, token.id, 'stuck', `wedged:${state.runId}:${failure?.eventId ?? 'unknown'}`, {
+    const occurrence = `wedged:${state.runId}:${failure?.eventId ?? 'unknown'}`;
+    const detail = {
       cause: 'the workflow runs but its workflow tasks keep failing',
       runId: state.runId,
       workflowTaskAttempt: state.attempt,
       ...(failure ? { taskFailure: failure.cause } : {}),
-    });
+    };
+    if (isPropagating(token)) await store.setPropagation(pool, token.id, 'stuck', occurrence, detail);
+    else await store.recordAudit(pool, token.id, occurrence, 'workflow.wedged', detail);
   }
-
-  const isPropagating = (token: store.TokenRecord) => token.propagation === 'pending' || token.propagation === 'stuck';
 
   /** How each set's row is healed; `healed` records what was done (also when a later step fails). */
   const heal: Record<ReconcileSet, (token: store.TokenRecord, healed: Healed[]) => Promise<void>> = {
+    // A wedged workflow cannot take a signal in, whatever its propagation: telling it again every
+    // pass would change nothing, so it is surfaced instead until an operator ends the run.
     async untold(token, healed) {
       const state = await inspectWorkflow(token.id);
-      if (state.kind === 'wedged' && isPropagating(token)) {
+      if (state.kind === 'wedged') {
         await surfaceWedged(token, state);
         healed.push('wedged');
         return;
@@ -162,7 +169,10 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
         healed.push('wedged');
         return;
       }
-      await tell(token);
+      // The row may be older than describe(): a run that completed in between left nothing to restart.
+      const current = await store.requireToken(pool, token.id);
+      if (!isPropagating(current)) return;
+      await tell(current);
       healed.push('restarted');
     },
     async unstarted(token, healed) {
@@ -191,7 +201,11 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
       const progress: PageProgress = (ctx.info.heartbeatDetails as PageProgress | undefined) ?? {
         lastId: input.afterId,
         handled: 0,
-        report: { expired: [], signalled: [], restarted: [], started: [], wedged: [], errors: [] },
+        report: emptyReconcileReport(),
+      };
+      const { report } = progress;
+      const sampled = <T>(list: T[], item: T) => {
+        if (list.length < input.sampleSize) list.push(item);
       };
       const rows = await store.findReconcilePage(pool, input.set, {
         graceMs: input.graceMs ?? settings.reconcileGraceMs,
@@ -213,13 +227,17 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
             error = err instanceof Error ? err.message : String(err);
           }
           for (const action of healed) {
-            progress.report[action].push(token.id);
+            report.counts[action]++;
+            sampled(report[action], token.id);
             if (action === 'wedged') wedgedCounter.add(1);
             else healedCounter.add(1, { action });
           }
           if (error !== undefined) {
-            progress.report.errors.push({ tokenId: token.id, error });
+            // The report keeps only the first few errors: the log has every one.
+            report.counts.errors++;
+            sampled(report.errors, { tokenId: token.id, error });
             errorCounter.add(1, { set: input.set });
+            ctx.log.warn('reconciler could not heal a row', { set: input.set, tokenId: token.id, error });
           }
           progress.lastId = token.id;
           progress.handled++;
@@ -229,7 +247,7 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
         clearInterval(timer);
       }
       return {
-        report: progress.report,
+        report,
         nextAfterId: progress.handled >= input.batchSize ? progress.lastId : null,
       };
     },

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import { WorkflowFailedError } from '@temporalio/client';
-import { ApplicationFailure } from '@temporalio/common';
+import { ApplicationFailure, defaultPayloadConverter } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
 import {
   createReconcilerActivities,
@@ -11,10 +11,22 @@ import {
   type ReconcilePageResult,
 } from '../activities/reconciler.js';
 import { revocationEventId, newCredentialId, newTokenId } from '../common/ids.js';
-import { WORKFLOW_TYPE, RECONCILER_SCHEDULE_ID, RECONCILER_WORKFLOW_ID, tokenWorkflowId } from '../common/names.js';
+import {
+  WORKFLOW_TYPE,
+  RECONCILER_SCHEDULE_ID,
+  RECONCILER_WORKFLOW_ID,
+  tokenWorkflowId,
+  type ReconcileSet,
+} from '../common/names.js';
 import * as store from '../common/store/index.js';
 import { ensureReconcilerSchedule } from '../worker/worker.js';
-import type { ReconcileInput, ReconcileReport, TokenLifecycleResult } from '../workflows/messages.js';
+import {
+  emptyReconcileReport,
+  type ReconcileInput,
+  type ReconcileReport,
+  type TokenLifecycleResult,
+} from '../workflows/messages.js';
+import { RECONCILE_REPORT_SAMPLE } from '../workflows/reconciler.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
@@ -46,6 +58,42 @@ async function reconcileNow(input: Omit<ReconcileInput, 'version'> = {}): Promis
     workflowId: `reconcile-${randomBytes(4).toString('hex')}`,
     taskQueue: ctx.settings.temporal.taskQueue,
     args: [{ version: 1, graceMs: 0, ...input } satisfies ReconcileInput],
+  });
+}
+
+/** The report a failed pass carries in its failure. */
+async function failedPassReport(pass: Promise<ReconcileReport>): Promise<ReconcileReport> {
+  const failure = await pass.then(
+    () => assert.fail('the pass should fail'),
+    (err: unknown) => err,
+  );
+  assert.ok(failure instanceof WorkflowFailedError, String(failure));
+  const cause = failure.cause;
+  assert.ok(cause instanceof ApplicationFailure && cause.type === 'ReconcilePassIncomplete', String(cause));
+  return cause.details?.[0] as ReconcileReport;
+}
+
+/** Fault injection in the store: rows matching `when` (a condition on OLD) refuse every update. */
+async function refusingUpdates<T>(when: string, body: () => Promise<T>): Promise<T> {
+  await ctx.sql.query(`CREATE FUNCTION refuse_update() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN RAISE EXCEPTION 'injected fault on %', OLD.id; END $$`);
+  await ctx.sql.query(
+    `CREATE TRIGGER refuse_update BEFORE UPDATE ON token FOR EACH ROW WHEN (${when}) EXECUTE FUNCTION refuse_update()`,
+  );
+  try {
+    return await body();
+  } finally {
+    await ctx.sql.query('DROP TRIGGER refuse_update ON token');
+    await ctx.sql.query('DROP FUNCTION refuse_update()');
+  }
+}
+
+/** The set of each reconcilePage activity a run scheduled, in order. */
+async function pagesOfRun(workflowId: string, runId: string): Promise<ReconcileSet[]> {
+  const history = await ctx.client.workflow.getHandle(workflowId, runId).fetchHistory();
+  return (history.events ?? []).flatMap((e) => {
+    const payload = e.activityTaskScheduledEventAttributes?.input?.payloads?.[0];
+    return payload ? [defaultPayloadConverter.fromPayload<ReconcilePageInput>(payload).set] : [];
   });
 }
 
@@ -165,7 +213,7 @@ describe('reconciler', () => {
     });
   }
 
-  it('should page past propagations that stay stuck with running workflows', async () => {
+  it('should page past propagations that stay stuck with running workflows, in runs that reach every set', async () => {
     // 12 propagations legitimately stuck (their receiver rejects; their workflows wait for an
     // operator), read 5 rows per page: the one whose workflow died sits past the first page.
     rejecting.behaviour = () => ({ status: 400 });
@@ -190,60 +238,68 @@ describe('reconciler', () => {
     const dead = ordered[7].id as string;
     await ctx.client.workflow.getHandle(tokenWorkflowId(dead)).terminate('operator mistake');
 
-    const report = await reconcileNow({ batchSize: 5 });
+    // An orphan behind them in the last set: one run's budget (one page of each set) cannot reach the
+    // end of the stuck propagations, and must not hold up the orphan.
+    const orphan = await insertOnly(3_600_000);
+    const pass = await ctx.client.workflow.start(WORKFLOW_TYPE.reconcile, {
+      workflowId: `reconcile-${randomBytes(4).toString('hex')}`,
+      taskQueue: ctx.settings.temporal.taskQueue,
+      args: [{ version: 1, graceMs: 0, batchSize: 5, setBudgetMs: 0 } satisfies ReconcileInput],
+    });
+    const report = (await pass.result()) as ReconcileReport;
     assert.deepEqual(
       report.restarted.filter((id) => tokenIds.includes(id)),
       [dead],
     );
+    assert.ok(report.started.includes(orphan.id), JSON.stringify(report));
     assert.equal((await ctx.client.workflow.getHandle(tokenWorkflowId(dead)).describe()).status.name, 'RUNNING');
+
+    const firstRun = await pagesOfRun(pass.workflowId, pass.firstExecutionRunId);
+    assert.equal(firstRun.filter((set) => set === 'unfinished').length, 1, `first run: ${firstRun.join(', ')}`);
+    assert.ok(firstRun.includes('unstarted'), `the orphan was adopted in the first run: ${firstRun.join(', ')}`);
+  });
+
+  it('should report every row in its counts and only the first few ids and errors', async () => {
+    const many = RECONCILE_REPORT_SAMPLE + 3;
+    const healable: string[] = [];
+    const broken: string[] = [];
+    for (let i = 0; i < many; i++) healable.push((await insertOnly(3_600_000)).id);
+    for (let i = 0; i < many; i++) broken.push((await insertOnly(3_600_000)).id);
+    const report = await refusingUpdates(`OLD.id IN (${broken.map((id) => `'${id}'`).join(', ')})`, () =>
+      failedPassReport(reconcileNow({ batchSize: 10 })),
+    );
+    assert.equal(report.counts.errors, many);
+    assert.equal(report.errors.length, RECONCILE_REPORT_SAMPLE);
+    assert.ok(report.errors.every((e) => broken.includes(e.tokenId) && /injected fault/.test(e.error)));
+    assert.ok(report.counts.started >= many, JSON.stringify(report.counts));
+    assert.equal(report.started.length, RECONCILE_REPORT_SAMPLE);
+    for (const id of healable) assert.ok((await store.requireToken(ctx.pool, id)).workflowStartedAt, id);
+    await reconcileNow();
   });
 
   it('should fail the pass, after healing every other row, when a row cannot be healed', async () => {
     const tokens = [await insertOnly(3_600_000), await insertOnly(3_600_000), await insertOnly(3_600_000)];
     const broken = tokens[1]!.id;
-    // Fault injection in the store: this row refuses every update (here: recording its workflow start).
-    await ctx.sql.query(`CREATE FUNCTION refuse_update() RETURNS trigger LANGUAGE plpgsql AS $$
-      BEGIN RAISE EXCEPTION 'injected fault on %', OLD.id; END $$`);
-    await ctx.sql.query(
-      `CREATE TRIGGER refuse_update BEFORE UPDATE ON token FOR EACH ROW WHEN (OLD.id = '${broken}') EXECUTE FUNCTION refuse_update()`,
+    // This row refuses every update (here: recording its workflow start).
+    // Two rows a page: the broken row is on the first page, the last row on the second.
+    const report = await refusingUpdates(`OLD.id = '${broken}'`, () =>
+      failedPassReport(reconcileNow({ batchSize: 2 })),
     );
-    try {
-      // Two rows a page: the broken row is on the first page, the last row on the second.
-      const failure = await reconcileNow({ batchSize: 2 }).then(
-        () => assert.fail('the pass should fail'),
-        (err: unknown) => err,
-      );
-      assert.ok(failure instanceof WorkflowFailedError, String(failure));
-      const cause = failure.cause;
-      assert.ok(cause instanceof ApplicationFailure && cause.type === 'ReconcilePassIncomplete', String(cause));
-      const report = cause.details?.[0] as ReconcileReport;
-      assert.deepEqual(
-        report.errors.map((e) => e.tokenId),
-        [broken],
-      );
-      assert.match(report.errors[0]!.error, /injected fault/);
-      assert.ok(
-        report.started.includes(tokens[0]!.id) && report.started.includes(tokens[2]!.id),
-        JSON.stringify(report),
-      );
-    } finally {
-      await ctx.sql.query('DROP TRIGGER refuse_update ON token');
-      await ctx.sql.query('DROP FUNCTION refuse_update()');
-    }
+    assert.deepEqual(
+      report.errors.map((e) => e.tokenId),
+      [broken],
+    );
+    assert.match(report.errors[0]!.error, /injected fault/);
+    assert.ok(report.started.includes(tokens[0]!.id) && report.started.includes(tokens[2]!.id), JSON.stringify(report));
     assert.ok((await reconcileNow()).started.includes(broken));
     assert.ok((await store.requireToken(ctx.pool, broken)).workflowStartedAt);
   });
 
   it('should resume a page after the rows its last heartbeat recorded', async () => {
     const tokens = [await insertOnly(3_600_000), await insertOnly(3_600_000), await insertOnly(3_600_000)];
-    const prior: ReconcileReport = {
-      expired: [],
-      signalled: [],
-      restarted: [],
-      started: ['tok_before'],
-      wedged: [],
-      errors: [],
-    };
+    const prior = emptyReconcileReport();
+    prior.started.push('tok_before');
+    prior.counts.started = 1;
     // A retry of an attempt that had handled 2 rows of a 3-row page, the second being tokens[0].
     const env = new MockActivityEnvironment({
       heartbeatDetails: { lastId: tokens[0]!.id, handled: 2, report: prior },
@@ -256,9 +312,10 @@ describe('reconciler', () => {
       client: ctx.client,
       settings: ctx.settings,
     });
-    const input: ReconcilePageInput = { set: 'unstarted', afterId: null, batchSize: 3, graceMs: 0 };
+    const input: ReconcilePageInput = { set: 'unstarted', afterId: null, batchSize: 3, graceMs: 0, sampleSize: 20 };
     const result: ReconcilePageResult = await env.run(reconcilePage, input);
     assert.deepEqual(result.report.started, ['tok_before', tokens[1]!.id]);
+    assert.equal(result.report.counts.started, 2);
     assert.equal(result.nextAfterId, tokens[1]!.id, 'the page is full: the next one starts after its last row');
     assert.ok((await store.requireToken(ctx.pool, tokens[1]!.id)).workflowStartedAt);
     assert.equal((await store.requireToken(ctx.pool, tokens[2]!.id)).workflowStartedAt, null, 'not on this page');
@@ -313,6 +370,76 @@ describe('reconciler', () => {
         const done = (await ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)).result()) as TokenLifecycleResult;
         assert.equal(done.propagation, 'complete');
       }
+    });
+
+    it('should be surfaced, not signalled again and again, when it has nothing to propagate', async () => {
+      const tokenId = await wedging!.wedgedToken(null, 'before the workflow took over');
+      await wedging!.waitWedged([tokenId]);
+      assert.equal((await store.requireToken(ctx.pool, tokenId)).propagation, 'complete', 'no receivers');
+      const handle = ctx.client.workflow.getHandle(tokenWorkflowId(tokenId));
+      const signals = async () =>
+        ((await handle.fetchHistory()).events ?? []).filter((e) => e.workflowExecutionSignaledEventAttributes).length;
+      const before = await signals();
+      const wedgedEvents = async () =>
+        (await store.readAudit(ctx.pool, tokenId)).filter((e) => e.kind === 'workflow.wedged');
+
+      for (let pass = 0; pass < 2; pass++) {
+        const report = await reconcileNow();
+        assert.ok(report.wedged.includes(tokenId), JSON.stringify(report));
+        assert.ok(!report.signalled.includes(tokenId), JSON.stringify(report));
+      }
+      assert.equal(await signals(), before, 'no signal sent to a workflow that cannot take it in');
+      const [event, ...more] = await wedgedEvents();
+      assert.equal(more.length, 0, 'one audit per occurrence');
+      assert.match(JSON.parse(event!.canonical).data.taskFailure, /this workflow task always fails/);
+      assert.equal((await store.requireToken(ctx.pool, tokenId)).propagation, 'complete');
+
+      await handle.terminate('wedged');
+      assert.ok((await reconcileNow()).signalled.includes(tokenId), 'a healthy run is started once it ended');
+    });
+
+    it('should not restart a propagation whose workflow completed after its row was read', async () => {
+      // A wedged row ahead of it in the unfinished set, locked by this test, holds the page after it was read.
+      const ahead = await wedging!.wedgedToken('audit-log', 'after the workflow took over');
+      await wedging!.waitWedged([ahead]);
+      receiver.behaviour = () => ({ status: 503 });
+      const issued = await ctx.warden.issue({ subject: 'usr_reconcile', receivers: ['audit-log'], ttl: '1h' });
+      await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'stale row drill' });
+      await waitUntil(
+        () => receiver.requests.some((r) => JSON.parse(r.body).token_id === issued.tokenId),
+        'a first delivery attempt',
+      );
+      const handle = ctx.client.workflow.getHandle(tokenWorkflowId(issued.tokenId));
+      const { runId } = await handle.describe();
+
+      const locker = await ctx.sql.connect();
+      try {
+        await locker.query('BEGIN');
+        await locker.query('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [ahead]);
+        const lockerPid = (await locker.query('SELECT pg_backend_pid() AS pid')).rows[0].pid as number;
+        const pass = reconcileNow({ batchSize: 1000 });
+        await waitUntil(
+          async () =>
+            (await ctx.sql.query('SELECT 1 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))', [lockerPid]))
+              .rowCount === 1,
+          'the pass to wait on the row ahead',
+        );
+        receiver.behaviour = () => ({ status: 204 });
+        const done = (await handle.result()) as TokenLifecycleResult;
+        assert.equal(done.propagation, 'complete');
+        await locker.query('ROLLBACK');
+        const report = await pass;
+        assert.ok(report.wedged.includes(ahead), JSON.stringify(report));
+        assert.ok(!report.restarted.includes(issued.tokenId), JSON.stringify(report));
+      } finally {
+        await locker.query('ROLLBACK').catch(() => undefined);
+        locker.release();
+        receiver.behaviour = () => ({ status: 204 });
+      }
+      const finished = await handle.describe();
+      assert.equal(finished.runId, runId, 'no new run');
+      assert.equal(finished.status.name, 'COMPLETED');
+      await ctx.client.workflow.getHandle(tokenWorkflowId(ahead)).terminate('wedged');
     });
   });
 

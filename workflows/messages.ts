@@ -11,6 +11,7 @@ import {
   type InitiatingEntity,
   type PropagationState,
   type PropagationTiming,
+  type ReconcileSet,
   type TokenStatus,
 } from '../common/names.js';
 
@@ -111,10 +112,29 @@ export interface ReconcileInput {
   version: 1;
   /** Overrides the worker's TOKENWARDEN_RECONCILE_GRACE (tests use 0). */
   graceMs?: number;
-  /** Rows one activity handles (one page of one set); the pass walks every page. */
+  /** Rows one activity handles (one page of one set). */
   batchSize?: number;
+  /** How long one run walks each set before it moves on to the next set (checked after each page). */
+  setBudgetMs?: number;
+  /** Set by the pass itself when it continues as new: where each set's walk resumes, and the report so far. */
+  carried?: ReconcileCarried;
 }
+export interface ReconcileCarried {
+  /** Sets this pass has walked to their end (not walked again until the next pass). */
+  walked: ReconcileSet[];
+  /** Per set cut off by its budget: the token id its walk resumes after. */
+  resumeAfter: Partial<Record<ReconcileSet, string>>;
+  report: ReconcileReport;
+}
+/** Healing actions a report counts (every row also goes to the metrics; errors to the worker's log). */
+export const RECONCILE_ACTIONS = ['expired', 'signalled', 'restarted', 'started', 'wedged'] as const;
+export type ReconcileAction = (typeof RECONCILE_ACTIONS)[number];
+/**
+ * What a pass did: the number of rows of each kind and the first few of each, never every id, so a
+ * pass over thousands of rows still fits in one payload.
+ */
 export interface ReconcileReport {
+  counts: Record<ReconcileAction | 'errors', number>;
   /** Active rows past expiry, killed as expired. */
   expired: string[];
   /** Dead tokens whose workflow had not taken over propagation, signalled (with start). */
@@ -123,10 +143,30 @@ export interface ReconcileReport {
   restarted: string[];
   /** Active tokens whose workflow was never started. */
   started: string[];
-  /** Propagations whose workflow runs but cannot make progress (its workflow tasks keep failing): marked stuck. */
+  /** Dead tokens whose workflow runs but cannot make progress (its workflow tasks keep failing): surfaced, not signalled. */
   wedged: string[];
   /** Rows that could not be healed this pass (retried on the next). */
   errors: { tokenId: string; error: string }[];
+}
+
+export const emptyReconcileReport = (): ReconcileReport => ({
+  counts: { expired: 0, signalled: 0, restarted: 0, started: 0, wedged: 0, errors: 0 },
+  expired: [],
+  signalled: [],
+  restarted: [],
+  started: [],
+  wedged: [],
+  errors: [],
+});
+
+/** Adds `from` to `into`, keeping at most `sample` entries of each list. */
+export function addToReconcileReport(into: ReconcileReport, from: ReconcileReport, sample: number): void {
+  for (const action of RECONCILE_ACTIONS) {
+    into.counts[action] += from.counts[action];
+    into[action].push(...from[action].slice(0, Math.max(0, sample - into[action].length)));
+  }
+  into.counts.errors += from.counts.errors;
+  into.errors.push(...from.errors.slice(0, Math.max(0, sample - into.errors.length)));
 }
 
 export const revokeSignal = defineSignal<[RevokeSignalPayload?]>(SIGNAL.revoke);

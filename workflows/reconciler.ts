@@ -1,10 +1,17 @@
-import { ApplicationFailure, proxyActivities } from '@temporalio/workflow';
+import { ApplicationFailure, continueAsNew, proxyActivities } from '@temporalio/workflow';
 import type { Activities } from '../activities/index.js';
-import { RECONCILE_SETS } from '../common/names.js';
-import type { ReconcileInput, ReconcileReport } from './messages.js';
+import { RECONCILE_SETS, type ReconcileSet } from '../common/names.js';
+import { addToReconcileReport, emptyReconcileReport, type ReconcileInput, type ReconcileReport } from './messages.js';
 
 /** Rows one activity heals unless the input says otherwise (a few seconds of work). */
 export const DEFAULT_RECONCILE_BATCH = 100;
+/**
+ * How long one run walks each set: four sets stay well inside the schedule's 15-minute run timeout,
+ * whatever one set holds, so no set starves the sets after it.
+ */
+export const DEFAULT_RECONCILE_SET_BUDGET_MS = 2 * 60_000;
+/** Ids (and errors) a report lists per kind; the counts cover every row. */
+export const RECONCILE_REPORT_SAMPLE = 20;
 
 // Many small activities, each heartbeating: a lost one (its worker killed, Temporal down) is
 // retried within the heartbeat timeout instead of blocking every later pass until a long timeout.
@@ -16,31 +23,54 @@ const { reconcilePage } = proxyActivities<Activities>({
 
 /**
  * Run by a Temporal Schedule every minute: heals whatever a crash left between store and workflows.
- * Walks every page of every set; rows it could not heal fail the pass (after the whole walk), so a
- * failure shows in the Schedule's recent actions and the Web UI instead of hiding in a result.
+ * Each run walks every set for at most its budget; a set cut off resumes in a new run (continue-as-new)
+ * until every set was walked to its end. Rows it could not heal then fail the pass, so a failure shows
+ * in the Schedule's recent actions and the Web UI instead of hiding in a result.
  */
 export async function reconcile(input?: ReconcileInput): Promise<ReconcileReport> {
   const batchSize = input?.batchSize ?? DEFAULT_RECONCILE_BATCH;
-  const report: ReconcileReport = { expired: [], signalled: [], restarted: [], started: [], wedged: [], errors: [] };
+  const setBudgetMs = input?.setBudgetMs ?? DEFAULT_RECONCILE_SET_BUDGET_MS;
+  const report = input?.carried?.report ?? emptyReconcileReport();
+  const walked = new Set<ReconcileSet>(input?.carried?.walked ?? []);
+  const resumeAfter: Partial<Record<ReconcileSet, string>> = {};
   for (const set of RECONCILE_SETS) {
-    let afterId: string | null = null;
+    if (walked.has(set)) continue;
+    let afterId: string | null = input?.carried?.resumeAfter[set] ?? null;
+    const setStarted = Date.now();
     do {
       const page = await reconcilePage.executeWithOptions(
         { summary: `heal ${set} rows after ${afterId ?? 'the start'}` },
-        [{ set, afterId, batchSize, ...(input?.graceMs !== undefined ? { graceMs: input.graceMs } : {}) }],
+        [
+          {
+            set,
+            afterId,
+            batchSize,
+            sampleSize: RECONCILE_REPORT_SAMPLE,
+            ...(input?.graceMs !== undefined ? { graceMs: input.graceMs } : {}),
+          },
+        ],
       );
-      for (const key of Object.keys(report) as (keyof ReconcileReport)[]) {
-        (report[key] as unknown[]).push(...page.report[key]);
-      }
+      addToReconcileReport(report, page.report, RECONCILE_REPORT_SAMPLE);
       afterId = page.nextAfterId;
-    } while (afterId !== null);
+    } while (afterId !== null && Date.now() - setStarted < setBudgetMs);
+    if (afterId === null) walked.add(set);
+    else resumeAfter[set] = afterId;
   }
-  if (report.errors.length > 0) {
+  if (walked.size < RECONCILE_SETS.length) {
+    await continueAsNew<typeof reconcile>({
+      version: 1,
+      ...(input?.graceMs !== undefined ? { graceMs: input.graceMs } : {}),
+      ...(input?.batchSize !== undefined ? { batchSize: input.batchSize } : {}),
+      ...(input?.setBudgetMs !== undefined ? { setBudgetMs: input.setBudgetMs } : {}),
+      carried: { walked: [...walked], resumeAfter, report },
+    });
+  }
+  if (report.counts.errors > 0) {
     const first = report.errors[0]!;
     throw ApplicationFailure.create({
       type: 'ReconcilePassIncomplete',
       message:
-        `${report.errors.length} row(s) could not be healed this pass (first: ${first.tokenId}: ${first.error})`.slice(
+        `${report.counts.errors} row(s) could not be healed this pass (first: ${first.tokenId}: ${first.error})`.slice(
           0,
           500,
         ),

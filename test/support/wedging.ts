@@ -41,8 +41,8 @@ export class WedgingWorker {
     return new WedgingWorker(ctx, taskQueue, worker, worker.run());
   }
 
-  /** A token revoked (to `receiverId`) whose workflow is wedged, before or after it took over propagation. */
-  async wedgedToken(receiverId: string, when: WedgePoint): Promise<string> {
+  /** A token revoked (to `receiverId`, or to none) whose workflow is wedged, before or after it took over propagation. */
+  async wedgedToken(receiverId: string | null, when: WedgePoint): Promise<string> {
     const { ctx } = this;
     const token = await store.insertToken(ctx.pool, {
       tokenId: newTokenId(),
@@ -50,7 +50,7 @@ export class WedgingWorker {
       subject: 'usr_wedged',
       name: null,
       scopes: [],
-      receivers: [receiverId],
+      receivers: receiverId === null ? [] : [receiverId],
       ttlMs: 3_600_000,
       secretHash: randomBytes(32),
     });
