@@ -61,7 +61,8 @@ export async function ensureReconcilerSchedule(client: Client, settings: Setting
     taskQueue: settings.temporal.taskQueue,
     args: [{ version: 1 } satisfies ReconcileInput],
     // Overlap SKIP means a pass that can never finish (e.g. an incompatible deploy) would block every
-    // later one: a pass that has not finished in this time is ended and the next one starts.
+    // later one: a run stuck this long is ended and the next pass starts. A healthy run ends well
+    // before (each set walks at most its budget per run, then the pass continues as new).
     workflowRunTimeout: '15m',
     staticSummary: 'Reconcile the token store with the token workflows',
   };
