@@ -12,6 +12,10 @@ import { WORKFLOW_BUNDLE_OPTIONS } from '../worker/worker.js';
 import { startThrowawayServices } from './services.js';
 
 const TEST_DIR = path.join(PACKAGE_ROOT, 'dist', 'test');
+/** One test may take this long (the fault-injection scenarios take about a minute each). */
+const TEST_TIMEOUT_MS = 5 * 60_000;
+/** The whole run (about 6 minutes on 2 cores) may take this long before it is stopped as failed. */
+const RUN_TIMEOUT_MS = Number(process.env.TOKENWARDEN_TEST_RUN_TIMEOUT_MS ?? 45 * 60_000);
 const say = (msg: string) => process.stderr.write(`[run-tests] ${msg}\n`);
 
 async function main(): Promise<number> {
@@ -54,9 +58,17 @@ async function main(): Promise<number> {
     );
 
     if (interrupted) return 130;
-    // Force exit once every test and hook has run: a handle left open by a failed test (a pool
-    // to a server a fault test crashed) would otherwise hold the run forever.
-    const args = ['--test', '--test-reporter=spec', '--test-concurrency=1', '--test-force-exit', ...files];
+    // No --test-force-exit: with one process per file it drops verdicts that were still on their
+    // way to the parent (fewer tests reported, exit 0; nodejs/node#64833). Instead a test that hangs
+    // fails after --test-timeout, and a run held open by a leaked handle is ended by the watchdog
+    // below and reported as a failure, never as a pass.
+    const args = [
+      '--test',
+      '--test-reporter=spec',
+      '--test-concurrency=1',
+      `--test-timeout=${TEST_TIMEOUT_MS}`,
+      ...files,
+    ];
     const child = spawn(process.execPath, args, {
       stdio: 'inherit',
       env: {
@@ -69,10 +81,16 @@ async function main(): Promise<number> {
       },
     });
     testProcess = child;
+    const watchdog = setTimeout(() => {
+      say(
+        `the tests have run for ${RUN_TIMEOUT_MS / 60_000} min: stopping them (a leaked handle or a hung test); this run FAILED`,
+      );
+      child.kill('SIGKILL');
+    }, RUN_TIMEOUT_MS);
     const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve, reject) => {
       child.once('error', reject);
       child.once('exit', (c, s) => resolve([c, s]));
-    });
+    }).finally(() => clearTimeout(watchdog));
     return code ?? (signal ? 1 : 0);
   } finally {
     for (const cleanup of cleanups.reverse()) await cleanup().catch((err: Error) => say(`cleanup: ${err.message}`));
