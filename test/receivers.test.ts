@@ -297,7 +297,9 @@ describe('receiver addresses', () => {
     assert.equal(failed!.lastStatusCode, null);
     assert.match(failed!.lastError!, /127\.0\.0\.1 is a loopback address/);
 
-    // Allowed again, the same name reaches the receiver through the address that was checked.
+    // Allowed again and retried by an operator, the same name reaches the receiver through the
+    // address that was checked.
+    await store.recordAudit(ctx.pool, tokenId, 'retry:test', 'propagation.retry-requested', { reason: 'allowed' });
     const delivered = await attempt(['loopback']);
     assert.equal(delivered.status, 'delivered');
     assert.equal(receiver.requests.length, 1);
