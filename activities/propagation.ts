@@ -151,7 +151,12 @@ export async function deliverRevocation(
     throw ApplicationFailure.create({
       message: `no outbox row for ${eventId} to ${receiverId}: the token's kill has not committed`,
       type: 'OutboxRowNotYetWritten',
-      nextRetryDelay: 1000,
+      // About a second, but never shorter than the retry schedule's current step.
+      nextRetryDelay: retryDelayMs(
+        1000,
+        Context.current().info.attempt,
+        retryScheduleOf(Context.current().info.retryPolicy),
+      ),
       category: ApplicationFailureCategory.BENIGN,
     });
   }

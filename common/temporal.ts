@@ -75,6 +75,8 @@ export function tokenWorkflowInput(token: TokenRecord, timing: PropagationTiming
     receivers: token.receivers,
     expiresAt: token.expiresAt,
     revocationEventId: revocationEventId(token.id),
+    // Ignored by this release's workflow (the worker owns the timing); kept while workers of the
+    // previous release, which read it, may still pick up new runs during a rolling deploy.
     timing,
   };
 }

@@ -99,7 +99,14 @@ describe('lifecycle decisions', () => {
       assert.equal(r.malformed, true);
       assert.equal(r.initiatingEntity, 'admin');
     }
-    assert.equal(parseRevokeSignal({ reason: 'nul\u0000byte' }).reason, 'nulbyte');
+    // A Signal bypasses the library's checks: control characters become spaces, cuts keep characters whole.
+    assert.equal(parseRevokeSignal({ reason: 'nul\u0000byte' }).reason, 'nul byte');
+    const hostile = parseRevokeSignal({ reason: 'a\u001b[31mb\r\nc\u009b', actor: 'hr\u0007' });
+    assert.equal(hostile.reason, 'a [31mb  c');
+    assert.equal(hostile.actor, 'hr');
+    const long = parseRevokeSignal({ reason: '🔑'.repeat(600) }).reason;
+    assert.equal([...long].length, 500);
+    assert.doesNotMatch(long, /[\ud800-\udbff](?![\udc00-\udfff])/);
     const ok = parseRevokeSignal({ reason: ' left ', actor: 'hr', initiatingEntity: 'policy' });
     assert.deepEqual(ok, { reason: 'left', actor: 'hr', initiatingEntity: 'policy', malformed: false });
   });
@@ -186,6 +193,24 @@ describe('lifecycle state', () => {
     revokeReason: 'left',
   });
   const now = Date.parse('2026-01-01T00:00:01.000Z');
+
+  it('should say forced when a restarted run finds a delivery an operator forced, and not when nothing was', () => {
+    const resumed = new LifecycleState(input);
+    resumed.timingKnown(timing);
+    resumed.resumedFromStore([row('crm', { status: 'forced', attempts: 3 }), row('billing', { status: 'delivered' })]);
+    assert.equal(resumed.forced, true);
+
+    const observed = new LifecycleState(input);
+    observed.timingKnown(timing);
+    observed.deliveryObserved(row('crm', { status: 'forced', attempts: 1 }));
+    assert.equal(observed.forced, true);
+
+    // The store forced nothing (every receiver confirmed meanwhile): nothing is reported as forced.
+    const raced = new LifecycleState(input);
+    raced.timingKnown(timing);
+    raced.forcedComplete([]);
+    assert.equal(raced.forced, false);
+  });
 
   it('should resume from the store: settled stays settled, rejected waits, stuck stays stuck', () => {
     const state = new LifecycleState(input);

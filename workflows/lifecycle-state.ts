@@ -13,6 +13,7 @@ import {
   type PropagationState,
   type TokenStatus,
 } from '../common/names.js';
+import { withoutControls } from '../common/text.js';
 import type {
   DeliveryView,
   EffectiveTiming,
@@ -34,8 +35,10 @@ export const NOT_PROPAGATING = 'NotPropagating';
 /** A trimmed, bounded string, or undefined. NUL is dropped: PostgreSQL text cannot store it. */
 const text = (value: unknown, max: number): string | undefined => {
   if (typeof value !== 'string') return undefined;
-  const clean = value.replaceAll('\u0000', '').trim();
-  return clean.length > 0 ? clean.slice(0, max) : undefined;
+  // A Signal bypasses the library's refusal of control characters, yet must still revoke: they
+  // become spaces here (NUL too: PostgreSQL text cannot hold it). Cut by code point, never mid-pair.
+  const clean = withoutControls(value).trim();
+  return clean.length > 0 ? [...clean].slice(0, max).join('') : undefined;
 };
 
 export type ParsedRevoke = RevokeRequest & { malformed: boolean };
@@ -225,6 +228,7 @@ export class LifecycleState {
     for (const row of rows) {
       const current = this.deliveries.get(row.receiverId);
       if (current && row.eventId === current.eventId) this.deliveries.set(row.receiverId, row);
+      if (row.status === 'forced') this.forced = true;
     }
     this.changed();
   }
@@ -294,7 +298,8 @@ export class LifecycleState {
 
   /** An operator forced these deliveries complete. */
   forcedComplete(receiverIds: string[]): void {
-    this.forced = true;
+    // The store forces only what was still unsettled: nothing forced, nothing to report as forced.
+    if (receiverIds.length > 0) this.forced = true;
     for (const receiverId of receiverIds) {
       const current = this.deliveries.get(receiverId);
       if (!current) continue;
@@ -411,6 +416,8 @@ export class LifecycleState {
     if (!current || row.eventId !== current.eventId || isSettled(current.status)) return;
     if (isSettled(row.status)) {
       this.deliveries.set(row.receiverId, row);
+      // Forced by an operator, perhaps in an earlier run: the outcome must say so.
+      if (row.status === 'forced') this.forced = true;
       return;
     }
     if (row.attempts >= current.attempts) this.deliveries.set(row.receiverId, { ...row, status: current.status });

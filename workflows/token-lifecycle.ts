@@ -90,8 +90,9 @@ function deliveryActivities(timing: PropagationTiming | undefined) {
   return proxyActivities<Activities>({
     // One HTTP attempt is bounded at 10 s; a worker that died mid-attempt delays the retry by this much.
     startToCloseTimeout: '15s',
-    // TRY_CANCEL: retryPropagation restarts a delivery at once; an attempt still in flight records
-    // its own outcome in the store, which the next attempt reads before sending anything.
+    // TRY_CANCEL: retryPropagation restarts a delivery at once. The attempt in flight does not
+    // heartbeat, so it is not told: it may still POST (a duplicate the receiver drops by webhook-id)
+    // and records its own outcome; a settled row is never moved back.
     cancellationType: 'TRY_CANCEL',
     retry: timing
       ? {
@@ -314,6 +315,8 @@ class TokenLifecycle {
       }
     }
     const unsettled = this.state.unsettled();
+    // The refresh found every receiver settled (the deadline fired as the last one confirmed).
+    if (this.storeDriven && unsettled.length === 0) return;
     const token = await store.setPropagation.executeWithOptions({ summary: 'escalate: propagation is stuck' }, [
       {
         tokenId: this.input.tokenId,
