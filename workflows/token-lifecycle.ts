@@ -119,6 +119,8 @@ interface DeliveryRun {
   interrupted: boolean;
   /** Activities in a row that ended without a result or a rejection (paces the retries). */
   endingsInARow: number;
+  /** The operator retry round when the last attempt started: a retry asked during it counts. */
+  roundAtAttempt: number;
 }
 
 class TokenLifecycle {
@@ -139,7 +141,7 @@ class TokenLifecycle {
     this.state = new LifecycleState(input, (state) => setCurrentDetails(state.details()));
     setCurrentDetails(this.state.details());
     for (const receiverId of input.receivers) {
-      this.runs.set(receiverId, { scope: undefined, interrupted: false, endingsInARow: 0 });
+      this.runs.set(receiverId, { scope: undefined, interrupted: false, endingsInARow: 0, roundAtAttempt: 0 });
     }
     this.listen();
   }
@@ -375,8 +377,9 @@ class TokenLifecycle {
     const run = this.runs.get(receiverId)!;
     while (!this.state.isSettled(receiverId)) {
       if (this.state.delivery(receiverId).status === 'failed') {
-        // A receiver's rejection: wait for an operator (retryPropagation or forceComplete).
-        const round = this.state.retryRound;
+        // A receiver's rejection: wait for an operator (retryPropagation or forceComplete). A retry
+        // asked while the rejected attempt ran (it found no attempt to cancel) already counts.
+        const round = run.roundAtAttempt;
         await condition(() => this.state.retryRound > round || this.state.isSettled(receiverId));
         if (this.state.isSettled(receiverId)) return;
         this.state.deliveryRetrying(receiverId);
@@ -417,6 +420,7 @@ class TokenLifecycle {
     const scope = new CancellationScope();
     run.scope = scope;
     run.interrupted = false;
+    run.roundAtAttempt = this.state.retryRound;
     const activities = deliveryActivities(this.state.timing);
     try {
       const row = await scope.run(() =>
@@ -446,7 +450,8 @@ class TokenLifecycle {
    */
   private async pauseBeforeDeliveringAgain(receiverId: string, run: DeliveryRun): Promise<void> {
     run.endingsInARow++;
-    run.interrupted = false;
+    // `interrupted` is not cleared here: an operator's retry that arrived while the ending was
+    // being read cuts this pause short.
     await condition(
       () => run.interrupted || this.state.isSettled(receiverId),
       pauseAfterEnding(run.endingsInARow, this.state.timing!),
