@@ -55,8 +55,11 @@ describe('undecodable payloads', () => {
       const token = await store.requireToken(ctx.pool, issued.tokenId);
       assert.equal(token.status, 'revoked');
       assert.equal(token.revokeReason, 'unspecified');
-      const kinds = (await store.readAudit(ctx.pool, issued.tokenId)).map((e) => e.kind);
-      assert.ok(kinds.includes('signal.malformed'), `audit kinds: ${kinds.join(', ')}`);
+      const audit = await store.readAudit(ctx.pool, issued.tokenId);
+      const malformed = audit.find((e) => e.kind === 'signal.malformed');
+      assert.ok(malformed, `audit kinds: ${audit.map((e) => e.kind).join(', ')}`);
+      const recorded = JSON.parse(malformed.canonical) as { data: Record<string, unknown> };
+      assert.deepEqual(recorded.data, { reasonRecorded: 'unspecified', undecodableEncoding: encoding });
       assert.ok(receiver.acked().some((r) => JSON.parse(r.body).token_id === issued.tokenId));
     });
   }

@@ -123,6 +123,7 @@ describe('lifecycle decisions', () => {
     rejects({}, /^reason: /);
     rejects({ reason: '  ' }, /^reason: /);
     rejects({ reason: 'x', actor: '' }, /^actor: /);
+    rejects({ undecodablePayload: { encoding: 'binary/bogus', error: 'ValueError' } }, /^request: .*binary\/bogus/);
     assert.doesNotThrow(() => validateOperatorRequest({ reason: 'receiver fixed' }));
   });
   it('should compute time left until a deadline', () => {

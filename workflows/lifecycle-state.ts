@@ -14,6 +14,7 @@ import {
   type TokenStatus,
 } from '../common/names.js';
 import { withoutControls } from '../common/text.js';
+import { isUndecodablePayload } from './payload-converter.js';
 import type {
   DeliveryView,
   EffectiveTiming,
@@ -41,7 +42,11 @@ const text = (value: unknown, max: number): string | undefined => {
   return clean.length > 0 ? [...clean].slice(0, max).join('') : undefined;
 };
 
-export type ParsedRevoke = RevokeRequest & { malformed: boolean };
+export type ParsedRevoke = RevokeRequest & {
+  malformed: boolean;
+  /** The encoding of a payload the converter could not decode (see payload-converter.ts). */
+  undecodableEncoding?: string;
+};
 
 /**
  * A revoke Signal is never refused (batch operations and old clients send it): a malformed payload
@@ -63,11 +68,18 @@ export function parseRevokeSignal(payload: unknown): ParsedRevoke {
     ...(correlationId ? { correlationId } : {}),
     ...(requestId ? { requestId } : {}),
     malformed: reason === undefined,
+    ...(isUndecodablePayload(payload) ? { undecodableEncoding: payload.undecodablePayload.encoding } : {}),
   };
 }
 
 /** Validator of the operator Updates' payload: throws a non-retryable failure naming the field. */
 export function validateOperatorRequest(request: unknown): asserts request is OperatorRequest {
+  if (isUndecodablePayload(request)) {
+    throw ApplicationFailure.nonRetryable(
+      `request: the payload could not be decoded (encoding ${request.undecodablePayload.encoding}); send JSON {"reason": …}`,
+      INVALID_OPERATOR_REQUEST,
+    );
+  }
   const r = (typeof request === 'object' && request !== null ? request : {}) as Record<string, unknown>;
   if (text(r.reason, 500) === undefined) {
     throw ApplicationFailure.nonRetryable('reason: a non-empty reason is required', INVALID_OPERATOR_REQUEST);

@@ -187,7 +187,7 @@ class TokenLifecycle {
   }
 
   private async killOnRevoke(): Promise<KillResult> {
-    const { malformed, ...request } = this.state.revokeRequest!;
+    const { malformed, undecodableEncoding, ...request } = this.state.revokeRequest!;
     this.state.killing('revoke');
     // A run that begins already revoking (restarted, or told late) resumes from the store first. A
     // run woken from its sleep has propagated nothing: its deliveries go out with the kill, each
@@ -207,7 +207,10 @@ class TokenLifecycle {
           tokenId: this.input.tokenId,
           auditKey: `malformed-revoke-signal:${workflowInfo().runId}`,
           kind: 'signal.malformed',
-          data: { reasonRecorded: 'unspecified' },
+          data: {
+            reasonRecorded: 'unspecified',
+            ...(undecodableEncoding !== undefined ? { undecodableEncoding } : {}),
+          },
         },
       ]);
     }
