@@ -510,6 +510,18 @@ describe('token lifecycle', () => {
     const done = await result(issued.tokenId);
     assert.equal(done.propagation, 'complete');
     assert.equal(rejecting.receiver.requests.length, 2, 'one attempt before the restart, one after the retry');
+    // The new run did not even try the rejected delivery before the operator asked (the delivery
+    // activity's own guard would have refused to send, hiding it from the receiver's count).
+    const scheduledFor = (receiverId: string) => (history: Awaited<ReturnType<typeof handle.fetchHistory>>) =>
+      (history.events ?? []).filter((e) => {
+        const a = e.activityTaskScheduledEventAttributes;
+        if (a?.activityType?.name !== 'deliverRevocation') return false;
+        const data = a.input?.payloads?.[0]?.data;
+        return data
+          ? (JSON.parse(Buffer.from(data).toString('utf8')) as { receiverId: string }).receiverId === receiverId
+          : false;
+      }).length;
+    assert.equal(scheduledFor(rejecting.id)(await handle.fetchHistory()), 1, 'only after the operator retry');
     const kinds = await auditKinds(issued.tokenId);
     assert.equal(kinds.filter((k) => k === 'propagation.stuck').length, 1, kinds.join(','));
     await maybeRecordHistory(handle, 'restart-adopts-stuck');
