@@ -1,7 +1,6 @@
 /** Delivery activity crash points, with MockActivityEnvironment, real Postgres and a real receiver. */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { setTimeout } from 'node:timers/promises';
 import { after, before, describe, it } from 'node:test';
 import { ApplicationFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
@@ -13,6 +12,7 @@ import * as store from '../common/store/index.js';
 import type { DeliveryView } from '../workflows/messages.js';
 import { TestContext } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
+import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
 let receiver: TestReceiver;
@@ -39,9 +39,10 @@ const run = (
   masterKey: Buffer | undefined,
   input: { eventId: string; receiverId: string },
   log: LogEntry[] = [],
+  pool: DeliveryDeps['pool'] = ctx.pool,
 ): Promise<DeliveryView> => {
   const deps: DeliveryDeps = {
-    pool: ctx.pool,
+    pool,
     keyring: new MasterKeyring(masterKey),
     receiverAllow: ctx.settings.receiverAllow,
   };
@@ -91,8 +92,18 @@ describe('deliverRevocation', () => {
 
   it('should wait for the outbox row of a kill that commits while it runs', async () => {
     const { tokenId } = await ctx.warden.issue({ subject: 'usr_act', receivers: ['billing'], ttl: '1h' });
-    const attempt = run(ctx.settings.masterKey, { eventId: revocationEventId(tokenId), receiverId: 'billing' });
-    await setTimeout(300); // the kill commits while the attempt is already waiting for its row
+    // The store pool, counting the attempt's statements: the kill commits once it has read no row twice.
+    let statements = 0;
+    const counting = Object.assign(Object.create(ctx.pool) as typeof ctx.pool, {
+      query: (...args: Parameters<typeof ctx.pool.query>) => (statements++, ctx.pool.query(...args)),
+    });
+    const attempt = run(
+      ctx.settings.masterKey,
+      { eventId: revocationEventId(tokenId), receiverId: 'billing' },
+      [],
+      counting,
+    );
+    await waitUntil(() => statements >= 2, 'the attempt to wait for its outbox row');
     await store.killToken(ctx.pool, { tokenId, reason: 'test', actor: 'admin', initiatingEntity: 'admin' });
     assert.equal((await attempt).status, 'delivered');
   });
