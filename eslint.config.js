@@ -33,6 +33,7 @@ export default tseslint.config(
       'common/names.ts',
       'common/durations.ts',
       'common/text.ts',
+      'common/messages.ts',
       'bench/floor-workflows.ts',
       'test/support/wedging-workflows.ts',
     ],

@@ -9,7 +9,7 @@ import type { Settings } from '../common/config.js';
 import { NotFoundError } from '../common/errors.js';
 import * as store from '../common/store/index.js';
 import { MasterKeyring } from '../common/secrets.js';
-import type { PropagationSnapshot } from '../workflows/messages.js';
+import type { PropagationSnapshot } from '../common/messages.js';
 import { deliverRevocation, toDeliveryView } from './propagation.js';
 import { createReconcilerActivities } from './reconciler.js';
 

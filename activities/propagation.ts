@@ -16,7 +16,7 @@ import {
   retryRequestedSinceLastAttempt,
   type DeliveryRecord,
 } from '../common/store/index.js';
-import type { DeliveryView } from '../workflows/messages.js';
+import type { DeliveryView } from '../common/messages.js';
 import { RECEIVER_REJECTED } from '../common/names.js';
 
 /** Error types the workflow (and its retry policy) recognise. */

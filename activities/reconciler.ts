@@ -10,7 +10,7 @@ import type { StorePool } from '../common/db.js';
 import { RECONCILER_METRIC, tokenWorkflowId, type ReconcileSet } from '../common/names.js';
 import { signalRevoke, startTokenWorkflow } from '../common/temporal.js';
 import * as store from '../common/store/index.js';
-import { emptyReconcileReport, type ReconcileAction, type ReconcileReport } from '../workflows/messages.js';
+import { emptyReconcileReport, type ReconcileAction, type ReconcileReport } from '../common/messages.js';
 
 export interface ReconcilerDeps {
   pool: StorePool;

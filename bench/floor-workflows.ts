@@ -3,7 +3,7 @@
  * Deterministic workflow code, bundled on its own for a second worker: no Node built-ins, no I/O.
  */
 import { condition, defineSignal, proxyActivities, setHandler } from '@temporalio/workflow';
-import type { RevokeRequest } from '../workflows/messages.js';
+import type { RevokeRequest } from '../common/messages.js';
 import type { FloorActivities, FloorEvent } from './floor-activities.js';
 
 /** Carries the token workflow's `revoke` payload, so both signals cost the same on the wire. */

@@ -8,7 +8,7 @@ import type { TokenWarden } from '../client/index.js';
 import { signalRevokeRunning } from '../common/temporal.js';
 import { tokenWorkflowId } from '../common/names.js';
 import * as store from '../common/store/index.js';
-import type { RevokeRequest } from '../workflows/messages.js';
+import type { RevokeRequest } from '../common/messages.js';
 import { deliverSignal, pingSignal } from './floor-workflows.js';
 import type { ArrivalReceiver } from './receiver.js';
 import { timeStatements } from './statement-timer.js';

@@ -36,7 +36,7 @@ import {
   retryPropagationUpdate,
   type OperatorRequest,
   type RevokeRequest,
-} from '../workflows/messages.js';
+} from '../common/messages.js';
 import {
   TEMPORAL_CALL_DEADLINE_MS,
   connectTemporal,

@@ -13,12 +13,7 @@ import { revocationEventId } from './ids.js';
 import { SEARCH_ATTRIBUTE, WORKFLOW_TYPE, tokenWorkflowId } from './names.js';
 import type { TokenRecord } from './store/index.js';
 import { summaryText } from './text.js';
-import {
-  revokeSignal,
-  type RevokeRequest,
-  type TokenWorkflowInput,
-  type PropagationTiming,
-} from '../workflows/messages.js';
+import { revokeSignal, type RevokeRequest, type TokenWorkflowInput, type PropagationTiming } from './messages.js';
 
 /**
  * A client whose connection opens on first use: reading and killing in the store must keep working

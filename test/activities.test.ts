@@ -9,7 +9,7 @@ import { deliverRevocation, RECEIVER_UNAVAILABLE, type DeliveryDeps } from '../a
 import { revocationEventId } from '../common/ids.js';
 import { MasterKeyring } from '../common/secrets.js';
 import * as store from '../common/store/index.js';
-import type { DeliveryView } from '../workflows/messages.js';
+import type { DeliveryView } from '../common/messages.js';
 import { TestContext } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';

@@ -22,7 +22,7 @@ import {
   retryPropagationUpdate,
   revokeSignal,
   type TokenLifecycleResult,
-} from '../workflows/messages.js';
+} from '../common/messages.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { historyText, maybeRecordHistory } from './support/history.js';

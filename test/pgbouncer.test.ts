@@ -15,7 +15,7 @@ import { newCredentialId, newTokenId } from '../common/ids.js';
 import { tokenWorkflowId } from '../common/names.js';
 import * as store from '../common/store/index.js';
 import { findPgBouncer, startPgBouncer, type PgBouncer } from '../dev/pgbouncer.js';
-import type { TokenLifecycleResult } from '../workflows/messages.js';
+import type { TokenLifecycleResult } from '../common/messages.js';
 import { createTokenWorker } from '../worker/worker.js';
 import { TestContext } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';

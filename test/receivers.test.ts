@@ -20,7 +20,7 @@ import { ConfigError, InvalidInputError } from '../common/errors.js';
 import { RECEIVER_REJECTED } from '../common/names.js';
 import { encryptSecret, generateSigningSecret, MasterKeyring, masterKeyId } from '../common/secrets.js';
 import * as store from '../common/store/index.js';
-import type { DeliveryView } from '../workflows/messages.js';
+import type { DeliveryView } from '../common/messages.js';
 import { TestContext } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 

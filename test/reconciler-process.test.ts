@@ -15,7 +15,7 @@ import { newCredentialId, newTokenId } from '../common/ids.js';
 import { RECONCILER_METRIC, WORKFLOW_TYPE } from '../common/names.js';
 import * as store from '../common/store/index.js';
 import { freePort } from '../dev/processes.js';
-import type { ReconcileInput, ReconcileReport } from '../workflows/messages.js';
+import type { ReconcileInput, ReconcileReport } from '../common/messages.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';

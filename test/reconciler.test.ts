@@ -25,7 +25,7 @@ import {
   type ReconcileInput,
   type ReconcileReport,
   type TokenLifecycleResult,
-} from '../workflows/messages.js';
+} from '../common/messages.js';
 import { RECONCILE_REPORT_SAMPLE } from '../workflows/reconciler.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { tokenWorkflowId } from '../common/names.js';
-import type { TokenLifecycleResult } from '../workflows/messages.js';
+import type { TokenLifecycleResult } from '../common/messages.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 

@@ -8,7 +8,7 @@ import { randomUUID } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import { SIGNAL, tokenWorkflowId } from '../common/names.js';
 import * as store from '../common/store/index.js';
-import type { TokenLifecycleResult } from '../workflows/messages.js';
+import type { TokenLifecycleResult } from '../common/messages.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 

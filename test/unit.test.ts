@@ -35,7 +35,7 @@ import {
   propagationVerdict,
   validateOperatorRequest,
 } from '../workflows/lifecycle-state.js';
-import type { DeliveryView, TokenWorkflowInput } from '../workflows/messages.js';
+import type { DeliveryView, TokenWorkflowInput } from '../common/messages.js';
 import { ActivityFailure, ApplicationFailure, RetryState, TimeoutFailure, TimeoutType } from '@temporalio/common';
 import { RECEIVER_REJECTED } from '../common/names.js';
 

@@ -9,7 +9,7 @@ import { after, before, describe, it } from 'node:test';
 import { PACKAGE_ROOT } from '../common/config.js';
 import { tokenWorkflowId } from '../common/names.js';
 import * as store from '../common/store/index.js';
-import type { TokenLifecycleResult } from '../workflows/messages.js';
+import type { TokenLifecycleResult } from '../common/messages.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';

@@ -8,7 +8,7 @@ import { createPool } from '../common/db.js';
 import { RECONCILER_SCHEDULE_ID, RECONCILER_WORKFLOW_ID, WORKFLOW_TYPE } from '../common/names.js';
 import { createActivities, type Activities } from '../activities/index.js';
 import { connectTemporal } from '../common/temporal.js';
-import type { ReconcileInput } from '../workflows/messages.js';
+import type { ReconcileInput } from '../common/messages.js';
 
 export const WORKFLOWS_PATH = path.join(PACKAGE_ROOT, 'dist', 'workflows', 'index.js');
 /** Tolerates undecodable payloads (see the module); bundles must be built with it too. */

@@ -23,7 +23,7 @@ import type {
   RevokeRequest,
   TokenWorkflowInput,
   TokenWorkflowView,
-} from './messages.js';
+} from '../common/messages.js';
 
 const SETTLED: ReadonlySet<DeliveryState> = new Set(['delivered', 'forced', 'cancelled']);
 

@@ -1,7 +1,12 @@
 import { ApplicationFailure, continueAsNew, proxyActivities } from '@temporalio/workflow';
 import type { Activities } from '../activities/index.js';
 import { RECONCILE_SETS, type ReconcileSet } from '../common/names.js';
-import { addToReconcileReport, emptyReconcileReport, type ReconcileInput, type ReconcileReport } from './messages.js';
+import {
+  addToReconcileReport,
+  emptyReconcileReport,
+  type ReconcileInput,
+  type ReconcileReport,
+} from '../common/messages.js';
 
 /** Rows one activity heals unless the input says otherwise (a few seconds of work). */
 export const DEFAULT_RECONCILE_BATCH = 100;

@@ -48,7 +48,7 @@ import {
   type RetryPropagationResult,
   type TokenLifecycleResult,
   type TokenWorkflowInput,
-} from './messages.js';
+} from '../common/messages.js';
 
 /**
  * Changes to the command sequence since histories were first recorded: a run follows a patch from

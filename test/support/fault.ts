@@ -2,7 +2,7 @@
 import type { Client } from '@temporalio/client';
 import { parseDuration } from '../../common/durations.js';
 import { tokenWorkflowId } from '../../common/names.js';
-import type { TokenLifecycleResult } from '../../workflows/messages.js';
+import type { TokenLifecycleResult } from '../../common/messages.js';
 
 export function envInt(name: string, fallback: number): number {
   const text = process.env[name];

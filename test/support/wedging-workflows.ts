@@ -6,7 +6,7 @@
  */
 import { condition, defineSignal, proxyActivities, setHandler } from '@temporalio/workflow';
 import type { Activities } from '../../activities/index.js';
-import { revokeSignal, type TokenWorkflowInput } from '../../workflows/messages.js';
+import { revokeSignal, type TokenWorkflowInput } from '../../common/messages.js';
 
 export const wedgeSignal = defineSignal('wedge');
 

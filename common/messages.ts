@@ -13,9 +13,9 @@ import {
   type PropagationTiming,
   type ReconcileSet,
   type TokenStatus,
-} from '../common/names.js';
+} from './names.js';
 
-export type { PropagationTiming } from '../common/names.js';
+export type { PropagationTiming } from './names.js';
 
 /** Input of `tokenLifecycle`: ids and timestamps only, never a secret. */
 export interface TokenWorkflowInput {
