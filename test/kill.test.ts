@@ -3,14 +3,15 @@
  * canonical JSON identical to Node's, no session state, and an expired token's time of death.
  */
 import assert from 'node:assert/strict';
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import canonicalize from 'canonicalize';
 import pg from 'pg';
 import { createPool } from '../common/db.js';
-import { newCredentialId, newTokenId, revocationEventId } from '../common/ids.js';
+import { revocationEventId } from '../common/ids.js';
 import { KILL_CHANNEL } from '../common/names.js';
 import * as store from '../common/store/index.js';
+import { insertTokenRow } from './support/tokens.js';
 import { TestContext } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
@@ -34,17 +35,7 @@ after(async () => {
 });
 
 const newToken = (overrides: Partial<store.NewToken> = {}) =>
-  store.insertToken(ctx.pool, {
-    tokenId: newTokenId(),
-    credentialId: newCredentialId(),
-    subject: 'usr_kill',
-    name: null,
-    scopes: [],
-    receivers: ['billing', 'crm'],
-    ttlMs: 60_000,
-    secretHash: randomBytes(32),
-    ...overrides,
-  });
+  insertTokenRow(ctx.pool, { subject: 'usr_kill', receivers: ['billing', 'crm'], ...overrides });
 
 /** Moves a token's lifetime into the past, as if every worker had been down since it expired. */
 async function expiredAgo(tokenId: string, hours: number): Promise<void> {

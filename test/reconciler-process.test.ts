@@ -11,11 +11,11 @@ import { WorkflowFailedError } from '@temporalio/client';
 import type { ApplicationFailure } from '@temporalio/common';
 import { tsToMs } from '@temporalio/common/lib/time.js';
 import { PACKAGE_ROOT } from '../common/config.js';
-import { newCredentialId, newTokenId } from '../common/ids.js';
 import { RECONCILER_METRIC, WORKFLOW_TYPE } from '../common/names.js';
 import * as store from '../common/store/index.js';
 import { freePort } from '../dev/processes.js';
 import type { ReconcileInput, ReconcileReport } from '../common/messages.js';
+import { insertTokenRow } from './support/tokens.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
@@ -55,17 +55,7 @@ after(async () => {
   await ctx?.close();
 });
 
-const insertOnly = (ttlMs: number) =>
-  store.insertToken(ctx.pool, {
-    tokenId: newTokenId(),
-    credentialId: newCredentialId(),
-    subject: 'usr_reconcile',
-    name: null,
-    scopes: [],
-    receivers: [],
-    ttlMs,
-    secretHash: randomBytes(32),
-  });
+const insertOnly = (ttlMs: number) => insertTokenRow(ctx.pool, { subject: 'usr_reconcile', ttlMs });
 
 const startPass = () =>
   ctx.client.workflow.start(WORKFLOW_TYPE.reconcile, {

@@ -10,7 +10,7 @@ import {
   type ReconcilePageInput,
   type ReconcilePageResult,
 } from '../activities/reconciler.js';
-import { revocationEventId, newCredentialId, newTokenId } from '../common/ids.js';
+import { revocationEventId } from '../common/ids.js';
 import {
   WORKFLOW_TYPE,
   RECONCILER_SCHEDULE_ID,
@@ -27,6 +27,7 @@ import {
   type TokenLifecycleResult,
 } from '../common/messages.js';
 import { RECONCILE_REPORT_SAMPLE } from '../workflows/reconciler.js';
+import { insertTokenRow } from './support/tokens.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
@@ -99,16 +100,7 @@ async function pagesOfRun(workflowId: string, runId: string): Promise<ReconcileS
 
 /** Step one of issuing without step two: the issuer died between the commit and the workflow start. */
 const insertOnly = (ttlMs: number, receivers = ['audit-log']) =>
-  store.insertToken(ctx.pool, {
-    tokenId: newTokenId(),
-    credentialId: newCredentialId(),
-    subject: 'usr_reconcile',
-    name: null,
-    scopes: [],
-    receivers,
-    ttlMs,
-    secretHash: randomBytes(32),
-  });
+  insertTokenRow(ctx.pool, { subject: 'usr_reconcile', receivers, ttlMs });
 
 describe('reconciler', () => {
   it('should heal a crash between the store kill and the signal', async () => {

@@ -1,10 +1,10 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { randomBytes } from 'node:crypto';
 import { checkout, createPool, migrate, quoteIdent } from '../common/db.js';
-import { newCredentialId, newTokenId } from '../common/ids.js';
+import { newTokenId } from '../common/ids.js';
 import { InvalidInputError, NotFoundError } from '../common/errors.js';
 import * as store from '../common/store/index.js';
+import { insertTokenRow } from './support/tokens.js';
 import { TestContext } from './support/context.js';
 import { waitUntil } from './support/wait.js';
 
@@ -27,17 +27,7 @@ before(async () => {
 after(async () => ctx?.close());
 
 const newToken = (overrides: Partial<store.NewToken> = {}, pool = ctx.pool) =>
-  store.insertToken(pool, {
-    tokenId: newTokenId(),
-    credentialId: newCredentialId(),
-    subject: 'usr_store',
-    name: null,
-    scopes: [],
-    receivers: ['billing', 'crm'],
-    ttlMs: 60_000,
-    secretHash: randomBytes(32),
-    ...overrides,
-  });
+  insertTokenRow(pool, { subject: 'usr_store', receivers: ['billing', 'crm'], ...overrides });
 
 const kill = (tokenId: string, reason = 'left the company') =>
   store.killToken(ctx.pool, { tokenId, reason, actor: 'admin:alice', initiatingEntity: 'admin' });
