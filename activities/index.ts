@@ -9,7 +9,7 @@ import type { Settings } from '../common/config.js';
 import { NotFoundError } from '../common/errors.js';
 import * as store from '../common/store/index.js';
 import { MasterKeyring } from '../common/secrets.js';
-import type { PropagationSnapshot } from '../common/messages.js';
+import type { KillSnapshot, PropagationSnapshot } from '../common/messages.js';
 import { deliverRevocation, toDeliveryView } from './propagation.js';
 import { createReconcilerActivities } from './reconciler.js';
 
@@ -36,9 +36,27 @@ export function createActivities(deps: ActivityDeps) {
     }
   }
 
+  async function loadPropagation(tokenId: string, eventId: string): Promise<PropagationSnapshot> {
+    const rows = await store.listDeliveries(pool, tokenId);
+    const deliveries = rows.filter((d) => d.eventId === eventId).map(toDeliveryView);
+    return { timing: settings.timing, deliveries };
+  }
+
   return {
     async killToken(req: store.KillRequest): Promise<store.KillResult> {
       return classify(() => store.killToken(pool, req));
+    },
+
+    /**
+     * The kill, then the worker's timing and the delivery rows of its event (none while the token is
+     * not yet expired on the database clock): the workflow records the kill and starts every
+     * delivery in one workflow task. Idempotent like the kill, so a local activity run twice is harmless.
+     */
+    async killAndLoad(req: store.KillRequest & { eventId: string }): Promise<KillSnapshot> {
+      const { eventId, ...kill } = req;
+      const result = await classify(() => store.killToken(pool, kill));
+      if (result.notYetExpiredMs !== undefined) return { kill: result, timing: settings.timing, deliveries: [] };
+      return { kill: result, ...(await loadPropagation(req.tokenId, eventId)) };
     },
 
     async deliverRevocation(input: { eventId: string; receiverId: string }) {
@@ -67,9 +85,7 @@ export function createActivities(deps: ActivityDeps) {
      * and the store's delivery rows of the revocation event, which a restarted run resumes from.
      */
     async loadPropagation(input: { tokenId: string; eventId: string }): Promise<PropagationSnapshot> {
-      const rows = await store.listDeliveries(pool, input.tokenId);
-      const deliveries = rows.filter((d) => d.eventId === input.eventId).map(toDeliveryView);
-      return { timing: settings.timing, deliveries };
+      return loadPropagation(input.tokenId, input.eventId);
     },
 
     ...createReconcilerActivities(deps),

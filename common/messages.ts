@@ -15,6 +15,8 @@ import {
   type TokenStatus,
 } from './names.js';
 
+import type { KillResult } from './store/kill.js';
+
 export type { PropagationTiming } from './names.js';
 
 /** Input of `tokenLifecycle`: ids and timestamps only, never a secret. */
@@ -45,6 +47,14 @@ export interface PropagationSnapshot {
   timing: PropagationTiming;
   /** The delivery rows of the token's revocation event; empty until a kill has committed. */
   deliveries: DeliveryView[];
+}
+
+/**
+ * The kill's outcome with what propagation starts from, read right after it (the `killAndLoad`
+ * local activity): a run that records the kill can start its deliveries in the same workflow task.
+ */
+export interface KillSnapshot extends PropagationSnapshot {
+  kill: KillResult;
 }
 
 export interface RevokeRequest {

@@ -23,6 +23,7 @@ import {
   revokeSignal,
   type TokenLifecycleResult,
 } from '../common/messages.js';
+import proto from '@temporalio/proto';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { historyText, maybeRecordHistory } from './support/history.js';
@@ -138,6 +139,70 @@ describe('token lifecycle', () => {
     await maybeRecordHistory(handleOf(issued.tokenId), 'expire-deliver');
   });
 
+  it('should kill and start every delivery in one workflow task, keep one escalation timer, and complete with the last confirmation', async () => {
+    await ensureWorker();
+    const rs = [await addReceiver(), await addReceiver(), await addReceiver()];
+    // Each receiver answers only when the test lets it: three confirmations in three workflow tasks.
+    const gates = rs.map(() => {
+      let resolve!: () => void;
+      const promise = new Promise<void>((r) => (resolve = r));
+      return { promise, resolve };
+    });
+    rs.forEach((r, i) => (r.receiver.behaviour = () => ({ status: 204, after: gates[i]!.promise })));
+    const issued = await ctx.warden.issue({ subject: 'usr_tasks', receivers: rs.map((r) => r.id), ttl: '1h' });
+    await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'task count' });
+    for (const [i, r] of rs.entries()) {
+      await waitUntil(() => r.receiver.requests.length === 1, `the POST to ${r.id}`);
+      gates[i]!.resolve();
+      await waitUntil(
+        async () => (await store.listDeliveries(ctx.pool, issued.tokenId))[i]!.status === 'delivered',
+        `${r.id} recorded delivered`,
+      );
+    }
+    await result(issued.tokenId);
+
+    const { EventType } = proto.temporal.api.enums.v1;
+    const events = (await handleOf(issued.tokenId).fetchHistory()).events ?? [];
+    const byTask = (type: number, taskCompletedId: number) =>
+      events.filter((e) => {
+        if (e.eventType !== type) return false;
+        const attrs =
+          e.markerRecordedEventAttributes ??
+          e.activityTaskScheduledEventAttributes ??
+          e.timerStartedEventAttributes ??
+          e.timerCanceledEventAttributes ??
+          e.upsertWorkflowSearchAttributesEventAttributes ??
+          e.workflowExecutionCompletedEventAttributes;
+        return Number(attrs?.workflowTaskCompletedEventId) === taskCompletedId;
+      }).length;
+    const taskIds = events
+      .filter((e) => e.eventType === EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)
+      .map((e) => Number(e.eventId));
+    // The task after the revoke Signal records the kill (a local activity's marker) and schedules
+    // every delivery and the escalation timer; then one task per confirmation, the last one
+    // recording completion (another marker) and completing the run.
+    assert.equal(taskIds.length, 2 + rs.length, 'start, revoke, one per confirmation');
+    const revokeTask = taskIds[1]!;
+    assert.ok(byTask(EventType.EVENT_TYPE_MARKER_RECORDED, revokeTask) >= 1, 'the kill is recorded in that task');
+    assert.equal(byTask(EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED, revokeTask), rs.length);
+    assert.equal(byTask(EventType.EVENT_TYPE_TIMER_STARTED, revokeTask), 1, 'the escalation timer');
+    const lastTask = taskIds.at(-1)!;
+    assert.equal(byTask(EventType.EVENT_TYPE_MARKER_RECORDED, lastTask), 1, 'completion recorded in the last task');
+    assert.equal(byTask(EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED, lastTask), 1);
+    // No timer restarted per confirmation: no later task starts or cancels one.
+    for (const task of taskIds.slice(2)) {
+      assert.equal(byTask(EventType.EVENT_TYPE_TIMER_STARTED, task), 0);
+      assert.equal(byTask(EventType.EVENT_TYPE_TIMER_CANCELED, task), 0);
+    }
+    assert.deepEqual(
+      events
+        .filter((e) => e.eventType === EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)
+        .map((e) => e.activityTaskScheduledEventAttributes?.activityType?.name),
+      rs.map(() => 'deliverRevocation'),
+      'no store call through the server',
+    );
+  });
+
   it('should return from revoke only once the store says revoked, and be idempotent', async () => {
     await ensureWorker();
     const a = await addReceiver();
@@ -229,7 +294,7 @@ describe('token lifecycle', () => {
     assert.equal(stuck.status, 'revoked');
     assert.equal(stuck.valid, false);
     assert.deepEqual(
-      stuck.deliveries.map((d) => d.status),
+      [a.id, ok.id].map((id) => stuck.deliveries.find((d) => d.receiverId === id)?.status),
       ['failed', 'delivered'],
     );
     assert.equal(a.receiver.requests.length, 1, 'a 400 is not retried by itself');
@@ -604,7 +669,8 @@ describe('token lifecycle', () => {
   });
 
   it("should accept an operator's forceComplete while the workflow's kill is still committing", async () => {
-    // The kill waits on a row lock the test holds: deliveries already run, the kill has not returned.
+    // The kill (a local activity) waits on a row lock the test holds: the workflow is killing, and
+    // its task stays open until the kill returns (the worker heartbeats it, so the Update gets in).
     await worker?.stop();
     const a = await addReceiver();
     a.receiver.behaviour = () => ({ status: 503 });
@@ -615,13 +681,17 @@ describe('token lifecycle', () => {
       await lock.query('BEGIN');
       await lock.query('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [issued.tokenId]);
       await ensureWorker();
-      await waitUntil(() => a.receiver.requests.length >= 1, 'a delivery attempt during the kill');
       const handle = handleOf(issued.tokenId);
-      assert.equal((await handle.query(describeQuery)).phase, 'killing');
+      await waitUntil(
+        async () => (await handle.query(describeQuery)).phase === 'killing',
+        'the workflow killing behind the lock',
+      );
       const forcing = await handle.startUpdate(forceCompleteUpdate, {
         args: [{ reason: 'receiver retired' }],
         waitForStage: WorkflowUpdateStage.ACCEPTED,
       });
+      // Still blocked: the kill has not committed while the Update was accepted.
+      assert.equal((await ctx.warden.show(issued.tokenId)).propagationStartedAt, null);
       await lock.query('ROLLBACK');
       assert.deepEqual((await forcing.result()).forced, [a.id]);
       const done = await result(issued.tokenId);

@@ -21,6 +21,16 @@ const bundle = process.env.TOKENWARDEN_TEST_WORKFLOW_BUNDLE;
 describe('recorded histories replay', () => {
   it('should have the recorded scenarios checked in', () => {
     assert.deepEqual(files, [
+      'before-local-store-calls/cancelled-mid-propagation.json',
+      'before-local-store-calls/continue-as-new.json.gz',
+      'before-local-store-calls/database-clock-wait.json',
+      'before-local-store-calls/delivery-ended-retried.json',
+      'before-local-store-calls/escalate-force.json',
+      'before-local-store-calls/expire-deliver.json',
+      'before-local-store-calls/force-while-killing.json',
+      'before-local-store-calls/malformed-revoke.json',
+      'before-local-store-calls/restart-adopts-stuck.json',
+      'before-local-store-calls/revoke-stuck-retry.json',
       'before-store-driven-propagation/expire-deliver.json',
       'before-store-driven-propagation/revoke-stuck-retry.json',
       'cancelled-mid-propagation.json',

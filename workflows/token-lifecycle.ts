@@ -19,6 +19,7 @@ import {
   proxyLocalActivities,
   setCurrentDetails,
   setHandler,
+  sleep,
   upsertSearchAttributes,
   workflowInfo,
 } from '@temporalio/workflow';
@@ -42,6 +43,7 @@ import {
   revokeSignal,
   type DeliveryView,
   type ForceCompleteResult,
+  type KillSnapshot,
   type OperatorRequest,
   type PropagationSnapshot,
   type PropagationTiming,
@@ -64,6 +66,13 @@ const PATCHES = {
   storeDrivenPropagation: 'store-driven-propagation',
   /** A sleeping token also wakes when the server suggests continue-as-new. */
   wakeForContinueAsNew: 'wake-for-continue-as-new',
+  /**
+   * Fewer workflow tasks per token: the kill is a local activity that also returns the timing and
+   * the delivery rows, so every delivery starts in the task that records the kill; completion is a
+   * local activity in the task of the last confirmation; one escalation timer per deadline instead
+   * of a timer restarted on every confirmation.
+   */
+  localStoreCalls: 'local-store-calls',
 } as const;
 
 const store = proxyActivities<Activities>({
@@ -76,10 +85,19 @@ const store = proxyActivities<Activities>({
   },
 });
 
-/** Reads that decide the workflow's next step: local, so they cost no round trip through the server. */
-const storeReads = proxyLocalActivities<Activities>({
+/**
+ * Short store calls on the hot path (reads that decide the next step, the kill, completion): local,
+ * so they cost no round trip through the server and no workflow task of their own. Never two at
+ * once: concurrent local activities can resolve in other groupings on replay.
+ */
+const storeLocal = proxyLocalActivities<Activities>({
   startToCloseTimeout: '10s',
-  retry: { initialInterval: '200ms', backoffCoefficient: 2, maximumInterval: '10s' },
+  retry: {
+    initialInterval: '200ms',
+    backoffCoefficient: 2,
+    maximumInterval: '10s',
+    nonRetryableErrorTypes: ['NotFoundError'],
+  },
 });
 
 /**
@@ -107,8 +125,8 @@ function deliveryActivities(timing: PropagationTiming | undefined) {
 
 export async function tokenLifecycle(input: TokenWorkflowInput): Promise<TokenLifecycleResult> {
   const lifecycle = new TokenLifecycle(input);
-  const kill = await lifecycle.liveUntilKilled();
-  await lifecycle.propagate(kill);
+  const killed = await lifecycle.liveUntilKilled();
+  await lifecycle.propagate(killed);
   return lifecycle.complete();
 }
 
@@ -128,6 +146,11 @@ class TokenLifecycle {
   private readonly runs = new Map<string, DeliveryRun>();
   /** Whether this run follows PATCHES.storeDrivenPropagation: decided where it first matters. */
   private storeDrivenDecision: boolean | undefined;
+  /** Whether this run follows PATCHES.localStoreCalls: decided when its kill starts. */
+  private localDecision: boolean | undefined;
+  /** The escalation deadline's one timer (PATCHES.localStoreCalls), and whether it has fired. */
+  private escalationTimer: CancellationScope | undefined;
+  private escalationDue = false;
   /** The run has slept since it started: a revoke now finds nothing propagated by this run. */
   private wasAsleep = false;
   private deliveriesStarted = false;
@@ -161,8 +184,11 @@ class TokenLifecycle {
 
   // ---------------------------------------------------------------- phase 1: alive until killed
 
-  /** Sleeps until expiry or a revoke; returns the kill's facts once the token is dead in the store. */
-  async liveUntilKilled(): Promise<KillResult> {
+  /**
+   * Sleeps until expiry or a revoke; returns the kill's facts once the token is dead in the store
+   * (with the store's propagation snapshot when the kill was a local activity).
+   */
+  async liveUntilKilled(): Promise<KillResult | KillSnapshot> {
     for (;;) {
       if (this.state.revokeRequest) return this.killOnRevoke();
       const remaining = msUntil(this.input.expiresAt, Date.now());
@@ -186,9 +212,17 @@ class TokenLifecycle {
     }
   }
 
-  private async killOnRevoke(): Promise<KillResult> {
+  private async killOnRevoke(): Promise<KillResult | KillSnapshot> {
     const { malformed, undecodableEncoding, ...request } = this.state.revokeRequest!;
     this.state.killing('revoke');
+    if (this.local) {
+      const killed = await storeLocal.killAndLoad.executeWithOptions(
+        { summary: summaryText(`revoke: ${request.reason}`) },
+        [{ tokenId: this.input.tokenId, ...request, byWorkflow: true, eventId: this.input.revocationEventId }],
+      );
+      if (malformed) await this.auditMalformedSignal(storeLocal, undecodableEncoding);
+      return killed;
+    }
     // A run that begins already revoking (restarted, or told late) resumes from the store first. A
     // run woken from its sleep has propagated nothing: its deliveries go out with the kill, each
     // one's first attempt before the worker's timing is read.
@@ -201,36 +235,44 @@ class TokenLifecycle {
     // outbox row yet retries shortly.
     this.startDeliveries();
     const kill = await killing;
-    if (malformed) {
-      await store.recordAudit.executeWithOptions({ summary: 'audit: malformed revoke signal' }, [
-        {
-          tokenId: this.input.tokenId,
-          auditKey: `malformed-revoke-signal:${workflowInfo().runId}`,
-          kind: 'signal.malformed',
-          data: {
-            reasonRecorded: 'unspecified',
-            ...(undecodableEncoding !== undefined ? { undecodableEncoding } : {}),
-          },
-        },
-      ]);
-    }
+    if (malformed) await this.auditMalformedSignal(store, undecodableEncoding);
     return kill;
   }
 
-  /** The expiry's kill; undefined when the database clock has not reached expiry yet. */
-  private async killOnExpiry(): Promise<KillResult | undefined> {
-    this.state.killing('expiry');
-    const result = await store.killToken.executeWithOptions({ summary: 'expire: the token reached its expiry' }, [
+  /** Audits that the revoke Signal could not be read (it still revoked, with reason `unspecified`). */
+  private async auditMalformedSignal(activities: typeof store, undecodableEncoding: string | undefined): Promise<void> {
+    await activities.recordAudit.executeWithOptions({ summary: 'audit: malformed revoke signal' }, [
       {
         tokenId: this.input.tokenId,
-        reason: 'expired',
-        actor: 'system',
-        initiatingEntity: 'system',
-        onlyIfExpired: true,
-        byWorkflow: true,
+        auditKey: `malformed-revoke-signal:${workflowInfo().runId}`,
+        kind: 'signal.malformed',
+        data: {
+          reasonRecorded: 'unspecified',
+          ...(undecodableEncoding !== undefined ? { undecodableEncoding } : {}),
+        },
       },
     ]);
-    if (result.notYetExpiredMs === undefined) return result;
+  }
+
+  /** The expiry's kill; undefined when the database clock has not reached expiry yet. */
+  private async killOnExpiry(): Promise<KillResult | KillSnapshot | undefined> {
+    this.state.killing('expiry');
+    const request = {
+      tokenId: this.input.tokenId,
+      reason: 'expired',
+      actor: 'system',
+      initiatingEntity: 'system' as const,
+      onlyIfExpired: true,
+      byWorkflow: true,
+    };
+    const summary = { summary: 'expire: the token reached its expiry' };
+    const killed = this.local
+      ? await storeLocal.killAndLoad.executeWithOptions(summary, [
+          { ...request, eventId: this.input.revocationEventId },
+        ])
+      : await store.killToken.executeWithOptions(summary, [request]);
+    const result = 'kill' in killed ? killed.kill : killed;
+    if (result.notYetExpiredMs === undefined) return killed;
     // The database clock is behind workflow time: wait the difference (a revoke still wins).
     this.state.stillAlive();
     this.wasAsleep = true;
@@ -243,18 +285,29 @@ class TokenLifecycle {
   // ---------------------------------------------------------------- phase 2: propagating ⇄ stuck
 
   /** Every receiver told, in parallel, until each confirms or an operator decides. */
-  async propagate(kill: KillResult): Promise<void> {
-    await this.startPropagation();
+  async propagate(killed: KillResult | KillSnapshot): Promise<void> {
+    let kill: KillResult;
+    if ('kill' in killed) {
+      // The local kill read the timing and the rows after it committed: the run resumes from them.
+      kill = killed.kill;
+      this.storeDrivenDecision = true;
+      this.state.timingKnown({ ...killed.timing, source: 'worker' });
+      if (!this.deliveriesStarted) this.state.resumedFromStore(killed.deliveries);
+    } else {
+      kill = killed;
+      await this.startPropagation();
+    }
     this.state.killed(kill.token, Date.now());
     upsertSearchAttributes([
       { key: SEARCH_ATTRIBUTE.status, value: this.state.status },
       { key: SEARCH_ATTRIBUTE.propagation, value: this.state.propagation },
     ]);
     this.startDeliveries();
+    if (this.local) this.armEscalation();
 
     for (;;) {
       if (this.deliveryFailure !== undefined) throw this.deliveryFailure;
-      let verdict = this.state.verdict(Date.now());
+      let verdict = this.state.verdict(this.escalationDue ? Number.POSITIVE_INFINITY : Date.now());
       // A propagation the store holds as stuck stays stuck until an operator acts or all settle.
       if (this.storeDriven && verdict.kind === 'wait' && this.state.propagation === 'stuck')
         verdict = { kind: 'stuck' };
@@ -265,9 +318,9 @@ class TokenLifecycle {
       }
       if (verdict.kind === 'wait') {
         const seen = this.state.deliveryChanges;
-        await condition(() => this.deliveriesEnded || this.state.deliveryChanges !== seen, verdict.ms, {
-          summary: 'waiting for receivers to confirm',
-        });
+        const changed = () => this.deliveriesEnded || this.state.deliveryChanges !== seen;
+        if (this.local) await condition(() => changed() || this.escalationDue);
+        else await condition(changed, verdict.ms, { summary: 'waiting for receivers to confirm' });
         continue;
       }
       // Stuck: record it (retryable deliveries keep retrying), then wait for progress or an operator.
@@ -281,6 +334,35 @@ class TokenLifecycle {
   private get storeDriven(): boolean {
     this.storeDrivenDecision ??= patched(PATCHES.storeDrivenPropagation);
     return this.storeDrivenDecision;
+  }
+
+  /** First asked when the kill starts: a run recorded before the patch keeps its activities. */
+  private get local(): boolean {
+    this.localDecision ??= patched(PATCHES.localStoreCalls);
+    return this.localDecision;
+  }
+
+  /**
+   * One timer until the escalation deadline; re-armed only when the deadline moves (an operator's
+   * retry), never on a receiver's confirmation. The run may complete with it still pending.
+   */
+  private armEscalation(): void {
+    this.escalationTimer?.cancel();
+    this.escalationDue = false;
+    const timer = new CancellationScope();
+    this.escalationTimer = timer;
+    timer
+      .run(() =>
+        sleep(Math.max(1, this.state.escalateAtMs! - Date.now()), {
+          summary: 'escalate to stuck unless every receiver has confirmed',
+        }),
+      )
+      .then(
+        () => {
+          if (this.escalationTimer === timer) this.escalationDue = true;
+        },
+        () => {}, // cancelled: re-armed, or the workflow itself is being cancelled
+      );
   }
 
   /**
@@ -304,7 +386,7 @@ class TokenLifecycle {
    * it meanwhile: concurrent local activities can resolve in other groupings on replay.
    */
   private readStore(): Promise<PropagationSnapshot> {
-    this.storeRead ??= storeReads.loadPropagation
+    this.storeRead ??= storeLocal.loadPropagation
       .executeWithOptions({ summary: 'read the worker timing and the delivery rows' }, [
         { tokenId: this.input.tokenId, eventId: this.input.revocationEventId },
       ])
@@ -360,6 +442,7 @@ class TokenLifecycle {
     );
     this.state.resumed(token.propagation, Date.now());
     upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.propagation, value: token.propagation }]);
+    if (this.local) this.armEscalation();
   }
 
   // ---------------------------------------------------------------- deliveries
@@ -518,7 +601,9 @@ class TokenLifecycle {
 
   async complete(): Promise<TokenLifecycleResult> {
     const { forced } = this.state;
-    const done = await store.setPropagation.executeWithOptions(
+    // Local with PATCHES.localStoreCalls: recorded in the task of the last confirmation, which also
+    // completes the run. Nothing else runs a local activity now: every delivery has ended.
+    const done = await (this.local ? storeLocal : store).setPropagation.executeWithOptions(
       { summary: forced ? 'complete: forced by an operator' : 'every receiver confirmed: complete' },
       [
         {
