@@ -16,7 +16,7 @@ import type { Client, WorkflowHandle } from '@temporalio/client';
 import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
 import { TokenWarden } from '../client/index.js';
 import { connectTemporal } from '../common/temporal.js';
-import { DEFAULT_MAX_TTL_MS, PACKAGE_ROOT, type Settings } from '../common/config.js';
+import { DEFAULT_MAX_TTL_MS, WORKER_TUNING_DEFAULTS, PACKAGE_ROOT, type Settings } from '../common/config.js';
 import { createPool } from '../common/db.js';
 import { tokenWorkflowId } from '../common/names.js';
 import { createTokenWorker, WORKFLOW_BUNDLE_OPTIONS } from '../worker/worker.js';
@@ -132,6 +132,7 @@ async function main(): Promise<void> {
       previousMasterKeys: [],
       receiverAllow: ['loopback'],
       maxTtlMs: DEFAULT_MAX_TTL_MS,
+      worker: WORKER_TUNING_DEFAULTS,
     };
     const floorQueue = `bench-floor-${tag}`;
 

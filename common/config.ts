@@ -31,7 +31,65 @@ export interface Settings {
   maxTtlMs: number;
   /** host:port where a worker serves Prometheus metrics (`/metrics`); none when unset. */
   metricsAddress?: string;
+  /** A worker's capacity (TOKENWARDEN_WORKFLOW_TASK_SLOTS, …); defaults in WORKER_TUNING_DEFAULTS. */
+  worker: WorkerTuning;
 }
+
+/** What one worker process takes on at once, and what it keeps. */
+export interface WorkerTuning {
+  /** Workflow tasks run at once (they share the workflow threads). */
+  workflowTaskSlots: number;
+  workflowTaskPollers: number;
+  /** Activities (deliveries) at once: each mostly waits on a receiver. */
+  activitySlots: number;
+  activityPollers: number;
+  /** Local activities (the kill, completion, store reads) at once. */
+  localActivitySlots: number;
+  /** Workflows kept in memory between tasks; an evicted one is replayed from its history when it wakes. */
+  cachedWorkflows: number;
+  /** How long a workflow's next task waits for this worker before any worker may take it. */
+  stickyTimeoutMs: number;
+  /** Threads running workflow code. */
+  workflowThreads: number;
+  /** Database connections of the worker's pool. */
+  dbPoolSize: number;
+}
+
+/**
+ * Defaults chosen from measurements on 2 cores with 10,000 sleeping tokens and a 1,000-token
+ * expiry wave (docs/benchmarks.md, "Worker tuning"). Each has an environment variable.
+ */
+export const WORKER_TUNING_DEFAULTS: WorkerTuning = {
+  workflowTaskSlots: 40,
+  workflowTaskPollers: 10,
+  activitySlots: 100,
+  activityPollers: 10,
+  localActivitySlots: 40,
+  cachedWorkflows: 2000,
+  stickyTimeoutMs: 10_000,
+  workflowThreads: 1,
+  dbPoolSize: 20,
+};
+
+const WORKER_TUNING_ENV: Record<keyof WorkerTuning, string> = {
+  workflowTaskSlots: 'TOKENWARDEN_WORKFLOW_TASK_SLOTS',
+  workflowTaskPollers: 'TOKENWARDEN_WORKFLOW_TASK_POLLERS',
+  activitySlots: 'TOKENWARDEN_ACTIVITY_SLOTS',
+  activityPollers: 'TOKENWARDEN_ACTIVITY_POLLERS',
+  localActivitySlots: 'TOKENWARDEN_LOCAL_ACTIVITY_SLOTS',
+  cachedWorkflows: 'TOKENWARDEN_CACHED_WORKFLOWS',
+  stickyTimeoutMs: 'TOKENWARDEN_STICKY_TIMEOUT',
+  workflowThreads: 'TOKENWARDEN_WORKFLOW_THREADS',
+  dbPoolSize: 'TOKENWARDEN_DB_POOL',
+};
+
+const count = (name: string, min: number, max: number) =>
+  z
+    .string()
+    .regex(/^\d+$/, `${name} must be a whole number`)
+    .transform(Number)
+    .refine((n) => n >= min && n <= max, `${name} must be between ${min} and ${max}`)
+    .optional();
 
 /** What `tokenwarden start` writes into the data folder so that CLI calls find the running stack. */
 export interface StackFile {
@@ -124,6 +182,19 @@ const envSchema = z.object({
   TOKENWARDEN_RETRY_INITIAL: duration('TOKENWARDEN_RETRY_INITIAL', '1s'),
   TOKENWARDEN_RETRY_MAX: duration('TOKENWARDEN_RETRY_MAX', '10m'),
   TOKENWARDEN_RECONCILE_GRACE: duration('TOKENWARDEN_RECONCILE_GRACE', '1m'),
+  TOKENWARDEN_WORKFLOW_TASK_SLOTS: count('TOKENWARDEN_WORKFLOW_TASK_SLOTS', 2, 1000),
+  // The SDK needs at least two pollers of each kind (one sticky, one normal for workflows).
+  TOKENWARDEN_WORKFLOW_TASK_POLLERS: count('TOKENWARDEN_WORKFLOW_TASK_POLLERS', 2, 100),
+  TOKENWARDEN_ACTIVITY_SLOTS: count('TOKENWARDEN_ACTIVITY_SLOTS', 1, 10_000),
+  TOKENWARDEN_ACTIVITY_POLLERS: count('TOKENWARDEN_ACTIVITY_POLLERS', 1, 100),
+  TOKENWARDEN_LOCAL_ACTIVITY_SLOTS: count('TOKENWARDEN_LOCAL_ACTIVITY_SLOTS', 1, 1000),
+  TOKENWARDEN_CACHED_WORKFLOWS: count('TOKENWARDEN_CACHED_WORKFLOWS', 0, 1_000_000),
+  TOKENWARDEN_STICKY_TIMEOUT: duration(
+    'TOKENWARDEN_STICKY_TIMEOUT',
+    formatDuration(WORKER_TUNING_DEFAULTS.stickyTimeoutMs),
+  ),
+  TOKENWARDEN_WORKFLOW_THREADS: count('TOKENWARDEN_WORKFLOW_THREADS', 1, 64),
+  TOKENWARDEN_DB_POOL: count('TOKENWARDEN_DB_POOL', 1, 1000),
   TOKENWARDEN_METRICS_ADDRESS: z
     .string()
     .regex(
@@ -221,8 +292,21 @@ export function loadSettings(env: NodeJS.ProcessEnv = process.env): Settings {
       e.TOKENWARDEN_RECEIVER_ALLOW ?? (stack && databaseUrl === stack.databaseUrl ? (stack.receiverAllow ?? []) : []),
     maxTtlMs: e.TOKENWARDEN_MAX_TTL,
     ...(e.TOKENWARDEN_METRICS_ADDRESS ? { metricsAddress: e.TOKENWARDEN_METRICS_ADDRESS } : {}),
+    worker: {
+      workflowTaskSlots: e.TOKENWARDEN_WORKFLOW_TASK_SLOTS ?? WORKER_TUNING_DEFAULTS.workflowTaskSlots,
+      workflowTaskPollers: e.TOKENWARDEN_WORKFLOW_TASK_POLLERS ?? WORKER_TUNING_DEFAULTS.workflowTaskPollers,
+      activitySlots: e.TOKENWARDEN_ACTIVITY_SLOTS ?? WORKER_TUNING_DEFAULTS.activitySlots,
+      activityPollers: e.TOKENWARDEN_ACTIVITY_POLLERS ?? WORKER_TUNING_DEFAULTS.activityPollers,
+      localActivitySlots: e.TOKENWARDEN_LOCAL_ACTIVITY_SLOTS ?? WORKER_TUNING_DEFAULTS.localActivitySlots,
+      cachedWorkflows: e.TOKENWARDEN_CACHED_WORKFLOWS ?? WORKER_TUNING_DEFAULTS.cachedWorkflows,
+      stickyTimeoutMs: e.TOKENWARDEN_STICKY_TIMEOUT,
+      workflowThreads: e.TOKENWARDEN_WORKFLOW_THREADS ?? WORKER_TUNING_DEFAULTS.workflowThreads,
+      dbPoolSize: e.TOKENWARDEN_DB_POOL ?? WORKER_TUNING_DEFAULTS.dbPoolSize,
+    },
   };
 }
+
+export { WORKER_TUNING_ENV };
 
 /** A master key file holds the key in base64 (what `tokenwarden start` writes). */
 function readMasterKeyFile(file: string): Buffer {

@@ -6,18 +6,14 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import proto from '@temporalio/proto';
 import type pg from 'pg';
 import type { RevokeOutcome } from '../client/index.js';
-import { tokenWorkflowId } from '../common/names.js';
 import { TestContext } from './support/context.js';
 import { workflowResults } from './support/fault.js';
 import { propagationProblems, readFacts, receiverProblems } from './support/invariants.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
 import { WorkerProcess } from './support/worker-process.js';
-
-const { PendingActivityState } = proto.temporal.api.enums.v1;
 
 let ctx: TestContext;
 const receivers: TestReceiver[] = [];
@@ -58,28 +54,27 @@ async function lockRows(sql: string, params: unknown[]): Promise<pg.PoolClient> 
   return client;
 }
 
-/** Whether another session waits for a lock this transaction holds. */
-async function blocks(lock: pg.PoolClient): Promise<boolean> {
-  const { rows } = await ctx.pool.query('SELECT 1 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))', [
-    backendPids.get(lock),
-  ]);
-  return rows.length > 0;
+/**
+ * How many other sessions wait for a lock this transaction holds, directly or behind another waiter
+ * (a second waiter for a row queues behind the first one's tuple lock).
+ */
+async function blocked(lock: pg.PoolClient): Promise<number> {
+  const { rows } = await ctx.pool.query(
+    `WITH RECURSIVE waiting(pid) AS (
+       SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))
+       UNION SELECT a.pid FROM pg_stat_activity a JOIN waiting w ON w.pid = ANY(pg_blocking_pids(a.pid)))
+     SELECT count(*)::int AS n FROM waiting`,
+    [backendPids.get(lock)],
+  );
+  return rows[0].n as number;
 }
+
+const blocks = async (lock: pg.PoolClient) => (await blocked(lock)) > 0;
 
 async function endLock(client: pg.PoolClient, how: 'COMMIT' | 'ROLLBACK'): Promise<void> {
   await client.query(how);
   locks.splice(locks.indexOf(client), 1);
   client.release();
-}
-
-/** Whether the token's workflow has an activity running on this worker (started, not finished). */
-async function runsActivityOn(tokenId: string, worker: WorkerProcess): Promise<boolean> {
-  const { raw } = await ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)).describe();
-  return (raw.pendingActivities ?? []).some(
-    (a) =>
-      a.state === PendingActivityState.PENDING_ACTIVITY_STATE_STARTED &&
-      a.lastWorkerIdentity?.startsWith(`${worker.pid}@`),
-  );
 }
 
 describe('worker process crash', () => {
@@ -95,7 +90,9 @@ describe('worker process crash', () => {
     // has taken the revocation, nothing has been POSTed.
     const rowOfA = await lockRows('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [tokenA]);
     const revokingA = ctx.warden.revoke({ tokenId: tokenA, reason: 'crash before the POST' });
-    await waitUntil(() => runsActivityOn(tokenA, doomed), 'an activity of A running on the doomed worker', 60_000);
+    // Two sessions wait for A's row: the caller's kill and the workflow's (a local activity of the
+    // only worker, so it runs on the doomed one).
+    await waitUntil(async () => (await blocked(rowOfA)) >= 2, 'the workflow’s kill of A waiting for the row', 60_000);
 
     // B: the receiver holds the POST unanswered.
     let answerB!: () => void;

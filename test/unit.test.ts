@@ -22,7 +22,8 @@ import {
 } from '../common/secrets.js';
 import { InvalidInputError } from '../common/errors.js';
 import { actorSchema, nameSchema, parseInput, reasonSchema, subjectSchema, ttlSchema } from '../common/validation.js';
-import { loadSettings } from '../common/config.js';
+import { loadSettings, WORKER_TUNING_DEFAULTS } from '../common/config.js';
+import { tuningOptions } from '../worker/worker.js';
 import { ConfigError } from '../common/errors.js';
 import {
   INVALID_OPERATOR_REQUEST,
@@ -374,6 +375,37 @@ describe('input validation', () => {
     });
     assert.equal(s.timing.retryMaxMs, 120_000);
     assert.equal(s.temporal.namespace, 'tokenwarden');
+  });
+
+  it("should read a worker's capacity from the environment, refusing nonsense with the variable named", () => {
+    const base = { DATABASE_URL: 'postgres://x/y', TOKENWARDEN_DATA_DIR: '/nonexistent' };
+    assert.deepEqual(loadSettings(base).worker, WORKER_TUNING_DEFAULTS);
+    const tuned = loadSettings({
+      ...base,
+      TOKENWARDEN_WORKFLOW_TASK_SLOTS: '8',
+      TOKENWARDEN_CACHED_WORKFLOWS: '500',
+      TOKENWARDEN_STICKY_TIMEOUT: '30s',
+      TOKENWARDEN_DB_POOL: '7',
+    }).worker;
+    assert.deepEqual(
+      [tuned.workflowTaskSlots, tuned.cachedWorkflows, tuned.stickyTimeoutMs, tuned.dbPoolSize],
+      [8, 500, 30_000, 7],
+    );
+    assert.equal(tuningOptions(tuned).maxConcurrentWorkflowTaskExecutions, 8);
+    assert.equal(tuningOptions(tuned).maxCachedWorkflows, 500);
+    for (const [name, value] of [
+      ['TOKENWARDEN_WORKFLOW_TASK_SLOTS', 'ten'],
+      ['TOKENWARDEN_WORKFLOW_TASK_POLLERS', '1'],
+      ['TOKENWARDEN_ACTIVITY_SLOTS', '0'],
+      ['TOKENWARDEN_WORKFLOW_THREADS', '-2'],
+      ['TOKENWARDEN_STICKY_TIMEOUT', 'forever'],
+    ] as const) {
+      assert.throws(
+        () => loadSettings({ ...base, [name]: value }),
+        (e: unknown) => e instanceof ConfigError && e.message.includes(name),
+        name,
+      );
+    }
   });
 });
 

@@ -49,7 +49,22 @@ export async function createTokenWorker(opts: TokenWorkerOptions): Promise<Worke
     ),
     shutdownGraceTime: SHUTDOWN_GRACE_MS,
     shutdownForceTime: SHUTDOWN_FORCE_MS,
+    ...tuningOptions(settings.worker),
   });
+}
+
+/** The worker's capacity as the SDK's options (see WORKER_TUNING_DEFAULTS for why these values). */
+export function tuningOptions(t: Settings['worker']) {
+  return {
+    maxConcurrentWorkflowTaskExecutions: t.workflowTaskSlots,
+    maxConcurrentWorkflowTaskPolls: t.workflowTaskPollers,
+    maxConcurrentActivityTaskExecutions: t.activitySlots,
+    maxConcurrentActivityTaskPolls: t.activityPollers,
+    maxConcurrentLocalActivityExecutions: t.localActivitySlots,
+    maxCachedWorkflows: t.cachedWorkflows,
+    stickyQueueScheduleToStartTimeout: t.stickyTimeoutMs,
+    workflowThreadPoolSize: t.workflowThreads,
+  };
 }
 
 /** The reconciler Schedule: every minute, one run at a time. Creating it twice is harmless. */
@@ -96,7 +111,7 @@ export async function runWorkerProcess(
       ? { telemetryOptions: { metrics: { prometheus: { bindAddress: settings.metricsAddress } } } }
       : {}),
   });
-  const pool = createPool(settings.databaseUrl, settings.databaseSchema, undefined, (err) =>
+  const pool = createPool(settings.databaseUrl, settings.databaseSchema, settings.worker.dbPoolSize, (err) =>
     console.warn(`tokenwarden: an idle database connection was closed: ${err.message}`),
   );
   const client = await connectTemporal(settings);

@@ -7,7 +7,7 @@ import { Client, Connection } from '@temporalio/client';
 import { DefaultLogger, NativeConnection, Runtime, type Worker } from '@temporalio/worker';
 import pg from 'pg';
 import type { StorePool } from '../../common/db.js';
-import { DEFAULT_MAX_TTL_MS, type Settings } from '../../common/config.js';
+import { DEFAULT_MAX_TTL_MS, WORKER_TUNING_DEFAULTS, type Settings } from '../../common/config.js';
 import { createPool, migrate, quoteIdent } from '../../common/db.js';
 import { TokenWarden } from '../../client/index.js';
 import { createTokenWorker, type TokenWorkerOptions } from '../../worker/worker.js';
@@ -69,6 +69,7 @@ export class TestContext {
       // Test receivers listen on loopback.
       receiverAllow: ['loopback'],
       maxTtlMs: DEFAULT_MAX_TTL_MS,
+      worker: WORKER_TUNING_DEFAULTS,
     };
     const pool = createPool(databaseUrl, schema, 5);
     const sql = new pg.Pool({ connectionString: databaseUrl, max: 2, options: `-c search_path=${quoteIdent(schema)}` });
