@@ -2,10 +2,11 @@
  * bench/revoke.ts's figures: the two ratios against their floors, the profile of the revoke call's
  * legs and of revoke-to-delivered's steps, printed for people and as one JSON line.
  */
-import type { Client, WorkflowHandle } from '@temporalio/client';
+import type { Client } from '@temporalio/client';
 import type { Measurements, TimedRun } from './revoke-series.js';
 import { ms, ratio, summarize, type LatencySummary } from './stats.js';
 import { historyMarks, stepMedians, type Mark } from './timeline.js';
+import { mapLimited } from './workflows.js';
 
 export const GOAL_RATIO = 1.5;
 
@@ -36,15 +37,8 @@ const compare = (value: LatencySummary, floor: LatencySummary): Ratio => {
 
 /** The step breakdown of (b), from each measured run's history (read after the timed part). */
 async function timelines(client: Client, runs: TimedRun[], firstLabel: string, concurrency: number) {
-  const histories = new Array<Awaited<ReturnType<WorkflowHandle['fetchHistory']>>>(runs.length);
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: Math.min(concurrency, runs.length) }, async () => {
-      while (next < runs.length) {
-        const i = next++;
-        histories[i] = await client.workflow.getHandle(runs[i]!.workflowId).fetchHistory();
-      }
-    }),
+  const histories = await mapLimited(runs.length, concurrency, (i) =>
+    client.workflow.getHandle(runs[i]!.workflowId).fetchHistory(),
   );
   return stepMedians(
     runs.map((run, i): Mark[] => [

@@ -12,7 +12,6 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
-import type { Client, WorkflowHandle } from '@temporalio/client';
 import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
 import { TokenWarden } from '../client/index.js';
 import { connectTemporal } from '../common/temporal.js';
@@ -26,6 +25,7 @@ import { ArrivalReceiver } from './receiver.js';
 import { reportRevokeBenchmark } from './revoke-report.js';
 import { revokeSeries } from './revoke-series.js';
 import { startBenchServices } from './services.js';
+import { mapLimited, waitUntilIdle } from './workflows.js';
 
 const FLOOR_WORKFLOWS_PATH = path.join(PACKAGE_ROOT, 'dist', 'bench', 'floor-workflows.js');
 /**
@@ -175,10 +175,10 @@ async function main(): Promise<void> {
     // Everything each series will touch exists and is idle before the first measurement.
     const issue = (subject: string) =>
       warden.issue({ subject, receivers: [RECEIVER_ID], ttl: '1h' }).then((issued) => issued.tokenId);
-    const revokeTokens = await mapLimited(iterations, (i) => issue(`usr_bench_a${i}`));
-    const profileTokens = await mapLimited(iterations, (i) => issue(`usr_bench_b${i}`));
+    const revokeTokens = await mapLimited(iterations, SETUP_CONCURRENCY, (i) => issue(`usr_bench_a${i}`));
+    const profileTokens = await mapLimited(iterations, SETUP_CONCURRENCY, (i) => issue(`usr_bench_b${i}`));
     const startFloor = (workflow: typeof signalSink | typeof floorDelivery, prefix: string) =>
-      mapLimited(iterations, async (i) => {
+      mapLimited(iterations, SETUP_CONCURRENCY, async (i) => {
         const handle = await client.workflow.start(workflow, {
           workflowId: `${prefix}-${tag}-${i}`,
           taskQueue: floorQueue,
@@ -193,7 +193,7 @@ async function main(): Promise<void> {
       ...signalSinks,
       ...floorDeliveries,
     ];
-    await mapLimited(everyWorkflow.length, (i) =>
+    await mapLimited(everyWorkflow.length, SETUP_CONCURRENCY, (i) =>
       waitFor(waitUntilIdle(client, everyWorkflow[i]!, halt.signal), `workflow ${everyWorkflow[i]} to go idle`),
     );
     say(
@@ -276,31 +276,6 @@ function runWorker(name: string, worker: Worker, halt: AbortController, teardown
       await running;
     },
   });
-}
-
-/** Until the workflow has no task or activity pending (its first task done, now waiting). */
-async function waitUntilIdle(client: Client, workflowId: string, signal: AbortSignal): Promise<void> {
-  const handle: WorkflowHandle = client.workflow.getHandle(workflowId);
-  for (;;) {
-    const { raw } = await handle.describe();
-    if (!raw.pendingWorkflowTask && !raw.pendingActivities?.length) return;
-    signal.throwIfAborted();
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-}
-
-/** fn(0 … count-1) with at most SETUP_CONCURRENCY at a time (setup only, never in a timed part). */
-async function mapLimited<T>(count: number, fn: (i: number) => Promise<T>): Promise<T[]> {
-  const results = new Array<T>(count);
-  let next = 0;
-  const lanes = Array.from({ length: Math.min(SETUP_CONCURRENCY, count) }, async () => {
-    while (next < count) {
-      const i = next++;
-      results[i] = await fn(i);
-    }
-  });
-  await Promise.all(lanes);
-  return results;
 }
 
 main().then(

@@ -61,7 +61,7 @@ export function stepMedians(runs: Mark[][]): Array<{ step: string; n: number; p5
   }));
 }
 
-function epochMs(ts: Timestamp): number {
+export function epochMs(ts: Timestamp): number {
   if (!ts) throw new Error('history event without a time');
   // tsToMs truncates to whole milliseconds; the steps measured here are a few milliseconds long.
   return tsToMs({ seconds: ts.seconds, nanos: 0 }) + (ts.nanos ?? 0) / 1e6;
