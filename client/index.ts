@@ -20,6 +20,7 @@ import { INITIATING_ENTITIES, TOKEN_STATUSES, type InitiatingEntity, type TokenS
 import { checkReceiverUrl, resolveReceiver, type ReceiverAllowance } from '../common/addresses.js';
 import { generateSigningSecret, generateTokenString, hashToken, MasterKeyring } from '../common/secrets.js';
 import * as store from '../common/store/index.js';
+import { StartedMarks } from './started-marks.js';
 import {
   actorSchema,
   correlationIdSchema,
@@ -160,7 +161,8 @@ export interface ForceOutcome {
 export interface ConnectOptions {
   /**
    * Called when an idle database connection fails (e.g. the server restarted): the pool discards it
-   * and opens a new one on the next query. The library itself prints nothing.
+   * and opens a new one on the next query; and when recording issued tokens' workflow starts in the
+   * background fails (the reconciler records them instead). The library itself prints nothing.
    */
   onError?: (err: Error) => void;
 }
@@ -197,26 +199,36 @@ const notPropagating = (tokenId: string, detail: string) =>
 
 export class TokenWarden {
   #keyring: MasterKeyring | undefined;
+  readonly #startedMarks: StartedMarks;
+  /** Built once: a zod object schema generates its parser on its first parse (~0.5 ms of CPU each time). */
+  readonly #issueSchema: ReturnType<typeof issueSchema>;
 
   private constructor(
     readonly settings: Settings,
     readonly pool: StorePool,
     private readonly temporal: Client,
-  ) {}
+    onError: (err: Error) => void,
+  ) {
+    this.#startedMarks = new StartedMarks(pool, onError);
+    this.#issueSchema = issueSchema(settings.maxTtlMs);
+  }
 
   /** Connects to the store and Temporal with the given settings (default: from the environment). */
   static async connect(settings: Settings = loadSettings(), options: ConnectOptions = {}): Promise<TokenWarden> {
-    const pool = createPool(settings.databaseUrl, settings.databaseSchema, undefined, options.onError);
+    const onError = options.onError ?? (() => {});
+    const pool = createPool(settings.databaseUrl, settings.databaseSchema, undefined, onError);
     try {
       const client = await connectTemporal(settings);
-      return new TokenWarden(settings, pool, client);
+      return new TokenWarden(settings, pool, client, onError);
     } catch (err) {
       await pool.end();
       throw err;
     }
   }
 
+  /** Records the workflow starts still pending, then closes the connections. */
   async close(): Promise<void> {
+    await this.#startedMarks.flush();
     await this.temporal.connection.close();
     await this.pool.end();
   }
@@ -226,10 +238,11 @@ export class TokenWarden {
    * with ids only, and the raw token is returned once both succeeded. When the start fails (Temporal
    * unreachable past the call deadline, the start refused), the row is killed before the error is
    * thrown: nobody holds the raw token, so nothing valid may stay behind. A crash in between leaves
-   * an active row with a bounded life, which the reconciler adopts.
+   * an active row with a bounded life, which the reconciler adopts. That the workflow started is
+   * recorded in the background, batched with other issues (a lost mark costs a harmless restart).
    */
   async issue(request: IssueRequest): Promise<IssuedToken> {
-    const req = parseInput(issueSchema(this.settings.maxTtlMs), request, 'token request');
+    const req = parseInput(this.#issueSchema, request, 'token request');
     const token = generateTokenString();
     const record = await store.insertToken(this.pool, {
       tokenId: newTokenId(),
@@ -245,10 +258,10 @@ export class TokenWarden {
       await this.temporal.connection.withDeadline(Date.now() + TEMPORAL_CALL_DEADLINE_MS, () =>
         startTokenWorkflow(this.temporal, record, this.settings.temporal.taskQueue, this.settings.timing),
       );
-      await store.markWorkflowStarted(this.pool, record.id);
     } catch (err) {
       throw await this.abandonIssue(record.id, err);
     }
+    this.#startedMarks.add(record.id);
     return { tokenId: record.id, token, expiresAt: record.expiresAt };
   }
 

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { InvalidInputError, TokenWarden } from '../client/index.js';
 import type { Settings } from '../common/config.js';
+import { tokenWorkflowId } from '../common/names.js';
 import { freePort } from '../dev/processes.js';
 import { TestContext } from './support/context.js';
 import { waitUntil } from './support/wait.js';
@@ -80,6 +81,57 @@ describe('the library while Temporal is unreachable', () => {
       await warden.close();
     }
     assert.equal((await ctx.warden.show(tokenId)).valid, false);
+  });
+});
+
+describe('issuing', () => {
+  const startedAt = async (tokenId: string) => (await ctx.warden.show(tokenId)).workflowStartedAt;
+
+  it('should refuse an unknown receiver, naming the field, and write nothing', async () => {
+    await assert.rejects(
+      ctx.warden.issue({ subject: 'usr_unknown_receiver', receivers: ['nobody'], ttl: '1h' }),
+      refusedWith('receivers', /^unknown or removed receiver nobody$/),
+    );
+    assert.deepEqual(await rowsOf('usr_unknown_receiver'), []);
+  });
+
+  it('should record that the workflow started soon after the issue returns, and pending marks on close', async () => {
+    const issued = await Promise.all(
+      Array.from({ length: 10 }, () => ctx.warden.issue({ subject: 'usr_marked', ttl: '1h' })),
+    );
+    for (const { tokenId } of issued) {
+      await waitUntil(() => startedAt(tokenId), `the started mark of ${tokenId}`, 5_000);
+    }
+
+    const warden = await TokenWarden.connect(ctx.settings);
+    const { tokenId } = await warden.issue({ subject: 'usr_marked', ttl: '1h' });
+    await warden.close();
+    assert.ok(await startedAt(tokenId), 'close() wrote the mark still pending');
+  });
+
+  it('should not wait for the started mark: a failed mark fails no issue and kills no token', async () => {
+    // The store refuses every started mark: the issue must still succeed, its token stay valid.
+    await ctx.sql.query(`CREATE FUNCTION refuse_started_mark() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN RAISE EXCEPTION 'injected fault on %', OLD.id; END $$`);
+    await ctx.sql.query(`CREATE TRIGGER refuse_started_mark BEFORE UPDATE ON token FOR EACH ROW
+      WHEN (NEW.workflow_started_at IS DISTINCT FROM OLD.workflow_started_at) EXECUTE FUNCTION refuse_started_mark()`);
+    const heard: Error[] = [];
+    const warden = await TokenWarden.connect(ctx.settings, { onError: (err) => heard.push(err) });
+    let tokenId: string;
+    try {
+      ({ tokenId } = await warden.issue({ subject: 'usr_unmarked', ttl: '1h' }));
+      await waitUntil(() => heard.length > 0, 'the failed mark to be reported');
+    } finally {
+      await warden.close();
+      await ctx.sql.query('DROP TRIGGER refuse_started_mark ON token');
+      await ctx.sql.query('DROP FUNCTION refuse_started_mark()');
+    }
+    assert.match(heard[0]!.message, /^recording that 1 issued token\(s\) have their workflow failed \(injected fault/);
+    const token = await ctx.warden.show(tokenId);
+    assert.equal(token.valid, true);
+    assert.equal(token.workflowStartedAt, null, 'left to the reconciler');
+    const described = await ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)).describe();
+    assert.equal(described.status.name, 'RUNNING');
   });
 });
 

@@ -1,6 +1,9 @@
 /** Crash points between the store and the workflows, healed by the reconciler (never by luck). */
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
+import { fileURLToPath } from 'node:url';
 import { after, before, describe, it } from 'node:test';
 import { WorkflowFailedError } from '@temporalio/client';
 import { ApplicationFailure, defaultPayloadConverter } from '@temporalio/common';
@@ -32,6 +35,8 @@ import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
 import { WedgingWorker } from './support/wedging.js';
+
+const CRASHING_ISSUER = fileURLToPath(new URL('./support/crashing-issuer.js', import.meta.url));
 
 let ctx: TestContext;
 let worker: RunningWorker;
@@ -135,6 +140,32 @@ describe('reconciler', () => {
     assert.equal((await handle.describe()).status.name, 'RUNNING');
     assert.ok((await store.requireToken(ctx.pool, token.id)).workflowStartedAt);
     assert.ok(!(await reconcileNow()).started.includes(token.id));
+  });
+
+  it('should record the start of a token whose issuer crashed before writing its started mark', async () => {
+    const child = spawn(process.execPath, [CRASHING_ISSUER, 'usr_crashed_issuer'], {
+      env: ctx.childEnv(),
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    let stdout = '';
+    child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+    const [, signal] = (await once(child, 'close')) as [number | null, NodeJS.Signals | null];
+    assert.equal(signal, 'SIGKILL');
+    const tokenId = stdout.trim();
+    assert.match(tokenId, /^tok_[0-9a-f]{32}$/);
+    const before = await store.requireToken(ctx.pool, tokenId);
+    assert.equal(before.valid, true);
+    assert.equal(before.workflowStartedAt, null, 'the mark was still pending when the issuer died');
+    const handle = ctx.client.workflow.getHandle(tokenWorkflowId(tokenId));
+    const { runId } = await handle.describe();
+
+    const report = await reconcileNow();
+    assert.ok(report.started.includes(tokenId), JSON.stringify(report));
+    assert.ok((await store.requireToken(ctx.pool, tokenId)).workflowStartedAt);
+    const after = await handle.describe();
+    assert.equal(after.runId, runId, 'the running workflow was kept, not replaced');
+    assert.equal(after.status.name, 'RUNNING');
+    assert.ok(!(await reconcileNow()).started.includes(tokenId));
   });
 
   it('should start the workflow from revoke itself when none runs for the token', async () => {

@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import { checkout, createPool, migrate, quoteIdent } from '../common/db.js';
-import { newTokenId } from '../common/ids.js';
+import { newCredentialId, newTokenId } from '../common/ids.js';
+import { timeStatements } from '../bench/statement-timer.js';
 import { InvalidInputError, NotFoundError } from '../common/errors.js';
 import * as store from '../common/store/index.js';
 import { insertTokenRow } from './support/tokens.js';
@@ -42,13 +44,71 @@ describe('central store', () => {
     assert.equal(lifetime, 60_000);
   });
 
-  it('should refuse an unknown receiver and write nothing', async () => {
+  it('should write the token, its credential and its issued event in one statement', async () => {
+    const statements: string[] = [];
+    const counted = timeStatements(ctx.pool, (statement) => statements.push(statement));
+    const credentialId = newCredentialId();
+    const secretHash = randomBytes(32);
+    const t = await newToken({ credentialId, secretHash, scopes: ['read', 'write'] }, counted);
+    assert.equal(statements.length, 1, `one round trip, no transaction of its own: ${statements.join(' | ')}`);
+
+    const { rows } = await ctx.sql.query(
+      'SELECT id, token_id, secret_hash, state FROM credential WHERE token_id = $1',
+      [t.id],
+    );
+    assert.deepEqual(rows, [{ id: credentialId, token_id: t.id, secret_hash: secretHash, state: 'current' }]);
+    const [issued, ...rest] = await store.readAudit(ctx.pool, t.id);
+    assert.deepEqual(rest, []);
+    assert.equal(issued!.kind, 'token.issued');
+    assert.deepEqual(JSON.parse(issued!.canonical).data, {
+      subject: 'usr_store',
+      credentialId,
+      receivers: ['billing', 'crm'],
+      scopes: ['read', 'write'],
+      expiresAt: t.expiresAt,
+    });
+  });
+
+  it('should refuse an unknown or removed receiver, naming them, and write nothing', async () => {
+    await store.insertReceiver(ctx.pool, {
+      id: 'gone',
+      url: 'http://127.0.0.1:1/z',
+      secretCiphertext: Buffer.from('z'),
+      secretKeyId: 'k',
+    });
+    await store.removeReceiver(ctx.pool, 'gone');
     const tokenId = newTokenId();
+    const secretHash = randomBytes(32);
     await assert.rejects(
-      newToken({ tokenId, receivers: ['billing', 'nope'] }),
-      (e: unknown) => e instanceof InvalidInputError && /receivers: .*nope/.test(e.message),
+      newToken({ tokenId, secretHash, receivers: ['billing', 'nope', 'gone'] }),
+      (e: unknown) =>
+        e instanceof InvalidInputError &&
+        e.message === 'invalid token request: receivers: unknown or removed receiver nope, gone' &&
+        e.fields.length === 1 &&
+        e.fields[0]!.path === 'receivers',
     );
     assert.equal(await store.getToken(ctx.pool, tokenId), undefined);
+    const { rows } = await ctx.sql.query(
+      `SELECT (SELECT count(*) FROM credential WHERE secret_hash = $1)::int AS credentials,
+              (SELECT count(*) FROM audit_event WHERE token_id = $2)::int AS events`,
+      [secretHash, tokenId],
+    );
+    assert.deepEqual(rows[0], { credentials: 0, events: 0 });
+  });
+
+  it('should mark many workflows started in one statement, keeping a mark already written', async () => {
+    const [a, b, c] = [await newToken(), await newToken(), await newToken()];
+    await store.markWorkflowStarted(ctx.pool, a.id);
+    const first = (await store.requireToken(ctx.pool, a.id)).workflowStartedAt;
+    const statements: string[] = [];
+    await store.markWorkflowsStarted(
+      timeStatements(ctx.pool, (statement) => statements.push(statement)),
+      [a.id, b.id, c.id, newTokenId()],
+    );
+    assert.equal(statements.length, 1);
+    assert.equal((await store.requireToken(ctx.pool, a.id)).workflowStartedAt, first);
+    assert.ok((await store.requireToken(ctx.pool, b.id)).workflowStartedAt);
+    assert.ok((await store.requireToken(ctx.pool, c.id)).workflowStartedAt);
   });
 
   it('should treat an active row past its expiry as expired and invalid, with no worker involved', async () => {

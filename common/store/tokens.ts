@@ -1,9 +1,8 @@
 /** Tokens: issue, read, list. A token is valid iff `status = 'active' AND expires_at > now()`. */
-import type { Queryable, StorePool } from '../db.js';
+import type { Queryable } from '../db.js';
 import { InvalidInputError, NotFoundError } from '../errors.js';
 import type { TokenStatus } from '../names.js';
-import { appendAudit } from './audit.js';
-import { inTransaction, toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
+import { routine, toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
 
 export interface NewToken {
   tokenId: string;
@@ -16,52 +15,57 @@ export interface NewToken {
   secretHash: Buffer;
 }
 
-/** Writes an active token and its current credential (hash only); expiry comes from the database clock. */
-export async function insertToken(pool: StorePool, token: NewToken): Promise<TokenRecord> {
-  const t = pool.tables;
-  return inTransaction(pool, async (client) => {
-    if (token.receivers.length > 0) {
-      const { rows } = await client.query(
-        `SELECT id FROM ${t.receiver} WHERE id = ANY($1::text[]) AND enabled FOR SHARE`,
-        [token.receivers],
-      );
-      const known = new Set(rows.map((r) => r.id as string));
-      const unknown = token.receivers.filter((r) => !known.has(r));
-      if (unknown.length > 0) {
-        throw new InvalidInputError(
-          `invalid token request: receivers: unknown or removed receiver ${unknown.join(', ')}`,
-          [{ path: 'receivers', message: `unknown or removed receiver ${unknown.join(', ')}` }],
-        );
-      }
+/**
+ * Writes an active token and its current credential (hash only), its expiry from the database clock,
+ * and its `token.issued` audit event: the store's `issue_token` function (migrations/0004) in one
+ * statement, so one round trip and one transaction of its own. Bind parameters only, no session
+ * state, so it works behind a transaction-mode pooler. Refuses (writing nothing) a receiver that is
+ * unknown or removed.
+ */
+export async function insertToken(db: Queryable, token: NewToken): Promise<TokenRecord> {
+  const t = db.tables;
+  try {
+    const { rows } = await db.query(
+      `SELECT ${TOKEN_COLUMNS} FROM ${routine(t, 'issue_token')}($1, $2, $3, $4, $5, $6, $7, $8) AS issued`,
+      [
+        token.tokenId,
+        token.credentialId,
+        token.subject,
+        token.name,
+        token.scopes,
+        token.receivers,
+        token.ttlMs,
+        token.secretHash,
+      ],
+    );
+    return toToken(rows[0]);
+  } catch (err) {
+    const e = err as { code?: string; constraint?: string; message?: string };
+    if (e.code === '23503' && e.constraint === 'token_receivers_known') {
+      throw new InvalidInputError(`invalid token request: receivers: ${e.message}`, [
+        { path: 'receivers', message: e.message! },
+      ]);
     }
-    const { rows } = await client.query(
-      `INSERT INTO ${t.token} (id, subject, name, scopes, receivers, expires_at)
-       VALUES ($1, $2, $3, $4, $5, now() + $6 * interval '1 millisecond')
-       RETURNING ${TOKEN_COLUMNS}`,
-      [token.tokenId, token.subject, token.name, token.scopes, token.receivers, token.ttlMs],
-    );
-    await client.query(
-      `INSERT INTO ${t.credential} (id, token_id, secret_hash, state) VALUES ($1, $2, $3, 'current')`,
-      [token.credentialId, token.tokenId, token.secretHash],
-    );
-    const record = toToken(rows[0]);
-    await appendAudit(client, token.tokenId, 'issued', 'token.issued', {
-      subject: record.subject,
-      credentialId: token.credentialId,
-      receivers: record.receivers,
-      scopes: record.scopes,
-      expiresAt: record.expiresAt,
-    });
-    return record;
-  });
+    throw err;
+  }
 }
 
-export async function markWorkflowStarted(db: Queryable, tokenId: string): Promise<void> {
+/**
+ * Records that the workflows of these tokens exist: one statement for any number of them. Rows are
+ * locked in id order, so two batches (or a batch and a kill) cannot deadlock; a row already marked
+ * keeps its first time and is not written again.
+ */
+export async function markWorkflowsStarted(db: Queryable, tokenIds: readonly string[]): Promise<void> {
   const t = db.tables;
-  await db.query(`UPDATE ${t.token} SET workflow_started_at = coalesce(workflow_started_at, now()) WHERE id = $1`, [
-    tokenId,
-  ]);
+  await db.query(
+    `WITH unmarked AS (
+       SELECT id FROM ${t.token} WHERE id = ANY ($1::text[]) AND workflow_started_at IS NULL ORDER BY id FOR UPDATE)
+     UPDATE ${t.token} AS t SET workflow_started_at = now() FROM unmarked WHERE t.id = unmarked.id`,
+    [tokenIds],
+  );
 }
+
+export const markWorkflowStarted = (db: Queryable, tokenId: string) => markWorkflowsStarted(db, [tokenId]);
 
 export async function getToken(db: Queryable, tokenId: string): Promise<TokenRecord | undefined> {
   const t = db.tables;

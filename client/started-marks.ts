@@ -1,0 +1,51 @@
+/**
+ * The issuer's record that a token's workflow exists (`workflow_started_at`), written off the issue's
+ * critical path: ids are collected and marked together, one statement per interval and on close.
+ * A mark lost to a crash or a failed write costs only a harmless restart: the reconciler starts the
+ * workflow of every active row still unmarked after its grace (USE_EXISTING keeps the running one).
+ */
+import type { StorePool } from '../common/db.js';
+import * as store from '../common/store/index.js';
+
+/** Far below the reconciler's grace (a minute by default), so it restarts only what a crash left. */
+export const STARTED_MARK_INTERVAL_MS = 100;
+
+export class StartedMarks {
+  #pending: string[] = [];
+  #timer: NodeJS.Timeout | undefined;
+  /** The write under way (each waits for the previous one): close() waits for all of them. */
+  #writing: Promise<void> = Promise.resolve();
+
+  constructor(
+    private readonly pool: StorePool,
+    private readonly onError: (err: Error) => void,
+    private readonly intervalMs = STARTED_MARK_INTERVAL_MS,
+  ) {}
+
+  add(tokenId: string): void {
+    this.#pending.push(tokenId);
+    this.#timer ??= setTimeout(() => void this.flush(), this.intervalMs);
+  }
+
+  /** Writes every mark collected so far; never rejects (a failure goes to onError). */
+  flush(): Promise<void> {
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+    const ids = this.#pending;
+    if (ids.length === 0) return this.#writing;
+    this.#pending = [];
+    this.#writing = this.#writing.then(() =>
+      store
+        .markWorkflowsStarted(this.pool, ids)
+        .catch((err: unknown) =>
+          this.onError(
+            new Error(
+              `recording that ${ids.length} issued token(s) have their workflow failed (${(err as Error).message}); the reconciler will record it`,
+              { cause: err },
+            ),
+          ),
+        ),
+    );
+    return this.#writing;
+  }
+}
