@@ -183,6 +183,11 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
   };
 
   return {
+    /** Which sets hold rows now (a local activity at the start of a pass). */
+    async reconcileSetsWithRows(input: { graceMs?: number }): Promise<ReconcileSet[]> {
+      return store.setsWithRows(pool, input.graceMs ?? settings.reconcileGraceMs);
+    },
+
     /**
      * Heals one page of one set. One row's failure is reported (and counted) and skipped: it must not
      * starve the rows after it. The workflow turns reported failures into a failed pass.
