@@ -35,7 +35,9 @@ export const ACTIVITY_NAMES = [
   'forceCompleteDeliveries',
   'recordAudit',
   'loadPropagation',
+  'killAndLoad',
   'reconcilePage',
+  'reconcileSetsWithRows',
 ] as const;
 
 export const SEARCH_ATTRIBUTE = {
