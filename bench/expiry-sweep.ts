@@ -1,11 +1,13 @@
 /**
  * `node dist/bench/expiry-sweep.js [--tokens 1000] [--sizes 50,100,200,500,1000] [--sweepers 1]
- * [--receivers 1]`: how fast the store records a wave of expiries dead in batches (the expiry sweep,
+ * [--receivers 1] [--rounds 3]`: how fast the store records a wave of expiries dead in batches (the expiry sweep,
  * worker/expiry-sweeper.ts), for each batch size, against one kill per token 8 at a time (what the
  * workflows' activities do, Temporal left out). Needs DATABASE_URL (e.g. the dev stack's, from
  * `tokenwarden env`: PostgreSQL as a user runs it, fsync on); works in a fresh schema it drops after.
  * Each wave: `--tokens` bare rows (as the issuer writes them), whose expiries are then moved into the
- * last 2 seconds at once; the timer starts after that. Prints a line per series and a final JSON line.
+ * last 2 seconds at once; the timer starts after that. The series take turns, `--rounds` times, so a
+ * burst of other load on the machine hits them alike; each series reports its median round. Prints a
+ * line per round and a final JSON line.
  */
 import { randomBytes } from 'node:crypto';
 import os from 'node:os';
@@ -29,6 +31,7 @@ function options() {
       sizes: { type: 'string', default: '50,100,200,500,1000' },
       sweepers: { type: 'string', default: '1' },
       receivers: { type: 'string', default: '1' },
+      rounds: { type: 'string', default: '3' },
     },
   });
   const int = (text: string, name: string) => {
@@ -40,6 +43,7 @@ function options() {
     sizes: values.sizes.split(',').map((s) => int(s.trim(), '--sizes')),
     sweepers: int(values.sweepers, '--sweepers'),
     receivers: int(values.receivers, '--receivers'),
+    rounds: int(values.rounds, '--rounds'),
   };
 }
 
@@ -121,10 +125,13 @@ async function main(): Promise<void> {
         secretKeyId: 'k',
       });
 
-    const series: Record<string, unknown>[] = [];
-    {
-      const ids = await expiredWave(pool, opts.tokens, receivers);
-      const kills: number[] = [];
+    interface Round {
+      totalMs: number;
+      /** One latency per kill (one kill per token) or per batch statement. */
+      statements: number[];
+    }
+    const singleKills = async (ids: string[]): Promise<Round> => {
+      const statements: number[] = [];
       const t0 = performance.now();
       await inParallel(ids, SINGLE_KILL_CONCURRENCY, async (tokenId) => {
         const k0 = performance.now();
@@ -135,53 +142,66 @@ async function main(): Promise<void> {
           initiatingEntity: 'system',
           onlyIfExpired: true,
         });
-        kills.push(performance.now() - k0);
+        statements.push(performance.now() - k0);
       });
-      const totalMs = performance.now() - t0;
-      await checkWave(pool, ids, opts.receivers);
-      const row = {
-        series: `one kill per token, ${SINGLE_KILL_CONCURRENCY} at a time`,
-        totalMs: Math.round(totalMs),
-        tokensPerS: Math.round(ids.length / (totalMs / 1000)),
-        kill: summarize(kills),
-      };
-      say(JSON.stringify(row));
-      series.push(row);
-    }
-    for (const size of opts.sizes) {
-      const ids = await expiredWave(pool, opts.tokens, receivers);
-      const batches: number[] = [];
+      return { totalMs: performance.now() - t0, statements };
+    };
+    const batches = (size: number) => async (): Promise<Round> => {
+      const statements: number[] = [];
       const t0 = performance.now();
       await Promise.all(
         Array.from({ length: opts.sweepers }, async () => {
           for (;;) {
             const b0 = performance.now();
             const { killed, failed } = await store.killExpiredTokens(pool, { limit: size });
-            batches.push(performance.now() - b0);
+            statements.push(performance.now() - b0);
             if (failed.length > 0) throw new Error(`kills failed: ${JSON.stringify(failed[0])}`);
             if (killed.length < size) break;
           }
         }),
       );
-      const totalMs = performance.now() - t0;
-      await checkWave(pool, ids, opts.receivers);
-      const row = {
-        series: `batch ${size}, ${opts.sweepers} sweeper(s)`,
+      return { totalMs: performance.now() - t0, statements };
+    };
+    const plans: { name: string; batchSize: number | null; run: (ids: string[]) => Promise<Round> }[] = [
+      { name: `one kill per token, ${SINGLE_KILL_CONCURRENCY} at a time`, batchSize: null, run: singleKills },
+      ...opts.sizes.map((size) => ({
+        name: `batches of ${size}, ${opts.sweepers} sweeper(s)`,
         batchSize: size,
-        totalMs: Math.round(totalMs),
-        tokensPerS: Math.round(ids.length / (totalMs / 1000)),
-        batches: batches.length,
-        batchMs: summarize(batches),
-      };
-      say(JSON.stringify(row));
-      series.push(row);
+        run: batches(size),
+      })),
+    ];
+    const rounds = new Map<string, Round[]>(plans.map((p) => [p.name, []]));
+    for (let round = 1; round <= opts.rounds; round++) {
+      for (const plan of plans) {
+        const ids = await expiredWave(pool, opts.tokens, receivers);
+        const result = await plan.run(ids);
+        await checkWave(pool, ids, opts.receivers);
+        rounds.get(plan.name)!.push(result);
+        say(
+          `round ${round}: ${plan.name}: ${Math.round(result.totalMs)} ms, ` +
+            `${Math.round(ids.length / (result.totalMs / 1000))} tokens/s, slowest statement ${Math.round(Math.max(...result.statements))} ms`,
+        );
+      }
     }
+    const series = plans.map((plan) => {
+      const runs = [...rounds.get(plan.name)!].sort((a, b) => a.totalMs - b.totalMs);
+      const median = runs[Math.floor((runs.length - 1) / 2)]!;
+      return {
+        series: plan.name,
+        batchSize: plan.batchSize,
+        medianTotalMs: Math.round(median.totalMs),
+        tokensPerS: Math.round(opts.tokens / (median.totalMs / 1000)),
+        roundsTotalMs: rounds.get(plan.name)!.map((r) => Math.round(r.totalMs)),
+        statementMs: summarize(rounds.get(plan.name)!.flatMap((r) => r.statements)),
+      };
+    });
     const result = {
       bench: 'expiry-sweep',
       date: new Date().toISOString(),
       tokens: opts.tokens,
       receiversPerToken: opts.receivers,
       sweepers: opts.sweepers,
+      rounds: opts.rounds,
       series,
       postgres: Object.fromEntries(settings.map((s) => [s.name, s.setting])),
       node: process.version,

@@ -183,7 +183,11 @@ const envSchema = z.object({
   TOKENWARDEN_ESCALATE_AFTER: duration('TOKENWARDEN_ESCALATE_AFTER', '1h'),
   TOKENWARDEN_RETRY_INITIAL: duration('TOKENWARDEN_RETRY_INITIAL', '1s'),
   TOKENWARDEN_RETRY_MAX: duration('TOKENWARDEN_RETRY_MAX', '10m'),
-  TOKENWARDEN_EXPIRY_SWEEP_INTERVAL: duration('TOKENWARDEN_EXPIRY_SWEEP_INTERVAL', '1s'),
+  // Node's timers hold at most ~24.8 days (a longer one fires at once): an hour is the sensible most.
+  TOKENWARDEN_EXPIRY_SWEEP_INTERVAL: duration('TOKENWARDEN_EXPIRY_SWEEP_INTERVAL', '1s').refine(
+    (ms) => ms >= 50 && ms <= 3_600_000,
+    'TOKENWARDEN_EXPIRY_SWEEP_INTERVAL must be from 50ms to 1h',
+  ),
   TOKENWARDEN_RECONCILE_GRACE: duration('TOKENWARDEN_RECONCILE_GRACE', '1m'),
   TOKENWARDEN_WORKFLOW_TASK_SLOTS: count('TOKENWARDEN_WORKFLOW_TASK_SLOTS', 2, 1000),
   // The SDK needs at least two pollers of each kind (one sticky, one normal for workflows).
