@@ -146,17 +146,10 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
       await tell(token);
       healed.push('signalled');
     },
+    // The page's overdue rows were killed in one batch before they reach this: each is told.
     async overdue(token, healed) {
-      const result = await store.killToken(pool, {
-        tokenId: token.id,
-        reason: 'expired',
-        actor: 'reconciler',
-        initiatingEntity: 'system',
-        onlyIfExpired: true,
-      });
-      if (!result.changed) return;
       healed.push('expired');
-      await tell(result.token);
+      await tell(token);
       healed.push('signalled');
     },
     // Propagation under way in the store: a closed (terminated, failed, cancelled) or missing run is
@@ -212,11 +205,29 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
       const sampled = <T>(list: T[], item: T) => {
         if (list.length < input.sampleSize) list.push(item);
       };
-      const rows = await store.findReconcilePage(pool, input.set, {
-        graceMs: input.graceMs ?? settings.reconcileGraceMs,
-        afterId: progress.lastId,
-        limit: input.batchSize - progress.handled,
-      });
+      const failed = (tokenId: string, error: string) => {
+        // The report keeps only the first few errors: the log has every one.
+        report.counts.errors++;
+        sampled(report.errors, { tokenId, error });
+        errorCounter.add(1, { set: input.set });
+        ctx.log.warn('reconciler could not heal a row', { set: input.set, tokenId, error });
+      };
+      const graceMs = input.graceMs ?? settings.reconcileGraceMs;
+      const limit = input.batchSize - progress.handled;
+      let rows: store.TokenRecord[];
+      let more: boolean;
+      if (input.set === 'overdue') {
+        // Killed in one batch (the one kill per token); killed rows leave the set, so its pages need
+        // no cursor. A crash before they are all told leaves the rest to the untold set.
+        const { killed, failed: unkilled } = await store.killExpiredTokens(pool, { limit, graceMs });
+        for (const { tokenId, error } of unkilled) failed(tokenId, error);
+        rows = killed;
+        // Rows that failed stay at the head of the set: only a page full of kills asks for another.
+        more = killed.length >= limit;
+      } else {
+        rows = await store.findReconcilePage(pool, input.set, { graceMs, afterId: progress.lastId, limit });
+        more = progress.handled + rows.length >= input.batchSize;
+      }
       // Details are encoded later, off this call: hand over a copy, never the object being mutated.
       const beat = () => ctx.heartbeat(structuredClone(progress));
       // Also while one row is slow (a lock, a slow server), so only a dead worker misses heartbeats.
@@ -237,13 +248,7 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
             if (action === 'wedged') wedgedCounter.add(1);
             else healedCounter.add(1, { action });
           }
-          if (error !== undefined) {
-            // The report keeps only the first few errors: the log has every one.
-            report.counts.errors++;
-            sampled(report.errors, { tokenId: token.id, error });
-            errorCounter.add(1, { set: input.set });
-            ctx.log.warn('reconciler could not heal a row', { set: input.set, tokenId: token.id, error });
-          }
+          if (error !== undefined) failed(token.id, error);
           progress.lastId = token.id;
           progress.handled++;
           beat();
@@ -253,7 +258,7 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
       }
       return {
         report,
-        nextAfterId: progress.handled >= input.batchSize ? progress.lastId : null,
+        nextAfterId: more ? progress.lastId : null,
       };
     },
   };

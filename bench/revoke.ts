@@ -127,6 +127,7 @@ async function main(): Promise<void> {
       dataDir: services.tmpDir,
       // Production defaults; they only matter on a failed delivery, which would fail the benchmark.
       timing: { escalateAfterMs: 3_600_000, retryInitialMs: 1_000, retryMaxMs: 600_000 },
+      expirySweepIntervalMs: 1_000,
       reconcileGraceMs: 60_000,
       masterKey: randomBytes(32),
       previousMasterKeys: [],

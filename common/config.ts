@@ -19,6 +19,8 @@ export interface Settings {
   databaseSchema: string;
   dataDir: string;
   timing: PropagationTiming;
+  /** How often each worker process records the deaths of tokens past their expiry (worker/expiry-sweeper.ts). */
+  expirySweepIntervalMs: number;
   /** How long a store fact may go unhealed before the reconciler acts on it. */
   reconcileGraceMs: number;
   /** Key that encrypts receivers' signing secrets at rest; undefined when not configured. */
@@ -181,6 +183,11 @@ const envSchema = z.object({
   TOKENWARDEN_ESCALATE_AFTER: duration('TOKENWARDEN_ESCALATE_AFTER', '1h'),
   TOKENWARDEN_RETRY_INITIAL: duration('TOKENWARDEN_RETRY_INITIAL', '1s'),
   TOKENWARDEN_RETRY_MAX: duration('TOKENWARDEN_RETRY_MAX', '10m'),
+  // Node's timers hold at most ~24.8 days (a longer one fires at once): an hour is the sensible most.
+  TOKENWARDEN_EXPIRY_SWEEP_INTERVAL: duration('TOKENWARDEN_EXPIRY_SWEEP_INTERVAL', '1s').refine(
+    (ms) => ms >= 50 && ms <= 3_600_000,
+    'TOKENWARDEN_EXPIRY_SWEEP_INTERVAL must be from 50ms to 1h',
+  ),
   TOKENWARDEN_RECONCILE_GRACE: duration('TOKENWARDEN_RECONCILE_GRACE', '1m'),
   TOKENWARDEN_WORKFLOW_TASK_SLOTS: count('TOKENWARDEN_WORKFLOW_TASK_SLOTS', 2, 1000),
   // The SDK needs at least two pollers of each kind (one sticky, one normal for workflows).
@@ -284,6 +291,7 @@ export function loadSettings(env: NodeJS.ProcessEnv = process.env): Settings {
       retryInitialMs: e.TOKENWARDEN_RETRY_INITIAL,
       retryMaxMs: e.TOKENWARDEN_RETRY_MAX,
     },
+    expirySweepIntervalMs: e.TOKENWARDEN_EXPIRY_SWEEP_INTERVAL,
     reconcileGraceMs: e.TOKENWARDEN_RECONCILE_GRACE,
     masterKey,
     previousMasterKeys: e.TOKENWARDEN_PREVIOUS_MASTER_KEYS,

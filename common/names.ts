@@ -83,6 +83,13 @@ export const RECONCILER_METRIC = {
   errors: 'tokenwarden_reconciler_errors',
 } as const;
 export const RECONCILER_WORKFLOW_ID = 'tokenwarden-reconcile';
+/** Metrics of the expiry sweep every worker process runs (worker/expiry-sweeper.ts). */
+export const EXPIRY_SWEEP_METRIC = {
+  /** Tokens past their expiry the sweep recorded dead. */
+  swept: 'tokenwarden_expiry_swept',
+  /** Sweeps that failed (e.g. the store unreachable) and tokens whose kill failed. */
+  errors: 'tokenwarden_expiry_sweep_errors',
+} as const;
 
 export const TOKEN_ID_PREFIX = 'tok_';
 export const CREDENTIAL_ID_PREFIX = 'cred_';

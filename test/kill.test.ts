@@ -225,10 +225,11 @@ describe('the kill', () => {
   it('should resolve its tables in its own schema, never a session temporary table', async () => {
     const { rows } = await ctx.sql.query(
       `SELECT p.proname, p.proconfig FROM pg_proc p
-        WHERE p.pronamespace = $1::regnamespace AND p.proname IN ('kill_token', 'append_audit')`,
+        WHERE p.pronamespace = $1::regnamespace
+          AND p.proname IN ('kill_token', 'kill_expired_tokens', 'revocation_event_id', 'append_audit')`,
       [ctx.settings.databaseSchema],
     );
-    assert.equal(rows.length, 2);
+    assert.equal(rows.length, 4);
     for (const r of rows as { proname: string; proconfig: string[] }[]) {
       assert.deepEqual(r.proconfig, [`search_path=${ctx.settings.databaseSchema}, pg_temp`], r.proname);
     }

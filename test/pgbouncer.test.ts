@@ -120,6 +120,40 @@ describe('behind PgBouncer in transaction mode', () => {
     }
   });
 
+  it('should kill expired tokens in batches with DISCARD ALL between statements', { skip }, async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      const t = await store.insertToken(pool, {
+        tokenId: newTokenId(),
+        credentialId: newCredentialId(),
+        subject: 'usr_pooled_wave',
+        name: null,
+        scopes: [],
+        receivers: ['billing'],
+        ttlMs: 60_000,
+        secretHash: randomBytes(32),
+      });
+      ids.push(t.id);
+    }
+    await ctx.sql.query(
+      `UPDATE token SET issued_at = now() - interval '2 hours', expires_at = now() - interval '1 hour' WHERE id = ANY($1)`,
+      [ids],
+    );
+    const killed: string[] = [];
+    for (;;) {
+      await discardAll();
+      const batch = await store.killExpiredTokens(pool, { limit: 2 });
+      assert.deepEqual(batch.failed, []);
+      killed.push(...batch.killed.map((t) => t.id));
+      if (batch.killed.length < 2) break;
+    }
+    assert.deepEqual(killed.sort(), [...ids].sort());
+    for (const id of ids) {
+      assert.equal(store.findBrokenAuditLink(await store.readAudit(pool, id)), null);
+      assert.equal((await store.listDeliveries(pool, id)).length, 1);
+    }
+  });
+
   it('should issue, show, list, revoke and propagate end to end, every process on PgBouncer', { skip }, async () => {
     receiver = await TestReceiver.start();
     const added = await warden.addReceiver({ id: 'crm', url: receiver.url });

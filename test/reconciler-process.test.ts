@@ -1,6 +1,7 @@
 /**
- * The reconciler on a real worker process: what it counts in the worker's metrics, and a pass whose
- * worker is SIGKILLed mid-page retrying the lost page on a fresh worker within the heartbeat timeout.
+ * The reconciler on a real worker process: what it counts in the worker's metrics, the process's
+ * expiry sweep, and a pass whose worker is SIGKILLed mid-page retrying the lost page on a fresh
+ * worker within the heartbeat timeout.
  */
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -11,7 +12,7 @@ import { WorkflowFailedError } from '@temporalio/client';
 import type { ApplicationFailure } from '@temporalio/common';
 import { tsToMs } from '@temporalio/common/lib/time.js';
 import { PACKAGE_ROOT } from '../common/config.js';
-import { RECONCILER_METRIC, WORKFLOW_TYPE } from '../common/names.js';
+import { EXPIRY_SWEEP_METRIC, RECONCILER_METRIC, WORKFLOW_TYPE, tokenWorkflowId } from '../common/names.js';
 import * as store from '../common/store/index.js';
 import { freePort } from '../dev/processes.js';
 import type { ReconcileInput, ReconcileReport } from '../common/messages.js';
@@ -116,13 +117,30 @@ describe('reconciler on a worker process', () => {
     assert.ok((await store.requireToken(ctx.pool, healable.id)).workflowStartedAt);
   });
 
+  it('should record expired tokens dead from its expiry sweep, with no pass and no workflow, and count them', async () => {
+    const expired = await insertOnly(300);
+    await waitUntil(
+      async () => (await store.requireToken(ctx.pool, expired.id)).status === 'expired',
+      'the sweep to record the death',
+      10_000,
+    );
+    const row = await store.requireToken(ctx.pool, expired.id);
+    assert.equal(row.revokedAt, row.expiresAt);
+    assert.equal(row.propagationStartedAt, null, 'no workflow took over');
+    await waitUntil(
+      async () => counter(await (await fetch(metricsUrl)).text(), EXPIRY_SWEEP_METRIC.swept) >= 1,
+      'the sweep counted in the metrics',
+    );
+  });
+
   it('should retry the lost page within a minute when its worker process is SIGKILLed mid-pass', async (t) => {
-    const overdue = await insertOnly(1);
-    // A long lock on the row holds the pass in the middle of its overdue page: a pass in flight.
+    const orphan = await insertOnly(3_600_000);
+    // A long lock on the row holds the pass in the middle of its unstarted page (recording the start
+    // of the orphan's workflow): a pass in flight.
     const locker = await ctx.sql.connect();
     try {
       await locker.query('BEGIN');
-      await locker.query('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [overdue.id]);
+      await locker.query('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [orphan.id]);
       const lockerPid = (await locker.query('SELECT pg_backend_pid() AS pid')).rows[0].pid as number;
       const pass = await startPass();
       await waitUntil(
@@ -154,9 +172,9 @@ describe('reconciler on a worker process', () => {
 
       const report = (await pass.result()) as ReconcileReport;
       assert.deepEqual(report.errors, [], JSON.stringify(report));
-      assert.equal((await store.requireToken(ctx.pool, overdue.id)).status, 'expired');
-      const kills = (await store.readAudit(ctx.pool, overdue.id)).filter((e) => e.kind === 'token.expired');
-      assert.equal(kills.length, 1, 'one kill recorded');
+      assert.ok((await store.requireToken(ctx.pool, orphan.id)).workflowStartedAt, 'the orphan adopted');
+      const described = await ctx.client.workflow.getHandle(tokenWorkflowId(orphan.id)).describe();
+      assert.equal(described.status.name, 'RUNNING');
     } finally {
       locker.release();
     }

@@ -13,6 +13,7 @@ import {
   type ReconcilePageInput,
   type ReconcilePageResult,
 } from '../activities/reconciler.js';
+import { createPool } from '../common/db.js';
 import { revocationEventId } from '../common/ids.js';
 import {
   WORKFLOW_TYPE,
@@ -191,6 +192,45 @@ describe('reconciler', () => {
     assert.equal(shown.revokedBy, 'system');
     assert.equal(shown.revokedAt, shown.expiresAt);
     assert.equal(shown.propagation, 'complete');
+  });
+
+  it("should kill overdue rows in one statement per page, then tell each one's workflow", async () => {
+    const tokens = [await insertOnly(1), await insertOnly(1), await insertOnly(1), await insertOnly(1)];
+    await ctx.sql.query('SELECT pg_sleep(0.01)');
+    const pool = createPool(ctx.settings.databaseUrl, ctx.settings.databaseSchema, 2);
+    let statements = 0;
+    pool.on('connect', (client) => {
+      const query = client.query.bind(client) as (...args: unknown[]) => unknown;
+      client.query = ((...args: unknown[]) => (statements++, query(...args))) as typeof client.query;
+    });
+    const { reconcilePage } = createReconcilerActivities({ pool, client: ctx.client, settings: ctx.settings });
+    const page = (afterId: string | null): Promise<ReconcilePageResult> => {
+      const input: ReconcilePageInput = { set: 'overdue', afterId, batchSize: 3, graceMs: 0, sampleSize: 20 };
+      return new MockActivityEnvironment({ heartbeatTimeoutMs: 30_000 }).run(reconcilePage, input);
+    };
+    const reports: ReconcileReport[] = [];
+    const statementsPerPage: number[] = [];
+    try {
+      let afterId: string | null = null;
+      do {
+        statements = 0;
+        const result: ReconcilePageResult = await page(afterId);
+        statementsPerPage.push(statements);
+        reports.push(result.report);
+        afterId = result.nextAfterId;
+      } while (afterId !== null);
+    } finally {
+      await pool.end();
+    }
+    assert.deepEqual(statementsPerPage, [1, 1], 'one kill statement per page of 3 rows');
+    const expired = reports.flatMap((r) => r.expired);
+    const signalled = reports.flatMap((r) => r.signalled);
+    for (const token of tokens) {
+      assert.ok(expired.includes(token.id) && signalled.includes(token.id), JSON.stringify(reports));
+      const done = (await ctx.client.workflow.getHandle(tokenWorkflowId(token.id)).result()) as TokenLifecycleResult;
+      assert.equal(done.status, 'expired');
+      assert.equal(done.propagation, 'complete');
+    }
   });
 
   for (const how of ['terminated', 'cancelled'] as const) {

@@ -490,6 +490,19 @@ describe('input bounds: lifetimes, free text, settings', () => {
     }
   });
 
+  it('should read TOKENWARDEN_EXPIRY_SWEEP_INTERVAL within what a timer can hold', () => {
+    const base = { DATABASE_URL: 'postgres://x/y', TOKENWARDEN_DATA_DIR: '/nonexistent' };
+    assert.equal(loadSettings(base).expirySweepIntervalMs, 1_000);
+    assert.equal(loadSettings({ ...base, TOKENWARDEN_EXPIRY_SWEEP_INTERVAL: '250ms' }).expirySweepIntervalMs, 250);
+    for (const bad of ['30d', '10ms', 'often']) {
+      assert.throws(
+        () => loadSettings({ ...base, TOKENWARDEN_EXPIRY_SWEEP_INTERVAL: bad }),
+        (e: unknown) => e instanceof ConfigError && /TOKENWARDEN_EXPIRY_SWEEP_INTERVAL/.test(e.message),
+        bad,
+      );
+    }
+  });
+
   it('should print a duration the way people write it', () => {
     assert.equal(formatDuration(year), '365d');
     assert.equal(formatDuration(14 * 86_400_000), '2w');

@@ -9,6 +9,7 @@ import { RECONCILER_SCHEDULE_ID, RECONCILER_WORKFLOW_ID, WORKFLOW_TYPE } from '.
 import { createActivities, type Activities } from '../activities/index.js';
 import { connectTemporal } from '../common/temporal.js';
 import type { ReconcileInput } from '../common/messages.js';
+import { startExpirySweeper } from './expiry-sweeper.js';
 
 export const WORKFLOWS_PATH = path.join(PACKAGE_ROOT, 'dist', 'workflows', 'index.js');
 /** Tolerates undecodable payloads (see the module); bundles must be built with it too. */
@@ -97,8 +98,8 @@ export async function ensureReconcilerSchedule(client: Client, settings: Setting
 }
 
 /**
- * Runs a worker until shutdown (SIGINT/SIGTERM are handled by the SDK's Runtime). With
- * `ensureSchedule`, also creates the reconciler Schedule and triggers one pass right away.
+ * Runs a worker and the expiry sweep until shutdown (SIGINT/SIGTERM are handled by the SDK's
+ * Runtime). With `ensureSchedule`, also creates the reconciler Schedule and triggers one pass right away.
  */
 export async function runWorkerProcess(
   settings: Settings,
@@ -121,7 +122,14 @@ export async function runWorkerProcess(
     await ensureReconcilerSchedule(client, settings);
     await client.schedule.getHandle(RECONCILER_SCHEDULE_ID).trigger(ScheduleOverlapPolicy.SKIP);
   }
+  const sweeper = startExpirySweeper({
+    pool,
+    intervalMs: settings.expirySweepIntervalMs,
+    logger: Runtime.instance().logger,
+    meter: Runtime.instance().metricMeter,
+  });
   const done = worker.run().finally(async () => {
+    await sweeper.stop();
     await connection.close();
     await client.connection.close();
     await pool.end();

@@ -62,3 +62,62 @@ export async function killToken(pool: StorePool, req: KillRequest): Promise<Kill
   if (row.remaining_ms !== null) result.notYetExpiredMs = Number(row.remaining_ms);
   return result;
 }
+
+export interface ExpiredKills {
+  /** The facts of the tokens this call killed, oldest expiry first. */
+  killed: TokenRecord[];
+  /** Tokens whose kill failed: only when the batch failed and each due token was then killed alone. */
+  failed: { tokenId: string; error: string }[];
+}
+
+/**
+ * The store's part of a mass expiry: kills up to `limit` active tokens at least `graceMs` past their
+ * expiry (oldest first), each by the one kill exactly as the expiry timer's kill would, in one
+ * statement and one transaction (the store's `kill_expired_tokens`, migrations/0006). Tokens another
+ * transaction holds (a revoke, another caller of this) are skipped, so callers may run at once.
+ * When the batch fails, each due token is killed alone, so one token whose kill fails is reported
+ * and the rest still die; when even that cannot start (the store is unreachable) it throws.
+ */
+export async function killExpiredTokens(
+  pool: StorePool,
+  opts: { limit: number; graceMs?: number },
+): Promise<ExpiredKills> {
+  const t = pool.tables;
+  const graceMs = opts.graceMs ?? 0;
+  try {
+    const { rows } = await pool.query(
+      `SELECT ${TOKEN_COLUMNS} FROM ${routine(t, 'kill_expired_tokens')}($1, $2, $3, $4)`,
+      [t.schema, opts.limit, graceMs, KILL_CHANNEL],
+    );
+    return { killed: rows.map(toToken), failed: [] };
+  } catch (batchError) {
+    let due: string[];
+    try {
+      const { rows } = await pool.query(
+        `SELECT id FROM ${t.token}
+          WHERE status = 'active' AND expires_at <= now() - $1 * interval '1 millisecond'
+          ORDER BY expires_at, id LIMIT $2`,
+        [graceMs, opts.limit],
+      );
+      due = rows.map((r) => r.id as string);
+    } catch {
+      throw batchError;
+    }
+    const result: ExpiredKills = { killed: [], failed: [] };
+    for (const tokenId of due) {
+      try {
+        const kill = await killToken(pool, {
+          tokenId,
+          reason: 'expired',
+          actor: 'system',
+          initiatingEntity: 'system',
+          onlyIfExpired: true,
+        });
+        if (kill.changed) result.killed.push(kill.token);
+      } catch (err) {
+        result.failed.push({ tokenId, error: err instanceof Error ? err.message : String(err) });
+      }
+    }
+    return result;
+  }
+}

@@ -7,31 +7,30 @@ import type { Queryable } from '../db.js';
 import type { ReconcileSet } from '../names.js';
 import { toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
 
+/** The sets read in pages; the overdue set is killed in batches instead (killExpiredTokens). */
+export type PagedReconcileSet = Exclude<ReconcileSet, 'overdue'>;
+
 /**
- * Each set: its condition ($1 is the grace in ms) and the immutable time column it is paged by.
+ * Each set's condition ($1 is the grace in ms):
  * - untold: dead rows whose workflow never took over propagation (a crash between the kill and the signal);
- * - overdue: active rows past expiry (plus grace): the expiry timer did not fire or its worker was down;
+ * - overdue: active rows past expiry (plus grace): no sweep or expiry timer recorded their death
+ *   (the condition of the store's kill_expired_tokens);
  * - unfinished: dead rows whose propagation started but has not completed (is its workflow still running?);
  * - unstarted: active rows whose workflow was never confirmed started (the issuer died between commit and start).
  */
-const SETS: Record<ReconcileSet, { where: string; key: string }> = {
-  untold: {
-    where: `status <> 'active' AND propagation_started_at IS NULL AND revoked_at <= now() - $1 * interval '1 millisecond'`,
-    key: 'revoked_at',
-  },
-  overdue: {
-    where: `status = 'active' AND expires_at <= now() - $1 * interval '1 millisecond'`,
-    key: 'expires_at',
-  },
-  unfinished: {
-    where: `status <> 'active' AND propagation IN ('pending', 'stuck')
+const CONDITIONS: Record<ReconcileSet, string> = {
+  untold: `status <> 'active' AND propagation_started_at IS NULL AND revoked_at <= now() - $1 * interval '1 millisecond'`,
+  overdue: `status = 'active' AND expires_at <= now() - $1 * interval '1 millisecond'`,
+  unfinished: `status <> 'active' AND propagation IN ('pending', 'stuck')
         AND propagation_started_at <= now() - $1 * interval '1 millisecond'`,
-    key: 'propagation_started_at',
-  },
-  unstarted: {
-    where: `workflow_started_at IS NULL AND status = 'active' AND issued_at <= now() - $1 * interval '1 millisecond'`,
-    key: 'issued_at',
-  },
+  unstarted: `workflow_started_at IS NULL AND status = 'active' AND issued_at <= now() - $1 * interval '1 millisecond'`,
+};
+
+/** The immutable time column each paged set is read in order of. */
+const PAGE_KEYS: Record<PagedReconcileSet, string> = {
+  untold: 'revoked_at',
+  unfinished: 'propagation_started_at',
+  unstarted: 'issued_at',
 };
 
 /**
@@ -40,11 +39,12 @@ const SETS: Record<ReconcileSet, { where: string; key: string }> = {
  */
 export async function findReconcilePage(
   db: Queryable,
-  set: ReconcileSet,
+  set: PagedReconcileSet,
   opts: { graceMs: number; afterId: string | null; limit: number },
 ): Promise<TokenRecord[]> {
   const t = db.tables;
-  const { where, key } = SETS[set];
+  const where = CONDITIONS[set];
+  const key = PAGE_KEYS[set];
   // The plain bound on the key lets the set's partial index start at the cursor; the row comparison
   // breaks ties between equal timestamps by id.
   const { rows } = await db.query(
@@ -64,9 +64,9 @@ export async function findReconcilePage(
  */
 export async function setsWithRows(db: Queryable, graceMs: number): Promise<ReconcileSet[]> {
   const t = db.tables;
-  const entries = Object.entries(SETS) as [ReconcileSet, { where: string }][];
+  const entries = Object.entries(CONDITIONS) as [ReconcileSet, string][];
   const { rows } = await db.query(
-    `SELECT ${entries.map(([set, { where }]) => `EXISTS (SELECT 1 FROM ${t.token} WHERE ${where}) AS ${set}`).join(', ')}`,
+    `SELECT ${entries.map(([set, where]) => `EXISTS (SELECT 1 FROM ${t.token} WHERE ${where}) AS ${set}`).join(', ')}`,
     [graceMs],
   );
   return entries.filter(([set]) => rows[0]?.[set] === true).map(([set]) => set);

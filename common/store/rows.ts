@@ -69,7 +69,7 @@ export interface AuditRecord {
 }
 
 /** A function of the store (created by the migrations), named with its schema like the tables. */
-export const routine = (t: Tables, name: 'kill_token' | 'append_audit' | 'issue_token') =>
+export const routine = (t: Tables, name: 'kill_token' | 'kill_expired_tokens' | 'append_audit' | 'issue_token') =>
   `${quoteIdent(t.schema)}.${name}`;
 
 export const TOKEN_COLUMNS = `

@@ -63,6 +63,7 @@ export class TestContext {
       databaseSchema: schema,
       dataDir: '/nonexistent',
       timing: { escalateAfterMs: 3_000, retryInitialMs: 200, retryMaxMs: 1_000, ...timing },
+      expirySweepIntervalMs: 1_000,
       reconcileGraceMs: 0,
       masterKey: randomBytes(32),
       previousMasterKeys: [],
