@@ -9,13 +9,7 @@ import { msOptionalToNumber } from '@temporalio/common/lib/time.js';
 import { checkReceiverUrl, pinnedLookup, resolveReceiver, type ReceiverAllowance } from '../common/addresses.js';
 import type { StorePool } from '../common/db.js';
 import { signWebhook, type MasterKeyring } from '../common/secrets.js';
-import {
-  loadDeliveryForAttempt,
-  loadReceiverSecret,
-  recordDeliveryAttempt,
-  retryRequestedSinceLastAttempt,
-  type DeliveryRecord,
-} from '../common/store/index.js';
+import { loadAttempt, recordDeliveryAttempt, type DeliveryRecord } from '../common/store/index.js';
 import type { DeliveryView } from '../common/messages.js';
 import { RECEIVER_REJECTED } from '../common/names.js';
 
@@ -141,10 +135,10 @@ export async function deliverRevocation(
   // The workflow starts deliveries together with its kill: the outbox row appears when a kill
   // commits, usually within milliseconds. A few reads with growing pauses (about 1.3 s in all), then
   // the attempt fails and is retried a second later.
-  let loaded = await loadDeliveryForAttempt(deps.pool, eventId, receiverId);
+  let loaded = await loadAttempt(deps.pool, eventId, receiverId);
   for (let pause = 10; !loaded && pause <= 640; pause *= 2) {
     await setTimeout(pause);
-    loaded = await loadDeliveryForAttempt(deps.pool, eventId, receiverId);
+    loaded = await loadAttempt(deps.pool, eventId, receiverId);
   }
   if (!loaded) {
     // Expected and transient: benign, so the worker logs it at debug level, without a stack trace.
@@ -164,15 +158,15 @@ export async function deliverRevocation(
   if (!['pending', 'failed'].includes(loaded.delivery.status)) return toDeliveryView(loaded.delivery);
   // A rejection is final until an operator asks again: an attempt retried after a crash (the
   // rejection recorded, the result lost) or a restarted run must not send it on its own.
-  if (loaded.delivery.status === 'failed' && !(await retryRequestedSinceLastAttempt(deps.pool, eventId, receiverId))) {
+  if (loaded.delivery.status === 'failed' && !loaded.retryRequested) {
     throw ApplicationFailure.nonRetryable(
       `${loaded.delivery.lastError ?? `receiver ${receiverId} rejected the event`}; not retried until an operator runs retryPropagation or forceComplete`,
       RECEIVER_REJECTED,
     );
   }
 
-  const stored = await loadReceiverSecret(deps.pool, receiverId);
-  if (!stored || stored.receiver.removedAt) {
+  const stored = loaded.receiver;
+  if (!stored || stored.record.removedAt) {
     const cancelled = await recordDeliveryAttempt(deps.pool, eventId, receiverId, {
       kind: 'cancelled',
       error: `receiver ${receiverId} was removed`,
@@ -192,7 +186,7 @@ export async function deliverRevocation(
   const signal = AbortSignal.any([AbortSignal.timeout(HTTP_TIMEOUT_MS), Context.current().cancellationSignal]);
   // The address is checked at every attempt: the policy may have changed since the receiver was
   // added, and a name may resolve elsewhere now (DNS rebinding).
-  const checked = checkReceiverUrl(stored.receiver.url, deps.receiverAllow);
+  const checked = checkReceiverUrl(stored.record.url, deps.receiverAllow);
   let resolved: Awaited<ReturnType<typeof resolveReceiver>> | undefined;
   try {
     if (checked.url) resolved = await resolveReceiver(checked.url, deps.receiverAllow, signal);

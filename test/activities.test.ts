@@ -171,3 +171,18 @@ describe('deliverRevocation', () => {
     }
   });
 });
+
+describe('store statements', () => {
+  it('should cost two statements and no transaction per attempt', async () => {
+    const { eventId } = await revokedToken();
+    const counts = { statements: 0, checkouts: 0 };
+    const counting = Object.assign(Object.create(ctx.pool) as typeof ctx.pool, {
+      query: (...args: Parameters<typeof ctx.pool.query>) => (counts.statements++, ctx.pool.query(...args)),
+      connect: () => (counts.checkouts++, ctx.pool.connect()),
+    });
+    const delivered = await run(ctx.settings.masterKey, { eventId, receiverId: 'billing' }, [], counting);
+    assert.equal(delivered.status, 'delivered');
+    // Read the row, receiver and secret together; record the outcome and its audit event together.
+    assert.deepEqual(counts, { statements: 2, checkouts: 0 });
+  });
+});
