@@ -25,6 +25,13 @@ export const SHUTDOWN_GRACE_MS = 15_000;
 /** After this, a worker that still has not drained gives up (its process exits with an error). */
 export const SHUTDOWN_FORCE_MS = 25_000;
 
+/**
+ * Connections in a worker's store pool: a quarter of its 100 activity slots (the SDK's default). An
+ * activity holds at most one at a time, a delivery attempt only for its two statements, never across
+ * its POST; 100 would take all of PostgreSQL's default max_connections from one worker.
+ */
+export const WORKER_POOL_SIZE = 25;
+
 export interface TokenWorkerOptions {
   connection: NativeConnection;
   client: Client;
@@ -96,7 +103,7 @@ export async function runWorkerProcess(
       ? { telemetryOptions: { metrics: { prometheus: { bindAddress: settings.metricsAddress } } } }
       : {}),
   });
-  const pool = createPool(settings.databaseUrl, settings.databaseSchema, undefined, (err) =>
+  const pool = createPool(settings.databaseUrl, settings.databaseSchema, WORKER_POOL_SIZE, (err) =>
     console.warn(`tokenwarden: an idle database connection was closed: ${err.message}`),
   );
   const client = await connectTemporal(settings);
