@@ -10,7 +10,7 @@ import { NotFoundError } from '../common/errors.js';
 import * as store from '../common/store/index.js';
 import { MasterKeyring } from '../common/secrets.js';
 import type { KillSnapshot, PropagationSnapshot } from '../common/messages.js';
-import { deliverRevocation, toDeliveryView } from './propagation.js';
+import { createReceiverAgents, deliverRevocation, toDeliveryView } from './propagation.js';
 import { createReconcilerActivities } from './reconciler.js';
 
 export interface ActivityDeps {
@@ -25,6 +25,7 @@ export interface ActivityDeps {
 export function createActivities(deps: ActivityDeps) {
   const { pool, settings } = deps;
   const keyring = new MasterKeyring(settings.masterKey, settings.previousMasterKeys);
+  const agents = createReceiverAgents();
 
   /** Store errors the workflow cannot fix by retrying become non-retryable failures. */
   async function classify<T>(fn: () => Promise<T>): Promise<T> {
@@ -60,7 +61,7 @@ export function createActivities(deps: ActivityDeps) {
     },
 
     async deliverRevocation(input: { eventId: string; receiverId: string }) {
-      return deliverRevocation({ pool, keyring, receiverAllow: settings.receiverAllow }, input);
+      return deliverRevocation({ pool, keyring, receiverAllow: settings.receiverAllow, agents }, input);
     },
 
     async setPropagation(input: {

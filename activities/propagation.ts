@@ -1,7 +1,7 @@
 /** Delivery of signed revocation events to receivers (Standard Webhooks). I/O and error classification only. */
 import type { LookupAddress } from 'node:dns';
-import { request as httpRequest } from 'node:http';
-import { request as httpsRequest } from 'node:https';
+import { Agent as HttpAgent, request as httpRequest, type ClientRequestArgs } from 'node:http';
+import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { setTimeout } from 'node:timers/promises';
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import { ApplicationFailureCategory, type RetryPolicy } from '@temporalio/common';
@@ -9,13 +9,7 @@ import { msOptionalToNumber } from '@temporalio/common/lib/time.js';
 import { checkReceiverUrl, pinnedLookup, resolveReceiver, type ReceiverAllowance } from '../common/addresses.js';
 import type { StorePool } from '../common/db.js';
 import { signWebhook, type MasterKeyring } from '../common/secrets.js';
-import {
-  loadDeliveryForAttempt,
-  loadReceiverSecret,
-  recordDeliveryAttempt,
-  retryRequestedSinceLastAttempt,
-  type DeliveryRecord,
-} from '../common/store/index.js';
+import { loadAttempt, recordDeliveryAttempt, type DeliveryRecord } from '../common/store/index.js';
 import type { DeliveryView } from '../common/messages.js';
 import { RECEIVER_REJECTED } from '../common/names.js';
 
@@ -89,11 +83,52 @@ export function networkErrorCode(err: unknown): string {
 /** 408, 429 and 5xx are worth retrying; any other non-2xx (410 Gone included) waits for an operator. */
 export const isRetryableStatus = (status: number): boolean => status === 408 || status === 429 || status >= 500;
 
+/**
+ * How long an idle connection to a receiver stays open: under the 5 s that Node and Apache servers
+ * keep one by default (a server's own shorter `Keep-Alive: timeout` hint is honoured too), so a
+ * request rarely meets a connection the server is closing.
+ */
+const IDLE_CONNECTION_MS = 4_000;
+
+/** The request option naming the addresses a connection was checked for. */
+interface PinnedRequestArgs extends ClientRequestArgs {
+  checkedAddresses?: string;
+}
+
+/**
+ * An agent that keeps connections to receivers open between attempts (a fan-out or a wave sends
+ * many events to the same receivers). A connection is keyed by its origin and by every address the
+ * check allowed: it is reused only while the name still resolves to exactly those addresses, so a
+ * name that now resolves elsewhere gets a new connection, made through the new pinned lookup.
+ */
+class PinnedHttpAgent extends HttpAgent {
+  override getName(options?: PinnedRequestArgs): string {
+    return `${super.getName(options)}|${options?.checkedAddresses ?? ''}`;
+  }
+}
+class PinnedHttpsAgent extends HttpsAgent {
+  override getName(options?: PinnedRequestArgs): string {
+    return `${super.getName(options)}|${options?.checkedAddresses ?? ''}`;
+  }
+}
+
+/** A worker's connections to receivers (one pair of agents per worker, shared by its attempts). */
+export interface ReceiverAgents {
+  http: HttpAgent;
+  https: HttpsAgent;
+}
+
+export function createReceiverAgents(): ReceiverAgents {
+  const options = { keepAlive: true, timeout: IDLE_CONNECTION_MS };
+  return { http: new PinnedHttpAgent(options), https: new PinnedHttpsAgent(options) };
+}
+
 export interface DeliveryDeps {
   pool: StorePool;
   keyring: MasterKeyring;
   /** Address ranges receivers may use besides public ones. */
   receiverAllow: readonly ReceiverAllowance[];
+  agents: ReceiverAgents;
 }
 
 /**
@@ -101,28 +136,32 @@ export interface DeliveryDeps {
  * a 3xx is an answer like any other. Resolves once the status is known; the body is discarded.
  */
 function post(
+  agents: ReceiverAgents,
   url: URL,
   addresses: readonly LookupAddress[],
   headers: Record<string, string>,
   body: string,
   signal: AbortSignal,
 ): Promise<{ status: number; retryAfter: string | undefined }> {
-  const send = url.protocol === 'https:' ? httpsRequest : httpRequest;
+  const https = url.protocol === 'https:';
+  const send = https ? httpsRequest : httpRequest;
+  const options: PinnedRequestArgs = {
+    method: 'POST',
+    headers: { ...headers, 'content-length': String(Buffer.byteLength(body)) },
+    agent: https ? agents.https : agents.http,
+    lookup: pinnedLookup(addresses),
+    checkedAddresses: addresses
+      .map((a) => `${a.family}/${a.address}`)
+      .sort()
+      .join(','),
+    signal,
+  };
   return new Promise((resolve, reject) => {
-    const req = send(
-      url,
-      {
-        method: 'POST',
-        headers: { ...headers, 'content-length': String(Buffer.byteLength(body)) },
-        lookup: pinnedLookup(addresses),
-        signal,
-      },
-      (res) => {
-        res.on('error', () => {}); // the status is all we need; a body cut short changes nothing
-        res.resume();
-        resolve({ status: res.statusCode ?? 0, retryAfter: res.headers['retry-after'] });
-      },
-    );
+    const req = send(url, options, (res) => {
+      res.on('error', () => {}); // the status is all we need; a body cut short changes nothing
+      res.resume();
+      resolve({ status: res.statusCode ?? 0, retryAfter: res.headers['retry-after'] });
+    });
     req.on('error', reject);
     req.end(body);
   });
@@ -141,10 +180,10 @@ export async function deliverRevocation(
   // The workflow starts deliveries together with its kill: the outbox row appears when a kill
   // commits, usually within milliseconds. A few reads with growing pauses (about 1.3 s in all), then
   // the attempt fails and is retried a second later.
-  let loaded = await loadDeliveryForAttempt(deps.pool, eventId, receiverId);
+  let loaded = await loadAttempt(deps.pool, eventId, receiverId);
   for (let pause = 10; !loaded && pause <= 640; pause *= 2) {
     await setTimeout(pause);
-    loaded = await loadDeliveryForAttempt(deps.pool, eventId, receiverId);
+    loaded = await loadAttempt(deps.pool, eventId, receiverId);
   }
   if (!loaded) {
     // Expected and transient: benign, so the worker logs it at debug level, without a stack trace.
@@ -164,15 +203,15 @@ export async function deliverRevocation(
   if (!['pending', 'failed'].includes(loaded.delivery.status)) return toDeliveryView(loaded.delivery);
   // A rejection is final until an operator asks again: an attempt retried after a crash (the
   // rejection recorded, the result lost) or a restarted run must not send it on its own.
-  if (loaded.delivery.status === 'failed' && !(await retryRequestedSinceLastAttempt(deps.pool, eventId, receiverId))) {
+  if (loaded.delivery.status === 'failed' && !loaded.retryRequested) {
     throw ApplicationFailure.nonRetryable(
       `${loaded.delivery.lastError ?? `receiver ${receiverId} rejected the event`}; not retried until an operator runs retryPropagation or forceComplete`,
       RECEIVER_REJECTED,
     );
   }
 
-  const stored = await loadReceiverSecret(deps.pool, receiverId);
-  if (!stored || stored.receiver.removedAt) {
+  const stored = loaded.receiver;
+  if (!stored || stored.record.removedAt) {
     const cancelled = await recordDeliveryAttempt(deps.pool, eventId, receiverId, {
       kind: 'cancelled',
       error: `receiver ${receiverId} was removed`,
@@ -192,7 +231,7 @@ export async function deliverRevocation(
   const signal = AbortSignal.any([AbortSignal.timeout(HTTP_TIMEOUT_MS), Context.current().cancellationSignal]);
   // The address is checked at every attempt: the policy may have changed since the receiver was
   // added, and a name may resolve elsewhere now (DNS rebinding).
-  const checked = checkReceiverUrl(stored.receiver.url, deps.receiverAllow);
+  const checked = checkReceiverUrl(stored.record.url, deps.receiverAllow);
   let resolved: Awaited<ReturnType<typeof resolveReceiver>> | undefined;
   try {
     if (checked.url) resolved = await resolveReceiver(checked.url, deps.receiverAllow, signal);
@@ -214,6 +253,7 @@ export async function deliverRevocation(
   let response: { status: number; retryAfter: string | undefined };
   try {
     response = await post(
+      deps.agents,
       checked.url,
       resolved.addresses,
       {

@@ -70,7 +70,9 @@ export const WORKER_TUNING_DEFAULTS: WorkerTuning = {
   cachedWorkflows: 2000,
   stickyTimeoutMs: 10_000,
   workflowThreads: 1,
-  dbPoolSize: 20,
+  // A quarter of the activity slots: an activity holds a connection only for a statement, never
+  // across a POST; 100 would take all of PostgreSQL's default max_connections from one worker.
+  dbPoolSize: 25,
 };
 
 const WORKER_TUNING_ENV: Record<keyof WorkerTuning, string> = {

@@ -1,11 +1,18 @@
 /** Delivery activity crash points, with MockActivityEnvironment, real Postgres and a real receiver. */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import dnsPromises from 'node:dns/promises';
+import { syncBuiltinESMExports } from 'node:module';
 import { after, before, describe, it } from 'node:test';
 import { ApplicationFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
 import { DefaultLogger, type LogEntry } from '@temporalio/worker';
-import { deliverRevocation, RECEIVER_UNAVAILABLE, type DeliveryDeps } from '../activities/propagation.js';
+import {
+  createReceiverAgents,
+  deliverRevocation,
+  RECEIVER_UNAVAILABLE,
+  type DeliveryDeps,
+} from '../activities/propagation.js';
 import { revocationEventId } from '../common/ids.js';
 import { MasterKeyring } from '../common/secrets.js';
 import * as store from '../common/store/index.js';
@@ -16,6 +23,8 @@ import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
 let receiver: TestReceiver;
+/** One worker's connections, shared by every attempt here as by a worker's. */
+const agents = createReceiverAgents();
 
 before(async () => {
   ctx = await TestContext.create('activities');
@@ -45,6 +54,7 @@ const run = (
     pool,
     keyring: new MasterKeyring(masterKey),
     receiverAllow: ctx.settings.receiverAllow,
+    agents,
   };
   const logger = new DefaultLogger('DEBUG', (entry) => log.push(entry));
   return new MockActivityEnvironment(undefined, { logger }).run(
@@ -168,6 +178,86 @@ describe('deliverRevocation', () => {
       assert.ok((await store.readAudit(ctx.pool, tokenId)).some((e) => e.kind === 'delivery.cancelled'));
     } finally {
       await other.close();
+    }
+  });
+});
+
+describe('store statements', () => {
+  it('should cost two statements and no transaction per attempt', async () => {
+    const { eventId } = await revokedToken();
+    const counts = { statements: 0, checkouts: 0 };
+    const counting = Object.assign(Object.create(ctx.pool) as typeof ctx.pool, {
+      query: (...args: Parameters<typeof ctx.pool.query>) => (counts.statements++, ctx.pool.query(...args)),
+      connect: () => (counts.checkouts++, ctx.pool.connect()),
+    });
+    const delivered = await run(ctx.settings.masterKey, { eventId, receiverId: 'billing' }, [], counting);
+    assert.equal(delivered.status, 'delivered');
+    // Read the row, receiver and secret together; record the outcome and its audit event together.
+    assert.deepEqual(counts, { statements: 2, checkouts: 0 });
+  });
+});
+
+describe('connections to receivers', () => {
+  it("should send a worker's attempts to a receiver over the connection it keeps open", async () => {
+    const kept = await TestReceiver.start();
+    try {
+      kept.secret = (await ctx.warden.addReceiver({ id: 'kept', url: kept.url })).secret;
+      for (let i = 0; i < 3; i++) {
+        const { tokenId } = await ctx.warden.issue({ subject: 'usr_act', receivers: ['kept'], ttl: '1h' });
+        await store.killToken(ctx.pool, { tokenId, reason: 'test', actor: 'admin', initiatingEntity: 'admin' });
+        const [d] = await store.listDeliveries(ctx.pool, tokenId);
+        assert.equal(
+          (await run(ctx.settings.masterKey, { eventId: d!.eventId, receiverId: 'kept' })).status,
+          'delivered',
+        );
+      }
+      assert.equal(kept.requests.length, 3);
+      assert.ok(kept.requests.every((r) => r.verified));
+      assert.equal(kept.connections, 1);
+    } finally {
+      await kept.close();
+    }
+  });
+
+  it('should not reach a receiver whose name now resolves elsewhere over a connection to its old address', async () => {
+    // Two servers on one port, at two loopback addresses; the name's answer moves from one to the other.
+    const before = await TestReceiver.start({ host: '127.0.0.1' });
+    const now = await TestReceiver.start({ host: '127.0.0.2', port: Number(new URL(before.url).port) });
+    const name = 'moving-receiver.test';
+    let answer = before.host;
+    const realLookup = dnsPromises.lookup;
+    // The resolver's answers, under the test's control (no DNS server to run here); connections
+    // still go through the delivery's own pinned lookup.
+    dnsPromises.lookup = ((hostname: string, options: object) =>
+      hostname === name
+        ? Promise.resolve([{ address: answer, family: 4 }])
+        : realLookup(hostname, options)) as typeof dnsPromises.lookup;
+    syncBuiltinESMExports();
+    try {
+      const { secret } = await ctx.warden.addReceiver({ id: 'moving', url: before.url.replace(before.host, name) });
+      before.secret = now.secret = secret;
+      const deliver = async () => {
+        const { tokenId } = await ctx.warden.issue({ subject: 'usr_act', receivers: ['moving'], ttl: '1h' });
+        await store.killToken(ctx.pool, { tokenId, reason: 'test', actor: 'admin', initiatingEntity: 'admin' });
+        const [d] = await store.listDeliveries(ctx.pool, tokenId);
+        assert.equal(
+          (await run(ctx.settings.masterKey, { eventId: d!.eventId, receiverId: 'moving' })).status,
+          'delivered',
+        );
+      };
+      await deliver();
+      await deliver();
+      assert.deepEqual([before.requests.length, before.connections], [2, 1], 'kept open while the name stays');
+      answer = now.host;
+      await deliver();
+      assert.equal(before.requests.length, 2, 'nothing more over the open connection to the old address');
+      assert.deepEqual([now.requests.length, now.connections], [1, 1]);
+      assert.ok(now.requests[0]!.verified);
+    } finally {
+      dnsPromises.lookup = realLookup;
+      syncBuiltinESMExports();
+      await before.close();
+      await now.close();
     }
   });
 });

@@ -114,6 +114,13 @@ describe('worker process crash', () => {
     assert.equal(beforePost.requests.length, 0, 'nothing of A was POSTed before the crash');
     await doomed.kill();
     assert.equal((await doomed.exited).signal, 'SIGKILL');
+    // The dead worker's record of C is one statement already sent: it would still commit once the
+    // row frees (a true answer, so nothing would be sent again). End it as the server does once it
+    // notices the client is gone, so that C's answer is never recorded.
+    await ctx.pool.query(
+      'SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))',
+      [backendPids.get(deliveryOfC)],
+    );
     await endLock(rowOfA, 'COMMIT');
     answerB();
     await endLock(deliveryOfC, 'ROLLBACK');

@@ -12,7 +12,7 @@ import { after, before, describe, it } from 'node:test';
 import { ApplicationFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
 import { DefaultLogger } from '@temporalio/worker';
-import { deliverRevocation } from '../activities/propagation.js';
+import { createReceiverAgents, deliverRevocation } from '../activities/propagation.js';
 import { TokenWarden } from '../client/index.js';
 import { addressProblem, checkReceiverUrl, resolveReceiver, type ReceiverAllowance } from '../common/addresses.js';
 import { loadSettings, PACKAGE_ROOT } from '../common/config.js';
@@ -279,7 +279,12 @@ describe('receiver addresses', () => {
     const attempt = (receiverAllow: ReceiverAllowance[]) =>
       new MockActivityEnvironment(undefined, { logger: new DefaultLogger('ERROR') }).run(
         deliverRevocation,
-        { pool: ctx.pool, keyring: new MasterKeyring(ctx.settings.masterKey), receiverAllow },
+        {
+          pool: ctx.pool,
+          keyring: new MasterKeyring(ctx.settings.masterKey),
+          receiverAllow,
+          agents: createReceiverAgents(),
+        },
         { eventId: d!.eventId, receiverId: 'rebound' },
       ) as Promise<DeliveryView>;
 

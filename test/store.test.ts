@@ -300,6 +300,150 @@ describe('central store', () => {
   });
 });
 
+describe('delivery attempts', () => {
+  /** A killed token's outbox row to billing, and the audit events' kinds and data after the kill. */
+  async function pendingDelivery(): Promise<{ tokenId: string; eventId: string }> {
+    const t = await newToken();
+    await kill(t.id);
+    const [d] = await store.listDeliveries(ctx.pool, t.id);
+    return { tokenId: t.id, eventId: d!.eventId };
+  }
+  const deliveryEvents = async (tokenId: string) =>
+    (await store.readAudit(ctx.pool, tokenId))
+      .filter((e) => e.kind.startsWith('delivery.'))
+      .map((e) => ({ kind: e.kind, data: (JSON.parse(e.canonical) as { data: unknown }).data }));
+
+  /** The store pool, counting statements and checkouts (a transaction checks a connection out). */
+  function countingPool() {
+    const counts = { statements: 0, checkouts: 0 };
+    const pool = Object.assign(Object.create(ctx.pool) as typeof ctx.pool, {
+      query: (...args: Parameters<typeof ctx.pool.query>) => (counts.statements++, ctx.pool.query(...args)),
+      connect: () => (counts.checkouts++, ctx.pool.connect()),
+    });
+    return { pool, counts };
+  }
+
+  it('should record an attempt in one statement, without a transaction of its own', async () => {
+    const { eventId } = await pendingDelivery();
+    const { pool, counts } = countingPool();
+    const recorded = await store.recordDeliveryAttempt(pool, eventId, 'billing', {
+      kind: 'delivered',
+      statusCode: 204,
+    });
+    assert.equal(recorded.status, 'delivered');
+    assert.deepEqual(counts, { statements: 1, checkouts: 0 });
+  });
+
+  it('should read all an attempt needs in one statement', async () => {
+    const { tokenId, eventId } = await pendingDelivery();
+    const { pool, counts } = countingPool();
+    const loaded = await store.loadAttempt(pool, eventId, 'billing');
+    assert.deepEqual(counts, { statements: 1, checkouts: 0 });
+    assert.equal(loaded!.delivery.tokenId, tokenId);
+    assert.equal(loaded!.delivery.status, 'pending');
+    assert.equal(JSON.parse(loaded!.body).token_id, tokenId);
+    assert.equal(loaded!.receiver!.record.url, 'http://127.0.0.1:1/x');
+    assert.deepEqual([loaded!.receiver!.ciphertext, loaded!.receiver!.keyId], [Buffer.from('x'), 'k']);
+    assert.equal(loaded!.retryRequested, false);
+    assert.equal(await store.loadAttempt(pool, eventId, 'nobody'), undefined);
+  });
+
+  it("should see an operator's retry only when it is newer than the rejected attempt", async () => {
+    const { tokenId, eventId } = await pendingDelivery();
+    await store.recordAudit(ctx.pool, tokenId, 'retry:early', 'propagation.retry-requested', { reason: 'early' });
+    await store.recordDeliveryAttempt(ctx.pool, eventId, 'billing', { kind: 'rejected', statusCode: 400, error: 'no' });
+    assert.equal((await store.loadAttempt(ctx.pool, eventId, 'billing'))!.retryRequested, false);
+    await store.recordAudit(ctx.pool, tokenId, 'retry:late', 'propagation.retry-requested', { reason: 'late' });
+    assert.equal((await store.loadAttempt(ctx.pool, eventId, 'billing'))!.retryRequested, true);
+  });
+
+  it('should count attempts, keep the last answer, and audit delivered and cancelled once each', async () => {
+    const { tokenId, eventId } = await pendingDelivery();
+    const failed = await store.recordDeliveryAttempt(ctx.pool, eventId, 'billing', {
+      kind: 'retryable',
+      statusCode: 503,
+      error: 'receiver billing answered HTTP 503',
+    });
+    assert.deepEqual(
+      [failed.status, failed.attempts, failed.lastStatusCode, failed.lastError, failed.ackedAt],
+      ['pending', 1, 503, 'receiver billing answered HTTP 503', null],
+    );
+    const rejected = await store.recordDeliveryAttempt(ctx.pool, eventId, 'billing', {
+      kind: 'rejected',
+      statusCode: 400,
+      error: 'receiver billing answered HTTP 400',
+    });
+    assert.deepEqual([rejected.status, rejected.attempts], ['failed', 2]);
+    // A rejected delivery sent again after an operator's retry.
+    const delivered = await store.recordDeliveryAttempt(ctx.pool, eventId, 'billing', {
+      kind: 'delivered',
+      statusCode: 204,
+    });
+    assert.deepEqual(
+      [delivered.status, delivered.attempts, delivered.lastStatusCode, delivered.lastError],
+      ['delivered', 3, 204, null],
+    );
+    assert.ok(delivered.ackedAt);
+    const cancelled = await store.recordDeliveryAttempt(ctx.pool, eventId, 'crm', {
+      kind: 'cancelled',
+      error: 'receiver crm was removed',
+    });
+    assert.deepEqual([cancelled.status, cancelled.attempts, cancelled.ackedAt], ['cancelled', 0, null]);
+    assert.deepEqual(await deliveryEvents(tokenId), [
+      { kind: 'delivery.delivered', data: { attempts: 3, eventId, receiverId: 'billing', statusCode: 204 } },
+      {
+        kind: 'delivery.cancelled',
+        data: { attempts: 0, detail: 'receiver crm was removed', eventId, receiverId: 'crm' },
+      },
+    ]);
+    assert.equal(store.findBrokenAuditLink(await store.readAudit(ctx.pool, tokenId)), null);
+  });
+
+  it('should never move a settled delivery back, nor audit it again', async () => {
+    const { tokenId, eventId } = await pendingDelivery();
+    const delivered = await store.recordDeliveryAttempt(ctx.pool, eventId, 'billing', {
+      kind: 'delivered',
+      statusCode: 200,
+    });
+    await store.forceCompleteDeliveries(ctx.pool, tokenId, 'force', 'gone for good', 'operator');
+    const late: store.AttemptOutcome[] = [
+      { kind: 'delivered', statusCode: 204 },
+      { kind: 'retryable', statusCode: 503, error: 'late 503' },
+      { kind: 'rejected', statusCode: 400, error: 'late 400' },
+      { kind: 'cancelled', error: 'late removal' },
+    ];
+    for (const outcome of late) {
+      // A lost result retried, or an attempt still running when an operator forced completion.
+      assert.deepEqual(await store.recordDeliveryAttempt(ctx.pool, eventId, 'billing', outcome), delivered);
+      const forced = await store.recordDeliveryAttempt(ctx.pool, eventId, 'crm', outcome);
+      assert.deepEqual([forced.status, forced.attempts, forced.lastError], ['forced', 0, null]);
+    }
+    assert.deepEqual(
+      (await deliveryEvents(tokenId)).map((e) => e.kind),
+      ['delivery.delivered'],
+    );
+  });
+
+  it('should settle concurrent records of one delivery once', async () => {
+    const { tokenId, eventId } = await pendingDelivery();
+    const rows = await Promise.all(
+      [200, 201, 202, 203].map((statusCode) =>
+        store.recordDeliveryAttempt(ctx.pool, eventId, 'billing', { kind: 'delivered', statusCode }),
+      ),
+    );
+    assert.equal(new Set(rows.map((r) => r.lastStatusCode)).size, 1, 'every caller sees the one that settled it');
+    assert.ok(rows.every((r) => r.attempts === 1));
+    assert.equal((await deliveryEvents(tokenId)).length, 1);
+  });
+
+  it('should refuse an unknown delivery', async () => {
+    await assert.rejects(
+      store.recordDeliveryAttempt(ctx.pool, 'evt_unknown', 'billing', { kind: 'delivered', statusCode: 204 }),
+      /delivery evt_unknown\/billing does not exist/,
+    );
+  });
+});
+
 describe('database connections', () => {
   it('should survive the server closing an idle pooled connection', async () => {
     const pool = createPool(ctx.settings.databaseUrl, ctx.settings.databaseSchema, 1);

@@ -2,7 +2,17 @@
 import type { Queryable, StorePool } from '../db.js';
 import type { PropagationState } from '../names.js';
 import { appendAudit } from './audit.js';
-import { inTransaction, toDelivery, toToken, TOKEN_COLUMNS, type DeliveryRecord, type TokenRecord } from './rows.js';
+import {
+  inTransaction,
+  routine,
+  toDelivery,
+  toReceiver,
+  toToken,
+  TOKEN_COLUMNS,
+  type DeliveryRecord,
+  type ReceiverRecord,
+  type TokenRecord,
+} from './rows.js';
 import { requireToken } from './tokens.js';
 
 export async function listDeliveries(db: Queryable, tokenId: string): Promise<DeliveryRecord[]> {
@@ -11,37 +21,69 @@ export async function listDeliveries(db: Queryable, tokenId: string): Promise<De
   return rows.map(toDelivery);
 }
 
-export async function loadDeliveryForAttempt(
-  db: Queryable,
-  eventId: string,
-  receiverId: string,
-): Promise<{ delivery: DeliveryRecord; body: string } | undefined> {
-  const t = db.tables;
-  const { rows } = await db.query(`SELECT * FROM ${t.delivery} WHERE event_id = $1 AND receiver_id = $2`, [
-    eventId,
-    receiverId,
-  ]);
-  return rows[0] ? { delivery: toDelivery(rows[0]), body: rows[0].body as string } : undefined;
+/** A delivery row's columns, without its body. */
+const DELIVERY_COLUMNS = `d.event_id, d.receiver_id, d.token_id, d.status, d.attempts, d.last_status_code, d.last_error,
+  d.last_attempt_at, d.acked_at`;
+
+/** Everything one delivery attempt needs, read together. */
+export interface AttemptContext {
+  delivery: DeliveryRecord;
+  /** The event body, the same bytes on every attempt. */
+  body: string;
+  /** The receiver and its encrypted signing secret; undefined when its row is gone. */
+  receiver: { record: ReceiverRecord; ciphertext: Buffer; keyId: string } | undefined;
+  /**
+   * For a rejected delivery: whether an operator asked to retry the token's propagation (the audited
+   * `retryPropagation`) after its last attempt; only then may it be sent again.
+   */
+  retryRequested: boolean;
 }
 
 /**
- * Whether an operator asked to retry the token's propagation (the audited `retryPropagation`) after
- * this delivery's last attempt: only then may a rejected delivery be sent again.
+ * The outbox row, its receiver with the encrypted secret, and whether an operator's retry is newer
+ * than the last attempt, in one statement: a fan-out starts every attempt at once on a shared pool.
+ * Undefined while no kill has written the outbox row.
  */
-export async function retryRequestedSinceLastAttempt(
+export async function loadAttempt(
   db: Queryable,
   eventId: string,
   receiverId: string,
-): Promise<boolean> {
+): Promise<AttemptContext | undefined> {
   const t = db.tables;
   const { rows } = await db.query(
-    `SELECT EXISTS (
-       SELECT 1 FROM ${t.delivery} d JOIN ${t.audit_event} a ON a.token_id = d.token_id
-        WHERE d.event_id = $1 AND d.receiver_id = $2 AND a.kind = 'propagation.retry-requested'
-          AND a.recorded_at > coalesce(d.last_attempt_at, '-infinity')) AS requested`,
+    `SELECT ${DELIVERY_COLUMNS}, d.body,
+            r.id AS r_id, r.kind AS r_kind, r.url AS r_url, r.enabled AS r_enabled, r.created_at AS r_created_at,
+            r.removed_at AS r_removed_at, r.secret_ciphertext AS r_secret_ciphertext, r.secret_key_id AS r_secret_key_id,
+            CASE WHEN d.status = 'failed' THEN EXISTS (
+              SELECT 1 FROM ${t.audit_event} a
+               WHERE a.token_id = d.token_id AND a.kind = 'propagation.retry-requested'
+                 AND a.recorded_at > coalesce(d.last_attempt_at, '-infinity')) ELSE false END AS retry_requested
+       FROM ${t.delivery} d LEFT JOIN ${t.receiver} r ON r.id = d.receiver_id
+      WHERE d.event_id = $1 AND d.receiver_id = $2`,
     [eventId, receiverId],
   );
-  return rows[0]?.requested === true;
+  const row = rows[0];
+  if (!row) return undefined;
+  return {
+    delivery: toDelivery(row),
+    body: row.body as string,
+    receiver:
+      row.r_id === null
+        ? undefined
+        : {
+            record: toReceiver({
+              id: row.r_id,
+              kind: row.r_kind,
+              url: row.r_url,
+              enabled: row.r_enabled,
+              created_at: row.r_created_at,
+              removed_at: row.r_removed_at,
+            }),
+            ciphertext: row.r_secret_ciphertext as Buffer,
+            keyId: row.r_secret_key_id as string,
+          },
+    retryRequested: row.retry_requested === true,
+  };
 }
 
 export type AttemptOutcome =
@@ -51,62 +93,28 @@ export type AttemptOutcome =
   | { kind: 'cancelled'; error: string };
 
 /**
- * Records one delivery attempt. A delivery already settled (delivered, forced, cancelled) is never
- * moved back; the returned row says what the store holds.
+ * Records one delivery attempt in one statement (the store's `record_delivery_attempt`). A delivery
+ * already settled (delivered, forced, cancelled) is never moved back; the returned row says what
+ * the store holds. Settling it as delivered or cancelled appends its audit event once.
  */
 export async function recordDeliveryAttempt(
-  pool: StorePool,
+  db: Queryable,
   eventId: string,
   receiverId: string,
   outcome: AttemptOutcome,
 ): Promise<DeliveryRecord> {
-  const t = pool.tables;
-  const status = { delivered: 'delivered', retryable: 'pending', rejected: 'failed', cancelled: 'cancelled' }[
-    outcome.kind
-  ];
-  return inTransaction(pool, async (client) => {
-    const { rows } = await client.query(
-      `UPDATE ${t.delivery}
-          SET attempts = attempts + CASE WHEN $3 = 'cancelled' THEN 0 ELSE 1 END,
-              status = $3,
-              last_status_code = $4, last_error = $5, last_attempt_at = now(),
-              acked_at = CASE WHEN $3 = 'delivered' THEN now() END
-        WHERE event_id = $1 AND receiver_id = $2 AND status IN ('pending', 'failed')
-        RETURNING *`,
-      [
-        eventId,
-        receiverId,
-        status,
-        'statusCode' in outcome ? outcome.statusCode : null,
-        'error' in outcome ? outcome.error : null,
-      ],
-    );
-    const row =
-      rows[0] ??
-      (
-        await client.query(`SELECT * FROM ${t.delivery} WHERE event_id = $1 AND receiver_id = $2`, [
-          eventId,
-          receiverId,
-        ])
-      ).rows[0];
-    if (!row) throw new Error(`delivery ${eventId}/${receiverId} does not exist`);
-    const delivery = toDelivery(row);
-    if (rows[0] && (outcome.kind === 'delivered' || outcome.kind === 'cancelled')) {
-      await appendAudit(
-        client,
-        delivery.tokenId,
-        `delivery:${eventId}:${receiverId}:${outcome.kind}`,
-        `delivery.${outcome.kind}`,
-        {
-          eventId,
-          receiverId,
-          attempts: delivery.attempts,
-          ...(outcome.kind === 'delivered' ? { statusCode: outcome.statusCode } : { detail: outcome.error }),
-        },
-      );
-    }
-    return delivery;
-  });
+  const { rows } = await db.query(
+    `SELECT ${DELIVERY_COLUMNS} FROM ${routine(db.tables, 'record_delivery_attempt')}($1, $2, $3, $4, $5) d`,
+    [
+      eventId,
+      receiverId,
+      outcome.kind,
+      'statusCode' in outcome ? outcome.statusCode : null,
+      'error' in outcome ? outcome.error : null,
+    ],
+  );
+  if (!rows[0]) throw new Error(`delivery ${eventId}/${receiverId} does not exist`);
+  return toDelivery(rows[0]);
 }
 
 /**

@@ -25,15 +25,22 @@ export interface Answer {
 
 export class TestReceiver {
   readonly requests: ReceivedRequest[] = [];
+  /** TCP connections accepted: a sender that keeps connections open opens few. */
+  connections = 0;
   secret: string | undefined;
   behaviour: (n: number, req: { headers: IncomingHttpHeaders; body: string }) => Answer = () => ({ status: 204 });
 
   private port = 0;
-  private constructor(private readonly server: Server) {}
+  private constructor(
+    private readonly server: Server,
+    readonly host: string,
+  ) {}
 
-  static async start(): Promise<TestReceiver> {
+  /** Listens on `host` (any loopback address) and `port` (a free one when 0). */
+  static async start(listen: { host?: string; port?: number } = {}): Promise<TestReceiver> {
     const server = createServer();
-    const receiver = new TestReceiver(server);
+    const receiver = new TestReceiver(server, listen.host ?? '127.0.0.1');
+    server.on('connection', () => receiver.connections++);
     server.on('request', (req, res) => {
       const chunks: Buffer[] = [];
       req.on('data', (c: Buffer) => chunks.push(c));
@@ -69,13 +76,19 @@ export class TestReceiver {
         else respond();
       });
     });
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(listen.port ?? 0, receiver.host, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
     receiver.port = (server.address() as AddressInfo).port;
     return receiver;
   }
 
   get url(): string {
-    return `http://127.0.0.1:${this.port}/revocations`;
+    return `http://${this.host}:${this.port}/revocations`;
   }
 
   /** Stops listening: senders get connection refused until comeBack(). */
@@ -88,7 +101,7 @@ export class TestReceiver {
   async comeBack(): Promise<void> {
     await new Promise<void>((resolve, reject) => {
       this.server.once('error', reject);
-      this.server.listen(this.port, '127.0.0.1', () => {
+      this.server.listen(this.port, this.host, () => {
         this.server.off('error', reject);
         resolve();
       });
