@@ -10,7 +10,7 @@ import { NotFoundError } from '../common/errors.js';
 import * as store from '../common/store/index.js';
 import { MasterKeyring } from '../common/secrets.js';
 import type { KillSnapshot, PropagationSnapshot } from '../common/messages.js';
-import { createReceiverAgents, deliverRevocation, toDeliveryView } from './propagation.js';
+import { createReceiverAgents, deliverRevocation, deliverRevocationToAll, toDeliveryView } from './propagation.js';
 import { createReconcilerActivities } from './reconciler.js';
 
 export interface ActivityDeps {
@@ -62,6 +62,10 @@ export function createActivities(deps: ActivityDeps) {
 
     async deliverRevocation(input: { eventId: string; receiverId: string }) {
       return deliverRevocation({ pool, keyring, receiverAllow: settings.receiverAllow, agents }, input);
+    },
+
+    async deliverRevocationToAll(input: { eventId: string; receiverIds: string[] }) {
+      return deliverRevocationToAll({ pool, keyring, receiverAllow: settings.receiverAllow, agents }, input);
     },
 
     async setPropagation(input: {

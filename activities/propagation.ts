@@ -304,3 +304,35 @@ export async function deliverRevocation(
     RECEIVER_REJECTED,
   );
 }
+
+/** One receiver's outcome of a first attempt made together with the others (never thrown). */
+export type FirstAttemptOutcome =
+  | { receiverId: string; kind: 'result'; row: DeliveryView }
+  | { receiverId: string; kind: 'rejected' | 'ended'; message: string; row: DeliveryView | null };
+
+/**
+ * The first attempt at every receiver of one event, in parallel inside one activity: one activity
+ * per receiver waits for the server to dispatch each in turn (milliseconds apiece), so the fiftieth
+ * receiver heard of a revocation several times later than the first. Each receiver's outcome is
+ * returned with its store row; the workflow retries those not settled one by one.
+ */
+export async function deliverRevocationToAll(
+  deps: DeliveryDeps,
+  input: { eventId: string; receiverIds: string[] },
+): Promise<FirstAttemptOutcome[]> {
+  const { eventId } = input;
+  return Promise.all(
+    input.receiverIds.map(async (receiverId): Promise<FirstAttemptOutcome> => {
+      try {
+        return { receiverId, kind: 'result', row: await deliverRevocation(deps, { eventId, receiverId }) };
+      } catch (err) {
+        // The attempt's own failures carry messages written for history (no URL, no secret).
+        const failure = err instanceof ApplicationFailure ? err : undefined;
+        const kind = failure?.type === RECEIVER_REJECTED && failure.nonRetryable ? 'rejected' : 'ended';
+        const message = failure?.message ?? `delivery to ${receiverId} failed: ${networkErrorCode(err)}`;
+        const loaded = await loadAttempt(deps.pool, eventId, receiverId).catch(() => undefined);
+        return { receiverId, kind, message, row: loaded ? toDeliveryView(loaded.delivery) : null };
+      }
+    }),
+  );
+}

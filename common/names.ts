@@ -31,6 +31,7 @@ export const QUERY = {
 export const ACTIVITY_NAMES = [
   'killToken',
   'deliverRevocation',
+  'deliverRevocationToAll',
   'setPropagation',
   'forceCompleteDeliveries',
   'recordAudit',

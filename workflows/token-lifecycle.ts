@@ -24,6 +24,7 @@ import {
   workflowInfo,
 } from '@temporalio/workflow';
 import type { Activities } from '../activities/index.js';
+import type { FirstAttemptOutcome } from '../activities/propagation.js';
 import { RECEIVER_REJECTED, SEARCH_ATTRIBUTE } from '../common/names.js';
 import type { KillResult } from '../common/store/index.js';
 import { summaryText } from '../common/text.js';
@@ -70,7 +71,8 @@ const PATCHES = {
    * Fewer workflow tasks per token: the kill is a local activity that also returns the timing and
    * the delivery rows, so every delivery starts in the task that records the kill; completion is a
    * local activity in the task of the last confirmation; one escalation timer per deadline instead
-   * of a timer restarted on every confirmation.
+   * of a timer restarted on every confirmation; the first attempt at every pending receiver is one
+   * activity (deliverRevocationToAll), the receivers it does not settle are retried one by one.
    */
   localStoreCalls: 'local-store-calls',
 } as const;
@@ -98,6 +100,15 @@ const storeLocal = proxyLocalActivities<Activities>({
     maximumInterval: '10s',
     nonRetryableErrorTypes: ['NotFoundError'],
   },
+});
+
+/**
+ * The first attempt at every pending receiver together: one attempt each (the workflow retries the
+ * unsettled ones one by one), bounded like a single attempt plus recording fifty outcomes.
+ */
+const firstAttempts = proxyActivities<Activities>({
+  startToCloseTimeout: '30s',
+  retry: { maximumAttempts: 1 },
 });
 
 /**
@@ -450,7 +461,13 @@ class TokenLifecycle {
   private startDeliveries(): void {
     if (this.deliveriesStarted) return;
     this.deliveriesStarted = true;
-    Promise.all(this.input.receivers.map((receiverId) => this.deliverUntilSettled(receiverId))).then(
+    // With PATCHES.localStoreCalls, one activity makes the first attempt at every pending receiver.
+    const pending = this.local ? this.state.unsettled().filter((d) => d.status === 'pending') : [];
+    const first = pending.length > 0 ? this.firstAttempts(pending.map((d) => d.receiverId)) : undefined;
+    const firstOf = (receiverId: string) => (pending.some((d) => d.receiverId === receiverId) ? first : undefined);
+    Promise.all(
+      this.input.receivers.map((receiverId) => this.deliverUntilSettled(receiverId, firstOf(receiverId))),
+    ).then(
       () => (this.deliveriesEnded = true),
       (err: unknown) => {
         this.deliveryFailure = err;
@@ -459,8 +476,45 @@ class TokenLifecycle {
     );
   }
 
-  private async deliverUntilSettled(receiverId: string): Promise<void> {
+  /**
+   * The first attempt at several receivers in one activity. Undefined when the activity itself ended
+   * (a timeout, its worker lost): every one of them is then retried on its own.
+   */
+  private async firstAttempts(receiverIds: string[]): Promise<Map<string, FirstAttemptOutcome> | undefined> {
+    // A retry asked while these attempts run counts for a rejection among them.
+    for (const receiverId of receiverIds) this.runs.get(receiverId)!.roundAtAttempt = this.state.retryRound;
+    const summary =
+      receiverIds.length === 1
+        ? `deliver revocation to ${receiverIds[0]}`
+        : `deliver revocation to ${receiverIds.length} receivers`;
+    try {
+      const outcomes = await firstAttempts.deliverRevocationToAll.executeWithOptions(
+        { summary: summaryText(summary) },
+        [{ eventId: this.input.revocationEventId, receiverIds }],
+      );
+      return new Map(outcomes.map((o) => [o.receiverId, o]));
+    } catch (err) {
+      if (!(err instanceof ActivityFailure) || isCancellation(err)) throw err;
+      return undefined;
+    }
+  }
+
+  private async deliverUntilSettled(
+    receiverId: string,
+    first?: Promise<Map<string, FirstAttemptOutcome> | undefined>,
+  ): Promise<void> {
     const run = this.runs.get(receiverId)!;
+    if (first) {
+      const outcome = (await first)?.get(receiverId);
+      if (outcome?.kind === 'result') this.state.deliveryObserved(outcome.row);
+      else if (outcome?.kind === 'rejected') {
+        this.state.deliveryRejected(receiverId, outcome.message, outcome.row ?? undefined);
+      } else {
+        if (outcome?.row) this.state.deliveryObserved(outcome.row);
+        // Ended without a rejection (or the whole activity did): retried after the schedule's step.
+        if (!this.state.isSettled(receiverId)) await this.pauseBeforeDeliveringAgain(receiverId, run);
+      }
+    }
     while (!this.state.isSettled(receiverId)) {
       if (this.state.delivery(receiverId).status === 'failed') {
         // A receiver's rejection: wait for an operator (retryPropagation or forceComplete). A retry
