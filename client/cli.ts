@@ -2,11 +2,12 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { Command, CommanderError, Option } from 'commander';
-import { loadSettings, PACKAGE_ROOT, readStackFile } from '../common/config.js';
+import { loadSettings, loadStoreSettings, PACKAGE_ROOT, readStackFile } from '../common/config.js';
 import { migrate } from '../common/db.js';
 import { ConfigError, InvalidInputError, NotFoundError } from '../common/errors.js';
 import { UNPRINTABLE } from '../common/validation.js';
-import { TokenWarden, type TokenView } from './index.js';
+import type { TokenWarden } from './index.js';
+import { TokenWardenStore, type TokenView } from './store.js';
 
 const EXIT = { failure: 1, invalidInput: 2, notFound: 3 } as const;
 
@@ -37,14 +38,27 @@ function print(json: boolean, value: unknown, human: () => string): void {
 
 const warn = (message: string) => process.stderr.write(`tokenwarden: warning: ${printable(message)}\n`);
 
+const onIdleError = (err: Error) => warn(`an idle database connection was closed: ${err.message}`);
+
+/** For commands that tell a token's workflow: only they load the Temporal client. */
 async function withWarden<T>(fn: (tw: TokenWarden) => Promise<T>): Promise<T> {
-  const tw = await TokenWarden.connect(loadSettings(), {
-    onError: (err) => warn(`an idle database connection was closed: ${err.message}`),
-  });
+  const { TokenWarden } = await import('./index.js');
+  return runThenClose(await TokenWarden.connect(loadSettings(), { onError: onIdleError }), fn);
+}
+
+/** For commands that need only the store: no Temporal settings are read, no Temporal module loaded. */
+async function withStore<T>(fn: (store: TokenWardenStore) => Promise<T>): Promise<T> {
+  return runThenClose(await TokenWardenStore.connect(loadStoreSettings(), { onError: onIdleError }), fn);
+}
+
+async function runThenClose<S extends TokenWardenStore, T>(
+  connection: S,
+  fn: (connection: S) => Promise<T>,
+): Promise<T> {
   try {
-    return await fn(tw);
+    return await fn(connection);
   } finally {
-    await tw.close();
+    await connection.close();
   }
 }
 
@@ -152,7 +166,7 @@ export function buildProgram(): Command {
     .command('migrate')
     .description('apply the store migrations to DATABASE_URL (schema TOKENWARDEN_DB_SCHEMA)')
     .action(async () => {
-      const settings = loadSettings();
+      const settings = loadStoreSettings();
       const applied = await migrate(settings.databaseUrl, settings.databaseSchema);
       console.log(applied.length ? `applied ${applied.join(', ')}` : 'schema is up to date');
     });
@@ -252,7 +266,7 @@ export function buildProgram(): Command {
     .argument('<tokenId>')
     .addOption(json)
     .action(async (tokenId: string, opts: { json?: boolean }) => {
-      const token = await withWarden((tw) => tw.show(tokenId));
+      const token = await withStore((tw) => tw.show(tokenId));
       print(!!opts.json, token, () => describeToken(token));
     });
 
@@ -264,7 +278,7 @@ export function buildProgram(): Command {
     .option('--limit <n>', 'at most n tokens', (v) => Number(v), 100)
     .addOption(json)
     .action(async (opts: { subject?: string; status?: string; limit: number; json?: boolean }) => {
-      const tokens = await withWarden((tw) =>
+      const tokens = await withStore((tw) =>
         tw.list({
           // An empty value is passed on (and refused): it must not silently mean "no filter".
           ...(opts.subject !== undefined ? { subject: opts.subject } : {}),
@@ -293,7 +307,7 @@ export function buildProgram(): Command {
     .addOption(json)
     .action(async (id: string, opts: { url: string; secretStdin?: boolean; json?: boolean }) => {
       const secret = opts.secretStdin ? await readStdin() : undefined;
-      const added = await withWarden((tw) =>
+      const added = await withStore((tw) =>
         tw.addReceiver({ id, url: opts.url, ...(secret !== undefined ? { secret } : {}) }),
       );
       const out = { id: added.id, url: added.url, ...(secret === undefined ? { secret: added.secret } : {}) };
@@ -308,7 +322,7 @@ export function buildProgram(): Command {
     .command('list')
     .addOption(json)
     .action(async (opts: { json?: boolean }) => {
-      const receivers = await withWarden((tw) => tw.listReceivers());
+      const receivers = await withStore((tw) => tw.listReceivers());
       print(!!opts.json, receivers, () =>
         receivers.length ? receivers.map((r) => tty`${r.id}  ${r.url}`).join('\n') : '(no receivers)',
       );
@@ -318,7 +332,7 @@ export function buildProgram(): Command {
     .argument('<id>')
     .addOption(json)
     .action(async (id: string, opts: { json?: boolean }) => {
-      const removed = await withWarden((tw) => tw.removeReceiver(id));
+      const removed = await withStore((tw) => tw.removeReceiver(id));
       print(
         !!opts.json,
         removed,
@@ -333,7 +347,7 @@ export function buildProgram(): Command {
     )
     .addOption(json)
     .action(async (opts: { json?: boolean }) => {
-      const outcome = await withWarden((tw) => tw.rekeyReceivers());
+      const outcome = await withStore((tw) => tw.rekeyReceivers());
       for (const f of outcome.failed) {
         process.stderr.write(`tokenwarden: receiver ${f.receiverId} not re-encrypted: ${f.error}\n`);
       }

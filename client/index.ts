@@ -13,12 +13,10 @@ import {
 import type { StorePool } from '../common/db.js';
 import { z } from 'zod';
 import { loadSettings, type Settings } from '../common/config.js';
-import { createPool } from '../common/db.js';
-import { ConfigError, InvalidInputError } from '../common/errors.js';
+import { InvalidInputError } from '../common/errors.js';
 import { newCredentialId, newTokenId } from '../common/ids.js';
-import { INITIATING_ENTITIES, TOKEN_STATUSES, type InitiatingEntity, type TokenStatus } from '../common/names.js';
-import { checkReceiverUrl, resolveReceiver, type ReceiverAllowance } from '../common/addresses.js';
-import { generateSigningSecret, generateTokenString, hashToken, MasterKeyring } from '../common/secrets.js';
+import { INITIATING_ENTITIES, type InitiatingEntity, type TokenStatus } from '../common/names.js';
+import { generateTokenString, hashToken } from '../common/secrets.js';
 import * as store from '../common/store/index.js';
 import { StartedMarks } from './started-marks.js';
 import {
@@ -46,8 +44,18 @@ import {
   startTokenWorkflow,
 } from '../common/temporal.js';
 import { tokenWorkflowId } from '../common/names.js';
+import { summarise, TokenWardenStore, type ConnectOptions } from './store.js';
 
-export { loadSettings, type Settings } from '../common/config.js';
+export { loadSettings, loadStoreSettings, type Settings, type StoreSettings } from '../common/config.js';
+export {
+  TokenWardenStore,
+  type ConnectOptions,
+  type ListFilter,
+  type ReceiverRequest,
+  type RekeyOutcome,
+  type TokenSummary,
+  type TokenView,
+} from './store.js';
 export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.js';
 export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/store/index.js';
 /** Offline check of a token string's shape and checksum (for secret scanners); no store access. */
@@ -81,42 +89,6 @@ const operatorSchema = z.object({
 });
 export type OperatorInput = Omit<z.input<typeof operatorSchema>, 'tokenId'>;
 
-const listSchema = z.object({
-  subject: subjectSchema.optional(),
-  status: z.enum(TOKEN_STATUSES).optional(),
-  limit: z.number().int().min(1).max(10_000).default(100),
-});
-
-/** Receiver input; the URL rules depend on the deployment's allowed address ranges. */
-const receiverSchema = (allow: readonly ReceiverAllowance[]) =>
-  z.object({
-    id: receiverIdSchema,
-    /** Stored as the parser's normalised `href`: what is shown is what workers reach. */
-    url: z.string().transform((text, ctx) => {
-      const checked = checkReceiverUrl(text, allow);
-      if (checked.url) return checked.url.href;
-      ctx.addIssue({ code: 'custom', message: checked.problem });
-      return z.NEVER;
-    }),
-    /** An existing signing secret to import (e.g. read from stdin); generated when absent. */
-    secret: z
-      .string()
-      .regex(
-        /^whsec_[A-Za-z0-9+/]{32,}={0,2}$/,
-        'expected a Standard Webhooks secret: whsec_ followed by base64 of at least 24 bytes',
-      )
-      .optional(),
-  });
-export type ReceiverRequest = z.input<ReturnType<typeof receiverSchema>>;
-
-export interface RekeyOutcome {
-  /** Id of the current master key, under which every listed secret is now encrypted. */
-  keyId: string;
-  rekeyed: string[];
-  /** Secrets left as they were, with the reason (e.g. no configured key can decrypt them). */
-  failed: { receiverId: string; error: string }[];
-}
-
 export interface IssuedToken {
   tokenId: string;
   /** The raw token: returned here once, stored nowhere (only its SHA-256). */
@@ -137,15 +109,6 @@ export interface RevokeOutcome {
   warning?: string;
 }
 
-/**
- * A token as callers see it: `status` is what a verifier sees now (an active row past its expiry is
- * `expired` before any worker records it); `recordedStatus` is the row's own column.
- */
-export type TokenSummary = Omit<store.TokenRecord, 'status' | 'effectiveStatus'> & {
-  status: TokenStatus;
-  recordedStatus: TokenStatus;
-};
-
 export interface RetryOutcome {
   tokenId: string;
   /** Receivers whose delivery is retried now (its backoff reset). */
@@ -158,32 +121,8 @@ export interface ForceOutcome {
   forced: string[];
 }
 
-export interface ConnectOptions {
-  /**
-   * Called when an idle database connection fails (e.g. the server restarted): the pool discards it
-   * and opens a new one on the next query; and when recording issued tokens' workflow starts in the
-   * background fails (the reconciler records them instead). The library itself prints nothing.
-   */
-  onError?: (err: Error) => void;
-}
-
 /** How long retry and force wait for the token's workflow to apply them (a worker runs the handler). */
 export const OPERATOR_DEADLINE_MS = 15_000;
-
-export interface TokenView extends TokenSummary {
-  deliveries: store.DeliveryRecord[];
-}
-
-const missingMasterKey = () =>
-  new ConfigError(
-    "TOKENWARDEN_MASTER_KEY is not set: it encrypts receivers' signing secrets at rest (32 bytes, base64)",
-  );
-
-const summarise = ({ status, effectiveStatus, ...rest }: store.TokenRecord): TokenSummary => ({
-  ...rest,
-  status: effectiveStatus,
-  recordedStatus: status,
-});
 
 /** The messages of an error and its causes, outermost first (Temporal wraps the gRPC status). */
 function causes(err: unknown): string {
@@ -197,26 +136,30 @@ const notPropagating = (tokenId: string, detail: string) =>
     { path: 'tokenId', message: `not propagating a revocation (${detail})` },
   ]);
 
-export class TokenWarden {
-  #keyring: MasterKeyring | undefined;
+/** The store's reads and receivers (TokenWardenStore), and what tells tokens' workflows through Temporal. */
+export class TokenWarden extends TokenWardenStore {
   readonly #startedMarks: StartedMarks;
   /** Built once: a zod object schema generates its parser on its first parse (~0.5 ms of CPU each time). */
   readonly #issueSchema: ReturnType<typeof issueSchema>;
 
   private constructor(
-    readonly settings: Settings,
-    readonly pool: StorePool,
+    override readonly settings: Settings,
+    pool: StorePool,
     private readonly temporal: Client,
     onError: (err: Error) => void,
   ) {
+    super(settings, pool);
     this.#startedMarks = new StartedMarks(pool, onError);
     this.#issueSchema = issueSchema(settings.maxTtlMs);
   }
 
   /** Connects to the store and Temporal with the given settings (default: from the environment). */
-  static async connect(settings: Settings = loadSettings(), options: ConnectOptions = {}): Promise<TokenWarden> {
+  static override async connect(
+    settings: Settings = loadSettings(),
+    options: ConnectOptions = {},
+  ): Promise<TokenWarden> {
     const onError = options.onError ?? (() => {});
-    const pool = createPool(settings.databaseUrl, settings.databaseSchema, undefined, onError);
+    const pool = TokenWardenStore.createPool(settings, { onError });
     try {
       const client = await connectTemporal(settings);
       return new TokenWarden(settings, pool, client, onError);
@@ -227,10 +170,10 @@ export class TokenWarden {
   }
 
   /** Records the workflow starts still pending, then closes the connections. */
-  async close(): Promise<void> {
+  override async close(): Promise<void> {
     await this.#startedMarks.flush();
     await this.temporal.connection.close();
-    await this.pool.end();
+    await super.close();
   }
 
   /**
@@ -334,10 +277,6 @@ export class TokenWarden {
     return outcome;
   }
 
-  private get keyring(): MasterKeyring {
-    return (this.#keyring ??= new MasterKeyring(this.settings.masterKey, this.settings.previousMasterKeys));
-  }
-
   /**
    * Retries every unconfirmed delivery of a revoked token now, resetting its backoff (after a
    * receiver's 4xx was fixed, or to hurry a stuck propagation). Audited by the workflow.
@@ -382,86 +321,5 @@ export class TokenWarden {
               : `the ${kind} could not be sent to its workflow (${causes(err)})`;
       throw new Error(`token ${req.tokenId}: ${what}`, { cause: err });
     }
-  }
-
-  async show(tokenId: string): Promise<TokenView> {
-    const id = parseInput(tokenIdSchema, tokenId, 'token id');
-    const token = await store.requireToken(this.pool, id);
-    return { ...summarise(token), deliveries: await store.listDeliveries(this.pool, id) };
-  }
-
-  async list(filter: z.input<typeof listSchema> = {}): Promise<TokenSummary[]> {
-    const f = parseInput(listSchema, filter, 'list filter');
-    const tokens = await store.listTokens(this.pool, {
-      ...(f.subject ? { subject: f.subject } : {}),
-      ...(f.status ? { status: f.status } : {}),
-      limit: f.limit,
-    });
-    return tokens.map(summarise);
-  }
-
-  /**
-   * Registers a receiver; its signing secret is generated (or imported), encrypted at rest and
-   * returned once. The URL's host must not resolve to a forbidden address; a name that does not
-   * resolve yet is accepted, since every delivery attempt checks the resolved address again.
-   */
-  async addReceiver(input: ReceiverRequest): Promise<store.ReceiverRecord & { secret: string }> {
-    const allow = this.settings.receiverAllow;
-    const req = parseInput(receiverSchema(allow), input, 'receiver');
-    const resolved = await resolveReceiver(new URL(req.url), allow, AbortSignal.timeout(5_000)).catch(() => undefined);
-    if (resolved?.problem) {
-      throw new InvalidInputError(`invalid receiver: url: ${resolved.problem}`, [
-        { path: 'url', message: resolved.problem },
-      ]);
-    }
-    const secret = req.secret ?? generateSigningSecret();
-    const encrypted = this.keyring.encrypt(secret, req.id);
-    if (!encrypted) throw missingMasterKey();
-    const record = await store.insertReceiver(this.pool, {
-      id: req.id,
-      url: req.url,
-      secretCiphertext: encrypted.ciphertext,
-      secretKeyId: encrypted.keyId,
-    });
-    return { ...record, secret };
-  }
-
-  /**
-   * Re-encrypts every receiver's signing secret under the current master key, each with its own
-   * compare-and-set, so it is safe while workers deliver and idempotent. Run it after configuring
-   * a new TOKENWARDEN_MASTER_KEY with the old one in TOKENWARDEN_PREVIOUS_MASTER_KEYS.
-   */
-  async rekeyReceivers(): Promise<RekeyOutcome> {
-    const keyId = this.keyring.currentId;
-    if (!keyId) throw missingMasterKey();
-    const outcome: RekeyOutcome = { keyId, rekeyed: [], failed: [] };
-    for (const stored of await store.listSecretsNotUnderKey(this.pool, keyId)) {
-      const { receiverId } = stored;
-      try {
-        const secret = this.keyring.decrypt(stored.keyId, stored.ciphertext, receiverId);
-        if (secret === undefined) {
-          outcome.failed.push({
-            receiverId,
-            error: `no configured master key has id ${stored.keyId}: add the key it was encrypted with to TOKENWARDEN_PREVIOUS_MASTER_KEYS`,
-          });
-          continue;
-        }
-        const replaced = await store.replaceSecret(this.pool, stored, this.keyring.encrypt(secret, receiverId)!);
-        if (replaced) outcome.rekeyed.push(receiverId);
-        else outcome.failed.push({ receiverId, error: 'its secret changed while rekeying: run rekey again' });
-      } catch (err) {
-        // Decryption errors say only that authentication failed; they never quote key material.
-        outcome.failed.push({ receiverId, error: err instanceof Error ? err.message : String(err) });
-      }
-    }
-    return outcome;
-  }
-
-  async listReceivers(): Promise<store.ReceiverRecord[]> {
-    return store.listReceivers(this.pool);
-  }
-
-  async removeReceiver(id: string): Promise<store.ReceiverRecord> {
-    return store.removeReceiver(this.pool, parseInput(receiverIdSchema, id, 'receiver id'));
   }
 }

@@ -1,7 +1,8 @@
 import { existsSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { loadClientConnectConfig } from '@temporalio/envconfig';
+import type * as EnvConfig from '@temporalio/envconfig';
 import type { NativeConnectionOptions } from '@temporalio/worker';
 import { z } from 'zod';
 import { DEFAULT_NAMESPACE, DEFAULT_TASK_QUEUE, type PropagationTiming } from './names.js';
@@ -12,8 +13,12 @@ import { RECEIVER_ALLOWANCES, type ReceiverAllowance } from './addresses.js';
 /** The package root (this file lives in dist/common/). */
 export const PACKAGE_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 
-export interface Settings {
+export interface Settings extends StoreSettings {
   temporal: { connectionOptions: NativeConnectionOptions; namespace: string; taskQueue: string };
+}
+
+/** Every setting but Temporal's: enough for callers of the store alone (list, show, receivers, migrate). */
+export interface StoreSettings {
   databaseUrl: string;
   /** Postgres schema holding tokenwarden's tables. */
   databaseSchema: string;
@@ -244,6 +249,47 @@ export const masterKeyFile = (dataDir: string) => path.join(dataDir, 'master.key
  * the dev stack started by `tokenwarden start` is used if one is running from this checkout.
  */
 export function loadSettings(env: NodeJS.ProcessEnv = process.env): Settings {
+  const { settings, stack, taskQueue } = loadFromEnvironment(env);
+  return { ...settings, temporal: temporalSettings(env, stack, taskQueue) };
+}
+
+/** The settings without Temporal's, which are then neither read nor checked. */
+export function loadStoreSettings(env: NodeJS.ProcessEnv = process.env): StoreSettings {
+  return loadFromEnvironment(env).settings;
+}
+
+// Required on first use: the SDK module is loaded by callers that talk to Temporal only.
+const requireModule = createRequire(import.meta.url);
+
+function temporalSettings(
+  env: NodeJS.ProcessEnv,
+  stack: StackFile | undefined,
+  taskQueue: string | undefined,
+): Settings['temporal'] {
+  const { loadClientConnectConfig } = requireModule('@temporalio/envconfig') as typeof EnvConfig;
+  let connect;
+  try {
+    connect = loadClientConnectConfig({ overrideEnvVars: stringEnv(env) });
+  } catch (err) {
+    throw new ConfigError(`invalid Temporal client configuration: ${(err as Error).message}`);
+  }
+  const connectionOptions: NativeConnectionOptions = { ...connect.connectionOptions };
+  // The stack's task queue goes with its Temporal server, never alone.
+  const stackTemporal = connectionOptions.address ? undefined : stack;
+  connectionOptions.address ??= stack?.temporalAddress ?? 'localhost:7233';
+  return {
+    connectionOptions,
+    namespace: connect.namespace ?? stack?.namespace ?? DEFAULT_NAMESPACE,
+    taskQueue: taskQueue ?? stackTemporal?.taskQueue ?? DEFAULT_TASK_QUEUE,
+  };
+}
+
+/** The store's settings, the running dev stack (if any) and TOKENWARDEN_TASK_QUEUE, checked. */
+function loadFromEnvironment(env: NodeJS.ProcessEnv): {
+  settings: StoreSettings;
+  stack: StackFile | undefined;
+  taskQueue: string | undefined;
+} {
   const parsed = envSchema.safeParse(env);
   if (!parsed.success) {
     throw new ConfigError(
@@ -261,30 +307,15 @@ export function loadSettings(env: NodeJS.ProcessEnv = process.env): Settings {
     );
   }
 
-  let connect;
-  try {
-    connect = loadClientConnectConfig({ overrideEnvVars: stringEnv(env) });
-  } catch (err) {
-    throw new ConfigError(`invalid Temporal client configuration: ${(err as Error).message}`);
-  }
-  const connectionOptions: NativeConnectionOptions = { ...connect.connectionOptions };
-  // The stack's schema and task queue go with its database and its Temporal server, never alone.
+  // The stack's schema goes with its database, never alone.
   const stackDatabase = e.DATABASE_URL ? undefined : stack;
-  const stackTemporal = connectionOptions.address ? undefined : stack;
-  connectionOptions.address ??= stack?.temporalAddress ?? 'localhost:7233';
-  const namespace = connect.namespace ?? stack?.namespace ?? DEFAULT_NAMESPACE;
 
   let masterKey: Buffer | undefined;
   if (e.TOKENWARDEN_MASTER_KEY) masterKey = Buffer.from(e.TOKENWARDEN_MASTER_KEY, 'base64');
   else if (e.TOKENWARDEN_MASTER_KEY_FILE) masterKey = readMasterKeyFile(e.TOKENWARDEN_MASTER_KEY_FILE);
   else if (existsSync(masterKeyFile(dataDir))) masterKey = readMasterKeyFile(masterKeyFile(dataDir));
 
-  return {
-    temporal: {
-      connectionOptions,
-      namespace,
-      taskQueue: e.TOKENWARDEN_TASK_QUEUE ?? stackTemporal?.taskQueue ?? DEFAULT_TASK_QUEUE,
-    },
+  const settings: StoreSettings = {
     databaseUrl,
     databaseSchema: e.TOKENWARDEN_DB_SCHEMA ?? stackDatabase?.databaseSchema ?? DEFAULT_DB_SCHEMA,
     dataDir,
@@ -314,6 +345,7 @@ export function loadSettings(env: NodeJS.ProcessEnv = process.env): Settings {
       dbPoolSize: e.TOKENWARDEN_DB_POOL ?? WORKER_TUNING_DEFAULTS.dbPoolSize,
     },
   };
+  return { settings, stack, taskQueue: e.TOKENWARDEN_TASK_QUEUE };
 }
 
 export { WORKER_TUNING_ENV };

@@ -3,7 +3,8 @@
  * them, so they never change once released. This module is imported by workflow code: it must stay
  * pure (no Node built-ins, no I/O).
  */
-import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
+import type { SearchAttributeType } from '@temporalio/common';
+import type { SearchAttributeKey } from '@temporalio/common/lib/search-attributes.js';
 
 export const DEFAULT_NAMESPACE = 'tokenwarden';
 export const DEFAULT_TASK_QUEUE = 'tokenwarden';
@@ -41,22 +42,31 @@ export const ACTIVITY_NAMES = [
   'reconcileSetsWithRows',
 ] as const;
 
+/**
+ * The SDK's search attribute keys, written as the plain objects its `defineSearchAttributeKey`
+ * returns: importing the SDK's runtime here would load it into every store-only command.
+ */
+const searchAttributeKey = <T extends SearchAttributeType>(name: string, type: T): SearchAttributeKey<T> => ({
+  name,
+  type,
+});
+
 export const SEARCH_ATTRIBUTE = {
-  subject: defineSearchAttributeKey('TokenSubject', SearchAttributeType.KEYWORD),
-  status: defineSearchAttributeKey('TokenStatus', SearchAttributeType.KEYWORD),
-  propagation: defineSearchAttributeKey('TokenPropagation', SearchAttributeType.KEYWORD),
-  expiresAt: defineSearchAttributeKey('TokenExpiresAt', SearchAttributeType.DATETIME),
-  receivers: defineSearchAttributeKey('TokenReceivers', SearchAttributeType.KEYWORD_LIST),
+  subject: searchAttributeKey('TokenSubject', 'KEYWORD'),
+  status: searchAttributeKey('TokenStatus', 'KEYWORD'),
+  propagation: searchAttributeKey('TokenPropagation', 'KEYWORD'),
+  expiresAt: searchAttributeKey('TokenExpiresAt', 'DATETIME'),
+  receivers: searchAttributeKey('TokenReceivers', 'KEYWORD_LIST'),
 } as const;
 
-const CLI_TYPE_NAMES: Record<string, string> = {
-  [SearchAttributeType.KEYWORD]: 'Keyword',
-  [SearchAttributeType.TEXT]: 'Text',
-  [SearchAttributeType.INT]: 'Int',
-  [SearchAttributeType.DOUBLE]: 'Double',
-  [SearchAttributeType.BOOL]: 'Bool',
-  [SearchAttributeType.DATETIME]: 'Datetime',
-  [SearchAttributeType.KEYWORD_LIST]: 'KeywordList',
+const CLI_TYPE_NAMES: Record<SearchAttributeType, string> = {
+  KEYWORD: 'Keyword',
+  TEXT: 'Text',
+  INT: 'Int',
+  DOUBLE: 'Double',
+  BOOL: 'Bool',
+  DATETIME: 'Datetime',
+  KEYWORD_LIST: 'KeywordList',
 };
 
 /** The same list in the `temporal --search-attribute NAME=Type` spelling, for the dev server. */

@@ -6,6 +6,7 @@ import { existsSync } from 'node:fs';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { Client, Connection } from '@temporalio/client';
 import proto from '@temporalio/proto';
 import { after, before, describe, it } from 'node:test';
@@ -208,6 +209,57 @@ describe('tokenwarden CLI: lifetimes are bounded', () => {
     assert.equal(unbounded.code, 1, unbounded.stderr);
     assert.match(unbounded.stderr, /TOKENWARDEN_MAX_TTL: TOKENWARDEN_MAX_TTL must be at most 3650d/);
     assert.equal(await tokensOf('usr_ttl'), 0);
+  });
+});
+
+describe('tokenwarden CLI: commands that need only the store load no Temporal SDK', () => {
+  const preload = pathToFileURL(path.join(PACKAGE_ROOT, 'dist', 'test', 'support', 'loaded-modules.js')).href;
+  const temporalSdk = /[\\/]node_modules[\\/](@temporalio|@grpc|protobufjs)[\\/]/;
+  let dir: string;
+  before(async () => (dir = await mkdtemp(path.join(os.tmpdir(), 'tokenwarden-modules-'))));
+  after(async () => await rm(dir, { recursive: true, force: true }));
+
+  /** Runs the command and returns it with the Temporal SDK, gRPC and protobufjs files it loaded. */
+  async function loading(args: string[]): Promise<{ run: Run; sdk: string[] }> {
+    const file = path.join(dir, `${runs.length}.json`);
+    const run = await cli(args, undefined, {
+      NODE_OPTIONS: `--import=${preload}`,
+      TOKENWARDEN_TEST_LOADED_MODULES: file,
+    });
+    const loaded = JSON.parse(await readFile(file, 'utf8')) as string[];
+    return { run, sdk: loaded.filter((f) => temporalSdk.test(f)) };
+  }
+
+  it('should list, show and manage receivers without loading the Temporal client', async () => {
+    // The recorder sees the client where it is needed: issue starts a workflow.
+    const issue = await loading(['issue', '--subject', 'usr_modules', '--ttl', '1h', '--json']);
+    const { tokenId, token } = json(showsSecretOnce(issue.run)) as { tokenId: string; token: string };
+    scan.addToken(tokenId, token);
+    tokenIds.push(tokenId);
+    assert.ok(
+      issue.sdk.some((f) => f.includes(`${path.sep}@temporalio${path.sep}client${path.sep}`)),
+      'issue loads @temporalio/client',
+    );
+
+    const added = await loading(['receiver', 'add', 'modules-rcv', '--url', receiver.url, '--json']);
+    scan.addSigningSecret('modules-rcv', (json(showsSecretOnce(added.run)) as { secret: string }).secret);
+    assert.deepEqual(added.sdk, [], 'receiver add');
+    for (const args of [
+      ['list', '--json'],
+      ['show', tokenId, '--json'],
+      ['receiver', 'list', '--json'],
+      ['receiver', 'rekey', '--json'],
+      ['receiver', 'remove', 'modules-rcv', '--json'],
+      ['migrate'],
+      ['--version'],
+    ]) {
+      const { run, sdk } = await loading(args);
+      assert.equal(run.code, 0, `${args.join(' ')}: ${run.stderr}`);
+      assert.deepEqual(sdk, [], args.join(' '));
+    }
+    const env = await loading(['env', '--data-dir', '/nonexistent']);
+    assert.equal(env.run.code, 1, env.run.stderr);
+    assert.deepEqual(env.sdk, [], 'env');
   });
 });
 

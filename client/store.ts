@@ -1,0 +1,195 @@
+/**
+ * The library's store half: reads and the receivers' registry, which need no Temporal. TokenWarden
+ * extends it with what tells workflows; the CLI's store-only commands use it alone, so they never
+ * load the Temporal SDK.
+ */
+import { z } from 'zod';
+import { loadStoreSettings, type StoreSettings } from '../common/config.js';
+import { createPool, type StorePool } from '../common/db.js';
+import { ConfigError, InvalidInputError } from '../common/errors.js';
+import { TOKEN_STATUSES, type TokenStatus } from '../common/names.js';
+import { checkReceiverUrl, resolveReceiver, type ReceiverAllowance } from '../common/addresses.js';
+import { generateSigningSecret, MasterKeyring } from '../common/secrets.js';
+import * as store from '../common/store/index.js';
+import { parseInput, receiverIdSchema, subjectSchema, tokenIdSchema } from '../common/validation.js';
+
+const listSchema = z.object({
+  subject: subjectSchema.optional(),
+  status: z.enum(TOKEN_STATUSES).optional(),
+  limit: z.number().int().min(1).max(10_000).default(100),
+});
+export type ListFilter = z.input<typeof listSchema>;
+
+/** Receiver input; the URL rules depend on the deployment's allowed address ranges. */
+const receiverSchema = (allow: readonly ReceiverAllowance[]) =>
+  z.object({
+    id: receiverIdSchema,
+    /** Stored as the parser's normalised `href`: what is shown is what workers reach. */
+    url: z.string().transform((text, ctx) => {
+      const checked = checkReceiverUrl(text, allow);
+      if (checked.url) return checked.url.href;
+      ctx.addIssue({ code: 'custom', message: checked.problem });
+      return z.NEVER;
+    }),
+    /** An existing signing secret to import (e.g. read from stdin); generated when absent. */
+    secret: z
+      .string()
+      .regex(
+        /^whsec_[A-Za-z0-9+/]{32,}={0,2}$/,
+        'expected a Standard Webhooks secret: whsec_ followed by base64 of at least 24 bytes',
+      )
+      .optional(),
+  });
+export type ReceiverRequest = z.input<ReturnType<typeof receiverSchema>>;
+
+export interface RekeyOutcome {
+  /** Id of the current master key, under which every listed secret is now encrypted. */
+  keyId: string;
+  rekeyed: string[];
+  /** Secrets left as they were, with the reason (e.g. no configured key can decrypt them). */
+  failed: { receiverId: string; error: string }[];
+}
+
+/**
+ * A token as callers see it: `status` is what a verifier sees now (an active row past its expiry is
+ * `expired` before any worker records it); `recordedStatus` is the row's own column.
+ */
+export type TokenSummary = Omit<store.TokenRecord, 'status' | 'effectiveStatus'> & {
+  status: TokenStatus;
+  recordedStatus: TokenStatus;
+};
+
+export interface TokenView extends TokenSummary {
+  deliveries: store.DeliveryRecord[];
+}
+
+export interface ConnectOptions {
+  /**
+   * Called when an idle database connection fails (e.g. the server restarted): the pool discards it
+   * and opens a new one on the next query; and, in TokenWarden, when recording issued tokens'
+   * workflow starts in the background fails (the reconciler records them instead). The library
+   * itself prints nothing.
+   */
+  onError?: (err: Error) => void;
+}
+
+export const summarise = ({ status, effectiveStatus, ...rest }: store.TokenRecord): TokenSummary => ({
+  ...rest,
+  status: effectiveStatus,
+  recordedStatus: status,
+});
+
+const missingMasterKey = () =>
+  new ConfigError(
+    "TOKENWARDEN_MASTER_KEY is not set: it encrypts receivers' signing secrets at rest (32 bytes, base64)",
+  );
+
+export class TokenWardenStore {
+  #keyring: MasterKeyring | undefined;
+
+  protected constructor(
+    readonly settings: StoreSettings,
+    readonly pool: StorePool,
+  ) {}
+
+  /** Connects to the store with the given settings (default: from the environment). */
+  static async connect(
+    settings: StoreSettings = loadStoreSettings(),
+    options: ConnectOptions = {},
+  ): Promise<TokenWardenStore> {
+    return new TokenWardenStore(settings, TokenWardenStore.createPool(settings, options));
+  }
+
+  protected static createPool(settings: StoreSettings, options: ConnectOptions): StorePool {
+    return createPool(settings.databaseUrl, settings.databaseSchema, undefined, options.onError);
+  }
+
+  async close(): Promise<void> {
+    await this.pool.end();
+  }
+
+  async show(tokenId: string): Promise<TokenView> {
+    const id = parseInput(tokenIdSchema, tokenId, 'token id');
+    const token = await store.requireToken(this.pool, id);
+    return { ...summarise(token), deliveries: await store.listDeliveries(this.pool, id) };
+  }
+
+  async list(filter: ListFilter = {}): Promise<TokenSummary[]> {
+    const f = parseInput(listSchema, filter, 'list filter');
+    const tokens = await store.listTokens(this.pool, {
+      ...(f.subject ? { subject: f.subject } : {}),
+      ...(f.status ? { status: f.status } : {}),
+      limit: f.limit,
+    });
+    return tokens.map(summarise);
+  }
+
+  private get keyring(): MasterKeyring {
+    return (this.#keyring ??= new MasterKeyring(this.settings.masterKey, this.settings.previousMasterKeys));
+  }
+
+  /**
+   * Registers a receiver; its signing secret is generated (or imported), encrypted at rest and
+   * returned once. The URL's host must not resolve to a forbidden address; a name that does not
+   * resolve yet is accepted, since every delivery attempt checks the resolved address again.
+   */
+  async addReceiver(input: ReceiverRequest): Promise<store.ReceiverRecord & { secret: string }> {
+    const allow = this.settings.receiverAllow;
+    const req = parseInput(receiverSchema(allow), input, 'receiver');
+    const resolved = await resolveReceiver(new URL(req.url), allow, AbortSignal.timeout(5_000)).catch(() => undefined);
+    if (resolved?.problem) {
+      throw new InvalidInputError(`invalid receiver: url: ${resolved.problem}`, [
+        { path: 'url', message: resolved.problem },
+      ]);
+    }
+    const secret = req.secret ?? generateSigningSecret();
+    const encrypted = this.keyring.encrypt(secret, req.id);
+    if (!encrypted) throw missingMasterKey();
+    const record = await store.insertReceiver(this.pool, {
+      id: req.id,
+      url: req.url,
+      secretCiphertext: encrypted.ciphertext,
+      secretKeyId: encrypted.keyId,
+    });
+    return { ...record, secret };
+  }
+
+  /**
+   * Re-encrypts every receiver's signing secret under the current master key, each with its own
+   * compare-and-set, so it is safe while workers deliver and idempotent. Run it after configuring
+   * a new TOKENWARDEN_MASTER_KEY with the old one in TOKENWARDEN_PREVIOUS_MASTER_KEYS.
+   */
+  async rekeyReceivers(): Promise<RekeyOutcome> {
+    const keyId = this.keyring.currentId;
+    if (!keyId) throw missingMasterKey();
+    const outcome: RekeyOutcome = { keyId, rekeyed: [], failed: [] };
+    for (const stored of await store.listSecretsNotUnderKey(this.pool, keyId)) {
+      const { receiverId } = stored;
+      try {
+        const secret = this.keyring.decrypt(stored.keyId, stored.ciphertext, receiverId);
+        if (secret === undefined) {
+          outcome.failed.push({
+            receiverId,
+            error: `no configured master key has id ${stored.keyId}: add the key it was encrypted with to TOKENWARDEN_PREVIOUS_MASTER_KEYS`,
+          });
+          continue;
+        }
+        const replaced = await store.replaceSecret(this.pool, stored, this.keyring.encrypt(secret, receiverId)!);
+        if (replaced) outcome.rekeyed.push(receiverId);
+        else outcome.failed.push({ receiverId, error: 'its secret changed while rekeying: run rekey again' });
+      } catch (err) {
+        // Decryption errors say only that authentication failed; they never quote key material.
+        outcome.failed.push({ receiverId, error: err instanceof Error ? err.message : String(err) });
+      }
+    }
+    return outcome;
+  }
+
+  async listReceivers(): Promise<store.ReceiverRecord[]> {
+    return store.listReceivers(this.pool);
+  }
+
+  async removeReceiver(id: string): Promise<store.ReceiverRecord> {
+    return store.removeReceiver(this.pool, parseInput(receiverIdSchema, id, 'receiver id'));
+  }
+}
