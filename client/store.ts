@@ -1,7 +1,7 @@
 /**
- * The library's store half: reads and the receivers' registry, which need no Temporal. TokenWarden
- * extends it with what tells workflows; the CLI's store-only commands use it alone, so they never
- * load the Temporal SDK.
+ * The library's store half (`tokenwarden/store`): reads and the receivers' registry, which need no
+ * Temporal. TokenWarden extends it with what tells workflows; the CLI's store-only commands and
+ * apps that only read use it alone, so they never load the Temporal SDK.
  */
 import { z } from 'zod';
 import { loadStoreSettings, type StoreSettings } from '../common/config.js';
@@ -12,6 +12,10 @@ import { checkReceiverUrl, resolveReceiver, type ReceiverAllowance } from '../co
 import { generateSigningSecret, MasterKeyring } from '../common/secrets.js';
 import * as store from '../common/store/index.js';
 import { parseInput, receiverIdSchema, subjectSchema, tokenIdSchema } from '../common/validation.js';
+
+export { loadStoreSettings, type StoreSettings } from '../common/config.js';
+export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.js';
+export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/store/index.js';
 
 const listSchema = z.object({
   subject: subjectSchema.optional(),

@@ -6,7 +6,6 @@ import { existsSync } from 'node:fs';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { pathToFileURL } from 'node:url';
 import { Client, Connection } from '@temporalio/client';
 import proto from '@temporalio/proto';
 import { after, before, describe, it } from 'node:test';
@@ -16,6 +15,7 @@ import { tokenWorkflowId } from '../common/names.js';
 import { isWellFormedToken } from '../common/secrets.js';
 import { freePort } from '../dev/processes.js';
 import { runCli, type CliRun } from './support/cli.js';
+import { recordingModulesTo, temporalSdkFiles } from './support/loaded-modules.js';
 import { TestContext } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { SecretScan } from './support/secret-scan.js';
@@ -213,8 +213,6 @@ describe('tokenwarden CLI: lifetimes are bounded', () => {
 });
 
 describe('tokenwarden CLI: commands that need only the store load no Temporal SDK', () => {
-  const preload = pathToFileURL(path.join(PACKAGE_ROOT, 'dist', 'test', 'support', 'loaded-modules.js')).href;
-  const temporalSdk = /[\\/]node_modules[\\/](@temporalio|@grpc|protobufjs)[\\/]/;
   let dir: string;
   before(async () => (dir = await mkdtemp(path.join(os.tmpdir(), 'tokenwarden-modules-'))));
   after(async () => await rm(dir, { recursive: true, force: true }));
@@ -222,12 +220,8 @@ describe('tokenwarden CLI: commands that need only the store load no Temporal SD
   /** Runs the command and returns it with the Temporal SDK, gRPC and protobufjs files it loaded. */
   async function loading(args: string[]): Promise<{ run: Run; sdk: string[] }> {
     const file = path.join(dir, `${runs.length}.json`);
-    const run = await cli(args, undefined, {
-      NODE_OPTIONS: `--import=${preload}`,
-      TOKENWARDEN_TEST_LOADED_MODULES: file,
-    });
-    const loaded = JSON.parse(await readFile(file, 'utf8')) as string[];
-    return { run, sdk: loaded.filter((f) => temporalSdk.test(f)) };
+    const run = await cli(args, undefined, recordingModulesTo(file));
+    return { run, sdk: await temporalSdkFiles(file) };
   }
 
   it('should list, show and manage receivers without loading the Temporal client', async () => {

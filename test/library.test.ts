@@ -1,11 +1,17 @@
 /** The library as an app uses it: bounded waits when Temporal is down, refused input, no output of its own. */
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { promisify } from 'node:util';
 import { InvalidInputError, TokenWarden } from '../client/index.js';
-import type { Settings } from '../common/config.js';
+import { PACKAGE_ROOT, type Settings } from '../common/config.js';
 import { tokenWorkflowId } from '../common/names.js';
 import { freePort } from '../dev/processes.js';
 import { TestContext } from './support/context.js';
+import { recordingModulesTo, temporalSdkFiles } from './support/loaded-modules.js';
 import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
@@ -31,6 +37,8 @@ async function rowsOf(subject: string) {
   );
   return rows;
 }
+
+const execFileAsync = promisify(execFile);
 
 const refusedWith = (field: string, message: RegExp) => (err: unknown) =>
   err instanceof InvalidInputError && err.fields.some((f) => f.path === field && message.test(f.message));
@@ -214,6 +222,41 @@ describe('the library prints nothing', () => {
       await warden.close();
     }
     assert.deepEqual(printed, []);
+  });
+});
+
+describe('the store entry point', () => {
+  /** An app's process importing `entry`: what it printed and the Temporal SDK files it loaded. */
+  async function appImporting(entry: string, calls: string): Promise<{ stdout: string; sdk: string[] }> {
+    const dir = await mkdtemp(path.join(os.tmpdir(), 'tokenwarden-modules-'));
+    try {
+      const file = path.join(dir, 'modules.json');
+      const script = `const tw = await import('${entry}'); ${calls}`;
+      const { stdout } = await execFileAsync(process.execPath, ['--input-type=module', '-e', script], {
+        cwd: PACKAGE_ROOT,
+        env: { ...ctx.childEnv(), ...recordingModulesTo(file) },
+      });
+      return { stdout, sdk: await temporalSdkFiles(file) };
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }
+
+  it('should read the store through tokenwarden/store without loading the Temporal SDK', async () => {
+    const { tokenId } = await ctx.warden.issue({ subject: 'usr_store_entry', ttl: '1h' });
+    const read = await appImporting(
+      'tokenwarden/store',
+      `const store = await tw.TokenWardenStore.connect();
+       try {
+         const [token] = await store.list({ subject: 'usr_store_entry' });
+         console.log(JSON.stringify({ listed: token.id, shown: (await store.show(token.id)).status }));
+       } finally { await store.close(); }`,
+    );
+    assert.deepEqual(JSON.parse(read.stdout), { listed: tokenId, shown: 'active' });
+    assert.deepEqual(read.sdk, []);
+    // The recorder sees the SDK where it is loaded: the main entry point is TokenWarden's.
+    const full = await appImporting('tokenwarden', '');
+    assert.ok(full.sdk.some((f) => f.includes(`${path.sep}@temporalio${path.sep}client${path.sep}`)));
   });
 });
 
