@@ -10,12 +10,22 @@ import { ConfigError, InvalidInputError } from '../common/errors.js';
 import { TOKEN_STATUSES, type TokenStatus } from '../common/names.js';
 import { checkReceiverUrl, resolveReceiver, type ReceiverAllowance } from '../common/addresses.js';
 import { generateSigningSecret, MasterKeyring } from '../common/secrets.js';
-import * as store from '../common/store/index.js';
+// The store modules these calls need, not common/store/index.js, whose kill path loads uuid.
+import { listDeliveries } from '../common/store/deliveries.js';
+import {
+  insertReceiver,
+  listReceivers,
+  listSecretsNotUnderKey,
+  removeReceiver,
+  replaceSecret,
+} from '../common/store/receivers.js';
+import type { DeliveryRecord, ReceiverRecord, TokenRecord } from '../common/store/rows.js';
+import { listTokens, requireToken } from '../common/store/tokens.js';
 import { parseInput, receiverIdSchema, subjectSchema, tokenIdSchema } from '../common/validation.js';
 
 export { loadStoreSettings, type StoreSettings } from '../common/config.js';
 export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.js';
-export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/store/index.js';
+export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/store/rows.js';
 
 const listSchema = z.object({
   subject: subjectSchema.optional(),
@@ -58,13 +68,13 @@ export interface RekeyOutcome {
  * A token as callers see it: `status` is what a verifier sees now (an active row past its expiry is
  * `expired` before any worker records it); `recordedStatus` is the row's own column.
  */
-export type TokenSummary = Omit<store.TokenRecord, 'status' | 'effectiveStatus'> & {
+export type TokenSummary = Omit<TokenRecord, 'status' | 'effectiveStatus'> & {
   status: TokenStatus;
   recordedStatus: TokenStatus;
 };
 
 export interface TokenView extends TokenSummary {
-  deliveries: store.DeliveryRecord[];
+  deliveries: DeliveryRecord[];
 }
 
 export interface ConnectOptions {
@@ -77,7 +87,7 @@ export interface ConnectOptions {
   onError?: (err: Error) => void;
 }
 
-export const summarise = ({ status, effectiveStatus, ...rest }: store.TokenRecord): TokenSummary => ({
+export const summarise = ({ status, effectiveStatus, ...rest }: TokenRecord): TokenSummary => ({
   ...rest,
   status: effectiveStatus,
   recordedStatus: status,
@@ -114,13 +124,13 @@ export class TokenWardenStore {
 
   async show(tokenId: string): Promise<TokenView> {
     const id = parseInput(tokenIdSchema, tokenId, 'token id');
-    const token = await store.requireToken(this.pool, id);
-    return { ...summarise(token), deliveries: await store.listDeliveries(this.pool, id) };
+    const token = await requireToken(this.pool, id);
+    return { ...summarise(token), deliveries: await listDeliveries(this.pool, id) };
   }
 
   async list(filter: ListFilter = {}): Promise<TokenSummary[]> {
     const f = parseInput(listSchema, filter, 'list filter');
-    const tokens = await store.listTokens(this.pool, {
+    const tokens = await listTokens(this.pool, {
       ...(f.subject ? { subject: f.subject } : {}),
       ...(f.status ? { status: f.status } : {}),
       limit: f.limit,
@@ -137,7 +147,7 @@ export class TokenWardenStore {
    * returned once. The URL's host must not resolve to a forbidden address; a name that does not
    * resolve yet is accepted, since every delivery attempt checks the resolved address again.
    */
-  async addReceiver(input: ReceiverRequest): Promise<store.ReceiverRecord & { secret: string }> {
+  async addReceiver(input: ReceiverRequest): Promise<ReceiverRecord & { secret: string }> {
     const allow = this.settings.receiverAllow;
     const req = parseInput(receiverSchema(allow), input, 'receiver');
     const resolved = await resolveReceiver(new URL(req.url), allow, AbortSignal.timeout(5_000)).catch(() => undefined);
@@ -149,7 +159,7 @@ export class TokenWardenStore {
     const secret = req.secret ?? generateSigningSecret();
     const encrypted = this.keyring.encrypt(secret, req.id);
     if (!encrypted) throw missingMasterKey();
-    const record = await store.insertReceiver(this.pool, {
+    const record = await insertReceiver(this.pool, {
       id: req.id,
       url: req.url,
       secretCiphertext: encrypted.ciphertext,
@@ -167,7 +177,7 @@ export class TokenWardenStore {
     const keyId = this.keyring.currentId;
     if (!keyId) throw missingMasterKey();
     const outcome: RekeyOutcome = { keyId, rekeyed: [], failed: [] };
-    for (const stored of await store.listSecretsNotUnderKey(this.pool, keyId)) {
+    for (const stored of await listSecretsNotUnderKey(this.pool, keyId)) {
       const { receiverId } = stored;
       try {
         const secret = this.keyring.decrypt(stored.keyId, stored.ciphertext, receiverId);
@@ -178,7 +188,7 @@ export class TokenWardenStore {
           });
           continue;
         }
-        const replaced = await store.replaceSecret(this.pool, stored, this.keyring.encrypt(secret, receiverId)!);
+        const replaced = await replaceSecret(this.pool, stored, this.keyring.encrypt(secret, receiverId)!);
         if (replaced) outcome.rekeyed.push(receiverId);
         else outcome.failed.push({ receiverId, error: 'its secret changed while rekeying: run rekey again' });
       } catch (err) {
@@ -189,11 +199,11 @@ export class TokenWardenStore {
     return outcome;
   }
 
-  async listReceivers(): Promise<store.ReceiverRecord[]> {
-    return store.listReceivers(this.pool);
+  async listReceivers(): Promise<ReceiverRecord[]> {
+    return listReceivers(this.pool);
   }
 
-  async removeReceiver(id: string): Promise<store.ReceiverRecord> {
-    return store.removeReceiver(this.pool, parseInput(receiverIdSchema, id, 'receiver id'));
+  async removeReceiver(id: string): Promise<ReceiverRecord> {
+    return removeReceiver(this.pool, parseInput(receiverIdSchema, id, 'receiver id'));
   }
 }
