@@ -95,8 +95,8 @@ const store = proxyActivities<Activities>({
 const storeLocal = proxyLocalActivities<Activities>({
   startToCloseTimeout: '10s',
   // While a local call retries, the workflow task stays open (heartbeated, three events every 8 s):
-  // past this, the call goes through the server as an ordinary activity (see localFirst).
-  scheduleToCloseTimeout: '1m',
+  // after 30 s, the call goes through the server as an ordinary activity (see localFirst).
+  scheduleToCloseTimeout: '30s',
   retry: {
     initialInterval: '200ms',
     backoffCoefficient: 2,
@@ -118,7 +118,7 @@ const firstAttempts = proxyActivities<Activities>({
 
 /**
  * A store call made locally, or through the server when the local call gave up (the store down or a
- * row locked for a minute): the ordinary activity retries without growing the history. A
+ * row locked for 30 s): the ordinary activity retries without growing the history. A
  * non-retryable failure (the token does not exist) is not tried again.
  */
 async function localFirst<T>(local: () => Promise<T>, remote: () => Promise<T>): Promise<T> {
