@@ -308,7 +308,14 @@ export async function deliverRevocation(
 /** One receiver's outcome of a first attempt made together with the others (never thrown). */
 export type FirstAttemptOutcome =
   | { receiverId: string; kind: 'result'; row: DeliveryView }
-  | { receiverId: string; kind: 'rejected' | 'ended'; message: string; row: DeliveryView | null };
+  | {
+      receiverId: string;
+      kind: 'rejected' | 'ended';
+      message: string;
+      row: DeliveryView | null;
+      /** The pause the receiver asked for (Retry-After), bounded like any attempt's. */
+      retryAfterMs?: number;
+    };
 
 /**
  * The first attempt at every receiver of one event, in parallel inside one activity: one activity
@@ -321,18 +328,35 @@ export async function deliverRevocationToAll(
   input: { eventId: string; receiverIds: string[] },
 ): Promise<FirstAttemptOutcome[]> {
   const { eventId } = input;
-  return Promise.all(
-    input.receiverIds.map(async (receiverId): Promise<FirstAttemptOutcome> => {
-      try {
-        return { receiverId, kind: 'result', row: await deliverRevocation(deps, { eventId, receiverId }) };
-      } catch (err) {
-        // The attempt's own failures carry messages written for history (no URL, no secret).
-        const failure = err instanceof ApplicationFailure ? err : undefined;
-        const kind = failure?.type === RECEIVER_REJECTED && failure.nonRetryable ? 'rejected' : 'ended';
-        const message = failure?.message ?? `delivery to ${receiverId} failed: ${networkErrorCode(err)}`;
-        const loaded = await loadAttempt(deps.pool, eventId, receiverId).catch(() => undefined);
-        return { receiverId, kind, message, row: loaded ? toDeliveryView(loaded.delivery) : null };
-      }
-    }),
-  );
+  // Heartbeats let the server notice a lost worker within the heartbeat timeout, and bring a
+  // cancellation (or the activity's own timeout) to the attempts in flight.
+  const ctx = Context.current();
+  const beat = setInterval(() => ctx.heartbeat(), 1_000);
+  try {
+    return await Promise.all(
+      input.receiverIds.map(async (receiverId): Promise<FirstAttemptOutcome> => {
+        try {
+          return { receiverId, kind: 'result', row: await deliverRevocation(deps, { eventId, receiverId }) };
+        } catch (err) {
+          // The attempt's own failures carry messages written for history (no URL, no secret).
+          const failure = err instanceof ApplicationFailure ? err : undefined;
+          const kind = failure?.type === RECEIVER_REJECTED && failure.nonRetryable ? 'rejected' : 'ended';
+          const message = failure?.message ?? `delivery to ${receiverId} failed: ${networkErrorCode(err)}`;
+          const retryAfterMs = msOptionalToNumber(failure?.nextRetryDelay ?? undefined);
+          const loaded = await loadAttempt(deps.pool, eventId, receiverId).catch(() => undefined);
+          return {
+            receiverId,
+            kind,
+            message,
+            row: loaded ? toDeliveryView(loaded.delivery) : null,
+            ...(retryAfterMs !== undefined ? { retryAfterMs } : {}),
+          };
+        } finally {
+          ctx.heartbeat();
+        }
+      }),
+    );
+  } finally {
+    clearInterval(beat);
+  }
 }

@@ -277,6 +277,19 @@ describe('token lifecycle', () => {
     assert.ok(reqs[3]!.at - reqs[2]!.at >= 1_900, `Retry-After honoured (gap ${reqs[3]!.at - reqs[2]!.at} ms)`);
   });
 
+  it('should honour Retry-After after the first attempt, made for every receiver together', async () => {
+    await ensureWorker();
+    const a = await addReceiver();
+    a.receiver.behaviour = (n) => (n === 1 ? { status: 429, headers: { 'retry-after': '2' } } : { status: 204 });
+    const issued = await ctx.warden.issue({ subject: 'usr_retry_after', receivers: [a.id], ttl: '1h' });
+    await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'first answer is 429' });
+    await result(issued.tokenId);
+    const reqs = a.receiver.requests;
+    assert.equal(reqs.length, 2);
+    // retryInitial is 200 ms and retryMax 1 s here: only Retry-After explains a gap of 2 s.
+    assert.ok(reqs[1]!.at - reqs[0]!.at >= 1_900, `Retry-After honoured (gap ${reqs[1]!.at - reqs[0]!.at} ms)`);
+  });
+
   it('should mark propagation stuck on a 400 while the token stays revoked, and complete after retryPropagation', async () => {
     await ensureWorker();
     const a = await addReceiver();

@@ -94,6 +94,9 @@ const store = proxyActivities<Activities>({
  */
 const storeLocal = proxyLocalActivities<Activities>({
   startToCloseTimeout: '10s',
+  // While a local call retries, the workflow task stays open (heartbeated, three events every 8 s):
+  // after 30 s, the call goes through the server as an ordinary activity (see localFirst).
+  scheduleToCloseTimeout: '30s',
   retry: {
     initialInterval: '200ms',
     backoffCoefficient: 2,
@@ -104,12 +107,29 @@ const storeLocal = proxyLocalActivities<Activities>({
 
 /**
  * The first attempt at every pending receiver together: one attempt each (the workflow retries the
- * unsettled ones one by one), bounded like a single attempt plus recording fifty outcomes.
+ * unsettled ones one by one), bounded like a single attempt plus recording fifty outcomes; its
+ * heartbeats show a lost worker within seconds.
  */
 const firstAttempts = proxyActivities<Activities>({
   startToCloseTimeout: '30s',
+  heartbeatTimeout: '10s',
   retry: { maximumAttempts: 1 },
 });
+
+/**
+ * A store call made locally, or through the server when the local call gave up (the store down or a
+ * row locked for 30 s): the ordinary activity retries without growing the history. A
+ * non-retryable failure (the token does not exist) is not tried again.
+ */
+async function localFirst<T>(local: () => Promise<T>, remote: () => Promise<T>): Promise<T> {
+  try {
+    return await local();
+  } catch (err) {
+    if (!(err instanceof ActivityFailure) || isCancellation(err)) throw err;
+    if (err.cause instanceof ApplicationFailure && err.cause.nonRetryable) throw err;
+    return remote();
+  }
+}
 
 /**
  * Delivery activities: retried on the worker's schedule, or, before that timing is known (the first
@@ -227,11 +247,15 @@ class TokenLifecycle {
     const { malformed, undecodableEncoding, ...request } = this.state.revokeRequest!;
     this.state.killing('revoke');
     if (this.local) {
-      const killed = await storeLocal.killAndLoad.executeWithOptions(
-        { summary: summaryText(`revoke: ${request.reason}`) },
-        [{ tokenId: this.input.tokenId, ...request, byWorkflow: true, eventId: this.input.revocationEventId }],
+      const options = { summary: summaryText(`revoke: ${request.reason}`) };
+      const args = [
+        { tokenId: this.input.tokenId, ...request, byWorkflow: true, eventId: this.input.revocationEventId },
+      ] as const;
+      const killed = await localFirst(
+        () => storeLocal.killAndLoad.executeWithOptions(options, [...args]),
+        () => store.killAndLoad.executeWithOptions(options, [...args]),
       );
-      if (malformed) await this.auditMalformedSignal(storeLocal, undecodableEncoding);
+      if (malformed) await this.auditMalformedSignal(true, undecodableEncoding);
       return killed;
     }
     // A run that begins already revoking (restarted, or told late) resumes from the store first. A
@@ -246,23 +270,24 @@ class TokenLifecycle {
     // outbox row yet retries shortly.
     this.startDeliveries();
     const kill = await killing;
-    if (malformed) await this.auditMalformedSignal(store, undecodableEncoding);
+    if (malformed) await this.auditMalformedSignal(false, undecodableEncoding);
     return kill;
   }
 
   /** Audits that the revoke Signal could not be read (it still revoked, with reason `unspecified`). */
-  private async auditMalformedSignal(activities: typeof store, undecodableEncoding: string | undefined): Promise<void> {
-    await activities.recordAudit.executeWithOptions({ summary: 'audit: malformed revoke signal' }, [
-      {
-        tokenId: this.input.tokenId,
-        auditKey: `malformed-revoke-signal:${workflowInfo().runId}`,
-        kind: 'signal.malformed',
-        data: {
-          reasonRecorded: 'unspecified',
-          ...(undecodableEncoding !== undefined ? { undecodableEncoding } : {}),
-        },
+  private async auditMalformedSignal(local: boolean, undecodableEncoding: string | undefined): Promise<void> {
+    const options = { summary: 'audit: malformed revoke signal' };
+    const audit = {
+      tokenId: this.input.tokenId,
+      auditKey: `malformed-revoke-signal:${workflowInfo().runId}`,
+      kind: 'signal.malformed',
+      data: {
+        reasonRecorded: 'unspecified',
+        ...(undecodableEncoding !== undefined ? { undecodableEncoding } : {}),
       },
-    ]);
+    };
+    const remote = () => store.recordAudit.executeWithOptions(options, [audit]);
+    await (local ? localFirst(() => storeLocal.recordAudit.executeWithOptions(options, [audit]), remote) : remote());
   }
 
   /** The expiry's kill; undefined when the database clock has not reached expiry yet. */
@@ -277,10 +302,12 @@ class TokenLifecycle {
       byWorkflow: true,
     };
     const summary = { summary: 'expire: the token reached its expiry' };
+    const snapshotRequest = { ...request, eventId: this.input.revocationEventId };
     const killed = this.local
-      ? await storeLocal.killAndLoad.executeWithOptions(summary, [
-          { ...request, eventId: this.input.revocationEventId },
-        ])
+      ? await localFirst(
+          () => storeLocal.killAndLoad.executeWithOptions(summary, [snapshotRequest]),
+          () => store.killAndLoad.executeWithOptions(summary, [snapshotRequest]),
+        )
       : await store.killToken.executeWithOptions(summary, [request]);
     const result = 'kill' in killed ? killed.kill : killed;
     if (result.notYetExpiredMs === undefined) return killed;
@@ -314,7 +341,6 @@ class TokenLifecycle {
       { key: SEARCH_ATTRIBUTE.propagation, value: this.state.propagation },
     ]);
     this.startDeliveries();
-    if (this.local) this.armEscalation();
 
     for (;;) {
       if (this.deliveryFailure !== undefined) throw this.deliveryFailure;
@@ -328,6 +354,8 @@ class TokenLifecycle {
         return;
       }
       if (verdict.kind === 'wait') {
+        // Armed once, the first time anything is waited for (never when all is settled at once).
+        if (this.local && !this.escalationTimer) this.armEscalation();
         const seen = this.state.deliveryChanges;
         const changed = () => this.deliveriesEnded || this.state.deliveryChanges !== seen;
         if (this.local) await condition(() => changed() || this.escalationDue);
@@ -511,8 +539,11 @@ class TokenLifecycle {
         this.state.deliveryRejected(receiverId, outcome.message, outcome.row ?? undefined);
       } else {
         if (outcome?.row) this.state.deliveryObserved(outcome.row);
-        // Ended without a rejection (or the whole activity did): retried after the schedule's step.
-        if (!this.state.isSettled(receiverId)) await this.pauseBeforeDeliveringAgain(receiverId, run);
+        // Ended without a rejection (or the whole activity did): retried after the schedule's step,
+        // or later if the receiver asked for it (Retry-After).
+        if (!this.state.isSettled(receiverId)) {
+          await this.pauseBeforeDeliveringAgain(receiverId, run, outcome?.retryAfterMs);
+        }
       }
     }
     while (!this.state.isSettled(receiverId)) {
@@ -588,13 +619,13 @@ class TokenLifecycle {
    * A durable pause before a delivery that ended without a rejection is scheduled again: it never
    * spins. (A failure's Retry-After does not reach the workflow: the pause is the schedule's step.)
    */
-  private async pauseBeforeDeliveringAgain(receiverId: string, run: DeliveryRun): Promise<void> {
+  private async pauseBeforeDeliveringAgain(receiverId: string, run: DeliveryRun, askedMs = 0): Promise<void> {
     run.endingsInARow++;
     // `interrupted` is not cleared here: an operator's retry that arrived while the ending was
     // being read cuts this pause short.
     await condition(
       () => run.interrupted || this.state.isSettled(receiverId),
-      pauseAfterEnding(run.endingsInARow, this.state.timing!),
+      Math.max(pauseAfterEnding(run.endingsInARow, this.state.timing!), askedMs),
       { summary: `pause before delivering to ${receiverId} again` },
     );
   }
@@ -657,17 +688,17 @@ class TokenLifecycle {
     const { forced } = this.state;
     // Local with PATCHES.localStoreCalls: recorded in the task of the last confirmation, which also
     // completes the run. Nothing else runs a local activity now: every delivery has ended.
-    const done = await (this.local ? storeLocal : store).setPropagation.executeWithOptions(
-      { summary: forced ? 'complete: forced by an operator' : 'every receiver confirmed: complete' },
-      [
-        {
-          tokenId: this.input.tokenId,
-          state: 'complete',
-          auditKey: `complete:${workflowInfo().runId}`,
-          detail: { forced, receivers: this.input.receivers },
-        },
-      ],
-    );
+    const options = { summary: forced ? 'complete: forced by an operator' : 'every receiver confirmed: complete' };
+    const completion = {
+      tokenId: this.input.tokenId,
+      state: 'complete' as const,
+      auditKey: `complete:${workflowInfo().runId}`,
+      detail: { forced, receivers: this.input.receivers },
+    };
+    const remote = () => store.setPropagation.executeWithOptions(options, [completion]);
+    const done = this.local
+      ? await localFirst(() => storeLocal.setPropagation.executeWithOptions(options, [completion]), remote)
+      : await remote();
     this.state.completed('complete');
     upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.propagation, value: done.propagation }]);
     await condition(allHandlersFinished);
