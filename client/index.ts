@@ -171,7 +171,7 @@ export class TokenWarden extends TokenWardenStore {
 
   /** Records the workflow starts still pending, then closes the connections. */
   override async close(): Promise<void> {
-    await this.#startedMarks.flush();
+    await this.#startedMarks.close();
     await this.temporal.connection.close();
     await super.close();
   }

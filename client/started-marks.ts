@@ -13,8 +13,9 @@ export const STARTED_MARK_INTERVAL_MS = 100;
 export class StartedMarks {
   #pending: string[] = [];
   #timer: NodeJS.Timeout | undefined;
-  /** The write under way (each waits for the previous one): close() waits for all of them. */
+  /** The write under way (each waits for the previous one): close() waits for all of them. Never rejects. */
   #writing: Promise<void> = Promise.resolve();
+  #closed = false;
 
   constructor(
     private readonly pool: StorePool,
@@ -22,7 +23,9 @@ export class StartedMarks {
     private readonly intervalMs = STARTED_MARK_INTERVAL_MS,
   ) {}
 
+  /** After close() the pool is ended: a late issue's mark is left to the reconciler. */
   add(tokenId: string): void {
+    if (this.#closed) return;
     this.#pending.push(tokenId);
     this.#timer ??= setTimeout(() => void this.flush(), this.intervalMs);
   }
@@ -38,7 +41,7 @@ export class StartedMarks {
       store
         .markWorkflowsStarted(this.pool, ids)
         .catch((err: unknown) =>
-          this.onError(
+          this.report(
             new Error(
               `recording that ${ids.length} issued token(s) have their workflow failed (${(err as Error).message}); the reconciler will record it`,
               { cause: err },
@@ -47,5 +50,20 @@ export class StartedMarks {
         ),
     );
     return this.#writing;
+  }
+
+  /** Writes the marks still pending and takes no more; call it before ending the pool. */
+  close(): Promise<void> {
+    this.#closed = true;
+    return this.flush();
+  }
+
+  /** The app's handler may throw: that must neither crash the timer's flush nor stop later marks. */
+  private report(err: Error): void {
+    try {
+      this.onError(err);
+    } catch {
+      // Nowhere left to report it: the library prints nothing, and the reconciler records the marks.
+    }
   }
 }

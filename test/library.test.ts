@@ -7,7 +7,9 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { promisify } from 'node:util';
 import { InvalidInputError, TokenWarden } from '../client/index.js';
+import { StartedMarks } from '../client/started-marks.js';
 import { PACKAGE_ROOT, type Settings } from '../common/config.js';
+import { createPool } from '../common/db.js';
 import { tokenWorkflowId } from '../common/names.js';
 import { freePort } from '../dev/processes.js';
 import { TestContext } from './support/context.js';
@@ -140,6 +142,49 @@ describe('issuing', () => {
     assert.equal(token.workflowStartedAt, null, 'left to the reconciler');
     const described = await ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)).describe();
     assert.equal(described.status.name, 'RUNNING');
+  });
+
+  it("should keep recording marks, and close, when the app's onError throws", async () => {
+    // The first mark is refused and the handler throws on it: later marks must still be written.
+    await ctx.sql.query(`CREATE FUNCTION refuse_started_mark() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN RAISE EXCEPTION 'injected fault on %', OLD.id; END $$`);
+    await ctx.sql.query(`CREATE TRIGGER refuse_started_mark BEFORE UPDATE ON token FOR EACH ROW
+      WHEN (NEW.workflow_started_at IS DISTINCT FROM OLD.workflow_started_at) EXECUTE FUNCTION refuse_started_mark()`);
+    const heard: Error[] = [];
+    const warden = await TokenWarden.connect(ctx.settings, {
+      onError: (err) => {
+        heard.push(err);
+        throw new Error('the app handler failed');
+      },
+    });
+    try {
+      await warden.issue({ subject: 'usr_throwing_handler', ttl: '1h' });
+      await waitUntil(() => heard.length > 0, 'the failed mark to be reported');
+    } finally {
+      await ctx.sql.query('DROP TRIGGER refuse_started_mark ON token');
+      await ctx.sql.query('DROP FUNCTION refuse_started_mark()');
+    }
+    const later = await warden.issue({ subject: 'usr_throwing_handler', ttl: '1h' });
+    await waitUntil(() => startedAt(later.tokenId), 'the mark of a token issued after the handler threw', 5_000);
+    const last = await warden.issue({ subject: 'usr_throwing_handler', ttl: '1h' });
+    await warden.close();
+    assert.ok(await startedAt(last.tokenId), 'close() wrote the mark still pending');
+    assert.equal(heard.length, 1);
+  });
+
+  it('should take no mark after close: the pool it would write on is ended', async () => {
+    const { tokenId } = await ctx.warden.issue({ subject: 'usr_late_mark', ttl: '1h' });
+    const heard: Error[] = [];
+    const pool = createPool(ctx.settings.databaseUrl, ctx.settings.databaseSchema, 1);
+    const marks = new StartedMarks(pool, (err) => heard.push(err));
+    await marks.close();
+    await pool.end();
+    marks.add(tokenId);
+    await marks.flush();
+    assert.deepEqual(
+      heard.map((err) => err.message),
+      [],
+    );
   });
 });
 
