@@ -52,8 +52,11 @@ export interface WorkerTuning {
   activityPollers: number;
   /** Local activities (the kill, completion, store reads) at once. */
   localActivitySlots: number;
-  /** Workflows kept in memory between tasks; an evicted one is replayed from its history when it wakes. */
-  cachedWorkflows: number;
+  /**
+   * Workflows kept in memory between tasks; an evicted one is replayed from its history when it wakes.
+   * Unset: the SDK sizes the cache from the heap limit (TOKENWARDEN_CACHED_WORKFLOWS overrides it).
+   */
+  cachedWorkflows?: number | undefined;
   /** How long a workflow's next task waits for this worker before any worker may take it. */
   stickyTimeoutMs: number;
   /** Threads running workflow code. */
@@ -63,8 +66,8 @@ export interface WorkerTuning {
 }
 
 /**
- * Defaults chosen from measurements on 2 cores with 10,000 sleeping tokens and a 1,000-token
- * expiry wave (docs/benchmarks.md, "Worker tuning"). Each has an environment variable.
+ * Defaults for 2 cores with 10,000 sleeping tokens and a 1,000-token expiry wave; the measured
+ * figures are in docs/benchmarks.md, "Scale". Each has an environment variable.
  */
 export const WORKER_TUNING_DEFAULTS: WorkerTuning = {
   workflowTaskSlots: 40,
@@ -72,7 +75,6 @@ export const WORKER_TUNING_DEFAULTS: WorkerTuning = {
   activitySlots: 100,
   activityPollers: 10,
   localActivitySlots: 40,
-  cachedWorkflows: 2000,
   stickyTimeoutMs: 10_000,
   workflowThreads: 1,
   // A quarter of the activity slots: an activity holds a connection only for a statement, never
@@ -92,12 +94,12 @@ const WORKER_TUNING_ENV: Record<keyof WorkerTuning, string> = {
   dbPoolSize: 'TOKENWARDEN_DB_POOL',
 };
 
-const count = (name: string, min: number, max: number) =>
+const count = (name: string, min: number, max: number, why = '') =>
   z
     .string()
     .regex(/^\d+$/, `${name} must be a whole number`)
     .transform(Number)
-    .refine((n) => n >= min && n <= max, `${name} must be between ${min} and ${max}`)
+    .refine((n) => n >= min && n <= max, `${name} must be between ${min} and ${max}${why}`)
     .optional();
 
 /** What `tokenwarden start` writes into the data folder so that CLI calls find the running stack. */
@@ -196,6 +198,7 @@ const envSchema = z.object({
     'TOKENWARDEN_EXPIRY_SWEEP_INTERVAL must be from 50ms to 1h',
   ),
   TOKENWARDEN_RECONCILE_GRACE: duration('TOKENWARDEN_RECONCILE_GRACE', '1m'),
+  // The SDK needs two workflow task slots whenever workflows are cached.
   TOKENWARDEN_WORKFLOW_TASK_SLOTS: count('TOKENWARDEN_WORKFLOW_TASK_SLOTS', 2, 1000),
   // The SDK needs at least two pollers of each kind (one sticky, one normal for workflows).
   TOKENWARDEN_WORKFLOW_TASK_POLLERS: count('TOKENWARDEN_WORKFLOW_TASK_POLLERS', 2, 100),
@@ -203,12 +206,18 @@ const envSchema = z.object({
   TOKENWARDEN_ACTIVITY_POLLERS: count('TOKENWARDEN_ACTIVITY_POLLERS', 1, 100),
   TOKENWARDEN_LOCAL_ACTIVITY_SLOTS: count('TOKENWARDEN_LOCAL_ACTIVITY_SLOTS', 1, 1000),
   TOKENWARDEN_CACHED_WORKFLOWS: count('TOKENWARDEN_CACHED_WORKFLOWS', 0, 1_000_000),
+  // A workflow's task waits this long for a worker that died before any other worker may take it.
   TOKENWARDEN_STICKY_TIMEOUT: duration(
     'TOKENWARDEN_STICKY_TIMEOUT',
     formatDuration(WORKER_TUNING_DEFAULTS.stickyTimeoutMs),
-  ),
+  ).refine((ms) => ms >= 1_000 && ms <= 300_000, 'TOKENWARDEN_STICKY_TIMEOUT must be from 1s to 5m'),
   TOKENWARDEN_WORKFLOW_THREADS: count('TOKENWARDEN_WORKFLOW_THREADS', 1, 64),
-  TOKENWARDEN_DB_POOL: count('TOKENWARDEN_DB_POOL', 1, 1000),
+  TOKENWARDEN_DB_POOL: count(
+    'TOKENWARDEN_DB_POOL',
+    1,
+    100,
+    ": PostgreSQL's default max_connections is 100, and every worker and app has its own pool",
+  ),
   TOKENWARDEN_METRICS_ADDRESS: z
     .string()
     .regex(
@@ -310,6 +319,29 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
   // The stack's schema goes with its database, never alone.
   const stackDatabase = e.DATABASE_URL ? undefined : stack;
 
+  const worker: WorkerTuning = {
+    workflowTaskSlots: e.TOKENWARDEN_WORKFLOW_TASK_SLOTS ?? WORKER_TUNING_DEFAULTS.workflowTaskSlots,
+    workflowTaskPollers: e.TOKENWARDEN_WORKFLOW_TASK_POLLERS ?? WORKER_TUNING_DEFAULTS.workflowTaskPollers,
+    activitySlots: e.TOKENWARDEN_ACTIVITY_SLOTS ?? WORKER_TUNING_DEFAULTS.activitySlots,
+    activityPollers: e.TOKENWARDEN_ACTIVITY_POLLERS ?? WORKER_TUNING_DEFAULTS.activityPollers,
+    localActivitySlots: e.TOKENWARDEN_LOCAL_ACTIVITY_SLOTS ?? WORKER_TUNING_DEFAULTS.localActivitySlots,
+    ...(e.TOKENWARDEN_CACHED_WORKFLOWS === undefined ? {} : { cachedWorkflows: e.TOKENWARDEN_CACHED_WORKFLOWS }),
+    stickyTimeoutMs: e.TOKENWARDEN_STICKY_TIMEOUT,
+    workflowThreads: e.TOKENWARDEN_WORKFLOW_THREADS ?? WORKER_TUNING_DEFAULTS.workflowThreads,
+    dbPoolSize: e.TOKENWARDEN_DB_POOL ?? WORKER_TUNING_DEFAULTS.dbPoolSize,
+  };
+  // Each of the SDK's pollers takes a slot before it polls: pollers beyond the slots would never poll.
+  for (const [pollers, slots] of [
+    ['workflowTaskPollers', 'workflowTaskSlots'],
+    ['activityPollers', 'activitySlots'],
+  ] as const) {
+    if (worker[pollers] > worker[slots]) {
+      throw new ConfigError(
+        `invalid configuration: ${WORKER_TUNING_ENV[pollers]} (${worker[pollers]}) must not exceed ${WORKER_TUNING_ENV[slots]} (${worker[slots]}): each poller takes a slot before it polls`,
+      );
+    }
+  }
+
   let masterKey: Buffer | undefined;
   if (e.TOKENWARDEN_MASTER_KEY) masterKey = Buffer.from(e.TOKENWARDEN_MASTER_KEY, 'base64');
   else if (e.TOKENWARDEN_MASTER_KEY_FILE) masterKey = readMasterKeyFile(e.TOKENWARDEN_MASTER_KEY_FILE);
@@ -333,17 +365,7 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
       e.TOKENWARDEN_RECEIVER_ALLOW ?? (stack && databaseUrl === stack.databaseUrl ? (stack.receiverAllow ?? []) : []),
     maxTtlMs: e.TOKENWARDEN_MAX_TTL,
     ...(e.TOKENWARDEN_METRICS_ADDRESS ? { metricsAddress: e.TOKENWARDEN_METRICS_ADDRESS } : {}),
-    worker: {
-      workflowTaskSlots: e.TOKENWARDEN_WORKFLOW_TASK_SLOTS ?? WORKER_TUNING_DEFAULTS.workflowTaskSlots,
-      workflowTaskPollers: e.TOKENWARDEN_WORKFLOW_TASK_POLLERS ?? WORKER_TUNING_DEFAULTS.workflowTaskPollers,
-      activitySlots: e.TOKENWARDEN_ACTIVITY_SLOTS ?? WORKER_TUNING_DEFAULTS.activitySlots,
-      activityPollers: e.TOKENWARDEN_ACTIVITY_POLLERS ?? WORKER_TUNING_DEFAULTS.activityPollers,
-      localActivitySlots: e.TOKENWARDEN_LOCAL_ACTIVITY_SLOTS ?? WORKER_TUNING_DEFAULTS.localActivitySlots,
-      cachedWorkflows: e.TOKENWARDEN_CACHED_WORKFLOWS ?? WORKER_TUNING_DEFAULTS.cachedWorkflows,
-      stickyTimeoutMs: e.TOKENWARDEN_STICKY_TIMEOUT,
-      workflowThreads: e.TOKENWARDEN_WORKFLOW_THREADS ?? WORKER_TUNING_DEFAULTS.workflowThreads,
-      dbPoolSize: e.TOKENWARDEN_DB_POOL ?? WORKER_TUNING_DEFAULTS.dbPoolSize,
-    },
+    worker,
   };
   return { settings, stack, taskQueue: e.TOKENWARDEN_TASK_QUEUE };
 }

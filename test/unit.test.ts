@@ -22,8 +22,10 @@ import {
 } from '../common/secrets.js';
 import { InvalidInputError } from '../common/errors.js';
 import { actorSchema, nameSchema, parseInput, reasonSchema, subjectSchema, ttlSchema } from '../common/validation.js';
-import { loadSettings, WORKER_TUNING_DEFAULTS } from '../common/config.js';
+import { loadSettings, WORKER_TUNING_DEFAULTS, type WorkerTuning } from '../common/config.js';
 import { tuningOptions } from '../worker/worker.js';
+import { DefaultLogger } from '@temporalio/worker';
+import { compileWorkerOptions } from '@temporalio/worker/lib/worker-options.js';
 import { ConfigError } from '../common/errors.js';
 import {
   INVALID_OPERATOR_REQUEST,
@@ -37,7 +39,14 @@ import {
   validateOperatorRequest,
 } from '../workflows/lifecycle-state.js';
 import type { DeliveryView, TokenWorkflowInput } from '../common/messages.js';
-import { ActivityFailure, ApplicationFailure, RetryState, TimeoutFailure, TimeoutType } from '@temporalio/common';
+import {
+  ActivityFailure,
+  ApplicationFailure,
+  noopMetricMeter,
+  RetryState,
+  TimeoutFailure,
+  TimeoutType,
+} from '@temporalio/common';
 import { RECEIVER_REJECTED } from '../common/names.js';
 
 describe('durations', () => {
@@ -379,31 +388,70 @@ describe('input validation', () => {
 
   it("should read a worker's capacity from the environment, refusing nonsense with the variable named", () => {
     const base = { DATABASE_URL: 'postgres://x/y', TOKENWARDEN_DATA_DIR: '/nonexistent' };
-    assert.deepEqual(loadSettings(base).worker, WORKER_TUNING_DEFAULTS);
+    // What the SDK makes of our options (its own defaults filled in), without a server.
+    const compiled = (t: WorkerTuning) =>
+      compileWorkerOptions({ taskQueue: 'q', ...tuningOptions(t) }, new DefaultLogger('ERROR'), noopMetricMeter);
+    const defaults = loadSettings(base).worker;
+    assert.deepEqual(defaults, WORKER_TUNING_DEFAULTS);
+    // No cache size of our own: the SDK's, scaled from the heap limit.
+    assert.equal('maxCachedWorkflows' in tuningOptions(defaults), false);
+    assert.equal(
+      compiled(defaults).maxCachedWorkflows,
+      compileWorkerOptions({ taskQueue: 'q' }, new DefaultLogger('ERROR'), noopMetricMeter).maxCachedWorkflows,
+    );
     const tuned = loadSettings({
       ...base,
       TOKENWARDEN_WORKFLOW_TASK_SLOTS: '8',
+      TOKENWARDEN_WORKFLOW_TASK_POLLERS: '4',
+      TOKENWARDEN_ACTIVITY_SLOTS: '6',
+      TOKENWARDEN_ACTIVITY_POLLERS: '3',
       TOKENWARDEN_CACHED_WORKFLOWS: '500',
       TOKENWARDEN_STICKY_TIMEOUT: '30s',
-      TOKENWARDEN_DB_POOL: '7',
+      TOKENWARDEN_DB_POOL: '100',
     }).worker;
     assert.deepEqual(
       [tuned.workflowTaskSlots, tuned.cachedWorkflows, tuned.stickyTimeoutMs, tuned.dbPoolSize],
-      [8, 500, 30_000, 7],
+      [8, 500, 30_000, 100],
     );
-    assert.equal(tuningOptions(tuned).maxConcurrentWorkflowTaskExecutions, 8);
-    assert.equal(tuningOptions(tuned).maxCachedWorkflows, 500);
-    for (const [name, value] of [
-      ['TOKENWARDEN_WORKFLOW_TASK_SLOTS', 'ten'],
-      ['TOKENWARDEN_WORKFLOW_TASK_POLLERS', '1'],
-      ['TOKENWARDEN_ACTIVITY_SLOTS', '0'],
-      ['TOKENWARDEN_WORKFLOW_THREADS', '-2'],
-      ['TOKENWARDEN_STICKY_TIMEOUT', 'forever'],
+    const sdk = compiled(tuned);
+    assert.equal(sdk.maxCachedWorkflows, 500);
+    assert.equal(sdk.stickyQueueScheduleToStartTimeoutMs, 30_000);
+    assert.deepEqual(sdk.workflowTaskPollerBehavior, { type: 'simple-maximum', maximum: 4 });
+    assert.deepEqual(sdk.activityTaskPollerBehavior, { type: 'simple-maximum', maximum: 3 });
+    for (const [name, value, why] of [
+      ['TOKENWARDEN_WORKFLOW_TASK_SLOTS', 'ten', /whole number/],
+      ['TOKENWARDEN_WORKFLOW_TASK_SLOTS', '1', /between 2 and/],
+      ['TOKENWARDEN_WORKFLOW_TASK_POLLERS', '1', /between 2 and/],
+      ['TOKENWARDEN_ACTIVITY_SLOTS', '0', /between 1 and/],
+      ['TOKENWARDEN_WORKFLOW_THREADS', '-2', /whole number/],
+      ['TOKENWARDEN_STICKY_TIMEOUT', 'forever', /duration/],
+      ['TOKENWARDEN_STICKY_TIMEOUT', '6m', /from 1s to 5m/],
+      ['TOKENWARDEN_STICKY_TIMEOUT', '999ms', /from 1s to 5m/],
+      ['TOKENWARDEN_DB_POOL', '101', /between 1 and 100: PostgreSQL's default max_connections is 100/],
     ] as const) {
       assert.throws(
         () => loadSettings({ ...base, [name]: value }),
-        (e: unknown) => e instanceof ConfigError && e.message.includes(name),
-        name,
+        (e: unknown) => e instanceof ConfigError && e.message.includes(name) && why.test(e.message),
+        `${name}=${value}`,
+      );
+    }
+    // More pollers than slots, whichever of the two was set.
+    for (const [env, pollers, slots] of [
+      [
+        { TOKENWARDEN_WORKFLOW_TASK_POLLERS: '5', TOKENWARDEN_WORKFLOW_TASK_SLOTS: '4' },
+        'WORKFLOW_TASK_POLLERS',
+        'WORKFLOW_TASK_SLOTS',
+      ],
+      [{ TOKENWARDEN_WORKFLOW_TASK_POLLERS: '41' }, 'WORKFLOW_TASK_POLLERS', 'WORKFLOW_TASK_SLOTS'],
+      [{ TOKENWARDEN_ACTIVITY_SLOTS: '9' }, 'ACTIVITY_POLLERS', 'ACTIVITY_SLOTS'],
+    ] as const) {
+      assert.throws(
+        () => loadSettings({ ...base, ...env }),
+        (e: unknown) =>
+          e instanceof ConfigError &&
+          e.message.includes(`TOKENWARDEN_${pollers} (`) &&
+          e.message.includes(`must not exceed TOKENWARDEN_${slots} (`),
+        JSON.stringify(env),
       );
     }
   });

@@ -54,15 +54,19 @@ export async function createTokenWorker(opts: TokenWorkerOptions): Promise<Worke
   });
 }
 
-/** The worker's capacity as the SDK's options (see WORKER_TUNING_DEFAULTS for why these values). */
+/**
+ * The worker's capacity as the SDK's options (see WORKER_TUNING_DEFAULTS for why these values).
+ * Pollers go in as poller behaviours: SDK 1.24 ignores maxConcurrent{Workflow,Activity}TaskPolls.
+ */
 export function tuningOptions(t: Settings['worker']) {
   return {
     maxConcurrentWorkflowTaskExecutions: t.workflowTaskSlots,
-    maxConcurrentWorkflowTaskPolls: t.workflowTaskPollers,
+    workflowTaskPollerBehavior: { type: 'simple-maximum', maximum: t.workflowTaskPollers } as const,
     maxConcurrentActivityTaskExecutions: t.activitySlots,
-    maxConcurrentActivityTaskPolls: t.activityPollers,
+    activityTaskPollerBehavior: { type: 'simple-maximum', maximum: t.activityPollers } as const,
     maxConcurrentLocalActivityExecutions: t.localActivitySlots,
-    maxCachedWorkflows: t.cachedWorkflows,
+    // Unset, the SDK sizes its cache from the heap limit.
+    ...(t.cachedWorkflows === undefined ? {} : { maxCachedWorkflows: t.cachedWorkflows }),
     stickyQueueScheduleToStartTimeout: t.stickyTimeoutMs,
     workflowThreadPoolSize: t.workflowThreads,
   };
