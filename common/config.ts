@@ -319,11 +319,15 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
   // The stack's schema goes with its database, never alone.
   const stackDatabase = e.DATABASE_URL ? undefined : stack;
 
+  const workflowTaskSlots = e.TOKENWARDEN_WORKFLOW_TASK_SLOTS ?? WORKER_TUNING_DEFAULTS.workflowTaskSlots;
+  const activitySlots = e.TOKENWARDEN_ACTIVITY_SLOTS ?? WORKER_TUNING_DEFAULTS.activitySlots;
+  // Unset, the pollers follow fewer slots down (as the SDK's own default does); set, they must fit.
   const worker: WorkerTuning = {
-    workflowTaskSlots: e.TOKENWARDEN_WORKFLOW_TASK_SLOTS ?? WORKER_TUNING_DEFAULTS.workflowTaskSlots,
-    workflowTaskPollers: e.TOKENWARDEN_WORKFLOW_TASK_POLLERS ?? WORKER_TUNING_DEFAULTS.workflowTaskPollers,
-    activitySlots: e.TOKENWARDEN_ACTIVITY_SLOTS ?? WORKER_TUNING_DEFAULTS.activitySlots,
-    activityPollers: e.TOKENWARDEN_ACTIVITY_POLLERS ?? WORKER_TUNING_DEFAULTS.activityPollers,
+    workflowTaskSlots,
+    workflowTaskPollers:
+      e.TOKENWARDEN_WORKFLOW_TASK_POLLERS ?? Math.min(WORKER_TUNING_DEFAULTS.workflowTaskPollers, workflowTaskSlots),
+    activitySlots,
+    activityPollers: e.TOKENWARDEN_ACTIVITY_POLLERS ?? Math.min(WORKER_TUNING_DEFAULTS.activityPollers, activitySlots),
     localActivitySlots: e.TOKENWARDEN_LOCAL_ACTIVITY_SLOTS ?? WORKER_TUNING_DEFAULTS.localActivitySlots,
     ...(e.TOKENWARDEN_CACHED_WORKFLOWS === undefined ? {} : { cachedWorkflows: e.TOKENWARDEN_CACHED_WORKFLOWS }),
     stickyTimeoutMs: e.TOKENWARDEN_STICKY_TIMEOUT,

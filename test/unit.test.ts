@@ -435,7 +435,10 @@ describe('input validation', () => {
         `${name}=${value}`,
       );
     }
-    // More pollers than slots, whichever of the two was set.
+    // Fewer slots than the default pollers: the pollers follow them down, as the SDK's default does.
+    const few = loadSettings({ ...base, TOKENWARDEN_WORKFLOW_TASK_SLOTS: '4', TOKENWARDEN_ACTIVITY_SLOTS: '3' }).worker;
+    assert.deepEqual([few.workflowTaskPollers, few.activityPollers], [4, 3]);
+    // More pollers set than slots, set or default.
     for (const [env, pollers, slots] of [
       [
         { TOKENWARDEN_WORKFLOW_TASK_POLLERS: '5', TOKENWARDEN_WORKFLOW_TASK_SLOTS: '4' },
@@ -443,7 +446,7 @@ describe('input validation', () => {
         'WORKFLOW_TASK_SLOTS',
       ],
       [{ TOKENWARDEN_WORKFLOW_TASK_POLLERS: '41' }, 'WORKFLOW_TASK_POLLERS', 'WORKFLOW_TASK_SLOTS'],
-      [{ TOKENWARDEN_ACTIVITY_SLOTS: '9' }, 'ACTIVITY_POLLERS', 'ACTIVITY_SLOTS'],
+      [{ TOKENWARDEN_ACTIVITY_POLLERS: '10', TOKENWARDEN_ACTIVITY_SLOTS: '9' }, 'ACTIVITY_POLLERS', 'ACTIVITY_SLOTS'],
     ] as const) {
       assert.throws(
         () => loadSettings({ ...base, ...env }),
