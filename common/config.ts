@@ -75,7 +75,11 @@ export const WORKER_TUNING_DEFAULTS: WorkerTuning = {
   activitySlots: 100,
   activityPollers: 10,
   localActivitySlots: 40,
-  stickyTimeoutMs: 10_000,
+  // The SDK's 10 s made half of a 1,000-token wave's tasks time out on the busy worker's sticky queue
+  // and go round again (delivered 38-45 s after expiry); with 60 s, none did (21 s). A dead worker's
+  // sticky tasks are redirected by the server once its sticky poller is gone, not after this.
+  stickyTimeoutMs: 60_000,
+  // Two threads measured no better on 2 cores (23.6 s against 20.9 s with one).
   workflowThreads: 1,
   // A quarter of the activity slots: an activity holds a connection only for a statement, never
   // across a POST; 100 would take all of PostgreSQL's default max_connections from one worker.
