@@ -76,8 +76,9 @@ export const WORKER_TUNING_DEFAULTS: WorkerTuning = {
   activityPollers: 10,
   localActivitySlots: 40,
   // The SDK's 10 s made half of a 1,000-token wave's tasks time out on the busy worker's sticky queue
-  // and go round again (delivered 38-45 s after expiry); with 60 s, none did (21 s). A dead worker's
-  // sticky tasks are redirected by the server once its sticky poller is gone, not after this.
+  // and go round again (delivered 38-45 s after expiry); with 60 s, none did (21 s). The price: tasks
+  // already on a crashed worker's sticky queue wait up to this long; later ones go to the shared
+  // queue once the server has seen no sticky poll for 10 s (temporalio/temporal#2811).
   stickyTimeoutMs: 60_000,
   // Two threads measured no better on 2 cores (23.6 s against 20.9 s with one).
   workflowThreads: 1,
