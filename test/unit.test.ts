@@ -23,7 +23,7 @@ import {
 import { InvalidInputError } from '../common/errors.js';
 import { actorSchema, nameSchema, parseInput, reasonSchema, subjectSchema, ttlSchema } from '../common/validation.js';
 import { loadSettings, WORKER_TUNING_DEFAULTS, type WorkerTuning } from '../common/config.js';
-import { tuningOptions } from '../worker/worker.js';
+import { CACHED_WORKFLOWS_CAP, tuningOptions } from '../worker/worker.js';
 import { DefaultLogger } from '@temporalio/worker';
 import { compileWorkerOptions } from '@temporalio/worker/lib/worker-options.js';
 import { ConfigError } from '../common/errors.js';
@@ -393,12 +393,13 @@ describe('input validation', () => {
       compileWorkerOptions({ taskQueue: 'q', ...tuningOptions(t) }, new DefaultLogger('ERROR'), noopMetricMeter);
     const defaults = loadSettings(base).worker;
     assert.deepEqual(defaults, WORKER_TUNING_DEFAULTS);
-    // No cache size of our own: the SDK's, scaled from the heap limit.
-    assert.equal('maxCachedWorkflows' in tuningOptions(defaults), false);
-    assert.equal(
-      compiled(defaults).maxCachedWorkflows,
-      compileWorkerOptions({ taskQueue: 'q' }, new DefaultLogger('ERROR'), noopMetricMeter).maxCachedWorkflows,
-    );
+    // No cache size of our own: the SDK's, scaled from the heap limit, capped.
+    const sdkCache = compileWorkerOptions(
+      { taskQueue: 'q' },
+      new DefaultLogger('ERROR'),
+      noopMetricMeter,
+    ).maxCachedWorkflows;
+    assert.equal(compiled(defaults).maxCachedWorkflows, Math.min(sdkCache, CACHED_WORKFLOWS_CAP));
     const tuned = loadSettings({
       ...base,
       TOKENWARDEN_WORKFLOW_TASK_SLOTS: '8',
