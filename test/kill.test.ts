@@ -6,15 +6,14 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import canonicalize from 'canonicalize';
-import pg from 'pg';
 import { createPool } from '../common/db.js';
 import { revocationEventId } from '../common/ids.js';
-import { KILL_CHANNEL } from '../common/names.js';
 import * as store from '../common/store/index.js';
 import { insertTokenRow } from './support/tokens.js';
 import { TestContext } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
+import { listenForKills } from './support/kill-listener.js';
 
 let ctx: TestContext;
 const receivers: TestReceiver[] = [];
@@ -236,14 +235,9 @@ describe('the kill', () => {
   });
 
   it('should notify `<schema>:<tokenId>` when it kills, and not when the token was already dead', async () => {
-    const listener = new pg.Client({ connectionString: ctx.settings.databaseUrl });
-    await listener.connect();
-    const payloads: string[] = [];
-    listener.on('notification', (n) => {
-      if (n.channel === KILL_CHANNEL && n.payload) payloads.push(n.payload);
-    });
+    const listener = await listenForKills(ctx.settings.databaseUrl);
+    const { payloads } = listener;
     try {
-      await listener.query(`LISTEN ${KILL_CHANNEL}`);
       const t = await newToken();
       const kill = () =>
         store.killToken(ctx.pool, { tokenId: t.id, reason: 'r', actor: 'a', initiatingEntity: 'admin' });

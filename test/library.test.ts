@@ -45,6 +45,19 @@ const execFileAsync = promisify(execFile);
 const refusedWith = (field: string, message: RegExp) => (err: unknown) =>
   err instanceof InvalidInputError && err.fields.some((f) => f.path === field && message.test(f.message));
 
+/** Fault injection in the store: every started mark is refused until allowStartedMarks(). */
+async function refuseStartedMarks(): Promise<void> {
+  await ctx.sql.query(`CREATE FUNCTION refuse_started_mark() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN RAISE EXCEPTION 'injected fault on %', OLD.id; END $$`);
+  await ctx.sql.query(`CREATE TRIGGER refuse_started_mark BEFORE UPDATE ON token FOR EACH ROW
+    WHEN (NEW.workflow_started_at IS DISTINCT FROM OLD.workflow_started_at) EXECUTE FUNCTION refuse_started_mark()`);
+}
+
+async function allowStartedMarks(): Promise<void> {
+  await ctx.sql.query('DROP TRIGGER refuse_started_mark ON token');
+  await ctx.sql.query('DROP FUNCTION refuse_started_mark()');
+}
+
 describe('the library while Temporal is unreachable', () => {
   it('should fail an issue within the deadline, say so, and leave no valid token behind', async () => {
     const warden = await TokenWarden.connect(await temporalDownSettings());
@@ -121,10 +134,7 @@ describe('issuing', () => {
 
   it('should not wait for the started mark: a failed mark fails no issue and kills no token', async () => {
     // The store refuses every started mark: the issue must still succeed, its token stay valid.
-    await ctx.sql.query(`CREATE FUNCTION refuse_started_mark() RETURNS trigger LANGUAGE plpgsql AS $$
-      BEGIN RAISE EXCEPTION 'injected fault on %', OLD.id; END $$`);
-    await ctx.sql.query(`CREATE TRIGGER refuse_started_mark BEFORE UPDATE ON token FOR EACH ROW
-      WHEN (NEW.workflow_started_at IS DISTINCT FROM OLD.workflow_started_at) EXECUTE FUNCTION refuse_started_mark()`);
+    await refuseStartedMarks();
     const heard: Error[] = [];
     const warden = await TokenWarden.connect(ctx.settings, { onError: (err) => heard.push(err) });
     let tokenId: string;
@@ -133,8 +143,7 @@ describe('issuing', () => {
       await waitUntil(() => heard.length > 0, 'the failed mark to be reported');
     } finally {
       await warden.close();
-      await ctx.sql.query('DROP TRIGGER refuse_started_mark ON token');
-      await ctx.sql.query('DROP FUNCTION refuse_started_mark()');
+      await allowStartedMarks();
     }
     assert.match(heard[0]!.message, /^recording that 1 issued token\(s\) have their workflow failed \(injected fault/);
     const token = await ctx.warden.show(tokenId);
@@ -146,10 +155,7 @@ describe('issuing', () => {
 
   it("should keep recording marks, and close, when the app's onError throws", async () => {
     // The first mark is refused and the handler throws on it: later marks must still be written.
-    await ctx.sql.query(`CREATE FUNCTION refuse_started_mark() RETURNS trigger LANGUAGE plpgsql AS $$
-      BEGIN RAISE EXCEPTION 'injected fault on %', OLD.id; END $$`);
-    await ctx.sql.query(`CREATE TRIGGER refuse_started_mark BEFORE UPDATE ON token FOR EACH ROW
-      WHEN (NEW.workflow_started_at IS DISTINCT FROM OLD.workflow_started_at) EXECUTE FUNCTION refuse_started_mark()`);
+    await refuseStartedMarks();
     const heard: Error[] = [];
     const warden = await TokenWarden.connect(ctx.settings, {
       onError: (err) => {
@@ -161,8 +167,7 @@ describe('issuing', () => {
       await warden.issue({ subject: 'usr_throwing_handler', ttl: '1h' });
       await waitUntil(() => heard.length > 0, 'the failed mark to be reported');
     } finally {
-      await ctx.sql.query('DROP TRIGGER refuse_started_mark ON token');
-      await ctx.sql.query('DROP FUNCTION refuse_started_mark()');
+      await allowStartedMarks();
     }
     const later = await warden.issue({ subject: 'usr_throwing_handler', ttl: '1h' });
     await waitUntil(() => startedAt(later.tokenId), 'the mark of a token issued after the handler threw', 5_000);

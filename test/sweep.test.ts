@@ -20,7 +20,7 @@ import { insertTokenRow } from './support/tokens.js';
 import { TestContext } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
-import pg from 'pg';
+import { listenForKills } from './support/kill-listener.js';
 
 let ctx: TestContext;
 const receivers: TestReceiver[] = [];
@@ -159,14 +159,9 @@ describe('the batched kill', () => {
   it('should write exactly what the expiry kill writes: row, credentials, outbox, audit and NOTIFY', async () => {
     await sweepLeftovers();
     const [single, batched] = await expiredTokens(2);
-    const listener = new pg.Client({ connectionString: ctx.settings.databaseUrl });
-    await listener.connect();
-    const payloads: string[] = [];
-    listener.on('notification', (n) => {
-      if (n.channel === KILL_CHANNEL && n.payload) payloads.push(n.payload);
-    });
+    const listener = await listenForKills(ctx.settings.databaseUrl);
+    const { payloads } = listener;
     try {
-      await listener.query(`LISTEN ${KILL_CHANNEL}`);
       // The expiry timer's kill, as the workflow's activity sends it (by a caller that is no workflow).
       await store.killToken(ctx.pool, {
         tokenId: single!,
