@@ -10,6 +10,7 @@ import { tokenWorkflowId } from '../common/names.js';
 import { revokeSignal, type TokenLifecycleResult } from '../common/messages.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
+import { maybeRecordHistory } from './support/history.js';
 import { waitUntil } from './support/wait.js';
 
 const { EventType } = proto.temporal.api.enums.v1;
@@ -59,6 +60,7 @@ describe('a local store call that cannot finish', () => {
         ['delivered'],
       );
       assert.equal(receiver.requests.length, 1);
+      await maybeRecordHistory(handle, 'local-kill-fallback');
     } finally {
       await lock.query('ROLLBACK').catch(() => {});
       lock.release();

@@ -40,6 +40,7 @@ describe('recorded histories replay', () => {
       'escalate-force.json',
       'expire-deliver.json',
       'force-while-killing.json',
+      'local-kill-fallback.json',
       'malformed-revoke.json',
       'restart-adopts-stuck.json',
       'revoke-stuck-retry.json',

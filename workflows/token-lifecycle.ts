@@ -8,6 +8,7 @@ import {
   ActivityFailure,
   ApplicationFailure,
   CancellationScope,
+  TemporalFailure,
   allHandlersFinished,
   condition,
   continueAsNew,
@@ -112,7 +113,8 @@ const storeLocal = proxyLocalActivities<Activities>({
  */
 const firstAttempts = proxyActivities<Activities>({
   startToCloseTimeout: '30s',
-  heartbeatTimeout: '10s',
+  // The SDK sends heartbeats at most every 0.8 × this: 20 s leaves a loaded worker room.
+  heartbeatTimeout: '20s',
   retry: { maximumAttempts: 1 },
 });
 
@@ -125,8 +127,12 @@ async function localFirst<T>(local: () => Promise<T>, remote: () => Promise<T>):
   try {
     return await local();
   } catch (err) {
-    if (!(err instanceof ActivityFailure) || isCancellation(err)) throw err;
-    if (err.cause instanceof ApplicationFailure && err.cause.nonRetryable) throw err;
+    // Any failure of the call (its own error, a timeout) but a cancellation or a non-retryable one:
+    // live, a timeout arrives wrapped in an ActivityFailure, on replay as the marker's bare
+    // TimeoutFailure; both must take the same branch.
+    if (isCancellation(err) || !(err instanceof TemporalFailure)) throw err;
+    const failure = err instanceof ActivityFailure ? err.cause : err;
+    if (failure instanceof ApplicationFailure && failure.nonRetryable) throw err;
     return remote();
   }
 }
@@ -425,11 +431,12 @@ class TokenLifecycle {
    * it meanwhile: concurrent local activities can resolve in other groupings on replay.
    */
   private readStore(): Promise<PropagationSnapshot> {
-    this.storeRead ??= storeLocal.loadPropagation
-      .executeWithOptions({ summary: 'read the worker timing and the delivery rows' }, [
-        { tokenId: this.input.tokenId, eventId: this.input.revocationEventId },
-      ])
-      .finally(() => (this.storeRead = undefined));
+    const options = { summary: 'read the worker timing and the delivery rows' };
+    const args = { tokenId: this.input.tokenId, eventId: this.input.revocationEventId };
+    this.storeRead ??= localFirst(
+      () => storeLocal.loadPropagation.executeWithOptions(options, [args]),
+      () => store.loadPropagation.executeWithOptions(options, [args]),
+    ).finally(() => (this.storeRead = undefined));
     return this.storeRead;
   }
 
@@ -617,7 +624,8 @@ class TokenLifecycle {
 
   /**
    * A durable pause before a delivery that ended without a rejection is scheduled again: it never
-   * spins. (A failure's Retry-After does not reach the workflow: the pause is the schedule's step.)
+   * spins: the schedule's step, or the receiver's Retry-After when the batched first attempt carried
+   * one back (`askedMs`); an ordinary activity's Retry-After applies to its own retries.
    */
   private async pauseBeforeDeliveringAgain(receiverId: string, run: DeliveryRun, askedMs = 0): Promise<void> {
     run.endingsInARow++;
