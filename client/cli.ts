@@ -2,7 +2,7 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { Command, CommanderError, Option } from 'commander';
-import { loadSettings, loadStoreSettings, PACKAGE_ROOT, readStackFile } from '../common/config.js';
+import { loadApiSettings, loadSettings, loadStoreSettings, PACKAGE_ROOT, readStackFile } from '../common/config.js';
 import { migrate } from '../common/db.js';
 import { ConfigError, InvalidInputError, NotFoundError } from '../common/errors.js';
 import { UNPRINTABLE } from '../common/validation.js';
@@ -357,6 +357,69 @@ export function buildProgram(): Command {
         () => `re-encrypted ${outcome.rekeyed.length} signing secret(s) under master key ${outcome.keyId}`,
       );
       if (outcome.failed.length > 0) process.exitCode = EXIT.failure;
+    });
+
+  program
+    .command('api')
+    .description('run the HTTP API (admin endpoints, RFC 7009 revoke, RFC 7662 introspect) until SIGTERM')
+    .option('--host <host>', 'address to listen on (TOKENWARDEN_API_HOST, default 127.0.0.1)')
+    .option('--port <port>', 'port to listen on (TOKENWARDEN_API_PORT, default 8380)')
+    .action(async (opts: { host?: string; port?: string }) => {
+      const { runApiProcess } = await import('./api/main.js');
+      const api = loadApiSettings({
+        ...process.env,
+        ...(opts.host !== undefined ? { TOKENWARDEN_API_HOST: opts.host } : {}),
+        ...(opts.port !== undefined ? { TOKENWARDEN_API_PORT: opts.port } : {}),
+      });
+      await runApiProcess(loadSettings(), api);
+    });
+
+  const apikey = program.command('apikey').description("keys of the HTTP API's callers (stored hashed)");
+  apikey
+    .command('create')
+    .description('create an API key; the key is printed once, here only')
+    .argument('<name>', 'who uses it (audited as the actor of its revocations)')
+    .option('--scope <scope>', 'admin | introspect | revoke (repeatable; admin implies all)', collect)
+    .addOption(json)
+    .action(async (name: string, opts: { scope?: string[]; json?: boolean }) => {
+      const { createApiKey } = await import('../common/store/api-keys.js');
+      const created = await withStore((s) => createApiKey(s.pool, { name, scopes: opts.scope ?? [] }));
+      print(!!opts.json, { id: created.id, key: created.key }, () =>
+        [
+          tty`api key  ${created.id} (${created.name}: ${created.scopes.join(', ')})`,
+          tty`key      ${created.key}`,
+          '(the key is shown once; store it now)',
+        ].join('\n'),
+      );
+    });
+  apikey
+    .command('list')
+    .description('list API keys (never the keys themselves)')
+    .addOption(json)
+    .action(async (opts: { json?: boolean }) => {
+      const { listApiKeys } = await import('../common/store/api-keys.js');
+      const keys = await withStore((s) => listApiKeys(s.pool));
+      print(!!opts.json, keys, () =>
+        keys.length
+          ? keys
+              .map(
+                (k) =>
+                  tty`${k.id}  ${k.name}  ${k.scopes.join(',')}  ` +
+                  (k.revokedAt ? tty`revoked ${k.revokedAt}` : tty`created ${k.createdAt}`),
+              )
+              .join('\n')
+          : '(no API keys)',
+      );
+    });
+  apikey
+    .command('revoke')
+    .description('revoke an API key (refused by running APIs within their key cache time, 1 s by default)')
+    .argument('<id>')
+    .addOption(json)
+    .action(async (id: string, opts: { json?: boolean }) => {
+      const { revokeApiKey } = await import('../common/store/api-keys.js');
+      const revoked = await withStore((s) => revokeApiKey(s.pool, id));
+      print(!!opts.json, revoked, () => tty`api key ${revoked.id} (${revoked.name}) revoked at ${revoked.revokedAt}`);
     });
 
   return program;

@@ -61,7 +61,7 @@ export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/stor
 /** Offline check of a token string's shape and checksum (for secret scanners); no store access. */
 export { isWellFormedToken } from '../common/secrets.js';
 
-const issueSchema = (maxTtlMs: number) =>
+export const issueSchema = (maxTtlMs: number) =>
   z.object({
     subject: subjectSchema,
     receivers: z.array(receiverIdSchema).default([]),
@@ -167,6 +167,12 @@ export class TokenWarden extends TokenWardenStore {
       await pool.end();
       throw err;
     }
+  }
+
+  /** Resolves when the Temporal server answers within `timeoutMs` (health checks); throws otherwise. */
+  async checkTemporal(timeoutMs = 2_000): Promise<void> {
+    const connection = this.temporal.connection;
+    await connection.withDeadline(Date.now() + timeoutMs, () => connection.workflowService.getSystemInfo({}));
   }
 
   /** Records the workflow starts still pending, then closes the connections. */

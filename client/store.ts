@@ -31,11 +31,13 @@ const listSchema = z.object({
   subject: subjectSchema.optional(),
   status: z.enum(TOKEN_STATUSES).optional(),
   limit: z.number().int().min(1).max(10_000).default(100),
+  /** Only tokens older than this one (keyset pagination: the last id of the previous page). */
+  before: tokenIdSchema.optional(),
 });
 export type ListFilter = z.input<typeof listSchema>;
 
 /** Receiver input; the URL rules depend on the deployment's allowed address ranges. */
-const receiverSchema = (allow: readonly ReceiverAllowance[]) =>
+export const receiverSchema = (allow: readonly ReceiverAllowance[]) =>
   z.object({
     id: receiverIdSchema,
     /** Stored as the parser's normalised `href`: what is shown is what workers reach. */
@@ -134,6 +136,7 @@ export class TokenWardenStore {
       ...(f.subject ? { subject: f.subject } : {}),
       ...(f.status ? { status: f.status } : {}),
       limit: f.limit,
+      ...(f.before ? { beforeId: f.before } : {}),
     });
     return tokens.map(summarise);
   }

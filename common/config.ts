@@ -120,6 +120,8 @@ export interface StackFile {
   pid: number;
   /** Receivers' address ranges the stack allows; clients of its store apply them too. */
   receiverAllow?: ReceiverAllowance[];
+  /** The stack's HTTP API, e.g. http://127.0.0.1:8380. */
+  api?: string;
 }
 
 const duration = (name: string, fallback: string) =>
@@ -231,6 +233,35 @@ const envSchema = z.object({
     )
     .optional(),
 });
+
+/** Where the HTTP API listens (`tokenwarden api`, and the dev stack's API). */
+export interface ApiSettings {
+  host: string;
+  port: number;
+}
+
+const apiEnvSchema = z.object({
+  TOKENWARDEN_API_HOST: z
+    .string()
+    .regex(/^(\[[0-9a-fA-F:]+\]|[^\s:[\]/]+)$/, 'TOKENWARDEN_API_HOST must be a host name or address, e.g. 127.0.0.1')
+    .default('127.0.0.1'),
+  TOKENWARDEN_API_PORT: z
+    .string()
+    .default('8380')
+    .refine((text) => /^\d{1,5}$/.test(text) && Number(text) <= 65535, 'TOKENWARDEN_API_PORT must be a port number (0-65535)')
+    .transform(Number),
+});
+
+/** The API's address from TOKENWARDEN_API_HOST (default 127.0.0.1) and TOKENWARDEN_API_PORT (default 8380). */
+export function loadApiSettings(env: NodeJS.ProcessEnv = process.env): ApiSettings {
+  const parsed = apiEnvSchema.safeParse(env);
+  if (!parsed.success) {
+    throw new ConfigError(
+      `invalid configuration: ${parsed.error.issues.map((i) => `${String(i.path[0] ?? '')}: ${i.message}`).join('; ')}`,
+    );
+  }
+  return { host: parsed.data.TOKENWARDEN_API_HOST.replace(/^\[(.*)\]$/, '$1'), port: parsed.data.TOKENWARDEN_API_PORT };
+}
 
 function isMasterKey(text: string): boolean {
   return Buffer.from(text, 'base64').length === 32;

@@ -14,6 +14,7 @@ export interface Tables {
   receiver: string;
   delivery: string;
   audit_event: string;
+  api_key: string;
 }
 
 export const tablesFor = (schema: string): Tables => {
@@ -25,6 +26,7 @@ export const tablesFor = (schema: string): Tables => {
     receiver: `${q}.receiver`,
     delivery: `${q}.delivery`,
     audit_event: `${q}.audit_event`,
+    api_key: `${q}.api_key`,
   };
 };
 

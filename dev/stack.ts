@@ -8,7 +8,7 @@ import { existsSync, rmSync } from 'node:fs';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Connection } from '@temporalio/client';
-import { loadSettings, masterKeyFile, PACKAGE_ROOT, type StackFile } from '../common/config.js';
+import { loadApiSettings, loadSettings, masterKeyFile, PACKAGE_ROOT, type StackFile } from '../common/config.js';
 import { migrate } from '../common/db.js';
 import { DEFAULT_NAMESPACE } from '../common/names.js';
 import { runWorkerProcess } from '../worker/worker.js';
@@ -116,6 +116,12 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
     const applied = await migrate(databaseUrl, settings.databaseSchema, log);
     if (applied.length > 0) log(`applied migrations: ${applied.join(', ')}`);
 
+    // The HTTP API in this process; it stops first (the list is stopped in reverse), requests finishing.
+    const { startApi } = await import('../client/api/main.js');
+    const api = await startApi(settings, loadApiSettings());
+    running.push({ name: 'the HTTP API', stop: api.close });
+    log(`HTTP API on ${api.url} (create a key: npx tokenwarden apikey create ops --scope admin)`);
+
     const stack: StackFile = {
       databaseUrl,
       databaseSchema: settings.databaseSchema,
@@ -125,6 +131,7 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
       ...(keyFile ? { masterKeyFile: keyFile } : {}),
       pid: process.pid,
       receiverAllow: settings.receiverAllow,
+      api: api.url,
     };
     // The URL carries the database password.
     await writeFile(stackFile, `${JSON.stringify(stack, null, 2)}\n`, { mode: 0o600 });
@@ -146,7 +153,7 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
     } else {
       log('no worker in this process (--no-worker): start `tokenwarden worker` processes with `tokenwarden env`');
     }
-    log(walkthrough(uiPort));
+    log(walkthrough(uiPort, api.url));
   } catch (err) {
     console.error((err as Error).message);
     return shutdown(1);
@@ -177,7 +184,7 @@ function envPort(name: string, fallback: number): number {
   return port;
 }
 
-function walkthrough(uiPort: number): string {
+function walkthrough(uiPort: number, apiUrl: string): string {
   return `
 tokenwarden is running. Ctrl-C stops it; tokens and sleeping workflows survive a restart.
 In another terminal:
@@ -187,6 +194,12 @@ In another terminal:
   npx tokenwarden show <token id>
   npx tokenwarden revoke <token id> --reason "left the company"
   npx tokenwarden list --subject usr_8f3a21
+
+The HTTP API is on ${apiUrl}:
+
+  KEY=$(npx tokenwarden apikey create ops --scope admin --json | jq -r .key)
+  curl -s ${apiUrl}/v1/tokens -H "Authorization: Bearer $KEY" -H 'content-type: application/json' \\
+    -d '{"subject":"usr_8f3a21","ttl":"1h"}'
 
 Each token is a workflow: http://localhost:${uiPort}/namespaces/${DEFAULT_NAMESPACE}/workflows
 `;

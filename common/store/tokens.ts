@@ -81,15 +81,24 @@ export async function requireToken(db: Queryable, tokenId: string): Promise<Toke
 
 export async function listTokens(
   db: Queryable,
-  filter: { subject?: string; status?: TokenStatus; limit: number },
+  filter: { subject?: string; status?: TokenStatus; limit: number; beforeId?: string },
 ): Promise<TokenRecord[]> {
   const t = db.tables;
+  // Newest first by id (UUIDv7: time-ordered); `beforeId` continues a page where the last one ended.
   const { rows } = await db.query(
     `SELECT ${TOKEN_COLUMNS} FROM ${t.token}
       WHERE ($1::text IS NULL OR subject = $1)
         AND ($2::text IS NULL OR CASE WHEN status = 'active' AND expires_at <= now() THEN 'expired' ELSE status END = $2)
+        AND ($4::text IS NULL OR id < $4)
       ORDER BY id DESC LIMIT $3`,
-    [filter.subject ?? null, filter.status ?? null, filter.limit],
+    [filter.subject ?? null, filter.status ?? null, filter.limit, filter.beforeId ?? null],
   );
   return rows.map(toToken);
+}
+
+/** The id of the token one of whose credentials has this SHA-256 (any state: a dead token is found too). */
+export async function findTokenIdByHash(db: Queryable, secretHash: Buffer): Promise<string | undefined> {
+  const t = db.tables;
+  const { rows } = await db.query(`SELECT token_id FROM ${t.credential} WHERE secret_hash = $1`, [secretHash]);
+  return (rows[0] as { token_id: string } | undefined)?.token_id;
 }

@@ -1,0 +1,74 @@
+/**
+ * The API as a process (`tokenwarden api`, and inside `tokenwarden start`): the library, the
+ * verifier, the server; SIGTERM/SIGINT stop accepting, let requests in flight finish, then close.
+ */
+import type { ApiSettings, Settings } from '../../common/config.js';
+import { TokenWarden } from '../index.js';
+import { createApiServer, type ApiServer, type TokenVerifier } from './server.js';
+
+// TEMPORARY until tokenwarden/verifier lands: its module path as a value, so this compiles without it.
+const VERIFIER_MODULE = '../verifier.js';
+type CreateVerifier = (opts: {
+  databaseUrl: string;
+  schema?: string;
+}) => Promise<TokenVerifier & { close(): Promise<void> }>;
+const createVerifier: CreateVerifier = async (opts) =>
+  ((await import(VERIFIER_MODULE)) as { createVerifier: CreateVerifier }).createVerifier(opts);
+
+export interface RunningApi {
+  /** e.g. http://127.0.0.1:8380 */
+  url: string;
+  server: ApiServer;
+  /** Stops accepting, waits for requests in flight, then closes the verifier and the library. */
+  close(): Promise<void>;
+}
+
+export async function startApi(settings: Settings, api: ApiSettings): Promise<RunningApi> {
+  const warden = await TokenWarden.connect(settings, {
+    onError: (err) => process.stderr.write(`tokenwarden api: ${err.message}\n`),
+  });
+  let verifier: Awaited<ReturnType<typeof createVerifier>> | undefined;
+  try {
+    verifier = await createVerifier({ databaseUrl: settings.databaseUrl, schema: settings.databaseSchema });
+    const server = await createApiServer({ warden, verifier });
+    await server.listen({ host: api.host, port: api.port });
+    const address = server.server.address();
+    const port = typeof address === 'object' && address ? address.port : api.port;
+    const host = api.host.includes(':') ? `[${api.host}]` : api.host;
+    let closing: Promise<void> | undefined;
+    const v = verifier;
+    return {
+      url: `http://${host}:${port}`,
+      server,
+      close: () =>
+        (closing ??= (async () => {
+          try {
+            await server.close();
+          } finally {
+            await v.close();
+            await warden.close();
+          }
+        })()),
+    };
+  } catch (err) {
+    await verifier?.close();
+    await warden.close();
+    throw err;
+  }
+}
+
+/** `tokenwarden api`: runs until SIGTERM or SIGINT, then shuts down gracefully. */
+export async function runApiProcess(settings: Settings, api: ApiSettings): Promise<void> {
+  const running = await startApi(settings, api);
+  process.stderr.write(`tokenwarden api listening on ${running.url}\n`);
+  await new Promise<void>((resolve) => {
+    const stop = () => {
+      process.off('SIGTERM', stop);
+      process.off('SIGINT', stop);
+      resolve();
+    };
+    process.on('SIGTERM', stop);
+    process.on('SIGINT', stop);
+  });
+  await running.close();
+}

@@ -1,0 +1,118 @@
+/**
+ * RFC 7009 revocation and RFC 7662 introspection, form-encoded. Unknown, malformed, revoked and
+ * expired tokens look alike: revocation answers 200, introspection `{"active": false}`.
+ */
+import { z } from 'zod';
+import { findTokenIdByHash } from '../../../common/store/tokens.js';
+import { hashToken, isWellFormedToken } from '../../../common/secrets.js';
+import type { TokenWarden } from '../../index.js';
+import { actorOf } from '../auth.js';
+import type { ApiInstance, TokenVerifier } from '../server.js';
+
+/** RFC 6749 §5.2 error shape (the /oauth/ routes' errors, see problems.ts). */
+const oauthError = z.object({ error: z.string(), error_description: z.string().optional() }).loose();
+
+const tokenRequest = z.object({
+  token: z.string({ error: 'required: the token to act on' }).max(4096, 'at most 4096 characters'),
+  /** RFC 7009 §2.1 / RFC 7662 §2.1: a hint the server may ignore; an unknown one is ignored. */
+  token_type_hint: z.string().max(100).optional(),
+});
+
+const errors = { 400: oauthError, 401: oauthError, 403: oauthError, 503: oauthError };
+
+const seconds = (t: string | Date) => Math.floor(new Date(t).getTime() / 1000);
+
+export async function oauthRoutes(app: ApiInstance, warden: TokenWarden, verifier: TokenVerifier): Promise<void> {
+  app.post(
+    '/oauth/revoke',
+    {
+      config: { scopes: ['revoke'] },
+      schema: {
+        summary: 'RFC 7009: revoke a token (200 also when it was unknown or already invalid)',
+        consumes: ['application/x-www-form-urlencoded'],
+        body: tokenRequest,
+        response: { 200: z.undefined(), ...errors },
+      },
+    },
+    async (request, reply) => {
+      reply.header('cache-control', 'no-store');
+      const { token } = request.body;
+      // Garbage is refused offline: no lookup, nothing to revoke.
+      const tokenId = isWellFormedToken(token) ? await findTokenIdByHash(warden.pool, hashToken(token)) : undefined;
+      if (tokenId) {
+        try {
+          await warden.revoke({
+            tokenId,
+            reason: 'revoked through the RFC 7009 endpoint',
+            actor: actorOf(request.apiKey!),
+            initiatingEntity: 'user',
+          });
+        } catch (err) {
+          // RFC 7009 §2.2.1: 503 means "assume the token is still valid"; try again.
+          request.log.error(
+            { err: { type: (err as Error).name, message: (err as Error).message } },
+            'revocation failed',
+          );
+          return reply
+            .code(503)
+            .header('retry-after', '1')
+            .send({ error: 'temporarily_unavailable', error_description: 'the token could not be revoked now' });
+        }
+      }
+      return reply.code(200).send();
+    },
+  );
+
+  app.post(
+    '/oauth/introspect',
+    {
+      config: { scopes: ['introspect'] },
+      schema: {
+        summary: 'RFC 7662: is this token active? (through the verifier: cached, dropped at once on a kill)',
+        consumes: ['application/x-www-form-urlencoded'],
+        body: tokenRequest,
+        response: {
+          200: z.union([
+            z.object({
+              active: z.literal(true),
+              scope: z.string(),
+              sub: z.string(),
+              exp: z.number().int(),
+              iat: z.number().int(),
+              jti: z.string(),
+              token_type: z.literal('Bearer'),
+            }),
+            z.object({ active: z.literal(false) }),
+          ]),
+          ...errors,
+        },
+      },
+    },
+    async (request, reply) => {
+      reply.header('cache-control', 'no-store');
+      let verdict;
+      try {
+        verdict = await verifier.verify(request.body.token);
+      } catch (err) {
+        request.log.error(
+          { err: { type: (err as Error).name, message: (err as Error).message } },
+          'verification failed',
+        );
+        return reply
+          .code(503)
+          .header('retry-after', '1')
+          .send({ error: 'temporarily_unavailable', error_description: 'the token could not be checked now' });
+      }
+      if (!verdict.active) return reply.send({ active: false as const });
+      return reply.send({
+        active: true as const,
+        scope: verdict.scopes.join(' '),
+        sub: verdict.subject,
+        exp: seconds(verdict.expiresAt),
+        iat: seconds(verdict.issuedAt),
+        jti: verdict.tokenId,
+        token_type: 'Bearer' as const,
+      });
+    },
+  );
+}

@@ -1,0 +1,135 @@
+/**
+ * The HTTP API: a fastify server over the library (TokenWarden) and the verifier. Every body, query
+ * and path parameter is a zod schema (validation and the OpenAPI document come from the same
+ * schemas); errors are problem details; keys, tokens and Authorization headers are never logged.
+ */
+import formbody from '@fastify/formbody';
+import swagger from '@fastify/swagger';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import {
+  jsonSchemaTransform,
+  jsonSchemaTransformObject,
+  serializerCompiler,
+  validatorCompiler,
+  type ZodTypeProvider,
+} from 'fastify-type-provider-zod';
+import type { DestinationStream } from 'pino';
+import type { TokenWarden } from '../index.js';
+import { ApiKeyAuthenticator } from './auth.js';
+import { handleError, pathOf, problem, sendProblem } from './problems.js';
+import { healthRoutes } from './routes/health.js';
+import { oauthRoutes } from './routes/oauth.js';
+import { receiverRoutes } from './routes/receivers.js';
+import { tokenRoutes } from './routes/tokens.js';
+
+/** What introspection asks (tokenwarden/verifier's Verifier: cached, dropped on the store's kill NOTIFY). */
+export interface TokenVerifier {
+  verify(raw: string): Promise<
+    | {
+        active: true;
+        tokenId: string;
+        subject: string;
+        scopes: readonly string[];
+        expiresAt: string | Date;
+        issuedAt: string | Date;
+        credentialId: string;
+      }
+    | { active: false }
+  >;
+}
+
+export interface ApiServerOptions {
+  warden: TokenWarden;
+  verifier: TokenVerifier;
+  /** Where request logs go (pino lines; default stdout) and from which level; `false`: no logging. */
+  logger?: { stream?: DestinationStream; level?: string } | false;
+  /** How long an accepted API key is remembered (default 1 s): a revoked key is refused at most this late. */
+  apiKeyCacheTtlMs?: number;
+}
+
+/** One route as the auth tests see it: they walk this table, so a new route cannot be forgotten. */
+export interface RouteEntry {
+  method: string;
+  url: string;
+  scopes: readonly string[] | undefined;
+}
+
+export type ApiServer = FastifyInstance & { readonly routeTable: RouteEntry[] };
+
+export type ApiInstance = FastifyInstance<FastifyInstance['server'], never, never, FastifyBaseLogger, ZodTypeProvider>;
+
+/** Request logs carry method, path (no query), status and timing: never headers or bodies. */
+const serializers = {
+  req: (req: { method: string; url: string; id: string }) => ({
+    id: req.id,
+    method: req.method,
+    path: req.url.split('?')[0],
+  }),
+  res: (res: { statusCode: number }) => ({ statusCode: res.statusCode }),
+};
+
+export async function createApiServer(options: ApiServerOptions): Promise<ApiServer> {
+  const { warden, verifier } = options;
+  const logger =
+    options.logger === false
+      ? false
+      : {
+          level: options.logger?.level ?? 'info',
+          ...(options.logger?.stream ? { stream: options.logger.stream } : {}),
+          serializers,
+          // Belt and braces: the serializers above already drop headers and bodies.
+          redact: {
+            paths: ['req.headers.authorization', 'req.headers.cookie', 'req.body', 'body', 'token', 'key'],
+            censor: '[redacted]',
+          },
+        };
+  const app = Fastify({
+    logger,
+    bodyLimit: 64 * 1024,
+    // In-flight requests finish on close; idle keep-alive connections are closed at once.
+    forceCloseConnections: 'idle',
+    return503OnClosing: true,
+  }) as unknown as ApiServer;
+  const routeTable: RouteEntry[] = [];
+  Object.defineProperty(app, 'routeTable', { value: routeTable });
+  app.addHook('onRoute', (route) => {
+    const methods = Array.isArray(route.method) ? route.method : [route.method];
+    for (const method of methods) {
+      if (method === 'HEAD') continue;
+      routeTable.push({ method, url: route.url, scopes: route.config?.scopes });
+    }
+  });
+
+  app.setValidatorCompiler(validatorCompiler);
+  app.setSerializerCompiler(serializerCompiler);
+  app.setErrorHandler(handleError);
+  app.setNotFoundHandler((request, reply) =>
+    sendProblem(reply, problem(request, 404, `no endpoint ${request.method} ${pathOf(request)}`)),
+  );
+  await app.register(formbody);
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.1.0',
+      info: {
+        title: 'tokenwarden',
+        version: '1.0.0',
+        description:
+          'Token lifecycle API: admin endpoints (/v1), RFC 7009 revocation and RFC 7662 introspection (/oauth). Errors are RFC 9457 problem details; under /oauth/ they use the OAuth error shape.',
+      },
+      components: { securitySchemes: { apiKey: { type: 'http', scheme: 'bearer', description: 'twk_… API key' } } },
+      security: [{ apiKey: [] }],
+    },
+    transform: jsonSchemaTransform,
+    transformObject: jsonSchemaTransformObject,
+  });
+
+  const auth = new ApiKeyAuthenticator(warden.pool, options.apiKeyCacheTtlMs ?? 1_000);
+  app.addHook('onRequest', auth.hook());
+
+  const typed = app.withTypeProvider<ZodTypeProvider>() as unknown as ApiInstance;
+  await healthRoutes(typed, warden);
+  await tokenRoutes(typed, warden);
+  await receiverRoutes(typed, warden);
+  await oauthRoutes(typed, warden, verifier);
+  return app;
+}

@@ -1,0 +1,379 @@
+/** The HTTP API on loopback against the real store and Temporal: auth, every endpoint, RFC 7009, problem details, logs. */
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { TokenWarden } from '../client/index.js';
+import { createApiServer } from '../client/api/server.js';
+import { createApiKey, revokeApiKey } from '../common/store/api-keys.js';
+import { freePort } from '../dev/processes.js';
+import { call, startApiHarness, type ApiHarness } from './support/api.js';
+import { TestContext } from './support/context.js';
+import { waitUntil } from './support/wait.js';
+
+let ctx: TestContext;
+let api: ApiHarness;
+const TEMP_VERIFIER = { verify: async () => ({ active: false as const }) };
+
+before(async () => {
+  ctx = await TestContext.create('api');
+  api = await startApiHarness(ctx, TEMP_VERIFIER);
+});
+after(async () => {
+  await api?.close();
+  await ctx?.close();
+});
+
+const TOKEN_ID = 'tok_0193aaaaaaaaaaaaaaaaaaaaaaaaaaaa';
+
+/** A route's URL with its parameters filled with well-formed values. */
+const concrete = (url: string) =>
+  url.replace(':id', url.includes('receivers') ? 'rcv-x' : TOKEN_ID).replace(':subject', 'usr_x');
+
+const sampleBody = (url: string) =>
+  url.startsWith('/oauth/')
+    ? { form: { token: 'tw_nothing' } }
+    : { json: { reason: 'r', subject: 'usr_x', ttl: '1h', id: 'x', url: 'http://127.0.0.1:1/' } };
+
+describe('HTTP API: authentication and scopes on every route', () => {
+  it('should answer 401 without, with a malformed, an unknown or a revoked key, and 403 with a key of another scope', async () => {
+    const table = api.server.routeTable.filter((r) => r.scopes);
+    assert.ok(table.length >= 10, `routes with scopes: ${table.map((r) => `${r.method} ${r.url}`).join(', ')}`);
+    const revoked = await createApiKey(ctx.pool, { name: 'gone', scopes: ['admin'] });
+    await revokeApiKey(ctx.pool, revoked.id);
+    const unknown = `twk_${'0'.repeat(32)}_${'f'.repeat(64)}`;
+    const wrongSecret = revoked.key.slice(0, -4) + 'abcd';
+    for (const route of table) {
+      const what = `${route.method} ${route.url}`;
+      const path = concrete(route.url);
+      for (const key of [undefined, 'not-a-key', unknown, revoked.key, wrongSecret, 'basic']) {
+        // `basic`: the right admin key under another scheme.
+        const auth = key === 'basic' ? { headers: { authorization: `Basic ${api.keys.admin}` } } : key ? { key } : {};
+        const res = await call(api.url, route.method, path, { ...auth, ...sampleBody(route.url) });
+        assert.equal(res.status, 401, `${what} with ${key ? 'a bad key' : 'no key'}: ${res.text}`);
+        assert.match(res.headers.get('www-authenticate') ?? '', /^Bearer/, what);
+        assert.doesNotMatch(res.text, /revoked|unknown|malformed|secret/i, `${what}: the body says nothing more`);
+      }
+      const others = (['introspect', 'revoke'] as const).filter((s) => !route.scopes!.includes(s));
+      for (const scope of others) {
+        const res = await call(api.url, route.method, path, { key: api.keys[scope], ...sampleBody(route.url) });
+        assert.equal(res.status, 403, `${what} with a ${scope} key: ${res.text}`);
+      }
+    }
+    // The same request with a key of the right scope passes authentication.
+    const ok = await call(api.url, 'GET', '/v1/tokens', { key: api.keys.admin });
+    assert.equal(ok.status, 200, ok.text);
+  });
+
+  it('should refuse a key revoked while the server runs within the key cache time', async () => {
+    const key = await createApiKey(ctx.pool, { name: 'soon-gone', scopes: ['admin'] });
+    assert.equal((await call(api.url, 'GET', '/v1/tokens', { key: key.key })).status, 200);
+    await revokeApiKey(ctx.pool, key.id);
+    await waitUntil(
+      async () => (await call(api.url, 'GET', '/v1/tokens', { key: key.key })).status === 401,
+      'the revoked key refused',
+      3_000,
+    );
+  });
+
+  it('should serve /healthz and /openapi.json without a key, the document listing every route', async () => {
+    const health = await call(api.url, 'GET', '/healthz');
+    assert.equal(health.status, 200, health.text);
+    assert.deepEqual(health.body, { status: 'ok', temporal: { reachable: true }, postgres: { reachable: true } });
+    const doc = await call(api.url, 'GET', '/openapi.json');
+    assert.equal(doc.status, 200);
+    assert.equal(doc.body.openapi, '3.1.0');
+    for (const route of api.server.routeTable.filter((r) => r.url !== '/openapi.json')) {
+      const path = route.url.replace(/:(\w+)/g, '{$1}');
+      assert.ok(doc.body.paths[path]?.[route.method.toLowerCase()], `${route.method} ${path} documented`);
+    }
+    const issue = doc.body.paths['/v1/tokens'].post;
+    assert.ok(issue.requestBody.content['application/json'].schema.properties.subject, 'the issue body schema');
+    assert.ok(doc.body.paths['/v1/receivers'].post.requestBody, 'the receiver body schema');
+  });
+});
+
+describe('HTTP API: tokens', () => {
+  it('should issue (raw token once), show, and revoke with the delivery state, idempotently', async () => {
+    await call(api.url, 'POST', '/v1/receivers', {
+      key: api.keys.admin,
+      json: { id: 'api-rcv', url: 'http://127.0.0.1:9/hook' },
+    });
+    const issued = await call(api.url, 'POST', '/v1/tokens', {
+      key: api.keys.admin,
+      json: { subject: 'usr_api', ttl: '1h', scopes: ['read', 'write'], receivers: ['api-rcv'], name: 'ci' },
+    });
+    assert.equal(issued.status, 201, issued.text);
+    assert.equal(issued.headers.get('cache-control'), 'no-store');
+    const { tokenId, token } = issued.body as { tokenId: string; token: string };
+    assert.match(token, /^tw_/);
+
+    const shown = await call(api.url, 'GET', `/v1/tokens/${tokenId}`, { key: api.keys.admin });
+    assert.equal(shown.status, 200, shown.text);
+    assert.equal(shown.body.status, 'active');
+    assert.deepEqual(shown.body.scopes, ['read', 'write']);
+    assert.ok(!shown.text.includes(token), 'show never returns the raw token');
+
+    const revoked = await call(api.url, 'POST', `/v1/tokens/${tokenId}/revoke`, {
+      key: api.keys.admin,
+      json: { reason: 'left the company' },
+    });
+    assert.equal(revoked.status, 200, revoked.text);
+    assert.equal(revoked.body.status, 'revoked');
+    assert.equal(revoked.body.changed, true);
+    assert.match(revoked.body.revokedBy, /^apikey:test-admin \(key_[0-9a-f]{32}\)$/);
+    assert.deepEqual(
+      revoked.body.deliveries.map((d: { receiverId: string }) => d.receiverId),
+      ['api-rcv'],
+      'the outbox row written by the kill',
+    );
+    const { rows } = await ctx.sql.query('SELECT status FROM token WHERE id = $1', [tokenId]);
+    assert.equal(rows[0].status, 'revoked', 'dead in the store when the answer came');
+
+    const again = await call(api.url, 'POST', `/v1/tokens/${tokenId}/revoke`, {
+      key: api.keys.admin,
+      json: { reason: 'twice' },
+    });
+    assert.equal(again.status, 200);
+    assert.equal(again.body.changed, false);
+    assert.equal(again.body.reason, 'left the company', "the first revocation's facts");
+  });
+
+  it("should page through a subject's tokens with an opaque cursor, newest first, each once", async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 5; i++) ids.push((await ctx.warden.issue({ subject: 'usr_pages', ttl: '1h' })).tokenId);
+    const seen: string[] = [];
+    let cursor: string | null = null;
+    let pages = 0;
+    do {
+      const query: string = `?subject=usr_pages&limit=2${cursor ? `&cursor=${cursor}` : ''}`;
+      const page = await call(api.url, 'GET', `/v1/tokens${query}`, { key: api.keys.admin });
+      assert.equal(page.status, 200, page.text);
+      assert.ok(page.body.tokens.length <= 2);
+      seen.push(...page.body.tokens.map((t: { id: string }) => t.id));
+      cursor = page.body.next;
+      if (cursor) assert.doesNotMatch(cursor, /tok_/, 'the cursor is opaque');
+      pages++;
+    } while (cursor);
+    assert.equal(pages, 3);
+    assert.deepEqual(seen, [...ids].reverse());
+    // A token issued meanwhile does not shift later pages (keyset, not offset).
+    const first = await call(api.url, 'GET', '/v1/tokens?subject=usr_pages&limit=2', { key: api.keys.admin });
+    await ctx.warden.issue({ subject: 'usr_pages', ttl: '1h' });
+    const second = await call(api.url, 'GET', `/v1/tokens?subject=usr_pages&limit=2&cursor=${first.body.next}`, {
+      key: api.keys.admin,
+    });
+    assert.deepEqual(
+      second.body.tokens.map((t: { id: string }) => t.id),
+      [ids[2], ids[1]],
+    );
+    const revoked = await call(api.url, 'GET', '/v1/tokens?subject=usr_pages&status=revoked', { key: api.keys.admin });
+    assert.deepEqual(revoked.body, { tokens: [], next: null });
+  });
+
+  it('should answer problem details naming the field, 404 for an unknown token, 500 without internals', async () => {
+    const bad = await call(api.url, 'POST', '/v1/tokens', {
+      key: api.keys.admin,
+      json: { subject: 'a@b.example', ttl: 'forever', scopes: ['a b'] },
+    });
+    assert.equal(bad.status, 400);
+    assert.equal(bad.headers.get('content-type'), 'application/problem+json; charset=utf-8');
+    assert.equal(bad.body.type, 'urn:tokenwarden:problem:invalid-input');
+    assert.equal(bad.body.instance, '/v1/tokens');
+    assert.deepEqual(bad.body.errors.map((e: { in: string; path: string }) => `${e.in} ${e.path}`).sort(), [
+      'body scopes.0',
+      'body subject',
+      'body ttl',
+    ]);
+    for (const key of ['type', 'title', 'status', 'detail', 'instance']) assert.ok(key in bad.body, key);
+
+    const unknownReceiver = await call(api.url, 'POST', '/v1/tokens', {
+      key: api.keys.admin,
+      json: { subject: 'usr_x', ttl: '1h', receivers: ['nope'] },
+    });
+    assert.equal(unknownReceiver.status, 400, unknownReceiver.text);
+    assert.deepEqual(
+      unknownReceiver.body.errors.map((e: { path: string }) => e.path),
+      ['receivers'],
+      'a library error names its field',
+    );
+
+    const query = await call(api.url, 'GET', '/v1/tokens?limit=0&status=dead&cursor=zzz', { key: api.keys.admin });
+    assert.equal(query.status, 400);
+    assert.deepEqual(query.body.errors.map((e: { in: string; path: string }) => `${e.in} ${e.path}`).sort(), [
+      'query cursor',
+      'query limit',
+      'query status',
+    ]);
+    const param = await call(api.url, 'GET', '/v1/tokens/tok_nope', { key: api.keys.admin });
+    assert.equal(param.status, 400);
+    assert.deepEqual(
+      param.body.errors.map((e: { in: string; path: string }) => `${e.in} ${e.path}`),
+      ['params id'],
+    );
+
+    const missing = await call(api.url, 'GET', `/v1/tokens/${TOKEN_ID}`, { key: api.keys.admin });
+    assert.equal(missing.status, 404);
+    assert.equal(missing.body.type, 'urn:tokenwarden:problem:not-found');
+    const missingRevoke = await call(api.url, 'POST', `/v1/tokens/${TOKEN_ID}/revoke`, {
+      key: api.keys.admin,
+      json: { reason: 'x' },
+    });
+    assert.equal(missingRevoke.status, 404, missingRevoke.text);
+
+    const json = await call(api.url, 'POST', '/v1/tokens', {
+      key: api.keys.admin,
+      raw: { body: '{"subject": tw_', contentType: 'application/json' },
+    });
+    assert.equal(json.status, 400);
+    assert.deepEqual(json.body.errors, [{ in: 'body', path: '(body)', message: 'not valid JSON' }]);
+    assert.doesNotMatch(json.text, /tw_/, 'the body is not quoted back');
+
+    const route = await call(api.url, 'GET', '/v1/nothing', { key: api.keys.admin });
+    assert.equal(route.status, 404);
+    assert.equal(route.headers.get('content-type'), 'application/problem+json; charset=utf-8');
+
+    // The store unreachable: a 500 problem that names nothing inside.
+    const deadStore = await TokenWarden.connect({
+      ...ctx.settings,
+      databaseUrl: `postgres://x:secretpw@127.0.0.1:${await freePort()}/x`,
+    });
+    const server = await createApiServer({ warden: deadStore, verifier: TEMP_VERIFIER, logger: false });
+    try {
+      await server.listen({ host: '127.0.0.1', port: 0 });
+      const port = (server.server.address() as { port: number }).port;
+      const failed = await call(`http://127.0.0.1:${port}`, 'GET', '/healthz');
+      assert.equal(failed.status, 503);
+      assert.deepEqual(failed.body, {
+        status: 'unavailable',
+        temporal: { reachable: true },
+        postgres: { reachable: false },
+      });
+      // Without a reachable store no key can be checked: 500, not 401, and nothing of the cause.
+      const internal = await call(`http://127.0.0.1:${port}`, 'GET', '/v1/tokens', { key: api.keys.admin });
+      assert.equal(internal.status, 500, internal.text);
+      assert.equal(internal.body.detail, 'the request could not be completed; see the server log');
+      assert.doesNotMatch(internal.text, /ECONNREFUSED|secretpw|127\.0\.0\.1|at /);
+    } finally {
+      await server.close();
+      await deadStore.close();
+    }
+  });
+
+  it('should report Temporal unreachable on /healthz with 503, PostgreSQL still reachable', async () => {
+    const address = `127.0.0.1:${await freePort()}`;
+    const warden = await TokenWarden.connect({
+      ...ctx.settings,
+      temporal: { ...ctx.settings.temporal, connectionOptions: { address } },
+    });
+    const server = await createApiServer({ warden, verifier: TEMP_VERIFIER, logger: false });
+    try {
+      await server.listen({ host: '127.0.0.1', port: 0 });
+      const port = (server.server.address() as { port: number }).port;
+      const res = await call(`http://127.0.0.1:${port}`, 'GET', '/healthz');
+      assert.equal(res.status, 503);
+      assert.deepEqual(res.body, {
+        status: 'unavailable',
+        temporal: { reachable: false },
+        postgres: { reachable: true },
+      });
+    } finally {
+      await server.close();
+      await warden.close();
+    }
+  });
+});
+
+describe('HTTP API: receivers', () => {
+  it('should register (secret once), list, show, remove, and refuse what the library refuses', async () => {
+    const added = await call(api.url, 'POST', '/v1/receivers', {
+      key: api.keys.admin,
+      json: { id: 'crud-rcv', url: 'http://127.0.0.1:9/x' },
+    });
+    assert.equal(added.status, 201, added.text);
+    assert.match(added.body.secret, /^whsec_/);
+    const listed = await call(api.url, 'GET', '/v1/receivers', { key: api.keys.admin });
+    const mine = listed.body.receivers.find((r: { id: string }) => r.id === 'crud-rcv');
+    assert.equal(mine.url, 'http://127.0.0.1:9/x');
+    assert.ok(!listed.text.includes(added.body.secret), 'never the secret again');
+    const one = await call(api.url, 'GET', '/v1/receivers/crud-rcv', { key: api.keys.admin });
+    assert.equal(one.status, 200);
+    assert.ok(!one.text.includes('whsec_'));
+    const dup = await call(api.url, 'POST', '/v1/receivers', {
+      key: api.keys.admin,
+      json: { id: 'crud-rcv', url: 'http://127.0.0.1:9/x' },
+    });
+    assert.equal(dup.status, 400);
+    assert.deepEqual(
+      dup.body.errors.map((e: { path: string }) => e.path),
+      ['id'],
+    );
+    const metadata = await call(api.url, 'POST', '/v1/receivers', {
+      key: api.keys.admin,
+      json: { id: 'meta', url: 'http://169.254.169.254/' },
+    });
+    assert.equal(metadata.status, 400);
+    assert.deepEqual(
+      metadata.body.errors.map((e: { path: string }) => e.path),
+      ['url'],
+    );
+    const removed = await call(api.url, 'DELETE', '/v1/receivers/crud-rcv', { key: api.keys.admin });
+    assert.equal(removed.status, 200, removed.text);
+    assert.ok(removed.body.removedAt);
+    assert.equal((await call(api.url, 'GET', '/v1/receivers/crud-rcv', { key: api.keys.admin })).status, 404);
+    assert.equal((await call(api.url, 'DELETE', '/v1/receivers/no-such', { key: api.keys.admin })).status, 404);
+  });
+});
+
+describe('HTTP API: RFC 7009 revocation', () => {
+  it('should revoke a token by its string, audited as coming over RFC 7009 with the key as actor', async () => {
+    const { tokenId, token } = await ctx.warden.issue({ subject: 'usr_7009', ttl: '1h' });
+    const res = await call(api.url, 'POST', '/oauth/revoke', {
+      key: api.keys.revoke,
+      form: { token, token_type_hint: 'access_token' },
+    });
+    assert.equal(res.status, 200, res.text);
+    assert.equal(res.text, '');
+    const { rows } = await ctx.sql.query(
+      'SELECT status, revoked_by, revoke_reason, initiating_entity FROM token WHERE id = $1',
+      [tokenId],
+    );
+    assert.equal(rows[0].status, 'revoked');
+    assert.match(rows[0].revoked_by, /^apikey:test-revoke \(key_/);
+    assert.equal(rows[0].revoke_reason, 'revoked through the RFC 7009 endpoint');
+    assert.equal(rows[0].initiating_entity, 'user');
+    // Again, and with an admin key: still 200, the first revocation kept.
+    const again = await call(api.url, 'POST', '/oauth/revoke', { key: api.keys.admin, form: { token } });
+    assert.equal(again.status, 200);
+  });
+
+  it('should answer 200 for unknown, malformed and unknown-hint tokens, 400 invalid_request without a token', async () => {
+    const { tokenId, token } = await ctx.warden.issue({ subject: 'usr_7009b', ttl: '1h' });
+    const lookalike = token.slice(0, -8) + 'AAAAAAAA';
+    for (const form of <Record<string, string>[]>[
+      { token: 'tw_unknown_000000' },
+      { token: lookalike },
+      { token: '' },
+      { token: 'x'.repeat(4000) },
+      { token: 'tw_whatever', token_type_hint: 'no_such_hint' },
+    ]) {
+      const res = await call(api.url, 'POST', '/oauth/revoke', { key: api.keys.revoke, form });
+      assert.equal(res.status, 200, `${JSON.stringify(form).slice(0, 60)}: ${res.text}`);
+    }
+    const { rows } = await ctx.sql.query('SELECT status FROM token WHERE id = $1', [tokenId]);
+    assert.equal(rows[0].status, 'active', 'a lookalike revokes nothing');
+    const missing = await call(api.url, 'POST', '/oauth/revoke', {
+      key: api.keys.revoke,
+      form: { token_type_hint: 'access_token' },
+    });
+    assert.equal(missing.status, 400);
+    assert.equal(missing.body.error, 'invalid_request');
+    assert.match(missing.body.error_description, /^token: /);
+    assert.equal(missing.headers.get('content-type'), 'application/json; charset=utf-8');
+    const noKey = await call(api.url, 'POST', '/oauth/revoke', { form: { token } });
+    assert.equal(noKey.status, 401);
+    assert.equal(noKey.body.error, 'invalid_client');
+    const wrongScope = await call(api.url, 'POST', '/oauth/revoke', { key: api.keys.introspect, form: { token } });
+    assert.equal(wrongScope.status, 403);
+    assert.equal(wrongScope.body.error, 'insufficient_scope');
+    assert.equal((await ctx.sql.query('SELECT status FROM token WHERE id = $1', [tokenId])).rows[0].status, 'active');
+  });
+});
