@@ -1,0 +1,104 @@
+/** `tokenwarden apikey` and `tokenwarden api` as a user runs them: child processes, exit codes, no Temporal for keys. */
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { authenticateApiKey } from '../common/store/api-keys.js';
+import { runCli } from './support/cli.js';
+import { TestContext } from './support/context.js';
+import { recordingModulesTo, temporalSdkFiles } from './support/loaded-modules.js';
+
+let ctx: TestContext;
+let dir: string;
+
+before(async () => {
+  ctx = await TestContext.create('apicli');
+  dir = await mkdtemp(path.join(os.tmpdir(), 'tokenwarden-apikey-'));
+});
+after(async () => {
+  await rm(dir, { recursive: true, force: true });
+  await ctx?.close();
+});
+
+let runs = 0;
+/** Runs a command with this file's store, recording the Temporal SDK files it loaded. */
+async function cli(args: string[], extraEnv: Record<string, string> = {}) {
+  const file = path.join(dir, `${runs++}.json`);
+  const run = await runCli(args, { ...ctx.childEnv(), ...recordingModulesTo(file), ...extraEnv });
+  return { ...run, sdk: await temporalSdkFiles(file).catch(() => ['(not recorded)']) };
+}
+
+describe('tokenwarden apikey', () => {
+  it('should create a key shown once, list without it, revoke it, all without loading Temporal', async () => {
+    const created = await cli([
+      'apikey',
+      'create',
+      'ci-deploy',
+      '--scope',
+      'revoke',
+      '--scope',
+      'introspect',
+      '--json',
+    ]);
+    assert.equal(created.code, 0, created.stderr);
+    assert.deepEqual(created.sdk, []);
+    const { id, key } = JSON.parse(created.stdout) as { id: string; key: string };
+    assert.deepEqual(Object.keys(JSON.parse(created.stdout)).sort(), ['id', 'key']);
+    assert.match(id, /^key_[0-9a-f]{32}$/);
+    assert.match(key, new RegExp(`^twk_${id.slice(4)}_[0-9a-f]{64}$`), 'twk_<id>_<256-bit secret>');
+    const accepted = await authenticateApiKey(ctx.pool, key);
+    assert.deepEqual(accepted?.scopes, ['introspect', 'revoke']);
+    const { rows } = await ctx.sql.query('SELECT key_hash FROM api_key WHERE id = $1', [id]);
+    assert.ok(!rows[0].key_hash.toString('hex').includes(key.slice(-64)), 'stored hashed');
+
+    const listed = await cli(['apikey', 'list', '--json']);
+    assert.equal(listed.code, 0, listed.stderr);
+    assert.deepEqual(listed.sdk, []);
+    assert.ok(!listed.stdout.includes(key.slice(-64)), 'never the key');
+    const mine = (JSON.parse(listed.stdout) as { id: string; name: string; revokedAt: string | null }[]).find(
+      (k) => k.id === id,
+    );
+    assert.deepEqual([mine?.name, mine?.revokedAt], ['ci-deploy', null]);
+    const human = await cli(['apikey', 'list']);
+    assert.match(human.stdout, new RegExp(`${id}  ci-deploy  introspect,revoke  created `));
+
+    const revoked = await cli(['apikey', 'revoke', id, '--json']);
+    assert.equal(revoked.code, 0, revoked.stderr);
+    assert.deepEqual(revoked.sdk, []);
+    assert.ok(JSON.parse(revoked.stdout).revokedAt);
+    assert.equal(await authenticateApiKey(ctx.pool, key), undefined, 'a revoked key is refused');
+    const twice = await cli(['apikey', 'revoke', id, '--json']);
+    assert.equal(twice.code, 0, 'revoking twice is harmless');
+    assert.equal(JSON.parse(twice.stdout).revokedAt, JSON.parse(revoked.stdout).revokedAt);
+  });
+
+  it('should refuse bad input naming it, with exit 2 (3 for an unknown key)', async () => {
+    const noScope = await cli(['apikey', 'create', 'x']);
+    assert.equal(noScope.code, 2);
+    assert.match(
+      noScope.stderr,
+      /^tokenwarden: invalid API key: scopes: at least one scope: admin, introspect, revoke\n$/,
+    );
+    const badScope = await cli(['apikey', 'create', 'x', '--scope', 'root']);
+    assert.equal(badScope.code, 2);
+    assert.match(badScope.stderr, /scopes\.0: expected admin, introspect, revoke/);
+    const badId = await cli(['apikey', 'revoke', 'tok_1']);
+    assert.equal(badId.code, 2);
+    assert.match(badId.stderr, /invalid API key id: .*expected an API key id/);
+    const unknown = await cli(['apikey', 'revoke', `key_${'0'.repeat(32)}`]);
+    assert.equal(unknown.code, 3);
+    assert.match(unknown.stderr, /api key "key_0+" not found/);
+    const { rows } = await ctx.sql.query(`SELECT count(*)::int AS n FROM api_key WHERE name = 'x'`);
+    assert.equal(rows[0].n, 0);
+  });
+
+  it('should refuse a bad TOKENWARDEN_API_PORT or --port naming it', async () => {
+    const bad = await cli(['api', '--port', '70000']);
+    assert.equal(bad.code, 1);
+    assert.match(bad.stderr, /TOKENWARDEN_API_PORT: TOKENWARDEN_API_PORT must be a port number/);
+    const env = await cli(['api'], { TOKENWARDEN_API_PORT: 'http' });
+    assert.equal(env.code, 1);
+    assert.match(env.stderr, /TOKENWARDEN_API_PORT must be a port number/);
+  });
+});
