@@ -28,10 +28,12 @@ const TOKEN_ID = 'tok_0193aaaaaaaaaaaaaaaaaaaaaaaaaaaa';
 const concrete = (url: string) =>
   url.replace(':id', url.includes('receivers') ? 'rcv-x' : TOKEN_ID).replace(':subject', 'usr_x');
 
-const sampleBody = (url: string) =>
-  url.startsWith('/oauth/')
-    ? { form: { token: 'tw_nothing' } }
-    : { json: { reason: 'r', subject: 'usr_x', ttl: '1h', id: 'x', url: 'http://127.0.0.1:1/' } };
+const sampleBody = (method: string, url: string) =>
+  method !== 'POST'
+    ? {}
+    : url.startsWith('/oauth/')
+      ? { form: { token: 'tw_nothing' } }
+      : { json: { reason: 'r', subject: 'usr_x', ttl: '1h', id: 'x', url: 'http://127.0.0.1:1/' } };
 
 describe('HTTP API: authentication and scopes on every route', () => {
   it('should answer 401 without, with a malformed, an unknown or a revoked key, and 403 with a key of another scope', async () => {
@@ -47,14 +49,17 @@ describe('HTTP API: authentication and scopes on every route', () => {
       for (const key of [undefined, 'not-a-key', unknown, revoked.key, wrongSecret, 'basic']) {
         // `basic`: the right admin key under another scheme.
         const auth = key === 'basic' ? { headers: { authorization: `Basic ${api.keys.admin}` } } : key ? { key } : {};
-        const res = await call(api.url, route.method, path, { ...auth, ...sampleBody(route.url) });
+        const res = await call(api.url, route.method, path, { ...auth, ...sampleBody(route.method, route.url) });
         assert.equal(res.status, 401, `${what} with ${key ? 'a bad key' : 'no key'}: ${res.text}`);
         assert.match(res.headers.get('www-authenticate') ?? '', /^Bearer/, what);
         assert.doesNotMatch(res.text, /revoked|unknown|malformed|secret/i, `${what}: the body says nothing more`);
       }
       const others = (['introspect', 'revoke'] as const).filter((s) => !route.scopes!.includes(s));
       for (const scope of others) {
-        const res = await call(api.url, route.method, path, { key: api.keys[scope], ...sampleBody(route.url) });
+        const res = await call(api.url, route.method, path, {
+          key: api.keys[scope],
+          ...sampleBody(route.method, route.url),
+        });
         assert.equal(res.status, 403, `${what} with a ${scope} key: ${res.text}`);
       }
     }
@@ -375,5 +380,42 @@ describe('HTTP API: RFC 7009 revocation', () => {
     assert.equal(wrongScope.status, 403);
     assert.equal(wrongScope.body.error, 'insufficient_scope');
     assert.equal((await ctx.sql.query('SELECT status FROM token WHERE id = $1', [tokenId])).rows[0].status, 'active');
+  });
+});
+
+describe('HTTP API: request logs', () => {
+  it('should log each request without a token, a key or an Authorization header', async () => {
+    const issued = await call(api.url, 'POST', '/v1/tokens', {
+      key: api.keys.admin,
+      json: { subject: 'usr_logs', ttl: '1h' },
+    });
+    const token = issued.body.token as string;
+    await call(api.url, 'POST', '/oauth/introspect', { key: api.keys.introspect, form: { token } });
+    await call(api.url, 'POST', '/oauth/revoke', { key: api.keys.revoke, form: { token } });
+    await call(api.url, 'POST', `/v1/tokens/${issued.body.tokenId}/revoke`, {
+      key: api.keys.admin,
+      json: { reason: 'logs' },
+    });
+    // Where a careless server would echo it: a query string, a JSON parse error, a bad field's value.
+    await call(api.url, 'GET', `/v1/tokens?token=${token}`, { key: api.keys.admin });
+    await call(api.url, 'POST', '/v1/tokens', {
+      key: api.keys.admin,
+      raw: { body: `{"subject":"${token}`, contentType: 'application/json' },
+    });
+    await call(api.url, 'POST', '/v1/tokens', { key: api.keys.admin, json: { subject: token, ttl: token } });
+    await call(api.url, 'GET', '/v1/tokens', { key: `${api.keys.admin}x` });
+
+    const log = api.log.text;
+    assert.match(log, /"statusCode":201/, 'requests are logged');
+    assert.match(log, /"path":"\/oauth\/revoke"/);
+    for (const secret of [
+      token,
+      token.slice(3, 30),
+      ...Object.values(api.keys),
+      ...Object.values(api.keys).map((k) => k.slice(-64)),
+    ]) {
+      assert.ok(!log.includes(secret), `the log holds a secret (${secret.slice(0, 6)}…)`);
+    }
+    assert.doesNotMatch(log, /authorization|bearer/i);
   });
 });
