@@ -4,7 +4,11 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { authenticateApiKey } from '../common/store/api-keys.js';
+import { spawn } from 'node:child_process';
+import { PACKAGE_ROOT } from '../common/config.js';
+import { authenticateApiKey, createApiKey } from '../common/store/api-keys.js';
+import { call } from './support/api.js';
+import { waitUntil } from './support/wait.js';
 import { runCli } from './support/cli.js';
 import { TestContext } from './support/context.js';
 import { recordingModulesTo, temporalSdkFiles } from './support/loaded-modules.js';
@@ -100,5 +104,53 @@ describe('tokenwarden apikey', () => {
     const env = await cli(['api'], { TOKENWARDEN_API_PORT: 'http' });
     assert.equal(env.code, 1);
     assert.match(env.stderr, /TOKENWARDEN_API_PORT must be a port number/);
+  });
+});
+
+describe('tokenwarden api', () => {
+  it('should serve until SIGTERM, then finish the request in flight before it exits', async () => {
+    const { key } = await createApiKey(ctx.pool, { name: 'shutdown', scopes: ['admin'] });
+    const { tokenId } = await ctx.warden.issue({ subject: 'usr_shutdown', ttl: '1h' });
+    const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), 'api', '--port', '0'], {
+      env: { ...ctx.childEnv() },
+    });
+    let stderr = '';
+    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    const lock = await ctx.sql.connect();
+    try {
+      const url = await waitUntil(() => /listening on (http:\/\/\S+)/.exec(stderr)?.[1], 'the API listening', 20_000);
+      // The revoke's kill waits for this row lock: a request held in flight.
+      await lock.query('BEGIN');
+      await lock.query('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [tokenId]);
+      const inFlight = call(url, 'POST', `/v1/tokens/${tokenId}/revoke`, { key, json: { reason: 'shutdown test' } });
+      await waitUntil(
+        async () =>
+          (
+            await ctx.sql.query(
+              `SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%kill_token%'`,
+            )
+          ).rowCount! > 0,
+        'the revoke waiting on the lock',
+      );
+      child.kill('SIGTERM');
+      // Closing: new connections are refused while the request in flight is still held.
+      await waitUntil(
+        async () =>
+          await fetch(`${url}/healthz`).then(
+            () => false,
+            () => true,
+          ),
+        'new connections refused',
+      );
+      await lock.query('COMMIT');
+      const answer = await inFlight;
+      assert.equal(answer.status, 200, answer.text);
+      assert.equal(answer.body.status, 'revoked');
+      assert.equal(await exited, 0, stderr);
+    } finally {
+      lock.release();
+      if (child.exitCode === null) child.kill('SIGKILL');
+    }
   });
 });
