@@ -12,7 +12,7 @@ type CreateVerifier = (opts: {
   databaseUrl: string;
   schema?: string;
 }) => Promise<TokenVerifier & { close(): Promise<void> }>;
-const createVerifier: CreateVerifier = async (opts) =>
+export const createVerifier: CreateVerifier = async (opts) =>
   ((await import(VERIFIER_MODULE)) as { createVerifier: CreateVerifier }).createVerifier(opts);
 
 export interface RunningApi {
