@@ -147,7 +147,10 @@ describe('tokenwarden api', () => {
       const answer = await inFlight;
       assert.equal(answer.status, 200, answer.text);
       assert.equal(answer.body.status, 'revoked');
+      // Promptly: the answered connection is closed, not left to its keep-alive timeout.
+      const answeredAt = Date.now();
       assert.equal(await exited, 0, stderr);
+      assert.ok(Date.now() - answeredAt < 10_000, `exited ${Date.now() - answeredAt} ms after the answer`);
     } finally {
       lock.release();
       if (child.exitCode === null) child.kill('SIGKILL');

@@ -5,18 +5,22 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import fc from 'fast-check';
+import { createVerifier, type Verifier } from '../client/verifier.js';
 import { call, startApiHarness, type ApiAnswer, type ApiHarness } from './support/api.js';
 import { TestContext } from './support/context.js';
 
 let ctx: TestContext;
 let api: ApiHarness;
+let verifier: Verifier;
 
 before(async () => {
   ctx = await TestContext.create('apifuzz');
-  api = await startApiHarness(ctx, { verify: async () => ({ active: false as const }) });
+  verifier = await createVerifier({ databaseUrl: ctx.settings.databaseUrl, schema: ctx.settings.databaseSchema });
+  api = await startApiHarness(ctx, verifier);
 });
 after(async () => {
   await api?.close();
+  await verifier?.close();
   await ctx?.close();
 });
 

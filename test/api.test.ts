@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { TokenWarden } from '../client/index.js';
 import { createApiServer } from '../client/api/server.js';
+import { createVerifier, type Verifier } from '../client/verifier.js';
 import { createApiKey, revokeApiKey } from '../common/store/api-keys.js';
 import { freePort } from '../dev/processes.js';
 import { call, startApiHarness, type ApiHarness } from './support/api.js';
@@ -11,14 +12,16 @@ import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
 let api: ApiHarness;
-const TEMP_VERIFIER = { verify: async () => ({ active: false as const }) };
+let verifier: Verifier;
 
 before(async () => {
   ctx = await TestContext.create('api');
-  api = await startApiHarness(ctx, TEMP_VERIFIER);
+  verifier = await createVerifier({ databaseUrl: ctx.settings.databaseUrl, schema: ctx.settings.databaseSchema });
+  api = await startApiHarness(ctx, verifier);
 });
 after(async () => {
   await api?.close();
+  await verifier?.close();
   await ctx?.close();
 });
 
@@ -241,7 +244,7 @@ describe('HTTP API: tokens', () => {
       ...ctx.settings,
       databaseUrl: `postgres://x:secretpw@127.0.0.1:${await freePort()}/x`,
     });
-    const server = await createApiServer({ warden: deadStore, verifier: TEMP_VERIFIER, logger: false });
+    const server = await createApiServer({ warden: deadStore, verifier, logger: false });
     try {
       await server.listen({ host: '127.0.0.1', port: 0 });
       const port = (server.server.address() as { port: number }).port;
@@ -269,7 +272,7 @@ describe('HTTP API: tokens', () => {
       ...ctx.settings,
       temporal: { ...ctx.settings.temporal, connectionOptions: { address } },
     });
-    const server = await createApiServer({ warden, verifier: TEMP_VERIFIER, logger: false });
+    const server = await createApiServer({ warden, verifier, logger: false });
     try {
       await server.listen({ host: '127.0.0.1', port: 0 });
       const port = (server.server.address() as { port: number }).port;
@@ -417,5 +420,95 @@ describe('HTTP API: request logs', () => {
       assert.ok(!log.includes(secret), `the log holds a secret (${secret.slice(0, 6)}…)`);
     }
     assert.doesNotMatch(log, /authorization|bearer/i);
+  });
+});
+
+describe('HTTP API: RFC 7662 introspection', () => {
+  const introspect = (token: string, key = api.keys.introspect) =>
+    call(api.url, 'POST', '/oauth/introspect', { key, form: { token } });
+
+  it('should answer active with its claims, then inactive once revoked over the API, through the verifier', async () => {
+    const issued = await call(api.url, 'POST', '/v1/tokens', {
+      key: api.keys.admin,
+      json: { subject: 'usr_7662', ttl: '1h', scopes: ['read', 'write'] },
+    });
+    const { tokenId, token } = issued.body as { tokenId: string; token: string };
+    const before = Math.floor(Date.now() / 1000);
+    const active = await introspect(token);
+    assert.equal(active.status, 200, active.text);
+    assert.equal(active.headers.get('cache-control'), 'no-store');
+    const expiresAt = Math.floor(new Date(issued.body.expiresAt).getTime() / 1000);
+    assert.deepEqual(active.body, {
+      active: true,
+      scope: 'read write',
+      sub: 'usr_7662',
+      exp: expiresAt,
+      iat: active.body.iat,
+      jti: tokenId,
+      token_type: 'Bearer',
+    });
+    assert.ok(Math.abs(active.body.iat - before) <= 2, `iat in seconds: ${active.body.iat}`);
+    // The answer is cached now (5 s): only the kill's NOTIFY can turn it within the 1 s below.
+    assert.equal((await introspect(token)).body.active, true);
+    const hits = verifier.stats().cacheHits;
+    assert.ok(hits > 0, 'served from the verifier cache');
+
+    const revoked = await call(api.url, 'POST', `/v1/tokens/${tokenId}/revoke`, {
+      key: api.keys.admin,
+      json: { reason: 'introspection test' },
+    });
+    assert.equal(revoked.status, 200);
+    await waitUntil(
+      async () => (await introspect(token)).text === '{"active":false}',
+      'introspection says inactive',
+      1_000,
+      10,
+    );
+  });
+
+  it('should answer exactly {"active":false} for unknown, malformed, revoked and expired tokens alike', async () => {
+    const { token: revoked, tokenId } = await ctx.warden.issue({ subject: 'usr_7662b', ttl: '1h' });
+    await ctx.warden.revoke({ tokenId, reason: 'dead' });
+    const { token: expiring } = await ctx.warden.issue({ subject: 'usr_7662b', ttl: '1s' });
+    const { token: live } = await ctx.warden.issue({ subject: 'usr_7662b', ttl: '1h' });
+    const unknown = live.slice(0, 3) + 'A'.repeat(live.length - 10) + live.slice(-7);
+    await waitUntil(
+      async () =>
+        (await ctx.sql.query(`SELECT 1 FROM token WHERE subject = 'usr_7662b' AND expires_at <= now()`)).rowCount! > 0,
+      'the 1 s token expired',
+      5_000,
+    );
+    for (const token of [revoked, expiring, unknown, 'tw_abc', '', 'x'.repeat(4096), live.slice(0, -1)]) {
+      const res = await introspect(token);
+      assert.equal(res.status, 200, res.text);
+      assert.equal(res.text, '{"active":false}', `${token.slice(0, 12)}…`);
+    }
+    assert.equal((await introspect(live)).body.active, true, 'a live token next to them is active');
+    const admin = await introspect(live, api.keys.admin);
+    assert.equal(admin.body.active, true, 'admin implies introspect');
+  });
+
+  it('should refuse wrong credentials and a missing token in the OAuth error shape', async () => {
+    const { token } = await ctx.warden.issue({ subject: 'usr_7662c', ttl: '1h' });
+    const none = await call(api.url, 'POST', '/oauth/introspect', { form: { token } });
+    assert.equal(none.status, 401);
+    assert.deepEqual(none.body.error, 'invalid_client');
+    assert.match(none.headers.get('www-authenticate') ?? '', /^Bearer/);
+    assert.ok(!none.text.includes('active'), 'nothing about the token');
+    const wrong = await introspect(token, `twk_${'1'.repeat(32)}_${'2'.repeat(64)}`);
+    assert.equal(wrong.status, 401);
+    const scope = await introspect(token, api.keys.revoke);
+    assert.equal(scope.status, 403);
+    assert.equal(scope.body.error, 'insufficient_scope');
+    const missing = await call(api.url, 'POST', '/oauth/introspect', {
+      key: api.keys.introspect,
+      form: { token_type_hint: 'access_token' },
+    });
+    assert.equal(missing.status, 400);
+    assert.equal(missing.body.error, 'invalid_request');
+    assert.deepEqual(
+      missing.body.errors.map((e: { path: string }) => e.path),
+      ['token'],
+    );
   });
 });

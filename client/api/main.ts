@@ -4,16 +4,8 @@
  */
 import type { ApiSettings, Settings } from '../../common/config.js';
 import { TokenWarden } from '../index.js';
-import { createApiServer, type ApiServer, type TokenVerifier } from './server.js';
-
-// TEMPORARY until tokenwarden/verifier lands: its module path as a value, so this compiles without it.
-const VERIFIER_MODULE = '../verifier.js';
-type CreateVerifier = (opts: {
-  databaseUrl: string;
-  schema?: string;
-}) => Promise<TokenVerifier & { close(): Promise<void> }>;
-export const createVerifier: CreateVerifier = async (opts) =>
-  ((await import(VERIFIER_MODULE)) as { createVerifier: CreateVerifier }).createVerifier(opts);
+import { createVerifier, type Verifier } from '../verifier.js';
+import { createApiServer, type ApiServer } from './server.js';
 
 export interface RunningApi {
   /** e.g. http://127.0.0.1:8380 */
@@ -27,9 +19,13 @@ export async function startApi(settings: Settings, api: ApiSettings): Promise<Ru
   const warden = await TokenWarden.connect(settings, {
     onError: (err) => process.stderr.write(`tokenwarden api: ${err.message}\n`),
   });
-  let verifier: Awaited<ReturnType<typeof createVerifier>> | undefined;
+  let verifier: Verifier | undefined;
   try {
-    verifier = await createVerifier({ databaseUrl: settings.databaseUrl, schema: settings.databaseSchema });
+    verifier = await createVerifier({
+      databaseUrl: settings.databaseUrl,
+      schema: settings.databaseSchema,
+      onError: (err) => process.stderr.write(`tokenwarden api: verifier: ${err.message}\n`),
+    });
     const server = await createApiServer({ warden, verifier });
     await server.listen({ host: api.host, port: api.port });
     const address = server.server.address();

@@ -100,6 +100,16 @@ export async function createApiServer(options: ApiServerOptions): Promise<ApiSer
     }
   });
 
+  // A request answered while closing ends its keep-alive connection: close() would otherwise wait
+  // for the client to drop it (fastify's keep-alive timeout is 72 s).
+  let closing = false;
+  app.addHook('preClose', async () => {
+    closing = true;
+  });
+  app.addHook('onSend', async (_request, reply) => {
+    if (closing) reply.header('connection', 'close');
+  });
+
   app.setValidatorCompiler(validatorCompiler);
   app.setSerializerCompiler(serializerCompiler);
   app.setErrorHandler(handleError);
