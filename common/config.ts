@@ -248,7 +248,10 @@ const apiEnvSchema = z.object({
   TOKENWARDEN_API_PORT: z
     .string()
     .default('8380')
-    .refine((text) => /^\d{1,5}$/.test(text) && Number(text) <= 65535, 'TOKENWARDEN_API_PORT must be a port number (0-65535)')
+    .refine(
+      (text) => /^\d{1,5}$/.test(text) && Number(text) <= 65535,
+      'TOKENWARDEN_API_PORT must be a port number (0-65535)',
+    )
     .transform(Number),
 });
 

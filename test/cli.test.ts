@@ -450,6 +450,7 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
       TOKENWARDEN_TASK_QUEUE: taskQueue,
       TOKENWARDEN_TEMPORAL_PORT: String(await freePort()),
       TOKENWARDEN_UI_PORT: String(await freePort()),
+      TOKENWARDEN_API_PORT: String(await freePort()),
     });
     children.push(stack.child);
     await waitUntil(
@@ -458,6 +459,11 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
       `the stack to start (${stack.output()})`,
       90_000,
     );
+    // The stack's HTTP API: in the stack file and the banner, and answering.
+    const stackApi = (JSON.parse(await readFile(path.join(dataDir, 'stack.json'), 'utf8')) as { api: string }).api;
+    assert.match(stackApi, /^http:\/\/127\.0\.0\.1:\d+$/);
+    assert.ok(stack.output().includes(`HTTP API on ${stackApi}`), 'printed in the banner');
+    assert.equal((await fetch(`${stackApi}/healthz`)).status, 200);
 
     const printed = await run(['env', '--data-dir', dataDir], base);
     assert.equal(printed.code, 0, printed.stderr);
