@@ -401,6 +401,8 @@ describe('HTTP API: request logs', () => {
     });
     // Where a careless server would echo it: a query string, a JSON parse error, a bad field's value.
     await call(api.url, 'GET', `/v1/tokens?token=${token}`, { key: api.keys.admin });
+    await call(api.url, 'GET', `/v1/tokens/${token}`, { key: api.keys.admin });
+    await call(api.url, 'POST', `/oauth/revoke/${token}`, { key: api.keys.revoke });
     await call(api.url, 'POST', '/v1/tokens', {
       key: api.keys.admin,
       raw: { body: `{"subject":"${token}`, contentType: 'application/json' },
@@ -410,7 +412,8 @@ describe('HTTP API: request logs', () => {
 
     const log = api.log.text;
     assert.match(log, /"statusCode":201/, 'requests are logged');
-    assert.match(log, /"path":"\/oauth\/revoke"/);
+    assert.match(log, /"route":"\/oauth\/revoke"/);
+    assert.match(log, /"route":"\/v1\/tokens\/:id"/);
     for (const secret of [
       token,
       token.slice(3, 30),

@@ -15,6 +15,7 @@ import {
 } from 'fastify-type-provider-zod';
 import type { DestinationStream } from 'pino';
 import type { TokenWarden } from '../index.js';
+import type { Verifier } from '../verifier.js';
 import { ApiKeyAuthenticator } from './auth.js';
 import { handleError, pathOf, problem, sendProblem } from './problems.js';
 import { healthRoutes } from './routes/health.js';
@@ -22,21 +23,8 @@ import { oauthRoutes } from './routes/oauth.js';
 import { receiverRoutes } from './routes/receivers.js';
 import { tokenRoutes } from './routes/tokens.js';
 
-/** What introspection asks (tokenwarden/verifier's Verifier: cached, dropped on the store's kill NOTIFY). */
-export interface TokenVerifier {
-  verify(raw: string): Promise<
-    | {
-        active: true;
-        tokenId: string;
-        subject: string;
-        scopes: readonly string[];
-        expiresAt: string | Date;
-        issuedAt: string | Date;
-        credentialId: string;
-      }
-    | { active: false }
-  >;
-}
+/** What introspection asks: tokenwarden/verifier (cached, dropped on the store's kill NOTIFY). */
+export type TokenVerifier = Pick<Verifier, 'verify'>;
 
 export interface ApiServerOptions {
   warden: TokenWarden;
@@ -85,7 +73,8 @@ export async function createApiServer(options: ApiServerOptions): Promise<ApiSer
     request.log.info(
       {
         method: request.method,
-        path: pathOf(request),
+        // The route's pattern (`/v1/tokens/:id`), not the path: a careless client may put a token in it.
+        route: request.routeOptions.url ?? '(no route)',
         statusCode: reply.statusCode,
         ms: Math.round(reply.elapsedTime * 10) / 10,
       },

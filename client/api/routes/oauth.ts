@@ -20,7 +20,7 @@ const tokenRequest = z.object({
 
 const errors = { 400: oauthError, 401: oauthError, 403: oauthError, 503: oauthError };
 
-const seconds = (t: string | Date) => Math.floor(new Date(t).getTime() / 1000);
+const seconds = (iso: string) => Math.floor(new Date(iso).getTime() / 1000);
 
 export async function oauthRoutes(app: ApiInstance, warden: TokenWarden, verifier: TokenVerifier): Promise<void> {
   app.post(
