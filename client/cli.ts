@@ -84,7 +84,9 @@ function describeToken(t: TokenView): string {
   for (const d of t.deliveries) {
     lines.push(
       tty`receiver     ${d.receiverId}: ${d.status}, ${d.attempts} attempt(s)` +
-        (d.lastError ? tty`, last error: ${d.lastError}` : ''),
+        (d.probes ? tty`, ${d.probes} probe(s)` : '') +
+        tty`; delivered ${d.delivered ?? 'not yet'}; verified ${d.verified}` +
+        (d.lastError ? tty`; last error: ${d.lastError}` : ''),
     );
   }
   return lines.join('\n');
@@ -303,19 +305,35 @@ export function buildProgram(): Command {
     .command('add')
     .argument('<id>')
     .requiredOption('--url <url>', 'where signed revocation events are POSTed')
+    .option(
+      '--probe-url <url>',
+      'its verification probe: GET <url>/<tokenId> says whether it still accepts a token; deliveries count once it says no',
+    )
     .option('--secret-stdin', 'import an existing whsec_ signing secret from stdin instead of generating one')
     .addOption(json)
-    .action(async (id: string, opts: { url: string; secretStdin?: boolean; json?: boolean }) => {
+    .action(async (id: string, opts: { url: string; probeUrl?: string; secretStdin?: boolean; json?: boolean }) => {
       const secret = opts.secretStdin ? await readStdin() : undefined;
       const added = await withStore((tw) =>
-        tw.addReceiver({ id, url: opts.url, ...(secret !== undefined ? { secret } : {}) }),
+        tw.addReceiver({
+          id,
+          url: opts.url,
+          ...(opts.probeUrl !== undefined ? { probeUrl: opts.probeUrl } : {}),
+          ...(secret !== undefined ? { secret } : {}),
+        }),
       );
-      const out = { id: added.id, url: added.url, ...(secret === undefined ? { secret: added.secret } : {}) };
+      const out = {
+        id: added.id,
+        url: added.url,
+        probeUrl: added.probeUrl,
+        ...(secret === undefined ? { secret: added.secret } : {}),
+      };
+      const probe = added.probeUrl ? tty` (probe ${added.probeUrl})` : '';
       print(!!opts.json, out, () =>
         secret === undefined
           ? tty`receiver ${added.id} → ${added.url}` +
+            probe +
             tty`\nsigning secret ${added.secret}\n(the secret is shown once; give it to the receiver now)`
-          : tty`receiver ${added.id} → ${added.url} (imported secret)`,
+          : tty`receiver ${added.id} → ${added.url}` + probe + ' (imported secret)',
       );
     });
   receiver
@@ -324,7 +342,9 @@ export function buildProgram(): Command {
     .action(async (opts: { json?: boolean }) => {
       const receivers = await withStore((tw) => tw.listReceivers());
       print(!!opts.json, receivers, () =>
-        receivers.length ? receivers.map((r) => tty`${r.id}  ${r.url}`).join('\n') : '(no receivers)',
+        receivers.length
+          ? receivers.map((r) => tty`${r.id}  ${r.url}` + (r.probeUrl ? tty`  probe ${r.probeUrl}` : '')).join('\n')
+          : '(no receivers)',
       );
     });
   receiver

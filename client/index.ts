@@ -58,6 +58,7 @@ export {
 } from './store.js';
 export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.js';
 export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/store/index.js';
+export type { DeliveryReport } from '../common/store/deliveries.js';
 /** Offline check of a token string's shape and checksum (for secret scanners); no store access. */
 export { isWellFormedToken } from '../common/secrets.js';
 
