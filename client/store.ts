@@ -19,7 +19,7 @@ import {
   removeReceiver,
   replaceSecret,
 } from '../common/store/receivers.js';
-import type { DeliveryRecord, ReceiverRecord, TokenRecord } from '../common/store/rows.js';
+import type { ReceiverRecord, TokenRecord } from '../common/store/rows.js';
 import { listTokens, requireToken } from '../common/store/tokens.js';
 import { parseInput, receiverIdSchema, subjectSchema, tokenIdSchema } from '../common/validation.js';
 
