@@ -187,6 +187,23 @@ describe('verified propagation', () => {
     await ctx.warden.forceComplete(tokenId, { reason: 'probe misconfigured' });
     await propagationIs(tokenId, 'complete');
   });
+  it('should check the probe address again at probe time, after the event was acknowledged', async () => {
+    const probing = await probingReceiver();
+    // The stored probe URL now points somewhere the rules refuse (as a name that resolves elsewhere would).
+    await ctx.sql.query('UPDATE receiver SET probe_url = $2 WHERE id = $1', [
+      probing.id,
+      'http://169.254.169.254/probe',
+    ]);
+    const tokenId = await revokedToken([probing.id], [probing.example]);
+    await propagationIs(tokenId, 'stuck');
+    const refused = await deliveryTo(tokenId, probing.id);
+    assert.equal(refused.status, 'failed');
+    assert.match(String(refused.delivered), ISO, 'the event itself was acknowledged');
+    assert.match(String(refused.lastError), /^probe of receiver prb-\d+ refused: 169\.254\.169\.254 is a link-local/);
+    assert.equal(probing.example.counts.probes, 0, 'no probe request was sent');
+    await ctx.warden.forceComplete(tokenId, { reason: 'probe address refused' });
+    await propagationIs(tokenId, 'complete');
+  });
 });
 
 describe('probe URL checks at receiver add', () => {
