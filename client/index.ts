@@ -352,7 +352,10 @@ export class TokenWarden extends TokenWardenStore {
       correlationId: operationId,
     };
     const told = await this.tellWorkflows(untold, request, req, onProgress, abort);
-    const receiversPending = await store.unconfirmedByReceiver(this.pool, untold.map((t) => t.id));
+    const receiversPending = await store.unconfirmedByReceiver(
+      this.pool,
+      untold.map((t) => t.id),
+    );
     return {
       subject: req.subject,
       operationId,
@@ -420,7 +423,9 @@ export class TokenWarden extends TokenWardenStore {
   private async tellWorkflow(token: TokenRecord, request: RevokeRequest): Promise<void> {
     const deadline = Date.now() + TEMPORAL_CALL_DEADLINE_MS;
     try {
-      await this.temporal.connection.withDeadline(deadline, () => signalRevokeRunning(this.temporal, token.id, request));
+      await this.temporal.connection.withDeadline(deadline, () =>
+        signalRevokeRunning(this.temporal, token.id, request),
+      );
     } catch (err) {
       if (!(err instanceof WorkflowNotFoundError)) throw err;
       await this.temporal.connection.withDeadline(deadline, () =>

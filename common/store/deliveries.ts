@@ -210,7 +210,10 @@ export async function forceCompleteDeliveries(
 }
 
 /** Deliveries of these tokens not yet confirmed (pending or failed), counted per receiver. */
-export async function unconfirmedByReceiver(db: StorePool, tokenIds: readonly string[]): Promise<Record<string, number>> {
+export async function unconfirmedByReceiver(
+  db: StorePool,
+  tokenIds: readonly string[],
+): Promise<Record<string, number>> {
   const { rows } = await db.query(
     `SELECT receiver_id, count(*)::integer AS n FROM ${db.tables.delivery}
       WHERE token_id = ANY($1) AND status IN ('pending', 'failed')

@@ -135,7 +135,11 @@ export interface BulkKillRequest {
  * `kill_tokens`, migrations/0009), each by the one kill: when this returns, none of them verifies.
  * Returns the facts of the tokens this call killed; the others were dead already (or unknown).
  */
-export async function killTokens(pool: StorePool, tokenIds: readonly string[], req: BulkKillRequest): Promise<TokenRecord[]> {
+export async function killTokens(
+  pool: StorePool,
+  tokenIds: readonly string[],
+  req: BulkKillRequest,
+): Promise<TokenRecord[]> {
   const t = pool.tables;
   const { rows } = await pool.query(
     `SELECT ${TOKEN_COLUMNS} FROM ${routine(t, 'kill_tokens')}($1, $2, $3, $4, $5, $6, $7, $8)`,
@@ -148,7 +152,11 @@ export async function killTokens(pool: StorePool, tokenIds: readonly string[], r
  * Kills every active token of a subject in one transaction (offboarding): the subject's ids are read
  * in the same statement, so a token of theirs is either killed here or was dead before.
  */
-export async function killSubjectTokens(pool: StorePool, subject: string, req: BulkKillRequest): Promise<TokenRecord[]> {
+export async function killSubjectTokens(
+  pool: StorePool,
+  subject: string,
+  req: BulkKillRequest,
+): Promise<TokenRecord[]> {
   const t = pool.tables;
   const { rows } = await pool.query(
     `SELECT ${TOKEN_COLUMNS}
