@@ -3,6 +3,7 @@
  * directly (the store answers "is it valid?"), and tells each token's workflow through Temporal.
  */
 import { randomUUID } from 'node:crypto';
+import { performance } from 'node:perf_hooks';
 import {
   WorkflowNotFoundError,
   WorkflowUpdateFailedError,
@@ -133,6 +134,8 @@ export interface OffboardReport {
   receiversPending: Record<string, number>;
   aborted: boolean;
   warnings: string[];
+  /** How long the store's one transaction took (the tokens were dead after it), then telling the workflows. */
+  durationsMs: { kill: number; tell: number };
 }
 
 export interface IssuedToken {
@@ -334,12 +337,14 @@ export class TokenWarden extends TokenWardenStore {
     const { onProgress, signal: abort, ...fields } = input;
     const req = parseInput(offboardSchema, fields, 'offboard request');
     const operationId = randomUUID();
+    const started = performance.now();
     const killed = await store.killSubjectTokens(this.pool, req.subject, {
       reason: req.reason,
       actor: req.actor,
       initiatingEntity: req.initiatingEntity as InitiatingEntity,
       operationId,
     });
+    const killedAt = performance.now();
     const killedIds = new Set(killed.map((t) => t.id));
     const dead = await store.deadTokensOf(this.pool, req.subject);
     // This call's kills, then any earlier kill whose workflow never took over propagation.
@@ -351,7 +356,9 @@ export class TokenWarden extends TokenWardenStore {
       requestId: operationId,
       correlationId: operationId,
     };
+    const tellStarted = performance.now();
     const told = await this.tellWorkflows(untold, request, req, onProgress, abort);
+    const tellMs = performance.now() - tellStarted;
     const receiversPending = await store.unconfirmedByReceiver(
       this.pool,
       untold.map((t) => t.id),
@@ -366,6 +373,7 @@ export class TokenWarden extends TokenWardenStore {
       receiversPending,
       aborted: told.aborted,
       warnings: told.warnings,
+      durationsMs: { kill: Math.round(killedAt - started), tell: Math.round(tellMs) },
     };
   }
 
