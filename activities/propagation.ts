@@ -1,5 +1,6 @@
 /** Delivery of signed revocation events to receivers (Standard Webhooks). I/O and error classification only. */
 import type { LookupAddress } from 'node:dns';
+import { randomUUID } from 'node:crypto';
 import { Agent as HttpAgent, request as httpRequest, type ClientRequestArgs } from 'node:http';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { setTimeout } from 'node:timers/promises';
@@ -15,6 +16,8 @@ import { RECEIVER_REJECTED } from '../common/names.js';
 
 /** Error types the workflow (and its retry policy) recognise. */
 export const RECEIVER_UNAVAILABLE = 'ReceiverUnavailable';
+/** The receiver acknowledged the event but its probe still accepts the token: retried like a failure. */
+export const TOKEN_STILL_ACCEPTED = 'TokenStillAccepted';
 
 const HTTP_TIMEOUT_MS = 10_000;
 /** A Retry-After longer than this is capped: the workflow's own escalation still applies. */
@@ -131,23 +134,30 @@ export interface DeliveryDeps {
   agents: ReceiverAgents;
 }
 
+/** A probe's answer is a few dozen bytes; anything much longer is not one. */
+const MAX_PROBE_ANSWER_BYTES = 4096;
+
 /**
- * POSTs to the URL, connecting only to `addresses` (already checked). Redirects are not followed:
- * a 3xx is an answer like any other. Resolves once the status is known; the body is discarded.
+ * Sends one request to the URL, connecting only to `addresses` (already checked). Redirects are
+ * not followed: a 3xx is an answer like any other. Resolves once the status is known, with the
+ * body when `readBody` (at most MAX_PROBE_ANSWER_BYTES; `tooLong` past that), discarded otherwise.
  */
-function post(
+function send(
   agents: ReceiverAgents,
   url: URL,
   addresses: readonly LookupAddress[],
-  headers: Record<string, string>,
-  body: string,
+  request: { method: 'POST' | 'GET'; headers: Record<string, string>; body?: string; readBody?: boolean },
   signal: AbortSignal,
-): Promise<{ status: number; retryAfter: string | undefined }> {
+): Promise<{ status: number; retryAfter: string | undefined; body: string; tooLong: boolean }> {
   const https = url.protocol === 'https:';
-  const send = https ? httpsRequest : httpRequest;
+  const transport = https ? httpsRequest : httpRequest;
+  const body = request.body ?? '';
   const options: PinnedRequestArgs = {
-    method: 'POST',
-    headers: { ...headers, 'content-length': String(Buffer.byteLength(body)) },
+    method: request.method,
+    headers: {
+      ...request.headers,
+      ...(request.body !== undefined ? { 'content-length': String(Buffer.byteLength(body)) } : {}),
+    },
     agent: https ? agents.https : agents.http,
     lookup: pinnedLookup(addresses),
     checkedAddresses: addresses
@@ -157,14 +167,61 @@ function post(
     signal,
   };
   return new Promise((resolve, reject) => {
-    const req = send(url, options, (res) => {
-      res.on('error', () => {}); // the status is all we need; a body cut short changes nothing
-      res.resume();
-      resolve({ status: res.statusCode ?? 0, retryAfter: res.headers['retry-after'] });
+    const req = transport(url, options, (res) => {
+      const answer = { status: res.statusCode ?? 0, retryAfter: res.headers['retry-after'] };
+      if (!request.readBody) {
+        res.on('error', () => {}); // the status is all we need; a body cut short changes nothing
+        res.resume();
+        resolve({ ...answer, body: '', tooLong: false });
+        return;
+      }
+      const chunks: Buffer[] = [];
+      let size = 0;
+      res.on('data', (chunk: Buffer) => {
+        size += chunk.length;
+        if (size > MAX_PROBE_ANSWER_BYTES) {
+          res.destroy();
+          resolve({ ...answer, body: '', tooLong: true });
+        } else chunks.push(chunk);
+      });
+      res.on('error', reject);
+      res.on('end', () => resolve({ ...answer, body: Buffer.concat(chunks).toString('utf8'), tooLong: false }));
     });
     req.on('error', reject);
     req.end(body);
   });
+}
+
+/** The probe's address for one token: `<probeUrl>/<tokenId>` (its query string kept). */
+export function probeUrlFor(probeUrl: URL, tokenId: string): URL {
+  const url = new URL(probeUrl.href);
+  url.pathname = `${url.pathname.replace(/\/+$/, '')}/${encodeURIComponent(tokenId)}`;
+  return url;
+}
+
+/**
+ * Reads a probe's answer: 200 with JSON `{"tokenId": <the token asked about>, "accepted": boolean}`.
+ * A string when the answer is anything else (said in the delivery's last error), never quoting
+ * more than a short, printable excerpt of what came back.
+ */
+export function readProbeAnswer(
+  tokenId: string,
+  answer: { status: number; body: string; tooLong: boolean },
+): { accepted: boolean } | string {
+  const expected = `expected 200 with JSON {"tokenId":"${tokenId}","accepted":true|false}`;
+  if (answer.status !== 200) return `${expected}, got HTTP ${answer.status}`;
+  if (answer.tooLong) return `${expected}, got a body over ${MAX_PROBE_ANSWER_BYTES} bytes`;
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(answer.body);
+  } catch {
+    const excerpt = answer.body.slice(0, 40).replace(/[^\x20-\x7e]/g, '?');
+    return `${expected}, got a body that is not JSON (${JSON.stringify(excerpt)}${answer.body.length > 40 ? '…' : ''})`;
+  }
+  const p = (typeof parsed === 'object' && parsed !== null ? parsed : {}) as Record<string, unknown>;
+  if (typeof p.accepted !== 'boolean') return `${expected}, got no boolean "accepted"`;
+  if (p.tokenId !== tokenId) return `${expected}, got an answer about another token`;
+  return { accepted: p.accepted };
 }
 
 /**
@@ -227,82 +284,216 @@ export async function deliverRevocation(
     );
   }
 
-  // One deadline for the whole attempt, name resolution included.
+  // One deadline for the whole attempt (the event and the probe), name resolution included.
   const signal = AbortSignal.any([AbortSignal.timeout(HTTP_TIMEOUT_MS), Context.current().cancellationSignal]);
+  const attempt: Attempt = { deps, eventId, receiverId, secret, signal };
+  // An event acknowledged earlier is never POSTed again: later attempts only ask the probe.
+  if (loaded.delivery.ackedAt === null) {
+    const posted = await postEvent(attempt, stored.record.url, loaded.body, stored.record.probeUrl !== null);
+    if (posted.status !== 'pending') return toDeliveryView(posted);
+  }
+  if (stored.record.probeUrl === null) {
+    // Acknowledged, and no probe to ask (none when the acknowledgement was recorded either).
+    const delivered = await recordDeliveryAttempt(deps.pool, eventId, receiverId, {
+      kind: 'delivered',
+      statusCode: loaded.delivery.lastStatusCode ?? 200,
+    });
+    return toDeliveryView(delivered);
+  }
+  return toDeliveryView(await probe(attempt, stored.record.probeUrl, loaded.delivery.tokenId));
+}
+
+/** What the steps of one attempt share. */
+interface Attempt {
+  deps: DeliveryDeps;
+  eventId: string;
+  receiverId: string;
+  secret: string;
+  signal: AbortSignal;
+}
+
+/** The address checks of every attempt: the URL's own, then each address its name resolves to. */
+async function checkedAddresses(
+  a: Attempt,
+  urlText: string,
+): Promise<
+  | { url: URL; addresses: LookupAddress[]; refused?: undefined; unreachable?: undefined }
+  | { refused: string; unreachable?: undefined }
+  | { unreachable: string; refused?: undefined }
+> {
   // The address is checked at every attempt: the policy may have changed since the receiver was
   // added, and a name may resolve elsewhere now (DNS rebinding).
-  const checked = checkReceiverUrl(stored.record.url, deps.receiverAllow);
-  let resolved: Awaited<ReturnType<typeof resolveReceiver>> | undefined;
+  const checked = checkReceiverUrl(urlText, a.deps.receiverAllow);
+  if (!checked.url) return { refused: checked.problem };
   try {
-    if (checked.url) resolved = await resolveReceiver(checked.url, deps.receiverAllow, signal);
+    const resolved = await resolveReceiver(checked.url, a.deps.receiverAllow, a.signal);
+    return resolved.addresses ? { url: checked.url, addresses: resolved.addresses } : { refused: resolved.problem };
   } catch (err) {
-    const error = `receiver ${receiverId} unreachable: ${networkErrorCode(err)}`;
-    await recordDeliveryAttempt(deps.pool, eventId, receiverId, { kind: 'retryable', statusCode: null, error });
-    throw ApplicationFailure.retryable(error, RECEIVER_UNAVAILABLE);
+    return { unreachable: networkErrorCode(err) };
   }
-  if (!checked.url || !resolved?.addresses) {
-    const error = `receiver ${receiverId} refused: ${checked.problem ?? resolved?.problem}`;
-    await recordDeliveryAttempt(deps.pool, eventId, receiverId, { kind: 'rejected', statusCode: null, error });
-    throw ApplicationFailure.nonRetryable(
-      `${error}; not retried until an operator runs retryPropagation (after fixing the receiver or TOKENWARDEN_RECEIVER_ALLOW) or forceComplete`,
-      RECEIVER_REJECTED,
+}
+
+/** Records a retryable outcome and throws the failure that retries the activity (Retry-After honoured). */
+async function retryLater(
+  a: Attempt,
+  outcome: { kind: 'retryable' | 'probe-retryable'; statusCode: number | null; error: string },
+  type: string,
+  retryAfter?: string,
+): Promise<never> {
+  await recordDeliveryAttempt(a.deps.pool, a.eventId, a.receiverId, outcome);
+  const info = Context.current().info;
+  throw ApplicationFailure.create({
+    message: outcome.error,
+    type,
+    nextRetryDelay: retryDelayMs(
+      parseRetryAfter(retryAfter, Date.now()),
+      info.attempt,
+      retryScheduleOf(info.retryPolicy),
+    ),
+  });
+}
+
+/** Records a rejection and throws the failure that waits for an operator. */
+async function waitForOperator(
+  a: Attempt,
+  outcome: { kind: 'rejected' | 'probe-rejected'; statusCode: number | null; error: string },
+  fix: string,
+): Promise<never> {
+  await recordDeliveryAttempt(a.deps.pool, a.eventId, a.receiverId, outcome);
+  throw ApplicationFailure.nonRetryable(
+    `${outcome.error}; not retried until an operator runs retryPropagation (${fix}) or forceComplete`,
+    RECEIVER_REJECTED,
+  );
+}
+
+/**
+ * POSTs the signed event. A 2xx settles the delivery, or, when a probe is to confirm, is recorded
+ * as acknowledged (still pending). Any other outcome is recorded, then thrown.
+ */
+async function postEvent(a: Attempt, eventUrl: string, body: string, probed: boolean): Promise<DeliveryRecord> {
+  const { receiverId } = a;
+  const target = await checkedAddresses(a, eventUrl);
+  if (target.unreachable !== undefined) {
+    const error = `receiver ${receiverId} unreachable: ${target.unreachable}`;
+    return retryLater(a, { kind: 'retryable', statusCode: null, error }, RECEIVER_UNAVAILABLE);
+  }
+  if (target.refused !== undefined) {
+    const error = `receiver ${receiverId} refused: ${target.refused}`;
+    return waitForOperator(
+      a,
+      { kind: 'rejected', statusCode: null, error },
+      'after fixing the receiver or TOKENWARDEN_RECEIVER_ALLOW',
     );
   }
-
   const timestamp = Math.floor(Date.now() / 1000);
   let response: { status: number; retryAfter: string | undefined };
   try {
-    response = await post(
-      deps.agents,
-      checked.url,
-      resolved.addresses,
+    response = await send(
+      a.deps.agents,
+      target.url,
+      target.addresses,
       {
-        'content-type': 'application/json',
-        'user-agent': 'tokenwarden',
-        'webhook-id': eventId,
-        'webhook-timestamp': String(timestamp),
-        'webhook-signature': signWebhook(secret, eventId, timestamp, loaded.body),
+        method: 'POST',
+        headers: {
+          'content-type': 'application/json',
+          'user-agent': 'tokenwarden',
+          'webhook-id': a.eventId,
+          'webhook-timestamp': String(timestamp),
+          'webhook-signature': signWebhook(a.secret, a.eventId, timestamp, body),
+        },
+        body,
       },
-      loaded.body,
-      signal,
+      a.signal,
     );
   } catch (err) {
     // Error codes only: a raw message can quote the URL, and a URL can carry credentials.
     const error = `receiver ${receiverId} unreachable: ${networkErrorCode(err)}`;
-    await recordDeliveryAttempt(deps.pool, eventId, receiverId, { kind: 'retryable', statusCode: null, error });
-    throw ApplicationFailure.retryable(error, RECEIVER_UNAVAILABLE);
+    return retryLater(a, { kind: 'retryable', statusCode: null, error }, RECEIVER_UNAVAILABLE);
   }
-
   if (response.status >= 200 && response.status < 300) {
-    const delivered = await recordDeliveryAttempt(deps.pool, eventId, receiverId, {
-      kind: 'delivered',
+    return recordDeliveryAttempt(a.deps.pool, a.eventId, receiverId, {
+      kind: probed ? 'acknowledged' : 'delivered',
       statusCode: response.status,
     });
-    return toDeliveryView(delivered);
   }
   const error = `receiver ${receiverId} answered HTTP ${response.status}`;
   if (isRetryableStatus(response.status)) {
-    await recordDeliveryAttempt(deps.pool, eventId, receiverId, {
-      kind: 'retryable',
-      statusCode: response.status,
-      error,
-    });
-    const info = Context.current().info;
-    throw ApplicationFailure.create({
-      message: error,
-      type: RECEIVER_UNAVAILABLE,
-      nextRetryDelay: retryDelayMs(
-        parseRetryAfter(response.retryAfter, Date.now()),
-        info.attempt,
-        retryScheduleOf(info.retryPolicy),
-      ),
-    });
+    return retryLater(
+      a,
+      { kind: 'retryable', statusCode: response.status, error },
+      RECEIVER_UNAVAILABLE,
+      response.retryAfter,
+    );
   }
-  await recordDeliveryAttempt(deps.pool, eventId, receiverId, { kind: 'rejected', statusCode: response.status, error });
-  throw ApplicationFailure.nonRetryable(
-    `${error}; not retried until an operator runs retryPropagation (after fixing the receiver) or forceComplete`,
-    RECEIVER_REJECTED,
-  );
+  return waitForOperator(a, { kind: 'rejected', statusCode: response.status, error }, 'after fixing the receiver');
+}
+
+/**
+ * Asks the receiver's probe whether it still accepts the token, with a request signed like an
+ * event (a fresh `webhook-id`; the signed payload is the request's path, so a signature answers
+ * for one token only). Rejected there → verified (settled); still accepted, a network failure or
+ * 408/429/5xx → retried like a failed delivery; any other answer waits for an operator.
+ */
+async function probe(a: Attempt, probeUrl: string, tokenId: string): Promise<DeliveryRecord> {
+  const { receiverId } = a;
+  const target = await checkedAddresses(a, probeUrl);
+  if (target.unreachable !== undefined) {
+    const error = `probe of receiver ${receiverId} unreachable: ${target.unreachable}`;
+    return retryLater(a, { kind: 'probe-retryable', statusCode: null, error }, RECEIVER_UNAVAILABLE);
+  }
+  if (target.refused !== undefined) {
+    const error = `probe of receiver ${receiverId} refused: ${target.refused}`;
+    return waitForOperator(
+      a,
+      { kind: 'probe-rejected', statusCode: null, error },
+      'after fixing the receiver or TOKENWARDEN_RECEIVER_ALLOW',
+    );
+  }
+  const url = probeUrlFor(target.url, tokenId);
+  const probeId = `probe_${randomUUID()}`;
+  const timestamp = Math.floor(Date.now() / 1000);
+  let answer: Awaited<ReturnType<typeof send>>;
+  try {
+    answer = await send(
+      a.deps.agents,
+      url,
+      target.addresses,
+      {
+        method: 'GET',
+        headers: {
+          accept: 'application/json',
+          'user-agent': 'tokenwarden',
+          'webhook-id': probeId,
+          'webhook-timestamp': String(timestamp),
+          'webhook-signature': signWebhook(a.secret, probeId, timestamp, `${url.pathname}${url.search}`),
+        },
+        readBody: true,
+      },
+      a.signal,
+    );
+  } catch (err) {
+    const error = `probe of receiver ${receiverId} unreachable: ${networkErrorCode(err)}`;
+    return retryLater(a, { kind: 'probe-retryable', statusCode: null, error }, RECEIVER_UNAVAILABLE);
+  }
+  if (isRetryableStatus(answer.status)) {
+    const error = `probe of receiver ${receiverId} answered HTTP ${answer.status}`;
+    return retryLater(
+      a,
+      { kind: 'probe-retryable', statusCode: answer.status, error },
+      RECEIVER_UNAVAILABLE,
+      answer.retryAfter,
+    );
+  }
+  const verdict = readProbeAnswer(tokenId, answer);
+  if (typeof verdict === 'string') {
+    const error = `probe of receiver ${receiverId} answered nonsense: ${verdict}`;
+    return waitForOperator(a, { kind: 'probe-rejected', statusCode: answer.status, error }, 'after fixing its probe');
+  }
+  if (verdict.accepted) {
+    const error = `receiver ${receiverId} acknowledged the event but its probe still accepts token ${tokenId}`;
+    return retryLater(a, { kind: 'probe-retryable', statusCode: answer.status, error }, TOKEN_STILL_ACCEPTED);
+  }
+  return recordDeliveryAttempt(a.deps.pool, a.eventId, receiverId, { kind: 'verified', statusCode: answer.status });
 }
 
 /** One receiver's outcome of a first attempt made together with the others (never thrown). */

@@ -69,6 +69,31 @@ async function readStdin(): Promise<string> {
   return Buffer.concat(chunks).toString('utf8').trim();
 }
 
+/** A progress bar on stderr (a terminal only); cli-progress is loaded when one is drawn. */
+async function progressBar(label: string): Promise<{ update(done: number, total: number): void; stop(): void }> {
+  const { SingleBar, Presets } = await import('cli-progress');
+  const bar = new SingleBar(
+    {
+      format: `${label} [{bar}] {value}/{total} · {percentage}% · ETA {eta_formatted}`,
+      stream: process.stderr,
+      hideCursor: true,
+    },
+    Presets.shades_classic,
+  );
+  let started = false;
+  return {
+    update(done, total) {
+      if (!started) bar.start(total, 0);
+      started = true;
+      bar.setTotal(total);
+      bar.update(done);
+    },
+    stop() {
+      if (started) bar.stop();
+    },
+  };
+}
+
 const collect = (value: string, previous: string[] = []) => [...previous, value];
 
 function describeToken(t: TokenView): string {
@@ -84,7 +109,9 @@ function describeToken(t: TokenView): string {
   for (const d of t.deliveries) {
     lines.push(
       tty`receiver     ${d.receiverId}: ${d.status}, ${d.attempts} attempt(s)` +
-        (d.lastError ? tty`, last error: ${d.lastError}` : ''),
+        (d.probes ? tty`, ${d.probes} probe(s)` : '') +
+        tty`; delivered ${d.delivered ?? 'not yet'}; verified ${d.verified}` +
+        (d.lastError ? tty`; last error: ${d.lastError}` : ''),
     );
   }
   return lines.join('\n');
@@ -227,6 +254,55 @@ export function buildProgram(): Command {
     });
 
   program
+    .command('offboard')
+    .description(
+      "revoke every active token of a subject: all dead in the store in one transaction, then each token's workflow is told",
+    )
+    .argument('<subject>')
+    .requiredOption('--reason <text>', 'why (audited, sent to receivers)')
+    .option('--actor <who>', 'who offboards (audited)', defaultActor)
+    .option('--rate <n>', 'workflows told per second at most (default 200)')
+    .addOption(json)
+    .action(async (subject: string, opts: { reason: string; actor: string; rate?: string; json?: boolean }) => {
+      const rate = opts.rate === undefined ? undefined : Number(opts.rate);
+      if (rate !== undefined && (!Number.isFinite(rate) || rate <= 0)) {
+        throw new InvalidInputError(`invalid --rate: expected a positive number, got ${opts.rate}`, [
+          { path: 'rate', message: 'expected a positive number' },
+        ]);
+      }
+      const report = await withWarden(async (tw) => {
+        const bar = process.stderr.isTTY && !opts.json ? await progressBar('telling workflows') : undefined;
+        const stop = new AbortController();
+        const onSignal = () => stop.abort();
+        process.once('SIGINT', onSignal);
+        try {
+          return await tw.offboard({
+            subject,
+            reason: opts.reason,
+            actor: opts.actor,
+            ...(rate === undefined ? {} : { rate }),
+            signal: stop.signal,
+            onProgress: bar && (({ done, failed, total }) => bar.update(done + failed, total)),
+          });
+        } finally {
+          process.off('SIGINT', onSignal);
+          bar?.stop();
+        }
+      });
+      for (const warning of report.warnings) warn(warning);
+      print(!!opts.json, report, () => {
+        const pending = Object.entries(report.receiversPending).map(([r, n]) => tty`${r} ${n}`);
+        return [
+          tty`${report.subject}: ${report.revoked.length} token(s) revoked now, ${report.alreadyDead.length} already dead (operation ${report.operationId})`,
+          `${report.signalled} workflow(s) told to propagate` +
+            (report.notSignalled.length ? `, ${report.notSignalled.length} not told (the reconciler will)` : ''),
+          pending.length ? `deliveries not yet confirmed: ${pending.join(', ')}` : 'no delivery pending',
+        ].join('\n');
+      });
+      if (report.notSignalled.length > 0) process.exitCode = EXIT.failure;
+    });
+
+  program
     .command('retry')
     .description('retry every unconfirmed receiver of a revoked token now (resets its backoff); audited')
     .argument('<tokenId>')
@@ -303,19 +379,35 @@ export function buildProgram(): Command {
     .command('add')
     .argument('<id>')
     .requiredOption('--url <url>', 'where signed revocation events are POSTed')
+    .option(
+      '--probe-url <url>',
+      'its verification probe: GET <url>/<tokenId> says whether it still accepts a token; deliveries count once it says no',
+    )
     .option('--secret-stdin', 'import an existing whsec_ signing secret from stdin instead of generating one')
     .addOption(json)
-    .action(async (id: string, opts: { url: string; secretStdin?: boolean; json?: boolean }) => {
+    .action(async (id: string, opts: { url: string; probeUrl?: string; secretStdin?: boolean; json?: boolean }) => {
       const secret = opts.secretStdin ? await readStdin() : undefined;
       const added = await withStore((tw) =>
-        tw.addReceiver({ id, url: opts.url, ...(secret !== undefined ? { secret } : {}) }),
+        tw.addReceiver({
+          id,
+          url: opts.url,
+          ...(opts.probeUrl !== undefined ? { probeUrl: opts.probeUrl } : {}),
+          ...(secret !== undefined ? { secret } : {}),
+        }),
       );
-      const out = { id: added.id, url: added.url, ...(secret === undefined ? { secret: added.secret } : {}) };
+      const out = {
+        id: added.id,
+        url: added.url,
+        probeUrl: added.probeUrl,
+        ...(secret === undefined ? { secret: added.secret } : {}),
+      };
+      const probe = added.probeUrl ? tty` (probe ${added.probeUrl})` : '';
       print(!!opts.json, out, () =>
         secret === undefined
           ? tty`receiver ${added.id} → ${added.url}` +
+            probe +
             tty`\nsigning secret ${added.secret}\n(the secret is shown once; give it to the receiver now)`
-          : tty`receiver ${added.id} → ${added.url} (imported secret)`,
+          : tty`receiver ${added.id} → ${added.url}` + probe + ' (imported secret)',
       );
     });
   receiver
@@ -324,7 +416,9 @@ export function buildProgram(): Command {
     .action(async (opts: { json?: boolean }) => {
       const receivers = await withStore((tw) => tw.listReceivers());
       print(!!opts.json, receivers, () =>
-        receivers.length ? receivers.map((r) => tty`${r.id}  ${r.url}`).join('\n') : '(no receivers)',
+        receivers.length
+          ? receivers.map((r) => tty`${r.id}  ${r.url}` + (r.probeUrl ? tty`  probe ${r.probeUrl}` : '')).join('\n')
+          : '(no receivers)',
       );
     });
   receiver

@@ -11,7 +11,7 @@ import { TOKEN_STATUSES, type TokenStatus } from '../common/names.js';
 import { checkReceiverUrl, resolveReceiver, type ReceiverAllowance } from '../common/addresses.js';
 import { generateSigningSecret, MasterKeyring } from '../common/secrets.js';
 // The store modules these calls need, not common/store/index.js, whose kill path loads uuid.
-import { listDeliveries } from '../common/store/deliveries.js';
+import { listDeliveryReports, type DeliveryReport } from '../common/store/deliveries.js';
 import {
   insertReceiver,
   listReceivers,
@@ -19,13 +19,14 @@ import {
   removeReceiver,
   replaceSecret,
 } from '../common/store/receivers.js';
-import type { DeliveryRecord, ReceiverRecord, TokenRecord } from '../common/store/rows.js';
+import type { ReceiverRecord, TokenRecord } from '../common/store/rows.js';
 import { listTokens, requireToken } from '../common/store/tokens.js';
 import { parseInput, receiverIdSchema, subjectSchema, tokenIdSchema } from '../common/validation.js';
 
 export { loadStoreSettings, type StoreSettings } from '../common/config.js';
 export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.js';
 export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/store/rows.js';
+export type { DeliveryReport } from '../common/store/deliveries.js';
 
 const listSchema = z.object({
   subject: subjectSchema.optional(),
@@ -36,17 +37,25 @@ const listSchema = z.object({
 });
 export type ListFilter = z.input<typeof listSchema>;
 
+/** A receiver's URL, stored as the parser's normalised `href`: what is shown is what workers reach. */
+const receiverUrlSchema = (allow: readonly ReceiverAllowance[]) =>
+  z.string().transform((text, ctx) => {
+    const checked = checkReceiverUrl(text, allow);
+    if (checked.url) return checked.url.href;
+    ctx.addIssue({ code: 'custom', message: checked.problem });
+    return z.NEVER;
+  });
+
 /** Receiver input; the URL rules depend on the deployment's allowed address ranges. */
 export const receiverSchema = (allow: readonly ReceiverAllowance[]) =>
   z.object({
     id: receiverIdSchema,
-    /** Stored as the parser's normalised `href`: what is shown is what workers reach. */
-    url: z.string().transform((text, ctx) => {
-      const checked = checkReceiverUrl(text, allow);
-      if (checked.url) return checked.url.href;
-      ctx.addIssue({ code: 'custom', message: checked.problem });
-      return z.NEVER;
-    }),
+    url: receiverUrlSchema(allow),
+    /**
+     * Base URL of its verification probe: `GET <probeUrl>/<tokenId>` answers whether the receiver
+     * still accepts the token; its deliveries are confirmed only when it says no. Same address rules.
+     */
+    probeUrl: receiverUrlSchema(allow).optional(),
     /** An existing signing secret to import (e.g. read from stdin); generated when absent. */
     secret: z
       .string()
@@ -76,7 +85,8 @@ export type TokenSummary = Omit<TokenRecord, 'status' | 'effectiveStatus'> & {
 };
 
 export interface TokenView extends TokenSummary {
-  deliveries: DeliveryRecord[];
+  /** Each receiver's delivery, with its acknowledgement (`delivered`) and probe confirmation (`verified`). */
+  deliveries: DeliveryReport[];
 }
 
 export interface ConnectOptions {
@@ -127,7 +137,7 @@ export class TokenWardenStore {
   async show(tokenId: string): Promise<TokenView> {
     const id = parseInput(tokenIdSchema, tokenId, 'token id');
     const token = await requireToken(this.pool, id);
-    return { ...summarise(token), deliveries: await listDeliveries(this.pool, id) };
+    return { ...summarise(token), deliveries: await listDeliveryReports(this.pool, id) };
   }
 
   async list(filter: ListFilter = {}): Promise<TokenSummary[]> {
@@ -147,17 +157,23 @@ export class TokenWardenStore {
 
   /**
    * Registers a receiver; its signing secret is generated (or imported), encrypted at rest and
-   * returned once. The URL's host must not resolve to a forbidden address; a name that does not
-   * resolve yet is accepted, since every delivery attempt checks the resolved address again.
+   * returned once. The hosts of its URL and probe URL must not resolve to a forbidden address; a
+   * name that does not resolve yet is accepted, since every attempt checks the resolved address again.
    */
   async addReceiver(input: ReceiverRequest): Promise<ReceiverRecord & { secret: string }> {
     const allow = this.settings.receiverAllow;
     const req = parseInput(receiverSchema(allow), input, 'receiver');
-    const resolved = await resolveReceiver(new URL(req.url), allow, AbortSignal.timeout(5_000)).catch(() => undefined);
-    if (resolved?.problem) {
-      throw new InvalidInputError(`invalid receiver: url: ${resolved.problem}`, [
-        { path: 'url', message: resolved.problem },
-      ]);
+    for (const [field, url] of [
+      ['url', req.url],
+      ['probeUrl', req.probeUrl],
+    ] as const) {
+      if (url === undefined) continue;
+      const resolved = await resolveReceiver(new URL(url), allow, AbortSignal.timeout(5_000)).catch(() => undefined);
+      if (resolved?.problem) {
+        throw new InvalidInputError(`invalid receiver: ${field}: ${resolved.problem}`, [
+          { path: field, message: resolved.problem },
+        ]);
+      }
     }
     const secret = req.secret ?? generateSigningSecret();
     const encrypted = this.keyring.encrypt(secret, req.id);
@@ -165,6 +181,7 @@ export class TokenWardenStore {
     const record = await insertReceiver(this.pool, {
       id: req.id,
       url: req.url,
+      ...(req.probeUrl !== undefined ? { probeUrl: req.probeUrl } : {}),
       secretCiphertext: encrypted.ciphertext,
       secretKeyId: encrypted.keyId,
     });

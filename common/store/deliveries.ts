@@ -21,9 +21,38 @@ export async function listDeliveries(db: Queryable, tokenId: string): Promise<De
   return rows.map(toDelivery);
 }
 
+/**
+ * A delivery as `show` reports it: the receiver's acknowledgement and its probe's confirmation,
+ * apart. `verified` is the confirmation's time, or `pending` (a probe is to confirm), `no probe`
+ * (the receiver offers none: its acknowledgement settles the delivery), or `not verified`
+ * (settled without the probe's word: forced by an operator, or cancelled).
+ */
+export interface DeliveryReport extends DeliveryRecord {
+  /** When the receiver acknowledged the event (2xx); null until it has. */
+  delivered: string | null;
+  verified: string;
+}
+
+export async function listDeliveryReports(db: Queryable, tokenId: string): Promise<DeliveryReport[]> {
+  const t = db.tables;
+  const { rows } = await db.query(
+    `SELECT ${DELIVERY_COLUMNS}, r.probe_url IS NOT NULL AS probed
+       FROM ${t.delivery} d LEFT JOIN ${t.receiver} r ON r.id = d.receiver_id
+      WHERE d.token_id = $1 ORDER BY d.receiver_id`,
+    [tokenId],
+  );
+  return rows.map((row) => {
+    const d = toDelivery(row);
+    const verified =
+      d.verifiedAt ??
+      (row.probed !== true ? 'no probe' : d.status === 'pending' || d.status === 'failed' ? 'pending' : 'not verified');
+    return { ...d, delivered: d.ackedAt, verified };
+  });
+}
+
 /** A delivery row's columns, without its body. */
 const DELIVERY_COLUMNS = `d.event_id, d.receiver_id, d.token_id, d.status, d.attempts, d.last_status_code, d.last_error,
-  d.last_attempt_at, d.acked_at`;
+  d.last_attempt_at, d.acked_at, d.verified_at, d.probes`;
 
 /** Everything one delivery attempt needs, read together. */
 export interface AttemptContext {
@@ -52,7 +81,8 @@ export async function loadAttempt(
   const t = db.tables;
   const { rows } = await db.query(
     `SELECT ${DELIVERY_COLUMNS}, d.body,
-            r.id AS r_id, r.kind AS r_kind, r.url AS r_url, r.enabled AS r_enabled, r.created_at AS r_created_at,
+            r.id AS r_id, r.kind AS r_kind, r.url AS r_url, r.probe_url AS r_probe_url, r.enabled AS r_enabled,
+            r.created_at AS r_created_at,
             r.removed_at AS r_removed_at, r.secret_ciphertext AS r_secret_ciphertext, r.secret_key_id AS r_secret_key_id,
             CASE WHEN d.status = 'failed' THEN EXISTS (
               SELECT 1 FROM ${t.audit_event} a
@@ -75,6 +105,7 @@ export async function loadAttempt(
               id: row.r_id,
               kind: row.r_kind,
               url: row.r_url,
+              probe_url: row.r_probe_url,
               enabled: row.r_enabled,
               created_at: row.r_created_at,
               removed_at: row.r_removed_at,
@@ -86,10 +117,15 @@ export async function loadAttempt(
   };
 }
 
+/**
+ * What one attempt found. The event's POST: `delivered` (acknowledged, no probe to ask), `acknowledged`
+ * (a probe decides), `retryable`, `rejected`, `cancelled`. The probe's answer after an
+ * acknowledgement: `verified` (the token is rejected there), `probe-retryable`, `probe-rejected`.
+ */
 export type AttemptOutcome =
-  | { kind: 'delivered'; statusCode: number }
-  | { kind: 'retryable'; statusCode: number | null; error: string }
-  | { kind: 'rejected'; statusCode: number | null; error: string }
+  | { kind: 'delivered' | 'acknowledged' | 'verified'; statusCode: number }
+  | { kind: 'retryable' | 'probe-retryable'; statusCode: number | null; error: string }
+  | { kind: 'rejected' | 'probe-rejected'; statusCode: number | null; error: string }
   | { kind: 'cancelled'; error: string };
 
 /**
@@ -171,4 +207,18 @@ export async function forceCompleteDeliveries(
     await appendAudit(client, tokenId, auditKey, 'propagation.forced', { reason, actor, receivers });
     return receivers;
   });
+}
+
+/** Deliveries of these tokens not yet confirmed (pending or failed), counted per receiver. */
+export async function unconfirmedByReceiver(
+  db: StorePool,
+  tokenIds: readonly string[],
+): Promise<Record<string, number>> {
+  const { rows } = await db.query(
+    `SELECT receiver_id, count(*)::integer AS n FROM ${db.tables.delivery}
+      WHERE token_id = ANY($1) AND status IN ('pending', 'failed')
+      GROUP BY receiver_id ORDER BY receiver_id`,
+    [tokenIds],
+  );
+  return Object.fromEntries(rows.map((r) => [r.receiver_id as string, r.n as number]));
 }

@@ -5,13 +5,13 @@ import { toReceiver, type ReceiverRecord } from './rows.js';
 
 export async function insertReceiver(
   pool: StorePool,
-  receiver: { id: string; url: string; secretCiphertext: Buffer; secretKeyId: string },
+  receiver: { id: string; url: string; probeUrl?: string; secretCiphertext: Buffer; secretKeyId: string },
 ): Promise<ReceiverRecord> {
   const t = pool.tables;
   const { rows } = await pool.query(
-    `INSERT INTO ${t.receiver} (id, url, secret_ciphertext, secret_key_id) VALUES ($1, $2, $3, $4)
+    `INSERT INTO ${t.receiver} (id, url, probe_url, secret_ciphertext, secret_key_id) VALUES ($1, $2, $3, $4, $5)
      ON CONFLICT (id) DO NOTHING RETURNING *`,
-    [receiver.id, receiver.url, receiver.secretCiphertext, receiver.secretKeyId],
+    [receiver.id, receiver.url, receiver.probeUrl ?? null, receiver.secretCiphertext, receiver.secretKeyId],
   );
   if (!rows[0]) {
     throw new InvalidInputError(`invalid receiver: id: receiver ${JSON.stringify(receiver.id)} already exists`, [

@@ -48,13 +48,20 @@ export interface DeliveryRecord {
   lastStatusCode: number | null;
   lastError: string | null;
   lastAttemptAt: string | null;
+  /** When the receiver acknowledged the event (2xx); with a probe, not yet a confirmation. */
   ackedAt: string | null;
+  /** When the receiver's probe said the token is rejected there. */
+  verifiedAt: string | null;
+  /** Probe requests made; `attempts` counts the event's POSTs. */
+  probes: number;
 }
 
 export interface ReceiverRecord {
   id: string;
   kind: 'webhook';
   url: string;
+  /** Base URL of its verification probe (`GET <probeUrl>/<tokenId>`); null when it offers none. */
+  probeUrl: string | null;
   enabled: boolean;
   createdAt: string;
   removedAt: string | null;
@@ -71,7 +78,8 @@ export interface AuditRecord {
 /** A function of the store (created by the migrations), named with its schema like the tables. */
 export const routine = (
   t: Tables,
-  name: 'kill_token' | 'kill_expired_tokens' | 'append_audit' | 'issue_token' | 'record_delivery_attempt',
+  name:
+    'kill_token' | 'kill_expired_tokens' | 'kill_tokens' | 'append_audit' | 'issue_token' | 'record_delivery_attempt',
 ) => `${quoteIdent(t.schema)}.${name}`;
 
 export const TOKEN_COLUMNS = `
@@ -142,6 +150,8 @@ const deliveryRow = z
     last_error: nullableText,
     last_attempt_at: nullableDate,
     acked_at: nullableDate,
+    verified_at: nullableDate,
+    probes: z.number().int().nonnegative(),
   })
   .transform((r): DeliveryRecord => ({
     eventId: r.event_id,
@@ -153,6 +163,8 @@ const deliveryRow = z
     lastError: r.last_error,
     lastAttemptAt: r.last_attempt_at,
     ackedAt: r.acked_at,
+    verifiedAt: r.verified_at,
+    probes: r.probes,
   }));
 
 const receiverRow = z
@@ -160,6 +172,7 @@ const receiverRow = z
     id: z.string(),
     kind: z.literal('webhook'),
     url: z.string(),
+    probe_url: nullableText,
     enabled: z.boolean(),
     created_at: date,
     removed_at: nullableDate,
@@ -168,6 +181,7 @@ const receiverRow = z
     id: r.id,
     kind: r.kind,
     url: r.url,
+    probeUrl: r.probe_url,
     enabled: r.enabled,
     createdAt: r.created_at,
     removedAt: r.removed_at,
