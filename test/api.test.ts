@@ -515,3 +515,67 @@ describe('HTTP API: RFC 7662 introspection', () => {
     );
   });
 });
+
+describe('HTTP API: offboarding a subject', () => {
+  it('should kill every active token of the subject across receivers, report them, and be harmless twice', async () => {
+    for (const id of ['off-a', 'off-b']) {
+      const added = await call(api.url, 'POST', '/v1/receivers', {
+        key: api.keys.admin,
+        json: { id, url: `http://127.0.0.1:9/${id}` },
+      });
+      assert.equal(added.status, 201, added.text);
+    }
+    const active = [
+      (await ctx.warden.issue({ subject: 'usr_off', ttl: '1h', receivers: ['off-a'] })).tokenId,
+      (await ctx.warden.issue({ subject: 'usr_off', ttl: '1h', receivers: ['off-a', 'off-b'] })).tokenId,
+      (await ctx.warden.issue({ subject: 'usr_off', ttl: '1h' })).tokenId,
+    ];
+    const dead = (await ctx.warden.issue({ subject: 'usr_off', ttl: '1h' })).tokenId;
+    await ctx.warden.revoke({ tokenId: dead, reason: 'earlier' });
+    const other = (await ctx.warden.issue({ subject: 'usr_stays', ttl: '1h' })).tokenId;
+
+    const res = await call(api.url, 'POST', '/v1/subjects/usr_off/revoke', {
+      key: api.keys.admin,
+      json: { reason: 'account closed' },
+    });
+    assert.equal(res.status, 200, res.text);
+    assert.equal(res.body.subject, 'usr_off');
+    assert.deepEqual([...res.body.revoked].sort(), [...active].sort());
+    assert.ok(res.body.alreadyDead.includes(dead), res.text);
+    const { rows } = await ctx.sql.query(
+      `SELECT id, status, revoked_by FROM token WHERE subject IN ('usr_off', 'usr_stays') ORDER BY id`,
+    );
+    for (const row of rows) {
+      if (row.id === other) assert.equal(row.status, 'active', 'another subject keeps its token');
+      else assert.equal(row.status, 'revoked', row.id);
+      if (active.includes(row.id)) assert.match(row.revoked_by, /^apikey:test-admin \(key_/);
+    }
+    const { rows: outbox } = await ctx.sql.query(
+      `SELECT token_id, receiver_id FROM delivery WHERE token_id = ANY ($1) ORDER BY token_id, receiver_id`,
+      [active],
+    );
+    assert.equal(outbox.length, 3, 'one delivery per token and receiver');
+
+    const again = await call(api.url, 'POST', '/v1/subjects/usr_off/revoke', {
+      key: api.keys.admin,
+      json: { reason: 'again' },
+    });
+    assert.equal(again.status, 200, again.text);
+    assert.deepEqual(again.body.revoked, []);
+    assert.deepEqual([...again.body.alreadyDead].sort(), [...active, dead].sort());
+  });
+
+  it('should refuse an email as subject and a missing reason, naming them', async () => {
+    const res = await call(api.url, 'POST', '/v1/subjects/a@b.example/revoke', { key: api.keys.admin, json: {} });
+    assert.equal(res.status, 400);
+    assert.deepEqual(res.body.errors.map((e: { in: string; path: string }) => `${e.in} ${e.path}`).sort(), [
+      'params subject',
+    ]);
+    const noReason = await call(api.url, 'POST', '/v1/subjects/usr_x/revoke', { key: api.keys.admin, json: {} });
+    assert.equal(noReason.status, 400);
+    assert.deepEqual(
+      noReason.body.errors.map((e: { in: string; path: string }) => `${e.in} ${e.path}`),
+      ['body reason'],
+    );
+  });
+});

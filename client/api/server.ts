@@ -21,6 +21,7 @@ import { handleError, pathOf, problem, sendProblem } from './problems.js';
 import { healthRoutes } from './routes/health.js';
 import { oauthRoutes } from './routes/oauth.js';
 import { receiverRoutes } from './routes/receivers.js';
+import { subjectRoutes } from './routes/subjects.js';
 import { tokenRoutes } from './routes/tokens.js';
 
 /** What introspection asks: tokenwarden/verifier (cached, dropped on the store's kill NOTIFY). */
@@ -130,6 +131,7 @@ export async function createApiServer(options: ApiServerOptions): Promise<ApiSer
   const typed = app.withTypeProvider<ZodTypeProvider>() as unknown as ApiInstance;
   await healthRoutes(typed, warden);
   await tokenRoutes(typed, warden);
+  await subjectRoutes(typed, warden);
   await receiverRoutes(typed, warden);
   await oauthRoutes(typed, warden, verifier);
   return app;

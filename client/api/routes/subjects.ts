@@ -1,0 +1,52 @@
+/** POST /v1/subjects/:subject/revoke: offboarding, every active token of a subject. Admin scope. */
+import { z } from 'zod';
+import { INITIATING_ENTITIES } from '../../../common/names.js';
+import { actorSchema, reasonSchema } from '../../../common/validation.js';
+import type { TokenWarden } from '../../index.js';
+import { actorOf } from '../auth.js';
+import { problemSchema } from '../problems.js';
+import { subjectParams } from '../schemas.js';
+import type { ApiInstance } from '../server.js';
+
+const offboardBody = z.object({
+  reason: reasonSchema,
+  /** Default: the API key (`apikey:<name> (<id>)`). */
+  actor: actorSchema.optional(),
+  initiatingEntity: z.enum(INITIATING_ENTITIES).default('admin'),
+});
+
+export async function subjectRoutes(app: ApiInstance, warden: TokenWarden): Promise<void> {
+  app.post(
+    '/v1/subjects/:subject/revoke',
+    {
+      config: { scopes: ['admin'] },
+      schema: {
+        summary:
+          "Offboard a subject: every active token of theirs dead in the store in one transaction, then each token's workflow told to propagate",
+        params: subjectParams,
+        body: offboardBody,
+        response: {
+          200: z.looseObject({
+            subject: z.string(),
+            operationId: z.string(),
+            revoked: z.array(z.string()),
+            alreadyDead: z.array(z.string()),
+          }),
+          400: problemSchema,
+          401: problemSchema,
+          403: problemSchema,
+        },
+      },
+    },
+    async (request) => {
+      const { reason, actor, initiatingEntity } = request.body;
+      const report = await warden.offboard({
+        subject: request.params.subject,
+        reason,
+        actor: actor ?? actorOf(request.apiKey!),
+        initiatingEntity,
+      });
+      return { ...report };
+    },
+  );
+}
