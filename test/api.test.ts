@@ -323,6 +323,23 @@ describe('HTTP API: receivers', () => {
       metadata.body.errors.map((e: { path: string }) => e.path),
       ['url'],
     );
+    // Fields of the library's receiver schema flow through: a probe URL in, and back out.
+    const probed = await call(api.url, 'POST', '/v1/receivers', {
+      key: api.keys.admin,
+      json: { id: 'probed-rcv', url: 'http://127.0.0.1:9/x', probeUrl: 'http://127.0.0.1:9/probe' },
+    });
+    assert.equal(probed.status, 201, probed.text);
+    assert.equal(probed.body.probeUrl, 'http://127.0.0.1:9/probe');
+    const shownProbe = await call(api.url, 'GET', '/v1/receivers/probed-rcv', { key: api.keys.admin });
+    assert.equal(shownProbe.body.probeUrl, 'http://127.0.0.1:9/probe');
+    const badProbe = await call(api.url, 'POST', '/v1/receivers', {
+      key: api.keys.admin,
+      json: { id: 'bad-probe', url: 'http://127.0.0.1:9/x', probeUrl: 'http://169.254.169.254/' },
+    });
+    assert.deepEqual(
+      badProbe.body.errors.map((e: { path: string }) => e.path),
+      ['probeUrl'],
+    );
     const removed = await call(api.url, 'DELETE', '/v1/receivers/crud-rcv', { key: api.keys.admin });
     assert.equal(removed.status, 200, removed.text);
     assert.ok(removed.body.removedAt);
