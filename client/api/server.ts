@@ -70,7 +70,7 @@ export async function createApiServer(options: ApiServerOptions): Promise<ApiSer
     // One line per request, written below, instead of fastify's two (which carry the URL with its query).
     disableRequestLogging: true,
   }) as unknown as ApiServer;
-  app.addHook('onResponse', async (request, reply) => {
+  app.addHook('onResponse', (request, reply, done) => {
     request.log.info(
       {
         method: request.method,
@@ -81,6 +81,7 @@ export async function createApiServer(options: ApiServerOptions): Promise<ApiSer
       },
       'request',
     );
+    done();
   });
   const routeTable: RouteEntry[] = [];
   Object.defineProperty(app, 'routeTable', { value: routeTable });
@@ -98,8 +99,9 @@ export async function createApiServer(options: ApiServerOptions): Promise<ApiSer
   app.addHook('preClose', async () => {
     closing = true;
   });
-  app.addHook('onSend', async (_request, reply) => {
+  app.addHook('onSend', (_request, reply, payload, done) => {
     if (closing) reply.header('connection', 'close');
+    done(null, payload);
   });
 
   app.setValidatorCompiler(validatorCompiler);
