@@ -4,7 +4,7 @@
  * (performance.timeOrigin + performance.now()), comparable across processes on one machine.
  *  {"options":…,"rawChannel":…}      → {"ready":true}
  *  {"arm":i,"token":…}               → {"armed":i,"active":…,"fromCache":…} (verified twice: warm, then cached)
- *  (kill NOTIFY of the armed token)  → {"rejected":i,"at":…,"active":…} (its next verify, at once)
+ *  (kill NOTIFY of the armed token)  → {"rejected":i,"at":…,"heardAt":…,"active":…} (its next verify, at once)
  *  (NOTIFY on rawChannel, payload i) → {"heard":i,"at":…}
  */
 import { performance } from 'node:perf_hooks';
@@ -28,9 +28,10 @@ async function handle(message: Record<string, unknown>): Promise<void> {
         const target = armed.get(tokenId);
         if (!target) return;
         armed.delete(tokenId);
+        const heardAt = now();
         void verifier!
           .verify(target.token)
-          .then((answer) => send({ rejected: target.i, at: now(), active: answer.active }));
+          .then((answer) => send({ rejected: target.i, at: now(), heardAt, active: answer.active }));
       },
     });
     raw = new pg.Client({ connectionString: (message.options as VerifierOptions).databaseUrl });

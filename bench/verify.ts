@@ -1,10 +1,11 @@
 /**
- * `npm run bench:verify [-- --tokens N --seconds S --concurrency C --revokes R]`: the verifier on the
+ * `npm run bench:verify [-- --tokens N --seconds S --concurrency C --revokes R]` (R split between the library's
+ * revoke and the store's kill): the verifier on the
  * stack a user gets (`tokenwarden start`: embedded PostgreSQL with its default durability, the
  * worker in the stack), each figure against its floor measured in the same run:
  *  (a) verifies per CPU-second of the verifying process, warm cache and cache miss, against a raw
  *      `SELECT` by primary key on a pool of the same size at the same concurrency;
- *  (b) revoke returning (TokenWarden.revoke) → rejection by a warmed verifier in another process,
+ *  (b) revoke returning (TokenWarden.revoke; the store's kill alone too) → rejection by a warmed verifier in another process,
  *      against raw NOTIFY delivery (pg_notify returning → a LISTENing client in that process).
  * Human lines on stderr, then one JSON line on stdout.
  */
@@ -18,7 +19,10 @@ import pg from 'pg';
 import { TokenWarden } from '../client/index.js';
 import { createVerifier, type Verifier, type VerifierOptions } from '../client/verifier.js';
 import { PACKAGE_ROOT } from '../common/config.js';
+import { createPool } from '../common/db.js';
 import { quoteIdent } from '../common/identifiers.js';
+import { killToken } from '../common/store/kill.js';
+import { waitUntilQuiet } from './proc.js';
 import { startUserStack } from './scale-stack.js';
 import { ms, ratio, summarize } from './stats.js';
 
@@ -26,6 +30,9 @@ const say = (msg: string) => process.stderr.write(`[bench:verify] ${msg}\n`);
 const now = () => performance.timeOrigin + performance.now();
 const RAW_CHANNEL = 'tokenwarden_bench_raw';
 const POOL_SIZE = 10;
+/** Throughput series run interleaved, so background work (a reconciler pass) and warming weigh on each alike. */
+const ROUNDS = 3;
+const tally = (): Tally => ({ ops: 0, wallSeconds: 0, cpuSeconds: 0 });
 
 interface Options {
   tokens: number;
@@ -65,8 +72,14 @@ interface Throughput {
   opsPerCpuSecond: number;
 }
 
-/** Runs `op` with `concurrency` callers for `seconds`; throughput by wall time and by this process's CPU. */
-async function measure(seconds: number, concurrency: number, op: (i: number) => Promise<unknown>): Promise<Throughput> {
+interface Tally {
+  ops: number;
+  wallSeconds: number;
+  cpuSeconds: number;
+}
+
+/** Runs `op` with `concurrency` callers for `seconds`, adding what it did to `tally`. */
+async function measure(tally: Tally, seconds: number, concurrency: number, op: (i: number) => Promise<unknown>) {
   let ops = 0;
   const cpu0 = process.cpuUsage();
   const t0 = performance.now();
@@ -79,11 +92,17 @@ async function measure(seconds: number, concurrency: number, op: (i: number) => 
       }
     }),
   );
-  const wall = (performance.now() - t0) / 1000;
   const cpu = process.cpuUsage(cpu0);
-  const cpuSeconds = (cpu.user + cpu.system) / 1e6;
-  return { ops, opsPerSecond: Math.round(ops / wall), opsPerCpuSecond: Math.round(ops / cpuSeconds) };
+  tally.ops += ops;
+  tally.wallSeconds += (performance.now() - t0) / 1000;
+  tally.cpuSeconds += (cpu.user + cpu.system) / 1e6;
 }
+
+const throughputOf = (t: Tally): Throughput => ({
+  ops: t.ops,
+  opsPerSecond: Math.round(t.ops / t.wallSeconds),
+  opsPerCpuSecond: Math.round(t.ops / t.cpuSeconds),
+});
 
 /** The other process: a warmed verifier and a raw LISTENing client (bench/verify-child.ts). */
 async function startChild(options: VerifierOptions) {
@@ -133,6 +152,18 @@ async function main(): Promise<void> {
   const closers: Array<() => Promise<unknown>> = [() => stack.stop()];
   try {
     const { databaseUrl, databaseSchema: schema } = stack.settings;
+    // The stack's own work (workflows of the tokens just issued or revoked) is over before each series.
+    const settle = async (what: string) => {
+      const q = await waitUntilQuiet(() => [stack.stackPid, ...stack.serverPids()], {
+        maxCores: 0.2,
+        windowMs: 1_000,
+        timeoutMs: 60_000,
+        signal: halt.signal,
+      });
+      say(
+        `${what}: the stack ${q.quiet ? 'quiet' : `still busy (${q.cores} cores)`} after ${(q.waitedMs / 1000).toFixed(1)} s`,
+      );
+    };
     const warden = await TokenWarden.connect(stack.settings);
     closers.push(() => warden.close());
     say(`issuing ${options.tokens + options.revokes} tokens`);
@@ -166,17 +197,27 @@ async function main(): Promise<void> {
       if (!(await v.verify(tokens[i % tokens.length]!.token)).active) throw new Error('a live token was refused');
     };
     for (const t of tokens) await cached.verify(t.token);
-    // Warm-ups: connections open, JIT warm, last-use writes of the first round out of the way.
-    await measure(1, options.concurrency, verifyAll(uncached));
-    await measure(1, options.concurrency, (i) => raw.query(rawSql, [tokens[i % tokens.length]!.tokenId]));
+    const lookups = {
+      warm: verifyAll(cached),
+      miss: verifyAll(uncached),
+      raw: (i: number) => raw.query(rawSql, [tokens[i % tokens.length]!.tokenId]),
+    };
+    // Warm-ups: connections open, JIT warm, the first round's last-use writes out of the way.
+    for (const op of Object.values(lookups))
+      await measure({ ops: 0, wallSeconds: 0, cpuSeconds: 0 }, 1, options.concurrency, op);
+    await settle('throughput');
     say(
-      `throughput: ${options.seconds} s each, ${options.concurrency} callers, pool of ${POOL_SIZE}, ${os.cpus().length} cores`,
+      `throughput: ${ROUNDS} interleaved rounds of ${options.seconds} s each, ${options.concurrency} callers, pool of ${POOL_SIZE}, ${os.cpus().length} cores`,
     );
-    const warm = await measure(options.seconds, options.concurrency, verifyAll(cached));
-    const miss = await measure(options.seconds, options.concurrency, verifyAll(uncached));
-    const rawSelect = await measure(options.seconds, options.concurrency, (i) =>
-      raw.query(rawSql, [tokens[i % tokens.length]!.tokenId]),
-    );
+    const tallies = { warm: tally(), miss: tally(), raw: tally() };
+    for (let round = 0; round < ROUNDS; round++) {
+      for (const name of ['warm', 'miss', 'raw'] as const) {
+        await measure(tallies[name], options.seconds, options.concurrency, lookups[name]);
+      }
+    }
+    const warm = throughputOf(tallies.warm);
+    const miss = throughputOf(tallies.miss);
+    const rawSelect = throughputOf(tallies.raw);
     const line = (name: string, t: Throughput) =>
       say(
         `  ${name.padEnd(26)} ${String(t.opsPerCpuSecond).padStart(9)} /CPU-s  ${String(t.opsPerSecond).padStart(8)} /s`,
@@ -191,25 +232,51 @@ async function main(): Promise<void> {
     // (b) Revoke returning → rejection in another process, against raw NOTIFY delivery.
     const child = await startChild({ databaseUrl, schema, cacheTtlMs: 600_000 });
     closers.push(() => child.stop());
-    const fromReturn: number[] = [];
-    const fromStart: number[] = [];
-    const revokeCall: number[] = [];
-    say(`revoke → rejection: ${options.revokes} revocations, one at a time`);
-    for (const [i, victim] of victims.entries()) {
-      const armed = child.next(`armed:${i}`);
-      child.send({ arm: i, token: victim.token });
-      const a = await armed;
-      if (a.active !== true || a.fromCache !== true) throw new Error(`token ${i} was not warm in the other process`);
-      const rejected = child.next(`rejected:${i}`);
-      const started = now();
-      await warden.revoke({ tokenId: victim.tokenId, reason: 'bench' });
-      const returned = now();
-      const r = await rejected;
-      if (r.active !== false) throw new Error(`token ${i} still accepted after its kill notification`);
-      fromReturn.push((r.at as number) - returned);
-      fromStart.push((r.at as number) - started);
-      revokeCall.push(returned - started);
-    }
+    /** Revokes each victim with `revoke`, one at a time; instants from the call's start and return to the other process hearing the kill and refusing the token. */
+    const series = async (
+      label: string,
+      victims: { tokenId: string; token: string }[],
+      revoke: (tokenId: string) => Promise<unknown>,
+    ) => {
+      await settle(label);
+      const out = {
+        fromReturn: [] as number[],
+        fromStart: [] as number[],
+        heardFromReturn: [] as number[],
+        call: [] as number[],
+      };
+      say(`${label}: ${victims.length} revocations, one at a time`);
+      for (const victim of victims) {
+        const i = armedCount++;
+        const armed = child.next(`armed:${i}`);
+        child.send({ arm: i, token: victim.token });
+        const a = await armed;
+        if (a.active !== true || a.fromCache !== true) throw new Error(`token ${i} was not warm in the other process`);
+        const rejected = child.next(`rejected:${i}`);
+        const started = now();
+        await revoke(victim.tokenId);
+        const returned = now();
+        const r = await rejected;
+        if (r.active !== false) throw new Error(`token ${i} still accepted after its kill notification`);
+        out.fromReturn.push((r.at as number) - returned);
+        out.fromStart.push((r.at as number) - started);
+        out.heardFromReturn.push((r.heardAt as number) - returned);
+        out.call.push(returned - started);
+      }
+      return out;
+    };
+    let armedCount = 0;
+    const half = Math.ceil(victims.length / 2);
+    const library = await series('TokenWarden.revoke → rejection', victims.slice(0, half), (tokenId) =>
+      warden.revoke({ tokenId, reason: 'bench' }),
+    );
+    const storePool = createPool(databaseUrl, schema, 2);
+    closers.push(() => storePool.end());
+    const storeKill = await series('store kill → rejection', victims.slice(half), (tokenId) =>
+      killToken(storePool, { tokenId, reason: 'bench', actor: 'bench', initiatingEntity: 'admin' }),
+    );
+    const fromReturn = library.fromReturn;
+    await settle('raw NOTIFY');
     const notifyDelivery: number[] = [];
     const notifier = new pg.Client({ connectionString: databaseUrl });
     await notifier.connect();
@@ -222,16 +289,22 @@ async function main(): Promise<void> {
     }
     const rejection = summarize(fromReturn);
     const floor = summarize(notifyDelivery);
-    const lat = (name: string, s: ReturnType<typeof summarize>) =>
-      say(`  ${name.padEnd(44)} p50 ${s.p50Ms} ms  p99 ${s.p99Ms} ms  (min ${s.minMs}, max ${s.maxMs})`);
-    lat('revoke returned → rejected (other process)', rejection);
-    lat('revoke started → rejected', summarize(fromStart));
-    lat('revoke call', summarize(revokeCall));
-    lat('raw: pg_notify returned → heard (floor)', floor);
+    const lat = (name: string, samples: number[]) => {
+      const x = summarize(samples);
+      say(`  ${name.padEnd(46)} p50 ${x.p50Ms} ms  p99 ${x.p99Ms} ms  (min ${x.minMs}, max ${x.maxMs})`);
+    };
+    say('latency (negative: the other process had refused the token before the call returned):');
+    lat('TokenWarden.revoke returned → rejected', library.fromReturn);
+    lat('  … returned → kill NOTIFY heard', library.heardFromReturn);
+    lat('  revoke started → rejected', library.fromStart);
+    lat('  revoke call', library.call);
+    lat('store kill returned → rejected', storeKill.fromReturn);
+    lat('  … returned → kill NOTIFY heard', storeKill.heardFromReturn);
+    lat('  store kill call', storeKill.call);
+    lat('raw: pg_notify returned → heard (floor)', notifyDelivery);
     say(`  goal p99 ≤ 10 ms from revoke returning: ${rejection.p99Ms <= 10 ? 'met' : 'NOT met'}`);
-    // Negative values: the other process had already refused the token when revoke returned.
     const rejectedBeforeReturn = fromReturn.filter((x) => x <= 0).length;
-    say(`  rejected before revoke returned: ${rejectedBeforeReturn} of ${fromReturn.length}`);
+    say(`  rejected before TokenWarden.revoke returned: ${rejectedBeforeReturn} of ${fromReturn.length}`);
 
     process.stdout.write(
       `${JSON.stringify({
@@ -247,9 +320,13 @@ async function main(): Promise<void> {
         },
         revokeToRejection: {
           fromRevokeReturnedMs: rejection,
-          fromRevokeStartedMs: summarize(fromStart),
-          revokeCallMs: summarize(revokeCall),
+          heardFromRevokeReturnedMs: summarize(library.heardFromReturn),
+          fromRevokeStartedMs: summarize(library.fromStart),
+          revokeCallMs: summarize(library.call),
           rejectedBeforeRevokeReturned: rejectedBeforeReturn,
+          fromStoreKillReturnedMs: summarize(storeKill.fromReturn),
+          heardFromStoreKillReturnedMs: summarize(storeKill.heardFromReturn),
+          storeKillCallMs: summarize(storeKill.call),
           rawNotifyDeliveryMs: floor,
           p99GoalMs: 10,
           p99GoalMet: rejection.p99Ms <= 10,
