@@ -186,6 +186,8 @@ async function main(): Promise<void> {
     const verifierOptions: VerifierOptions = { databaseUrl, schema, poolSize: POOL_SIZE };
     const cached = await createVerifier({ ...verifierOptions, cacheTtlMs: 600_000 });
     const uncached = await createVerifier({ ...verifierOptions, cacheTtlMs: 0 });
+    const prepared = await createVerifier({ ...verifierOptions, cacheTtlMs: 0, prepare: true });
+    closers.push(() => prepared.close());
     const raw = new pg.Pool({ connectionString: databaseUrl, max: POOL_SIZE });
     closers.push(
       () => cached.close(),
@@ -200,6 +202,7 @@ async function main(): Promise<void> {
     const lookups = {
       warm: verifyAll(cached),
       miss: verifyAll(uncached),
+      prepared: verifyAll(prepared),
       raw: (i: number) => raw.query(rawSql, [tokens[i % tokens.length]!.tokenId]),
     };
     // Warm-ups: connections open, JIT warm, the first round's last-use writes out of the way.
@@ -209,14 +212,15 @@ async function main(): Promise<void> {
     say(
       `throughput: ${ROUNDS} interleaved rounds of ${options.seconds} s each, ${options.concurrency} callers, pool of ${POOL_SIZE}, ${os.cpus().length} cores`,
     );
-    const tallies = { warm: tally(), miss: tally(), raw: tally() };
+    const tallies = { warm: tally(), miss: tally(), prepared: tally(), raw: tally() };
     for (let round = 0; round < ROUNDS; round++) {
-      for (const name of ['warm', 'miss', 'raw'] as const) {
+      for (const name of ['warm', 'miss', 'prepared', 'raw'] as const) {
         await measure(tallies[name], options.seconds, options.concurrency, lookups[name]);
       }
     }
     const warm = throughputOf(tallies.warm);
     const miss = throughputOf(tallies.miss);
+    const missPrepared = throughputOf(tallies.prepared);
     const rawSelect = throughputOf(tallies.raw);
     const line = (name: string, t: Throughput) =>
       say(
@@ -224,6 +228,7 @@ async function main(): Promise<void> {
       );
     line('verify, warm cache', warm);
     line('verify, cache miss', miss);
+    line('verify, cache miss, prepare', missPrepared);
     line('raw SELECT by id (floor)', rawSelect);
     say(
       `  cache miss / raw SELECT: ×${ratio(miss.opsPerCpuSecond, rawSelect.opsPerCpuSecond)} per CPU-s, ×${ratio(miss.opsPerSecond, rawSelect.opsPerSecond)} per s`,
@@ -298,9 +303,17 @@ async function main(): Promise<void> {
     lat('  … returned → kill NOTIFY heard', library.heardFromReturn);
     lat('  revoke started → rejected', library.fromStart);
     lat('  revoke call', library.call);
+    lat(
+      '  kill NOTIFY heard → rejected',
+      library.fromReturn.map((x, i) => x - library.heardFromReturn[i]!),
+    );
     lat('store kill returned → rejected', storeKill.fromReturn);
     lat('  … returned → kill NOTIFY heard', storeKill.heardFromReturn);
     lat('  store kill call', storeKill.call);
+    lat(
+      '  kill NOTIFY heard → rejected',
+      storeKill.fromReturn.map((x, i) => x - storeKill.heardFromReturn[i]!),
+    );
     lat('raw: pg_notify returned → heard (floor)', notifyDelivery);
     say(`  goal p99 ≤ 10 ms from revoke returning: ${rejection.p99Ms <= 10 ? 'met' : 'NOT met'}`);
     const rejectedBeforeReturn = fromReturn.filter((x) => x <= 0).length;
@@ -315,6 +328,7 @@ async function main(): Promise<void> {
         throughput: {
           warmCache: warm,
           cacheMiss: miss,
+          cacheMissPrepared: missPrepared,
           rawSelectById: rawSelect,
           missVsRawPerCpu: ratio(miss.opsPerCpuSecond, rawSelect.opsPerCpuSecond),
         },
