@@ -230,8 +230,10 @@ function resolveOptions(input: unknown): ResolvedOptions {
   };
 }
 
+/** A positive answer, or the refusal a kill left in its place (a kill is final: the token never lives again). */
 interface CacheEntry {
-  verification: ActiveVerification;
+  verification: Verification;
+  tokenId: string;
   /** performance.now() after which the entry is not served. */
   until: number;
 }
@@ -355,10 +357,10 @@ class TokenVerifier implements Verifier {
       if (hit) {
         if (hit.until > performance.now()) {
           this.#stats.cacheHits++;
-          this.#noteUse(hit.verification.tokenId);
+          if (hit.verification.active) this.#noteUse(hit.tokenId);
           return hit.verification;
         }
-        this.#forget(key, hit.verification.tokenId);
+        this.#forget(key, hit.tokenId);
       }
     }
     this.#stats.lookups++;
@@ -417,9 +419,9 @@ class TokenVerifier implements Verifier {
     this.#cache.delete(key);
     while (this.#cache.size >= this.#o.maxCacheEntries) {
       const [oldestKey, oldest] = this.#cache.entries().next().value as [string, CacheEntry];
-      this.#forget(oldestKey, oldest.verification.tokenId);
+      this.#forget(oldestKey, oldest.tokenId);
     }
-    this.#cache.set(key, { verification: found.verification, until });
+    this.#cache.set(key, { verification: found.verification, tokenId, until });
     let keys = this.#keysOfToken.get(tokenId);
     if (!keys) this.#keysOfToken.set(tokenId, (keys = new Set()));
     keys.add(key);
@@ -432,8 +434,11 @@ class TokenVerifier implements Verifier {
     if (keys?.size === 0) this.#keysOfToken.delete(tokenId);
   }
 
+  /** A killed token's cached answers become refusals: its next verify refuses without a query. */
   #dropToken(tokenId: string): void {
-    for (const key of this.#keysOfToken.get(tokenId) ?? []) this.#cache.delete(key);
+    for (const key of this.#keysOfToken.get(tokenId) ?? []) {
+      this.#cache.set(key, { verification: INACTIVE, tokenId, until: Infinity });
+    }
     this.#keysOfToken.delete(tokenId);
   }
 
