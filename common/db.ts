@@ -1,6 +1,7 @@
 import path from 'node:path';
 import pg from 'pg';
 import { PACKAGE_ROOT } from './config.js';
+import { quoteIdent } from './identifiers.js';
 
 /**
  * Schema-qualified names of the store's tables. Every statement names its schema itself: nothing
@@ -84,9 +85,7 @@ export async function checkout(pool: StorePool): Promise<StoreClient> {
   return Object.assign(client, { tables: pool.tables });
 }
 
-export function quoteIdent(name: string): string {
-  return `"${name.replaceAll('"', '""')}"`;
-}
+export { quoteIdent } from './identifiers.js';
 
 export const MIGRATIONS_DIR = path.join(PACKAGE_ROOT, 'migrations');
 
