@@ -69,6 +69,31 @@ async function readStdin(): Promise<string> {
   return Buffer.concat(chunks).toString('utf8').trim();
 }
 
+/** A progress bar on stderr (a terminal only); cli-progress is loaded when one is drawn. */
+async function progressBar(label: string): Promise<{ update(done: number, total: number): void; stop(): void }> {
+  const { SingleBar, Presets } = await import('cli-progress');
+  const bar = new SingleBar(
+    {
+      format: `${label} [{bar}] {value}/{total} · {percentage}% · ETA {eta_formatted}`,
+      stream: process.stderr,
+      hideCursor: true,
+    },
+    Presets.shades_classic,
+  );
+  let started = false;
+  return {
+    update(done, total) {
+      if (!started) bar.start(total, 0);
+      started = true;
+      bar.setTotal(total);
+      bar.update(done);
+    },
+    stop() {
+      if (started) bar.stop();
+    },
+  };
+}
+
 const collect = (value: string, previous: string[] = []) => [...previous, value];
 
 function describeToken(t: TokenView): string {
@@ -226,6 +251,55 @@ export function buildProgram(): Command {
           ? tty`${outcome.tokenId} ${outcome.status} at ${outcome.revokedAt}; propagating to receivers`
           : tty`${outcome.tokenId} was already ${outcome.status} at ${outcome.revokedAt} (by ${outcome.revokedBy}: ${outcome.reason})`,
       );
+    });
+
+  program
+    .command('offboard')
+    .description(
+      "revoke every active token of a subject: all dead in the store in one transaction, then each token's workflow is told",
+    )
+    .argument('<subject>')
+    .requiredOption('--reason <text>', 'why (audited, sent to receivers)')
+    .option('--actor <who>', 'who offboards (audited)', defaultActor)
+    .option('--rate <n>', 'workflows told per second at most (default 200)')
+    .addOption(json)
+    .action(async (subject: string, opts: { reason: string; actor: string; rate?: string; json?: boolean }) => {
+      const rate = opts.rate === undefined ? undefined : Number(opts.rate);
+      if (rate !== undefined && (!Number.isFinite(rate) || rate <= 0)) {
+        throw new InvalidInputError(`invalid --rate: expected a positive number, got ${opts.rate}`, [
+          { path: 'rate', message: 'expected a positive number' },
+        ]);
+      }
+      const report = await withWarden(async (tw) => {
+        const bar = process.stderr.isTTY && !opts.json ? await progressBar('telling workflows') : undefined;
+        const stop = new AbortController();
+        const onSignal = () => stop.abort();
+        process.once('SIGINT', onSignal);
+        try {
+          return await tw.offboard({
+            subject,
+            reason: opts.reason,
+            actor: opts.actor,
+            ...(rate === undefined ? {} : { rate }),
+            signal: stop.signal,
+            onProgress: bar && (({ done, failed, total }) => bar.update(done + failed, total)),
+          });
+        } finally {
+          process.off('SIGINT', onSignal);
+          bar?.stop();
+        }
+      });
+      for (const warning of report.warnings) warn(warning);
+      print(!!opts.json, report, () => {
+        const pending = Object.entries(report.receiversPending).map(([r, n]) => tty`${r} ${n}`);
+        return [
+          tty`${report.subject}: ${report.revoked.length} token(s) revoked now, ${report.alreadyDead.length} already dead (operation ${report.operationId})`,
+          `${report.signalled} workflow(s) told to propagate` +
+            (report.notSignalled.length ? `, ${report.notSignalled.length} not told (the reconciler will)` : ''),
+          pending.length ? `deliveries not yet confirmed: ${pending.join(', ')}` : 'no delivery pending',
+        ].join('\n');
+      });
+      if (report.notSignalled.length > 0) process.exitCode = EXIT.failure;
     });
 
   program

@@ -3,6 +3,7 @@
  * directly (the store answers "is it valid?"), and tells each token's workflow through Temporal.
  */
 import { randomUUID } from 'node:crypto';
+import { performance } from 'node:perf_hooks';
 import {
   WorkflowNotFoundError,
   WorkflowUpdateFailedError,
@@ -58,6 +59,7 @@ export {
 } from './store.js';
 export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.js';
 export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/store/index.js';
+import type { TokenRecord } from '../common/store/index.js';
 export type { DeliveryReport } from '../common/store/deliveries.js';
 /** Offline check of a token string's shape and checksum (for secret scanners); no store access. */
 export { isWellFormedToken } from '../common/secrets.js';
@@ -89,6 +91,52 @@ const operatorSchema = z.object({
   requestId: z.uuid().optional(),
 });
 export type OperatorInput = Omit<z.input<typeof operatorSchema>, 'tokenId'>;
+
+export const OFFBOARD_DEFAULTS = { rate: 200, concurrency: 16 } as const;
+
+const offboardSchema = z.object({
+  subject: subjectSchema,
+  reason: reasonSchema,
+  actor: actorSchema.default('admin'),
+  initiatingEntity: z.enum(INITIATING_ENTITIES).default('admin'),
+  /** Workflows told per second at most (Temporal's rate limits are per namespace). */
+  rate: z.number().positive().max(10_000).default(OFFBOARD_DEFAULTS.rate),
+  /** Workflows told at once at most. */
+  concurrency: z.number().int().min(1).max(256).default(OFFBOARD_DEFAULTS.concurrency),
+});
+export type OffboardInput = z.input<typeof offboardSchema> & {
+  /** Called after each token's workflow was told (or could not be). */
+  onProgress?: (progress: OffboardProgress) => void;
+  /** Stops telling workflows; the kill has committed. Run offboard again to resume. */
+  signal?: AbortSignal;
+};
+
+export interface OffboardProgress {
+  /** Workflows told so far, and how many failed to be. */
+  done: number;
+  failed: number;
+  total: number;
+}
+
+export interface OffboardReport {
+  subject: string;
+  /** The correlation id (`txn`) of every event and audit record of this offboarding. */
+  operationId: string;
+  /** Tokens this call killed in the store (in one transaction): status revoked, or expired. */
+  revoked: string[];
+  /** Tokens of the subject dead before this call. */
+  alreadyDead: string[];
+  /** Workflows told to propagate: this call's kills and earlier ones never taken over (a resume). */
+  signalled: number;
+  /** Workflows not told (aborted, or the signal failed): the reconciler tells them, or run it again. */
+  notSignalled: string[];
+  /** Deliveries of these tokens not yet confirmed when the call returned, per receiver. */
+  receiversPending: Record<string, number>;
+  aborted: boolean;
+  warnings: string[];
+  /** How long the store's one transaction took (the tokens were dead after it), then telling the workflows. */
+  durationsMs: { kill: number; tell: number };
+}
 
 export interface IssuedToken {
   tokenId: string;
@@ -276,6 +324,122 @@ export class TokenWarden extends TokenWardenStore {
       outcome.warning = `revoked in the store, but its workflow could not be signalled (${causes(err)}); the reconciler will start propagation`;
     }
     return outcome;
+  }
+
+  /**
+   * Offboards a subject: every active token of theirs is killed in the store in one transaction
+   * (nothing of theirs verifies when this returns, whatever their number), then each token's
+   * workflow is told to propagate, rate-limited. Idempotent and resumable: a second run kills
+   * nothing and tells only the workflows of the subject's dead tokens that never took over
+   * propagation (an aborted or crashed first run); the reconciler tells those too, later.
+   */
+  async offboard(input: OffboardInput): Promise<OffboardReport> {
+    const { onProgress, signal: abort, ...fields } = input;
+    const req = parseInput(offboardSchema, fields, 'offboard request');
+    const operationId = randomUUID();
+    const started = performance.now();
+    const killed = await store.killSubjectTokens(this.pool, req.subject, {
+      reason: req.reason,
+      actor: req.actor,
+      initiatingEntity: req.initiatingEntity as InitiatingEntity,
+      operationId,
+    });
+    const killedAt = performance.now();
+    const killedIds = new Set(killed.map((t) => t.id));
+    const dead = await store.deadTokensOf(this.pool, req.subject);
+    // This call's kills, then any earlier kill whose workflow never took over propagation.
+    const untold = [...killed, ...dead.filter((t) => !killedIds.has(t.id) && t.propagationStartedAt === null)];
+    const request: RevokeRequest = {
+      reason: req.reason,
+      actor: req.actor,
+      initiatingEntity: req.initiatingEntity as InitiatingEntity,
+      requestId: operationId,
+      correlationId: operationId,
+    };
+    const tellStarted = performance.now();
+    const told = await this.tellWorkflows(untold, request, req, onProgress, abort);
+    const tellMs = performance.now() - tellStarted;
+    const receiversPending = await store.unconfirmedByReceiver(
+      this.pool,
+      untold.map((t) => t.id),
+    );
+    return {
+      subject: req.subject,
+      operationId,
+      revoked: killed.map((t) => t.id),
+      alreadyDead: dead.filter((t) => !killedIds.has(t.id)).map((t) => t.id),
+      signalled: told.signalled,
+      notSignalled: told.notSignalled,
+      receiversPending,
+      aborted: told.aborted,
+      warnings: told.warnings,
+      durationsMs: { kill: Math.round(killedAt - started), tell: Math.round(tellMs) },
+    };
+  }
+
+  /** Signals each token's workflow (starting one that adopts the kill where none runs), paced. */
+  private async tellWorkflows(
+    tokens: TokenRecord[],
+    request: RevokeRequest,
+    pace: { rate: number; concurrency: number },
+    onProgress: OffboardInput['onProgress'],
+    abort: AbortSignal | undefined,
+  ): Promise<{ signalled: number; notSignalled: string[]; aborted: boolean; warnings: string[] }> {
+    const notSignalled: string[] = [];
+    const firstFailures: string[] = [];
+    let failed = 0;
+    let signalled = 0;
+    let next = 0;
+    let slot = Date.now();
+    const spacingMs = 1000 / pace.rate;
+    const report = () => onProgress?.({ done: signalled, failed, total: tokens.length });
+    const worker = async () => {
+      while (next < tokens.length && !abort?.aborted) {
+        const token = tokens[next++]!;
+        // Paced by start time: the n-th signal goes out no earlier than n / rate after the first.
+        const wait = slot - Date.now();
+        slot = Math.max(slot, Date.now()) + spacingMs;
+        if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
+        if (abort?.aborted) {
+          notSignalled.push(token.id);
+          continue;
+        }
+        try {
+          await this.tellWorkflow(token, request);
+          signalled++;
+        } catch (err) {
+          notSignalled.push(token.id);
+          if (++failed <= 3) firstFailures.push(`${token.id}: ${causes(err)}`);
+        }
+        report();
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(pace.concurrency, tokens.length) }, worker));
+    const aborted = abort?.aborted === true && signalled + notSignalled.length < tokens.length;
+    if (aborted) notSignalled.push(...tokens.slice(next).map((t) => t.id));
+    const warnings: string[] = [];
+    if (failed > 0) {
+      warnings.push(
+        `${failed} workflow(s) could not be signalled (${firstFailures.join('; ')}${failed > 3 ? '; …' : ''}); they are dead in the store: the reconciler will start their propagation, or run offboard again`,
+      );
+    }
+    if (aborted) warnings.push(`aborted: ${notSignalled.length} workflow(s) not told; run offboard again to resume`);
+    return { signalled, notSignalled, aborted, warnings };
+  }
+
+  /** One token's workflow told of its kill; where none runs, one is started that adopts it. */
+  private async tellWorkflow(token: TokenRecord, request: RevokeRequest): Promise<void> {
+    const deadline = Date.now() + TEMPORAL_CALL_DEADLINE_MS;
+    try {
+      await this.temporal.connection.withDeadline(deadline, () =>
+        signalRevokeRunning(this.temporal, token.id, request),
+      );
+    } catch (err) {
+      if (!(err instanceof WorkflowNotFoundError)) throw err;
+      await this.temporal.connection.withDeadline(deadline, () =>
+        signalRevoke(this.temporal, token, request, this.settings.temporal.taskQueue, this.settings.timing),
+      );
+    }
   }
 
   /**

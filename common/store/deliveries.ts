@@ -208,3 +208,17 @@ export async function forceCompleteDeliveries(
     return receivers;
   });
 }
+
+/** Deliveries of these tokens not yet confirmed (pending or failed), counted per receiver. */
+export async function unconfirmedByReceiver(
+  db: StorePool,
+  tokenIds: readonly string[],
+): Promise<Record<string, number>> {
+  const { rows } = await db.query(
+    `SELECT receiver_id, count(*)::integer AS n FROM ${db.tables.delivery}
+      WHERE token_id = ANY($1) AND status IN ('pending', 'failed')
+      GROUP BY receiver_id ORDER BY receiver_id`,
+    [tokenIds],
+  );
+  return Object.fromEntries(rows.map((r) => [r.receiver_id as string, r.n as number]));
+}

@@ -121,3 +121,59 @@ export async function killExpiredTokens(
     return result;
   }
 }
+
+export interface BulkKillRequest {
+  reason: string;
+  actor: string;
+  initiatingEntity: InitiatingEntity;
+  /** One id for the whole operation: the correlation id (`txn`) of every event and audit record. */
+  operationId: string;
+}
+
+/**
+ * Kills every listed token that is still active, in one statement and one transaction (the store's
+ * `kill_tokens`, migrations/0009), each by the one kill: when this returns, none of them verifies.
+ * Returns the facts of the tokens this call killed; the others were dead already (or unknown).
+ */
+export async function killTokens(
+  pool: StorePool,
+  tokenIds: readonly string[],
+  req: BulkKillRequest,
+): Promise<TokenRecord[]> {
+  const t = pool.tables;
+  const { rows } = await pool.query(
+    `SELECT ${TOKEN_COLUMNS} FROM ${routine(t, 'kill_tokens')}($1, $2, $3, $4, $5, $6, $7, $8)`,
+    [t.schema, tokenIds, req.actor, req.reason, req.initiatingEntity, req.operationId, req.operationId, KILL_CHANNEL],
+  );
+  return rows.map(toToken);
+}
+
+/**
+ * Kills every active token of a subject in one transaction (offboarding): the subject's ids are read
+ * in the same statement, so a token of theirs is either killed here or was dead before.
+ */
+export async function killSubjectTokens(
+  pool: StorePool,
+  subject: string,
+  req: BulkKillRequest,
+): Promise<TokenRecord[]> {
+  const t = pool.tables;
+  const { rows } = await pool.query(
+    `SELECT ${TOKEN_COLUMNS}
+       FROM ${routine(t, 'kill_tokens')}(
+              $1, ARRAY(SELECT id FROM ${t.token} WHERE subject = $2 AND status = 'active'),
+              $3, $4, $5, $6, $7, $8)`,
+    [t.schema, subject, req.actor, req.reason, req.initiatingEntity, req.operationId, req.operationId, KILL_CHANNEL],
+  );
+  return rows.map(toToken);
+}
+
+/** Every dead token of a subject (revoked or expired), oldest first. */
+export async function deadTokensOf(pool: StorePool, subject: string): Promise<TokenRecord[]> {
+  const t = pool.tables;
+  const { rows } = await pool.query(
+    `SELECT ${TOKEN_COLUMNS} FROM ${t.token} WHERE subject = $1 AND status <> 'active' ORDER BY revoked_at, id`,
+    [subject],
+  );
+  return rows.map(toToken);
+}

@@ -78,7 +78,8 @@ export interface AuditRecord {
 /** A function of the store (created by the migrations), named with its schema like the tables. */
 export const routine = (
   t: Tables,
-  name: 'kill_token' | 'kill_expired_tokens' | 'append_audit' | 'issue_token' | 'record_delivery_attempt',
+  name:
+    'kill_token' | 'kill_expired_tokens' | 'kill_tokens' | 'append_audit' | 'issue_token' | 'record_delivery_attempt',
 ) => `${quoteIdent(t.schema)}.${name}`;
 
 export const TOKEN_COLUMNS = `
