@@ -367,14 +367,18 @@ class TokenVerifier implements Verifier {
     // Captured before the query: see #epoch.
     const epoch = this.#epoch;
     const cacheable = this.#listening && this.#o.cacheTtlMs > 0;
-    let pending = this.#inFlight.get(key);
+    // Sharing a lookup in flight is a cache of its answer: only when answers may be cached (the kill
+    // channel heard, a TTL), else a verify begun after a kill could get an answer read before it.
+    let pending = cacheable ? this.#inFlight.get(key) : undefined;
     if (!pending || pending.epoch !== epoch) {
       const started = { epoch, answer: this.#query(hash) };
-      const done = () => {
-        if (this.#inFlight.get(key) === started) this.#inFlight.delete(key);
-      };
-      started.answer.then(done, done);
-      this.#inFlight.set(key, started);
+      if (cacheable) {
+        const done = () => {
+          if (this.#inFlight.get(key) === started) this.#inFlight.delete(key);
+        };
+        started.answer.then(done, done);
+        this.#inFlight.set(key, started);
+      }
       pending = started;
     }
     const found = await pending.answer;

@@ -232,6 +232,52 @@ describe('cache and invalidation', () => {
   });
 });
 
+describe('lookups in flight', () => {
+  /** Holds a lookup of a fresh token in the pool's proxy, kills the token, and starts a second verify. */
+  async function verifyAfterKillDuringLookup(v: Verifier, pool: TcpProxy) {
+    const warm = await newToken();
+    await v.verify(warm.token);
+    await waitUntil(() => v.stats().lastUseWrites === 1, 'the warm-up last-use write');
+    const { token, tokenId } = await newToken();
+    pool.hold();
+    const first = v.verify(token);
+    await pool.heldSomething();
+    await kill(tokenId); // revoke has returned
+    const second = v.verify(token);
+    pool.release();
+    await first;
+    return second;
+  }
+
+  it('should not share a lookup begun before a kill with a verify begun after it while the listener is down', async () => {
+    const pool = await proxy();
+    const listen = await proxy();
+    const applicationName = 'verifier-deaf-join';
+    const v = await verifier({
+      databaseUrl: pool.url(ctx.settings.databaseUrl),
+      listenUrl: listen.url(ctx.settings.databaseUrl),
+      applicationName,
+      // No reconnect attempt (which moves the epoch) inside the window.
+      reconnectInitialMs: 600_000,
+      reconnectMaxMs: 600_000,
+    });
+    listen.refuse(true);
+    await terminateListener(applicationName);
+    await waitUntil(() => !v.listening, 'the listener lost');
+    assert.deepEqual(await verifyAfterKillDuringLookup(v, pool), INACTIVE);
+  });
+
+  it('should not share a lookup begun before a kill with a verify begun after it when nothing is cached', async () => {
+    const pool = await proxy();
+    const v = await verifier({
+      databaseUrl: pool.url(ctx.settings.databaseUrl),
+      listenUrl: ctx.settings.databaseUrl,
+      cacheTtlMs: 0,
+    });
+    assert.deepEqual(await verifyAfterKillDuringLookup(v, pool), INACTIVE);
+  });
+});
+
 describe('the listener', () => {
   it('should serve nothing from cache while the listener is down, then recover with an empty cache', async () => {
     const listen = await proxy();
