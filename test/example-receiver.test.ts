@@ -135,6 +135,18 @@ describe('example receiver', () => {
     assert.equal(receiver.accepts(token), true);
   });
 
+  it('should act on a retried event whose first delivery it refused (the id is remembered once acted on)', async () => {
+    const token = tokenId();
+    receiver.accept(token);
+    const id = `msg_${randomUUID()}`;
+    const garbled = '{"type": "token.revoked"';
+    assert.equal((await postEvent(receiver, garbled, signed([current], garbled, new Date(), id))).status, 400);
+    assert.equal(receiver.accepts(token), true);
+    const body = eventBody(token);
+    assert.equal((await postEvent(receiver, body, signed([current], body, new Date(), id))).status, 204);
+    assert.equal(receiver.accepts(token), false, 'the retry was acted on, not taken for a duplicate');
+  });
+
   it('should answer a signed probe before and after the revocation, and refuse unsigned or replayed ones', async () => {
     const token = tokenId();
     receiver.accept(token);

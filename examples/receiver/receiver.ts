@@ -92,14 +92,17 @@ export async function startReceiver(options: ReceiverOptions): Promise<ExampleRe
     return { ok: false, why };
   }
 
-  /** Whether this `webhook-id` was already used (and remembers it when not). */
-  function duplicate(webhookId: string): boolean {
+  /** Whether this `webhook-id` was already used. */
+  function seenBefore(webhookId: string): boolean {
     const now = Date.now();
     for (const [id, forgetAt] of seen) if (forgetAt <= now) seen.delete(id);
-    if (seen.has(webhookId)) return true;
+    return seen.has(webhookId);
+  }
+
+  /** Remembers a `webhook-id` once acted on: an event refused or failing half way is handled on its retry. */
+  function remember(webhookId: string): void {
     // Twice the tolerance: the timestamp may lie up to 5 minutes either way.
-    seen.set(webhookId, now + 2 * TOLERANCE_MS);
-    return false;
+    seen.set(webhookId, Date.now() + 2 * TOLERANCE_MS);
   }
 
   function refuse(res: ServerResponse, status: number, why: string, what: string): void {
@@ -113,7 +116,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<ExampleRe
     if (body === undefined) return refuse(res, 413, `body over ${MAX_BODY_BYTES} bytes`, 'event');
     const verified = verify(body, req);
     if (!verified.ok) return refuse(res, 401, verified.why, 'event');
-    if (duplicate(verified.webhookId)) {
+    if (seenBefore(verified.webhookId)) {
       // Acknowledged again (the sender lost the first answer), acted on once.
       counts.duplicates++;
       log(`duplicate event ${verified.webhookId}: already handled`);
@@ -132,6 +135,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<ExampleRe
     // Every event tokenwarden sends ends a token (token.revoked, token.expired): drop it.
     const dropped = accepted.delete(event.token_id);
     handled.push({ webhookId: verified.webhookId, type: event.type, tokenId: event.token_id });
+    remember(verified.webhookId);
     log(`${event.type} ${event.token_id}: ${dropped ? 'no longer accepted' : 'was not accepted here'}`);
     res.writeHead(204).end();
   }
@@ -140,7 +144,8 @@ export async function startReceiver(options: ReceiverOptions): Promise<ExampleRe
     // The signed payload is the path as requested: the signature answers for this token only.
     const verified = verify(req.url ?? '', req);
     if (!verified.ok) return refuse(res, 401, verified.why, 'probe');
-    if (duplicate(verified.webhookId)) return refuse(res, 401, 'replayed probe', 'probe');
+    if (seenBefore(verified.webhookId)) return refuse(res, 401, 'replayed probe', 'probe');
+    remember(verified.webhookId);
     counts.probes++;
     json(res, 200, { tokenId, accepted: accepted.has(tokenId) });
   }
