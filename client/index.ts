@@ -93,6 +93,8 @@ const operatorSchema = z.object({
 export type OperatorInput = Omit<z.input<typeof operatorSchema>, 'tokenId'>;
 
 export const OFFBOARD_DEFAULTS = { rate: 200, concurrency: 16 } as const;
+/** Signals failed in a row after which offboarding stops telling workflows (Temporal is likely down). */
+const OFFBOARD_GIVE_UP_AFTER = 8;
 
 const offboardSchema = z.object({
   subject: subjectSchema,
@@ -394,39 +396,51 @@ export class TokenWarden extends TokenWardenStore {
     const notSignalled: string[] = [];
     const firstFailures: string[] = [];
     let failed = 0;
+    let failedInARow = 0;
+    let skipped = 0;
     let signalled = 0;
     let next = 0;
     let slot = Date.now();
     const spacingMs = 1000 / pace.rate;
     const report = () => onProgress?.({ done: signalled, failed, total: tokens.length });
+    // Temporal unreachable: every call would wait out its deadline; the reconciler tells the rest later.
+    const givenUp = () => failedInARow >= OFFBOARD_GIVE_UP_AFTER;
     const worker = async () => {
-      while (next < tokens.length && !abort?.aborted) {
+      while (next < tokens.length && !abort?.aborted && !givenUp()) {
         const token = tokens[next++]!;
         // Paced by start time: the n-th signal goes out no earlier than n / rate after the first.
         const wait = slot - Date.now();
         slot = Math.max(slot, Date.now()) + spacingMs;
         if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
-        if (abort?.aborted) {
+        if (abort?.aborted || givenUp()) {
           notSignalled.push(token.id);
+          skipped++;
           continue;
         }
         try {
           await this.tellWorkflow(token, request);
           signalled++;
+          failedInARow = 0;
         } catch (err) {
           notSignalled.push(token.id);
+          failedInARow++;
           if (++failed <= 3) firstFailures.push(`${token.id}: ${causes(err)}`);
         }
         report();
       }
     };
     await Promise.all(Array.from({ length: Math.min(pace.concurrency, tokens.length) }, worker));
-    const aborted = abort?.aborted === true && signalled + notSignalled.length < tokens.length;
-    if (aborted) notSignalled.push(...tokens.slice(next).map((t) => t.id));
+    const untouched = tokens.slice(next).map((t) => t.id);
+    notSignalled.push(...untouched);
+    const aborted = abort?.aborted === true && skipped + untouched.length > 0;
     const warnings: string[] = [];
     if (failed > 0) {
       warnings.push(
-        `${failed} workflow(s) could not be signalled (${firstFailures.join('; ')}${failed > 3 ? '; …' : ''}); they are dead in the store: the reconciler will start their propagation, or run offboard again`,
+        `${failed} workflow(s) could not be signalled (${firstFailures.join('; ')}${failed > 3 ? '; …' : ''})` +
+          (givenUp()
+            ? `; stopped after ${OFFBOARD_GIVE_UP_AFTER} failures in a row, ${skipped + untouched.length} not tried`
+            : '') +
+          '; they are dead in the store: the reconciler will start their propagation, or run offboard again',
       );
     }
     if (aborted) warnings.push(`aborted: ${notSignalled.length} workflow(s) not told; run offboard again to resume`);

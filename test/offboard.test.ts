@@ -1,7 +1,8 @@
 /** Offboarding a subject: every active token dead in the store in one transaction, then propagated. */
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { InvalidInputError, type OffboardReport } from '../client/index.js';
+import { InvalidInputError, TokenWarden, type OffboardReport } from '../client/index.js';
+import { freePort } from '../dev/processes.js';
 import { runCli } from './support/cli.js';
 import { TestContext } from './support/context.js';
 import { TestReceiver, tokenIdOf } from './support/receiver.js';
@@ -151,6 +152,37 @@ describe('offboard', () => {
       const body = JSON.parse(receivers[r]!.requestsFor(ids[i]!)[0]!.body) as { txn: string };
       assert.equal(body.txn, first.operationId, 'the events are those of the kill, the first run');
     }
+  });
+
+  it('should kill everything and stop telling workflows after failures in a row when Temporal is unreachable', async () => {
+    const ids = await issueFor(
+      'usr_outage',
+      Array.from({ length: 40 }, () => ['billing']),
+    );
+    const address = `127.0.0.1:${await freePort()}`;
+    const down = await TokenWarden.connect({
+      ...ctx.settings,
+      temporal: { ...ctx.settings.temporal, connectionOptions: { address } },
+    });
+    let report: OffboardReport;
+    try {
+      report = await down.offboard({ subject: 'usr_outage', reason: 'left', concurrency: 2 });
+    } finally {
+      await down.close();
+    }
+    assert.ok(
+      (await rowsOf('usr_outage')).every((r) => !r.valid),
+      'all dead in the store',
+    );
+    assert.equal(report.revoked.length, 40);
+    assert.equal(report.signalled, 0);
+    assert.deepEqual([...report.notSignalled].sort(), [...ids].sort());
+    assert.match(report.warnings.join('\n'), /stopped after 8 failures in a row, \d+ not tried/);
+    assert.equal(report.aborted, false);
+
+    const resumed = await ctx.warden.offboard({ subject: 'usr_outage', reason: 'left' });
+    assert.equal(resumed.signalled, 40);
+    await propagated(ids);
   });
 
   it('should resolve a revoke racing the offboarding to one kill', async () => {
