@@ -1,7 +1,10 @@
 /** Offboarding a subject: every active token dead in the store in one transaction, then propagated. */
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import { InvalidInputError, TokenWarden, type OffboardReport } from '../client/index.js';
+import type { ReconcileInput, ReconcileReport } from '../common/messages.js';
+import { WORKFLOW_TYPE } from '../common/names.js';
 import { freePort } from '../dev/processes.js';
 import { runCli } from './support/cli.js';
 import { TestContext } from './support/context.js';
@@ -152,6 +155,29 @@ describe('offboard', () => {
       const body = JSON.parse(receivers[r]!.requestsFor(ids[i]!)[0]!.body) as { txn: string };
       assert.equal(body.txn, first.operationId, 'the events are those of the kill, the first run');
     }
+  });
+
+  it('should leave the workflows an aborted run did not tell to the reconciler, which tells them', async () => {
+    const ids = await issueFor('usr_unattended', [['audit'], ['audit'], ['audit'], ['audit']]);
+    const stop = new AbortController();
+    const report = await ctx.warden.offboard({
+      subject: 'usr_unattended',
+      reason: 'offboarded',
+      concurrency: 1,
+      signal: stop.signal,
+      onProgress: () => stop.abort(),
+    });
+    assert.equal(report.signalled, 1);
+    assert.equal(report.notSignalled.length, 3);
+    assert.equal(report.aborted, true);
+    const pass: ReconcileReport = await ctx.client.workflow.execute(WORKFLOW_TYPE.reconcile, {
+      workflowId: `reconcile-${randomBytes(4).toString('hex')}`,
+      taskQueue: ctx.settings.temporal.taskQueue,
+      args: [{ version: 1, graceMs: 0 } satisfies ReconcileInput],
+    });
+    for (const id of report.notSignalled) assert.ok(pass.signalled.includes(id), `the reconciler told ${id}`);
+    await propagated(ids);
+    for (const id of ids) assert.equal(receivers.audit!.requestsFor(id).length, 1);
   });
 
   it('should kill everything and stop telling workflows after failures in a row when Temporal is unreachable', async () => {
