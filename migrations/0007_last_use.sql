@@ -6,7 +6,7 @@ SELECT set_config('search_path', quote_ident(current_schema()) || ', pg_temp', t
 
 -- Sets last_used_at to now() on the database clock when the token is active and its last recorded
 -- use is older than min_interval_ms (or none); true when it wrote. A dead token's row is left alone.
--- When policies give tokens an idle timeout, the interval is bounded here by a tenth of it.
+-- When policies give tokens an idle timeout, this is where the interval will be bounded by a tenth of it.
 CREATE FUNCTION record_token_use(token_id text, min_interval_ms bigint) RETURNS boolean
 LANGUAGE sql SET search_path FROM CURRENT AS $$
   WITH used AS (
