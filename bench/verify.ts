@@ -25,6 +25,7 @@ import { killToken } from '../common/store/kill.js';
 import { waitUntilQuiet } from './proc.js';
 import { startUserStack } from './scale-stack.js';
 import { ms, ratio, summarize } from './stats.js';
+import { runIntrospectionBench } from './verify-introspect.js';
 
 const say = (msg: string) => process.stderr.write(`[bench:verify] ${msg}\n`);
 const now = () => performance.timeOrigin + performance.now();
@@ -319,6 +320,20 @@ async function main(): Promise<void> {
     const rejectedBeforeReturn = fromReturn.filter((x) => x <= 0).length;
     say(`  rejected before TokenWarden.revoke returned: ${rejectedBeforeReturn} of ${fromReturn.length}`);
 
+    // (c) Introspection over HTTP against a bare fastify route doing the same lookup.
+    await settle('introspection');
+    const introspection = await runIntrospectionBench({
+      databaseUrl,
+      schema,
+      temporalAddress: stack.settings.temporal.connectionOptions.address!,
+      namespace: stack.settings.temporal.namespace,
+      seconds: options.seconds,
+      log: say,
+    });
+    say(
+      `introspection over HTTP: API ${introspection.api.perSecond}/s, bare fastify route ${introspection.bare.perSecond}/s: ×${introspection.ratio} (goal ≥ 0.7)`,
+    );
+
     process.stdout.write(
       `${JSON.stringify({
         bench: 'verify',
@@ -346,6 +361,7 @@ async function main(): Promise<void> {
           p99GoalMet: rejection.p99Ms <= 10,
           overRawNotifyP99Ms: ms(rejection.p99Ms - floor.p99Ms),
         },
+        introspection,
       })}\n`,
     );
   } finally {
