@@ -5,7 +5,7 @@
  */
 import formbody from '@fastify/formbody';
 import swagger from '@fastify/swagger';
-import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import {
   jsonSchemaTransform,
   jsonSchemaTransformObject,
@@ -68,7 +68,7 @@ export async function createApiServer(options: ApiServerOptions): Promise<ApiSer
     forceCloseConnections: 'idle',
     return503OnClosing: true,
     // One line per request, written below, instead of fastify's two (which carry the URL with its query).
-    disableRequestLogging: true,
+    logController: new LogController({ disableRequestLogging: true }),
   }) as unknown as ApiServer;
   app.addHook('onResponse', (request, reply, done) => {
     request.log.info(
