@@ -93,6 +93,11 @@ export interface Verifier {
   close(): Promise<void>;
   /** True while the kill channel is heard: only then are answers served from cache. */
   readonly listening: boolean;
+  /**
+   * Drops a token this process knows is dead (its own revoke returned), exactly as hearing its kill
+   * would: its next verify here refuses it, whenever the NOTIFY arrives.
+   */
+  forget(tokenId: string): void;
   stats(): VerifierStats;
 }
 
@@ -483,6 +488,11 @@ class TokenVerifier implements Verifier {
     this.#backoffMs = this.#o.reconnectInitialMs;
     this.#heartbeat = setInterval(() => this.#beat(client), this.#o.heartbeatIntervalMs);
     this.#heartbeat.unref();
+  }
+
+  forget(tokenId: string): void {
+    this.#epoch++;
+    this.#dropToken(tokenId);
   }
 
   #heard(n: pg.Notification): void {

@@ -29,7 +29,12 @@ export const ttlSchema = (maxMs: number) =>
     if (ms === undefined) {
       ctx.addIssue({
         code: 'custom',
-        message: `expected ${DURATION_HINT} (or a positive number of milliseconds), got ${JSON.stringify(value) ?? 'nothing'}`,
+        // The value is echoed only when short: a long one may be a secret pasted into the wrong field.
+        message: `expected ${DURATION_HINT} (or a positive number of milliseconds), got ${
+          typeof value === 'string' && value.length > 24
+            ? `a string of ${value.length} characters`
+            : (JSON.stringify(value) ?? 'nothing')
+        }`,
       });
       return z.NEVER;
     }

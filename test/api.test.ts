@@ -8,6 +8,7 @@ import { createApiKey, revokeApiKey } from '../common/store/api-keys.js';
 import { freePort } from '../dev/processes.js';
 import { call, startApiHarness, type ApiHarness } from './support/api.js';
 import { TestContext } from './support/context.js';
+import { TcpProxy } from './support/tcp-proxy.js';
 import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
@@ -82,6 +83,19 @@ describe('HTTP API: authentication and scopes on every route', () => {
     );
   });
 
+  it('should make public only /healthz and /openapi.json, and refuse to register a route that declares neither', async () => {
+    const open = api.server.routeTable.filter((r) => !r.scopes).map((r) => `${r.method} ${r.url}`);
+    assert.deepEqual(open.sort(), ['GET /healthz', 'GET /openapi.json']);
+    const head = await call(api.url, 'HEAD', '/v1/tokens');
+    assert.equal(head.status, 401, 'HEAD of an admin route');
+    const fresh = await createApiServer({ warden: ctx.warden, verifier, logger: false });
+    try {
+      assert.throws(() => fresh.get('/v1/forgotten', async () => 'open'), /declares neither scopes nor public/);
+    } finally {
+      await fresh.close();
+    }
+  });
+
   it('should serve /healthz and /openapi.json without a key, the document listing every route', async () => {
     const health = await call(api.url, 'GET', '/healthz');
     assert.equal(health.status, 200, health.text);
@@ -127,7 +141,7 @@ describe('HTTP API: tokens', () => {
     assert.equal(revoked.status, 200, revoked.text);
     assert.equal(revoked.body.status, 'revoked');
     assert.equal(revoked.body.changed, true);
-    assert.match(revoked.body.revokedBy, /^apikey:test-admin \(key_[0-9a-f]{32}\)$/);
+    assert.match(revoked.body.revokedBy, /^apikey:key_[0-9a-f]{32} \(test-admin\)$/);
     assert.deepEqual(
       revoked.body.deliveries.map((d: { receiverId: string }) => d.receiverId),
       ['api-rcv'],
@@ -362,7 +376,7 @@ describe('HTTP API: RFC 7009 revocation', () => {
       [tokenId],
     );
     assert.equal(rows[0].status, 'revoked');
-    assert.match(rows[0].revoked_by, /^apikey:test-revoke \(key_/);
+    assert.match(rows[0].revoked_by, /^apikey:key_[0-9a-f]{32} \(test-revoke\)$/);
     assert.equal(rows[0].revoke_reason, 'revoked through the RFC 7009 endpoint');
     assert.equal(rows[0].initiating_entity, 'user');
     // Again, and with an admin key: still 200, the first revocation kept.
@@ -486,6 +500,46 @@ describe('HTTP API: RFC 7662 introspection', () => {
     );
   });
 
+  it('should answer inactive to an introspection sent right after a revoke over the same API returned, before any NOTIFY', async () => {
+    // This API's verifier hears the kill channel through a proxy that holds the NOTIFYs back: only
+    // the API's own revoke paths can turn its cached answers.
+    const proxy = await TcpProxy.start(TcpProxy.targetOf(ctx.settings.databaseUrl));
+    const held = await createVerifier({
+      databaseUrl: ctx.settings.databaseUrl,
+      schema: ctx.settings.databaseSchema,
+      listenUrl: proxy.url(ctx.settings.databaseUrl),
+      heartbeatIntervalMs: 600_000,
+    });
+    const deaf = await startApiHarness(ctx, held);
+    try {
+      await waitUntil(() => held.listening, 'the verifier listening');
+      proxy.hold();
+      for (let i = 0; i < 6; i++) {
+        const { tokenId, token } = await ctx.warden.issue({ subject: 'usr_7662race', ttl: '1h' });
+        const ask = () => call(deaf.url, 'POST', '/oauth/introspect', { key: deaf.keys.introspect, form: { token } });
+        assert.equal((await ask()).body.active, true);
+        assert.equal((await ask()).body.active, true, 'now cached');
+        const revoked =
+          i % 2 === 0
+            ? await call(deaf.url, 'POST', `/v1/tokens/${tokenId}/revoke`, {
+                key: deaf.keys.admin,
+                json: { reason: 'race' },
+              })
+            : await call(deaf.url, 'POST', '/oauth/revoke', { key: deaf.keys.revoke, form: { token } });
+        assert.equal(revoked.status, 200, revoked.text);
+        const after = await ask();
+        assert.equal(after.text, '{"active":false}', `round ${i}: introspected right after the revoke returned`);
+        assert.match(after.headers.get('content-type') ?? '', /^application\/json/, 'RFC 7662 §2.2: application/json');
+      }
+      assert.equal(held.listening, true, 'the NOTIFYs were held, the listener not lost');
+    } finally {
+      proxy.release();
+      await deaf.close();
+      await held.close();
+      await proxy.close();
+    }
+  });
+
   it('should answer exactly {"active":false} for unknown, malformed, revoked and expired tokens alike', async () => {
     const { token: revoked, tokenId } = await ctx.warden.issue({ subject: 'usr_7662b', ttl: '1h' });
     await ctx.warden.revoke({ tokenId, reason: 'dead' });
@@ -565,7 +619,7 @@ describe('HTTP API: offboarding a subject', () => {
     for (const row of rows) {
       if (row.id === other) assert.equal(row.status, 'active', 'another subject keeps its token');
       else assert.equal(row.status, 'revoked', row.id);
-      if (active.includes(row.id)) assert.match(row.revoked_by, /^apikey:test-admin \(key_/);
+      if (active.includes(row.id)) assert.match(row.revoked_by, /^apikey:key_[0-9a-f]{32} \(test-admin\)/);
     }
     const { rows: outbox } = await ctx.sql.query(
       `SELECT token_id, receiver_id FROM delivery WHERE token_id = ANY ($1) ORDER BY token_id, receiver_id`,
@@ -594,5 +648,35 @@ describe('HTTP API: offboarding a subject', () => {
       noReason.body.errors.map((e: { in: string; path: string }) => `${e.in} ${e.path}`),
       ['body reason'],
     );
+  });
+});
+
+describe('HTTP API: what callers cannot do', () => {
+  it('should record the API key as the actor, a claimed actor only after it', async () => {
+    const { tokenId } = await ctx.warden.issue({ subject: 'usr_forge', ttl: '1h' });
+    const res = await call(api.url, 'POST', `/v1/tokens/${tokenId}/revoke`, {
+      key: api.keys.admin,
+      json: { reason: 'forge', actor: 'user:ceo', initiatingEntity: 'user' },
+    });
+    assert.equal(res.status, 200, res.text);
+    assert.match(res.body.revokedBy, /^apikey:key_[0-9a-f]{32} \(test-admin\) for user:ceo$/);
+  });
+
+  it('should never echo a token put in a field or a path, and answer a malformed URL with a problem', async () => {
+    const { token } = await ctx.warden.issue({ subject: 'usr_echo', ttl: '1h' });
+    const answers = [
+      await call(api.url, 'POST', '/v1/tokens', { key: api.keys.admin, json: { subject: 'usr_echo', ttl: token } }),
+      await call(api.url, 'GET', `/v1/nothing/${token}`, { key: api.keys.admin }),
+      await call(api.url, 'GET', `/v1/tokens/${token}`, { key: api.keys.admin }),
+    ];
+    for (const res of answers) {
+      assert.ok(res.status >= 400 && res.status < 500, `${res.status} ${res.text}`);
+      assert.ok(!res.text.includes(token.slice(3, 20)), `no token in ${res.text}`);
+    }
+    assert.match(answers[0]!.text, /ttl/);
+    const bad = await call(api.url, 'GET', '/v1/tokens/%E0%A4%A', { key: api.keys.admin });
+    assert.equal(bad.status, 400, bad.text);
+    assert.match(bad.headers.get('content-type') ?? '', /application\/problem\+json/);
+    assert.match(bad.text, /percent-encoded/);
   });
 });

@@ -6,6 +6,7 @@ import { createHash } from 'node:crypto';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Queryable } from '../../common/db.js';
 import { authenticateApiKey, type ApiKeyRecord, type ApiKeyScope } from '../../common/store/api-keys.js';
+import { actorSchema } from '../../common/validation.js';
 import { problem, sendProblem } from './problems.js';
 
 declare module 'fastify' {
@@ -14,13 +15,23 @@ declare module 'fastify' {
     apiKey?: ApiKeyRecord;
   }
   interface FastifyContextConfig {
-    /** Scopes that may call the route (`admin` always may); absent: no authentication. */
+    /** Scopes that may call the route (`admin` always may). */
     scopes?: readonly ApiKeyScope[];
+    /** No authentication: a route must declare this or scopes (checked when it is registered). */
+    public?: boolean;
   }
 }
 
 /** How an authenticated request's caller is named in the audit trail and receivers' events. */
-export const actorOf = (key: ApiKeyRecord) => `apikey:${key.name} (${key.id})`;
+/** Who an API caller acts for (the body's `actor`): short, since the key comes first. */
+export const onBehalfOfSchema = actorSchema.refine((v) => v.length <= 100, 'at most 100 characters');
+
+/**
+ * Who did it, as audited: always the API key (a body may not claim another actor), with the person
+ * or system the caller acts for after it when given. Bounded to the store's 200 characters.
+ */
+export const actorOf = (key: ApiKeyRecord, onBehalfOf?: string) =>
+  `apikey:${key.id} (${key.name.slice(0, 40)})${onBehalfOf ? ` for ${onBehalfOf}` : ''}`;
 
 /**
  * Checks keys against the store, remembering an accepted key for `cacheTtlMs` (by the SHA-256 of the

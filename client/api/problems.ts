@@ -56,8 +56,15 @@ const TITLES: Record<number, string> = {
   503: 'Service Unavailable',
 };
 
-/** The path without its query string: queries are never echoed (nor logged). */
-export const pathOf = (request: FastifyRequest) => request.url.split('?')[0]!;
+/** Token-, key- and secret-shaped text (a careless client may put one in a path). */
+const SECRET_SHAPED = /\b(tw|twk|whsec)_[A-Za-z0-9_+/=%-]+/g;
+
+/**
+ * The path as echoed in a problem: without its query string (queries are never echoed nor logged),
+ * secret-shaped segments masked, bounded.
+ */
+export const pathOf = (request: FastifyRequest) =>
+  request.url.split('?')[0]!.replace(SECRET_SHAPED, '$1_…').slice(0, 200);
 
 export function problem(
   request: FastifyRequest,

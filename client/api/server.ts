@@ -25,7 +25,7 @@ import { subjectRoutes } from './routes/subjects.js';
 import { tokenRoutes } from './routes/tokens.js';
 
 /** What introspection asks: tokenwarden/verifier (cached, dropped on the store's kill NOTIFY). */
-export type TokenVerifier = Pick<Verifier, 'verify'>;
+export type TokenVerifier = Pick<Verifier, 'verify' | 'forget'>;
 
 export interface ApiServerOptions {
   warden: TokenWarden;
@@ -69,6 +69,14 @@ export async function createApiServer(options: ApiServerOptions): Promise<ApiSer
     return503OnClosing: true,
     // One line per request, written below, instead of fastify's two (which carry the URL with its query).
     logController: new LogController({ disableRequestLogging: true }),
+    // Errors fastify raises before routing (a malformed percent-encoding): a problem too, URL masked.
+    frameworkErrors: (error, request, reply) =>
+      void sendProblem(
+        reply,
+        problem(request, 400, 'the request URL could not be read', {
+          errors: [{ in: 'params', path: '(url)', message: 'expected a well-formed, percent-encoded URL' }],
+        }),
+      ),
   }) as unknown as ApiServer;
   app.addHook('onResponse', (request, reply, done) => {
     request.log.info(
@@ -86,6 +94,10 @@ export async function createApiServer(options: ApiServerOptions): Promise<ApiSer
   const routeTable: RouteEntry[] = [];
   Object.defineProperty(app, 'routeTable', { value: routeTable });
   app.addHook('onRoute', (route) => {
+    // Deny by default: a route without scopes is public only when it says so.
+    if (!route.config?.scopes && !route.config?.public) {
+      throw new Error(`route ${String(route.method)} ${route.url} declares neither scopes nor public`);
+    }
     const methods = Array.isArray(route.method) ? route.method : [route.method];
     for (const method of methods) {
       if (method === 'HEAD') continue;
@@ -132,8 +144,8 @@ export async function createApiServer(options: ApiServerOptions): Promise<ApiSer
 
   const typed = app.withTypeProvider<ZodTypeProvider>() as unknown as ApiInstance;
   await healthRoutes(typed, warden);
-  await tokenRoutes(typed, warden);
-  await subjectRoutes(typed, warden);
+  await tokenRoutes(typed, warden, verifier);
+  await subjectRoutes(typed, warden, verifier);
   await receiverRoutes(typed, warden);
   await oauthRoutes(typed, warden, verifier);
   return app;

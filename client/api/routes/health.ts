@@ -26,6 +26,7 @@ export async function healthRoutes(app: ApiInstance, warden: TokenWarden): Promi
   app.get(
     '/healthz',
     {
+      config: { public: true },
       schema: {
         summary: 'Whether Temporal and PostgreSQL answer (503 when either does not)',
         security: [],
@@ -47,5 +48,5 @@ export async function healthRoutes(app: ApiInstance, warden: TokenWarden): Promi
     },
   );
 
-  app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger());
+  app.get('/openapi.json', { config: { public: true }, schema: { hide: true } }, async () => app.swagger());
 }

@@ -47,6 +47,8 @@ export async function oauthRoutes(app: ApiInstance, warden: TokenWarden, verifie
             actor: actorOf(request.apiKey!),
             initiatingEntity: 'user',
           });
+          // Dead in the store: this process's introspection refuses it now, not when the NOTIFY lands.
+          verifier.forget(tokenId);
         } catch (err) {
           // RFC 7009 §2.2.1: 503 means "assume the token is still valid"; try again.
           request.log.error(
@@ -91,7 +93,7 @@ export async function oauthRoutes(app: ApiInstance, warden: TokenWarden, verifie
     async (request, reply) => {
       // The hot path: the answer is built here from the verifier's typed result, so it is written with
       // JSON.stringify rather than checked again against the response schema (which documents it).
-      reply.header('cache-control', 'no-store').serializer(JSON.stringify);
+      reply.header('cache-control', 'no-store').type('application/json; charset=utf-8').serializer(JSON.stringify);
       let verdict;
       try {
         verdict = await verifier.verify(request.body.token);

@@ -1,21 +1,21 @@
 /** POST /v1/subjects/:subject/revoke: offboarding, every active token of a subject. Admin scope. */
 import { z } from 'zod';
 import { INITIATING_ENTITIES } from '../../../common/names.js';
-import { actorSchema, reasonSchema } from '../../../common/validation.js';
+import { reasonSchema } from '../../../common/validation.js';
 import type { TokenWarden } from '../../index.js';
-import { actorOf } from '../auth.js';
+import { actorOf, onBehalfOfSchema } from '../auth.js';
 import { problemSchema } from '../problems.js';
 import { subjectParams } from '../schemas.js';
-import type { ApiInstance } from '../server.js';
+import type { ApiInstance, TokenVerifier } from '../server.js';
 
 const offboardBody = z.object({
   reason: reasonSchema,
-  /** Default: the API key (`apikey:<name> (<id>)`). */
-  actor: actorSchema.optional(),
+  /** Who the caller acts for, recorded after the API key (which is always the actor). */
+  actor: onBehalfOfSchema.optional(),
   initiatingEntity: z.enum(INITIATING_ENTITIES).default('admin'),
 });
 
-export async function subjectRoutes(app: ApiInstance, warden: TokenWarden): Promise<void> {
+export async function subjectRoutes(app: ApiInstance, warden: TokenWarden, verifier: TokenVerifier): Promise<void> {
   app.post(
     '/v1/subjects/:subject/revoke',
     {
@@ -43,9 +43,11 @@ export async function subjectRoutes(app: ApiInstance, warden: TokenWarden): Prom
       const report = await warden.offboard({
         subject: request.params.subject,
         reason,
-        actor: actor ?? actorOf(request.apiKey!),
+        actor: actorOf(request.apiKey!, actor),
         initiatingEntity,
       });
+      // Dead in the store: this process's introspection refuses them now, not when the NOTIFYs land.
+      for (const tokenId of [...report.revoked, ...report.alreadyDead]) verifier.forget(tokenId);
       return { ...report };
     },
   );

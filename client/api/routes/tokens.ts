@@ -1,12 +1,12 @@
 /** /v1/tokens: issue, show, list (keyset pages), revoke. Admin scope. */
 import { z } from 'zod';
 import { INITIATING_ENTITIES } from '../../../common/names.js';
-import { actorSchema, correlationIdSchema, reasonSchema } from '../../../common/validation.js';
+import { correlationIdSchema, reasonSchema } from '../../../common/validation.js';
 import { issueSchema, type TokenWarden } from '../../index.js';
-import { actorOf } from '../auth.js';
+import { actorOf, onBehalfOfSchema } from '../auth.js';
 import { problemSchema } from '../problems.js';
 import { encodeCursor, listQuery, tokenIdParams, tokenSchema, tokenViewSchema, deliverySchema } from '../schemas.js';
-import type { ApiInstance } from '../server.js';
+import type { ApiInstance, TokenVerifier } from '../server.js';
 
 const admin = { scopes: ['admin'] } as const;
 const errors = { 400: problemSchema, 401: problemSchema, 403: problemSchema, 404: problemSchema };
@@ -14,12 +14,13 @@ const errors = { 400: problemSchema, 401: problemSchema, 403: problemSchema, 404
 export const revokeBody = z.object({
   reason: reasonSchema,
   /** Default: the API key (`apikey:<name> (<id>)`). */
-  actor: actorSchema.optional(),
+  /** Who the caller acts for, recorded after the API key (which is always the actor). */
+  actor: onBehalfOfSchema.optional(),
   initiatingEntity: z.enum(INITIATING_ENTITIES).default('admin'),
   correlationId: correlationIdSchema.optional(),
 });
 
-export async function tokenRoutes(app: ApiInstance, warden: TokenWarden): Promise<void> {
+export async function tokenRoutes(app: ApiInstance, warden: TokenWarden, verifier: TokenVerifier): Promise<void> {
   app.post(
     '/v1/tokens',
     {
@@ -108,10 +109,12 @@ export async function tokenRoutes(app: ApiInstance, warden: TokenWarden): Promis
       const outcome = await warden.revoke({
         tokenId: request.params.id,
         reason,
-        actor: actor ?? actorOf(request.apiKey!),
+        actor: actorOf(request.apiKey!, actor),
         initiatingEntity,
         ...(correlationId ? { correlationId } : {}),
       });
+      // Dead in the store: this process's introspection refuses it now, not when the NOTIFY lands.
+      verifier.forget(outcome.tokenId);
       // Read after the kill committed: the deliveries as far as they got.
       const view = await warden.show(outcome.tokenId);
       return { ...outcome, propagation: view.propagation, deliveries: view.deliveries.map((d) => ({ ...d })) };
