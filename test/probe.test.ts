@@ -155,8 +155,15 @@ describe('verified propagation', () => {
     assert.equal(replay.status, 204);
     assert.equal(example.accepts(tokenId), false);
 
-    const retried = await ctx.warden.retryPropagation(tokenId, { reason: 'service fixed' });
-    assert.deepEqual(retried.retrying, [id]);
+    // The stuck delivery keeps probing on its slow schedule: that probe may confirm the fix first,
+    // completing propagation (and closing the workflow) before the operator's retry reaches it.
+    const retried = await ctx.warden
+      .retryPropagation(tokenId, { reason: 'service fixed' })
+      .catch(async (err: unknown) => {
+        if ((await deliveryTo(tokenId, id)).status === 'delivered') return undefined;
+        throw err;
+      });
+    if (retried) assert.deepEqual(retried.retrying, [id]);
     await propagationIs(tokenId, 'complete');
     const delivery = await deliveryTo(tokenId, id);
     assert.equal(delivery.status, 'delivered');
