@@ -370,9 +370,9 @@ describe('another process', () => {
       after.every((e) => !e.active),
       `never active after the notification: ${JSON.stringify(record)}`,
     );
-    assert.equal(
-      after.reduce((n, e) => n + e.count, 0),
-      20,
+    assert.ok(
+      after.reduce((n, e) => n + e.count, 0) >= 20,
+      `at least 20 verifies after the notification: ${JSON.stringify(record)}`,
     );
     assert.ok(
       record.some((e) => e.kind === 'mark' && e.text === 'revoke returned'),

@@ -1,8 +1,9 @@
 /**
  * A service's process with a warmed verifier (imported as `tokenwarden/verifier`): reads
  * `{ options, token }` as its first stdin line, verifies the token in a loop and records, in order,
- * each answer, each kill notification the verifier heard and each `mark` line the parent sends; it
- * stops `afterKill` verifies after the kill notification (or at its deadline) and prints the record.
+ * each answer, each kill notification the verifier heard and each `mark` line the parent sends; once
+ * it has heard the kill and received a mark, it makes `afterKill` more verifies (or stops at its
+ * deadline) and prints the record.
  * Lines out: `{"ready":…}` once warm, then `{"record":[…],"stats":…}`.
  */
 import { createInterface } from 'node:readline';
@@ -31,23 +32,30 @@ async function main(): Promise<void> {
     if (entry.kind === 'verify' && last?.kind === 'verify' && last.active === entry.active) last.count++;
     else record.push(entry);
   };
-  let verifiesAfterKill = -1;
+  let killHeard = false;
+  let markSeen = false;
   const verifier = await createVerifier({
     ...options,
     onKilled: (tokenId) => {
       add({ kind: 'killed', tokenId });
-      verifiesAfterKill = 0;
+      killHeard = true;
     },
   });
   const warm = await verifier.verify(token);
   void (async () => {
-    for (let line = await lines.next(); !line.done; line = await lines.next()) add({ kind: 'mark', text: line.value });
+    for (let line = await lines.next(); !line.done; line = await lines.next()) {
+      add({ kind: 'mark', text: line.value });
+      markSeen = true;
+    }
   })();
   process.stdout.write(`${JSON.stringify({ ready: warm.active, listening: verifier.listening })}\n`);
   const deadline = Date.now() + deadlineMs;
-  while (Date.now() < deadline && verifiesAfterKill < afterKill) {
+  // The kill's NOTIFY usually arrives before the parent's revoke returns (it tells the workflow
+  // after the kill commits), so stopping on the kill alone could end before the mark is read.
+  let verifiesAfterBoth = 0;
+  while (Date.now() < deadline && verifiesAfterBoth < afterKill) {
     add({ kind: 'verify', active: (await verifier.verify(token)).active, count: 1 });
-    if (verifiesAfterKill >= 0) verifiesAfterKill++;
+    if (killHeard && markSeen) verifiesAfterBoth++;
     // A macrotask turn, so notifications and stdin are read between verifies (a cache hit never yields to I/O).
     await new Promise((resolve) => setImmediate(resolve));
   }
