@@ -24,6 +24,7 @@ export async function startApi(settings: Settings, api: ApiSettings): Promise<Ru
     verifier = await createVerifier({
       databaseUrl: settings.databaseUrl,
       schema: settings.databaseSchema,
+      foreignTokens: api.foreignTokens,
       onError: (err) => process.stderr.write(`tokenwarden api: verifier: ${err.message}\n`),
     });
     const server = await createApiServer({ warden, verifier });
