@@ -8,7 +8,7 @@ import { performance } from 'node:perf_hooks';
 import pg from 'pg';
 import { quoteIdent } from '../common/identifiers.js';
 import { KILL_CHANNEL } from '../common/names.js';
-import { hashToken, isWellFormedToken } from '../common/secrets.js';
+import { hashToken, isForeignToken, isWellFormedToken } from '../common/secrets.js';
 import { recordTokenUse } from '../common/store/last-use.js';
 
 export interface VerifierOptions {
@@ -126,10 +126,6 @@ export class VerifierUnavailableError extends Error {
     this.name = 'VerifierUnavailableError';
   }
 }
-
-/** A string another system may have issued: printable ASCII of a plausible length, not of our `tw_` format. */
-const FOREIGN_TOKEN_RE = /^[\x21-\x7e]{16,4096}$/;
-const isForeignToken = (text: string) => !text.startsWith('tw_') && FOREIGN_TOKEN_RE.test(text);
 
 const INACTIVE: Verification = Object.freeze({ active: false as const });
 

@@ -4,11 +4,13 @@ import { after, before, describe, it } from 'node:test';
 import { TokenWarden } from '../client/index.js';
 import { createApiServer } from '../client/api/server.js';
 import { createVerifier, type Verifier } from '../client/verifier.js';
+import { hashToken } from '../common/secrets.js';
 import { createApiKey, revokeApiKey } from '../common/store/api-keys.js';
 import { freePort } from '../dev/processes.js';
 import { call, startApiHarness, type ApiHarness } from './support/api.js';
 import { TestContext } from './support/context.js';
 import { TcpProxy } from './support/tcp-proxy.js';
+import { insertTokenRow } from './support/tokens.js';
 import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
@@ -384,6 +386,15 @@ describe('HTTP API: RFC 7009 revocation', () => {
     assert.equal(again.status, 200);
   });
 
+  it('should revoke an imported token of another format by its string', async () => {
+    const foreign = `ghp_${'Q7x'.repeat(12)}`;
+    const record = await insertTokenRow(ctx.pool, { subject: 'usr_7009_imported', secretHash: hashToken(foreign) });
+    const res = await call(api.url, 'POST', '/oauth/revoke', { key: api.keys.revoke, form: { token: foreign } });
+    assert.equal(res.status, 200, res.text);
+    const { rows } = await ctx.sql.query('SELECT status FROM token WHERE id = $1', [record.id]);
+    assert.equal(rows[0].status, 'revoked');
+  });
+
   it('should answer 200 for unknown, malformed and unknown-hint tokens, 400 invalid_request without a token', async () => {
     const { tokenId, token } = await ctx.warden.issue({ subject: 'usr_7009b', ttl: '1h' });
     const lookalike = token.slice(0, -8) + 'AAAAAAAA';
@@ -392,6 +403,7 @@ describe('HTTP API: RFC 7009 revocation', () => {
       { token: lookalike },
       { token: '' },
       { token: 'x'.repeat(4000) },
+      { token: 'x'.repeat(5000) },
       { token: 'tw_whatever', token_type_hint: 'no_such_hint' },
     ]) {
       const res = await call(api.url, 'POST', '/oauth/revoke', { key: api.keys.revoke, form });
