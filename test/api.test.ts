@@ -101,7 +101,12 @@ describe('HTTP API: authentication and scopes on every route', () => {
   it('should serve /healthz and /openapi.json without a key, the document listing every route', async () => {
     const health = await call(api.url, 'GET', '/healthz');
     assert.equal(health.status, 200, health.text);
-    assert.deepEqual(health.body, { status: 'ok', temporal: { reachable: true }, postgres: { reachable: true } });
+    assert.deepEqual(health.body, {
+      status: 'ok',
+      temporal: { reachable: true },
+      postgres: { reachable: true },
+      verifier: { listening: true },
+    });
     const doc = await call(api.url, 'GET', '/openapi.json');
     assert.equal(doc.status, 200);
     assert.equal(doc.body.openapi, '3.1.0');
@@ -270,6 +275,7 @@ describe('HTTP API: tokens', () => {
         status: 'unavailable',
         temporal: { reachable: true },
         postgres: { reachable: false },
+        verifier: { listening: true },
       });
       // Without a reachable store no key can be checked: 500, not 401, and nothing of the cause.
       const internal = await call(`http://127.0.0.1:${port}`, 'GET', '/v1/tokens', { key: api.keys.admin });
@@ -282,13 +288,20 @@ describe('HTTP API: tokens', () => {
     }
   });
 
-  it('should report Temporal unreachable on /healthz with 503, PostgreSQL still reachable', async () => {
+  it('should report Temporal unreachable on /healthz with 503, PostgreSQL still reachable, and a deaf verifier', async () => {
     const address = `127.0.0.1:${await freePort()}`;
     const warden = await TokenWarden.connect({
       ...ctx.settings,
       temporal: { ...ctx.settings.temporal, connectionOptions: { address } },
     });
-    const server = await createApiServer({ warden, verifier, logger: false });
+    // Its listener cannot connect: introspection still answers from the store, uncached.
+    const deaf = await createVerifier({
+      databaseUrl: ctx.settings.databaseUrl,
+      schema: ctx.settings.databaseSchema,
+      listenUrl: `postgres://nobody@127.0.0.1:${await freePort()}/none`,
+      onError: () => {},
+    });
+    const server = await createApiServer({ warden, verifier: deaf, logger: false });
     try {
       await server.listen({ host: '127.0.0.1', port: 0 });
       const port = (server.server.address() as { port: number }).port;
@@ -298,9 +311,11 @@ describe('HTTP API: tokens', () => {
         status: 'unavailable',
         temporal: { reachable: false },
         postgres: { reachable: true },
+        verifier: { listening: false },
       });
     } finally {
       await server.close();
+      await deaf.close();
       await warden.close();
     }
   });
