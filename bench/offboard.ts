@@ -14,9 +14,17 @@ import { OFFBOARD_DEFAULTS, TokenWarden } from '../client/index.js';
 import type { RevokeRequest } from '../common/messages.js';
 import { signalRevokeRunning, connectTemporal } from '../common/temporal.js';
 import { waitUntilQuiet } from './proc.js';
-import type { ArrivalReceiver } from './receiver.js';
 import { watchedPids } from './scale-memory.js';
-import { addReceiver, issueTokens, poll, round, section, type Rig, type Teardown } from './scale-rig.js';
+import {
+  addReceiver,
+  issueTokens,
+  round,
+  section,
+  watchAllDead,
+  watchDelivered,
+  type Rig,
+  type Teardown,
+} from './scale-rig.js';
 import { startUserStack, waitForWorkers } from './scale-stack.js';
 import { mapLimited } from './workflows.js';
 
@@ -44,47 +52,6 @@ function parseOptions(argv: string[]) {
 
 type Options = ReturnType<typeof parseOptions>;
 
-/** Polls the store on its own connection until none of the subject's tokens is active; ms after `t0`. */
-async function watchAllDead(rig: Rig, subject: string, t0: number, timeoutMs: number): Promise<number | null> {
-  const t = rig.warden.pool.tables;
-  const seen = await poll(
-    rig,
-    async () => {
-      const { rows } = await rig.warden.pool.query<{ n: number }>(
-        `SELECT count(*)::int AS n FROM ${t.token} WHERE subject = $1 AND status = 'active'`,
-        [subject],
-      );
-      return rows[0]!.n === 0 ? performance.now() - t0 : undefined;
-    },
-    { timeoutMs, intervalMs: 5 },
-  );
-  return seen === undefined ? null : round(seen, 1);
-}
-
-/** Until the receiver acknowledged every token's event; ms after the epoch instant `fromEpochMs`. */
-async function watchDelivered(
-  rig: Rig,
-  receiver: ArrivalReceiver,
-  tokenIds: string[],
-  fromEpochMs: number,
-  timeoutMs: number,
-) {
-  const last = await poll(
-    rig,
-    () => {
-      let latest = 0;
-      for (const id of tokenIds) {
-        const arrival = receiver.acknowledgedOf(id);
-        if (!arrival) return undefined;
-        latest = Math.max(latest, arrival.ackedAtEpochMs);
-      }
-      return latest;
-    },
-    { timeoutMs, intervalMs: 100 },
-  );
-  return last === undefined ? null : round(last - fromEpochMs);
-}
-
 async function prepare(rig: Rig, name: string, count: number, settle: () => Promise<unknown>) {
   const { id, receiver } = await addReceiver(rig, name);
   const subject = `usr_${name}_${rig.tag}`;
@@ -100,7 +67,7 @@ async function offboardSection(rig: Rig, opts: Options, settle: () => Promise<un
   rig.say(`  offboarding ${subject} (rate ${opts.rate}/s, concurrency ${opts.concurrency})`);
   const startedEpoch = Date.now();
   const t0 = performance.now();
-  const dead = watchAllDead(rig, subject, t0, opts.timeoutMs);
+  const dead = watchAllDead(rig, tokenIds, t0, opts.timeoutMs);
   const report = await rig.warden.offboard({
     subject,
     reason: 'bench: offboarding',
@@ -126,7 +93,7 @@ async function offboardSection(rig: Rig, opts: Options, settle: () => Promise<un
 }
 
 async function rawSignalSection(rig: Rig, opts: Options, settle: () => Promise<unknown>) {
-  const { subject, receiver, tokenIds } = await prepare(rig, 'raw', opts.tokens, settle);
+  const { receiver, tokenIds } = await prepare(rig, 'raw', opts.tokens, settle);
   const request: RevokeRequest = {
     reason: 'bench: raw signal loop',
     actor: 'bench',
@@ -136,7 +103,7 @@ async function rawSignalSection(rig: Rig, opts: Options, settle: () => Promise<u
   rig.say(`  signalling ${opts.tokens} workflows at concurrency ${opts.concurrency}, nothing else`);
   const startedEpoch = Date.now();
   const t0 = performance.now();
-  const dead = watchAllDead(rig, subject, t0, opts.timeoutMs);
+  const dead = watchAllDead(rig, tokenIds, t0, opts.timeoutMs);
   await mapLimited(tokenIds.length, opts.concurrency, (i) => signalRevokeRunning(rig.client, tokenIds[i]!, request));
   const signalledMs = performance.now() - t0;
   const deadMs = await dead;

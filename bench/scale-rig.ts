@@ -86,6 +86,52 @@ export async function poll<T>(
   }
 }
 
+/** Polls the store on its own connection until none of the tokens is active; ms after `t0`. */
+export async function watchAllDead(
+  rig: Rig,
+  tokenIds: string[],
+  t0: number,
+  timeoutMs: number,
+): Promise<number | null> {
+  const t = rig.warden.pool.tables;
+  const seen = await poll(
+    rig,
+    async () => {
+      const { rows } = await rig.warden.pool.query<{ n: number }>(
+        `SELECT count(*)::int AS n FROM ${t.token} WHERE id = ANY($1::text[]) AND status = 'active'`,
+        [tokenIds],
+      );
+      return rows[0]!.n === 0 ? performance.now() - t0 : undefined;
+    },
+    { timeoutMs, intervalMs: 5 },
+  );
+  return seen === undefined ? null : round(seen, 1);
+}
+
+/** Until the receiver acknowledged every token's event; ms after the epoch instant `fromEpochMs`. */
+export async function watchDelivered(
+  rig: Rig,
+  receiver: ArrivalReceiver,
+  tokenIds: string[],
+  fromEpochMs: number,
+  timeoutMs: number,
+): Promise<number | null> {
+  const last = await poll(
+    rig,
+    () => {
+      let latest = 0;
+      for (const id of tokenIds) {
+        const arrival = receiver.acknowledgedOf(id);
+        if (!arrival) return undefined;
+        latest = Math.max(latest, arrival.ackedAtEpochMs);
+      }
+      return latest;
+    },
+    { timeoutMs, intervalMs: 100 },
+  );
+  return last === undefined ? null : round(last - fromEpochMs);
+}
+
 /** Resolves with `promise`, or rejects after `timeoutMs` or on Ctrl-C. */
 export async function within<T>(rig: Rig, promise: Promise<T>, timeoutMs: number, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined;

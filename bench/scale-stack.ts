@@ -77,6 +77,8 @@ export async function startUserStack(opts: {
   workers: number;
   log: (msg: string) => void;
   signal: AbortSignal;
+  /** Settings for the stack and its workers only (e.g. TOKENWARDEN_SQLITE_PRAGMAS), not for clients. */
+  stackEnv?: Record<string, string>;
 }): Promise<UserStack> {
   const ownsDataDir = opts.dataDir === undefined;
   const dataDir = opts.dataDir ?? (await mkdtemp(path.join(os.tmpdir(), 'tokenwarden-bench-scale-')));
@@ -94,6 +96,7 @@ export async function startUserStack(opts: {
       TOKENWARDEN_TEMPORAL_PORT: String(await freePort()),
       TOKENWARDEN_UI_PORT: String(await freePort()),
       TOKENWARDEN_PG_PORT: String(await freePort()),
+      TOKENWARDEN_API_PORT: String(await freePort()),
     };
     const withWorker = opts.workers === 0;
     let ready = false;
@@ -101,7 +104,11 @@ export async function startUserStack(opts: {
       'tokenwarden start',
       process.execPath,
       [CLI_PATH, 'start', '--data-dir', dataDir, ...(withWorker ? [] : ['--no-worker'])],
-      { cwd: PACKAGE_ROOT, env: { ...base, ...ports }, onOutput: (line) => (ready ||= line.includes(READY_LINE)) },
+      {
+        cwd: PACKAGE_ROOT,
+        env: { ...base, ...opts.stackEnv, ...ports },
+        onOutput: (line) => (ready ||= line.includes(READY_LINE)),
+      },
     );
     children.push(stack);
     opts.log(`tokenwarden start --data-dir ${dataDir} (Temporal on ${ports.TOKENWARDEN_TEMPORAL_PORT})`);
@@ -115,7 +122,11 @@ export async function startUserStack(opts: {
     for (let i = 0; i < opts.workers; i++) {
       // The first one keeps the reconciler Schedule, as one `tokenwarden worker` would.
       const args = [CLI_PATH, 'worker', ...(i === 0 ? [] : ['--no-schedule'])];
-      children.push(new ManagedChild(`tokenwarden worker #${i + 1}`, process.execPath, args, { env: clientEnv }));
+      children.push(
+        new ManagedChild(`tokenwarden worker #${i + 1}`, process.execPath, args, {
+          env: { ...clientEnv, ...opts.stackEnv },
+        }),
+      );
     }
     const workerPids = withWorker ? [stackFile.pid] : children.slice(1).map((child) => child.pid!);
     return {

@@ -14,7 +14,7 @@ import { DEFAULT_NAMESPACE } from '../common/names.js';
 import { runWorkerProcess } from '../worker/worker.js';
 import { startEmbeddedPostgres } from './postgres.js';
 import { resolveTemporalCli } from './temporal-cli.js';
-import { ensureNamespaceReady, startDevServer } from './temporal-server.js';
+import { ensureNamespaceReady, parseSqlitePragmas, startDevServer } from './temporal-server.js';
 
 export interface StackOptions {
   /** Defaults to TOKENWARDEN_DATA_DIR, else `.data/` at the package root (git-ignored). */
@@ -79,6 +79,7 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
       port: temporalPort,
       uiPort,
       dbFile: path.join(dataDir, 'temporal.db'),
+      sqlitePragmas: parseSqlitePragmas(process.env.TOKENWARDEN_SQLITE_PRAGMAS),
       namespace,
       log: (line) => console.error(`temporal: ${line}`),
     });

@@ -12,6 +12,8 @@ export interface DevServerOptions {
   uiPort?: number;
   /** SQLite file; omit for an in-memory server that forgets everything on exit. */
   dbFile?: string;
+  /** Pragmas for the SQLite file, over SQLITE_PRAGMA_DEFAULTS (TOKENWARDEN_SQLITE_PRAGMAS). */
+  sqlitePragmas?: Record<string, string>;
   namespace: string;
   logLevel?: 'debug' | 'info' | 'warn' | 'error' | 'never';
   extraArgs?: string[];
@@ -23,6 +25,44 @@ export interface DevServer {
   address: string;
   stop(): Promise<void>;
 }
+
+/**
+ * All persistence goes through one SQLite connection: WAL with synchronous=normal syncs at
+ * checkpoints rather than on every commit. A power cut may lose the last commits, never the file.
+ */
+export const SQLITE_PRAGMA_DEFAULTS: Readonly<Record<string, string>> = { journal_mode: 'wal', synchronous: 'normal' };
+
+/**
+ * `name=value,name=value` (TOKENWARDEN_SQLITE_PRAGMAS) to pragmas. The server hands every pair to
+ * SQLite as it is, and SQLite ignores a pragma it does not know: names and values are checked here.
+ */
+export function parseSqlitePragmas(text: string | undefined): Record<string, string> {
+  const pragmas: Record<string, string> = {};
+  for (const pair of (text ?? '')
+    .split(',')
+    .map((p) => p.trim())
+    .filter(Boolean)) {
+    const match = /^([a-z_]+)=(-?[a-z0-9_]+)$/i.exec(pair);
+    if (!match || !SQLITE_PRAGMA_NAMES.includes(match[1]!.toLowerCase())) {
+      throw new Error(
+        `TOKENWARDEN_SQLITE_PRAGMAS must be name=value pairs, comma-separated, of ${SQLITE_PRAGMA_NAMES.join(', ')}; got ${JSON.stringify(pair)}`,
+      );
+    }
+    pragmas[match[1]!.toLowerCase()] = match[2]!;
+  }
+  return pragmas;
+}
+
+/** Pragmas that tune the file's durability and speed; the others are no settings for a server's file. */
+const SQLITE_PRAGMA_NAMES = [
+  'journal_mode',
+  'synchronous',
+  'wal_autocheckpoint',
+  'cache_size',
+  'busy_timeout',
+  'temp_store',
+  'mmap_size',
+];
 
 export async function startDevServer(opts: DevServerOptions): Promise<DevServer> {
   await assertPortFree(
@@ -42,10 +82,9 @@ export async function startDevServer(opts: DevServerOptions): Promise<DevServer>
   for (const [name, type] of Object.entries(SEARCH_ATTRIBUTE_CLI_TYPES))
     args.push('--search-attribute', `${name}=${type}`);
   if (opts.dbFile) {
-    // All persistence goes through one SQLite connection: WAL with synchronous=normal syncs at
-    // checkpoints rather than on every commit. A power cut may lose the last commits, never the file.
     args.push('--db-filename', opts.dbFile);
-    args.push('--sqlite-pragma', 'journal_mode=wal', '--sqlite-pragma', 'synchronous=normal');
+    for (const [name, value] of Object.entries({ ...SQLITE_PRAGMA_DEFAULTS, ...opts.sqlitePragmas }))
+      args.push('--sqlite-pragma', `${name}=${value}`);
   }
   args.push(...(opts.extraArgs ?? []));
 
