@@ -20,7 +20,7 @@ import type { TokenRecord } from '../common/store/index.js';
 import { connectTemporal } from '../common/temporal.js';
 import { rawStarts, startManyOf, tokenTemplate } from './bulk-import.js';
 import { importRecord } from './bulk-records.js';
-import { waitUntilQuiet } from './proc.js';
+import { cpuSeconds, waitUntilQuiet } from './proc.js';
 import { watchedPids } from './scale-memory.js';
 import { addReceiver, round, type Rig, type Teardown } from './scale-rig.js';
 import { startUserStack, waitForWorkers } from './scale-stack.js';
@@ -91,6 +91,8 @@ interface Cell {
   series: 'raw' | 'startMany';
   perSecond: number[];
   drainedMs: number[];
+  /** CPU seconds of the stack's processes and of this process per 1,000 starts, burst and drain. */
+  cpuPer1000: number[];
 }
 
 async function startBench(name: string, halt: AbortSignal): Promise<Bench> {
@@ -126,6 +128,8 @@ async function burst(bench: Bench, cell: Cell, n: number, round_: number, opts: 
   const { rig } = bench;
   const tag = `${rig.tag}${cell.series[0]}${cell.concurrency}r${round_}`;
   let ms: number;
+  const pids = [...watchedPids(rig), process.pid];
+  const cpuBefore = pids.map(cpuSeconds);
   const t0 = performance.now();
   if (cell.series === 'raw') {
     ms = await rawStarts(rig, bench.template, n, cell.concurrency, `usr_raw_${tag}`);
@@ -144,7 +148,13 @@ async function burst(bench: Bench, cell: Cell, n: number, round_: number, opts: 
     signal: rig.signal,
   });
   if (!settled.quiet) say(`  ${cell.config} did not settle within the timeout`);
-  return { perSecond: round(n / (ms / 1000), 1), drainedMs: round(performance.now() - t0 - QUIET_WINDOW_MS) };
+  // Processes gone meanwhile (a database connection closed) are left out, as in waitUntilQuiet.
+  const cpu = pids.reduce((sum, pid, i) => sum + Math.max(0, cpuSeconds(pid) - cpuBefore[i]!), 0);
+  return {
+    perSecond: round(n / (ms / 1000), 1),
+    drainedMs: round(performance.now() - t0 - QUIET_WINDOW_MS),
+    cpuPer1000: round((cpu * 1000) / n, 2),
+  };
 }
 
 async function main(): Promise<void> {
@@ -171,9 +181,9 @@ async function main(): Promise<void> {
     if (series.length < opts.series.length) say('startMany is not in this tree: raw starts only');
     for (const s of series) {
       for (const config of opts.configs)
-        cells.push({ config, concurrency: MAIN_LEVEL, series: s, perSecond: [], drainedMs: [] });
+        cells.push({ config, concurrency: MAIN_LEVEL, series: s, perSecond: [], drainedMs: [], cpuPer1000: [] });
       for (const level of opts.levels.filter((l) => l !== MAIN_LEVEL)) {
-        cells.push({ config: 'base', concurrency: level, series: s, perSecond: [], drainedMs: [] });
+        cells.push({ config: 'base', concurrency: level, series: s, perSecond: [], drainedMs: [], cpuPer1000: [] });
       }
     }
     const allQuiet = async () => {
@@ -190,8 +200,9 @@ async function main(): Promise<void> {
         const figures = await burst(bench, cell, opts.starts, r, opts);
         cell.perSecond.push(figures.perSecond);
         cell.drainedMs.push(figures.drainedMs);
+        cell.cpuPer1000.push(figures.cpuPer1000);
         say(
-          `  round ${r + 1} ${cell.config} c=${cell.concurrency} ${cell.series}: ${figures.perSecond}/s, quiet after ${round(figures.drainedMs / 1000, 1)} s (load ${round(os.loadavg()[0]!, 1)})`,
+          `  round ${r + 1} ${cell.config} c=${cell.concurrency} ${cell.series}: ${figures.perSecond}/s, quiet after ${round(figures.drainedMs / 1000, 1)} s, ${figures.cpuPer1000} CPU s per 1,000 (load ${round(os.loadavg()[0]!, 1)})`,
         );
       }
     }
@@ -211,12 +222,15 @@ async function main(): Promise<void> {
     ...c,
     medianPerSecond: median(c.perSecond),
     medianDrainedMs: median(c.drainedMs),
+    medianCpuPer1000: median(c.cpuPer1000),
   }));
   const line = (text: string) => process.stdout.write(`${text}\n`);
-  line(`${opts.starts} token-workflow starts per burst, ${opts.rounds} rounds: median starts/s (quiet again after, s)`);
+  line(
+    `${opts.starts} token-workflow starts per burst, ${opts.rounds} rounds: median starts/s (quiet again after, s) [CPU s per 1,000]`,
+  );
   for (const r of results) {
     line(
-      `  ${r.series.padEnd(9)} ${r.config.padEnd(15)} c=${String(r.concurrency).padEnd(3)} ${r.medianPerSecond}/s (${r.medianDrainedMs === null ? '—' : round(r.medianDrainedMs / 1000, 1)})   all: ${r.perSecond.join(', ')}`,
+      `  ${r.series.padEnd(9)} ${r.config.padEnd(15)} c=${String(r.concurrency).padEnd(3)} ${r.medianPerSecond}/s (${r.medianDrainedMs === null ? '—' : round(r.medianDrainedMs / 1000, 1)}) [${r.medianCpuPer1000}]   all: ${r.perSecond.join(', ')}`,
     );
   }
   const sortedLoads = [...loads].sort((a, b) => a - b);
