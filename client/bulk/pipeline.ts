@@ -210,6 +210,8 @@ export async function runBulk(deps: BulkDeps, items: AsyncIterable<Prepared>, op
     const full = batch;
     batch = [];
     while (batchesInFlight.size >= BATCHES_AHEAD) await Promise.race(batchesInFlight);
+    // Aborted while waiting: this batch was read but not written; the rerun takes it.
+    if (opts.signal?.aborted) return;
     if (stopped) {
       for (const r of full) {
         report({ line: r.line, kind: 'failed', tokenId: r.token.tokenId, message: `not written: ${stopped}` });
