@@ -348,6 +348,38 @@ describe('tokenwarden import', () => {
     );
   });
 
+  it('should stop on Ctrl-C (SIGINT) with a partial summary and exit 130, plain progress lines on a non-terminal; a rerun finishes', async () => {
+    const total = 300;
+    const subject = 'usr_interrupted';
+    const tokens = Array.from({ length: total }, (_, i) => foreignToken(`interrupted ${i}`));
+    const file = path.join(dir, 'interrupted.jsonl');
+    await writeFile(file, jsonl(tokens.map((token) => ({ token, subject, ttl: '1h' }))));
+    const first = spawnCli(
+      ['import', file, '--json', '--concurrency', '1', '--progress-every', '100ms'],
+      ctx.childEnv(),
+    );
+    await waitUntil(async () => (await tokenCount(subject)) > 0, 'the first batch written', 60_000, 20);
+    await waitUntil(() => /importing: \d+\/300 \(\d+%\) records · \d+\/s/.test(first.output()), 'a progress line');
+    first.child.kill('SIGINT');
+    const exited = await first.exited;
+    assert.equal(exited.code, 130, first.output());
+    const partial = JSON.parse(
+      first
+        .output()
+        .split('\n')
+        .find((l) => l.startsWith('{'))!,
+    ) as Summary;
+    assert.equal(partial.aborted, true);
+    assert.ok(partial.started > 0 && partial.started < total, `part of it (${partial.started})`);
+    // Every row written got its start before the process ended: none left for the reconciler.
+    assert.equal(await tokenCount(subject), partial.started);
+    outputs.push({ args: ['import', file, '(interrupted)'], code: exited.code, stdout: first.output(), stderr: '' });
+
+    const rerun = await importCli([file, '--json']);
+    assert.equal(rerun.code, 0, rerun.stderr);
+    assert.deepEqual([summaryOf(rerun).started, summaryOf(rerun).existing], [total - partial.started, partial.started]);
+  });
+
   it('should leave no raw token in any output', () => {
     for (const run of outputs) {
       scan.searchOutput(`the output of tokenwarden ${run.args.join(' ')}`, run.stdout);
