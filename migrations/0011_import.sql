@@ -45,7 +45,9 @@ BEGIN
                            receivers_json, expires_ats, ttls_ms)
                     WITH ORDINALITY AS u(token_id, credential_id, given, secret_hash, subject, name, scopes,
                                          receivers, expires_at, ttl_ms, n)
-     ORDER BY u.n
+     -- In id order: concurrent batches over the same tokens take their row locks in one order, so
+     -- they queue instead of deadlocking (the answers are returned by ord all the same).
+     ORDER BY u.token_id, u.n
   LOOP
     ord := rec.n;
     field := NULL;

@@ -380,6 +380,25 @@ describe('tokenwarden import', () => {
     assert.deepEqual([summaryOf(rerun).started, summaryOf(rerun).existing], [total - partial.started, partial.started]);
   });
 
+  it('should write each token once when two runs import the same records at the same time, in different orders', async () => {
+    const subject = 'usr_concurrent';
+    const tokens = Array.from({ length: 200 }, (_, i) => foreignToken(`concurrent ${i}`));
+    const records = tokens.map((token) => ({ token, subject, ttl: '1h' }));
+    const [a, b] = await Promise.all([
+      ctx.warden.startMany(records, { concurrency: 4, batchSize: 200 }),
+      ctx.warden.startMany([...records].reverse(), { concurrency: 4, batchSize: 200 }),
+    ]);
+    assert.deepEqual([a.failed, b.failed, a.errors, b.errors], [0, 0, [], []]);
+    assert.equal(a.started + b.started, 200, 'each token written by one of them');
+    assert.deepEqual([a.started + a.existing, b.started + b.existing], [200, 200]);
+    const ids = tokens.map((t) => importedTokenId(hashToken(t)));
+    const events = await issuedEventsPerToken(ctx.sql, ids);
+    assert.ok(
+      ids.every((id) => events.get(id) === 1),
+      'one token.issued per token',
+    );
+  });
+
   it('should leave no raw token in any output', () => {
     for (const run of outputs) {
       scan.searchOutput(`the output of tokenwarden ${run.args.join(' ')}`, run.stdout);
