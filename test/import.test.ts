@@ -303,6 +303,10 @@ describe('tokenwarden import', () => {
     assert.deepEqual(rows[0], { name: 'Ops, nightly', scopes: ['read', 'write'], receivers: ['billing'] });
     assert.ok(await lookup(ctx.sql, hashToken(b)));
 
+    const missing = await importCli([path.join(dir, 'nowhere.jsonl'), '--json']);
+    assert.equal(missing.code, 2);
+    assert.match(missing.stderr, /invalid input file .*nowhere\.jsonl: cannot be read \(ENOENT\)/);
+
     const c = foreignToken('stdin c');
     const fromStdin = await importCli(['-', '--json'], jsonl([{ token: c, subject: 'usr_stdin', ttl: '1h' }]));
     assert.equal(fromStdin.code, 0, fromStdin.stderr);
@@ -345,6 +349,17 @@ describe('tokenwarden import', () => {
     assert.deepEqual(
       bad.errors.map((e) => [e.line, e.field]),
       [[1, 'token']],
+    );
+
+    // A callback that throws stops the run; its error reaches the caller once the work in flight ended.
+    const full = new Error('disk full');
+    await assert.rejects(
+      ctx.warden.startMany([{ subject, ttl: '1h' }], {
+        onError: () => {
+          throw full;
+        },
+      }),
+      full,
     );
   });
 

@@ -5,7 +5,8 @@
  * Exit code 0 only when no record was invalid or failed; 130 when interrupted (Ctrl-C), after the
  * partial summary.
  */
-import { closeSync, createReadStream, fstatSync, openSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, constants, createReadStream, fstatSync, openSync, unlinkSync, writeSync } from 'node:fs';
+import { access } from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { z } from 'zod';
@@ -108,6 +109,14 @@ async function openSource(file: string, opts: BulkCommandOptions, kind: string):
     throw new InvalidInputError('invalid --errors: it is the input file', [
       { path: 'errors', message: 'is the input file' },
     ]);
+  }
+  if (!stdin) {
+    try {
+      await access(file, constants.R_OK);
+    } catch (err) {
+      const why = `cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`;
+      throw new InvalidInputError(`invalid input file ${file}: ${why}`, [{ path: 'file', message: why }]);
+    }
   }
   const total = stdin ? undefined : await countRecords(file, format);
   const input = stdin ? process.stdin : createReadStream(file);

@@ -121,17 +121,28 @@ export async function runBulk(deps: BulkDeps, items: AsyncIterable<Prepared>, op
   const startsInFlight = new Set<Promise<void>>();
   const batchesInFlight = new Set<Promise<void>>();
 
+  const stop = (why: string) => {
+    stopped ??= why;
+  };
+  // A caller's callback that throws (e.g. the errors file's disk is full) stops the run like a
+  // failure would; its error is thrown once the work in flight has ended.
+  let callbackFailure: { error: unknown } | undefined;
+  const call = <A>(callback: ((arg: A) => void) | undefined, arg: A) => {
+    try {
+      callback?.(arg);
+    } catch (error) {
+      callbackFailure ??= { error };
+      stop(`a callback failed (${causes(error)})`);
+    }
+  };
   const progress = () =>
-    opts.onProgress?.({ done: counts.started + counts.existing + counts.invalid + counts.failed, ...counts });
+    call(opts.onProgress, { done: counts.started + counts.existing + counts.invalid + counts.failed, ...counts });
   const report = (error: BulkError) => {
     counts[error.kind]++;
     errorCount++;
     if (errors.length < REPORTED_ERRORS) errors.push(error);
-    opts.onError?.(error);
+    call(opts.onError, error);
     progress();
-  };
-  const stop = (why: string) => {
-    stopped ??= why;
   };
 
   const start = async (line: number, token: TokenRecord, isNew: boolean) => {
@@ -246,6 +257,7 @@ export async function runBulk(deps: BulkDeps, items: AsyncIterable<Prepared>, op
     while (batchesInFlight.size > 0) await Promise.all(batchesInFlight);
     while (startsInFlight.size > 0) await Promise.all(startsInFlight);
   }
+  if (callbackFailure) throw callbackFailure.error;
   return {
     ...counts,
     aborted,
