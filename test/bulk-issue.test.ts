@@ -234,6 +234,37 @@ describe('tokenwarden issue --from --out', () => {
     );
   });
 
+  it('should have the out file on disk before the store sees a batch: a batch the store refuses is issued by the rerun with the same tokens', async () => {
+    const out = path.join(dir, 'refused.tokens.jsonl');
+    const records = Array.from({ length: 3 }, (_, i) => ({ subject: `usr_refused_batch_${i}`, ttl: '1h' }));
+    // The store refuses every token row, as a crash right after the out file was written would leave it.
+    await ctx.sql.query(`CREATE FUNCTION refuse_tokens() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN RAISE EXCEPTION 'refused by the test'; END $$`);
+    await ctx.sql.query(
+      `CREATE TRIGGER refuse_tokens BEFORE INSERT ON token FOR EACH ROW EXECUTE FUNCTION refuse_tokens()`,
+    );
+    let first;
+    try {
+      first = await ctx.warden.issueMany(records, { out });
+    } finally {
+      await ctx.sql.query(`DROP TRIGGER refuse_tokens ON token`);
+    }
+    assert.deepEqual([first.started, first.failed], [0, 3]);
+    assert.match(first.errors[0]!.message, /not written to the store: refused by the test/);
+    const entries = await entriesOf(out);
+    assert.deepEqual(
+      entries.map((e) => e.line),
+      [1, 2, 3],
+      'written before the store was asked',
+    );
+    for (const e of entries) scan.addToken(`refused batch line ${e.line}`, e.token);
+
+    const second = await ctx.warden.issueMany(records, { out });
+    assert.deepEqual([second.started, second.failed, second.resumed], [3, 0, 3]);
+    assert.deepEqual(await entriesOf(out), entries, 'the same tokens, nothing appended');
+    for (const e of entries) assert.equal(await lookup(ctx.sql, hashToken(e.token)), e.tokenId);
+  });
+
   it('should leave no raw token in any output, history or table but the out file', async () => {
     for (const { where, text } of outputs) scan.searchOutput(where, text);
     const { rows } = await ctx.sql.query(`SELECT id FROM token ORDER BY id LIMIT 20`);
@@ -242,7 +273,7 @@ describe('tokenwarden issue --from --out', () => {
       rows.map((r: { id: string }) => tokenWorkflowId(r.id)),
     );
     await scan.searchTables(ctx.sql, 'the store');
-    assert.equal(scan.counts.tokens, 403, 'the raw tokens of both out files were searched for');
+    assert.equal(scan.counts.tokens, 406, 'the raw tokens of every out file were searched for');
     assert.deepEqual(scan.hits(), []);
   });
 });
