@@ -14,6 +14,10 @@ export interface ProgressView {
 /** How often the plain line is written when stderr is no terminal (TOKENWARDEN_PROGRESS_EVERY). */
 export const PLAIN_PROGRESS_EVERY_MS = 5_000;
 
+/** Time left at the run's average rate so far (steadier than the last few updates' rate). */
+const eta = (total: number | undefined, done: number, rate: number) =>
+  total === undefined || rate <= 0 ? '…' : formatDuration(Math.max(1, Math.ceil((total - done) / rate)) * 1000);
+
 const perSecond = (done: number, startedAt: number) => done / Math.max(0.001, (Date.now() - startedAt) / 1000);
 
 export async function progressView(
@@ -29,12 +33,9 @@ export async function progressView(
   if (!stream.isTTY) {
     const line = () => {
       const rate = perSecond(last.done, startedAt);
-      const eta =
-        total !== undefined && rate > 0 && last.done < total
-          ? ` · ETA ${formatDuration(Math.ceil((total - last.done) / rate) * 1000)}`
-          : '';
+      const left = total !== undefined && last.done < total ? ` · ETA ${eta(total, last.done, rate)}` : '';
       const of = total !== undefined ? `/${total} (${Math.floor((100 * last.done) / Math.max(1, total))}%)` : '';
-      stream.write(`tokenwarden: ${label}: ${last.done}${of} records · ${Math.round(rate)}/s${eta}${problems()}\n`);
+      stream.write(`tokenwarden: ${label}: ${last.done}${of} records · ${Math.round(rate)}/s${left}${problems()}\n`);
     };
     const timer = setInterval(line, plainEveryMs);
     timer.unref();
@@ -47,14 +48,19 @@ export async function progressView(
   const { SingleBar, Presets } = await import('cli-progress');
   const format =
     total !== undefined
-      ? `${label} [{bar}] {value}/{total} · {percentage}% · {rate}/s · ETA {eta_formatted}{problems}`
+      ? `${label} [{bar}] {value}/{total} · {percentage}% · {rate}/s · ETA {etaText}{problems}`
       : `${label} {value} records · {rate}/s{problems}`;
   const bar = new SingleBar({ format, stream, hideCursor: true, etaBuffer: 200, fps: 5 }, Presets.shades_classic);
-  bar.start(total ?? 0, 0, { rate: 0, problems: '' });
+  bar.start(total ?? 0, 0, { rate: 0, problems: '', etaText: '…' });
   return {
     update(progress) {
       last = progress;
-      bar.update(progress.done, { rate: Math.round(perSecond(progress.done, startedAt)), problems: problems() });
+      const rate = perSecond(progress.done, startedAt);
+      bar.update(progress.done, {
+        rate: Math.round(rate),
+        problems: problems(),
+        etaText: eta(total, progress.done, rate),
+      });
     },
     stop: () => bar.stop(),
   };
