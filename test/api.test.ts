@@ -196,6 +196,13 @@ describe('HTTP API: tokens', () => {
     );
     const revoked = await call(api.url, 'GET', '/v1/tokens?subject=usr_pages&status=revoked', { key: api.keys.admin });
     assert.deepEqual(revoked.body, { tokens: [], next: null });
+    // A cursor with anything appended to the id it carries is not one of ours.
+    const decoded = Buffer.from(first.body.next as string, 'base64url').toString('utf8');
+    const forged = Buffer.from(`${decoded}:more`).toString('base64url');
+    const refused = await call(api.url, 'GET', `/v1/tokens?subject=usr_pages&cursor=${forged}`, {
+      key: api.keys.admin,
+    });
+    assert.equal(refused.status, 400, refused.text);
   });
 
   it('should answer problem details naming the field, 404 for an unknown token, 500 without internals', async () => {

@@ -79,7 +79,14 @@ export interface AuditRecord {
 export const routine = (
   t: Tables,
   name:
-    'kill_token' | 'kill_expired_tokens' | 'kill_tokens' | 'append_audit' | 'issue_token' | 'record_delivery_attempt',
+    | 'kill_token'
+    | 'kill_expired_tokens'
+    | 'kill_tokens'
+    | 'append_audit'
+    | 'issue_token'
+    | 'record_delivery_attempt'
+    // Bulk import and bulk issue (migrations/0011).
+    | 'import_tokens',
 ) => `${quoteIdent(t.schema)}.${name}`;
 
 export const TOKEN_COLUMNS = `
