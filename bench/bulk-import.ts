@@ -14,35 +14,18 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import type { TokenWarden } from '../client/index.js';
+import type { BulkReport } from '../client/bulk/pipeline.js';
 import { newTokenId } from '../common/ids.js';
 import * as store from '../common/store/index.js';
 import type { TokenRecord } from '../common/store/index.js';
 import { startTokenWorkflow } from '../common/temporal.js';
 import { runCliMeasured, type ChildRun } from './bulk-child.js';
-import { importRecord, writeImportFile, type ImportRecord } from './bulk-records.js';
+import { importRecord, writeImportFile } from './bulk-records.js';
 import { addReceiver, round, type Rig } from './scale-rig.js';
 import { ratio } from './stats.js';
 import { mapLimited } from './workflows.js';
 
 export const GOAL_IMPORT_RATIO = 0.8;
-
-/** What the bench needs of `TokenWarden.startMany` (checked at run time until every tree has it). */
-interface StartManyReport {
-  started: number;
-  existing: number;
-  invalid: number;
-  failed: number;
-}
-type StartMany = (
-  records: Iterable<ImportRecord> | AsyncIterable<ImportRecord>,
-  opts: { concurrency?: number; signal?: AbortSignal },
-) => Promise<StartManyReport>;
-
-export function startManyOf(warden: TokenWarden): StartMany | undefined {
-  const method = (warden as unknown as { startMany?: StartMany }).startMany;
-  return typeof method === 'function' ? method.bind(warden) : undefined;
-}
 
 export interface Timed {
   calls: number;
@@ -100,21 +83,19 @@ export async function importSection(rig: Rig, opts: ImportOptions) {
     const rawFirst = timed(half, rawMs);
     rig.say(`    ${rawFirst.perSecond}/s`);
 
-    let library: (Timed & { report: StartManyReport }) | { skipped: string };
-    const startMany = startManyOf(rig.warden);
-    if (startMany) {
+    let library: Timed & { report: BulkReport };
+    {
       const records = Array.from({ length: opts.tokens }, (_, i) =>
         importRecord(i, { tag: `${rig.tag}l`, receiver, subjectPrefix: 'usr_lib' }),
       );
       await opts.settle();
       rig.say(`  startMany: ${opts.tokens} records at concurrency ${opts.concurrency}`);
       const t0 = performance.now();
-      const report = await startMany(records, { concurrency: opts.concurrency, signal: rig.signal });
+      const report = await rig.warden.startMany(records, { concurrency: opts.concurrency, signal: rig.signal });
+      if (report.started !== opts.tokens)
+        throw new Error(`startMany started ${report.started} of ${opts.tokens}: ${JSON.stringify(report)}`);
       library = { ...timed(opts.tokens, performance.now() - t0), report };
-      rig.say(`    ${library.perSecond}/s (${JSON.stringify(report)})`);
-    } else {
-      library = { skipped: 'TokenWarden.startMany is not in this tree' };
-      rig.say(`  startMany: skipped (not in this tree)`);
+      rig.say(`    ${library.perSecond}/s (${report.started} started)`);
     }
 
     let cli: (Timed & { summary: unknown; child: Omit<ChildRun, 'stdout' | 'stderr'> }) | { skipped: string };

@@ -11,10 +11,9 @@ import { performance } from 'node:perf_hooks';
 import type { TokenWarden } from '../client/index.js';
 import type { RevokeRequest } from '../common/messages.js';
 import { signalRevokeRunning } from '../common/temporal.js';
-import { startManyOf } from './bulk-import.js';
 import { importRecord } from './bulk-records.js';
 import type { ArrivalReceiver } from './receiver.js';
-import { addReceiver, issueTokens, round, watchAllDead, watchDelivered, type Rig } from './scale-rig.js';
+import { addReceiver, round, watchAllDead, watchDelivered, type Rig } from './scale-rig.js';
 import { ratio } from './stats.js';
 import { mapLimited } from './workflows.js';
 
@@ -47,29 +46,17 @@ interface Prepared {
   tokenIds: string[];
 }
 
-/** N running tokens sharing one receiver: through startMany when the tree has it, else issued. */
+/** N running tokens sharing one receiver, imported. */
 async function prepare(rig: Rig, name: string, count: number, settle: () => Promise<unknown>): Promise<Prepared> {
   const { id: receiverId, receiver } = await addReceiver(rig, name);
-  const startMany = startManyOf(rig.warden);
-  let tokenIds: string[];
-  if (startMany) {
-    const records = Array.from({ length: count }, (_, i) =>
-      importRecord(i, { tag: rig.tag, receiver: receiverId, subjectPrefix: `usr_${name}` }),
-    );
-    rig.say(`  importing ${count} tokens with receiver ${receiverId} (startMany)`);
-    const report = await startMany(records, { concurrency: 32, signal: rig.signal });
-    if (report.started !== count)
-      throw new Error(`startMany started ${report.started} of ${count}: ${JSON.stringify(report)}`);
-    tokenIds = records.map((r) => r.tokenId);
-  } else {
-    rig.say(`  issuing ${count} tokens with receiver ${receiverId} at concurrency 32`);
-    const issued = await issueTokens(rig, count, 32, (i) => ({
-      subject: `usr_${name}_${rig.tag}_${Math.floor(i / 10)}`,
-      receivers: [receiverId],
-      ttl: '30d',
-    }));
-    tokenIds = issued.tokenIds;
-  }
+  const records = Array.from({ length: count }, (_, i) =>
+    importRecord(i, { tag: rig.tag, receiver: receiverId, subjectPrefix: `usr_${name}` }),
+  );
+  rig.say(`  importing ${count} tokens with receiver ${receiverId} (startMany)`);
+  const report = await rig.warden.startMany(records, { concurrency: 32, signal: rig.signal });
+  if (report.started !== count)
+    throw new Error(`startMany started ${report.started} of ${count}: ${JSON.stringify(report)}`);
+  const tokenIds = records.map((r) => r.tokenId);
   rig.say(`  waiting for the worker to settle`);
   await settle();
   return { receiverId, receiver, tokenIds };

@@ -4,7 +4,7 @@
  * (bench/scale-stack.ts) with some settings changed (TOKENWARDEN_SQLITE_PRAGMAS for the dev server's
  * SQLite file, the worker's TOKENWARDEN_* capacity), all of them up at once. A cell is a burst of N
  * token-workflow starts on one stack at one concurrency: raw starts on the real task queue
- * (bench/bulk-import.ts), or startMany when the tree has it. Every configuration is measured at
+ * (bench/bulk-import.ts), or startMany. Every configuration is measured at
  * concurrency 32, and the base one also at --levels. The cells run in R rounds, in a rotating
  * order, each from quiet stacks (the others idle), so load from outside falls on every cell alike;
  * a cell's figure is its median over the rounds. Per burst: starts per second, and the time until
@@ -18,7 +18,7 @@ import { parseArgs } from 'node:util';
 import { TokenWarden } from '../client/index.js';
 import type { TokenRecord } from '../common/store/index.js';
 import { connectTemporal } from '../common/temporal.js';
-import { rawStarts, startManyOf, tokenTemplate } from './bulk-import.js';
+import { rawStarts, tokenTemplate } from './bulk-import.js';
 import { importRecord } from './bulk-records.js';
 import { cpuSeconds, waitUntilQuiet } from './proc.js';
 import { watchedPids } from './scale-memory.js';
@@ -138,7 +138,7 @@ async function burst(bench: Bench, cell: Cell, n: number, round_: number, opts: 
       importRecord(i, { tag, receiver: bench.receiver, subjectPrefix: 'usr_tune' }),
     );
     const s0 = performance.now();
-    const report = await startManyOf(rig.warden)!(records, { concurrency: cell.concurrency, signal: rig.signal });
+    const report = await rig.warden.startMany(records, { concurrency: cell.concurrency, signal: rig.signal });
     ms = performance.now() - s0;
     if (report.started !== n) throw new Error(`startMany started ${report.started} of ${n}: ${JSON.stringify(report)}`);
   }
@@ -176,10 +176,7 @@ async function main(): Promise<void> {
       say(`starting ${name}: ${JSON.stringify(CONFIGS[name])}`);
       benches.push(await startBench(name, halt.signal));
     }
-    const hasStartMany = startManyOf(benches[0]!.rig.warden) !== undefined;
-    const series = opts.series.filter((s) => s === 'raw' || hasStartMany);
-    if (series.length < opts.series.length) say('startMany is not in this tree: raw starts only');
-    for (const s of series) {
+    for (const s of opts.series) {
       for (const config of opts.configs)
         cells.push({ config, concurrency: MAIN_LEVEL, series: s, perSecond: [], drainedMs: [], cpuPer1000: [] });
       for (const level of opts.levels.filter((l) => l !== MAIN_LEVEL)) {

@@ -11,6 +11,7 @@
 import { randomBytes } from 'node:crypto';
 import os from 'node:os';
 import { parseArgs } from 'node:util';
+import { BULK_DEFAULTS } from '../client/bulk/pipeline.js';
 import { OFFBOARD_DEFAULTS, TokenWarden } from '../client/index.js';
 import { connectTemporal } from '../common/temporal.js';
 import { importSection, memorySection } from './bulk-import.js';
@@ -25,16 +26,13 @@ type Section = (typeof SECTIONS)[number];
 
 const say = (msg: string) => process.stderr.write(`[bench:bulk] ${msg}\n`);
 
-/** startMany's concurrency when the caller gives none. */
-const DEFAULT_IMPORT_CONCURRENCY = 32;
-
 function parseOptions(argv: string[]) {
   const { values } = parseArgs({
     args: argv,
     options: {
       tokens: { type: 'string', default: '10000' },
       'revoke-tokens': { type: 'string', default: '1000' },
-      concurrency: { type: 'string', default: String(DEFAULT_IMPORT_CONCURRENCY) },
+      concurrency: { type: 'string', default: String(BULK_DEFAULTS.concurrency) },
       'revoke-concurrency': { type: 'string', default: String(OFFBOARD_DEFAULTS.concurrency) },
       rate: { type: 'string', default: '10000' },
       'memory-lines': { type: 'string', default: '10000,100000,1000000' },
