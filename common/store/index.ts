@@ -10,3 +10,4 @@ export * from './tokens.js';
 export * from './kill.js';
 export * from './deliveries.js';
 export * from './reconciler.js';
+export * from './bulk-revoke.js';

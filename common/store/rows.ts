@@ -79,7 +79,16 @@ export interface AuditRecord {
 export const routine = (
   t: Tables,
   name:
-    'kill_token' | 'kill_expired_tokens' | 'kill_tokens' | 'append_audit' | 'issue_token' | 'record_delivery_attempt',
+    | 'kill_token'
+    | 'kill_expired_tokens'
+    | 'kill_tokens'
+    | 'append_audit'
+    | 'issue_token'
+    | 'record_delivery_attempt'
+    // Revocation by filter (migrations/0012).
+    | 'bulk_revoke_matches'
+    | 'bulk_revoke_kill_chunk'
+    | 'bulk_revoke_remaining',
 ) => `${quoteIdent(t.schema)}.${name}`;
 
 export const TOKEN_COLUMNS = `
