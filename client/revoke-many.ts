@@ -33,11 +33,7 @@ import { tellPaced, tellWarnings, type TellOutcome, type TellPace } from './tell
 
 export type { BulkRevokeFilter, MatchCount } from '../common/store/index.js';
 
-export const REVOKE_MANY_DEFAULTS = { rate: 200, concurrency: 16 } as const;
-/** Tokens killed per transaction: each holds its rows' locks until it commits, so chunks stay short. */
-const KILL_CHUNK = 500;
-/** Untold tokens read per page while telling: memory stays flat whatever the operation's size. */
-const TELL_PAGE = 1_000;
+export const REVOKE_MANY_DEFAULTS = { rate: 200, concurrency: 16, batchSize: 500 } as const;
 
 /** An instant: an ISO 8601 date (midnight UTC) or date-time with Z or an offset. */
 const instantSchema = z.union([z.iso.datetime({ offset: true }), z.iso.date()], {
@@ -60,6 +56,11 @@ const paceSchema = {
   rate: z.number().positive().max(10_000).default(REVOKE_MANY_DEFAULTS.rate),
   /** Workflows told at once at most. */
   concurrency: z.number().int().min(1).max(256).default(REVOKE_MANY_DEFAULTS.concurrency),
+  /**
+   * Tokens killed per transaction (each holds its rows' locks until it commits, so it stays short),
+   * and untold tokens read per page while telling (memory stays flat whatever the operation's size).
+   */
+  batchSize: z.number().int().min(1).max(10_000).default(REVOKE_MANY_DEFAULTS.batchSize),
 };
 
 const newRunSchema = z.strictObject({
@@ -157,7 +158,7 @@ export async function revokeMany(
   const { onProgress, signal, onOperation, ...fields } = options;
   const pool = deps.pool;
   let op: BulkRevokeRecord;
-  let pace: TellPace;
+  let pace: TellPace & { batchSize: number };
   if (fields.resume !== undefined) {
     const { reason, actor, initiatingEntity, asOf, ...resumeFields } = fields;
     const req = parseInput(resumeSchema, resumeFields, 'revoke resume');
@@ -202,10 +203,10 @@ export async function revokeMany(
   let killed = 0;
   let emptyChunks = 0;
   while (remaining > 0) {
-    const chunk = await store.killBulkRevokeChunk(pool, op.id, KILL_CHUNK);
+    const chunk = await store.killBulkRevokeChunk(pool, op.id, pace.batchSize);
     killed += chunk.length;
     onProgress?.({ phase: 'kill', done: killed, failed: 0, total: Math.max(killTotal, killed) });
-    if (chunk.length < KILL_CHUNK) remaining = await store.bulkRevokeRemaining(pool, op.id);
+    if (chunk.length < pace.batchSize) remaining = await store.bulkRevokeRemaining(pool, op.id);
     // Other kills may empty a chunk now and then; never, chunk after chunk, while tokens match.
     emptyChunks = chunk.length === 0 ? emptyChunks + 1 : 0;
     if (emptyChunks >= 3) {
@@ -239,7 +240,7 @@ export async function revokeMany(
   let cursor: string | null = null;
   for (;;) {
     if (signal?.aborted) break;
-    const page = await store.untoldPage(pool, op.id, cursor, TELL_PAGE);
+    const page = await store.untoldPage(pool, op.id, cursor, pace.batchSize);
     if (page.length === 0) break;
     cursor = page.at(-1)!.id;
     const before = { done: outcome.signalled, failed: outcome.failed };

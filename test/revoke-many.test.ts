@@ -197,6 +197,8 @@ describe('revokeMany', () => {
       {
         reason: 'leaked batch',
         concurrency: 1,
+        // Several kill transactions and pages of telling.
+        batchSize: 2,
         signal: stop.signal,
         onProgress: (p) => {
           if (p.phase === 'tell' && p.done >= 1) stop.abort();
@@ -222,7 +224,7 @@ describe('revokeMany', () => {
     );
 
     const issuedSince = await issue('usr_aborted', ['billing']);
-    const resumed = await ctx.warden.revokeMany(null, { resume: first.operationId });
+    const resumed = await ctx.warden.revokeMany(null, { resume: first.operationId, batchSize: 2 });
     assert.equal(resumed.resumed, true);
     assert.equal(resumed.killed, 0, 'a token issued after the operation began never matches');
     assert.equal(resumed.killedTotal, 5);
