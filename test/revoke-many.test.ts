@@ -288,6 +288,25 @@ describe('revokeMany', () => {
   });
 });
 
+/** The CLI as a child process whose output is read while it runs; `tty` runs it on a pseudo-terminal. */
+function startCli(args: string[], opts: { tty?: boolean } = {}) {
+  const argv = [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), ...args];
+  const quote = (a: string) => `'${a.replaceAll("'", "'\\''")}'`;
+  const child = opts.tty
+    ? spawn('script', ['-qfec', [process.execPath, ...argv].map(quote).join(' '), '/dev/null'], {
+        env: ctx.childEnv(),
+        stdio: ['pipe', 'pipe', 'pipe'],
+      })
+    : spawn(process.execPath, argv, { env: ctx.childEnv(), stdio: ['pipe', 'pipe', 'pipe'] });
+  const out = { stdout: '', stderr: '' };
+  child.stdout.on('data', (c: Buffer) => (out.stdout += c.toString()));
+  child.stderr.on('data', (c: Buffer) => (out.stderr += c.toString()));
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    child.on('exit', (code, signal) => resolve({ code, signal })),
+  );
+  return { child, out, exited };
+}
+
 describe('tokenwarden revoke --where', () => {
   it('should refuse without a terminal and without --yes, or with a bad --where, changing nothing', async () => {
     const kept = await issue('usr_cli_kept', ['billing'], 'ci-1');
@@ -323,6 +342,61 @@ describe('tokenwarden revoke --where', () => {
     assert.equal(await operationCount(), operations, 'no operation recorded');
     assert.equal((await rows([kept])).get(kept)!.valid, true);
     assert.equal(receivers.billing!.requestsFor(kept).length, 0);
+  });
+
+  it('should ask on a terminal: no changes nothing, yes revokes', async () => {
+    const ids = [await issue('usr_tty', ['billing']), await issue('usr_tty', ['billing'])];
+    const args = ['revoke', '--where', 'subject=usr_tty', '--reason', 'asked'];
+    const declined = startCli(args, { tty: true });
+    await waitUntil(() => declined.out.stdout.includes('[y/N]'), 'the question');
+    assert.match(
+      declined.out.stdout,
+      /2 active token\(s\) match subject=usr_tty\. Revoke them all \(reason: asked\)\?/,
+    );
+    declined.child.stdin.write('n\n');
+    assert.equal((await declined.exited).code, 1);
+    assert.match(declined.out.stdout, /nothing was revoked/);
+    assert.ok(
+      [...(await rows(ids)).values()].every((r) => r.valid),
+      'declined: nothing revoked',
+    );
+
+    const accepted = startCli(args, { tty: true });
+    await waitUntil(() => accepted.out.stdout.includes('[y/N]'), 'the question');
+    accepted.child.stdin.write('y\n');
+    assert.equal((await accepted.exited).code, 0, accepted.out.stdout);
+    assert.match(accepted.out.stdout, /2 token\(s\) revoked now/);
+    assert.ok(
+      [...(await rows(ids)).values()].every((r) => !r.valid),
+      'confirmed: all revoked',
+    );
+    await propagated(ids);
+  });
+
+  it('should report progress as plain lines without a terminal, and stop telling on SIGINT with the resume command', async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 6; i++) ids.push(await issue('usr_sigint', ['billing']));
+    const run = startCli(['revoke', '--where', 'subject=usr_sigint', '--reason', 'rotate', '--yes', '--rate', '2']);
+    await waitUntil(async () => [...(await rows(ids)).values()].some((r) => r.taken_over), 'a first workflow told');
+    run.child.kill('SIGINT');
+    const { code } = await run.exited;
+    assert.equal(code, 1, run.out.stderr);
+    const operationId = /operation ([0-9a-f-]{36})/.exec(run.out.stdout)?.[1];
+    assert.ok(operationId, run.out.stdout);
+    assert.match(run.out.stderr, /tokenwarden: 6 active token\(s\) match subject=usr_sigint/);
+    assert.match(run.out.stderr, /tokenwarden: killed in the store 6\/6/);
+    assert.match(run.out.stderr, /tokenwarden: workflows told \d\/6/);
+    assert.match(run.out.stderr, new RegExp(`interrupted; .*Resume with: tokenwarden revoke --resume ${operationId}`));
+    assert.match(run.out.stdout, /6 token\(s\) revoked now .*\n\d workflow\(s\) told to propagate, [1-5] not told/);
+    assert.ok(
+      [...(await rows(ids)).values()].every((r) => !r.valid),
+      'every match dead',
+    );
+
+    const resumed = await runCli(['revoke', '--resume', operationId, '--json'], ctx.childEnv());
+    assert.equal(resumed.code, 0, resumed.stderr);
+    await propagated(ids);
+    assertToldOnce(Object.fromEntries(ids.map((id) => [id, ['billing']])), operationId);
   });
 
   it('should still revoke a single token by id', async () => {
