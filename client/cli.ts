@@ -7,6 +7,7 @@ import { migrate } from '../common/db.js';
 import { ConfigError, InvalidInputError, NotFoundError } from '../common/errors.js';
 import { UNPRINTABLE } from '../common/validation.js';
 import type { TokenWarden } from './index.js';
+import type { BulkCommandOptions } from './bulk/command.js';
 import { TokenWardenStore, type TokenView } from './store.js';
 
 const EXIT = { failure: 1, invalidInput: 2, notFound: 3 } as const;
@@ -95,6 +96,13 @@ async function progressBar(label: string): Promise<{ update(done: number, total:
 }
 
 const collect = (value: string, previous: string[] = []) => [...previous, value];
+
+/** Input format of the bulk commands (default from the file name: .csv, else jsonl). */
+const bulkFormat = () =>
+  new Option('--format <format>', 'jsonl or csv (default: from the file name; jsonl for stdin)').choices([
+    'jsonl',
+    'csv',
+  ]);
 
 function describeToken(t: TokenView): string {
   const lines = [
@@ -391,26 +399,75 @@ export function buildProgram(): Command {
 
   program
     .command('issue')
-    .description('issue a token; the raw token is printed once, here only')
-    .requiredOption('--subject <id>', 'opaque user or account id (not an email)')
-    .requiredOption('--ttl <duration>', 'lifetime, e.g. 30s, 15m, 90d')
+    .description(
+      'issue a token; the raw token is printed once, here only (or many: --from <file> --out <file>, the raw tokens to the out file only)',
+    )
+    .option('--subject <id>', 'opaque user or account id (not an email); required without --from')
+    .option('--ttl <duration>', 'lifetime, e.g. 30s, 15m, 90d; required without --from')
     .option('--receiver <id>', 'a receiver to notify on revocation (repeatable)', collect)
     .option('--scope <scope>', 'a scope (repeatable)', collect)
     .option('--name <name>', 'a label for people')
+    // Bulk issue (client/bulk): one token per record of the file.
+    .option('--from <file>', 'issue one token per record of this file (jsonl or csv; - for stdin)')
+    .option('--out <file>', 'with --from: the file the raw tokens are written to (mode 0600; resumed on a rerun)')
+    .addOption(bulkFormat())
+    .option('--concurrency <n>', 'with --from: workflow starts at once (default 16)')
+    .option('--errors <file>', 'with --from: errors file (default <file>.errors.jsonl)')
+    .option('--dry-run', 'with --from: validate the records only; nothing is issued')
+    .option(
+      '--progress-every <duration>',
+      'with --from: progress line interval when stderr is no terminal (default 5s)',
+    )
     .addOption(json)
     .action(
-      async (opts: {
-        subject: string;
-        ttl: string;
-        receiver?: string[];
-        scope?: string[];
-        name?: string;
-        json?: boolean;
-      }) => {
+      async (
+        opts: {
+          subject?: string;
+          ttl?: string;
+          receiver?: string[];
+          scope?: string[];
+          name?: string;
+          json?: boolean;
+          from?: string;
+          out?: string;
+        } & BulkCommandOptions,
+      ) => {
+        if (opts.from !== undefined) {
+          const single = (['subject', 'ttl', 'receiver', 'scope', 'name'] as const).find((o) => opts[o] !== undefined);
+          if (single) {
+            throw new InvalidInputError(
+              `invalid issue: --${single} does not go with --from (each record has its own)`,
+              [{ path: single, message: 'not with --from' }],
+            );
+          }
+          const { issueFromCommand } = await import('./bulk/command.js');
+          process.exitCode = await issueFromCommand(opts.from, opts.out, opts, withWarden);
+          return;
+        }
+        for (const [option, flag] of [
+          ['subject', '--subject <id>'],
+          ['ttl', '--ttl <duration>'],
+        ] as const) {
+          if (opts[option] === undefined) {
+            throw new InvalidInputError(`required option '${flag}' not specified (or --from <file> --out <file>)`, [
+              { path: option, message: 'required' },
+            ]);
+          }
+        }
+        const bulkOnly = (['out', 'concurrency', 'errors', 'dryRun', 'progressEvery', 'format'] as const).find(
+          (o) => opts[o] !== undefined,
+        );
+        if (bulkOnly) {
+          throw new InvalidInputError(
+            `invalid issue: --${bulkOnly.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} goes with --from only`,
+            [{ path: bulkOnly, message: 'with --from only' }],
+          );
+        }
+        const { subject, ttl } = opts as { subject: string; ttl: string };
         const issued = await withWarden((tw) =>
           tw.issue({
-            subject: opts.subject,
-            ttl: opts.ttl,
+            subject,
+            ttl,
             receivers: opts.receiver ?? [],
             scopes: opts.scope ?? [],
             ...(opts.name !== undefined ? { name: opts.name } : {}),
@@ -516,6 +573,27 @@ export function buildProgram(): Command {
         ].join('\n');
       });
       if (report.notSignalled.length > 0) process.exitCode = EXIT.failure;
+    });
+
+  // Bulk import (client/bulk): existing tokens brought under management.
+  program
+    .command('import')
+    .description(
+      "bring existing tokens under management: each record's token stored by its hash, its workflow started; resumable (a rerun skips what is done)",
+    )
+    .argument('<file>', 'records, one per line: jsonl, or csv with a header row (- for stdin)')
+    .addOption(bulkFormat())
+    .option('--concurrency <n>', 'workflow starts at once (default 16)')
+    .option('--dry-run', 'validate the records only; nothing is written or started')
+    .option(
+      '--errors <file>',
+      'one JSON line per invalid or failed record (default <file>.errors.jsonl, for stdin ./tokenwarden-import-errors.jsonl)',
+    )
+    .option('--progress-every <duration>', 'progress line interval when stderr is no terminal (default 5s)')
+    .addOption(json)
+    .action(async (file: string, opts: BulkCommandOptions) => {
+      const { importCommand } = await import('./bulk/command.js');
+      process.exitCode = await importCommand(file, opts, withWarden);
     });
 
   program

@@ -20,6 +20,8 @@ import { INITIATING_ENTITIES, type InitiatingEntity, type TokenStatus } from '..
 import { generateTokenString, hashToken } from '../common/secrets.js';
 import * as store from '../common/store/index.js';
 import { StartedMarks } from './started-marks.js';
+import type { BulkDeps, BulkOptions, BulkReport } from './bulk/pipeline.js';
+import type { IssueManyOptions, IssueManyReport } from './bulk/issue-many.js';
 import {
   actorSchema,
   correlationIdSchema,
@@ -80,6 +82,11 @@ export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.
 export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/store/index.js';
 import type { TokenRecord } from '../common/store/index.js';
 export type { DeliveryReport } from '../common/store/deliveries.js';
+// Bulk import and bulk issue (client/bulk).
+export type { BulkError, BulkOptions, BulkProgress, BulkReport } from './bulk/pipeline.js';
+export type { IssueManyOptions, IssueManyReport, IssuedEntry } from './bulk/issue-many.js';
+export type { ImportRecordInput, IssueRecordInput } from './bulk/records.js';
+export { readRecords, SourceLine, type RecordFormat } from './bulk/reader.js';
 /** Offline check of a token string's shape and checksum (for secret scanners); no store access. */
 export { isWellFormedToken } from '../common/secrets.js';
 
@@ -187,6 +194,17 @@ export interface ForceOutcome {
 /** How long retry and force wait for the token's workflow to apply them (a worker runs the handler). */
 export const OPERATOR_DEADLINE_MS = 15_000;
 
+const bulkPaceSchema = z.object({
+  concurrency: z.number().int().min(1).max(256).optional(),
+  batchSize: z.number().int().min(1).max(1000).optional(),
+});
+
+/** A bulk call's pace checked (a bad value names its field); the callbacks and signal pass as given. */
+function bulkOptions<O extends BulkOptions>(options: O): O {
+  parseInput(bulkPaceSchema, { concurrency: options.concurrency, batchSize: options.batchSize }, 'bulk options');
+  return options;
+}
+
 const notPropagating = (tokenId: string, detail: string) =>
   new InvalidInputError(`invalid token id: ${tokenId} is not propagating a revocation (${detail})`, [
     { path: 'tokenId', message: `not propagating a revocation (${detail})` },
@@ -289,6 +307,40 @@ export class TokenWarden extends TokenWardenStore {
     return new Error(`${why}; ${tokenId} was revoked in the store, no valid token is left behind`, {
       cause: failure,
     });
+  }
+
+  /**
+   * Brings existing tokens under management: each record (an ImportRecordInput, or a SourceLine of
+   * readRecords) is validated alone, stored by its secret's hash in batches, and its workflow
+   * started, `concurrency` at once. Idempotent and resumable: a rerun after a crash or an abort
+   * skips what was done and finishes the rest; nothing is started twice. Never throws for a bad
+   * record: the report counts it (and onError hears of it).
+   */
+  async startMany(records: AsyncIterable<unknown> | Iterable<unknown>, options: BulkOptions = {}): Promise<BulkReport> {
+    const { startMany } = await import('./bulk/start-many.js');
+    return startMany(this.bulkDeps(), records, bulkOptions(options));
+  }
+
+  /**
+   * Issues a token for each record (subject, receivers, ttl, name, scopes); the raw tokens are
+   * written to `options.out` (created with mode 0600) and nowhere else, each batch before it is
+   * issued. A rerun with the same out file issues only the records it does not hold yet.
+   */
+  async issueMany(
+    records: AsyncIterable<unknown> | Iterable<unknown>,
+    options: IssueManyOptions,
+  ): Promise<IssueManyReport> {
+    const { issueMany } = await import('./bulk/issue-many.js');
+    return issueMany(this.bulkDeps(), records, { ...options, ...bulkOptions(options) });
+  }
+
+  private bulkDeps(): BulkDeps {
+    return {
+      pool: this.pool,
+      temporal: this.temporal,
+      settings: this.settings,
+      markStarted: (tokenId) => this.#startedMarks.add(tokenId),
+    };
   }
 
   /**

@@ -8,7 +8,7 @@ import { performance } from 'node:perf_hooks';
 import pg from 'pg';
 import { quoteIdent } from '../common/identifiers.js';
 import { KILL_CHANNEL } from '../common/names.js';
-import { hashToken, isWellFormedToken } from '../common/secrets.js';
+import { hashToken, isForeignToken, isWellFormedToken } from '../common/secrets.js';
 import { recordTokenUse } from '../common/store/last-use.js';
 
 export interface VerifierOptions {
@@ -52,6 +52,13 @@ export interface VerifierOptions {
    * that tracks protocol-level prepared statements (PgBouncer >= 1.21 with max_prepared_statements).
    */
   prepare?: boolean;
+  /**
+   * Also looks up strings of another format (default false): tokens imported with `tokenwarden
+   * import` keep the format they were born with and are known by their hash only. Such a string is
+   * looked up when it is 16 to 4096 printable ASCII characters and does not start with `tw_` (a
+   * `tw_` string is always checked offline first). Costs one query per unknown string, garbage included.
+   */
+  foreignTokens?: boolean;
 }
 
 export type Verification =
@@ -147,6 +154,7 @@ const KNOWN_OPTIONS = new Set<string>([
   ...STRING_OPTIONS,
   ...FUNCTION_OPTIONS,
   'prepare',
+  'foreignTokens',
 ]);
 
 type ResolvedOptions = Record<NumberOption, number> & {
@@ -157,6 +165,7 @@ type ResolvedOptions = Record<NumberOption, number> & {
   onError: (err: Error) => void;
   onKilled: ((tokenId: string) => void) | undefined;
   prepare: boolean;
+  foreignTokens: boolean;
 };
 
 const describe = (value: unknown) =>
@@ -219,8 +228,10 @@ function resolveOptions(input: unknown): ResolvedOptions {
       `must be at least reconnectInitialMs (${numbers.reconnectInitialMs})`,
     );
   }
-  if (o.prepare !== undefined && typeof o.prepare !== 'boolean') {
-    throw new VerifierOptionError('prepare', `must be true or false, got ${describe(o.prepare)}`);
+  for (const name of ['prepare', 'foreignTokens'] as const) {
+    if (o[name] !== undefined && typeof o[name] !== 'boolean') {
+      throw new VerifierOptionError(name, `must be true or false, got ${describe(o[name])}`);
+    }
   }
   const databaseUrl = url('databaseUrl');
   return {
@@ -232,6 +243,7 @@ function resolveOptions(input: unknown): ResolvedOptions {
     onError: (fn('onError') as ((err: Error) => void) | undefined) ?? (() => {}),
     onKilled: fn('onKilled') as ((tokenId: string) => void) | undefined,
     prepare: o.prepare === true,
+    foreignTokens: o.foreignTokens === true,
   };
 }
 
@@ -353,8 +365,9 @@ class TokenVerifier implements Verifier {
 
   async verify(rawToken: string): Promise<Verification> {
     if (this.#closed) throw new Error('verify() after close(): this verifier is closed');
-    // Offline first: garbage never reaches the database.
-    if (typeof rawToken !== 'string' || !isWellFormedToken(rawToken)) return INACTIVE;
+    // Offline first: garbage never reaches the database (unless foreign formats are looked up).
+    if (typeof rawToken !== 'string') return INACTIVE;
+    if (!isWellFormedToken(rawToken) && !(this.#o.foreignTokens && isForeignToken(rawToken))) return INACTIVE;
     const hash = hashToken(rawToken);
     const key = hash.toString('base64');
     if (this.#listening) {

@@ -238,6 +238,8 @@ const envSchema = z.object({
 export interface ApiSettings {
   host: string;
   port: number;
+  /** Introspection also looks up tokens of another format (imported ones); see the verifier's `foreignTokens`. */
+  foreignTokens: boolean;
 }
 
 const apiEnvSchema = z.object({
@@ -253,6 +255,10 @@ const apiEnvSchema = z.object({
       'TOKENWARDEN_API_PORT must be a port number (0-65535)',
     )
     .transform(Number),
+  TOKENWARDEN_FOREIGN_TOKENS: z
+    .enum(['true', 'false'], { error: 'TOKENWARDEN_FOREIGN_TOKENS must be true or false' })
+    .default('false')
+    .transform((text) => text === 'true'),
 });
 
 /** The API's address from TOKENWARDEN_API_HOST (default 127.0.0.1) and TOKENWARDEN_API_PORT (default 8380). */
@@ -263,7 +269,11 @@ export function loadApiSettings(env: NodeJS.ProcessEnv = process.env): ApiSettin
       `invalid configuration: ${parsed.error.issues.map((i) => `${String(i.path[0] ?? '')}: ${i.message}`).join('; ')}`,
     );
   }
-  return { host: parsed.data.TOKENWARDEN_API_HOST.replace(/^\[(.*)\]$/, '$1'), port: parsed.data.TOKENWARDEN_API_PORT };
+  return {
+    host: parsed.data.TOKENWARDEN_API_HOST.replace(/^\[(.*)\]$/, '$1'),
+    port: parsed.data.TOKENWARDEN_API_PORT,
+    foreignTokens: parsed.data.TOKENWARDEN_FOREIGN_TOKENS,
+  };
 }
 
 function isMasterKey(text: string): boolean {

@@ -46,6 +46,14 @@ export function isWellFormedToken(text: string): boolean {
   return match !== null && checksum(match[1]!) === match[2];
 }
 
+/**
+ * A string another system may have issued (an imported token keeps its own format): printable ASCII
+ * of a plausible length that does not claim our `tw_` format (those are checked by isWellFormedToken).
+ */
+export function isForeignToken(text: string): boolean {
+  return !text.startsWith(`${TOKEN_STRING_PREFIX}_`) && /^[\x21-\x7e]{16,4096}$/.test(text);
+}
+
 /** The store's lookup key: SHA-256 of the whole token string. */
 export function hashToken(token: string): Buffer {
   return createHash('sha256').update(token, 'utf8').digest();

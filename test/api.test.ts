@@ -4,11 +4,13 @@ import { after, before, describe, it } from 'node:test';
 import { TokenWarden } from '../client/index.js';
 import { createApiServer } from '../client/api/server.js';
 import { createVerifier, type Verifier } from '../client/verifier.js';
+import { hashToken } from '../common/secrets.js';
 import { createApiKey, revokeApiKey } from '../common/store/api-keys.js';
 import { freePort } from '../dev/processes.js';
 import { call, startApiHarness, type ApiHarness } from './support/api.js';
 import { TestContext } from './support/context.js';
 import { TcpProxy } from './support/tcp-proxy.js';
+import { insertTokenRow } from './support/tokens.js';
 import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
@@ -99,7 +101,12 @@ describe('HTTP API: authentication and scopes on every route', () => {
   it('should serve /healthz and /openapi.json without a key, the document listing every route', async () => {
     const health = await call(api.url, 'GET', '/healthz');
     assert.equal(health.status, 200, health.text);
-    assert.deepEqual(health.body, { status: 'ok', temporal: { reachable: true }, postgres: { reachable: true } });
+    assert.deepEqual(health.body, {
+      status: 'ok',
+      temporal: { reachable: true },
+      postgres: { reachable: true },
+      verifier: { listening: true },
+    });
     const doc = await call(api.url, 'GET', '/openapi.json');
     assert.equal(doc.status, 200);
     assert.equal(doc.body.openapi, '3.1.0');
@@ -189,6 +196,13 @@ describe('HTTP API: tokens', () => {
     );
     const revoked = await call(api.url, 'GET', '/v1/tokens?subject=usr_pages&status=revoked', { key: api.keys.admin });
     assert.deepEqual(revoked.body, { tokens: [], next: null });
+    // A cursor with anything appended to the id it carries is not one of ours.
+    const decoded = Buffer.from(first.body.next as string, 'base64url').toString('utf8');
+    const forged = Buffer.from(`${decoded}:more`).toString('base64url');
+    const refused = await call(api.url, 'GET', `/v1/tokens?subject=usr_pages&cursor=${forged}`, {
+      key: api.keys.admin,
+    });
+    assert.equal(refused.status, 400, refused.text);
   });
 
   it('should answer problem details naming the field, 404 for an unknown token, 500 without internals', async () => {
@@ -268,6 +282,7 @@ describe('HTTP API: tokens', () => {
         status: 'unavailable',
         temporal: { reachable: true },
         postgres: { reachable: false },
+        verifier: { listening: true },
       });
       // Without a reachable store no key can be checked: 500, not 401, and nothing of the cause.
       const internal = await call(`http://127.0.0.1:${port}`, 'GET', '/v1/tokens', { key: api.keys.admin });
@@ -280,13 +295,20 @@ describe('HTTP API: tokens', () => {
     }
   });
 
-  it('should report Temporal unreachable on /healthz with 503, PostgreSQL still reachable', async () => {
+  it('should report Temporal unreachable on /healthz with 503, PostgreSQL still reachable, and a deaf verifier', async () => {
     const address = `127.0.0.1:${await freePort()}`;
     const warden = await TokenWarden.connect({
       ...ctx.settings,
       temporal: { ...ctx.settings.temporal, connectionOptions: { address } },
     });
-    const server = await createApiServer({ warden, verifier, logger: false });
+    // Its listener cannot connect: introspection still answers from the store, uncached.
+    const deaf = await createVerifier({
+      databaseUrl: ctx.settings.databaseUrl,
+      schema: ctx.settings.databaseSchema,
+      listenUrl: `postgres://nobody@127.0.0.1:${await freePort()}/none`,
+      onError: () => {},
+    });
+    const server = await createApiServer({ warden, verifier: deaf, logger: false });
     try {
       await server.listen({ host: '127.0.0.1', port: 0 });
       const port = (server.server.address() as { port: number }).port;
@@ -296,9 +318,11 @@ describe('HTTP API: tokens', () => {
         status: 'unavailable',
         temporal: { reachable: false },
         postgres: { reachable: true },
+        verifier: { listening: false },
       });
     } finally {
       await server.close();
+      await deaf.close();
       await warden.close();
     }
   });
@@ -384,6 +408,15 @@ describe('HTTP API: RFC 7009 revocation', () => {
     assert.equal(again.status, 200);
   });
 
+  it('should revoke an imported token of another format by its string', async () => {
+    const foreign = `ghp_${'Q7x'.repeat(12)}`;
+    const record = await insertTokenRow(ctx.pool, { subject: 'usr_7009_imported', secretHash: hashToken(foreign) });
+    const res = await call(api.url, 'POST', '/oauth/revoke', { key: api.keys.revoke, form: { token: foreign } });
+    assert.equal(res.status, 200, res.text);
+    const { rows } = await ctx.sql.query('SELECT status FROM token WHERE id = $1', [record.id]);
+    assert.equal(rows[0].status, 'revoked');
+  });
+
   it('should answer 200 for unknown, malformed and unknown-hint tokens, 400 invalid_request without a token', async () => {
     const { tokenId, token } = await ctx.warden.issue({ subject: 'usr_7009b', ttl: '1h' });
     const lookalike = token.slice(0, -8) + 'AAAAAAAA';
@@ -392,6 +425,7 @@ describe('HTTP API: RFC 7009 revocation', () => {
       { token: lookalike },
       { token: '' },
       { token: 'x'.repeat(4000) },
+      { token: 'x'.repeat(5000) },
       { token: 'tw_whatever', token_type_hint: 'no_such_hint' },
     ]) {
       const res = await call(api.url, 'POST', '/oauth/revoke', { key: api.keys.revoke, form });

@@ -138,10 +138,14 @@ describe('master key roll', () => {
     worker = await ctx.startWorker(rolled);
     // One receiver comes back before the secrets are re-encrypted: the old key still signs for it.
     a.receiver.behaviour = () => ({ status: 204 });
+    // A task handed to the stopped worker's last poll is lost with it: its attempt is retried only
+    // after the delivery's start-to-close timeout (15 s), so these waits allow for one lost attempt.
+    const oneLostAttemptMs = 45_000;
     for (const t of tokens) {
       await waitUntil(
         async () => (await ctx.warden.show(t)).deliveries.find((d) => d.receiverId === a.id)?.status === 'delivered',
         `delivery of ${t} to ${a.id} during the roll`,
+        oneLostAttemptMs,
       );
     }
 
@@ -163,7 +167,7 @@ describe('master key roll', () => {
     tokens.push(await revokedToken([a.id, b.id]));
 
     b.receiver.behaviour = () => ({ status: 204 });
-    for (const t of tokens) await propagated(t);
+    for (const t of tokens) await propagated(t, oneLostAttemptMs);
 
     // Only the new key from now on: secrets were re-encrypted, so nothing needs the old one.
     await worker.stop();

@@ -562,3 +562,13 @@ describe('input bounds: lifetimes, free text, settings', () => {
     assert.equal(formatDuration(1500), '1500ms');
   });
 });
+
+describe('listen addresses', () => {
+  it('should count only localhost, 127.0.0.0/8 and ::1 as loopback', async () => {
+    const { isLoopbackHost } = await import('../common/addresses.js');
+    for (const host of ['localhost', '127.0.0.1', '127.8.9.10', '::1']) assert.equal(isLoopbackHost(host), true, host);
+    for (const host of ['0.0.0.0', '::', '10.0.0.1', 'example.com', '128.0.0.1', '::ffff:10.0.0.1']) {
+      assert.equal(isLoopbackHost(host), false, host);
+    }
+  });
+});

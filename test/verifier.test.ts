@@ -135,6 +135,43 @@ describe('answers', () => {
     assert.deepEqual(await down.verify(badChecksum), INACTIVE);
     await assert.rejects(down.verify(good), VerifierUnavailableError);
   });
+
+  it('should look up a token of another format only when foreignTokens is on, and still refuse garbage offline', async () => {
+    // An imported token keeps the format it was born with; the store knows it by its hash.
+    const foreign = `ghp_${'Ab3'.repeat(12)}`;
+    const record = await insertTokenRow(ctx.pool, { subject: 'usr_imported', secretHash: hashToken(foreign) });
+    const strict = await verifier();
+    assert.deepEqual(await strict.verify(foreign), INACTIVE, 'off by default');
+    assert.equal(strict.stats().queries, 0, 'without a query');
+
+    const lenient = await verifier({ foreignTokens: true });
+    const answer = await lenient.verify(foreign);
+    assert.equal(answer.active, true);
+    assert.equal(answer.active && answer.tokenId, record.id);
+    const good = generateTokenString();
+    const badChecksum = `${good.slice(0, -1)}${good.endsWith('A') ? 'B' : 'A'}`;
+    const before = lenient.stats().queries;
+    for (const garbage of [
+      'short',
+      badChecksum,
+      `has space ${'x'.repeat(20)}`,
+      'x'.repeat(4097),
+      `tw_${'x'.repeat(30)}`,
+    ]) {
+      assert.deepEqual(await lenient.verify(garbage), INACTIVE, garbage.slice(0, 20));
+    }
+    assert.equal(lenient.stats().queries, before, 'garbage and our own format with a bad checksum: no query');
+    assert.deepEqual(await lenient.verify(`ghp_${'Zz9'.repeat(12)}`), INACTIVE, 'an unknown foreign token');
+    assert.equal(lenient.stats().queries, before + 1, 'looked up');
+
+    await kill(record.id);
+    await waitUntil(() => lenient.stats().kills >= 1, 'the kill heard');
+    assert.deepEqual(await lenient.verify(foreign), INACTIVE, 'revoked');
+    await assert.rejects(createVerifier({ databaseUrl: ctx.settings.databaseUrl, foreignTokens: 'yes' as never }), {
+      name: 'VerifierOptionError',
+      message: /option foreignTokens must be true or false/,
+    });
+  });
 });
 
 describe('cache and invalidation', () => {

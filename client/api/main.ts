@@ -6,6 +6,7 @@ import type { ApiSettings, Settings } from '../../common/config.js';
 import { TokenWarden } from '../index.js';
 import { createVerifier, type Verifier } from '../verifier.js';
 import { createApiServer, type ApiServer } from './server.js';
+import { isLoopbackHost } from '../../common/addresses.js';
 
 export interface RunningApi {
   /** e.g. http://127.0.0.1:8380 */
@@ -24,6 +25,7 @@ export async function startApi(settings: Settings, api: ApiSettings): Promise<Ru
     verifier = await createVerifier({
       databaseUrl: settings.databaseUrl,
       schema: settings.databaseSchema,
+      foreignTokens: api.foreignTokens,
       onError: (err) => process.stderr.write(`tokenwarden api: verifier: ${err.message}\n`),
     });
     const server = await createApiServer({ warden, verifier });
@@ -57,6 +59,12 @@ export async function startApi(settings: Settings, api: ApiSettings): Promise<Ru
 export async function runApiProcess(settings: Settings, api: ApiSettings): Promise<void> {
   const running = await startApi(settings, api);
   process.stderr.write(`tokenwarden api listening on ${running.url}\n`);
+  if (!isLoopbackHost(api.host)) {
+    // API keys and raw tokens (issue, RFC 7009/7662) cross this connection in the clear.
+    process.stderr.write(
+      `tokenwarden api: warning: plain HTTP on ${api.host}, not a loopback address: put a TLS-terminating proxy in front and keep the port off public networks\n`,
+    );
+  }
   await new Promise<void>((resolve) => {
     const stop = () => {
       process.off('SIGTERM', stop);

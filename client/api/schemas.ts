@@ -14,8 +14,8 @@ export const encodeCursor = (lastId: string) => Buffer.from(`${CURSOR_VERSION}:$
 
 export const cursorSchema = z.string().transform((text, ctx) => {
   const decoded = /^[A-Za-z0-9_-]{1,200}$/.test(text) ? Buffer.from(text, 'base64url').toString('utf8') : '';
-  const [version, id] = decoded.split(':');
-  if (version !== CURSOR_VERSION || !tokenIdSchema.safeParse(id).success) {
+  const [version, id, ...extra] = decoded.split(':');
+  if (version !== CURSOR_VERSION || extra.length > 0 || !tokenIdSchema.safeParse(id).success) {
     ctx.addIssue({ code: 'custom', message: 'expected the `next` cursor of a previous page' });
     return z.NEVER;
   }

@@ -25,7 +25,7 @@ import { subjectRoutes } from './routes/subjects.js';
 import { tokenRoutes } from './routes/tokens.js';
 
 /** What introspection asks: tokenwarden/verifier (cached, dropped on the store's kill NOTIFY). */
-export type TokenVerifier = Pick<Verifier, 'verify' | 'forget'>;
+export type TokenVerifier = Pick<Verifier, 'verify' | 'forget' | 'listening'>;
 
 export interface ApiServerOptions {
   warden: TokenWarden;
@@ -143,7 +143,7 @@ export async function createApiServer(options: ApiServerOptions): Promise<ApiSer
   app.addHook('onRequest', auth.hook());
 
   const typed = app.withTypeProvider<ZodTypeProvider>() as unknown as ApiInstance;
-  await healthRoutes(typed, warden);
+  await healthRoutes(typed, warden, verifier);
   await tokenRoutes(typed, warden, verifier);
   await subjectRoutes(typed, warden, verifier);
   await receiverRoutes(typed, warden);

@@ -11,3 +11,4 @@ export * from './kill.js';
 export * from './deliveries.js';
 export * from './reconciler.js';
 export * from './bulk-revoke.js';
+export * from './import.js';

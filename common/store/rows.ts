@@ -88,7 +88,9 @@ export const routine = (
     // Revocation by filter (migrations/0012).
     | 'bulk_revoke_matches'
     | 'bulk_revoke_kill_chunk'
-    | 'bulk_revoke_remaining',
+    | 'bulk_revoke_remaining'
+    // Bulk import and bulk issue (migrations/0011).
+    | 'import_tokens',
 ) => `${quoteIdent(t.schema)}.${name}`;
 
 export const TOKEN_COLUMNS = `

@@ -4,7 +4,7 @@
  */
 import { z } from 'zod';
 import { findTokenIdByHash } from '../../../common/store/tokens.js';
-import { hashToken, isWellFormedToken } from '../../../common/secrets.js';
+import { hashToken, isForeignToken, isWellFormedToken } from '../../../common/secrets.js';
 import type { TokenWarden } from '../../index.js';
 import { actorOf } from '../auth.js';
 import type { ApiInstance, TokenVerifier } from '../server.js';
@@ -13,7 +13,8 @@ import type { ApiInstance, TokenVerifier } from '../server.js';
 const oauthError = z.object({ error: z.string(), error_description: z.string().optional() }).loose();
 
 const tokenRequest = z.object({
-  token: z.string({ error: 'required: the token to act on' }).max(4096, 'at most 4096 characters'),
+  // Longer strings are no token (revocation answers 200, introspection inactive); this only bounds the body.
+  token: z.string({ error: 'required: the token to act on' }).max(65_536, 'at most 65536 characters'),
   /** RFC 7009 §2.1 / RFC 7662 §2.1: a hint the server may ignore; an unknown one is ignored. */
   token_type_hint: z.string().max(100).optional(),
 });
@@ -37,8 +38,10 @@ export async function oauthRoutes(app: ApiInstance, warden: TokenWarden, verifie
     async (request, reply) => {
       reply.header('cache-control', 'no-store');
       const { token } = request.body;
-      // Garbage is refused offline: no lookup, nothing to revoke.
-      const tokenId = isWellFormedToken(token) ? await findTokenIdByHash(warden.pool, hashToken(token)) : undefined;
+      // Garbage is refused offline: no lookup, nothing to revoke. An imported token of another format
+      // is looked up by its hash (callers are authenticated, so the query is theirs to spend).
+      const candidate = isWellFormedToken(token) || isForeignToken(token);
+      const tokenId = candidate ? await findTokenIdByHash(warden.pool, hashToken(token)) : undefined;
       if (tokenId) {
         try {
           await warden.revoke({

@@ -1,0 +1,158 @@
+-- Up Migration
+-- Bulk writes of tokens whose secrets exist already (imported from another system, or generated and
+-- journaled by a bulk issue): a batch in one function called with one parameterised statement (the
+-- batch as parallel arrays), one round trip and one transaction. Pinned to this schema like 0002.
+SELECT set_config('search_path', quote_ident(current_schema()) || ', pg_temp', true);
+
+-- Writes each record of the batch as issue_token does (token row, current credential with the hash
+-- only, `token.issued` audit event), in array order, and reports per record, without ever aborting
+-- the batch for one record:
+--   inserted  written now;
+--   existing  the token id is stored with this very secret hash (a rerun), or the record named no id
+--             (id_given false) and the hash is stored under another id: nothing written, `facts`
+--             are the stored row (the stored facts win over the record's);
+--   conflict  nothing written; `message` says why: the id is stored with another secret, the
+--             secret belongs to another token, an unknown or removed receiver, an expiry not in the
+--             future. `field` names the record's field at fault; messages name ids, never secrets.
+-- Expiry: expires_at when given, else now() + ttl_ms. Receivers are locked FOR SHARE until commit,
+-- as in issue_token. Concurrent batches holding the same record serialise on the token id's unique
+-- index (ON CONFLICT waits for the other transaction) and on the hash's: the loser reports existing
+-- or conflict. `imported` marks the audit event (`"imported": true`) of a token brought under
+-- management; a bulk issue passes false.
+CREATE FUNCTION import_tokens(
+  token_ids text[], credential_ids text[], id_given boolean[], secret_hashes bytea[], subjects text[],
+  names text[], scopes_json text[], receivers_json text[], expires_ats timestamptz[], ttls_ms bigint[],
+  imported boolean)
+RETURNS TABLE (ord integer, outcome text, field text, message text, facts token)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+  known text[];
+  rec record;
+  rec_receivers text[];
+  rec_scopes text[];
+  unknown text;
+  expiry timestamptz;
+  stored token;
+  owner text;
+BEGIN
+  SELECT coalesce(array_agg(r.id), '{}') INTO known
+    FROM (SELECT r.id FROM receiver r
+           WHERE r.enabled AND r.id IN (SELECT jsonb_array_elements_text(j::jsonb) FROM unnest(receivers_json) AS j)
+           ORDER BY r.id FOR SHARE) AS r;
+
+  FOR rec IN
+    SELECT u.* FROM unnest(token_ids, credential_ids, id_given, secret_hashes, subjects, names, scopes_json,
+                           receivers_json, expires_ats, ttls_ms)
+                    WITH ORDINALITY AS u(token_id, credential_id, given, secret_hash, subject, name, scopes,
+                                         receivers, expires_at, ttl_ms, n)
+     -- In id order: concurrent batches over the same tokens take their row locks in one order, so
+     -- they queue instead of deadlocking (the answers are returned by ord all the same).
+     ORDER BY u.token_id, u.n
+  LOOP
+    ord := rec.n;
+    field := NULL;
+    message := NULL;
+    facts := NULL;
+
+    -- A rerun: the id is stored already. Same secret: existing; another secret: conflict.
+    SELECT t.* INTO stored FROM token t WHERE t.id = rec.token_id;
+    IF FOUND THEN
+      IF EXISTS (SELECT 1 FROM credential c WHERE c.token_id = rec.token_id AND c.secret_hash = rec.secret_hash) THEN
+        outcome := 'existing';
+        facts := stored;
+      ELSE
+        outcome := 'conflict';
+        field := 'tokenId';
+        message := format('token id %s is already stored with another secret', rec.token_id);
+      END IF;
+      RETURN NEXT;
+      CONTINUE;
+    END IF;
+
+    SELECT c.token_id INTO owner FROM credential c WHERE c.secret_hash = rec.secret_hash;
+    IF FOUND THEN
+      IF rec.given THEN
+        outcome := 'conflict';
+        field := 'secret';
+        message := format('this secret is already managed as token %s, not %s', owner, rec.token_id);
+      ELSE
+        outcome := 'existing';
+        SELECT t.* INTO facts FROM token t WHERE t.id = owner;
+      END IF;
+      RETURN NEXT;
+      CONTINUE;
+    END IF;
+
+    rec_receivers := ARRAY(SELECT jsonb_array_elements_text(rec.receivers::jsonb));
+    rec_scopes := ARRAY(SELECT jsonb_array_elements_text(rec.scopes::jsonb));
+    SELECT string_agg(r, ', ') INTO unknown FROM unnest(rec_receivers) AS r WHERE r <> ALL (known);
+    IF unknown IS NOT NULL THEN
+      outcome := 'conflict';
+      field := 'receivers';
+      message := format('unknown or removed receiver %s', unknown);
+      RETURN NEXT;
+      CONTINUE;
+    END IF;
+
+    expiry := coalesce(rec.expires_at, now() + rec.ttl_ms * interval '1 millisecond');
+    IF expiry IS NULL OR expiry <= now() THEN
+      outcome := 'conflict';
+      field := 'expiresAt';
+      message := 'the expiry is not in the future (on the database clock)';
+      RETURN NEXT;
+      CONTINUE;
+    ELSIF expiry - now() > interval '3650 days' THEN
+      outcome := 'conflict';
+      field := 'expiresAt';
+      message := 'the expiry is more than 3650 days ahead';
+      RETURN NEXT;
+      CONTINUE;
+    END IF;
+
+    INSERT INTO token (id, subject, name, scopes, receivers, expires_at)
+    VALUES (rec.token_id, rec.subject, rec.name, rec_scopes, rec_receivers, expiry)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING * INTO stored;
+    IF NOT FOUND THEN
+      -- Another transaction wrote this id since the check above (it has committed: ON CONFLICT waited).
+      SELECT t.* INTO stored FROM token t WHERE t.id = rec.token_id;
+      IF EXISTS (SELECT 1 FROM credential c WHERE c.token_id = rec.token_id AND c.secret_hash = rec.secret_hash) THEN
+        outcome := 'existing';
+        facts := stored;
+      ELSE
+        outcome := 'conflict';
+        field := 'tokenId';
+        message := format('token id %s is already stored with another secret', rec.token_id);
+      END IF;
+      RETURN NEXT;
+      CONTINUE;
+    END IF;
+
+    INSERT INTO credential (id, token_id, secret_hash, state)
+    VALUES (rec.credential_id, rec.token_id, rec.secret_hash, 'current')
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+      -- The secret was stored under another id since the check above: undo this row (nothing else
+      -- refers to it yet) instead of aborting the batch.
+      DELETE FROM token t WHERE t.id = rec.token_id;
+      SELECT c.token_id INTO owner FROM credential c WHERE c.secret_hash = rec.secret_hash;
+      outcome := 'conflict';
+      field := 'secret';
+      message := format('this secret is already managed as token %s', coalesce(owner, '(unknown)'));
+      RETURN NEXT;
+      CONTINUE;
+    END IF;
+
+    PERFORM append_audit(stored.id, 'issued', 'token.issued', jsonb_build_object(
+      'subject', stored.subject,
+      'credentialId', rec.credential_id,
+      'receivers', to_jsonb(stored.receivers),
+      'scopes', to_jsonb(stored.scopes),
+      'expiresAt', iso_time(stored.expires_at))
+      || CASE WHEN import_tokens.imported THEN jsonb_build_object('imported', true) ELSE '{}'::jsonb END);
+    outcome := 'inserted';
+    facts := stored;
+    RETURN NEXT;
+  END LOOP;
+END;
+$$;
