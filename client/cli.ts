@@ -133,6 +133,197 @@ const packageVersion = (): string =>
 
 const defaultActor = process.env.USER ? `cli:${process.env.USER}` : 'cli';
 
+// ---------------------------------------------------------------- revoke --where / --resume
+
+interface RevokeCommandOptions {
+  reason?: string;
+  actor: string;
+  where?: string[];
+  resume?: string;
+  rate?: string;
+  yes?: boolean;
+  json?: boolean;
+}
+
+/** The --where keys and the library's filter fields they set. */
+const WHERE_KEYS = {
+  subject: 'subject',
+  receiver: 'receiver',
+  'issued-before': 'issuedBefore',
+  'name-prefix': 'namePrefix',
+} as const;
+type WhereKey = keyof typeof WHERE_KEYS;
+const whereKeyOf = (field: string) =>
+  (Object.keys(WHERE_KEYS) as WhereKey[]).find((k) => WHERE_KEYS[k] === field) ?? field;
+
+/**
+ * `subject=usr_1,name-prefix=ci-` (the option may repeat) to a filter. A comma splits only before a
+ * known `key=`, so a name prefix may hold commas.
+ */
+function parseWhere(values: string[]): Record<string, string> {
+  const filter: Record<string, string> = {};
+  const keys = Object.keys(WHERE_KEYS).join('|');
+  for (const part of values.flatMap((v) => v.split(new RegExp(`,(?=(?:${keys})=)`)))) {
+    const eq = part.indexOf('=');
+    const key = eq < 0 ? part : part.slice(0, eq);
+    const bad = (message: string) =>
+      new InvalidInputError(`invalid --where: ${key}: ${message}`, [{ path: key, message }]);
+    if (!(key in WHERE_KEYS)) {
+      throw bad(`unknown criterion: expected ${Object.keys(WHERE_KEYS).join('=, ')}= (e.g. subject=usr_123)`);
+    }
+    if (eq < 0) throw bad('expected key=value');
+    const field = WHERE_KEYS[key as WhereKey];
+    if (field in filter) throw bad('given twice');
+    filter[field] = part.slice(eq + 1);
+  }
+  return filter;
+}
+
+/** A filter as the user wrote it: `subject=usr_1, issued-before=…`. */
+const describeFilter = (filter: object) =>
+  Object.entries(filter as Record<string, string | undefined>)
+    .filter(([, v]) => v !== undefined)
+    .map(([field, v]) => `${whereKeyOf(field)}=${v}`)
+    .join(', ');
+
+/** Asks on the terminal; true only for an explicit yes. */
+async function confirm(question: string): Promise<boolean> {
+  const { createInterface } = await import('node:readline/promises');
+  const rl = createInterface({ input: process.stdin, output: process.stderr });
+  try {
+    return /^y(es)?$/i.test((await rl.question(question)).trim());
+  } finally {
+    rl.close();
+  }
+}
+
+/** Progress without a terminal: one plain line on stderr at most every `intervalMs`, and the last. */
+function progressLines(label: string, intervalMs = 2_000) {
+  let last = 0;
+  let pending: string | undefined;
+  return {
+    update(done: number, total: number) {
+      pending = `tokenwarden: ${label} ${done}/${total}`;
+      if (Date.now() - last >= intervalMs) {
+        process.stderr.write(`${pending}\n`);
+        last = Date.now();
+        pending = undefined;
+      }
+    },
+    stop() {
+      if (pending) process.stderr.write(`${pending}\n`);
+      pending = undefined;
+    },
+  };
+}
+
+async function revokeWhere(opts: RevokeCommandOptions, actorGiven: boolean): Promise<void> {
+  const { revokeFilterSchema } = await import('./revoke-many.js');
+  const { parseInput } = await import('../common/validation.js');
+  const rate = opts.rate === undefined ? undefined : Number(opts.rate);
+  if (rate !== undefined && (!Number.isFinite(rate) || rate <= 0)) {
+    throw new InvalidInputError(`invalid --rate: expected a positive number, got ${opts.rate}`, [
+      { path: 'rate', message: 'expected a positive number' },
+    ]);
+  }
+  let filter: Record<string, string> | null = null;
+  if (opts.where !== undefined) {
+    filter = parseWhere(opts.where);
+    try {
+      parseInput(revokeFilterSchema, filter, '--where');
+    } catch (err) {
+      if (!(err instanceof InvalidInputError)) throw err;
+      const fields = err.fields.map((f) => ({ ...f, path: f.path === '(input)' ? '--where' : whereKeyOf(f.path) }));
+      throw new InvalidInputError(
+        `invalid --where: ${fields.map((f) => `${f.path}: ${f.message}`).join('; ')}`,
+        fields,
+      );
+    }
+  }
+  const json = !!opts.json;
+  const report = await withWarden(async (tw) => {
+    let asOf: string | undefined;
+    if (filter !== null) {
+      const count = await tw.countMatching(filter);
+      asOf = count.asOf;
+      const what =
+        `${count.active} active token(s) match ${describeFilter(filter)}` +
+        (count.dead ? ` (${count.dead} more already dead)` : '');
+      if (!opts.yes) {
+        if (!process.stdin.isTTY || !process.stderr.isTTY) {
+          throw new InvalidInputError(
+            `refusing to revoke without confirmation: ${what}; not a terminal, so pass --yes to revoke them (nothing was changed)`,
+            [{ path: 'yes', message: 'required without a terminal' }],
+          );
+        }
+        if (!(await confirm(tty`${what}. Revoke them all (reason: ${opts.reason})? [y/N] `))) {
+          process.stderr.write('tokenwarden: nothing was revoked\n');
+          process.exitCode = EXIT.failure;
+          return undefined;
+        }
+      } else if (!json) {
+        process.stderr.write(tty`tokenwarden: ${what}\n`);
+      }
+    }
+    const onTerminal = process.stderr.isTTY && !json;
+    const bars = {
+      kill: onTerminal ? await progressBar('killing in the store') : progressLines('killed in the store'),
+      tell: onTerminal ? await progressBar('telling workflows  ') : progressLines('workflows told'),
+    };
+    const stop = new AbortController();
+    const onSignal = () => stop.abort();
+    process.once('SIGINT', onSignal);
+    try {
+      const common = {
+        ...(rate === undefined ? {} : { rate }),
+        signal: stop.signal,
+        onOperation: (op: { id: string }) =>
+          process.stderr.write(
+            `tokenwarden: operation ${op.id}; if interrupted, resume with: tokenwarden revoke --resume ${op.id}\n`,
+          ),
+        onProgress: (p: { phase: 'kill' | 'tell'; done: number; failed: number; total: number }) => {
+          if (p.phase === 'tell') bars.kill.stop();
+          bars[p.phase].update(p.done + p.failed, p.total);
+        },
+      };
+      return opts.resume !== undefined
+        ? await tw.revokeMany(null, {
+            resume: opts.resume,
+            ...(opts.reason !== undefined ? { reason: opts.reason } : {}),
+            ...(actorGiven ? { actor: opts.actor } : {}),
+            ...common,
+          })
+        : await tw.revokeMany(filter, {
+            reason: opts.reason!,
+            actor: opts.actor,
+            ...(asOf ? { asOf } : {}),
+            ...common,
+          });
+    } finally {
+      process.off('SIGINT', onSignal);
+      bars.kill.stop();
+      bars.tell.stop();
+    }
+  });
+  if (!report) return;
+  for (const warning of report.warnings) warn(warning);
+  print(json, report, () =>
+    [
+      tty`operation ${report.operationId} (${describeFilter(report.filter)}; issued up to ${report.cutoff})` +
+        (report.resumed ? ' resumed' : ''),
+      `${report.killed} token(s) revoked now (${report.killedTotal} by this operation), ${report.alreadyDead} already dead`,
+      `${report.signalled} workflow(s) told to propagate` +
+        (report.notSignalled.length ? `, ${report.notSignalled.length} not told` : ''),
+    ].join('\n'),
+  );
+  if (report.aborted) {
+    process.stderr.write(
+      `tokenwarden: interrupted; every matching token is dead in the store. Resume with: tokenwarden revoke --resume ${report.operationId}\n`,
+    );
+  }
+  if (report.notSignalled.length > 0) process.exitCode = EXIT.failure;
+}
+
 export function buildProgram(): Command {
   // Subcommands inherit these settings: usage errors throw (exit 2 in main) instead of exiting 1.
   const program = new Command('tokenwarden')
@@ -295,19 +486,44 @@ export function buildProgram(): Command {
 
   program
     .command('revoke')
-    .description('revoke a token: returns once it is dead in the store, then propagation runs')
-    .argument('<tokenId>')
-    .requiredOption('--reason <text>', 'why (audited, sent to receivers)')
+    .description(
+      'revoke a token, or every token matching --where (all dead in the store first, then each workflow is told); returns once they are dead in the store, then propagation runs',
+    )
+    .argument('[tokenId]')
+    .option('--reason <text>', 'why (audited, sent to receivers); required')
     .option('--actor <who>', 'who revokes (audited)', defaultActor)
+    .option(
+      '--where <criteria>',
+      'revoke every token matching all of subject=<id>,receiver=<id>,issued-before=<ISO date/time>,name-prefix=<text>',
+      collect,
+    )
+    .option('--resume <operationId>', 'carry on an interrupted revoke --where: kill what still matches, tell the rest')
+    .option('--rate <n>', 'with --where/--resume: workflows told per second at most (default 200)')
+    .option('--yes', 'with --where: revoke without asking (required without a terminal)')
     .addOption(json)
-    .action(async (tokenId: string, opts: { reason: string; actor: string; json?: boolean }) => {
-      const outcome = await withWarden((tw) => tw.revoke({ tokenId, reason: opts.reason, actor: opts.actor }));
-      if (outcome.warning) warn(outcome.warning);
-      print(!!opts.json, outcome, () =>
-        outcome.changed
-          ? tty`${outcome.tokenId} ${outcome.status} at ${outcome.revokedAt}; propagating to receivers`
-          : tty`${outcome.tokenId} was already ${outcome.status} at ${outcome.revokedAt} (by ${outcome.revokedBy}: ${outcome.reason})`,
-      );
+    .action(async function (this: Command, tokenId: string | undefined, opts: RevokeCommandOptions) {
+      const usage = (message: string) => this.error(`error: ${message}`, { exitCode: EXIT.invalidInput });
+      if (opts.where === undefined && opts.resume === undefined) {
+        if (tokenId === undefined) usage('missing a token id, --where <criteria> or --resume <operationId>');
+        if (opts.reason === undefined) usage("required option '--reason <text>' not specified");
+        const outcome = await withWarden((tw) =>
+          tw.revoke({ tokenId: tokenId!, reason: opts.reason!, actor: opts.actor }),
+        );
+        if (outcome.warning) warn(outcome.warning);
+        print(!!opts.json, outcome, () =>
+          outcome.changed
+            ? tty`${outcome.tokenId} ${outcome.status} at ${outcome.revokedAt}; propagating to receivers`
+            : tty`${outcome.tokenId} was already ${outcome.status} at ${outcome.revokedAt} (by ${outcome.revokedBy}: ${outcome.reason})`,
+        );
+        return;
+      }
+      if (tokenId !== undefined) usage('give a token id, or --where/--resume, not both');
+      if (opts.where !== undefined && opts.resume !== undefined)
+        usage('--resume carries on its own filter: drop --where');
+      if (opts.resume === undefined && opts.reason === undefined) {
+        usage("required option '--reason <text>' not specified");
+      }
+      await revokeWhere(opts, this.getOptionValueSource('actor') === 'cli');
     });
 
   program

@@ -48,6 +48,25 @@ import {
 } from '../common/temporal.js';
 import { tokenWorkflowId } from '../common/names.js';
 import { summarise, TokenWardenStore, type ConnectOptions } from './store.js';
+import { causes, tellPaced, tellWarnings, type TellProgress } from './tell.js';
+import {
+  countMatching,
+  revokeMany,
+  type MatchCount,
+  type RevokeFilter,
+  type RevokeManyOptions,
+  type RevokeManyReport,
+} from './revoke-many.js';
+
+export {
+  REVOKE_MANY_DEFAULTS,
+  type BulkRevokeFilter,
+  type MatchCount,
+  type RevokeFilter,
+  type RevokeManyOptions,
+  type RevokeManyProgress,
+  type RevokeManyReport,
+} from './revoke-many.js';
 
 export { loadSettings, loadStoreSettings, type Settings, type StoreSettings } from '../common/config.js';
 export {
@@ -100,8 +119,6 @@ const operatorSchema = z.object({
 export type OperatorInput = Omit<z.input<typeof operatorSchema>, 'tokenId'>;
 
 export const OFFBOARD_DEFAULTS = { rate: 200, concurrency: 16 } as const;
-/** Signals failed in a row after which offboarding stops telling workflows (Temporal is likely down). */
-const OFFBOARD_GIVE_UP_AFTER = 8;
 
 const offboardSchema = z.object({
   subject: subjectSchema,
@@ -120,12 +137,7 @@ export type OffboardInput = z.input<typeof offboardSchema> & {
   signal?: AbortSignal;
 };
 
-export interface OffboardProgress {
-  /** Workflows told so far, and how many failed to be. */
-  done: number;
-  failed: number;
-  total: number;
-}
+export type OffboardProgress = TellProgress;
 
 export interface OffboardReport {
   subject: string;
@@ -191,13 +203,6 @@ const bulkPaceSchema = z.object({
 function bulkOptions<O extends BulkOptions>(options: O): O {
   parseInput(bulkPaceSchema, { concurrency: options.concurrency, batchSize: options.batchSize }, 'bulk options');
   return options;
-}
-
-/** The messages of an error and its causes, outermost first (Temporal wraps the gRPC status). */
-function causes(err: unknown): string {
-  const messages: string[] = [];
-  for (let e: unknown = err; e instanceof Error && messages.length < 4; e = e.cause) messages.push(e.message);
-  return messages.join(': ') || String(err);
 }
 
 const notPropagating = (tokenId: string, detail: string) =>
@@ -417,7 +422,10 @@ export class TokenWarden extends TokenWardenStore {
       correlationId: operationId,
     };
     const tellStarted = performance.now();
-    const told = await this.tellWorkflows(untold, request, req, onProgress, abort);
+    const told = await tellPaced(untold, (token) => this.tellWorkflow(token, request), req, {
+      ...(onProgress ? { onProgress } : {}),
+      ...(abort ? { signal: abort } : {}),
+    });
     const tellMs = performance.now() - tellStarted;
     const receiversPending = await store.unconfirmedByReceiver(
       this.pool,
@@ -432,71 +440,27 @@ export class TokenWarden extends TokenWardenStore {
       notSignalled: told.notSignalled,
       receiversPending,
       aborted: told.aborted,
-      warnings: told.warnings,
+      warnings: tellWarnings(told, 'run offboard again'),
       durationsMs: { kill: Math.round(killedAt - started), tell: Math.round(tellMs) },
     };
   }
 
-  /** Signals each token's workflow (starting one that adopts the kill where none runs), paced. */
-  private async tellWorkflows(
-    tokens: TokenRecord[],
-    request: RevokeRequest,
-    pace: { rate: number; concurrency: number },
-    onProgress: OffboardInput['onProgress'],
-    abort: AbortSignal | undefined,
-  ): Promise<{ signalled: number; notSignalled: string[]; aborted: boolean; warnings: string[] }> {
-    const notSignalled: string[] = [];
-    const firstFailures: string[] = [];
-    let failed = 0;
-    let failedInARow = 0;
-    let skipped = 0;
-    let signalled = 0;
-    let next = 0;
-    let slot = Date.now();
-    const spacingMs = 1000 / pace.rate;
-    const report = () => onProgress?.({ done: signalled, failed, total: tokens.length });
-    // Temporal unreachable: every call would wait out its deadline; the reconciler tells the rest later.
-    const givenUp = () => failedInARow >= OFFBOARD_GIVE_UP_AFTER;
-    const worker = async () => {
-      while (next < tokens.length && !abort?.aborted && !givenUp()) {
-        const token = tokens[next++]!;
-        // Paced by start time: the n-th signal goes out no earlier than n / rate after the first.
-        const wait = slot - Date.now();
-        slot = Math.max(slot, Date.now()) + spacingMs;
-        if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
-        if (abort?.aborted || givenUp()) {
-          notSignalled.push(token.id);
-          skipped++;
-          continue;
-        }
-        try {
-          await this.tellWorkflow(token, request);
-          signalled++;
-          failedInARow = 0;
-        } catch (err) {
-          notSignalled.push(token.id);
-          failedInARow++;
-          if (++failed <= 3) firstFailures.push(`${token.id}: ${causes(err)}`);
-        }
-        report();
-      }
-    };
-    await Promise.all(Array.from({ length: Math.min(pace.concurrency, tokens.length) }, worker));
-    const untouched = tokens.slice(next).map((t) => t.id);
-    notSignalled.push(...untouched);
-    const aborted = abort?.aborted === true && skipped + untouched.length > 0;
-    const warnings: string[] = [];
-    if (failed > 0) {
-      warnings.push(
-        `${failed} workflow(s) could not be signalled (${firstFailures.join('; ')}${failed > 3 ? '; …' : ''})` +
-          (givenUp()
-            ? `; stopped after ${OFFBOARD_GIVE_UP_AFTER} failures in a row, ${skipped + untouched.length} not tried`
-            : '') +
-          '; they are dead in the store: the reconciler will start their propagation, or run offboard again',
-      );
-    }
-    if (aborted) warnings.push(`aborted: ${notSignalled.length} workflow(s) not told; run offboard again to resume`);
-    return { signalled, notSignalled, aborted, warnings };
+  /**
+   * Revokes every token matching `filter` (AND of its criteria; at least one): all dead in the
+   * store first, in chunks, one operation id on every event and audit record, then each workflow
+   * told, paced. Resumable with `{ resume: operationId }` (see client/revoke-many.ts).
+   */
+  async revokeMany(filter: RevokeFilter | null, options: RevokeManyOptions): Promise<RevokeManyReport> {
+    return revokeMany(
+      { pool: this.pool, tellWorkflow: (token, request) => this.tellWorkflow(token, request) },
+      filter,
+      options,
+    );
+  }
+
+  /** How many tokens a filter matches now (active, and dead already): the figure to confirm. */
+  async countMatching(filter: RevokeFilter): Promise<MatchCount> {
+    return countMatching(this.pool, filter);
   }
 
   /** One token's workflow told of its kill; where none runs, one is started that adopts it. */

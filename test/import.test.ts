@@ -9,6 +9,7 @@ import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { createVerifier } from '../client/verifier.js';
 import { importedTokenId } from '../common/ids.js';
 import { tokenWorkflowId } from '../common/names.js';
 import { hashToken } from '../common/secrets.js';
@@ -148,6 +149,19 @@ describe('tokenwarden import', () => {
     const derivedId = importedTokenId(hashToken(byHash));
     assert.equal(await lookup(ctx.sql, hashToken(withId)), givenId);
     assert.equal(await lookup(ctx.sql, hashToken(byHash)), derivedId);
+    // And through the verifier a service runs, which looks up foreign formats when told to.
+    const verifier = await createVerifier({
+      databaseUrl: ctx.settings.databaseUrl,
+      schema: ctx.settings.databaseSchema,
+      foreignTokens: true,
+      cacheTtlMs: 0,
+    });
+    try {
+      const answer = await verifier.verify(withId);
+      assert.equal(answer.active && answer.tokenId, givenId, 'the verifier accepts the imported token');
+    } finally {
+      await verifier.close();
+    }
     const ids = [givenId, derivedId];
     const { rows } = await ctx.sql.query(
       `SELECT id, name, scopes, receivers, canonical::jsonb -> 'data' ->> 'imported' AS imported

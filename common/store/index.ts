@@ -10,4 +10,5 @@ export * from './tokens.js';
 export * from './kill.js';
 export * from './deliveries.js';
 export * from './reconciler.js';
+export * from './bulk-revoke.js';
 export * from './import.js';

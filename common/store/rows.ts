@@ -85,6 +85,10 @@ export const routine = (
     | 'append_audit'
     | 'issue_token'
     | 'record_delivery_attempt'
+    // Revocation by filter (migrations/0012).
+    | 'bulk_revoke_matches'
+    | 'bulk_revoke_kill_chunk'
+    | 'bulk_revoke_remaining'
     // Bulk import and bulk issue (migrations/0011).
     | 'import_tokens',
 ) => `${quoteIdent(t.schema)}.${name}`;

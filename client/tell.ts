@@ -1,0 +1,121 @@
+/**
+ * Telling many dead tokens' workflows to propagate, rate-limited with bounded concurrency: the one
+ * paced loop of offboarding and of revocation by filter. The kills have committed before it runs, so
+ * stopping it (abort, Temporal unreachable) leaves nothing valid, only workflows still to tell.
+ */
+import type { TokenRecord } from '../common/store/index.js';
+
+/** Signals failed in a row after which telling stops (Temporal is likely down). */
+export const GIVE_UP_AFTER = 8;
+
+export interface TellProgress {
+  /** Workflows told so far, and how many failed to be. */
+  done: number;
+  failed: number;
+  total: number;
+}
+
+export interface TellPace {
+  /** Workflows told per second at most (Temporal's rate limits are per namespace). */
+  rate: number;
+  /** Workflows told at once at most. */
+  concurrency: number;
+}
+
+export interface TellOutcome {
+  signalled: number;
+  notSignalled: string[];
+  /** Signals that failed, and the first three failures' text. */
+  failed: number;
+  firstFailures: string[];
+  /** Stopped after GIVE_UP_AFTER failures in a row; `notTried` workflows were then left. */
+  gaveUp: boolean;
+  notTried: number;
+  /** The abort left a workflow untold. */
+  aborted: boolean;
+}
+
+/** The messages of an error and its causes, outermost first (Temporal wraps the gRPC status). */
+export function causes(err: unknown): string {
+  const messages: string[] = [];
+  for (let e: unknown = err; e instanceof Error && messages.length < 4; e = e.cause) messages.push(e.message);
+  return messages.join(': ') || String(err);
+}
+
+/**
+ * Tells each token's workflow with `tell`, paced by start time (the n-th call goes out no earlier
+ * than n / rate after the first) and at most `concurrency` at once.
+ */
+export async function tellPaced(
+  tokens: readonly TokenRecord[],
+  tell: (token: TokenRecord) => Promise<void>,
+  pace: TellPace,
+  opts: { onProgress?: (progress: TellProgress) => void; signal?: AbortSignal },
+): Promise<TellOutcome> {
+  const abort = opts.signal;
+  const notSignalled: string[] = [];
+  const firstFailures: string[] = [];
+  let failed = 0;
+  let failedInARow = 0;
+  let skipped = 0;
+  let signalled = 0;
+  let next = 0;
+  let slot = Date.now();
+  const spacingMs = 1000 / pace.rate;
+  const report = () => opts.onProgress?.({ done: signalled, failed, total: tokens.length });
+  // Temporal unreachable: every call would wait out its deadline; the reconciler tells the rest later.
+  const givenUp = () => failedInARow >= GIVE_UP_AFTER;
+  const worker = async () => {
+    while (next < tokens.length && !abort?.aborted && !givenUp()) {
+      const token = tokens[next++]!;
+      const wait = slot - Date.now();
+      slot = Math.max(slot, Date.now()) + spacingMs;
+      if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
+      if (abort?.aborted || givenUp()) {
+        notSignalled.push(token.id);
+        skipped++;
+        continue;
+      }
+      try {
+        await tell(token);
+        signalled++;
+        failedInARow = 0;
+      } catch (err) {
+        notSignalled.push(token.id);
+        failedInARow++;
+        if (++failed <= 3) firstFailures.push(`${token.id}: ${causes(err)}`);
+      }
+      report();
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(pace.concurrency, tokens.length) }, worker));
+  const untouched = tokens.slice(next).map((t) => t.id);
+  notSignalled.push(...untouched);
+  const aborted = abort?.aborted === true && skipped + untouched.length > 0;
+  return {
+    signalled,
+    notSignalled,
+    failed,
+    firstFailures,
+    gaveUp: givenUp(),
+    notTried: skipped + untouched.length,
+    aborted,
+  };
+}
+
+/** What a caller is told of an outcome; `rerun` says how to resume (e.g. "run offboard again"). */
+export function tellWarnings(outcome: TellOutcome, rerun: string): string[] {
+  const { failed, firstFailures } = outcome;
+  const warnings: string[] = [];
+  if (failed > 0) {
+    warnings.push(
+      `${failed} workflow(s) could not be signalled (${firstFailures.join('; ')}${failed > 3 ? '; …' : ''})` +
+        (outcome.gaveUp ? `; stopped after ${GIVE_UP_AFTER} failures in a row, ${outcome.notTried} not tried` : '') +
+        `; they are dead in the store: the reconciler will start their propagation, or ${rerun}`,
+    );
+  }
+  if (outcome.aborted) {
+    warnings.push(`aborted: ${outcome.notSignalled.length} workflow(s) not told; ${rerun} to resume`);
+  }
+  return warnings;
+}
