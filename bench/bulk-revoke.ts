@@ -8,7 +8,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
-import type { TokenWarden } from '../client/index.js';
+import type { RevokeManyReport } from '../client/index.js';
 import type { RevokeRequest } from '../common/messages.js';
 import { signalRevokeRunning } from '../common/temporal.js';
 import { importRecord } from './bulk-records.js';
@@ -18,17 +18,6 @@ import { ratio } from './stats.js';
 import { mapLimited } from './workflows.js';
 
 export const GOAL_DEAD_MS = 1_000;
-
-/** What the bench needs of `TokenWarden.revokeMany` (checked at run time until every tree has it). */
-type RevokeMany = (
-  filter: { receiver?: string; subject?: string },
-  opts: { reason: string; rate?: number; signal?: AbortSignal },
-) => Promise<unknown>;
-
-function revokeManyOf(warden: TokenWarden): RevokeMany | undefined {
-  const method = (warden as unknown as { revokeMany?: RevokeMany }).revokeMany;
-  return typeof method === 'function' ? method.bind(warden) : undefined;
-}
 
 export interface RevokeOptions {
   tokens: number;
@@ -63,29 +52,27 @@ async function prepare(rig: Rig, name: string, count: number, settle: () => Prom
 }
 
 export async function revokeSection(rig: Rig, opts: RevokeOptions) {
-  const revokeMany = revokeManyOf(rig.warden);
-  let bulk: Record<string, unknown> & {
-    deadSeenByAnotherConnectionMs: number | null;
-    allToldMs: number;
-    allDeliveredMs: number | null;
-  };
-  if (revokeMany) {
+  let bulk;
+  {
     const { receiverId, receiver, tokenIds } = await prepare(rig, 'bulkrevoke', opts.tokens, opts.settle);
-    rig.say(`  revokeMany receiver=${receiverId} (rate ${opts.rate}/s)`);
+    rig.say(`  revokeMany receiver=${receiverId} (rate ${opts.rate}/s, concurrency ${opts.concurrency})`);
     const startedEpoch = Date.now();
     const t0 = performance.now();
     const dead = watchAllDead(rig, tokenIds, t0, opts.timeoutMs);
-    const report = await revokeMany(
+    const report: RevokeManyReport = await rig.warden.revokeMany(
       { receiver: receiverId },
-      { reason: 'bench: bulk revoke', rate: opts.rate, signal: rig.signal },
+      { reason: 'bench: bulk revoke', rate: opts.rate, concurrency: opts.concurrency, signal: rig.signal },
     );
     const returnedMs = performance.now() - t0;
     const deadMs = await dead;
     const deliveredMs = await watchDelivered(rig, receiver, tokenIds, startedEpoch, opts.timeoutMs);
+    const { notSignalled, ...rest } = report;
     bulk = {
       tokens: opts.tokens,
       rate: opts.rate,
-      report,
+      concurrency: opts.concurrency,
+      report: { ...rest, notSignalled: notSignalled.length },
+      killPhaseMs: report.durationsMs.kill,
       deadSeenByAnotherConnectionMs: deadMs,
       allToldMs: round(returnedMs),
       allDeliveredMs: deliveredMs,
@@ -93,15 +80,9 @@ export async function revokeSection(rig: Rig, opts: RevokeOptions) {
       goalDeadMs: GOAL_DEAD_MS,
       goalMet: deadMs !== null && deadMs <= GOAL_DEAD_MS,
     };
-    rig.say(`    dead ${deadMs} ms, told ${round(returnedMs)} ms, delivered ${deliveredMs} ms`);
-  } else {
-    rig.say('  revokeMany: skipped (not in this tree)');
-    bulk = {
-      skipped: 'TokenWarden.revokeMany is not in this tree',
-      deadSeenByAnotherConnectionMs: null,
-      allToldMs: NaN,
-      allDeliveredMs: null,
-    };
+    rig.say(
+      `    dead ${deadMs} ms (kill phase ${report.durationsMs.kill} ms), told ${round(returnedMs)} ms, delivered ${deliveredMs} ms`,
+    );
   }
 
   await opts.settle();

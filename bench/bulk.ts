@@ -12,7 +12,7 @@ import { randomBytes } from 'node:crypto';
 import os from 'node:os';
 import { parseArgs } from 'node:util';
 import { BULK_DEFAULTS } from '../client/bulk/pipeline.js';
-import { OFFBOARD_DEFAULTS, TokenWarden } from '../client/index.js';
+import { REVOKE_MANY_DEFAULTS, TokenWarden } from '../client/index.js';
 import { connectTemporal } from '../common/temporal.js';
 import { importSection, memorySection } from './bulk-import.js';
 import { revokeSection } from './bulk-revoke.js';
@@ -33,7 +33,7 @@ function parseOptions(argv: string[]) {
       tokens: { type: 'string', default: '10000' },
       'revoke-tokens': { type: 'string', default: '1000' },
       concurrency: { type: 'string', default: String(BULK_DEFAULTS.concurrency) },
-      'revoke-concurrency': { type: 'string', default: String(OFFBOARD_DEFAULTS.concurrency) },
+      'revoke-concurrency': { type: 'string', default: String(REVOKE_MANY_DEFAULTS.concurrency) },
       rate: { type: 'string', default: '10000' },
       'memory-lines': { type: 'string', default: '10000,100000,1000000' },
       'skip-cli': { type: 'boolean', default: false },
