@@ -44,7 +44,8 @@ export async function runCliMeasured(
   let peak = 0;
   const sample = () => {
     const memory = child.pid === undefined ? undefined : readMemory(child.pid);
-    if (!memory) return;
+    // An exited child not yet reaped still has a status file, without its memory lines.
+    if (!memory || !Number.isFinite(memory.peakBytes) || !Number.isFinite(memory.rssBytes)) return;
     peak = Math.max(peak, memory.peakBytes);
     series.push({ at: performance.now() - t0, rss: memory.rssBytes });
   };
