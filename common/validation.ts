@@ -53,7 +53,8 @@ function described(value: unknown): string {
   }
   if (typeof value === 'number') return 'a number that is not a positive whole number';
   if (Array.isArray(value)) return `an array of ${value.length} items`;
-  return value === null ? 'null' : value === undefined ? 'nothing' : `a ${typeof value}`;
+  if (value === null || value === undefined) return value === null ? 'null' : 'nothing';
+  return typeof value === 'object' ? 'an object' : `a ${typeof value}`;
 }
 
 /**

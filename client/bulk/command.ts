@@ -5,7 +5,16 @@
  * Exit code 0 only when no record was invalid or failed; 130 when interrupted (Ctrl-C), after the
  * partial summary.
  */
-import { closeSync, constants, createReadStream, fchmodSync, fstatSync, openSync, unlinkSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  constants,
+  createReadStream,
+  fchmodSync,
+  fstatSync,
+  openSync,
+  unlinkSync,
+  writeSync,
+} from 'node:fs';
 import { open, realpath, stat } from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
@@ -163,8 +172,7 @@ async function openSource(file: string, opts: BulkCommandOptions, kind: string, 
     input = createReadStream('', { fd: handle });
   }
   // Next to the input when it is a file; in the working directory for stdin or a pipe (/dev/fd/63).
-  const errorsFile =
-    opts.errors ?? (stdin || !regular ? `tokenwarden-${kind}-errors.jsonl` : `${file}.errors.jsonl`);
+  const errorsFile = opts.errors ?? (stdin || !regular ? `tokenwarden-${kind}-errors.jsonl` : `${file}.errors.jsonl`);
   const errorsId = await fileIdentity(errorsFile);
   for (const [option, other] of [
     ['the input file', stdin ? undefined : file],

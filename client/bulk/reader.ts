@@ -62,7 +62,9 @@ export async function* readRecords(
     if (text === undefined) {
       if (format === 'csv' && !header) {
         const what = `longer than ${MAX_LINE_BYTES} bytes`;
-        throw new InvalidInputError(`invalid CSV header (line ${number}): ${what}`, [{ path: 'header', message: what }]);
+        throw new InvalidInputError(`invalid CSV header (line ${number}): ${what}`, [
+          { path: 'header', message: what },
+        ]);
       }
       yield new SourceLine(number, undefined, {
         field: '(line)',
