@@ -1,6 +1,7 @@
 import { z } from 'zod';
 import { formatDuration, parseDuration, DURATION_HINT } from './durations.js';
 import { InvalidInputError } from './errors.js';
+import { isWellFormedToken } from './secrets.js';
 
 /** Parses with a zod schema; on failure throws InvalidInputError naming every bad field. */
 export function parseInput<S extends z.ZodType>(schema: S, input: unknown, what: string): z.output<S> {
@@ -29,12 +30,7 @@ export const ttlSchema = (maxMs: number) =>
     if (ms === undefined) {
       ctx.addIssue({
         code: 'custom',
-        // The value is echoed only when short: a long one may be a secret pasted into the wrong field.
-        message: `expected ${DURATION_HINT} (or a positive number of milliseconds), got ${
-          typeof value === 'string' && value.length > 24
-            ? `a string of ${value.length} characters`
-            : (JSON.stringify(value) ?? 'nothing')
-        }`,
+        message: `expected ${DURATION_HINT} (or a positive number of milliseconds), got ${described(value)}`,
       });
       return z.NEVER;
     }
@@ -45,13 +41,68 @@ export const ttlSchema = (maxMs: number) =>
     return ms;
   });
 
+/**
+ * What a wrong value was, for a message: the value itself only when it looks like a duration (a
+ * secret pasted into the wrong field must not be echoed), else its type and length.
+ */
+function described(value: unknown): string {
+  if (typeof value === 'string') {
+    return /^\s*\d{1,12}\s*[A-Za-z]{1,8}\s*$/.test(value)
+      ? JSON.stringify(value)
+      : `a string of ${value.length} characters`;
+  }
+  if (typeof value === 'number') return 'a number that is not a positive whole number';
+  if (Array.isArray(value)) return `an array of ${value.length} items`;
+  if (value === null || value === undefined) return value === null ? 'null' : 'nothing';
+  return typeof value === 'object' ? 'an object' : `a ${typeof value}`;
+}
+
+/**
+ * Well-known shapes of secrets, searched anywhere in a text: subjects and names travel in plaintext
+ * (workflow history, search attributes, audit events, webhooks), so a secret there would leak.
+ */
+const SECRET_SHAPES: ReadonlyArray<{ kind: string; re: RegExp }> = [
+  { kind: 'a GitHub token', re: /(?:^|[^A-Za-z0-9])(?:gh[pousr]_[A-Za-z0-9]{16,}|github_pat_[A-Za-z0-9_]{16,})/ },
+  { kind: 'a Stripe key', re: /(?:^|[^A-Za-z0-9])(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{10,}/ },
+  { kind: 'a Slack token', re: /(?:^|[^A-Za-z0-9])xox[abposr]-[A-Za-z0-9-]{10,}/ },
+  { kind: 'an AWS access key id', re: /(?:^|[^A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])/ },
+  { kind: 'a GitLab token', re: /(?:^|[^A-Za-z0-9])glpat-[A-Za-z0-9_-]{16,}/ },
+  { kind: 'a JSON Web Token', re: /(?:^|[^A-Za-z0-9])eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*/ },
+  { kind: 'a private key', re: /-----BEGIN [A-Z ]*PRIVATE KEY-----/ },
+  { kind: 'a signing secret', re: /(?:^|[^A-Za-z0-9])whsec_[A-Za-z0-9+/=]{16,}/ },
+];
+const OWN_TOKEN_SHAPE = /tw_[0-9A-Za-z]{43}_[0-9A-Za-z]{6}/g;
+
+/** What kind of secret `text` holds (`a GitHub token`), or undefined when it looks like none. */
+export function secretKind(text: string): string | undefined {
+  for (const match of text.matchAll(OWN_TOKEN_SHAPE)) {
+    if (isWellFormedToken(match[0])) return 'a tokenwarden token';
+  }
+  return SECRET_SHAPES.find((shape) => shape.re.test(text))?.kind;
+}
+
+/** What a subject and a name are, said when a value is refused instead of echoing it. */
+export const FIELD_PURPOSE = {
+  subject: 'a subject is an opaque user or service id',
+  name: 'a name is a label people read, sent in plaintext to receivers',
+} as const;
+
+/** Refuses a value holding a secret, saying what the field is for instead of echoing it. */
+const noSecret =
+  (what: string) =>
+  (value: string, ctx: z.core.$RefinementCtx<string>): void => {
+    const kind = secretKind(value);
+    if (kind !== undefined) ctx.addIssue({ code: 'custom', message: `looks like a secret (${kind}); ${what}` });
+  };
+
 /** Opaque subject ids (user or account ids). Emails are refused: search attributes are plaintext. */
 export const subjectSchema = z
   .string()
   .regex(
     /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/,
     'expected an opaque id of letters, digits and _.:- (max 128), not an email',
-  );
+  )
+  .superRefine(noSecret(FIELD_PURPOSE.subject));
 
 export const receiverIdSchema = z
   .string()
@@ -87,6 +138,6 @@ export const reasonSchema = freeText(500, 'a reason is required');
 
 export const actorSchema = freeText(200, 'expected a non-empty actor');
 
-export const nameSchema = freeText(200, 'expected a non-empty name');
+export const nameSchema = freeText(200, 'expected a non-empty name').superRefine(noSecret(FIELD_PURPOSE.name));
 
 export const correlationIdSchema = freeText(200, 'expected a non-empty correlation id');

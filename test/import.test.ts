@@ -234,6 +234,7 @@ describe('tokenwarden import', () => {
     );
     first.child.kill('SIGKILL');
     assert.equal((await first.exited).signal, 'SIGKILL');
+    outputs.push({ args: ['import', file, '(killed)'], code: null, stdout: first.output(), stderr: '' });
     const written = await tokenCount(subject);
     assert.ok(written < total, `killed before the end (${written} of ${total} rows written)`);
 
@@ -378,7 +379,8 @@ describe('tokenwarden import', () => {
   });
 
   it('should stop on Ctrl-C (SIGINT) with a partial summary and exit 130, plain progress lines on a non-terminal; a rerun finishes', async () => {
-    const total = 300;
+    // Enough batches that Ctrl-C lands well before the end even on a loaded machine.
+    const total = 1000;
     const subject = 'usr_interrupted';
     const tokens = Array.from({ length: total }, (_, i) => foreignToken(`interrupted ${i}`));
     const file = path.join(dir, 'interrupted.jsonl');
@@ -388,7 +390,10 @@ describe('tokenwarden import', () => {
       ctx.childEnv(),
     );
     await waitUntil(async () => (await tokenCount(subject)) > 0, 'the first batch written', 60_000, 20);
-    await waitUntil(() => /importing: \d+\/300 \(\d+%\) records · \d+\/s/.test(first.output()), 'a progress line');
+    await waitUntil(
+      () => new RegExp(`importing: \\d+/${total} \\(\\d+%\\) records · \\d+/s`).test(first.output()),
+      'a progress line',
+    );
     first.child.kill('SIGINT');
     const exited = await first.exited;
     assert.equal(exited.code, 130, first.output());

@@ -5,8 +5,17 @@
  * Exit code 0 only when no record was invalid or failed; 130 when interrupted (Ctrl-C), after the
  * partial summary.
  */
-import { closeSync, constants, createReadStream, fstatSync, openSync, unlinkSync, writeSync } from 'node:fs';
-import { access } from 'node:fs/promises';
+import {
+  closeSync,
+  constants,
+  createReadStream,
+  fchmodSync,
+  fstatSync,
+  openSync,
+  unlinkSync,
+  writeSync,
+} from 'node:fs';
+import { open, realpath, stat } from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { z } from 'zod';
@@ -72,12 +81,31 @@ const optionsSchema = z.object({
     }),
 });
 
-/** The errors file: opened (truncated) at the start, one JSON line per record written synchronously, removed when empty. */
+const refuseErrors = (file: string, why: string) =>
+  new InvalidInputError(`invalid --errors ${file}: ${why}`, [{ path: 'errors', message: why }]);
+
+/**
+ * The errors file: opened (truncated) at the start, one JSON line per record written synchronously,
+ * removed when empty. Mode 0600 (it names token ids) and never through a symbolic link.
+ */
 class ErrorsFile {
   #fd: number;
   #count = 0;
   constructor(readonly file: string) {
-    this.#fd = openSync(file, 'w');
+    const { O_WRONLY, O_CREAT, O_TRUNC, O_NOFOLLOW } = constants;
+    try {
+      this.#fd = openSync(file, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, 0o600);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      throw refuseErrors(file, code === 'ELOOP' ? 'is a symbolic link' : `cannot be written (${code ?? 'error'})`);
+    }
+    try {
+      if (!fstatSync(this.#fd).isFile()) throw refuseErrors(file, 'is not a regular file');
+      fchmodSync(this.#fd, 0o600); // an existing file keeps its mode otherwise
+    } catch (err) {
+      closeSync(this.#fd);
+      throw err instanceof InvalidInputError ? err : refuseErrors(file, `cannot be made private (${String(err)})`);
+    }
   }
   write(error: BulkError): void {
     this.#count++;
@@ -96,31 +124,67 @@ class ErrorsFile {
 interface Source {
   input: Readable;
   format: RecordFormat;
-  /** Records to come when known (a file is counted first); undefined for stdin. */
+  /** Records to come when known (a regular file is counted first); undefined for stdin or a pipe. */
   total: number | undefined;
+  /** A regular file (or stdin redirected from one), not a pipe: reading nothing from it is no fault. */
+  regular: boolean;
   errorsFile: string;
 }
 
-async function openSource(file: string, opts: BulkCommandOptions, kind: string): Promise<Source> {
+const isFileDescriptorOfFile = (fd: number) => {
+  try {
+    return fstatSync(fd).isFile();
+  } catch {
+    return false;
+  }
+};
+
+/** What a path names: its file (device and inode, through links) when it exists, else its real path. */
+async function fileIdentity(file: string): Promise<string> {
+  try {
+    const st = await stat(file);
+    return `file ${st.dev}:${st.ino}`;
+  } catch {
+    const dir = path.dirname(path.resolve(file));
+    return `path ${path.join(await realpath(dir).catch(() => dir), path.basename(file))}`;
+  }
+}
+
+async function openSource(file: string, opts: BulkCommandOptions, kind: string, out?: string): Promise<Source> {
   const stdin = file === '-';
   const format = opts.format ?? (stdin ? 'jsonl' : formatOf(file));
-  const errorsFile = opts.errors ?? (stdin ? `tokenwarden-${kind}-errors.jsonl` : `${file}.errors.jsonl`);
-  if (!stdin && path.resolve(errorsFile) === path.resolve(file)) {
-    throw new InvalidInputError('invalid --errors: it is the input file', [
-      { path: 'errors', message: 'is the input file' },
-    ]);
-  }
-  if (!stdin) {
+  let input: Readable;
+  let regular: boolean;
+  if (stdin) {
+    input = process.stdin;
+    regular = isFileDescriptorOfFile(0);
+  } else {
+    // Opened once and read once: a pipe (`<(jq …)`) cannot be read a second time.
+    let handle;
     try {
-      await access(file, constants.R_OK);
+      handle = await open(file, 'r');
+      regular = (await handle.stat()).isFile();
     } catch (err) {
+      await handle?.close();
       const why = `cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`;
       throw new InvalidInputError(`invalid input file ${file}: ${why}`, [{ path: 'file', message: why }]);
     }
+    input = createReadStream('', { fd: handle });
   }
-  const total = stdin ? undefined : await countRecords(file, format);
-  const input = stdin ? process.stdin : createReadStream(file);
-  return { input, format, total, errorsFile };
+  // Next to the input when it is a file; in the working directory for stdin or a pipe (/dev/fd/63).
+  const errorsFile = opts.errors ?? (stdin || !regular ? `tokenwarden-${kind}-errors.jsonl` : `${file}.errors.jsonl`);
+  const errorsId = await fileIdentity(errorsFile);
+  for (const [option, other] of [
+    ['the input file', stdin ? undefined : file],
+    ['the --out file', out],
+  ] as const) {
+    if (other !== undefined && errorsId === (await fileIdentity(other))) {
+      input.destroy();
+      throw refuseErrors(errorsFile, `it is ${option}`);
+    }
+  }
+  const total = !stdin && regular ? await countRecords(file, format) : undefined;
+  return { input, format, total, regular, errorsFile };
 }
 
 /**
@@ -130,6 +194,7 @@ async function openSource(file: string, opts: BulkCommandOptions, kind: string):
 async function runCommand(
   kind: 'import' | 'issue',
   file: string,
+  out: string | undefined,
   opts: BulkCommandOptions,
   /** The validation alone, for --dry-run: a record's problem, or undefined when it is valid. */
   check: () => (item: SourceLine) => RecordProblem | undefined,
@@ -150,9 +215,21 @@ async function runCommand(
     `${kind} options`,
   );
   const columns = kind === 'import' ? IMPORT_COLUMNS : ISSUE_COLUMNS;
-  const source = await openSource(file, opts, kind);
-  const records = readRecords(source.input, source.format, columns);
-  const errors = new ErrorsFile(source.errorsFile);
+  const source = await openSource(file, opts, kind, out);
+  let read = 0;
+  const records = (async function* () {
+    for await (const record of readRecords(source.input, source.format, columns)) {
+      read++;
+      yield record;
+    }
+  })();
+  let errors: ErrorsFile;
+  try {
+    errors = new ErrorsFile(source.errorsFile);
+  } catch (err) {
+    source.input.destroy();
+    throw err;
+  }
   const view = await progressView(
     kind === 'import' ? 'importing' : 'issuing',
     source.total,
@@ -197,7 +274,16 @@ async function runCommand(
   }
   process.stdout.write(opts.json ? `${JSON.stringify(summary)}\n` : `${print(summary!)}\n`);
   if (summary!.aborted) return EXIT_INTERRUPTED;
-  return summary!.invalid > 0 || summary!.failed > 0 || summary!.stopped ? 1 : 0;
+  // Nothing from a pipe is most likely the command writing it failing: said, and not a success.
+  const nothing = read === 0 && !summary!.stopped;
+  if (nothing) {
+    const from = file === '-' ? 'stdin' : file;
+    process.stderr.write(
+      `tokenwarden: no records read from ${from}` +
+        (source.regular ? ' (the file holds none)\n' : ' (did the command writing to it fail?)\n'),
+    );
+  }
+  return summary!.invalid > 0 || summary!.failed > 0 || summary!.stopped || (nothing && !source.regular) ? 1 : 0;
 }
 
 async function validateOnly(
@@ -253,6 +339,7 @@ export async function importCommand(
   return runCommand(
     'import',
     file,
+    undefined,
     opts,
     () => {
       const prepare = importPreparer(loadStoreSettings().maxTtlMs);
@@ -285,6 +372,7 @@ export async function issueFromCommand(
   return runCommand(
     'issue',
     file,
+    out,
     opts,
     () => {
       const schema = issueRecordSchema(loadStoreSettings().maxTtlMs);

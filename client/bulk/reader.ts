@@ -1,13 +1,15 @@
 /**
  * Records read one line at a time from a file or stdin (JSON Lines, or CSV with a header row), each
- * with its line number, so a bad line is reported and the others go on. Nothing holds more than the
- * line being read: the consumer's pace pulls the lines (readline pauses its input while unread lines
- * pile up).
+ * with its line number, so a bad line is reported and the others go on. Nothing holds more than one
+ * line, and a line at most MAX_LINE_BYTES: a longer one (a JSON array, a whole export on one line) is
+ * reported and skipped as it streams by. The consumer's pace pulls the input.
  */
 import { createReadStream } from 'node:fs';
-import { createInterface } from 'node:readline';
 import type { Readable } from 'node:stream';
 import { InvalidInputError } from '../../common/errors.js';
+
+/** The longest line read: a record is small (a token is at most 4096 characters). */
+export const MAX_LINE_BYTES = 64 * 1024;
 
 export const RECORD_FORMATS = ['jsonl', 'csv'] as const;
 export type RecordFormat = (typeof RECORD_FORMATS)[number];
@@ -55,25 +57,87 @@ export async function* readRecords(
   format: RecordFormat,
   columns: readonly string[] = IMPORT_COLUMNS,
 ): AsyncGenerator<SourceLine> {
-  const lines = createInterface({ input, crlfDelay: Infinity });
-  let number = 0;
   let header: string[] | undefined;
-  try {
-    for await (let text of lines) {
-      number++;
-      if (number === 1) text = text.replace(/^\uFEFF/, '');
-      if (text.trim() === '') continue;
-      if (format === 'jsonl') {
-        yield jsonLine(number, text);
-      } else if (!header) {
-        header = csvHeader(number, text, columns);
-      } else {
-        yield csvLine(number, text, header);
+  for await (const { number, text } of linesOf(input)) {
+    if (text === undefined) {
+      if (format === 'csv' && !header) {
+        const what = `longer than ${MAX_LINE_BYTES} bytes`;
+        throw new InvalidInputError(`invalid CSV header (line ${number}): ${what}`, [
+          { path: 'header', message: what },
+        ]);
       }
+      yield new SourceLine(number, undefined, {
+        field: '(line)',
+        message:
+          `longer than ${MAX_LINE_BYTES} bytes; ` +
+          (format === 'jsonl' ? 'a JSON array? write one record per line' : 'a record is one line'),
+      });
+      continue;
     }
-  } finally {
-    lines.close();
+    if (text.trim() === '') continue;
+    if (format === 'jsonl') {
+      yield jsonLine(number, text);
+    } else if (!header) {
+      header = csvHeader(number, text, columns);
+    } else {
+      yield csvLine(number, text, header);
+    }
   }
+}
+
+/**
+ * The lines of `input` split on LF (a CR before it dropped), numbered from 1, a UTF-8 BOM at the
+ * start dropped. A line longer than MAX_LINE_BYTES comes as `text: undefined`: its bytes are
+ * dropped as they arrive, never gathered.
+ */
+async function* linesOf(input: Readable): AsyncGenerator<{ number: number; text: string | undefined }> {
+  let parts: Buffer[] = [];
+  let size = 0;
+  let overlong = false;
+  let number = 0;
+  const end = () => {
+    number++;
+    let text: string | undefined;
+    if (!overlong) {
+      let bytes = Buffer.concat(parts, size);
+      if (bytes.at(-1) === 0x0d) bytes = bytes.subarray(0, -1);
+      if (number === 1 && bytes[0] === 0xef && bytes[1] === 0xbb && bytes[2] === 0xbf) bytes = bytes.subarray(3);
+      if (bytes.length <= MAX_LINE_BYTES) text = bytes.toString('utf8');
+    }
+    parts = [];
+    size = 0;
+    overlong = false;
+    return { number, text };
+  };
+  const take = (piece: Buffer) => {
+    if (overlong || piece.length === 0) return;
+    // A CR ending the line is not counted: CRLF files get the same limit.
+    if (size + piece.length > MAX_LINE_BYTES + 1) {
+      overlong = true;
+      parts = [];
+      size = 0;
+      return;
+    }
+    parts.push(piece);
+    size += piece.length;
+  };
+  try {
+    for await (const data of input as AsyncIterable<Buffer | string>) {
+      const chunk = typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
+      let from = 0;
+      for (let at = chunk.indexOf(0x0a); at !== -1; at = chunk.indexOf(0x0a, from)) {
+        take(chunk.subarray(from, at));
+        from = at + 1;
+        yield end();
+      }
+      take(chunk.subarray(from));
+    }
+  } catch (err) {
+    // Destroyed on purpose (Ctrl-C ends a pending read of stdin): the input ends here.
+    if ((err as NodeJS.ErrnoException).code === 'ERR_STREAM_PREMATURE_CLOSE') return;
+    throw err;
+  }
+  if (size > 0 || overlong) yield end();
 }
 
 function jsonLine(line: number, text: string): SourceLine {
@@ -94,17 +158,30 @@ function jsonLine(line: number, text: string): SourceLine {
   return new SourceLine(line, value);
 }
 
+/**
+ * How a message names a field or column someone wrote: as written when it is short and shaped like
+ * a name, else by its length only (a file without a header row has a token where a name should be).
+ */
+export function fieldName(text: string): string {
+  return /^[A-Za-z0-9_]{1,20}$/.test(text) ? text : `(${text.length} characters, not shown)`;
+}
+
 function csvHeader(line: number, text: string, columns: readonly string[]): string[] {
-  const names = csvFields(text);
-  const unknown = names === undefined ? undefined : names.find((n) => !columns.includes(n.trim()));
-  if (names === undefined || unknown !== undefined) {
+  const names = csvFields(text)?.map((n) => n.trim());
+  const unknown = names === undefined ? -1 : names.findIndex((n) => !columns.includes(n));
+  if (names === undefined || unknown !== -1) {
+    const shown = names === undefined ? '' : fieldName(names[unknown]!);
     const what =
-      names === undefined ? 'an unterminated quote' : `unknown column ${JSON.stringify(unknown!.slice(0, 40))}`;
+      names === undefined
+        ? 'an unterminated quote'
+        : shown.startsWith('(')
+          ? `column ${unknown + 1} is no column name (${names[unknown]!.length} characters, not shown: is the first line a header row?)`
+          : `unknown column ${unknown + 1} "${shown}"`;
     throw new InvalidInputError(`invalid CSV header (line ${line}): ${what}; the columns are ${columns.join(', ')}`, [
       { path: 'header', message: what },
     ]);
   }
-  return names.map((n) => n.trim());
+  return names;
 }
 
 function csvLine(line: number, text: string, header: string[]): SourceLine {

@@ -11,6 +11,7 @@ import type { ImportedToken } from '../../common/store/index.js';
 import {
   UNPRINTABLE,
   codePoint,
+  FIELD_PURPOSE,
   nameSchema,
   receiverIdSchema,
   subjectSchema,
@@ -18,7 +19,7 @@ import {
   ttlSchema,
 } from '../../common/validation.js';
 import { issueSchema } from '../index.js';
-import { SourceLine, type RecordProblem } from './reader.js';
+import { fieldName, SourceLine, type RecordProblem } from './reader.js';
 
 export const scopeSchema = z.string().regex(/^[\x21-\x7e]{1,100}$/, 'expected a scope without spaces');
 
@@ -52,6 +53,12 @@ export const importRecordSchema = (maxTtlMs: number) =>
       scopes: z.array(scopeSchema).default([]),
     })
     .superRefine((r, ctx) => {
+      // Columns swapped: the record's own secret where plaintext goes (a foreign format no shape knows).
+      for (const field of ['subject', 'name'] as const) {
+        if (r.token !== undefined && r[field] === r.token) {
+          ctx.addIssue({ code: 'custom', path: [field], message: `is the record's token; ${FIELD_PURPOSE[field]}` });
+        }
+      }
       if ((r.token === undefined) === (r.secretHash === undefined)) {
         ctx.addIssue({
           code: 'custom',
@@ -90,7 +97,7 @@ export function problemOf(error: z.ZodError): RecordProblem & { issues?: RecordP
   const issues = error.issues.map((issue) => ({
     field:
       issue.code === 'unrecognized_keys'
-        ? issue.keys.map((k) => k.slice(0, 40)).join(',')
+        ? issue.keys.map(fieldName).join(',')
         : issue.path.map(String).join('.') || '(record)',
     message: issue.code === 'unrecognized_keys' ? 'unknown field' : issue.message,
   }));
