@@ -9,16 +9,33 @@ SELECT set_config('search_path', quote_ident(current_schema()) || ', pg_temp', t
 -- the batch for one record:
 --   inserted  written now;
 --   existing  the token id is stored with this very secret hash (a rerun), or the record named no id
---             (id_given false) and the hash is stored under another id: nothing written, `facts`
---             are the stored row (the stored facts win over the record's);
+--             (id_given false) and the hash is stored under another id, and the stored facts are the
+--             record's (import_facts_differ): nothing written, `facts` are the stored row;
 --   conflict  nothing written; `message` says why: the id is stored with another secret, the
---             secret belongs to another token, an unknown or removed receiver, an expiry not in the
---             future. `field` names the record's field at fault; messages name ids, never secrets.
+--             secret belongs to another token, the token is stored with other facts (a rerun with
+--             changed records), an unknown or removed receiver, an expiry not in the future.
+--             `field` names the record's field at fault; messages name ids and fields, never values.
 -- Expiry: expires_at when given, else now() + ttl_ms. Receivers are locked FOR SHARE until commit,
 -- as in issue_token. Concurrent batches holding the same record serialise on the token id's unique
 -- index (ON CONFLICT waits for the other transaction) and on the hash's: the loser reports existing
 -- or conflict. `imported` marks the audit event (`"imported": true`) of a token brought under
 -- management; a bulk issue passes false.
+-- The first of the record's facts that the stored token does not have (NULL when all match):
+-- receivers and scopes as sets; the expiry only when the record gives an absolute one (a ttl moves).
+CREATE FUNCTION import_facts_differ(stored token, subject text, receivers text[], scopes text[], name text,
+                                    expires_at timestamptz)
+RETURNS text LANGUAGE sql IMMUTABLE SET search_path FROM CURRENT AS $$
+  SELECT CASE
+    WHEN stored.subject <> subject THEN 'subject'
+    WHEN ARRAY(SELECT DISTINCT r FROM unnest(stored.receivers) AS r ORDER BY 1)
+         <> ARRAY(SELECT DISTINCT r FROM unnest(receivers) AS r ORDER BY 1) THEN 'receivers'
+    WHEN ARRAY(SELECT DISTINCT x FROM unnest(stored.scopes) AS x ORDER BY 1)
+         <> ARRAY(SELECT DISTINCT x FROM unnest(scopes) AS x ORDER BY 1) THEN 'scopes'
+    WHEN stored.name IS DISTINCT FROM name THEN 'name'
+    WHEN expires_at IS NOT NULL AND stored.expires_at <> expires_at THEN 'expiresAt'
+  END
+$$;
+
 CREATE FUNCTION import_tokens(
   token_ids text[], credential_ids text[], id_given boolean[], secret_hashes bytea[], subjects text[],
   names text[], scopes_json text[], receivers_json text[], expires_ats timestamptz[], ttls_ms bigint[],
@@ -34,6 +51,7 @@ DECLARE
   expiry timestamptz;
   stored token;
   owner text;
+  differs text;
 BEGIN
   SELECT coalesce(array_agg(r.id), '{}') INTO known
     FROM (SELECT r.id FROM receiver r
@@ -54,12 +72,24 @@ BEGIN
     message := NULL;
     facts := NULL;
 
-    -- A rerun: the id is stored already. Same secret: existing; another secret: conflict.
+    rec_receivers := ARRAY(SELECT jsonb_array_elements_text(rec.receivers::jsonb));
+    rec_scopes := ARRAY(SELECT jsonb_array_elements_text(rec.scopes::jsonb));
+
+    -- A rerun: the id is stored already. Same secret and facts: existing; another secret: conflict.
     SELECT t.* INTO stored FROM token t WHERE t.id = rec.token_id;
     IF FOUND THEN
       IF EXISTS (SELECT 1 FROM credential c WHERE c.token_id = rec.token_id AND c.secret_hash = rec.secret_hash) THEN
         outcome := 'existing';
         facts := stored;
+        differs := import_facts_differ(facts, rec.subject, rec_receivers, rec_scopes, rec.name, rec.expires_at);
+        IF differs IS NOT NULL THEN
+          -- A rerun with a changed record: the stored token keeps its facts, and the user is told.
+          outcome := 'conflict';
+          field := differs;
+          message := format('token %s is stored with other %s; change it through the token''s own commands (revoke and re-import)',
+                            facts.id, CASE differs WHEN 'expiresAt' THEN 'expiry' ELSE differs END);
+          facts := NULL;
+        END IF;
       ELSE
         outcome := 'conflict';
         field := 'tokenId';
@@ -78,13 +108,20 @@ BEGIN
       ELSE
         outcome := 'existing';
         SELECT t.* INTO facts FROM token t WHERE t.id = owner;
+        differs := import_facts_differ(facts, rec.subject, rec_receivers, rec_scopes, rec.name, rec.expires_at);
+        IF differs IS NOT NULL THEN
+          -- A rerun with a changed record: the stored token keeps its facts, and the user is told.
+          outcome := 'conflict';
+          field := differs;
+          message := format('token %s is stored with other %s; change it through the token''s own commands (revoke and re-import)',
+                            facts.id, CASE differs WHEN 'expiresAt' THEN 'expiry' ELSE differs END);
+          facts := NULL;
+        END IF;
       END IF;
       RETURN NEXT;
       CONTINUE;
     END IF;
 
-    rec_receivers := ARRAY(SELECT jsonb_array_elements_text(rec.receivers::jsonb));
-    rec_scopes := ARRAY(SELECT jsonb_array_elements_text(rec.scopes::jsonb));
     SELECT string_agg(r, ', ') INTO unknown FROM unnest(rec_receivers) AS r WHERE r <> ALL (known);
     IF unknown IS NOT NULL THEN
       outcome := 'conflict';
@@ -119,6 +156,15 @@ BEGIN
       IF EXISTS (SELECT 1 FROM credential c WHERE c.token_id = rec.token_id AND c.secret_hash = rec.secret_hash) THEN
         outcome := 'existing';
         facts := stored;
+        differs := import_facts_differ(facts, rec.subject, rec_receivers, rec_scopes, rec.name, rec.expires_at);
+        IF differs IS NOT NULL THEN
+          -- A rerun with a changed record: the stored token keeps its facts, and the user is told.
+          outcome := 'conflict';
+          field := differs;
+          message := format('token %s is stored with other %s; change it through the token''s own commands (revoke and re-import)',
+                            facts.id, CASE differs WHEN 'expiresAt' THEN 'expiry' ELSE differs END);
+          facts := NULL;
+        END IF;
       ELSE
         outcome := 'conflict';
         field := 'tokenId';
@@ -132,13 +178,29 @@ BEGIN
     VALUES (rec.credential_id, rec.token_id, rec.secret_hash, 'current')
     ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
-      -- The secret was stored under another id since the check above: undo this row (nothing else
-      -- refers to it yet) instead of aborting the batch.
+      -- The secret was stored under another id since the check above (a concurrent import of it):
+      -- undo this row (nothing else refers to it yet) instead of aborting the batch, and answer as
+      -- the check above would have.
       DELETE FROM token t WHERE t.id = rec.token_id;
       SELECT c.token_id INTO owner FROM credential c WHERE c.secret_hash = rec.secret_hash;
-      outcome := 'conflict';
-      field := 'secret';
-      message := format('this secret is already managed as token %s', coalesce(owner, '(unknown)'));
+      IF rec.given OR owner IS NULL THEN
+        outcome := 'conflict';
+        field := 'secret';
+        message := format('this secret is already managed as token %s, not %s', coalesce(owner, '(unknown)'),
+                          rec.token_id);
+      ELSE
+        outcome := 'existing';
+        SELECT t.* INTO facts FROM token t WHERE t.id = owner;
+        differs := import_facts_differ(facts, rec.subject, rec_receivers, rec_scopes, rec.name, rec.expires_at);
+        IF differs IS NOT NULL THEN
+          -- A rerun with a changed record: the stored token keeps its facts, and the user is told.
+          outcome := 'conflict';
+          field := differs;
+          message := format('token %s is stored with other %s; change it through the token''s own commands (revoke and re-import)',
+                            facts.id, CASE differs WHEN 'expiresAt' THEN 'expiry' ELSE differs END);
+          facts := NULL;
+        END IF;
+      END IF;
       RETURN NEXT;
       CONTINUE;
     END IF;

@@ -1,11 +1,11 @@
 /**
  * The engine of bulk import and bulk issue: records in batches into the store (one statement per
- * batch), then each new token's workflow started (USE_EXISTING), a bounded number at once. Memory
+ * batch), then each new token's workflow started (USE_EXISTING, REJECT_DUPLICATE), a bounded number at once. Memory
  * stays flat whatever the input's length: at most two batches are read ahead of the starts, and
  * errors leave through `onError` as they happen (the report keeps the first few only).
  */
 import { performance } from 'node:perf_hooks';
-import type { Client } from '@temporalio/client';
+import { WorkflowExecutionAlreadyStartedError, type Client } from '@temporalio/client';
 import type { Settings } from '../../common/config.js';
 import type { StorePool } from '../../common/db.js';
 import { importTokens, type ImportedToken, type TokenRecord } from '../../common/store/index.js';
@@ -32,7 +32,10 @@ export interface BulkDeps {
 export interface BulkError {
   /** The input line (or the record's position, from 1, for records given as objects). */
   line: number;
-  /** `invalid`: the record itself is wrong; `failed`: the store refused it or its workflow could not be started. */
+  /**
+   * `invalid`: the record itself is wrong; `failed`: the store refused it, its workflow could not be
+   * started, or its token is stored but dead (revoked or expired).
+   */
   kind: 'invalid' | 'failed';
   field?: string;
   message: string;
@@ -44,7 +47,9 @@ export interface BulkError {
 export interface BulkProgress {
   /** Records with an outcome so far: started + existing + invalid + failed. */
   done: number;
+  /** Workflows this run started (for rows it wrote, or rows an earlier run wrote but never started). */
   started: number;
+  /** Rows stored before whose workflow had started already (or ran and closed). */
   existing: number;
   invalid: number;
   failed: number;
@@ -145,14 +150,21 @@ export async function runBulk(deps: BulkDeps, items: AsyncIterable<Prepared>, op
     progress();
   };
 
-  const start = async (line: number, token: TokenRecord, isNew: boolean) => {
+  const start = async (line: number, token: TokenRecord) => {
     try {
-      await deps.temporal.connection.withDeadline(Date.now() + TEMPORAL_CALL_DEADLINE_MS, () =>
-        startTokenWorkflow(deps.temporal, token, deps.settings.temporal.taskQueue, deps.settings.timing),
-      );
+      let outcome: 'started' | 'existing' = 'started';
+      try {
+        await deps.temporal.connection.withDeadline(Date.now() + TEMPORAL_CALL_DEADLINE_MS, () =>
+          startTokenWorkflow(deps.temporal, token, deps.settings.temporal.taskQueue, deps.settings.timing),
+        );
+      } catch (err) {
+        // Its workflow ran and closed since the row was read (a revoke got there first): never a second run.
+        if (!(err instanceof WorkflowExecutionAlreadyStartedError)) throw err;
+        outcome = 'existing';
+      }
       failedInARow = 0;
       deps.markStarted(token.id);
-      counts[isNew ? 'started' : 'existing']++;
+      counts[outcome]++;
       progress();
     } catch (err) {
       // The row stays: its secret is in use out there. The reconciler starts it, or a rerun does.
@@ -196,8 +208,18 @@ export async function runBulk(deps: BulkDeps, items: AsyncIterable<Prepared>, op
         continue;
       }
       const { token } = outcome;
-      // Known started, or dead (its workflow adopted the kill, or the reconciler tells it): nothing to start.
-      if (outcome.outcome === 'existing' && (token.workflowStartedAt !== null || token.status !== 'active')) {
+      if (outcome.outcome === 'existing' && !token.valid) {
+        // Stored and dead: reporting it as managed would read as valid. Its workflow (or the
+        // reconciler) propagates the death; nothing to start.
+        report({
+          line,
+          kind: 'failed',
+          tokenId: token.id,
+          message: `token ${token.id} is ${token.effectiveStatus}; a dead token is not brought back`,
+        });
+        continue;
+      }
+      if (outcome.outcome === 'existing' && token.workflowStartedAt !== null) {
         counts.existing++;
         progress();
         continue;
@@ -208,7 +230,7 @@ export async function runBulk(deps: BulkDeps, items: AsyncIterable<Prepared>, op
         report({ line, kind: 'failed', tokenId: token.id, message: `its workflow was not started: ${stopped}` });
         continue;
       }
-      const running = start(line, token, outcome.outcome === 'inserted').finally(() => {
+      const running = start(line, token).finally(() => {
         starts.release();
         startsInFlight.delete(running);
       });

@@ -1,4 +1,5 @@
 /** Existing tokens brought under management in bulk: each record's token stored by hash, its workflow started. */
+import { newCredentialId, newTokenId } from '../../common/ids.js';
 import { runBulk, type BulkDeps, type BulkOptions, type BulkReport } from './pipeline.js';
 import { importPreparer, lineOf, type Prepared } from './records.js';
 import type { SourceLine } from './reader.js';
@@ -13,7 +14,21 @@ export function startMany(
   records: AsyncIterable<unknown> | Iterable<unknown>,
   options: BulkOptions = {},
 ): Promise<BulkReport> {
-  const prepare = importPreparer(deps.settings.maxTtlMs);
+  const validate = importPreparer(deps.settings.maxTtlMs);
+  // Fresh time-ordered ids, so imported tokens sort by import time in `list` like issued ones; a
+  // rerun finds a record that named no id by its hash (the store answers existing).
+  const prepare = (item: SourceLine): Prepared => {
+    const p = validate(item);
+    if ('problem' in p) return p;
+    return {
+      line: p.line,
+      token: {
+        ...p.token,
+        tokenId: p.token.idGiven ? p.token.tokenId : newTokenId(),
+        credentialId: newCredentialId(),
+      },
+    };
+  };
   return runBulk(deps, prepared(records, prepare), { ...options, imported: true });
 }
 
