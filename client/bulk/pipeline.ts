@@ -26,6 +26,11 @@ export interface BulkDeps {
   settings: Settings;
   /** Records that a token's workflow exists (batched, off the critical path). */
   markStarted: (tokenId: string) => void;
+  /**
+   * Writes the marks collected so far (never rejects): a run ends with them stored, so the next run
+   * counts those tokens `existing` (a start of a running workflow cannot tell it was there).
+   */
+  flushStarted: () => Promise<void>;
 }
 
 /** A record that was not brought under management, with why. Never holds a secret. */
@@ -278,6 +283,7 @@ export async function runBulk(deps: BulkDeps, items: AsyncIterable<Prepared>, op
     // In flight: written batches still take their start slots, then every start ends.
     while (batchesInFlight.size > 0) await Promise.all(batchesInFlight);
     while (startsInFlight.size > 0) await Promise.all(startsInFlight);
+    await deps.flushStarted();
   }
   if (callbackFailure) throw callbackFailure.error;
   return {
