@@ -63,9 +63,10 @@ BEGIN
                            receivers_json, expires_ats, ttls_ms)
                     WITH ORDINALITY AS u(token_id, credential_id, given, secret_hash, subject, name, scopes,
                                          receivers, expires_at, ttl_ms, n)
-     -- In id order: concurrent batches over the same tokens take their row locks in one order, so
-     -- they queue instead of deadlocking (the answers are returned by ord all the same).
-     ORDER BY u.token_id, u.n
+     -- In hash order: concurrent batches over the same secrets wait on the hash's (and a given id's)
+     -- unique index in one order, so they queue instead of deadlocking (ids are fresh per run when
+     -- records name none, so only the hash orders them alike; answers are returned by ord all the same).
+     ORDER BY u.secret_hash, u.token_id, u.n
   LOOP
     ord := rec.n;
     field := NULL;

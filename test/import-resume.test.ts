@@ -275,7 +275,11 @@ describe('a token killed between its row and its workflow start', () => {
   it('should not open a second run from the reconciler, nor fail its pass', async () => {
     const { tokenId, runId } = await killedBeforeItsStart('usr_race_reconcile');
     await ctx.sql.query(`UPDATE token SET workflow_started_at = now() WHERE id <> $1`, [tokenId]);
-    const { reconcilePage } = createReconcilerActivities({ pool: ctx.pool, client: ctx.client, settings: ctx.settings });
+    const { reconcilePage } = createReconcilerActivities({
+      pool: ctx.pool,
+      client: ctx.client,
+      settings: ctx.settings,
+    });
     const input: ReconcilePageInput = { set: 'unstarted', afterId: null, batchSize: 10, graceMs: 0, sampleSize: 20 };
     const { report } = (await new MockActivityEnvironment({ heartbeatTimeoutMs: 30_000 }).run(
       reconcilePage,

@@ -251,7 +251,10 @@ async function syncDirectory(dir: string): Promise<void> {
 async function lockOutFile(deps: BulkDeps, file: string): Promise<() => Promise<void>> {
   const where = path.resolve(file);
   const real = path.join(await realpath(path.dirname(where)), path.basename(where));
-  const key = createHash('sha256').update(`tokenwarden issue --out\0${os.hostname()}\0${real}`).digest().readBigInt64BE(0);
+  const key = createHash('sha256')
+    .update(`tokenwarden issue --out\0${os.hostname()}\0${real}`)
+    .digest()
+    .readBigInt64BE(0);
   const connection: pg.PoolClient = await deps.pool.connect();
   let locked = false;
   try {
