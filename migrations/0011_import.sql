@@ -16,9 +16,8 @@ SELECT set_config('search_path', quote_ident(current_schema()) || ', pg_temp', t
 --             changed records), an unknown or removed receiver, an expiry not in the future.
 --             `field` names the record's field at fault; messages name ids and fields, never values.
 -- Expiry: expires_at when given, else now() + ttl_ms. Receivers are locked FOR SHARE until commit,
--- as in issue_token. Concurrent batches holding the same record serialise on the token id's unique
--- index (ON CONFLICT waits for the other transaction) and on the hash's: the loser reports existing
--- or conflict. `imported` marks the audit event (`"imported": true`) of a token brought under
+-- as in issue_token. Concurrent batches holding the same secret serialise on a lock per secret
+-- (below): the later one reports existing or conflict. `imported` marks the audit event (`"imported": true`) of a token brought under
 -- management; a bulk issue passes false.
 -- The first of the record's facts that the stored token does not have (NULL when all match):
 -- receivers and scopes as sets; the expiry only when the record gives an absolute one (a ttl moves).
@@ -52,21 +51,29 @@ DECLARE
   stored token;
   owner text;
   differs text;
+  lock_key bigint;
 BEGIN
   SELECT coalesce(array_agg(r.id), '{}') INTO known
     FROM (SELECT r.id FROM receiver r
            WHERE r.enabled AND r.id IN (SELECT jsonb_array_elements_text(j::jsonb) FROM unnest(receivers_json) AS j)
            ORDER BY r.id FOR SHARE) AS r;
 
+  -- Concurrent batches holding the same secrets queue on one lock per secret, taken in hash order
+  -- before anything is written: without it they waited on each other's unique-index entries in
+  -- input order and deadlocked (a record without an id gets a fresh id per run, so no id orders
+  -- two runs' batches alike). A hash collision of the keys only serialises two batches more.
+  FOR lock_key IN
+    SELECT DISTINCT hashtextextended(encode(h, 'hex'), 0) AS k FROM unnest(secret_hashes) AS h ORDER BY k
+  LOOP
+    PERFORM pg_advisory_xact_lock(lock_key);
+  END LOOP;
+
   FOR rec IN
     SELECT u.* FROM unnest(token_ids, credential_ids, id_given, secret_hashes, subjects, names, scopes_json,
                            receivers_json, expires_ats, ttls_ms)
                     WITH ORDINALITY AS u(token_id, credential_id, given, secret_hash, subject, name, scopes,
                                          receivers, expires_at, ttl_ms, n)
-     -- In hash order: concurrent batches over the same secrets wait on the hash's (and a given id's)
-     -- unique index in one order, so they queue instead of deadlocking (ids are fresh per run when
-     -- records name none, so only the hash orders them alike; answers are returned by ord all the same).
-     ORDER BY u.secret_hash, u.token_id, u.n
+     ORDER BY u.n
   LOOP
     ord := rec.n;
     field := NULL;
