@@ -4,7 +4,7 @@
  * after the last row its heartbeats recorded (every heal is idempotent, so a row done twice is harmless).
  */
 import { Context } from '@temporalio/activity';
-import { WorkflowNotFoundError, type Client } from '@temporalio/client';
+import { WorkflowExecutionAlreadyStartedError, WorkflowNotFoundError, type Client } from '@temporalio/client';
 import type { Settings } from '../common/config.js';
 import type { StorePool } from '../common/db.js';
 import { RECONCILER_METRIC, tokenWorkflowId, type ReconcileSet } from '../common/names.js';
@@ -169,7 +169,14 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
       healed.push('restarted');
     },
     async unstarted(token, healed) {
-      await startTokenWorkflow(client, token, taskQueue, settings.timing);
+      try {
+        await startTokenWorkflow(client, token, taskQueue, settings.timing);
+      } catch (err) {
+        // Its workflow ran and closed (a revoke's signal-with-start got there first): only the mark was missing.
+        if (!(err instanceof WorkflowExecutionAlreadyStartedError)) throw err;
+        await store.markWorkflowStarted(pool, token.id);
+        return;
+      }
       await store.markWorkflowStarted(pool, token.id);
       healed.push('started');
     },

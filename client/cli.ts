@@ -411,7 +411,7 @@ export function buildProgram(): Command {
     .option('--from <file>', 'issue one token per record of this file (jsonl or csv; - for stdin)')
     .option('--out <file>', 'with --from: the file the raw tokens are written to (mode 0600; resumed on a rerun)')
     .addOption(bulkFormat())
-    .option('--concurrency <n>', 'with --from: workflow starts at once (default 16)')
+    .option('--concurrency <n>', 'with --from: workflow starts at once (default 64)')
     .option('--errors <file>', 'with --from: errors file (default <file>.errors.jsonl)')
     .option('--dry-run', 'with --from: validate the records only; nothing is issued')
     .option(
@@ -583,7 +583,7 @@ export function buildProgram(): Command {
     )
     .argument('<file>', 'records, one per line: jsonl, or csv with a header row (- for stdin)')
     .addOption(bulkFormat())
-    .option('--concurrency <n>', 'workflow starts at once (default 16)')
+    .option('--concurrency <n>', 'workflow starts at once (default 64)')
     .option('--dry-run', 'validate the records only; nothing is written or started')
     .option(
       '--errors <file>',

@@ -340,6 +340,7 @@ export class TokenWarden extends TokenWardenStore {
       temporal: this.temporal,
       settings: this.settings,
       markStarted: (tokenId) => this.#startedMarks.add(tokenId),
+      flushStarted: () => this.#startedMarks.flush(),
     };
   }
 

@@ -3,6 +3,7 @@ import {
   Client,
   Connection,
   WorkflowIdConflictPolicy,
+  WorkflowIdReusePolicy,
   defaultGrpcRetryOptions,
   makeGrpcRetryInterceptor,
   type ConnectionOptions,
@@ -101,14 +102,22 @@ function startOptions(token: TokenRecord, taskQueue: string, timing: Propagation
   };
 }
 
-/** Starts the token's workflow; harmless when it already runs (USE_EXISTING). */
+/**
+ * Starts the token's workflow; harmless when it already runs (USE_EXISTING). Throws
+ * WorkflowExecutionAlreadyStartedError when it ran and closed (REJECT_DUPLICATE): a start holds a
+ * row read earlier, which may be dead by now, and a closed run is never followed by a plain start
+ * (only a revoke's signal-with-start opens a run again).
+ */
 export async function startTokenWorkflow(
   client: Client,
   token: TokenRecord,
   taskQueue: string,
   timing: PropagationTiming,
 ): Promise<WorkflowHandle> {
-  return client.workflow.start(WORKFLOW_TYPE.tokenLifecycle, startOptions(token, taskQueue, timing));
+  return client.workflow.start(WORKFLOW_TYPE.tokenLifecycle, {
+    ...startOptions(token, taskQueue, timing),
+    workflowIdReusePolicy: WorkflowIdReusePolicy.REJECT_DUPLICATE,
+  });
 }
 
 /**

@@ -9,16 +9,32 @@ SELECT set_config('search_path', quote_ident(current_schema()) || ', pg_temp', t
 -- the batch for one record:
 --   inserted  written now;
 --   existing  the token id is stored with this very secret hash (a rerun), or the record named no id
---             (id_given false) and the hash is stored under another id: nothing written, `facts`
---             are the stored row (the stored facts win over the record's);
+--             (id_given false) and the hash is stored under another id, and the stored facts are the
+--             record's (import_facts_differ): nothing written, `facts` are the stored row;
 --   conflict  nothing written; `message` says why: the id is stored with another secret, the
---             secret belongs to another token, an unknown or removed receiver, an expiry not in the
---             future. `field` names the record's field at fault; messages name ids, never secrets.
+--             secret belongs to another token, the token is stored with other facts (a rerun with
+--             changed records), an unknown or removed receiver, an expiry not in the future.
+--             `field` names the record's field at fault; messages name ids and fields, never values.
 -- Expiry: expires_at when given, else now() + ttl_ms. Receivers are locked FOR SHARE until commit,
--- as in issue_token. Concurrent batches holding the same record serialise on the token id's unique
--- index (ON CONFLICT waits for the other transaction) and on the hash's: the loser reports existing
--- or conflict. `imported` marks the audit event (`"imported": true`) of a token brought under
+-- as in issue_token. Concurrent batches holding the same secret serialise on a lock per secret
+-- (below): the later one reports existing or conflict. `imported` marks the audit event (`"imported": true`) of a token brought under
 -- management; a bulk issue passes false.
+-- The first of the record's facts that the stored token does not have (NULL when all match):
+-- receivers and scopes as sets; the expiry only when the record gives an absolute one (a ttl moves).
+CREATE FUNCTION import_facts_differ(stored token, subject text, receivers text[], scopes text[], name text,
+                                    expires_at timestamptz)
+RETURNS text LANGUAGE sql IMMUTABLE SET search_path FROM CURRENT AS $$
+  SELECT CASE
+    WHEN stored.subject <> subject THEN 'subject'
+    WHEN ARRAY(SELECT DISTINCT r FROM unnest(stored.receivers) AS r ORDER BY 1)
+         <> ARRAY(SELECT DISTINCT r FROM unnest(receivers) AS r ORDER BY 1) THEN 'receivers'
+    WHEN ARRAY(SELECT DISTINCT x FROM unnest(stored.scopes) AS x ORDER BY 1)
+         <> ARRAY(SELECT DISTINCT x FROM unnest(scopes) AS x ORDER BY 1) THEN 'scopes'
+    WHEN stored.name IS DISTINCT FROM name THEN 'name'
+    WHEN expires_at IS NOT NULL AND stored.expires_at <> expires_at THEN 'expiresAt'
+  END
+$$;
+
 CREATE FUNCTION import_tokens(
   token_ids text[], credential_ids text[], id_given boolean[], secret_hashes bytea[], subjects text[],
   names text[], scopes_json text[], receivers_json text[], expires_ats timestamptz[], ttls_ms bigint[],
@@ -34,32 +50,54 @@ DECLARE
   expiry timestamptz;
   stored token;
   owner text;
+  differs text;
+  lock_key bigint;
 BEGIN
   SELECT coalesce(array_agg(r.id), '{}') INTO known
     FROM (SELECT r.id FROM receiver r
            WHERE r.enabled AND r.id IN (SELECT jsonb_array_elements_text(j::jsonb) FROM unnest(receivers_json) AS j)
            ORDER BY r.id FOR SHARE) AS r;
 
+  -- Concurrent batches holding the same secrets queue on one lock per secret, taken in hash order
+  -- before anything is written: without it they waited on each other's unique-index entries in
+  -- input order and deadlocked (a record without an id gets a fresh id per run, so no id orders
+  -- two runs' batches alike). A hash collision of the keys only serialises two batches more.
+  FOR lock_key IN
+    SELECT DISTINCT hashtextextended(encode(h, 'hex'), 0) AS k FROM unnest(secret_hashes) AS h ORDER BY k
+  LOOP
+    PERFORM pg_advisory_xact_lock(lock_key);
+  END LOOP;
+
   FOR rec IN
     SELECT u.* FROM unnest(token_ids, credential_ids, id_given, secret_hashes, subjects, names, scopes_json,
                            receivers_json, expires_ats, ttls_ms)
                     WITH ORDINALITY AS u(token_id, credential_id, given, secret_hash, subject, name, scopes,
                                          receivers, expires_at, ttl_ms, n)
-     -- In id order: concurrent batches over the same tokens take their row locks in one order, so
-     -- they queue instead of deadlocking (the answers are returned by ord all the same).
-     ORDER BY u.token_id, u.n
+     ORDER BY u.n
   LOOP
     ord := rec.n;
     field := NULL;
     message := NULL;
     facts := NULL;
 
-    -- A rerun: the id is stored already. Same secret: existing; another secret: conflict.
+    rec_receivers := ARRAY(SELECT jsonb_array_elements_text(rec.receivers::jsonb));
+    rec_scopes := ARRAY(SELECT jsonb_array_elements_text(rec.scopes::jsonb));
+
+    -- A rerun: the id is stored already. Same secret and facts: existing; another secret: conflict.
     SELECT t.* INTO stored FROM token t WHERE t.id = rec.token_id;
     IF FOUND THEN
       IF EXISTS (SELECT 1 FROM credential c WHERE c.token_id = rec.token_id AND c.secret_hash = rec.secret_hash) THEN
         outcome := 'existing';
         facts := stored;
+        differs := import_facts_differ(facts, rec.subject, rec_receivers, rec_scopes, rec.name, rec.expires_at);
+        IF differs IS NOT NULL THEN
+          -- A rerun with a changed record: the stored token keeps its facts, and the user is told.
+          outcome := 'conflict';
+          field := differs;
+          message := format('token %s is stored with other %s; change it through the token''s own commands (revoke and re-import)',
+                            facts.id, CASE differs WHEN 'expiresAt' THEN 'expiry' ELSE differs END);
+          facts := NULL;
+        END IF;
       ELSE
         outcome := 'conflict';
         field := 'tokenId';
@@ -78,13 +116,20 @@ BEGIN
       ELSE
         outcome := 'existing';
         SELECT t.* INTO facts FROM token t WHERE t.id = owner;
+        differs := import_facts_differ(facts, rec.subject, rec_receivers, rec_scopes, rec.name, rec.expires_at);
+        IF differs IS NOT NULL THEN
+          -- A rerun with a changed record: the stored token keeps its facts, and the user is told.
+          outcome := 'conflict';
+          field := differs;
+          message := format('token %s is stored with other %s; change it through the token''s own commands (revoke and re-import)',
+                            facts.id, CASE differs WHEN 'expiresAt' THEN 'expiry' ELSE differs END);
+          facts := NULL;
+        END IF;
       END IF;
       RETURN NEXT;
       CONTINUE;
     END IF;
 
-    rec_receivers := ARRAY(SELECT jsonb_array_elements_text(rec.receivers::jsonb));
-    rec_scopes := ARRAY(SELECT jsonb_array_elements_text(rec.scopes::jsonb));
     SELECT string_agg(r, ', ') INTO unknown FROM unnest(rec_receivers) AS r WHERE r <> ALL (known);
     IF unknown IS NOT NULL THEN
       outcome := 'conflict';
@@ -119,6 +164,15 @@ BEGIN
       IF EXISTS (SELECT 1 FROM credential c WHERE c.token_id = rec.token_id AND c.secret_hash = rec.secret_hash) THEN
         outcome := 'existing';
         facts := stored;
+        differs := import_facts_differ(facts, rec.subject, rec_receivers, rec_scopes, rec.name, rec.expires_at);
+        IF differs IS NOT NULL THEN
+          -- A rerun with a changed record: the stored token keeps its facts, and the user is told.
+          outcome := 'conflict';
+          field := differs;
+          message := format('token %s is stored with other %s; change it through the token''s own commands (revoke and re-import)',
+                            facts.id, CASE differs WHEN 'expiresAt' THEN 'expiry' ELSE differs END);
+          facts := NULL;
+        END IF;
       ELSE
         outcome := 'conflict';
         field := 'tokenId';
@@ -132,13 +186,29 @@ BEGIN
     VALUES (rec.credential_id, rec.token_id, rec.secret_hash, 'current')
     ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
-      -- The secret was stored under another id since the check above: undo this row (nothing else
-      -- refers to it yet) instead of aborting the batch.
+      -- The secret was stored under another id since the check above (a concurrent import of it):
+      -- undo this row (nothing else refers to it yet) instead of aborting the batch, and answer as
+      -- the check above would have.
       DELETE FROM token t WHERE t.id = rec.token_id;
       SELECT c.token_id INTO owner FROM credential c WHERE c.secret_hash = rec.secret_hash;
-      outcome := 'conflict';
-      field := 'secret';
-      message := format('this secret is already managed as token %s', coalesce(owner, '(unknown)'));
+      IF rec.given OR owner IS NULL THEN
+        outcome := 'conflict';
+        field := 'secret';
+        message := format('this secret is already managed as token %s, not %s', coalesce(owner, '(unknown)'),
+                          rec.token_id);
+      ELSE
+        outcome := 'existing';
+        SELECT t.* INTO facts FROM token t WHERE t.id = owner;
+        differs := import_facts_differ(facts, rec.subject, rec_receivers, rec_scopes, rec.name, rec.expires_at);
+        IF differs IS NOT NULL THEN
+          -- A rerun with a changed record: the stored token keeps its facts, and the user is told.
+          outcome := 'conflict';
+          field := differs;
+          message := format('token %s is stored with other %s; change it through the token''s own commands (revoke and re-import)',
+                            facts.id, CASE differs WHEN 'expiresAt' THEN 'expiry' ELSE differs END);
+          facts := NULL;
+        END IF;
+      END IF;
       RETURN NEXT;
       CONTINUE;
     END IF;

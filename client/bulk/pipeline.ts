@@ -1,18 +1,19 @@
 /**
  * The engine of bulk import and bulk issue: records in batches into the store (one statement per
- * batch), then each new token's workflow started (USE_EXISTING), a bounded number at once. Memory
+ * batch), then each new token's workflow started (USE_EXISTING, REJECT_DUPLICATE), a bounded number at once. Memory
  * stays flat whatever the input's length: at most two batches are read ahead of the starts, and
  * errors leave through `onError` as they happen (the report keeps the first few only).
  */
 import { performance } from 'node:perf_hooks';
-import type { Client } from '@temporalio/client';
+import { WorkflowExecutionAlreadyStartedError, type Client } from '@temporalio/client';
 import type { Settings } from '../../common/config.js';
 import type { StorePool } from '../../common/db.js';
 import { importTokens, type ImportedToken, type TokenRecord } from '../../common/store/index.js';
 import { TEMPORAL_CALL_DEADLINE_MS, startTokenWorkflow } from '../../common/temporal.js';
 import type { Prepared } from './records.js';
 
-export const BULK_DEFAULTS = { concurrency: 16, batchSize: 100 } as const;
+// Concurrency 64: the fastest of 16/32/64 for starts and startMany in every round of bench/bulk-tune.ts (docs/benchmarks.md).
+export const BULK_DEFAULTS = { concurrency: 64, batchSize: 100 } as const;
 /** Batches written to the store ahead of the starts: the next is ready when the current one's starts end. */
 const BATCHES_AHEAD = 2;
 /** Starts failed in a row after which a run stops (Temporal is likely down; each would wait out its deadline). */
@@ -26,13 +27,21 @@ export interface BulkDeps {
   settings: Settings;
   /** Records that a token's workflow exists (batched, off the critical path). */
   markStarted: (tokenId: string) => void;
+  /**
+   * Writes the marks collected so far (never rejects): a run ends with them stored, so the next run
+   * counts those tokens `existing` (a start of a running workflow cannot tell it was there).
+   */
+  flushStarted: () => Promise<void>;
 }
 
 /** A record that was not brought under management, with why. Never holds a secret. */
 export interface BulkError {
   /** The input line (or the record's position, from 1, for records given as objects). */
   line: number;
-  /** `invalid`: the record itself is wrong; `failed`: the store refused it or its workflow could not be started. */
+  /**
+   * `invalid`: the record itself is wrong; `failed`: the store refused it, its workflow could not be
+   * started, or its token is stored but dead (revoked or expired).
+   */
   kind: 'invalid' | 'failed';
   field?: string;
   message: string;
@@ -44,14 +53,16 @@ export interface BulkError {
 export interface BulkProgress {
   /** Records with an outcome so far: started + existing + invalid + failed. */
   done: number;
+  /** Workflows this run started (for rows it wrote, or rows an earlier run wrote but never started). */
   started: number;
+  /** Rows stored before whose workflow had started already (or ran and closed). */
   existing: number;
   invalid: number;
   failed: number;
 }
 
 export interface BulkOptions {
-  /** Workflow starts in flight at once (default 16). */
+  /** Workflow starts in flight at once (default 64). */
   concurrency?: number;
   /** Records per store statement (default 100). */
   batchSize?: number;
@@ -145,14 +156,21 @@ export async function runBulk(deps: BulkDeps, items: AsyncIterable<Prepared>, op
     progress();
   };
 
-  const start = async (line: number, token: TokenRecord, isNew: boolean) => {
+  const start = async (line: number, token: TokenRecord) => {
     try {
-      await deps.temporal.connection.withDeadline(Date.now() + TEMPORAL_CALL_DEADLINE_MS, () =>
-        startTokenWorkflow(deps.temporal, token, deps.settings.temporal.taskQueue, deps.settings.timing),
-      );
+      let outcome: 'started' | 'existing' = 'started';
+      try {
+        await deps.temporal.connection.withDeadline(Date.now() + TEMPORAL_CALL_DEADLINE_MS, () =>
+          startTokenWorkflow(deps.temporal, token, deps.settings.temporal.taskQueue, deps.settings.timing),
+        );
+      } catch (err) {
+        // Its workflow ran and closed since the row was read (a revoke got there first): never a second run.
+        if (!(err instanceof WorkflowExecutionAlreadyStartedError)) throw err;
+        outcome = 'existing';
+      }
       failedInARow = 0;
       deps.markStarted(token.id);
-      counts[isNew ? 'started' : 'existing']++;
+      counts[outcome]++;
       progress();
     } catch (err) {
       // The row stays: its secret is in use out there. The reconciler starts it, or a rerun does.
@@ -178,7 +196,7 @@ export async function runBulk(deps: BulkDeps, items: AsyncIterable<Prepared>, op
           line: r.line,
           kind: 'failed',
           tokenId: r.token.tokenId,
-          message: `not written to the store: ${causes(err)}`,
+          message: `may not have been written to the store (rerun to finish): ${causes(err)}`,
         });
       }
       return;
@@ -196,8 +214,18 @@ export async function runBulk(deps: BulkDeps, items: AsyncIterable<Prepared>, op
         continue;
       }
       const { token } = outcome;
-      // Known started, or dead (its workflow adopted the kill, or the reconciler tells it): nothing to start.
-      if (outcome.outcome === 'existing' && (token.workflowStartedAt !== null || token.status !== 'active')) {
+      if (outcome.outcome === 'existing' && !token.valid) {
+        // Stored and dead: reporting it as managed would read as valid. Its workflow (or the
+        // reconciler) propagates the death; nothing to start.
+        report({
+          line,
+          kind: 'failed',
+          tokenId: token.id,
+          message: `token ${token.id} is ${token.effectiveStatus}; a dead token is not brought back`,
+        });
+        continue;
+      }
+      if (outcome.outcome === 'existing' && token.workflowStartedAt !== null) {
         counts.existing++;
         progress();
         continue;
@@ -208,7 +236,7 @@ export async function runBulk(deps: BulkDeps, items: AsyncIterable<Prepared>, op
         report({ line, kind: 'failed', tokenId: token.id, message: `its workflow was not started: ${stopped}` });
         continue;
       }
-      const running = start(line, token, outcome.outcome === 'inserted').finally(() => {
+      const running = start(line, token).finally(() => {
         starts.release();
         startsInFlight.delete(running);
       });
@@ -256,6 +284,7 @@ export async function runBulk(deps: BulkDeps, items: AsyncIterable<Prepared>, op
     // In flight: written batches still take their start slots, then every start ends.
     while (batchesInFlight.size > 0) await Promise.all(batchesInFlight);
     while (startsInFlight.size > 0) await Promise.all(startsInFlight);
+    await deps.flushStarted();
   }
   if (callbackFailure) throw callbackFailure.error;
   return {

@@ -5,7 +5,7 @@
  */
 import { z } from 'zod';
 import { formatDuration } from '../../common/durations.js';
-import { importedCredentialId, importedTokenId } from '../../common/ids.js';
+import { newCredentialId, newTokenId } from '../../common/ids.js';
 import { hashToken } from '../../common/secrets.js';
 import type { ImportedToken } from '../../common/store/index.js';
 import {
@@ -109,7 +109,7 @@ export function lineOf(item: unknown, position: number): SourceLine {
   return item instanceof SourceLine ? item : new SourceLine(position, item);
 }
 
-/** Validates and hashes import records; ids absent from a record are derived from its hash. */
+/** Validates and hashes import records; a record without a token id gets a fresh, time-ordered one. */
 export function importPreparer(maxTtlMs: number): (item: SourceLine) => Prepared {
   const schema = importRecordSchema(maxTtlMs);
   return (item) => {
@@ -121,8 +121,8 @@ export function importPreparer(maxTtlMs: number): (item: SourceLine) => Prepared
     return {
       line: item.line,
       token: {
-        tokenId: r.tokenId ?? importedTokenId(secretHash),
-        credentialId: importedCredentialId(secretHash),
+        tokenId: r.tokenId ?? newTokenId(),
+        credentialId: newCredentialId(),
         idGiven: r.tokenId !== undefined,
         secretHash,
         subject: r.subject,

@@ -13,6 +13,8 @@ export function startMany(
   records: AsyncIterable<unknown> | Iterable<unknown>,
   options: BulkOptions = {},
 ): Promise<BulkReport> {
+  // A record without an id gets a fresh time-ordered one (importPreparer), so imported tokens sort by
+  // import time in `list`; a rerun finds it by its hash (the store answers existing).
   const prepare = importPreparer(deps.settings.maxTtlMs);
   return runBulk(deps, prepared(records, prepare), { ...options, imported: true });
 }

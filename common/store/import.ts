@@ -5,7 +5,7 @@ import { routine, toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
 export interface ImportedToken {
   tokenId: string;
   credentialId: string;
-  /** False when the token id was derived from the hash: a stored hash then counts as this token. */
+  /** False when the record named no id (a fresh one was chosen): a stored hash then counts as this token. */
   idGiven: boolean;
   secretHash: Buffer;
   subject: string;

@@ -30,18 +30,25 @@ export async function executionsPerWorkflow(client: Client, taskQueue: string): 
   return counts;
 }
 
-/** Waits until visibility lists `ids.length` distinct workflows, then returns the runs of each. */
+/**
+ * Waits until visibility lists every one of `workflowIds` and the runs per id stay the same across
+ * two listings 500 ms apart (a second run not yet indexed would otherwise pass), then returns them.
+ */
 export async function executionsOnceListed(
   client: Client,
   taskQueue: string,
   workflowIds: string[],
 ): Promise<Map<string, number>> {
+  let previous: Map<string, number> | undefined;
   return waitUntil(
     async () => {
       const counts = await executionsPerWorkflow(client, taskQueue);
-      return workflowIds.every((id) => counts.has(id)) ? counts : undefined;
+      const all = workflowIds.every((id) => counts.has(id));
+      const stable = previous !== undefined && workflowIds.every((id) => previous!.get(id) === counts.get(id));
+      previous = counts;
+      return all && stable ? counts : undefined;
     },
-    `${workflowIds.length} workflows listed`,
+    `${workflowIds.length} workflows listed, their runs unchanged across two listings`,
     60_000,
     500,
   );
