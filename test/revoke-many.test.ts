@@ -530,6 +530,34 @@ describe('tokenwarden revoke --where', () => {
     assert.match(missing.stderr, /required option '--reason <text>' not specified/);
   });
 
+  it('should refuse bulk-only options with a single token id, and list unfinished operations with --operations', async () => {
+    const tokenId = await issue('usr_ops', ['billing']);
+    const env = ctx.childEnv();
+    for (const extra of [['--rate', '5'], ['--yes'], ['--max', '3']]) {
+      const run = await runCli(['revoke', tokenId, '--reason', 'lost', ...extra], env);
+      assert.equal(run.code, 2, `${extra[0]}: ${run.stderr}`);
+      assert.match(run.stderr, new RegExp(`${extra[0]}: only with --where or --resume`));
+    }
+    assert.equal((await rows([tokenId])).get(tokenId)!.valid, true, 'nothing revoked');
+    const op = await store.createBulkRevoke(ctx.pool, {
+      id: randomUUID(),
+      filter: { subject: 'usr_ops' },
+      reason: 'lost terminal',
+      actor: 'admin',
+      initiatingEntity: 'admin',
+    });
+    const listed = await runCli(['revoke', '--operations', '--json'], env);
+    assert.equal(listed.code, 0, listed.stderr);
+    const ops = JSON.parse(listed.stdout) as { id: string; state: string; filter: object }[];
+    const mine = ops.find((o) => o.id === op.id);
+    assert.deepEqual(mine && [mine.state, mine.filter], ['killing', { subject: 'usr_ops' }]);
+    assert.ok(ops.every((o) => o.state !== 'complete'));
+    const resumed = await runCli(['revoke', '--resume', op.id, '--json'], env);
+    assert.equal(resumed.code, 0, resumed.stderr);
+    const after = JSON.parse((await runCli(['revoke', '--operations', '--json'], env)).stdout) as { id: string }[];
+    assert.ok(!after.some((o) => o.id === op.id), 'a complete operation is not listed');
+  });
+
   it('should resume with --resume after the process was SIGKILLed mid-tell, every workflow told once', async () => {
     const ids: string[] = [];
     for (let i = 0; i < 16; i++) ids.push(await issue('usr_sigkill', ['search'], `svc-${i}`));
