@@ -4,8 +4,9 @@ import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { InvalidInputError, type RevokeManyReport } from '../client/index.js';
+import { InvalidInputError, TokenWarden, type RevokeManyReport } from '../client/index.js';
 import { PACKAGE_ROOT } from '../common/config.js';
+import { freePort } from '../dev/processes.js';
 import * as store from '../common/store/index.js';
 import { runCli } from './support/cli.js';
 import { TestContext, type RunningWorker } from './support/context.js';
@@ -379,6 +380,62 @@ describe('revokeMany', () => {
     assert.equal(report.state, 'incomplete');
     const resumed = await ctx.warden.revokeMany(null, { resume: report.operationId });
     assert.deepEqual({ killed: resumed.killed, state: resumed.state }, { killed: 1, state: 'complete' });
+  });
+
+  it('should refuse a resume that changes the filter, reason, actor, asOf or max, naming the field', async () => {
+    await issue('usr_same', ['billing']);
+    const op = await store.createBulkRevoke(ctx.pool, {
+      id: randomUUID(),
+      filter: { subject: 'usr_same' },
+      reason: 'kept',
+      actor: 'admin',
+      initiatingEntity: 'admin',
+    });
+    const cases: [Record<string, unknown> | null, Record<string, unknown>, string][] = [
+      [{ subject: 'usr_other' }, {}, 'filter'],
+      [null, { reason: 'changed' }, 'reason'],
+      [null, { actor: 'someone' }, 'actor'],
+      [null, { asOf: new Date().toISOString() }, 'asOf'],
+      [null, { max: 10 }, 'max'],
+    ];
+    for (const [filter, options, field] of cases) {
+      const err = await ctx.warden
+        .revokeMany(filter as never, { resume: op.id, ...options } as never)
+        .catch((e: unknown) => e);
+      assert.ok(err instanceof InvalidInputError, `${field}: ${String(err)}`);
+      assert.ok(
+        err.fields.some((f) => f.path === field),
+        `${field} named in ${JSON.stringify(err.fields)}`,
+      );
+    }
+    const same = await ctx.warden.revokeMany({ subject: 'usr_same' }, { resume: op.id, reason: 'kept' });
+    assert.deepEqual([same.killed, same.state], [1, 'complete']);
+  });
+
+  it('should kill every match and give up telling when Temporal is unreachable, then resume', async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 12; i++) ids.push(await issue('usr_outage', ['billing']));
+    const address = `127.0.0.1:${await freePort()}`;
+    const down = await TokenWarden.connect({
+      ...ctx.settings,
+      temporal: { ...ctx.settings.temporal, connectionOptions: { address } },
+    });
+    let report: RevokeManyReport;
+    try {
+      report = await down.revokeMany({ subject: 'usr_outage' }, { reason: 'outage', concurrency: 2 });
+    } finally {
+      await down.close();
+    }
+    assert.ok(
+      [...(await rows(ids)).values()].every((r) => !r.valid),
+      'all dead in the store',
+    );
+    assert.deepEqual([report.killed, report.signalled, report.state], [12, 0, 'incomplete']);
+    assert.deepEqual([...report.notSignalled].sort(), [...ids].sort());
+    assert.match(report.warnings.join('\n'), /stopped after 8 failures in a row, \d+ not tried/);
+    const resumed = await ctx.warden.revokeMany(null, { resume: report.operationId });
+    assert.deepEqual([resumed.killed, resumed.signalled, resumed.state], [0, 12, 'complete']);
+    await propagated(ids);
   });
 
   it('should revoke by receiver alone and by name prefix alone', async () => {
