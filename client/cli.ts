@@ -142,8 +142,13 @@ interface RevokeCommandOptions {
   resume?: string;
   rate?: string;
   yes?: boolean;
+  max?: string;
+  operations?: boolean;
   json?: boolean;
 }
+
+/** Exit status after an interrupt (128 + SIGINT), as the import command uses. */
+const EXIT_INTERRUPTED = 130;
 
 /** The --where keys and the library's filter fields they set. */
 const WHERE_KEYS = {
@@ -226,11 +231,17 @@ async function revokeWhere(opts: RevokeCommandOptions, actorGiven: boolean): Pro
       { path: 'rate', message: 'expected a positive number' },
     ]);
   }
+  const max = opts.max === undefined ? undefined : Number(opts.max);
+  if (max !== undefined && !(Number.isInteger(max) && max >= 0)) {
+    throw new InvalidInputError(`invalid --max: expected a whole number, got ${opts.max}`, [
+      { path: 'max', message: 'expected a whole number' },
+    ]);
+  }
   let filter: Record<string, string> | null = null;
   if (opts.where !== undefined) {
-    filter = parseWhere(opts.where);
     try {
-      parseInput(revokeFilterSchema, filter, '--where');
+      // The filter as parsed (an issued-before date becomes its instant) is what the question shows.
+      filter = parseInput(revokeFilterSchema, parseWhere(opts.where), '--where') as Record<string, string>;
     } catch (err) {
       if (!(err instanceof InvalidInputError)) throw err;
       const fields = err.fields.map((f) => ({ ...f, path: f.path === '(input)' ? '--where' : whereKeyOf(f.path) }));
@@ -246,6 +257,12 @@ async function revokeWhere(opts: RevokeCommandOptions, actorGiven: boolean): Pro
     if (filter !== null) {
       const count = await tw.countMatching(filter);
       asOf = count.asOf;
+      if (max !== undefined && count.active > max) {
+        throw new InvalidInputError(
+          `refusing: ${count.active} active token(s) match ${describeFilter(filter)}, more than --max ${max} (nothing was changed)`,
+          [{ path: 'max', message: `${count.active} match, more than ${max}` }],
+        );
+      }
       const what =
         `${count.active} active token(s) match ${describeFilter(filter)}` +
         (count.dead ? ` (${count.dead} more already dead)` : '');
@@ -271,7 +288,12 @@ async function revokeWhere(opts: RevokeCommandOptions, actorGiven: boolean): Pro
       tell: onTerminal ? await progressBar('telling workflows  ') : progressLines('workflows told'),
     };
     const stop = new AbortController();
-    const onSignal = () => stop.abort();
+    let phase: 'kill' | 'tell' = 'kill';
+    const onSignal = () => {
+      // The kill phase completes (stopping in it would leave matches valid); telling stops.
+      if (phase === 'kill') process.stderr.write('\ntokenwarden: stopping after the kill phase…\n');
+      stop.abort();
+    };
     process.once('SIGINT', onSignal);
     try {
       const common = {
@@ -282,6 +304,7 @@ async function revokeWhere(opts: RevokeCommandOptions, actorGiven: boolean): Pro
             `tokenwarden: operation ${op.id}; if interrupted, resume with: tokenwarden revoke --resume ${op.id}\n`,
           ),
         onProgress: (p: { phase: 'kill' | 'tell'; done: number; failed: number; total: number }) => {
+          phase = p.phase;
           if (p.phase === 'tell') bars.kill.stop();
           bars[p.phase].update(p.done + p.failed, p.total);
         },
@@ -297,6 +320,7 @@ async function revokeWhere(opts: RevokeCommandOptions, actorGiven: boolean): Pro
             reason: opts.reason!,
             actor: opts.actor,
             ...(asOf ? { asOf } : {}),
+            ...(max !== undefined ? { max } : {}),
             ...common,
           });
     } finally {
@@ -321,7 +345,26 @@ async function revokeWhere(opts: RevokeCommandOptions, actorGiven: boolean): Pro
       `tokenwarden: interrupted; every matching token is dead in the store. Resume with: tokenwarden revoke --resume ${report.operationId}\n`,
     );
   }
-  if (report.notSignalled.length > 0) process.exitCode = EXIT.failure;
+  if (report.notSignalled.length > 0 || report.failed.length > 0 || report.state !== 'complete') {
+    process.exitCode = EXIT.failure;
+  }
+  if (report.aborted) process.exitCode = EXIT_INTERRUPTED;
+}
+
+/** `revoke --operations`: the operations not complete, with what a resume needs. */
+async function listUnfinishedOperations(json: boolean): Promise<void> {
+  const { unfinishedBulkRevokes } = await import('../common/store/bulk-revoke.js');
+  const ops = await withStore((s) => unfinishedBulkRevokes(s.pool));
+  print(json, ops, () =>
+    ops.length === 0
+      ? 'no unfinished revoke operations'
+      : ops
+          .map(
+            (op) =>
+              tty`${op.id} ${op.state} (${describeFilter(op.filter)}) created ${op.createdAt}, killed ${op.killed}, told ${op.told}; resume: tokenwarden revoke --resume ${op.id}`,
+          )
+          .join('\n'),
+  );
 }
 
 export function buildProgram(): Command {
@@ -494,16 +537,30 @@ export function buildProgram(): Command {
     .option('--actor <who>', 'who revokes (audited)', defaultActor)
     .option(
       '--where <criteria>',
-      'revoke every token matching all of subject=<id>,receiver=<id>,issued-before=<ISO date/time>,name-prefix=<text>',
+      'revoke every token matching all of subject=<id>,receiver=<id>,issued-before=<ISO date/time, a date alone is midnight UTC>,name-prefix=<text>',
       collect,
     )
     .option('--resume <operationId>', 'carry on an interrupted revoke --where: kill what still matches, tell the rest')
     .option('--rate <n>', 'with --where/--resume: workflows told per second at most (default 200)')
     .option('--yes', 'with --where: revoke without asking (required without a terminal)')
+    .option(
+      '--max <n>',
+      'with --where: refuse, before any kill, when more than n active tokens match (scripts: pass it)',
+    )
+    .option('--operations', 'list the revoke --where operations not complete (id, filter, created, killed, told)')
     .addOption(json)
     .action(async function (this: Command, tokenId: string | undefined, opts: RevokeCommandOptions) {
       const usage = (message: string) => this.error(`error: ${message}`, { exitCode: EXIT.invalidInput });
+      if (opts.operations) {
+        if (tokenId !== undefined || opts.where !== undefined || opts.resume !== undefined)
+          usage('--operations lists operations: drop the token id, --where and --resume');
+        await listUnfinishedOperations(!!opts.json);
+        return;
+      }
       if (opts.where === undefined && opts.resume === undefined) {
+        const bulkOnly = (['rate', 'yes', 'max'] as const).filter((o) => opts[o] !== undefined);
+        if (bulkOnly.length > 0)
+          usage(`--${bulkOnly.join(', --')}: only with --where or --resume, not with a token id`);
         if (tokenId === undefined) usage('missing a token id, --where <criteria> or --resume <operationId>');
         if (opts.reason === undefined) usage("required option '--reason <text>' not specified");
         const outcome = await withWarden((tw) =>

@@ -21,19 +21,46 @@ import type { RevokeRequest } from '../common/messages.js';
 import { INITIATING_ENTITIES, type InitiatingEntity } from '../common/names.js';
 import * as store from '../common/store/index.js';
 import type { BulkRevokeFilter, BulkRevokeRecord, BulkRevokeState, TokenRecord } from '../common/store/index.js';
-import {
-  actorSchema,
-  nameSchema,
-  parseInput,
-  reasonSchema,
-  receiverIdSchema,
-  subjectSchema,
-} from '../common/validation.js';
-import { tellPaced, tellWarnings, type TellOutcome, type TellPace } from './tell.js';
+import { actorSchema, parseInput, reasonSchema, receiverIdSchema, subjectSchema } from '../common/validation.js';
+import { causes, tellPaced, tellWarnings, type TellOutcome, type TellPace } from './tell.js';
+
+// Errors a retry may cure: connection lost, deadlock, serialization failure, statement timeout.
+const TRANSIENT_CODES = new Set(['40P01', '40001', '57014', '57P01', '08000', '08003', '08006']);
+const isTransient = (err: unknown): boolean => {
+  const code = (err as { code?: unknown } | null)?.code;
+  if (typeof code === 'string') return TRANSIENT_CODES.has(code);
+  const message = err instanceof Error ? err.message : '';
+  return /Connection terminated|ECONNRESET|ECONNREFUSED|Query read timeout|timeout exceeded/i.test(message);
+};
+
+/** Runs an idempotent store call, retrying transient errors with a doubling backoff. */
+async function withRetries<T>(call: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await call();
+    } catch (err) {
+      if (attempt >= KILL_ATTEMPTS || !isTransient(err)) throw err;
+      await new Promise((resolve) => setTimeout(resolve, 100 * 2 ** (attempt - 1)));
+    }
+  }
+}
 
 export type { BulkRevokeFilter, MatchCount } from '../common/store/index.js';
 
 export const REVOKE_MANY_DEFAULTS = { rate: 200, concurrency: 16, batchSize: 500 } as const;
+
+/** Tokens per kill transaction at most: a chunk stays far below the pool's statement timeout (12 s). */
+export const MAX_BATCH_SIZE = 1000;
+
+/** Attempts of one kill chunk on a transient error (connection lost, deadlock, serialization, timeout). */
+export const KILL_ATTEMPTS = 3;
+
+// A name prefix is taken as typed: trimming would widen it ("deploy " would match deployer-prod).
+const namePrefixSchema = z
+  .string()
+  .min(1, 'expected a non-empty name prefix')
+  .max(200, 'expected at most 200 characters')
+  .refine((p) => p.trim() === p, 'must not begin or end with whitespace (quote exactly the prefix meant)');
 
 /** An instant: an ISO 8601 date (midnight UTC) or date-time with Z or an offset. */
 const instantSchema = z.union([z.iso.datetime({ offset: true }), z.iso.date()], {
@@ -44,8 +71,11 @@ export const revokeFilterSchema = z
   .strictObject({
     subject: subjectSchema.optional(),
     receiver: receiverIdSchema.optional(),
-    issuedBefore: instantSchema.transform((text) => new Date(text).toISOString()).optional(),
-    namePrefix: nameSchema.optional(),
+    issuedBefore: instantSchema
+      .transform((text) => new Date(text).toISOString())
+      .refine((iso) => Date.parse(iso) < Date.now(), 'must be in the past: an instant at or after now filters nothing')
+      .optional(),
+    namePrefix: namePrefixSchema.optional(),
   })
   .refine((f) => Object.values(f).some((v) => v !== undefined), {
     message: 'at least one criterion is required (subject, receiver, issuedBefore, namePrefix)',
@@ -60,7 +90,7 @@ const paceSchema = {
    * Tokens killed per transaction (each holds its rows' locks until it commits, so it stays short),
    * and untold tokens read per page while telling (memory stays flat whatever the operation's size).
    */
-  batchSize: z.number().int().min(1).max(10_000).default(REVOKE_MANY_DEFAULTS.batchSize),
+  batchSize: z.number().int().min(1).max(MAX_BATCH_SIZE).default(REVOKE_MANY_DEFAULTS.batchSize),
 };
 
 const newRunSchema = z.strictObject({
@@ -69,6 +99,8 @@ const newRunSchema = z.strictObject({
   initiatingEntity: z.enum(INITIATING_ENTITIES).default('admin'),
   /** A preview's `asOf`: tokens issued after it never match (what was counted is what is killed). */
   asOf: z.iso.datetime({ offset: true }).optional(),
+  /** Aborts before any kill when more tokens than this match (a script's guard against a wide filter). */
+  max: z.number().int().min(0).optional(),
   ...paceSchema,
 });
 
@@ -122,6 +154,8 @@ export interface RevokeManyReport {
   /** The operation's kills left untold (abort, failures): resume, or the reconciler tells them. */
   notSignalled: string[];
   aborted: boolean;
+  /** Tokens whose kill kept failing (each alone): still active; resume to try them again. */
+  failed: { tokenId: string; error: string }[];
   state: BulkRevokeState;
   warnings: string[];
   durationsMs: { kill: number; tell: number };
@@ -160,7 +194,7 @@ export async function revokeMany(
   let op: BulkRevokeRecord;
   let pace: TellPace & { batchSize: number };
   if (fields.resume !== undefined) {
-    const { reason, actor, initiatingEntity, asOf, ...resumeFields } = fields;
+    const { reason, actor, initiatingEntity, asOf, max, ...resumeFields } = fields;
     const req = parseInput(resumeSchema, resumeFields, 'revoke resume');
     pace = req;
     op = await store.requireBulkRevoke(pool, req.resume);
@@ -178,10 +212,20 @@ export async function revokeMany(
       refuse('initiatingEntity', 'initiating entity');
     }
     if (asOf !== undefined) refuse('asOf', 'cutoff');
+    if (max !== undefined) refuse('max', 'match count (it was checked when the operation began)');
   } else {
     const parsedFilter = parseInput(revokeFilterSchema, filter ?? {}, 'revoke filter');
     const req = parseInput(newRunSchema, fields, 'revoke request');
     pace = req;
+    if (req.max !== undefined) {
+      const { active } = await store.countMatching(pool, parsedFilter);
+      if (active > req.max) {
+        throw new InvalidInputError(
+          `invalid revoke request: max: ${active} active token(s) match, more than the ${req.max} allowed; nothing was revoked`,
+          [{ path: 'max', message: `${active} active token(s) match, more than ${req.max}` }],
+        );
+      }
+    }
     op = await store.createBulkRevoke(pool, {
       id: randomUUID(),
       filter: parsedFilter,
@@ -194,27 +238,46 @@ export async function revokeMany(
   onOperation?.(op);
   const resumed = fields.resume !== undefined;
 
-  // Kill phase: chunks until nothing active matches (a chunk that killed nothing may have lost
-  // every row to other kills, so the remaining count decides).
+  // Kill phase: chunks by id (keyset), each killed with retries and, when it keeps failing, split
+  // down to single tokens so one bad token stops only itself.
   const killStarted = performance.now();
   await store.updateBulkRevoke(pool, op.id, { state: 'killing' });
-  let remaining = await store.bulkRevokeRemaining(pool, op.id);
-  const killTotal = remaining;
+  const killTotal = await withRetries(() => store.bulkRevokeRemaining(pool, op.id));
   let killed = 0;
-  let emptyChunks = 0;
-  while (remaining > 0) {
-    const chunk = await store.killBulkRevokeChunk(pool, op.id, pace.batchSize);
-    killed += chunk.length;
-    onProgress?.({ phase: 'kill', done: killed, failed: 0, total: Math.max(killTotal, killed) });
-    if (chunk.length < pace.batchSize) remaining = await store.bulkRevokeRemaining(pool, op.id);
-    // Other kills may empty a chunk now and then; never, chunk after chunk, while tokens match.
-    emptyChunks = chunk.length === 0 ? emptyChunks + 1 : 0;
-    if (emptyChunks >= 3) {
-      throw new Error(
-        `revoke operation ${op.id}: ${remaining} matching token(s) stay active after three kills that killed none`,
-      );
+  const failed = new Map<string, string>();
+  const killIds = async (ids: readonly string[]): Promise<void> => {
+    try {
+      killed += (await withRetries(() => store.killBulkRevokeChunk(pool, op.id, ids))).length;
+    } catch (err) {
+      if (ids.length === 1) {
+        failed.set(ids[0]!, causes(err));
+        return;
+      }
+      const half = Math.ceil(ids.length / 2);
+      await killIds(ids.slice(0, half));
+      await killIds(ids.slice(half));
     }
-  }
+  };
+  const killPhase = async (): Promise<number> => {
+    let after: string | null = null;
+    for (;;) {
+      const due: string[] = (await withRetries(() => store.bulkRevokeDue(pool, op.id, after, pace.batchSize))).filter(
+        (id) => !failed.has(id),
+      );
+      if (due.length > 0) {
+        await killIds(due);
+        after = due.at(-1)!;
+        onProgress?.({ phase: 'kill', done: killed, failed: failed.size, total: Math.max(killTotal, killed) });
+      }
+      // A short page was the last: no extra empty chunk walks the table.
+      if (due.length < pace.batchSize) break;
+    }
+    return withRetries(() => store.bulkRevokeRemaining(pool, op.id));
+  };
+  let remaining = await killPhase();
+  // Every match committed before the cutoff (the issuance barrier); a token still active after a
+  // pass is one whose kill failed, or one another writer revived: one more pass, then report it.
+  if (remaining > failed.size) remaining = await killPhase();
   await store.updateBulkRevoke(pool, op.id, { state: 'telling' });
   const killMs = performance.now() - killStarted;
 
@@ -273,11 +336,22 @@ export async function revokeMany(
   }
   const tellMs = performance.now() - tellStarted;
 
-  const state: BulkRevokeState = outcome.notSignalled.length === 0 ? 'complete' : 'incomplete';
+  // Never complete while a match is active: recount; kill again what a pass may have missed.
+  remaining = await withRetries(() => store.bulkRevokeRemaining(pool, op.id));
+  if (remaining > 0 && remaining > failed.size) remaining = await killPhase();
+  const state: BulkRevokeState =
+    outcome.notSignalled.length === 0 && remaining === 0 && failed.size === 0 ? 'complete' : 'incomplete';
   await store.updateBulkRevoke(pool, op.id, { state });
   const final = await store.requireBulkRevoke(pool, op.id);
   const alreadyDead = await store.bulkRevokeAlreadyDead(pool, final);
   const warnings = tellWarnings(outcome, `run \`tokenwarden revoke --resume ${op.id}\``);
+  if (failed.size > 0) {
+    warnings.unshift(
+      `${failed.size} matching token(s) could not be killed and are still active (${[...failed.keys()].slice(0, 3).join(', ')}${failed.size > 3 ? ', …' : ''}); run \`tokenwarden revoke --resume ${op.id}\` to try them again`,
+    );
+  } else if (remaining > 0) {
+    warnings.unshift(`${remaining} matching token(s) are still active; run \`tokenwarden revoke --resume ${op.id}\``);
+  }
   return {
     operationId: op.id,
     filter: op.filter,
@@ -290,6 +364,7 @@ export async function revokeMany(
     signalled: outcome.signalled,
     notSignalled: outcome.notSignalled,
     aborted: outcome.aborted,
+    failed: [...failed].map(([tokenId, error]) => ({ tokenId, error })),
     state,
     warnings,
     durationsMs: { kill: Math.round(killMs), tell: Math.round(tellMs) },

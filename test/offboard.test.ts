@@ -9,6 +9,7 @@ import { freePort } from '../dev/processes.js';
 import { runCli } from './support/cli.js';
 import { TestContext } from './support/context.js';
 import { TestReceiver, tokenIdOf } from './support/receiver.js';
+import { issueInOpenTransaction, waitingOnIssuanceBarrier } from './support/open-issue.js';
 import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
@@ -225,6 +226,25 @@ describe('offboard', () => {
     assert.equal(events.length, 1, 'one event for the token both killed');
     const reason = (JSON.parse(events[0]!.body) as { reason: string }).reason;
     assert.equal(reason, offboardKilled ? 'offboarded' : 'revoked alone', 'the event tells the kill that committed');
+  });
+
+  it('should kill a token of the subject issued in a transaction that commits during the offboarding', async () => {
+    const open = await issueInOpenTransaction(ctx.sql, 'usr_window', null);
+    const [other] = await issueFor('usr_window', [['billing']]);
+    let settled = false;
+    const running = ctx.warden
+      .offboard({ subject: 'usr_window', reason: 'offboarded' })
+      .finally(() => (settled = true));
+    // The kill waits for the open issue (the subject's barrier) or, without one, runs to its end.
+    await waitUntil(
+      async () => settled || (await waitingOnIssuanceBarrier(ctx.sql, true)),
+      "the offboarding waiting on the subject's issuance barrier, or done",
+    );
+    await open.commit();
+    const report = await running;
+    const valid = (await rowsOf('usr_window')).filter((r) => r.valid).map((r) => r.id);
+    assert.deepEqual(valid, [], 'nothing of theirs verifies when offboard returns');
+    assert.deepEqual([...report.revoked].sort(), [open.tokenId, other!].sort());
   });
 
   it('should refuse bad input naming the field, and change nothing', async () => {

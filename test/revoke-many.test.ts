@@ -4,15 +4,18 @@ import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { InvalidInputError, type RevokeManyReport } from '../client/index.js';
+import { InvalidInputError, TokenWarden, type RevokeManyReport } from '../client/index.js';
 import { PACKAGE_ROOT } from '../common/config.js';
+import { freePort } from '../dev/processes.js';
 import * as store from '../common/store/index.js';
 import { runCli } from './support/cli.js';
-import { TestContext } from './support/context.js';
+import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
+import { issueInOpenTransaction, waitingOnIssuanceBarrier } from './support/open-issue.js';
 import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
+let worker: RunningWorker;
 const receivers: Record<string, TestReceiver> = {};
 
 before(async () => {
@@ -21,7 +24,7 @@ before(async () => {
     receivers[id] = await TestReceiver.start();
     await ctx.warden.addReceiver({ id, url: receivers[id]!.url });
   }
-  await ctx.startWorker();
+  worker = await ctx.startWorker();
 });
 after(async () => {
   await ctx?.close();
@@ -286,6 +289,173 @@ describe('revokeMany', () => {
     assert.equal(await operationCount(), operations, 'no operation recorded');
     assert.equal((await rows([kept])).get(kept)!.valid, true);
   });
+
+  it('should refuse an issued-before at or after now, a prefix with edge whitespace, and more matches than max', async () => {
+    const deployer = await issue('usr_edges', ['billing'], 'deployer-prod');
+    const operations = await operationCount();
+    const cases: [Record<string, unknown>, Record<string, unknown>, string, RegExp][] = [
+      [{ issuedBefore: '2999-01-01' }, { reason: 'x' }, 'issuedBefore', /filters nothing/],
+      [{ namePrefix: 'deploy ' }, { reason: 'x' }, 'namePrefix', /whitespace/],
+      [{ namePrefix: ' deploy' }, { reason: 'x' }, 'namePrefix', /whitespace/],
+      [{ subject: 'usr_edges' }, { reason: 'x', max: 0 }, 'max', /1 active token\(s\) match, more than/],
+      [{ subject: 'usr_edges' }, { reason: 'x', batchSize: 1001 }, 'batchSize', /./],
+    ];
+    for (const [filter, options, field, message] of cases) {
+      const err = await ctx.warden.revokeMany(filter as never, options as never).catch((e: unknown) => e);
+      assert.ok(err instanceof InvalidInputError, `${field}: ${String(err)}`);
+      assert.ok(
+        err.fields.some((f) => f.path === field && message.test(f.message)),
+        `${field} named in ${JSON.stringify(err.fields)}`,
+      );
+    }
+    assert.equal(await operationCount(), operations, 'no operation recorded');
+    assert.equal((await rows([deployer])).get(deployer)!.valid, true, 'deployer-prod untouched');
+    const within = await ctx.warden.revokeMany({ subject: 'usr_edges' }, { reason: 'x', max: 1 });
+    assert.equal(within.killed, 1, 'max = the match count revokes');
+  });
+
+  it('should kill a matching token issued in a transaction that commits while the operation begins, never complete with it active', async () => {
+    const open = await issueInOpenTransaction(ctx.sql, 'usr_window', 'win-1');
+    const other = await issue('usr_window', ['billing'], 'win-2');
+    let settled = false;
+    const running = ctx.warden
+      .revokeMany({ subject: 'usr_window' }, { reason: 'window' })
+      .finally(() => (settled = true));
+    // The operation waits for the open issue (the barrier) or, without one, runs to its end.
+    await waitUntil(
+      async () => settled || (await waitingOnIssuanceBarrier(ctx.sql, false)),
+      'the revoke waiting on the issuance barrier, or done',
+    );
+    await open.commit();
+    const report = await running;
+    const after = await rows([open.tokenId, other]);
+    assert.equal(after.get(other)!.valid, false);
+    assert.equal(after.get(open.tokenId)!.valid, false, 'the token of the open transaction is dead');
+    assert.equal(after.get(open.tokenId)!.revoke_request_id, report.operationId);
+    assert.deepEqual({ killed: report.killed, state: report.state }, { killed: 2, state: 'complete' });
+  });
+
+  it('should clamp asOf to the operation clock: an asOf in the future cuts off no later than now', async () => {
+    const before = await issue('usr_asof', ['billing'], 'asof-1');
+    const future = new Date(Date.now() + 3_600_000).toISOString();
+    let op: { cutoff: string } | undefined;
+    const report = await ctx.warden.revokeMany(
+      { subject: 'usr_asof' },
+      { reason: 'asof', asOf: future, onOperation: (o) => (op = o) },
+    );
+    assert.ok(Date.parse(op!.cutoff) < Date.parse(future), 'the cutoff is the clock, not the future asOf');
+    assert.equal(report.killed, 1);
+    assert.equal((await rows([before])).get(before)!.valid, false);
+  });
+
+  it('should report a token whose kill keeps failing, kill the others, and stay incomplete', async () => {
+    const ids = [
+      await issue('usr_poison', ['billing'], 'p-1'),
+      await issue('usr_poison', ['billing'], 'p-2'),
+      await issue('usr_poison', ['billing'], 'p-3'),
+    ];
+    const poisoned = ids[1]!;
+    // A real store error on one row: its kill raises (as a corrupt row or a failing trigger would).
+    await ctx.sql.query(`CREATE FUNCTION refuse_kill() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN RAISE EXCEPTION 'refusing to kill %', NEW.id; END $$`);
+    await ctx.sql.query(
+      `CREATE TRIGGER refuse_kill BEFORE UPDATE ON token FOR EACH ROW
+         WHEN (NEW.id = '${poisoned}' AND NEW.status <> 'active') EXECUTE FUNCTION refuse_kill()`,
+    );
+    let report: RevokeManyReport;
+    try {
+      report = await ctx.warden.revokeMany({ subject: 'usr_poison' }, { reason: 'poison' });
+    } finally {
+      await ctx.sql.query('DROP TRIGGER refuse_kill ON token; DROP FUNCTION refuse_kill()');
+    }
+    const after = await rows(ids);
+    assert.equal(after.get(ids[0]!)!.valid, false);
+    assert.equal(after.get(ids[2]!)!.valid, false);
+    assert.equal(after.get(poisoned)!.valid, true);
+    assert.deepEqual(
+      report.failed.map((f) => f.tokenId),
+      [poisoned],
+    );
+    assert.match(report.failed[0]!.error, /refusing to kill/);
+    assert.equal(report.state, 'incomplete');
+    const resumed = await ctx.warden.revokeMany(null, { resume: report.operationId });
+    assert.deepEqual({ killed: resumed.killed, state: resumed.state }, { killed: 1, state: 'complete' });
+  });
+
+  it('should refuse a resume that changes the filter, reason, actor, asOf or max, naming the field', async () => {
+    await issue('usr_same', ['billing']);
+    const op = await store.createBulkRevoke(ctx.pool, {
+      id: randomUUID(),
+      filter: { subject: 'usr_same' },
+      reason: 'kept',
+      actor: 'admin',
+      initiatingEntity: 'admin',
+    });
+    const cases: [Record<string, unknown> | null, Record<string, unknown>, string][] = [
+      [{ subject: 'usr_other' }, {}, 'filter'],
+      [null, { reason: 'changed' }, 'reason'],
+      [null, { actor: 'someone' }, 'actor'],
+      [null, { asOf: new Date().toISOString() }, 'asOf'],
+      [null, { max: 10 }, 'max'],
+    ];
+    for (const [filter, options, field] of cases) {
+      const err = await ctx.warden
+        .revokeMany(filter as never, { resume: op.id, ...options } as never)
+        .catch((e: unknown) => e);
+      assert.ok(err instanceof InvalidInputError, `${field}: ${String(err)}`);
+      assert.ok(
+        err.fields.some((f) => f.path === field),
+        `${field} named in ${JSON.stringify(err.fields)}`,
+      );
+    }
+    const same = await ctx.warden.revokeMany({ subject: 'usr_same' }, { resume: op.id, reason: 'kept' });
+    assert.deepEqual([same.killed, same.state], [1, 'complete']);
+  });
+
+  it('should kill every match and give up telling when Temporal is unreachable, then resume', async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 12; i++) ids.push(await issue('usr_outage', ['billing']));
+    const address = `127.0.0.1:${await freePort()}`;
+    const down = await TokenWarden.connect({
+      ...ctx.settings,
+      temporal: { ...ctx.settings.temporal, connectionOptions: { address } },
+    });
+    let report: RevokeManyReport;
+    try {
+      report = await down.revokeMany({ subject: 'usr_outage' }, { reason: 'outage', concurrency: 2 });
+    } finally {
+      await down.close();
+    }
+    assert.ok(
+      [...(await rows(ids)).values()].every((r) => !r.valid),
+      'all dead in the store',
+    );
+    assert.deepEqual([report.killed, report.signalled, report.state], [12, 0, 'incomplete']);
+    assert.deepEqual([...report.notSignalled].sort(), [...ids].sort());
+    assert.match(report.warnings.join('\n'), /stopped after 8 failures in a row, \d+ not tried/);
+    const resumed = await ctx.warden.revokeMany(null, { resume: report.operationId });
+    assert.deepEqual([resumed.killed, resumed.signalled, resumed.state], [0, 12, 'complete']);
+    await propagated(ids);
+  });
+
+  it('should revoke by receiver alone and by name prefix alone', async () => {
+    await ctx.warden.addReceiver({ id: 'solo', url: receivers.billing!.url });
+    const onSolo = await issue('usr_solo', ['solo'], 'x-1');
+    const offSolo = await issue('usr_solo', ['search'], 'x-2');
+    const byReceiver = await ctx.warden.revokeMany({ receiver: 'solo' }, { reason: 'receiver gone' });
+    assert.equal(byReceiver.killed, 1);
+    const r1 = await rows([onSolo, offSolo]);
+    assert.deepEqual([r1.get(onSolo)!.valid, r1.get(offSolo)!.valid], [false, true]);
+
+    const pfx = `pfx${randomUUID().slice(0, 8)}-`;
+    const a = await issue('usr_p1', ['search'], `${pfx}a`);
+    const b = await issue('usr_p2', ['search'], `${pfx}b`);
+    const near = await issue('usr_p2', ['search'], pfx.slice(0, -1));
+    const byPrefix = await ctx.warden.revokeMany({ namePrefix: pfx }, { reason: 'prefix', batchSize: 1 });
+    assert.equal(byPrefix.killed, 2);
+    const r2 = await rows([a, b, near]);
+    assert.deepEqual([r2.get(a)!.valid, r2.get(b)!.valid, r2.get(near)!.valid], [false, false, true]);
+  });
 });
 
 /** The CLI as a child process whose output is read while it runs; `tty` runs it on a pseudo-terminal. */
@@ -375,19 +545,23 @@ describe('tokenwarden revoke --where', () => {
 
   it('should report progress as plain lines without a terminal, and stop telling on SIGINT with the resume command', async () => {
     const ids: string[] = [];
-    for (let i = 0; i < 6; i++) ids.push(await issue('usr_sigint', ['billing']));
+    for (let i = 0; i < 16; i++) ids.push(await issue('usr_sigint', ['billing']));
+    // No worker: signals are accepted and nothing takes over, so the CLI's own progress line is
+    // the sign of telling, and 16 tokens at 2/s leave it seconds before it could finish.
+    await worker.stop();
     const run = startCli(['revoke', '--where', 'subject=usr_sigint', '--reason', 'rotate', '--yes', '--rate', '2']);
-    await waitUntil(async () => [...(await rows(ids)).values()].some((r) => r.taken_over), 'a first workflow told');
+    await waitUntil(() => /workflows told [1-9]\d*\/16/.test(run.out.stderr), 'a first workflow told');
     run.child.kill('SIGINT');
     const { code } = await run.exited;
-    assert.equal(code, 1, run.out.stderr);
+    worker = await ctx.startWorker();
+    assert.equal(code, 130, run.out.stderr);
     const operationId = /operation ([0-9a-f-]{36})/.exec(run.out.stdout)?.[1];
     assert.ok(operationId, run.out.stdout);
-    assert.match(run.out.stderr, /tokenwarden: 6 active token\(s\) match subject=usr_sigint/);
-    assert.match(run.out.stderr, /tokenwarden: killed in the store 6\/6/);
-    assert.match(run.out.stderr, /tokenwarden: workflows told \d\/6/);
+    assert.match(run.out.stderr, /tokenwarden: 16 active token\(s\) match subject=usr_sigint/);
+    assert.match(run.out.stderr, /tokenwarden: killed in the store 16\/16/);
+    assert.doesNotMatch(run.out.stderr, /stopping after the kill phase/, 'interrupted while telling');
     assert.match(run.out.stderr, new RegExp(`interrupted; .*Resume with: tokenwarden revoke --resume ${operationId}`));
-    assert.match(run.out.stdout, /6 token\(s\) revoked now .*\n\d workflow\(s\) told to propagate, [1-5] not told/);
+    assert.match(run.out.stdout, /16 token\(s\) revoked now .*\n\d+ workflow\(s\) told to propagate, \d+ not told/);
     assert.ok(
       [...(await rows(ids)).values()].every((r) => !r.valid),
       'every match dead',
@@ -413,9 +587,39 @@ describe('tokenwarden revoke --where', () => {
     assert.match(missing.stderr, /required option '--reason <text>' not specified/);
   });
 
+  it('should refuse bulk-only options with a single token id, and list unfinished operations with --operations', async () => {
+    const tokenId = await issue('usr_ops', ['billing']);
+    const env = ctx.childEnv();
+    for (const extra of [['--rate', '5'], ['--yes'], ['--max', '3']]) {
+      const run = await runCli(['revoke', tokenId, '--reason', 'lost', ...extra], env);
+      assert.equal(run.code, 2, `${extra[0]}: ${run.stderr}`);
+      assert.match(run.stderr, new RegExp(`${extra[0]}: only with --where or --resume`));
+    }
+    assert.equal((await rows([tokenId])).get(tokenId)!.valid, true, 'nothing revoked');
+    const op = await store.createBulkRevoke(ctx.pool, {
+      id: randomUUID(),
+      filter: { subject: 'usr_ops' },
+      reason: 'lost terminal',
+      actor: 'admin',
+      initiatingEntity: 'admin',
+    });
+    const listed = await runCli(['revoke', '--operations', '--json'], env);
+    assert.equal(listed.code, 0, listed.stderr);
+    const ops = JSON.parse(listed.stdout) as { id: string; state: string; filter: object }[];
+    const mine = ops.find((o) => o.id === op.id);
+    assert.deepEqual(mine && [mine.state, mine.filter], ['killing', { subject: 'usr_ops' }]);
+    assert.ok(ops.every((o) => o.state !== 'complete'));
+    const resumed = await runCli(['revoke', '--resume', op.id, '--json'], env);
+    assert.equal(resumed.code, 0, resumed.stderr);
+    const after = JSON.parse((await runCli(['revoke', '--operations', '--json'], env)).stdout) as { id: string }[];
+    assert.ok(!after.some((o) => o.id === op.id), 'a complete operation is not listed');
+  });
+
   it('should resume with --resume after the process was SIGKILLed mid-tell, every workflow told once', async () => {
     const ids: string[] = [];
-    for (let i = 0; i < 8; i++) ids.push(await issue('usr_sigkill', ['search'], `svc-${i}`));
+    for (let i = 0; i < 16; i++) ids.push(await issue('usr_sigkill', ['search'], `svc-${i}`));
+    // No worker while the CLI tells (see the SIGINT test): its progress lines show telling began.
+    await worker.stop();
     const args = [
       'revoke',
       '--where',
@@ -441,17 +645,17 @@ describe('tokenwarden revoke --where', () => {
         () => /resume with: tokenwarden revoke --resume ([0-9a-f-]{36})/.exec(stderr)?.[1],
         'the operation id on stderr',
       );
-      // Some workflow told (and taken over), not all: then the process dies.
-      await waitUntil(async () => [...(await rows(ids)).values()].some((r) => r.taken_over), 'a first workflow told');
+      // Some workflow told, not all (16 at 2/s): then the process dies.
+      await waitUntil(() => /workflows told [1-9]\d*\/16/.test(stderr), 'a first workflow told');
       child.kill('SIGKILL');
       assert.equal(await exited, 'SIGKILL');
+      worker = await ctx.startWorker();
       const midway = await rows(ids);
       assert.ok(
         ids.every((id) => !midway.get(id)!.valid),
         'every match was dead before telling began',
       );
       const untold = ids.filter((id) => !midway.get(id)!.taken_over);
-      assert.ok(untold.length > 0 && untold.length < ids.length, `killed mid-tell (${untold.length} untold)`);
 
       const resumed = await runCli(['revoke', '--resume', operationId, '--json'], ctx.childEnv());
       assert.equal(resumed.code, 0, resumed.stderr);
@@ -459,7 +663,7 @@ describe('tokenwarden revoke --where', () => {
       assert.equal(report.operationId, operationId);
       assert.equal(report.resumed, true);
       assert.equal(report.killed, 0);
-      assert.equal(report.killedTotal, 8);
+      assert.equal(report.killedTotal, 16);
       // The untold ones, less any told just before the kill that took over since.
       assert.ok(
         report.signalled > 0 && report.signalled <= untold.length,
@@ -470,6 +674,7 @@ describe('tokenwarden revoke --where', () => {
       assertToldOnce(Object.fromEntries(ids.map((id) => [id, ['search']])), operationId);
     } finally {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+      if (worker.worker.getState() !== 'RUNNING') worker = await ctx.startWorker();
     }
   });
 });

@@ -118,16 +118,27 @@ export interface NewBulkRevoke {
   asOf?: string;
 }
 
-/** Records a new operation; its cutoff is the database clock now (or `asOf`, when earlier). */
+/**
+ * Records a new operation. Its cutoff is read after the issuance barrier (migrations/0013): every
+ * issuing transaction in flight has committed by then, so each token issued at or before the cutoff
+ * is visible to the kill chunks. The cutoff is that clock, or `asOf` when earlier.
+ */
 export async function createBulkRevoke(db: Queryable, op: NewBulkRevoke): Promise<BulkRevokeRecord> {
   const { rows } = await db.query(
-    `INSERT INTO ${table(db)}
+    `WITH barrier AS (SELECT ${routine(db.tables, 'issuance_barrier')}() AS clock)
+     INSERT INTO ${table(db)}
             (id, subject, receiver, issued_before, name_prefix, reason, actor, initiating_entity, cutoff)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, least(now(), coalesce($9::timestamptz, now())))
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, least(b.clock, coalesce($9::timestamptz, b.clock)) FROM barrier b
      RETURNING *`,
     [op.id, ...filterParams(op.filter), op.reason, op.actor, op.initiatingEntity, op.asOf ?? null],
   );
   return toOperation(rows[0]);
+}
+
+/** Operations not complete (killing, telling, incomplete), oldest first: what may need a resume. */
+export async function unfinishedBulkRevokes(db: Queryable): Promise<BulkRevokeRecord[]> {
+  const { rows } = await db.query(`SELECT * FROM ${table(db)} WHERE state <> 'complete' ORDER BY created_at, id`);
+  return rows.map(toOperation);
 }
 
 export async function requireBulkRevoke(db: Queryable, id: string): Promise<BulkRevokeRecord> {
@@ -136,15 +147,33 @@ export async function requireBulkRevoke(db: Queryable, id: string): Promise<Bulk
   return toOperation(rows[0]);
 }
 
+/** The ids of up to `limit` active tokens matching the operation after `afterId`, lowest first. */
+export async function bulkRevokeDue(
+  db: Queryable,
+  id: string,
+  afterId: string | null,
+  limit: number,
+): Promise<string[]> {
+  const { rows } = await db.query<{ due: string[] }>(
+    `SELECT ${routine(db.tables, 'bulk_revoke_due')}($1, $2, $3) AS due`,
+    [id, afterId, limit],
+  );
+  return rows[0]!.due;
+}
+
 /**
- * Kills up to `limit` active tokens matching the operation (lowest ids first) in one statement and
- * one transaction, each by the one kill; returns the facts of those this call killed.
+ * Kills those of `tokenIds` still active and matching the operation, in one statement and one
+ * transaction, each by the one kill; returns the facts of those this call killed. Idempotent.
  */
-export async function killBulkRevokeChunk(pool: StorePool, id: string, limit: number): Promise<TokenRecord[]> {
+export async function killBulkRevokeChunk(
+  pool: StorePool,
+  id: string,
+  tokenIds: readonly string[],
+): Promise<TokenRecord[]> {
   const t = pool.tables;
   const { rows } = await pool.query(
     `SELECT ${TOKEN_COLUMNS} FROM ${routine(t, 'bulk_revoke_kill_chunk')}($1, $2, $3, $4)`,
-    [t.schema, id, limit, KILL_CHANNEL],
+    [t.schema, id, tokenIds, KILL_CHANNEL],
   );
   return rows.map(toToken);
 }

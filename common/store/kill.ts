@@ -149,8 +149,9 @@ export async function killTokens(
 }
 
 /**
- * Kills every active token of a subject in one transaction (offboarding): the subject's ids are read
- * in the same statement, so a token of theirs is either killed here or was dead before.
+ * Kills every active token of a subject in one transaction (offboarding). The store's
+ * `kill_subject_tokens` (migrations/0013) first takes the subject's issuance barrier, then reads
+ * their ids: a token issued for them has committed and is killed here, or is issued after this.
  */
 export async function killSubjectTokens(
   pool: StorePool,
@@ -159,10 +160,7 @@ export async function killSubjectTokens(
 ): Promise<TokenRecord[]> {
   const t = pool.tables;
   const { rows } = await pool.query(
-    `SELECT ${TOKEN_COLUMNS}
-       FROM ${routine(t, 'kill_tokens')}(
-              $1, ARRAY(SELECT id FROM ${t.token} WHERE subject = $2 AND status = 'active'),
-              $3, $4, $5, $6, $7, $8)`,
+    `SELECT ${TOKEN_COLUMNS} FROM ${routine(t, 'kill_subject_tokens')}($1, $2, $3, $4, $5, $6, $7, $8)`,
     [t.schema, subject, req.actor, req.reason, req.initiatingEntity, req.operationId, req.operationId, KILL_CHANNEL],
   );
   return rows.map(toToken);
