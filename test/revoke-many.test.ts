@@ -335,6 +335,23 @@ describe('revokeMany', () => {
     assert.deepEqual({ killed: report.killed, state: report.state }, { killed: 2, state: 'complete' });
   });
 
+  it('should kill a matching token of an import batch whose transaction commits while the operation begins', async () => {
+    const open = await issueInOpenTransaction(ctx.sql, 'usr_window_import', 'win-i', 'import');
+    let settled = false;
+    const running = ctx.warden
+      .revokeMany({ subject: 'usr_window_import' }, { reason: 'window' })
+      .finally(() => (settled = true));
+    await waitUntil(
+      async () => settled || (await waitingOnIssuanceBarrier(ctx.sql, false)),
+      'the revoke waiting on the issuance barrier, or done',
+    );
+    await open.commit();
+    const report = await running;
+    const after = await rows([open.tokenId]);
+    assert.equal(after.get(open.tokenId)!.valid, false, 'the imported token of the open transaction is dead');
+    assert.deepEqual({ killed: report.killed, state: report.state }, { killed: 1, state: 'complete' });
+  });
+
   it('should clamp asOf to the operation clock: an asOf in the future cuts off no later than now', async () => {
     const before = await issue('usr_asof', ['billing'], 'asof-1');
     const future = new Date(Date.now() + 3_600_000).toISOString();

@@ -119,7 +119,7 @@ export interface NewBulkRevoke {
 }
 
 /**
- * Records a new operation. Its cutoff is read after the issuance barrier (migrations/0013): every
+ * Records a new operation. Its cutoff is read after the issuance barrier (migrations/0011): every
  * issuing transaction in flight has committed by then, so each token issued at or before the cutoff
  * is visible to the kill chunks. The cutoff is that clock, or `asOf` when earlier.
  */

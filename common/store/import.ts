@@ -25,7 +25,7 @@ export type ImportOutcome =
   | { outcome: 'conflict'; field: string; message: string };
 
 /**
- * Writes a batch in one statement (the store's `import_tokens`, migrations/0011): per record, in
+ * Writes a batch in one statement (the store's `import_tokens`, migrations/0013): per record, in
  * order, inserted, existing (a rerun), or a conflict with its reason; one record never aborts the
  * batch. `imported` marks the audit events of tokens brought under management.
  */

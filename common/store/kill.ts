@@ -150,7 +150,7 @@ export async function killTokens(
 
 /**
  * Kills every active token of a subject in one transaction (offboarding). The store's
- * `kill_subject_tokens` (migrations/0013) first takes the subject's issuance barrier, then reads
+ * `kill_subject_tokens` (migrations/0011) first takes the subject's issuance barrier, then reads
  * their ids: a token issued for them has committed and is killed here, or is issued after this.
  */
 export async function killSubjectTokens(

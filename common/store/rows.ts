@@ -90,10 +90,10 @@ export const routine = (
     | 'bulk_revoke_kill_chunk'
     | 'bulk_revoke_remaining'
     | 'bulk_revoke_due'
-    // Issuance barrier (migrations/0013).
+    // Issuance barrier (migrations/0011).
     | 'issuance_barrier'
     | 'kill_subject_tokens'
-    // Bulk import and bulk issue (migrations/0011).
+    // Bulk import and bulk issue (migrations/0013).
     | 'import_tokens',
 ) => `${quoteIdent(t.schema)}.${name}`;
 

@@ -10,18 +10,33 @@ export interface OpenIssue {
   commit(): Promise<void>;
 }
 
-export async function issueInOpenTransaction(sql: pg.Pool, subject: string, name: string | null): Promise<OpenIssue> {
+/** `via`: the one-token issue (issue_token), or a bulk import's batch (import_tokens). */
+export async function issueInOpenTransaction(
+  sql: pg.Pool,
+  subject: string,
+  name: string | null,
+  via: 'issue' | 'import' = 'issue',
+): Promise<OpenIssue> {
   const client = await sql.connect();
   const tokenId = `tok_${randomBytes(16).toString('hex')}`;
+  const credentialId = `cred_${randomBytes(8).toString('hex')}`;
   try {
     await client.query('BEGIN');
-    await client.query(`SELECT issue_token($1, $2, $3, $4, '{}', '{}', 3600000, $5)`, [
-      tokenId,
-      `cred_${randomBytes(8).toString('hex')}`,
-      subject,
-      name,
-      randomBytes(32),
-    ]);
+    if (via === 'issue') {
+      await client.query(`SELECT issue_token($1, $2, $3, $4, '{}', '{}', 3600000, $5)`, [
+        tokenId,
+        credentialId,
+        subject,
+        name,
+        randomBytes(32),
+      ]);
+    } else {
+      const { rows } = await client.query(
+        `SELECT outcome FROM import_tokens($1, $2, '{true}', $3, $4, $5, '{"[]"}', '{"[]"}', '{NULL}', '{3600000}', true)`,
+        [[tokenId], [credentialId], [randomBytes(32)], [subject], [name]],
+      );
+      if (rows[0]?.outcome !== 'inserted') throw new Error(`import_tokens answered ${String(rows[0]?.outcome)}`);
+    }
   } catch (err) {
     client.release(true);
     throw err;

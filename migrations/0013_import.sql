@@ -15,7 +15,7 @@ SELECT set_config('search_path', quote_ident(current_schema()) || ', pg_temp', t
 --             secret belongs to another token, the token is stored with other facts (a rerun with
 --             changed records), an unknown or removed receiver, an expiry not in the future.
 --             `field` names the record's field at fault; messages name ids and fields, never values.
--- Expiry: expires_at when given, else now() + ttl_ms. Receivers are locked FOR SHARE until commit,
+-- Expiry: expires_at when given, else issued_at + ttl_ms (issued_at from issuance_clock, 0011). Receivers are locked FOR SHARE until commit,
 -- as in issue_token. Concurrent batches holding the same secret serialise on a lock per secret
 -- (below): the later one reports existing or conflict. `imported` marks the audit event (`"imported": true`) of a token brought under
 -- management; a bulk issue passes false.
@@ -52,6 +52,7 @@ DECLARE
   owner text;
   differs text;
   lock_key bigint;
+  issued timestamptz;
 BEGIN
   SELECT coalesce(array_agg(r.id), '{}') INTO known
     FROM (SELECT r.id FROM receiver r
@@ -139,14 +140,17 @@ BEGIN
       CONTINUE;
     END IF;
 
-    expiry := coalesce(rec.expires_at, now() + rec.ttl_ms * interval '1 millisecond');
-    IF expiry IS NULL OR expiry <= now() THEN
+    -- The issuance barrier (migrations/0011): issued_at from the clock once this transaction holds the
+    -- shared issuance locks, so a revoke by filter or an offboarding that began later sees this row.
+    issued := issuance_clock(rec.subject);
+    expiry := coalesce(rec.expires_at, issued + rec.ttl_ms * interval '1 millisecond');
+    IF expiry IS NULL OR expiry <= issued THEN
       outcome := 'conflict';
       field := 'expiresAt';
       message := 'the expiry is not in the future (on the database clock)';
       RETURN NEXT;
       CONTINUE;
-    ELSIF expiry - now() > interval '3650 days' THEN
+    ELSIF expiry - issued > interval '3650 days' THEN
       outcome := 'conflict';
       field := 'expiresAt';
       message := 'the expiry is more than 3650 days ahead';
@@ -154,8 +158,8 @@ BEGIN
       CONTINUE;
     END IF;
 
-    INSERT INTO token (id, subject, name, scopes, receivers, expires_at)
-    VALUES (rec.token_id, rec.subject, rec.name, rec_scopes, rec_receivers, expiry)
+    INSERT INTO token (id, subject, name, scopes, receivers, issued_at, expires_at)
+    VALUES (rec.token_id, rec.subject, rec.name, rec_scopes, rec_receivers, issued, expiry)
     ON CONFLICT (id) DO NOTHING
     RETURNING * INTO stored;
     IF NOT FOUND THEN
