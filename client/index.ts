@@ -29,6 +29,7 @@ import {
   parseInput,
   reasonSchema,
   receiverIdSchema,
+  subjectLookupSchema,
   subjectSchema,
   tokenIdSchema,
   ttlSchema,
@@ -121,7 +122,7 @@ export type OperatorInput = Omit<z.input<typeof operatorSchema>, 'tokenId'>;
 export const OFFBOARD_DEFAULTS = { rate: 200, concurrency: 16 } as const;
 
 const offboardSchema = z.object({
-  subject: subjectSchema,
+  subject: subjectLookupSchema,
   reason: reasonSchema,
   actor: actorSchema.default('admin'),
   initiatingEntity: z.enum(INITIATING_ENTITIES).default('admin'),

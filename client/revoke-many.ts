@@ -21,7 +21,7 @@ import type { RevokeRequest } from '../common/messages.js';
 import { INITIATING_ENTITIES, type InitiatingEntity } from '../common/names.js';
 import * as store from '../common/store/index.js';
 import type { BulkRevokeFilter, BulkRevokeRecord, BulkRevokeState, TokenRecord } from '../common/store/index.js';
-import { actorSchema, parseInput, reasonSchema, receiverIdSchema, subjectSchema } from '../common/validation.js';
+import { actorSchema, parseInput, reasonSchema, receiverIdSchema, subjectLookupSchema } from '../common/validation.js';
 import { causes, tellPaced, tellWarnings, type TellOutcome, type TellPace } from './tell.js';
 
 // Errors a retry may cure: connection lost, deadlock, serialization failure, statement timeout.
@@ -69,7 +69,7 @@ const instantSchema = z.union([z.iso.datetime({ offset: true }), z.iso.date()], 
 
 export const revokeFilterSchema = z
   .strictObject({
-    subject: subjectSchema.optional(),
+    subject: subjectLookupSchema.optional(),
     receiver: receiverIdSchema.optional(),
     issuedBefore: instantSchema
       .transform((text) => new Date(text).toISOString())
@@ -172,6 +172,10 @@ export async function countMatching(pool: StorePool, filter: RevokeFilter): Prom
   return store.countMatching(pool, parseInput(revokeFilterSchema, filter, 'revoke filter'));
 }
 
+/** The earlier of two instants (either may be absent, not both). */
+const earliest = (a: string | undefined, b: string | undefined): string =>
+  a === undefined ? b! : b === undefined ? a : Date.parse(a) <= Date.parse(b) ? a : b;
+
 const sameFilter = (a: BulkRevokeFilter, b: BulkRevokeFilter) =>
   a.subject === b.subject &&
   a.receiver === b.receiver &&
@@ -217,8 +221,11 @@ export async function revokeMany(
     const parsedFilter = parseInput(revokeFilterSchema, filter ?? {}, 'revoke filter');
     const req = parseInput(newRunSchema, fields, 'revoke request');
     pace = req;
+    let countedAsOf: string | undefined;
     if (req.max !== undefined) {
-      const { active } = await store.countMatching(pool, parsedFilter);
+      const { active, asOf } = await store.countMatching(pool, parsedFilter);
+      // What was counted is what may be killed: the cutoff is no later than the count.
+      countedAsOf = asOf;
       if (active > req.max) {
         throw new InvalidInputError(
           `invalid revoke request: max: ${active} active token(s) match, more than the ${req.max} allowed; nothing was revoked`,
@@ -232,7 +239,7 @@ export async function revokeMany(
       reason: req.reason,
       actor: req.actor,
       initiatingEntity: req.initiatingEntity as InitiatingEntity,
-      ...(req.asOf ? { asOf: req.asOf } : {}),
+      ...(req.asOf || countedAsOf ? { asOf: earliest(req.asOf, countedAsOf) } : {}),
     });
   }
   onOperation?.(op);
@@ -261,16 +268,16 @@ export async function revokeMany(
   const killPhase = async (): Promise<number> => {
     let after: string | null = null;
     for (;;) {
-      const due: string[] = (await withRetries(() => store.bulkRevokeDue(pool, op.id, after, pace.batchSize))).filter(
-        (id) => !failed.has(id),
-      );
+      const page: string[] = await withRetries(() => store.bulkRevokeDue(pool, op.id, after, pace.batchSize));
+      // Ids whose kill already failed are not tried again, but they count for the page's length.
+      const due = page.filter((id) => !failed.has(id));
       if (due.length > 0) {
         await killIds(due);
-        after = due.at(-1)!;
         onProgress?.({ phase: 'kill', done: killed, failed: failed.size, total: Math.max(killTotal, killed) });
       }
+      if (page.length > 0) after = page.at(-1)!;
       // A short page was the last: no extra empty chunk walks the table.
-      if (due.length < pace.batchSize) break;
+      if (page.length < pace.batchSize) break;
     }
     return withRetries(() => store.bulkRevokeRemaining(pool, op.id));
   };

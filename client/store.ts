@@ -21,7 +21,7 @@ import {
 } from '../common/store/receivers.js';
 import type { ReceiverRecord, TokenRecord } from '../common/store/rows.js';
 import { listTokens, requireToken } from '../common/store/tokens.js';
-import { parseInput, receiverIdSchema, subjectSchema, tokenIdSchema } from '../common/validation.js';
+import { parseInput, receiverIdSchema, subjectLookupSchema, tokenIdSchema } from '../common/validation.js';
 
 export { loadStoreSettings, type StoreSettings } from '../common/config.js';
 export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.js';
@@ -29,7 +29,7 @@ export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/stor
 export type { DeliveryReport } from '../common/store/deliveries.js';
 
 const listSchema = z.object({
-  subject: subjectSchema.optional(),
+  subject: subjectLookupSchema.optional(),
   status: z.enum(TOKEN_STATUSES).optional(),
   limit: z.number().int().min(1).max(10_000).default(100),
   /** Only tokens older than this one (keyset pagination: the last id of the previous page). */

@@ -70,6 +70,7 @@ const SECRET_SHAPES: ReadonlyArray<{ kind: string; re: RegExp }> = [
   { kind: 'a JSON Web Token', re: /(?:^|[^A-Za-z0-9])eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*/ },
   { kind: 'a private key', re: /-----BEGIN [A-Z ]*PRIVATE KEY-----/ },
   { kind: 'a signing secret', re: /(?:^|[^A-Za-z0-9])whsec_[A-Za-z0-9+/=]{16,}/ },
+  { kind: 'a tokenwarden API key', re: /(?:^|[^A-Za-z0-9])twk_[A-Za-z0-9]{8,}_[A-Za-z0-9]{16,}/ },
 ];
 const OWN_TOKEN_SHAPE = /tw_[0-9A-Za-z]{43}_[0-9A-Za-z]{6}/g;
 
@@ -95,14 +96,19 @@ const noSecret =
     if (kind !== undefined) ctx.addIssue({ code: 'custom', message: `looks like a secret (${kind}); ${what}` });
   };
 
-/** Opaque subject ids (user or account ids). Emails are refused: search attributes are plaintext. */
-export const subjectSchema = z
+/**
+ * A subject as a lookup names it (list, offboard, revoke by filter): the format only, so a subject
+ * stored before secret-shaped ones were refused can still be found and cleaned up.
+ */
+export const subjectLookupSchema = z
   .string()
   .regex(
     /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/,
     'expected an opaque id of letters, digits and _.:- (max 128), not an email',
-  )
-  .superRefine(noSecret(FIELD_PURPOSE.subject));
+  );
+
+/** Opaque subject ids (user or account ids) as written to a new token. Emails are refused: search attributes are plaintext. */
+export const subjectSchema = subjectLookupSchema.superRefine(noSecret(FIELD_PURPOSE.subject));
 
 export const receiverIdSchema = z
   .string()

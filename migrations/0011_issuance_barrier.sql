@@ -14,15 +14,28 @@ LANGUAGE sql STABLE SET search_path FROM CURRENT AS $$
                        ELSE 'tokenwarden.issuance:' END || current_schema())
 $$;
 
--- Called first by every transaction that writes a token (issue_token, import_tokens): holds both
--- barriers shared until commit and returns the clock the token's issued_at must be.
-CREATE FUNCTION issuance_clock(subject text) RETURNS timestamptz
+-- Called first by every transaction that writes tokens (issue_token, import_tokens) with all the
+-- subjects it will write: holds both barriers shared until commit and returns the clock the tokens'
+-- issued_at must be. Subjects first, in key order, then the global barrier: a writer waiting on an
+-- offboarding's subject lock never holds the global one, so a revocation by filter queued behind
+-- it cannot stall every other issue meanwhile.
+CREATE FUNCTION issuance_clock_for(subjects text[]) RETURNS timestamptz
 LANGUAGE plpgsql VOLATILE SET search_path FROM CURRENT AS $$
+DECLARE
+  subject_key integer;
 BEGIN
+  FOR subject_key IN SELECT DISTINCT hashtext(s) AS k FROM unnest(issuance_clock_for.subjects) AS s ORDER BY k LOOP
+    PERFORM pg_advisory_xact_lock_shared(issuance_lock_class(true), subject_key);
+  END LOOP;
   PERFORM pg_advisory_xact_lock_shared(issuance_lock_class(false), 0);
-  PERFORM pg_advisory_xact_lock_shared(issuance_lock_class(true), hashtext(issuance_clock.subject));
   RETURN clock_timestamp();
 END;
+$$;
+
+-- One subject's issue (issue_token).
+CREATE FUNCTION issuance_clock(subject text) RETURNS timestamptz
+LANGUAGE sql VOLATILE SET search_path FROM CURRENT AS $$
+  SELECT issuance_clock_for(ARRAY[issuance_clock.subject])
 $$;
 
 -- A revocation by filter's cutoff: waits for every issuing transaction in flight, then reads the

@@ -69,6 +69,9 @@ BEGIN
     PERFORM pg_advisory_xact_lock(lock_key);
   END LOOP;
 
+  -- The issuance barrier (migrations/0011) for every subject of the batch, before any row is written.
+  PERFORM issuance_clock_for(subjects);
+
   FOR rec IN
     SELECT u.* FROM unnest(token_ids, credential_ids, id_given, secret_hashes, subjects, names, scopes_json,
                            receivers_json, expires_ats, ttls_ms)
@@ -140,9 +143,9 @@ BEGIN
       CONTINUE;
     END IF;
 
-    -- The issuance barrier (migrations/0011): issued_at from the clock once this transaction holds the
-    -- shared issuance locks, so a revoke by filter or an offboarding that began later sees this row.
-    issued := issuance_clock(rec.subject);
+    -- The issuance barrier is held (taken for every subject of the batch before the loop): a revoke
+    -- by filter or an offboarding that reads its clock after this one sees this row.
+    issued := clock_timestamp();
     expiry := coalesce(rec.expires_at, issued + rec.ttl_ms * interval '1 millisecond');
     IF expiry IS NULL OR expiry <= issued THEN
       outcome := 'conflict';

@@ -178,6 +178,36 @@ describe('bulk issue resume', () => {
     assert.equal((await tokensOf('usr_locked_')).length, 300);
   });
 
+  it("should refuse a run while a live process holds the out file's lock, leaving that run's errors file untouched", async () => {
+    const from = path.join(dir, 'held.jsonl');
+    const out = path.join(dir, 'held.tokens.jsonl');
+    const errors = path.join(dir, 'held.errors.jsonl');
+    await writeFile(from, jsonl([{ subject: 'usr_held', ttl: '1h' }]));
+    // The lock of a run in progress (this test's own process: alive, same host), and its errors so far.
+    await writeFile(`${out}.lock`, JSON.stringify({ pid: process.pid, host: os.hostname() }));
+    await writeFile(errors, '{"line":7,"kind":"invalid"}\n');
+    const refused = await issueCli(['--from', from, '--out', out, '--errors', errors, '--json']);
+    assert.equal(refused.code, 2, refused.stdout + refused.stderr);
+    assert.match(
+      refused.stderr,
+      new RegExp(`another bulk issue is writing to it now \\(held\\.tokens\\.jsonl\\.lock: pid ${process.pid}\\)`),
+    );
+    assert.equal(
+      await readFile(errors, 'utf8'),
+      '{"line":7,"kind":"invalid"}\n',
+      'the running run keeps its errors file',
+    );
+    await rm(`${out}.lock`);
+    const ran = await issueCli(['--from', from, '--out', out, '--errors', errors, '--json']);
+    assert.equal(ran.code, 0, ran.stderr);
+    await assert.rejects(
+      readFile(errors, 'utf8'),
+      { code: 'ENOENT' },
+      'a run without errors removes the previous file',
+    );
+    await assert.rejects(readFile(`${out}.lock`, 'utf8'), { code: 'ENOENT' }, 'the lock is gone after the run');
+  });
+
   it('should keep no raw token of the earlier run in memory while resuming', async () => {
     const from = path.join(dir, 'memory.jsonl');
     const out = path.join(dir, 'memory.tokens.jsonl');

@@ -247,6 +247,20 @@ describe('offboard', () => {
     assert.deepEqual([...report.revoked].sort(), [open.tokenId, other!].sort());
   });
 
+  it('should still find and offboard a subject stored with a secret-shaped value (refused for new tokens only)', async () => {
+    // Stored before such subjects were refused (the store's own function takes any text).
+    const leaked = `ghp_${'a1B2c3D4'.repeat(5)}`;
+    const stored = await issueInOpenTransaction(ctx.sql, leaked, null);
+    await stored.commit();
+    await assert.rejects(ctx.warden.issue({ subject: leaked, ttl: '1h' }), /looks like a secret \(a GitHub token\)/);
+    assert.deepEqual(
+      (await ctx.warden.list({ subject: leaked })).map((t) => t.id),
+      [stored.tokenId],
+    );
+    const report = await ctx.warden.offboard({ subject: leaked, reason: 'subject leaked a secret' });
+    assert.deepEqual(report.revoked, [stored.tokenId]);
+  });
+
   it('should refuse bad input naming the field, and change nothing', async () => {
     const [tokenId] = await issueFor('usr_kept', [['billing']]);
     const cases: [Record<string, unknown>, string][] = [

@@ -1,11 +1,11 @@
 /** Schemas shared by the routes: path parameters, the cursor, and the records the API answers with. */
 import { z } from 'zod';
 import { TOKEN_STATUSES } from '../../common/names.js';
-import { receiverIdSchema, subjectSchema, tokenIdSchema } from '../../common/validation.js';
+import { receiverIdSchema, subjectLookupSchema, tokenIdSchema } from '../../common/validation.js';
 
 export const tokenIdParams = z.object({ id: tokenIdSchema });
 export const receiverIdParams = z.object({ id: receiverIdSchema });
-export const subjectParams = z.object({ subject: subjectSchema });
+export const subjectParams = z.object({ subject: subjectLookupSchema });
 
 const CURSOR_VERSION = 'v1';
 
@@ -23,7 +23,7 @@ export const cursorSchema = z.string().transform((text, ctx) => {
 });
 
 export const listQuery = z.object({
-  subject: subjectSchema.optional(),
+  subject: subjectLookupSchema.optional(),
   status: z.enum(TOKEN_STATUSES).optional(),
   limit: z
     .string()

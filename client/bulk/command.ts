@@ -11,9 +11,13 @@ import {
   createReadStream,
   fchmodSync,
   fstatSync,
+  lstatSync,
   openSync,
+  renameSync,
+  rmSync,
   unlinkSync,
   writeSync,
+  type Stats,
 } from 'node:fs';
 import { open, realpath, stat } from 'node:fs/promises';
 import path from 'node:path';
@@ -85,26 +89,40 @@ const refuseErrors = (file: string, why: string) =>
   new InvalidInputError(`invalid --errors ${file}: ${why}`, [{ path: 'errors', message: why }]);
 
 /**
- * The errors file: opened (truncated) at the start, one JSON line per record written synchronously,
- * removed when empty. Mode 0600 (it names token ids) and never through a symbolic link.
+ * The errors file: written to a private temporary file beside it (mode 0600: it names token ids;
+ * never through a symbolic link) and renamed into place at the end, so a second run refused at its
+ * start, or running at the same time, never truncates the file of a run in progress. A run that
+ * wrote no error removes the previous run's file; one that ended by an error before any record
+ * keeps it.
  */
 class ErrorsFile {
   #fd: number;
   #count = 0;
+  readonly #temp: string;
   constructor(readonly file: string) {
-    const { O_WRONLY, O_CREAT, O_TRUNC, O_NOFOLLOW } = constants;
+    let existing: Stats | undefined;
     try {
-      this.#fd = openSync(file, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, 0o600);
+      existing = lstatSync(file);
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
-      throw refuseErrors(file, code === 'ELOOP' ? 'is a symbolic link' : `cannot be written (${code ?? 'error'})`);
+      if (code !== 'ENOENT') throw refuseErrors(file, `cannot be written (${code ?? 'error'})`);
+    }
+    if (existing?.isSymbolicLink()) throw refuseErrors(file, 'is a symbolic link');
+    if (existing && !existing.isFile()) throw refuseErrors(file, 'is not a regular file');
+    this.#temp = path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.tmp`);
+    const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW } = constants;
+    try {
+      this.#fd = openSync(this.#temp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      throw refuseErrors(file, `cannot be written (${code ?? 'error'} on ${this.#temp})`);
     }
     try {
-      if (!fstatSync(this.#fd).isFile()) throw refuseErrors(file, 'is not a regular file');
-      fchmodSync(this.#fd, 0o600); // an existing file keeps its mode otherwise
+      fchmodSync(this.#fd, 0o600); // the umask may have narrowed it, never widened: stated anyway
     } catch (err) {
       closeSync(this.#fd);
-      throw err instanceof InvalidInputError ? err : refuseErrors(file, `cannot be made private (${String(err)})`);
+      unlinkSync(this.#temp);
+      throw refuseErrors(file, `cannot be made private (${String(err)})`);
     }
   }
   write(error: BulkError): void {
@@ -112,12 +130,16 @@ class ErrorsFile {
     const { line, field, message, kind, tokenId, issues } = error;
     writeSync(this.#fd, `${JSON.stringify({ line, field: field ?? null, message, kind, tokenId, issues })}\n`);
   }
-  /** The file's path, or null (and no file) when nothing was written. */
-  close(): string | null {
-    const empty = this.#count === 0 && fstatSync(this.#fd).size === 0;
+  /** The file's path, or null (and no file) when nothing was written; `ran`: the run got to its end. */
+  close(ran: boolean): string | null {
     closeSync(this.#fd);
-    if (empty) unlinkSync(this.file);
-    return empty ? null : this.file;
+    if (this.#count > 0) {
+      renameSync(this.#temp, this.file);
+      return this.file;
+    }
+    unlinkSync(this.#temp);
+    if (ran) rmSync(this.file, { force: true });
+    return null;
   }
 }
 
@@ -269,7 +291,7 @@ async function runCommand(
   } finally {
     process.off('SIGINT', onSigint);
     view.stop();
-    const errorsFile = errors.close();
+    const errorsFile = errors.close(summary !== undefined);
     if (summary) summary.errorsFile = errorsFile;
   }
   process.stdout.write(opts.json ? `${JSON.stringify(summary)}\n` : `${print(summary!)}\n`);

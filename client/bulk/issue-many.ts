@@ -8,10 +8,9 @@
  * store that a dead run's connection releases).
  */
 import { createHash } from 'node:crypto';
-import { constants, open, realpath, type FileHandle } from 'node:fs/promises';
+import { constants, open, readFile, rm, type FileHandle } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import type pg from 'pg';
 import { InvalidInputError } from '../../common/errors.js';
 import { newCredentialId, newTokenId } from '../../common/ids.js';
 import { TOKEN_ID_PREFIX } from '../../common/names.js';
@@ -245,34 +244,53 @@ async function syncDirectory(dir: string): Promise<void> {
 }
 
 /**
- * One run per out file: a session advisory lock in the store, keyed by host and the file's real
- * path, held on a connection of its own for the run. A killed run's connection closes and frees it.
+ * One run per out file: `<out>.lock`, created exclusively, holding this process's pid and host (no
+ * session state in the store: behind a transaction-mode pooler a session lock would not exclude).
+ * A lock left by a killed run of this host (its pid no longer runs) is taken over; one of another
+ * host, or of a live process, refuses the run.
  */
-async function lockOutFile(deps: BulkDeps, file: string): Promise<() => Promise<void>> {
-  const where = path.resolve(file);
-  const real = path.join(await realpath(path.dirname(where)), path.basename(where));
-  const key = createHash('sha256')
-    .update(`tokenwarden issue --out\0${os.hostname()}\0${real}`)
-    .digest()
-    .readBigInt64BE(0);
-  const connection: pg.PoolClient = await deps.pool.connect();
-  let locked = false;
-  try {
-    const { rows } = await connection.query('SELECT pg_try_advisory_lock($1::bigint) AS locked', [key.toString()]);
-    locked = (rows[0] as { locked: boolean }).locked;
-  } finally {
-    if (!locked) connection.release();
-  }
-  if (!locked) throw refuse(file, 'another bulk issue is writing to it now; let it end, or use another --out');
-  return async () => {
+async function lockOutFile(file: string): Promise<() => Promise<void>> {
+  const lockFile = `${path.resolve(file)}.lock`;
+  const me = JSON.stringify({ pid: process.pid, host: os.hostname() });
+  for (let attempt = 0; attempt < 2; attempt++) {
     try {
-      await connection.query('SELECT pg_advisory_unlock($1::bigint)', [key.toString()]);
-      connection.release();
+      const handle = await open(
+        lockFile,
+        constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW,
+        0o600,
+      );
+      await handle.writeFile(me);
+      await handle.close();
+      return async () => {
+        await rm(lockFile, { force: true });
+      };
     } catch (err) {
-      // The session ends with the connection, and with it the lock.
-      connection.release(err instanceof Error ? err : true);
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
     }
-  };
+    let holder: { pid?: unknown; host?: unknown } = {};
+    try {
+      holder = JSON.parse(await readFile(lockFile, 'utf8')) as typeof holder;
+    } catch {
+      // Unreadable or half-written: treated as held (a run creating it right now).
+    }
+    const alive = (pid: number) => {
+      try {
+        process.kill(pid, 0);
+        return true;
+      } catch (err) {
+        return (err as NodeJS.ErrnoException).code === 'EPERM';
+      }
+    };
+    const stale = holder.host === os.hostname() && typeof holder.pid === 'number' && !alive(holder.pid);
+    if (!stale) {
+      throw refuse(
+        file,
+        `another bulk issue is writing to it now (${path.basename(lockFile)}: ${typeof holder.pid === 'number' ? `pid ${holder.pid}` : 'being created'}${typeof holder.host === 'string' && holder.host !== os.hostname() ? ` on ${holder.host}` : ''}); let it end, or remove the lock file if no run is going`,
+      );
+    }
+    await rm(lockFile, { force: true });
+  }
+  throw refuse(file, 'its lock file could not be taken over; remove it if no run is going');
 }
 
 /** Issues a token for each record; see the module's comment for the out file and resuming. */
@@ -282,7 +300,7 @@ export async function issueMany(
   options: IssueManyOptions,
 ): Promise<IssueManyReport> {
   const { out: file, ...bulk } = options;
-  const unlock = await lockOutFile(deps, file);
+  const unlock = await lockOutFile(file);
   try {
     const { out, journal } = await OutFile.open(file);
     try {
