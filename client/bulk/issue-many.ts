@@ -4,8 +4,8 @@
  * and fsynced BEFORE the batch is issued with those ids and secrets, so the out file always holds
  * every token that may be valid. A rerun with the same out file reuses the entries it finds (the
  * store reports them existing) and issues only the lines it lacks; an entry whose record changed
- * (another record at its line) refuses the rerun. One run at a time per out file (a lock in the
- * store that a dead run's connection releases).
+ * (another record at its line) refuses the rerun. One run at a time per out file (`<out>.lock`,
+ * see lockOutFile).
  */
 import { createHash } from 'node:crypto';
 import { constants, open, readFile, rm, type FileHandle } from 'node:fs/promises';
