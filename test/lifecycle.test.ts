@@ -150,6 +150,15 @@ describe('token lifecycle', () => {
     });
     rs.forEach((r, i) => (r.receiver.behaviour = () => ({ status: 204, after: gates[i]!.promise })));
     const issued = await ctx.warden.issue({ subject: 'usr_tasks', receivers: rs.map((r) => r.id), ttl: '1h' });
+    const { EventType } = proto.temporal.api.enums.v1;
+    // The first task must be done before the revoke arrives, or one task takes both (start and revoke).
+    await waitUntil(
+      async () =>
+        ((await handleOf(issued.tokenId).fetchHistory()).events ?? []).some(
+          (e) => e.eventType === EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
+        ),
+      'the first workflow task completed',
+    );
     await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'task count' });
     for (const [i, r] of rs.entries()) {
       await waitUntil(() => r.receiver.requests.length === 1, `the POST to ${r.id}`);
@@ -161,7 +170,6 @@ describe('token lifecycle', () => {
     }
     await result(issued.tokenId);
 
-    const { EventType } = proto.temporal.api.enums.v1;
     const events = (await handleOf(issued.tokenId).fetchHistory()).events ?? [];
     const byTask = (type: number, taskCompletedId: number) =>
       events.filter((e) => {
