@@ -60,9 +60,9 @@ function sleepUnlessAborted(ms: number, signal: AbortSignal | undefined): Promis
  * Tells each token's workflow with `tell`, paced by start time (the n-th call goes out no earlier
  * than n / rate after the first) and at most `concurrency` at once.
  */
-export async function tellPaced(
-  tokens: readonly TokenRecord[],
-  tell: (token: TokenRecord) => Promise<void>,
+export async function tellPaced<T extends Pick<TokenRecord, 'id'>>(
+  tokens: readonly T[],
+  tell: (token: T) => Promise<void>,
   pace: TellPace,
   opts: { onProgress?: (progress: TellProgress) => void; signal?: AbortSignal },
 ): Promise<TellOutcome> {

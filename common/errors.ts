@@ -14,7 +14,7 @@ export class InvalidInputError extends Error {
 export class NotFoundError extends Error {
   override readonly name = 'NotFoundError';
   constructor(
-    readonly kind: 'token' | 'receiver' | 'api key' | 'revoke operation',
+    readonly kind: 'token' | 'receiver' | 'api key' | 'revoke operation' | 'policy',
     readonly id: string,
   ) {
     super(`${kind} ${JSON.stringify(id)} not found`);

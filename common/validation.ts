@@ -147,3 +147,8 @@ export const actorSchema = freeText(200, 'expected a non-empty actor');
 export const nameSchema = freeText(200, 'expected a non-empty name').superRefine(noSecret(FIELD_PURPOSE.name));
 
 export const correlationIdSchema = freeText(200, 'expected a non-empty correlation id');
+
+/** A policy's name, as the `policy` table's check: lowercase, digits, `.`, `_`, `-`. */
+export const policyNameSchema = z
+  .string()
+  .regex(/^[a-z0-9][a-z0-9._-]{0,62}$/, 'expected a lowercase name of a-z, 0-9, ., _ and - (max 63)');

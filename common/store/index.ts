@@ -12,3 +12,4 @@ export * from './deliveries.js';
 export * from './reconciler.js';
 export * from './bulk-revoke.js';
 export * from './import.js';
+export * from './policies.js';

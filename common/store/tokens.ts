@@ -1,5 +1,6 @@
 /** Tokens: issue, read, list. A token is valid iff `status = 'active' AND expires_at > now()`. */
 import type { Queryable } from '../db.js';
+import { formatDuration } from '../durations.js';
 import { InvalidInputError, NotFoundError } from '../errors.js';
 import type { TokenStatus } from '../names.js';
 import { routine, toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
@@ -13,6 +14,8 @@ export interface NewToken {
   receivers: string[];
   ttlMs: number;
   secretHash: Buffer;
+  /** The token's policy: its max lifetime and allowed scopes are checked in the same statement. */
+  policy?: string | null;
 }
 
 /**
@@ -26,7 +29,7 @@ export async function insertToken(db: Queryable, token: NewToken): Promise<Token
   const t = db.tables;
   try {
     const { rows } = await db.query(
-      `SELECT ${TOKEN_COLUMNS} FROM ${routine(t, 'issue_token')}($1, $2, $3, $4, $5, $6, $7, $8) AS issued`,
+      `SELECT ${TOKEN_COLUMNS} FROM ${routine(t, 'issue_token')}($1, $2, $3, $4, $5, $6, $7, $8, $9) AS issued`,
       [
         token.tokenId,
         token.credentialId,
@@ -36,18 +39,40 @@ export async function insertToken(db: Queryable, token: NewToken): Promise<Token
         token.receivers,
         token.ttlMs,
         token.secretHash,
+        token.policy ?? null,
       ],
     );
     return toToken(rows[0]);
   } catch (err) {
-    const e = err as { code?: string; constraint?: string; message?: string };
+    const e = err as { code?: string; constraint?: string; message?: string; detail?: string };
     if (e.code === '23503' && e.constraint === 'token_receivers_known') {
       throw new InvalidInputError(`invalid token request: receivers: ${e.message}`, [
         { path: 'receivers', message: e.message! },
       ]);
     }
+    const refused = policyRefusal(e, token);
+    if (refused) throw refused;
     throw err;
   }
+}
+
+/** issue_token's refusals under a policy (migrations/0016), as the field each one is about. */
+function policyRefusal(
+  e: { code?: string; constraint?: string; detail?: string },
+  token: NewToken,
+): InvalidInputError | undefined {
+  const field = (path: string, message: string) =>
+    new InvalidInputError(`invalid token request: ${path}: ${message} (nothing was issued)`, [{ path, message }]);
+  if (e.code === '23503' && e.constraint === 'token_policy_known') {
+    return field('policy', `no policy named ${JSON.stringify(token.policy)}`);
+  }
+  if (e.code === '23514' && e.constraint === 'token_policy_max_lifetime') {
+    return field('ttl', `at most ${formatDuration(Number(e.detail))} (policy ${token.policy}'s max lifetime)`);
+  }
+  if (e.code === '23514' && e.constraint === 'token_policy_scopes') {
+    return field('scopes', `${e.detail} not allowed by policy ${token.policy}`);
+  }
+  return undefined;
 }
 
 /**
