@@ -959,8 +959,9 @@ export function buildProgram(): Command {
     .action(async (name: string, opts: { json?: boolean }) => {
       // Store-only: no Temporal module is loaded to read a policy.
       const { requirePolicy } = await import('../common/store/policies.js');
-      const { parseInput, policyNameSchema } = await import('../common/validation.js');
-      const found = await withStore((s) => requirePolicy(s.pool, parseInput(policyNameSchema, name, 'policy name')));
+      const { parsePolicyName } = await import('../common/validation.js');
+      const policyName = parsePolicyName(name);
+      const found = await withStore((s) => requirePolicy(s.pool, policyName));
       print(!!opts.json, found, () => describePolicy(found));
     });
   policy

@@ -23,7 +23,7 @@ import {
   type PolicyRecord,
   type PolicyToken,
 } from '../common/store/policies.js';
-import { parseInput, policyNameSchema, receiverIdSchema, ttlSchema, UNPRINTABLE } from '../common/validation.js';
+import { parseInput, parsePolicyName, receiverIdSchema, ttlSchema, UNPRINTABLE } from '../common/validation.js';
 import { graceSchema } from './self-managing.js';
 import { GIVE_UP_AFTER, tellPaced, type TellProgress } from './tell.js';
 
@@ -142,7 +142,7 @@ export interface PolicyDeps {
 
 /** Writes the whole policy (fields not given take their defaults) and adds one to its version. */
 export async function setPolicy(deps: PolicyDeps, name: string, fields: PolicyFields): Promise<PolicyRecord> {
-  const policyName = parseInput(policyNameSchema, name, 'policy name');
+  const policyName = parsePolicyName(name);
   const p = parseInput(policyFieldsSchema(deps.maxTtlMs), fields, `policy ${policyName}`);
   try {
     return await upsertPolicy(deps.pool, {
@@ -170,7 +170,7 @@ export async function setPolicy(deps: PolicyDeps, name: string, fields: PolicyFi
 }
 
 export async function showPolicy(deps: Pick<PolicyDeps, 'pool'>, name: string): Promise<PolicyRecord> {
-  return requirePolicy(deps.pool, parseInput(policyNameSchema, name, 'policy name'));
+  return requirePolicy(deps.pool, parsePolicyName(name));
 }
 
 const finding = (token: PolicyToken, policy: PolicyRecord, nowMs: number): PolicyFinding | undefined => {
@@ -203,7 +203,7 @@ export async function applyPolicy(
   options: ApplyPolicyOptions = {},
 ): Promise<PolicyDryRunReport | PolicyApplyReport> {
   const { signal, onProgress, ...fields } = options;
-  const policyName = parseInput(policyNameSchema, name, 'policy name');
+  const policyName = parsePolicyName(name);
   const req = parseInput(applySchema, fields, 'policy apply options');
   const policy = await requirePolicy(deps.pool, policyName);
   if (req.dryRun) {

@@ -152,3 +152,7 @@ export const correlationIdSchema = freeText(200, 'expected a non-empty correlati
 export const policyNameSchema = z
   .string()
   .regex(/^[a-z0-9][a-z0-9._-]{0,62}$/, 'expected a lowercase name of a-z, 0-9, ., _ and - (max 63)');
+
+/** A policy's name given alone (an argument, a URL), checked as the field `name`. */
+export const parsePolicyName = (name: unknown): string =>
+  parseInput(z.object({ name: policyNameSchema }), { name }, 'policy name').name;
