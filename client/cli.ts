@@ -394,7 +394,8 @@ async function withPolicyFlags<T>(fn: () => Promise<T>): Promise<T> {
     const flag = (path: string) => {
       const [head, ...rest] = path.split('.');
       const name = `--${head!.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
-      return head === '(input)' ? path : [name, ...rest].join('.');
+      // `name` is the command's argument, `(input)` the whole request: neither is an option.
+      return head === '(input)' || head === 'name' ? path : [name, ...rest].join('.');
     };
     const fields = err.fields.map((f) => ({ ...f, path: flag(f.path) }));
     throw new InvalidInputError(

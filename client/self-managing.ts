@@ -315,7 +315,7 @@ export async function changeExpiry(
       if (newExpiryMs > limitMs) {
         throw refusal(
           'ttl',
-          `at most ${formatDuration(Math.max(1, limitMs - nowMs))} from now (policy ${policy.name}'s max lifetime ${formatDuration(policy.maxLifetimeMs)} ends ${new Date(limitMs).toISOString()})`,
+          `now + ttl passes ${new Date(limitMs).toISOString()}, the end of policy ${policy.name}'s max lifetime (${formatDuration(policy.maxLifetimeMs)} from issue)`,
         );
       }
     }
