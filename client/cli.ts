@@ -115,6 +115,18 @@ function describeToken(t: TokenView): string {
     tty`expires      ${t.expiresAt}`,
   ];
   if (t.revokedAt) lines.push(tty`revoked      ${t.revokedAt} by ${t.revokedBy}: ${t.revokeReason}`);
+  if (t.policy) lines.push(tty`policy       ${t.policy}`);
+  if (t.suspendedAt) lines.push(tty`suspended    ${t.suspendedAt} by ${t.suspendedBy}: ${t.suspendReason}`);
+  if (t.revokeScheduledAt) {
+    lines.push(tty`revoke at    ${t.revokeScheduledAt}: ${t.revokeScheduledReason}`);
+  }
+  for (const c of t.credentials ?? []) {
+    lines.push(
+      tty`credential   ${c.id}: ${c.state}` +
+        (c.state === 'previous' && c.validUntil ? tty`, valid until ${c.validUntil}` : '') +
+        (c.revokedAt ? tty`, revoked ${c.revokedAt}` : ''),
+    );
+  }
   for (const d of t.deliveries) {
     lines.push(
       tty`receiver     ${d.receiverId}: ${d.status}, ${d.attempts} attempt(s)` +
