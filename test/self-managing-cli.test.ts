@@ -5,7 +5,11 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import { newCredentialId } from '../common/ids.js';
 import { SIGNAL, tokenWorkflowId } from '../common/names.js';
+import { hashToken } from '../common/secrets.js';
+import { rotateCredential } from '../common/store/credentials.js';
+import { setScheduledRevoke, setSuspended } from '../common/store/suspension.js';
 import { runCli, type CliRun } from './support/cli.js';
 import { TestContext } from './support/context.js';
 
@@ -199,5 +203,49 @@ describe('tokenwarden rotate, report, suspend, revoke --at, extend, shorten', ()
     assert.equal(out.action, 'revoke', "policy ops's default");
     assert.match(out.reportId, /^[0-9a-f-]{36}$/);
     assert.equal(await signals(tokenId, SIGNAL.reportSuspicious), 1);
+  });
+});
+
+describe('tokenwarden show: credentials, suspension, scheduled revocation', () => {
+  it('should list each credential with its state and grace deadline, the policy, the suspension and the schedule', async () => {
+    const issued = json(
+      await cli('issue', '--subject', 'usr_cli_show', '--ttl', '10m', '--policy', 'ops', '--scope', 'read', '--json'),
+    );
+    const tokenId: string = issued.tokenId;
+    // Two rotations in the store (the workflow's activities call these): the first credential is
+    // superseded (revoked), the second is previous in its grace, the third current.
+    const rotate = (graceMs: number) =>
+      rotateCredential(ctx.pool, {
+        tokenId,
+        credentialId: newCredentialId(),
+        secretHash: hashToken(`tw_show_${graceMs}_${Math.random()}`),
+        graceMs,
+        actor: 'test',
+        reason: 'show test',
+      });
+    await rotate(60_000);
+    const second = await rotate(120_000);
+    await setSuspended(ctx.pool, { tokenId, suspended: true, actor: 'test', reason: 'investigating' });
+    await setScheduledRevoke(ctx.pool, { tokenId, at: '2099-01-01T00:00:00.000Z', reason: 'contract ends' });
+
+    const shown = json(await cli('show', tokenId, '--json'));
+    assert.deepEqual(
+      shown.credentials.map((c: { state: string }) => c.state),
+      ['revoked', 'previous', 'current'],
+    );
+    const previous = shown.credentials[1];
+    assert.equal(previous.validUntil, second.previousValidUntil);
+    assert.equal(shown.policy, 'ops');
+    assert.equal(shown.suspendReason, 'investigating');
+    assert.equal(shown.valid, false, 'a suspended token is not valid');
+    assert.equal(shown.revokeScheduledAt, '2099-01-01T00:00:00.000Z');
+
+    const human = (await cli('show', tokenId)).stdout;
+    assert.match(human, new RegExp(`credential +${previous.id}: previous, valid until ${previous.validUntil}`));
+    assert.match(human, /credential +cred_\w+: current/);
+    assert.match(human, /credential +cred_\w+: revoked, revoked \S+Z/);
+    assert.match(human, /policy +ops/);
+    assert.match(human, /suspended +\S+Z by test: investigating/);
+    assert.match(human, /revoke at +2099-01-01T00:00:00.000Z: contract ends/);
   });
 });
