@@ -308,17 +308,22 @@ export async function changeExpiry(
   const found = await tokenPolicy(deps.pool, req.tokenId);
   const nowMs = Date.parse(found!.dbNow);
   const newExpiryMs = nowMs + req.ttl;
+  const issuedMs = Date.parse(token.issuedAt);
   if (found?.policy) {
     const policy = await requirePolicy(deps.pool, found.policy);
-    if (policy.maxLifetimeMs !== null) {
-      const limitMs = Date.parse(token.issuedAt) + policy.maxLifetimeMs;
-      if (newExpiryMs > limitMs) {
-        throw refusal(
-          'ttl',
-          `now + ttl passes ${new Date(limitMs).toISOString()}, the end of policy ${policy.name}'s max lifetime (${formatDuration(policy.maxLifetimeMs)} from issue)`,
-        );
-      }
+    if (policy.maxLifetimeMs !== null && newExpiryMs > issuedMs + policy.maxLifetimeMs) {
+      throw refusal(
+        'ttl',
+        `now + ttl passes ${new Date(issuedMs + policy.maxLifetimeMs).toISOString()}, the end of policy ${policy.name}'s max lifetime (${formatDuration(policy.maxLifetimeMs)} from issue)`,
+      );
     }
+  }
+  // The global maximum counts from issue too: a token's whole life is bounded, not each extension.
+  if (newExpiryMs > issuedMs + deps.maxTtlMs) {
+    throw refusal(
+      'ttl',
+      `now + ttl passes ${new Date(issuedMs + deps.maxTtlMs).toISOString()}, the end of the maximum lifetime (TOKENWARDEN_MAX_TTL, ${formatDuration(deps.maxTtlMs)} from issue)`,
+    );
   }
   const currentMs = Date.parse(token.expiresAt);
   if (mode === 'extend' && newExpiryMs < currentMs) {

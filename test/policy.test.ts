@@ -298,3 +298,33 @@ describe('policies: apply', () => {
     await assert.rejects(ctx.warden.applyPolicy('absent', { dryRun: true }), NotFoundError);
   });
 });
+
+describe('extend and shorten: limits checked before the workflow is asked', () => {
+  it("should refuse an expiry past the policy's max lifetime or the global one, both counted from issue, naming ttl", async () => {
+    await ctx.warden.setPolicy('month', { maxTtl: '30d' });
+    const underPolicy = await ctx.warden.issue({ subject: 'usr_ext', ttl: '1d', policy: 'month' });
+    await ctx.sql.query(`UPDATE token SET issued_at = now() - interval '29 days' WHERE id = $1`, [underPolicy.tokenId]);
+    const refusal = ctx.warden.extend(underPolicy.tokenId, { ttl: '2d', reason: 'more time' });
+    await assert.rejects(
+      refusal,
+      /ttl: now \+ ttl passes .*Z, the end of policy month's max lifetime \(30d from issue\)/,
+    );
+    assert.deepEqual(await refusedFields(ctx.warden.extend(underPolicy.tokenId, { ttl: '2d', reason: 'r' })), ['ttl']);
+
+    const plain = await ctx.warden.issue({ subject: 'usr_ext', ttl: '1d' });
+    const maxDays = ctx.settings.maxTtlMs / 86_400_000;
+    await ctx.sql.query(`UPDATE token SET issued_at = now() - ($2 || ' days')::interval WHERE id = $1`, [
+      plain.tokenId,
+      String(maxDays - 1),
+    ]);
+    await assert.rejects(
+      ctx.warden.extend(plain.tokenId, { ttl: '2d', reason: 'more time' }),
+      /ttl: now \+ ttl passes .*Z, the end of the maximum lifetime \(TOKENWARDEN_MAX_TTL/,
+    );
+    assert.deepEqual(await refusedFields(ctx.warden.shorten(plain.tokenId, { ttl: '2d', reason: 'r' })), ['ttl']);
+    const { rows } = await ctx.sql.query(`SELECT expires_at FROM token WHERE id = ANY ($1)`, [
+      [underPolicy.tokenId, plain.tokenId],
+    ]);
+    for (const r of rows) assert.ok(r.expires_at.getTime() < Date.now() + 86_400_000 + 60_000, 'expiry unchanged');
+  });
+});
