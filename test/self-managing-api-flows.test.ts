@@ -100,4 +100,34 @@ describe('self-managing flows through the library and the API', () => {
     await ctx.warden.reportSuspicious(issued.tokenId, { reason: 'odd', evidence: { ip: '203.0.113.9' } });
     await waitUntil(async () => (await ctx.warden.show(issued.tokenId)).status === 'revoked', 'revoked');
   });
+
+  it('should apply a policy as its dry run said: the listed tokens shortened or revoked, the rest untouched', async () => {
+    await ctx.warden.setPolicy('flow', { maxTtl: '2h', scopes: ['read', 'admin'] });
+    const long = await ctx.warden.issue({ subject: 'usr_flow_p', ttl: '90m', scopes: ['read'], policy: 'flow' });
+    const admin = await ctx.warden.issue({ subject: 'usr_flow_p', ttl: '10m', scopes: ['admin'], policy: 'flow' });
+    const fine = await ctx.warden.issue({ subject: 'usr_flow_p', ttl: '10m', scopes: ['read'], policy: 'flow' });
+    await ctx.warden.setPolicy('flow', { maxTtl: '30m', scopes: ['read'] });
+    const dry = await ctx.warden.applyPolicy('flow', { dryRun: true });
+    assert.deepEqual(
+      dry.shorten.map((f) => f.tokenId),
+      [long.tokenId],
+    );
+    assert.deepEqual(
+      dry.revoke.map((f) => [f.tokenId, f.reason]),
+      [[admin.tokenId, 'policy']],
+    );
+    const fineBefore = await ctx.warden.show(fine.tokenId);
+
+    const applied = await ctx.warden.applyPolicy('flow');
+    assert.equal(applied.signalled, 3);
+    await waitUntil(async () => (await ctx.warden.show(admin.tokenId)).status === 'revoked', 'the admin token revoked');
+    assert.equal((await ctx.warden.show(admin.tokenId)).revokeReason, 'policy');
+    await waitUntil(
+      async () => (await ctx.warden.show(long.tokenId)).expiresAt === dry.shorten[0]!.newExpiresAt,
+      "the long token shortened to the dry run's expiry",
+    );
+    const fineAfter = await ctx.warden.show(fine.tokenId);
+    assert.equal(fineAfter.status, 'active');
+    assert.equal(fineAfter.expiresAt, fineBefore.expiresAt);
+  });
 });
