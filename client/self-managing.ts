@@ -153,6 +153,17 @@ async function requireLive(deps: SelfManagingDeps, tokenId: string, what: string
   }
 }
 
+/** Fields of the messages a workflow's refusal may name, as the caller called them (graceMs was `grace`). */
+const REQUEST_FIELDS: Record<string, string> = {
+  ttl: 'ttl',
+  at: 'at',
+  reason: 'reason',
+  actor: 'actor',
+  mode: 'mode',
+  graceMs: 'grace',
+  grace: 'grace',
+};
+
 /** Sends an Update and waits for the workflow's answer; its refusals become InvalidInputError naming the field. */
 async function sendUpdate<Result, Arg>(
   deps: SelfManagingDeps,
@@ -172,8 +183,9 @@ async function sendUpdate<Result, Arg>(
       // The workflow refused (validator or handler): its message starts with the field it is about.
       const message = err.cause?.message ?? err.message;
       const field = /^([a-zA-Z]+): /.exec(message);
-      throw field
-        ? refusal(field[1]!, message.slice(field[0].length))
+      const path = field ? REQUEST_FIELDS[field[1]!] : undefined;
+      throw path
+        ? refusal(path, message.slice(field![0].length))
         : refusal('tokenId', `its workflow refused the ${kind}: ${message}`);
     }
     const what =
