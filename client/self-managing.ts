@@ -26,6 +26,8 @@ import {
   scheduleRevokeUpdate,
   suspendUpdate,
   type ChangeExpiryRequest,
+  type RotateRequest,
+  type RotateResult,
   type OperatorRequest,
   type ScheduleRevokeRequest,
   type SuspendRequest,
@@ -208,20 +210,30 @@ export async function rotate(deps: SelfManagingDeps, tokenId: string, input: Rot
   await requireLive(deps, req.tokenId, 'rotated');
   const token = generateTokenString();
   const credentialId = newCredentialId();
-  const result = await sendUpdate(
-    deps,
-    'rotate',
-    req.tokenId,
-    rotateUpdate,
-    {
-      credentialId,
-      secretHash: hashToken(token).toString('hex'),
-      ...(req.grace !== undefined ? { graceMs: req.grace } : {}),
-      actor: req.actor,
-      ...(req.reason !== undefined ? { reason: req.reason } : {}),
-    },
+  const request: RotateRequest = {
     credentialId,
-  );
+    secretHash: hashToken(token).toString('hex'),
+    ...(req.grace !== undefined ? { graceMs: req.grace } : {}),
+    actor: req.actor,
+    ...(req.reason !== undefined ? { reason: req.reason } : {}),
+  };
+  // A lost answer is retried once with the same Update id and credential (the workflow applies it
+  // once): the secret is still in hand. Rotating anew instead would revoke the old secret at once.
+  let result: RotateResult;
+  try {
+    result = await sendUpdate(deps, 'rotate', req.tokenId, rotateUpdate, request, credentialId).catch((err) => {
+      if (!(err instanceof WorkflowUnavailableError && err.cause instanceof WorkflowUpdateRPCTimeoutOrCancelledError)) {
+        throw err;
+      }
+      return sendUpdate(deps, 'rotate', req.tokenId, rotateUpdate, request, credentialId);
+    });
+  } catch (err) {
+    if (!(err instanceof WorkflowUnavailableError)) throw err;
+    throw new WorkflowUnavailableError(
+      `${err.message}. The rotation to ${credentialId} may have been applied: if \`show\` lists it as current, its secret is lost and the old one ends with its grace; rotate again and move every client to the new secret (the old one is then revoked at once, and presenting it revokes the token)`,
+      { cause: err.cause },
+    );
+  }
   return {
     tokenId: req.tokenId,
     token,
