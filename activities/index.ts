@@ -12,13 +12,14 @@ import { MasterKeyring } from '../common/secrets.js';
 import type { KillSnapshot, PropagationSnapshot } from '../common/messages.js';
 import { createReceiverAgents, deliverRevocation, deliverRevocationToAll, toDeliveryView } from './propagation.js';
 import { createReconcilerActivities } from './reconciler.js';
+import { DEFAULT_GRACE_MS, createSelfManagingActivities } from './self-managing.js';
 
 export interface ActivityDeps {
   pool: StorePool;
   client: Client;
   settings: Pick<
     Settings,
-    'masterKey' | 'previousMasterKeys' | 'receiverAllow' | 'timing' | 'reconcileGraceMs' | 'temporal'
+    'masterKey' | 'previousMasterKeys' | 'receiverAllow' | 'timing' | 'reconcileGraceMs' | 'temporal' | 'defaultGraceMs'
   >;
 }
 
@@ -94,6 +95,14 @@ export function createActivities(deps: ActivityDeps) {
     },
 
     ...createReconcilerActivities(deps),
+
+    ...createSelfManagingActivities(pool, {
+      pool,
+      keyring,
+      receiverAllow: settings.receiverAllow,
+      agents,
+      defaultGraceMs: settings.defaultGraceMs ?? DEFAULT_GRACE_MS,
+    }),
   };
 }
 
