@@ -5,7 +5,7 @@
 import { ApplicationFailure } from '@temporalio/activity';
 import type { Client } from '@temporalio/client';
 import type { StorePool } from '../common/db.js';
-import type { Settings } from '../common/config.js';
+import { DEFAULT_MAX_TTL_MS, type Settings } from '../common/config.js';
 import { NotFoundError } from '../common/errors.js';
 import * as store from '../common/store/index.js';
 import { MasterKeyring } from '../common/secrets.js';
@@ -20,7 +20,8 @@ export interface ActivityDeps {
   settings: Pick<
     Settings,
     'masterKey' | 'previousMasterKeys' | 'receiverAllow' | 'timing' | 'reconcileGraceMs' | 'temporal' | 'defaultGraceMs'
-  >;
+  > &
+    Partial<Pick<Settings, 'maxTtlMs'>>;
 }
 
 export function createActivities(deps: ActivityDeps) {
@@ -102,6 +103,7 @@ export function createActivities(deps: ActivityDeps) {
       receiverAllow: settings.receiverAllow,
       agents,
       defaultGraceMs: settings.defaultGraceMs ?? DEFAULT_GRACE_MS,
+      maxTtlMs: settings.maxTtlMs ?? DEFAULT_MAX_TTL_MS,
     }),
   };
 }

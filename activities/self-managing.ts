@@ -25,6 +25,8 @@ const TOKEN_NOT_ACTIVE = 'TokenNotActive';
 
 export interface SelfManagingDeps extends OwnerDeps {
   defaultGraceMs: number;
+  /** TOKENWARDEN_MAX_TTL: no extension goes past issue + this. */
+  maxTtlMs: number;
 }
 
 /** A policy row with its owner destination (the workflow sees the snapshot only). */
@@ -96,24 +98,17 @@ async function refusals<T>(fn: () => Promise<T>): Promise<T> {
   } catch (err) {
     if (err instanceof NotFoundError) throw ApplicationFailure.nonRetryable(err.message, err.name);
     const e = err as { name?: string; message?: string; code?: string };
-    if (e.name === 'ValidationError' || e.name === 'InputError') {
+    if (e.name === 'InvalidInputError') {
       throw ApplicationFailure.nonRetryable(e.message ?? 'invalid request', INVALID_LIFECYCLE_REQUEST);
     }
-    if (e.name === 'TokenNotActiveError' || e.name === 'StateError' || e.name === 'ConflictError') {
+    if (e.name === 'TokenNotActiveError') {
       throw ApplicationFailure.nonRetryable(e.message ?? 'token not active', TOKEN_NOT_ACTIVE);
     }
     throw err;
   }
 }
 
-/** The result of a rotation as the workflow records it: ids and instants only. */
-export interface RotationOutcome {
-  credentialId: string;
-  previousCredentialId: string | null;
-  previousValidUntil: string | null;
-  /** Credentials revoked by this step (a `previous` one replaced), with their credential.revoked event ids. */
-  revoked: { credentialId: string; eventId: string }[];
-}
+type RotationOutcome = store.RotationOutcome;
 
 export function createSelfManagingActivities(pool: StorePool, deps: SelfManagingDeps) {
   /** Grace: the request's, else the policy's, else the worker's default. */
@@ -276,7 +271,7 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
     },
 
     async changeExpiry(input: ChangeExpiryRequest & { tokenId: string; actor: string }) {
-      return refusals(() => store.changeExpiry(pool, input));
+      return refusals(() => store.changeExpiry(pool, { ...input, maxTtlMs: deps.maxTtlMs }));
     },
 
     /**

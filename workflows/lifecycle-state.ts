@@ -566,9 +566,13 @@ export function parseSuspiciousReport(payload: unknown): {
 } {
   const p = (typeof payload === 'object' && payload !== null ? payload : {}) as Record<string, unknown>;
   const reason = text(p.reason, 500);
-  let evidence: unknown = p.evidence ?? null;
+  // The audit's canonical JSON takes integers only: other numbers are kept as their text.
+  const json =
+    p.evidence === undefined
+      ? 'null'
+      : JSON.stringify(p.evidence, (_k, v: unknown) => (typeof v === 'number' && !Number.isInteger(v) ? String(v) : v));
   // Bounded in history and in the audit: 8 KiB as JSON, else a note that it was cut.
-  const json = evidence === null ? 'null' : JSON.stringify(evidence);
+  let evidence: unknown = json === undefined ? null : (JSON.parse(json) as unknown);
   if (json === undefined || json.length > 8_192) evidence = { truncated: true, bytes: json?.length ?? 0 };
   return {
     reason: reason ?? 'unspecified',
