@@ -106,7 +106,10 @@ describe('rotation', () => {
   });
 
   it('should refuse a malformed rotation naming the field, and a rotation of a dead token', async () => {
-    const t = await startToken(ctx, { ttlMs: 120_000 });
+    // A receiver that keeps failing holds the workflow in propagation after the revoke.
+    const stuck = await addReceiver();
+    stuck.receiver.behaviour = () => ({ status: 503 });
+    const t = await startToken(ctx, { ttlMs: 120_000, receivers: [stuck.id] });
     const bad = await rejection(
       t.handle.executeUpdate(rotateUpdate, { args: [{ credentialId: 'nope', secretHash: 'a'.repeat(64) }] }),
     );
