@@ -62,11 +62,25 @@ async function rejection(update: Promise<unknown>): Promise<ApplicationFailure> 
 const auditOf = async (tokenId: string) =>
   (await store.readAudit(ctx.pool, tokenId)).map((e) => ({ kind: e.kind, data: JSON.parse(e.canonical).data }));
 
+/** Every run's history as text (rotations continue as new). */
 async function historyJson(tokenId: string): Promise<string> {
-  const handle = ctx.client.workflow.getHandle(tokenWorkflowId(tokenId));
-  const history = proto.temporal.api.history.v1.History.fromObject(await handle.fetchHistory());
-  return historyText(history.toJSON()).join('\n');
+  const texts: string[] = [];
+  for (const runId of await runsOf(tokenWorkflowId(tokenId))) {
+    const handle = ctx.client.workflow.getHandle(tokenWorkflowId(tokenId), runId);
+    const history = proto.temporal.api.history.v1.History.fromObject(await handle.fetchHistory());
+    texts.push(...historyText(history.toJSON()));
+  }
+  return texts.join('\n');
 }
+
+/** The runs of a workflow, oldest first. */
+const runsOf = async (workflowId: string): Promise<string[]> => {
+  const runs: { runId: string; at: number }[] = [];
+  for await (const w of ctx.client.workflow.list({ query: `WorkflowId = '${workflowId}'` })) {
+    runs.push({ runId: w.runId, at: w.startTime.getTime() });
+  }
+  return runs.sort((a, b) => a.at - b.at).map((r) => r.runId);
+};
 
 describe('rotation', () => {
   it('should keep the old credential valid through its grace, then revoke it and tell every receiver', async () => {
@@ -102,6 +116,9 @@ describe('rotation', () => {
     assert.equal(await isValid(ctx, fresh.token), true, 'the new credential stays valid');
     const view = await t.handle.query(describeQuery);
     assert.equal(view.phase, 'active');
+    // The rotation continued as new: its run, and the run that ended the grace.
+    const runs = await runsOf(t.handle.workflowId);
+    await maybeRecordHistory(ctx.client.workflow.getHandle(t.handle.workflowId, runs[0]), 'rotation-manual');
     await maybeRecordHistory(t.handle, 'rotation-grace-end');
   });
 
@@ -151,6 +168,8 @@ describe('rotation', () => {
     const text = await historyJson(t.tokenId);
     assert.ok(!text.includes(delivered.token), 'the rotated secret is not in history');
     assert.ok(!text.includes(t.token), 'the issued secret is not in history');
+    const runs = await runsOf(t.handle.workflowId);
+    await maybeRecordHistory(ctx.client.workflow.getHandle(t.handle.workflowId, runs[0]), 'rotation-automatic');
   });
 });
 
