@@ -12,7 +12,3 @@ export * from './deliveries.js';
 export * from './reconciler.js';
 export * from './bulk-revoke.js';
 export * from './import.js';
-export * from './credentials.js';
-export * from './suspension.js';
-export * from './expiry.js';
-export * from './notices.js';
