@@ -10,6 +10,7 @@ import { quoteIdent } from '../common/identifiers.js';
 import { KILL_CHANNEL } from '../common/names.js';
 import { hashToken, isForeignToken, isWellFormedToken } from '../common/secrets.js';
 import { recordTokenUse } from '../common/store/last-use.js';
+import { credentialLookupSql, killReusedCredential, type CredentialLookupRow } from '../common/store/verification.js';
 
 export interface VerifierOptions {
   databaseUrl: string;
@@ -31,8 +32,18 @@ export interface VerifierOptions {
    * (PgBouncer): LISTEN needs a session of its own, i.e. a direct or session-mode connection.
    */
   listenUrl?: string;
-  /** Told of every kill of this schema's tokens, after their cached answers are dropped (e.g. to close sessions). */
+  /**
+   * Told of every change the store announces for this schema's tokens (a kill, and also a suspend, a
+   * rotation, a credential's end of grace, an expiry change), after their cached answers are dropped:
+   * e.g. to re-check the sessions of that token.
+   */
   onKilled?: (tokenId: string) => void;
+  /**
+   * Told when a verify here found a credential reused (revoked, or previous past its grace, while its
+   * token was active) and killed that token: e.g. to signal the token's workflow at once (the
+   * reconciler tells it otherwise).
+   */
+  onReuseDetected?: (tokenId: string) => void;
   /** Shown in pg_stat_activity (default 'tokenwarden-verifier'; the listener adds ':listener'). */
   applicationName?: string;
   /** Cached answers kept at most (default 10000; the oldest go first). */
@@ -83,8 +94,10 @@ export interface VerifierStats {
   /** Lookup queries sent. */
   queries: number;
   cacheEntries: number;
-  /** Kill notifications heard for this schema. */
+  /** Notifications heard for this schema (kills, and changes such as suspend, rotation, expiry change). */
   kills: number;
+  /** Reused credentials presented (each kills its token, once). */
+  reuseDetected: number;
   /** Times the listener connected and LISTENed (1 after a clean start). */
   listenerConnects: number;
   lastUseWrites: number;
@@ -95,7 +108,10 @@ export interface VerifierStats {
 }
 
 export interface Verifier {
-  /** `{ active: false }` for malformed, unknown, revoked and expired tokens alike. Rejects when the store is unreachable. */
+  /**
+   * `{ active: false }` for malformed, unknown, revoked, expired and suspended tokens alike, and for
+   * credentials that are pending, revoked or past their grace. Rejects when the store is unreachable.
+   */
   verify(rawToken: string): Promise<Verification>;
   close(): Promise<void>;
   /** True while the kill channel is heard: only then are answers served from cache. */
@@ -148,7 +164,7 @@ const NUMBER_OPTIONS = {
 } as const satisfies Record<string, { min: number; max?: number; fallback: number }>;
 type NumberOption = keyof typeof NUMBER_OPTIONS;
 const STRING_OPTIONS = ['databaseUrl', 'schema', 'listenUrl', 'applicationName'] as const;
-const FUNCTION_OPTIONS = ['onError', 'onKilled'] as const;
+const FUNCTION_OPTIONS = ['onError', 'onKilled', 'onReuseDetected'] as const;
 const KNOWN_OPTIONS = new Set<string>([
   ...Object.keys(NUMBER_OPTIONS),
   ...STRING_OPTIONS,
@@ -164,6 +180,7 @@ type ResolvedOptions = Record<NumberOption, number> & {
   applicationName: string;
   onError: (err: Error) => void;
   onKilled: ((tokenId: string) => void) | undefined;
+  onReuseDetected: ((tokenId: string) => void) | undefined;
   prepare: boolean;
   foreignTokens: boolean;
 };
@@ -242,6 +259,7 @@ function resolveOptions(input: unknown): ResolvedOptions {
     applicationName: text('applicationName', 'tokenwarden-verifier'),
     onError: (fn('onError') as ((err: Error) => void) | undefined) ?? (() => {}),
     onKilled: fn('onKilled') as ((tokenId: string) => void) | undefined,
+    onReuseDetected: fn('onReuseDetected') as ((tokenId: string) => void) | undefined,
     prepare: o.prepare === true,
     foreignTokens: o.foreignTokens === true,
   };
@@ -257,36 +275,11 @@ interface CacheEntry {
 
 interface Found {
   verification: ActiveVerification;
-  /** Time left until expiry on the database clock, when the query ran. */
+  /** Time left until expiry, or the end of a previous credential's grace, on the database clock when the query ran. */
   remainingMs: number;
   /** performance.now() when the query was sent: cache lifetimes count from there. */
   sentAt: number;
 }
-
-interface LookupRow {
-  token_id: string;
-  subject: string;
-  scopes: string[];
-  issued_at: Date;
-  expires_at: Date;
-  credential_id: string;
-  remaining_ms: number;
-}
-
-/**
- * Which credentials of a live token are accepted: the one place that says so. Rotation's grace adds
- * the `previous` credential here, until its valid_until.
- */
-const ACCEPTED_CREDENTIAL = `c.state = 'current'`;
-
-/** One statement: valid iff the token is active and unexpired on the database clock (DESIGN §2) and its credential accepted. */
-const lookupSql = (schema: string) => {
-  const q = quoteIdent(schema);
-  return `SELECT t.id AS token_id, t.subject, t.scopes, t.issued_at, t.expires_at, c.id AS credential_id,
-                 (extract(epoch FROM t.expires_at - now()) * 1000)::float8 AS remaining_ms
-            FROM ${q}.credential c JOIN ${q}.token t ON t.id = c.token_id
-           WHERE c.secret_hash = $1 AND t.status = 'active' AND t.expires_at > now() AND ${ACCEPTED_CREDENTIAL}`;
-};
 
 function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
@@ -331,6 +324,7 @@ class TokenVerifier implements Verifier {
     lookups: 0,
     queries: 0,
     kills: 0,
+    reuseDetected: 0,
     listenerConnects: 0,
     lastUseWrites: 0,
     lastUseThrottled: 0,
@@ -340,7 +334,7 @@ class TokenVerifier implements Verifier {
   constructor(options: ResolvedOptions) {
     this.#o = options;
     this.#backoffMs = options.reconnectInitialMs;
-    this.#lookupSql = lookupSql(options.schema);
+    this.#lookupSql = credentialLookupSql(options.schema);
     this.#pool = new pg.Pool({
       connectionString: options.databaseUrl,
       max: options.poolSize,
@@ -409,9 +403,9 @@ class TokenVerifier implements Verifier {
   async #query(hash: Buffer): Promise<Found | undefined> {
     this.#stats.queries++;
     const sentAt = performance.now();
-    let rows: LookupRow[];
+    let rows: CredentialLookupRow[];
     try {
-      ({ rows } = await this.#pool.query<LookupRow>(
+      ({ rows } = await this.#pool.query<CredentialLookupRow>(
         this.#o.prepare
           ? { name: 'tokenwarden_verify', text: this.#lookupSql, values: [hash] }
           : { text: this.#lookupSql, values: [hash] },
@@ -422,6 +416,11 @@ class TokenVerifier implements Verifier {
     }
     const row = rows[0];
     if (!row) return undefined;
+    if (row.reused) {
+      await this.#killReused(row.credential_id);
+      return undefined;
+    }
+    if (!row.valid) return undefined;
     const verification: ActiveVerification = Object.freeze({
       active: true as const,
       tokenId: row.token_id,
@@ -432,6 +431,26 @@ class TokenVerifier implements Verifier {
       credentialId: row.credential_id,
     });
     return { verification, remainingMs: row.remaining_ms, sentAt };
+  }
+
+  /** Reuse detection: the store kills that token (idempotent); the answer is a refusal whatever happens. */
+  async #killReused(credentialId: string): Promise<void> {
+    this.#stats.reuseDetected++;
+    let outcome: Awaited<ReturnType<typeof killReusedCredential>>;
+    try {
+      outcome = await killReusedCredential(this.#pool, this.#o.schema, credentialId);
+    } catch (err) {
+      this.#report(new Error(`killing a token whose credential was reused failed: ${asError(err).message}`));
+      return;
+    }
+    if (!outcome) return;
+    this.forget(outcome.tokenId);
+    if (!outcome.killed || !this.#o.onReuseDetected) return;
+    try {
+      this.#o.onReuseDetected(outcome.tokenId);
+    } catch (err) {
+      this.#report(asError(err));
+    }
   }
 
   #put(key: string, found: Found): void {
@@ -456,7 +475,13 @@ class TokenVerifier implements Verifier {
     if (keys?.size === 0) this.#keysOfToken.delete(tokenId);
   }
 
-  /** A killed token's cached answers become refusals: its next verify refuses without a query. */
+  /** The store announced a change of this token (a kill, a suspend, a rotation…): its next verify asks the store. */
+  #dropAnswers(tokenId: string): void {
+    for (const key of this.#keysOfToken.get(tokenId) ?? []) this.#cache.delete(key);
+    this.#keysOfToken.delete(tokenId);
+  }
+
+  /** A token known dead: its cached answers become refusals, its next verify refuses without a query. */
   #dropToken(tokenId: string): void {
     for (const key of this.#keysOfToken.get(tokenId) ?? []) {
       this.#cache.set(key, { verification: INACTIVE, tokenId, until: Infinity });
@@ -515,7 +540,8 @@ class TokenVerifier implements Verifier {
     if (n.payload.slice(0, at) !== this.#o.schema) return;
     const tokenId = n.payload.slice(at + 1);
     this.#epoch++;
-    this.#dropToken(tokenId);
+    // Not necessarily a kill (a suspend can be resumed): dropped, not turned into refusals.
+    this.#dropAnswers(tokenId);
     this.#stats.kills++;
     if (this.#o.onKilled) {
       try {
