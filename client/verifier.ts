@@ -281,6 +281,9 @@ interface Found {
   sentAt: number;
 }
 
+/** A lookup's outcome: valid, a token known dead (revoked or expired: final), or undefined (unknown, suspended, not accepted). */
+type Answer = Found | { deadTokenId: string } | undefined;
+
 function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<never>((_, reject) => {
@@ -300,7 +303,7 @@ class TokenVerifier implements Verifier {
   /** The cache keys of each token, to drop them all on its kill. */
   readonly #keysOfToken = new Map<string, Set<string>>();
   /** Lookups in flight by hash, with the epoch they started in: joined only within that epoch. */
-  readonly #inFlight = new Map<string, { epoch: number; answer: Promise<Found | undefined> }>();
+  readonly #inFlight = new Map<string, { epoch: number; answer: Promise<Answer> }>();
   /**
    * Bumped by every kill heard and every listener loss or (re)connect. An answer is cached only when
    * the epoch is the one captured before its query: a kill (or a deafness) in between may have made
@@ -395,12 +398,16 @@ class TokenVerifier implements Verifier {
     }
     const found = await pending.answer;
     if (!found) return INACTIVE;
+    if ('deadTokenId' in found) {
+      if (cacheable && this.#listening) this.#putRefusal(key, found.deadTokenId);
+      return INACTIVE;
+    }
     if (cacheable && this.#listening && this.#epoch === epoch) this.#put(key, found);
     this.#noteUse(found.verification.tokenId);
     return found.verification;
   }
 
-  async #query(hash: Buffer): Promise<Found | undefined> {
+  async #query(hash: Buffer): Promise<Answer> {
     this.#stats.queries++;
     const sentAt = performance.now();
     let rows: CredentialLookupRow[];
@@ -420,6 +427,7 @@ class TokenVerifier implements Verifier {
       await this.#killReused(row.credential_id);
       return undefined;
     }
+    if (row.dead) return { deadTokenId: row.token_id };
     if (!row.valid) return undefined;
     const verification: ActiveVerification = Object.freeze({
       active: true as const,
@@ -466,6 +474,16 @@ class TokenVerifier implements Verifier {
     let keys = this.#keysOfToken.get(tokenId);
     if (!keys) this.#keysOfToken.set(tokenId, (keys = new Set()));
     keys.add(key);
+  }
+
+  /** A dead token's refusal, kept until evicted: death is final, so no notification can make it stale. */
+  #putRefusal(key: string, tokenId: string): void {
+    this.#cache.delete(key);
+    while (this.#cache.size >= this.#o.maxCacheEntries) {
+      const [oldestKey, oldest] = this.#cache.entries().next().value as [string, CacheEntry];
+      this.#forget(oldestKey, oldest.tokenId);
+    }
+    this.#cache.set(key, { verification: INACTIVE, tokenId, until: Infinity });
   }
 
   #forget(key: string, tokenId: string): void {

@@ -19,6 +19,8 @@ export interface CredentialLookupRow {
   valid: boolean;
   /** A revoked credential, or a previous one past its grace, presented while its token is active. */
   reused: boolean;
+  /** The token is revoked or expired: final, whatever its credential. */
+  dead: boolean;
   /** Until the answer stops being true on the database clock: the expiry, or the end of a grace. */
   remaining_ms: number;
 }
@@ -30,6 +32,7 @@ export const credentialLookupSql = (schema: string): string => {
                  (${q}.token_valid(t.status, t.expires_at, t.suspended_at)
                   AND ${q}.credential_accepted(c.state, c.valid_until)) AS valid,
                  ${q}.credential_reused(t.status, c.state, c.valid_until) AS reused,
+                 NOT ${q}.token_valid(t.status, t.expires_at, NULL) AS dead,
                  (extract(epoch FROM least(t.expires_at, CASE WHEN c.state = 'previous' THEN c.valid_until END) - now())
                    * 1000)::float8 AS remaining_ms
             FROM ${q}.credential c JOIN ${q}.token t ON t.id = c.token_id
