@@ -81,11 +81,15 @@ describe('the previous credential', () => {
     const v = await verifier({ onReuseDetected: (id) => reused.push(id) });
     const old = await newToken();
     const next = await rotate(old.tokenId, 1_500);
+    // The rotation's NOTIFY heard first, so nothing but the grace's end can drop what is cached next.
+    await waitUntil(() => v.stats().kills >= 1, "the rotation's NOTIFY");
     const inGrace = await v.verify(old.token);
     assert.equal(inGrace.active, true, 'the previous credential inside its grace');
     assert.equal(inGrace.active && inGrace.credentialId, old.credentialId);
     assert.equal((await v.verify(next.token)).active, true, 'the new current credential');
     assert.equal(reused.length, 0, 'the immediately previous credential inside its grace is no reuse');
+    assert.equal((await v.verify(old.token)).active, true);
+    assert.equal(v.stats().cacheHits, 1, 'the previous credential answered from cache inside its grace');
 
     await pastGrace(next.previousValidUntil!);
     const queries = v.stats().queries;
