@@ -20,7 +20,7 @@ export interface VerifierOptions {
   cacheTtlMs?: number;
   /**
    * At most one last-use write per token per interval (default 60000), in this process and in the
-   * store. When policies give tokens an idle timeout, the store bounds it by a tenth of that.
+   * store; for a token whose policy has an idle timeout, at most a tenth of that.
    */
   lastUseIntervalMs?: number;
   /** Connections of the lookup pool (default 10). The listener has its own connection on top. */
@@ -269,6 +269,8 @@ function resolveOptions(input: unknown): ResolvedOptions {
 interface CacheEntry {
   verification: Verification;
   tokenId: string;
+  /** The token's last-use interval (see Found). */
+  useIntervalMs: number;
   /** performance.now() after which the entry is not served. */
   until: number;
 }
@@ -279,6 +281,8 @@ interface Found {
   remainingMs: number;
   /** performance.now() when the query was sent: cache lifetimes count from there. */
   sentAt: number;
+  /** lastUseIntervalMs, or a tenth of the token's policy's idle timeout when that is shorter. */
+  useIntervalMs: number;
 }
 
 /** A lookup's outcome: valid, a token known dead (revoked or expired: final), or undefined (unknown, suspended, not accepted). */
@@ -319,7 +323,8 @@ class TokenVerifier implements Verifier {
   #backoffMs: number;
   /** performance.now() of each token's last queued last-use write, oldest first. */
   readonly #lastUseAt = new Map<string, number>();
-  readonly #lastUseQueue = new Set<string>();
+  /** Tokens whose last use is to be written, with their interval. */
+  readonly #lastUseQueue = new Map<string, number>();
   #lastUseInFlight = 0;
   #lastUseIdle: Array<() => void> = [];
   readonly #stats: Omit<VerifierStats, 'cacheEntries'> = {
@@ -372,7 +377,7 @@ class TokenVerifier implements Verifier {
       if (hit) {
         if (hit.until > performance.now()) {
           this.#stats.cacheHits++;
-          if (hit.verification.active) this.#noteUse(hit.tokenId);
+          if (hit.verification.active) this.#noteUse(hit.tokenId, hit.useIntervalMs);
           return hit.verification;
         }
         this.#forget(key, hit.tokenId);
@@ -403,7 +408,7 @@ class TokenVerifier implements Verifier {
       return INACTIVE;
     }
     if (cacheable && this.#listening && this.#epoch === epoch) this.#put(key, found);
-    this.#noteUse(found.verification.tokenId);
+    this.#noteUse(found.verification.tokenId, found.useIntervalMs);
     return found.verification;
   }
 
@@ -438,7 +443,9 @@ class TokenVerifier implements Verifier {
       issuedAt: row.issued_at.toISOString(),
       credentialId: row.credential_id,
     });
-    return { verification, remainingMs: row.remaining_ms, sentAt };
+    // An idle deadline must see uses: never throttled past a tenth of the idle timeout.
+    const useIntervalMs = Math.max(1, Math.min(this.#o.lastUseIntervalMs, row.use_interval_cap_ms ?? Infinity));
+    return { verification, remainingMs: row.remaining_ms, sentAt, useIntervalMs };
   }
 
   /** Reuse detection: the store kills that token (idempotent); the answer is a refusal whatever happens. */
@@ -470,7 +477,7 @@ class TokenVerifier implements Verifier {
       const [oldestKey, oldest] = this.#cache.entries().next().value as [string, CacheEntry];
       this.#forget(oldestKey, oldest.tokenId);
     }
-    this.#cache.set(key, { verification: found.verification, tokenId, until });
+    this.#cache.set(key, { verification: found.verification, tokenId, until, useIntervalMs: found.useIntervalMs });
     let keys = this.#keysOfToken.get(tokenId);
     if (!keys) this.#keysOfToken.set(tokenId, (keys = new Set()));
     keys.add(key);
@@ -483,7 +490,7 @@ class TokenVerifier implements Verifier {
       const [oldestKey, oldest] = this.#cache.entries().next().value as [string, CacheEntry];
       this.#forget(oldestKey, oldest.tokenId);
     }
-    this.#cache.set(key, { verification: INACTIVE, tokenId, until: Infinity });
+    this.#cache.set(key, { verification: INACTIVE, tokenId, until: Infinity, useIntervalMs: 0 });
   }
 
   #forget(key: string, tokenId: string): void {
@@ -502,7 +509,7 @@ class TokenVerifier implements Verifier {
   /** A token known dead: its cached answers become refusals, its next verify refuses without a query. */
   #dropToken(tokenId: string): void {
     for (const key of this.#keysOfToken.get(tokenId) ?? []) {
-      this.#cache.set(key, { verification: INACTIVE, tokenId, until: Infinity });
+      this.#cache.set(key, { verification: INACTIVE, tokenId, until: Infinity, useIntervalMs: 0 });
     }
     this.#keysOfToken.delete(tokenId);
   }
@@ -609,10 +616,10 @@ class TokenVerifier implements Verifier {
   // ---- Last use ----
 
   /** At most one queued write per token per interval; never awaited by verify, bounded in number. */
-  #noteUse(tokenId: string): void {
+  #noteUse(tokenId: string, intervalMs: number): void {
     const now = performance.now();
     const last = this.#lastUseAt.get(tokenId);
-    if (last !== undefined && now - last < this.#o.lastUseIntervalMs) return;
+    if (last !== undefined && now - last < intervalMs) return;
     if (this.#lastUseQueue.has(tokenId)) return;
     if (this.#lastUseQueue.size >= LAST_USE_QUEUE_MAX) {
       this.#stats.lastUseDropped++;
@@ -622,16 +629,16 @@ class TokenVerifier implements Verifier {
     this.#lastUseAt.delete(tokenId);
     this.#lastUseAt.set(tokenId, now);
     if (this.#lastUseAt.size > LAST_USE_MEMORY_MAX) this.#lastUseAt.delete(this.#lastUseAt.keys().next().value!);
-    this.#lastUseQueue.add(tokenId);
+    this.#lastUseQueue.set(tokenId, intervalMs);
     this.#pumpLastUse();
   }
 
   #pumpLastUse(): void {
     while (!this.#closed && this.#lastUseInFlight < LAST_USE_CONCURRENCY && this.#lastUseQueue.size > 0) {
-      const tokenId = this.#lastUseQueue.values().next().value!;
+      const [tokenId, intervalMs] = this.#lastUseQueue.entries().next().value!;
       this.#lastUseQueue.delete(tokenId);
       this.#lastUseInFlight++;
-      void recordTokenUse(this.#pool, this.#o.schema, tokenId, this.#o.lastUseIntervalMs)
+      void recordTokenUse(this.#pool, this.#o.schema, tokenId, intervalMs)
         .then(
           (written) => void (written ? this.#stats.lastUseWrites++ : this.#stats.lastUseThrottled++),
           (err: unknown) => this.#report(new Error(`recording a token's last use failed: ${asError(err).message}`)),

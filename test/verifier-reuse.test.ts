@@ -207,3 +207,28 @@ describe('the workflow of a token killed by reuse detection', () => {
     assert.equal(event?.initiating_entity, 'system');
   });
 });
+
+describe('last use of a token whose policy has an idle timeout', () => {
+  it('should be written at least every tenth of the idle timeout, whatever the verifier interval', async () => {
+    await ctx.sql.query(`INSERT INTO policy (name, idle_timeout_ms) VALUES ('idle-2s', 2000)`);
+    const v = await verifier({ lastUseIntervalMs: 60_000 });
+    const t = await newToken();
+    await ctx.sql.query(`UPDATE token SET policy = 'idle-2s' WHERE id = $1`, [t.tokenId]);
+    const lastUsed = async () =>
+      (await ctx.sql.query('SELECT last_used_at FROM token WHERE id = $1', [t.tokenId])).rows[0]
+        .last_used_at as Date | null;
+    assert.equal((await v.verify(t.token)).active, true);
+    const first = await waitUntil(async () => (await lastUsed()) ?? undefined, 'the first use recorded');
+    // Used on: within a few tenths of the idle timeout the store sees a later use.
+    await waitUntil(
+      async () => {
+        await v.verify(t.token);
+        return ((await lastUsed())?.getTime() ?? 0) > first.getTime();
+      },
+      'a later use recorded',
+      1_500,
+    );
+    const read = await store.readLastUse(ctx.pool, ctx.settings.databaseSchema, t.tokenId);
+    assert.ok(read && read.active && read.lastUsedAt && read.lastUsedAt > first.toISOString());
+  });
+});

@@ -21,6 +21,8 @@ export interface CredentialLookupRow {
   reused: boolean;
   /** The token is revoked or expired: final, whatever its credential. */
   dead: boolean;
+  /** A tenth of the token's policy's idle timeout (null: none): its last use is never throttled longer. */
+  use_interval_cap_ms: number | null;
   /** Until the answer stops being true on the database clock: the expiry, or the end of a grace. */
   remaining_ms: number;
 }
@@ -34,8 +36,10 @@ export const credentialLookupSql = (schema: string): string => {
                  ${q}.credential_reused(t.status, c.state, c.valid_until) AS reused,
                  NOT ${q}.token_valid(t.status, t.expires_at, NULL) AS dead,
                  (extract(epoch FROM least(t.expires_at, CASE WHEN c.state = 'previous' THEN c.valid_until END) - now())
-                   * 1000)::float8 AS remaining_ms
+                   * 1000)::float8 AS remaining_ms,
+                 (p.idle_timeout_ms / 10)::float8 AS use_interval_cap_ms
             FROM ${q}.credential c JOIN ${q}.token t ON t.id = c.token_id
+            LEFT JOIN ${q}.policy p ON p.name = t.policy
            WHERE c.secret_hash = $1`;
 };
 
