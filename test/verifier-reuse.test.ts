@@ -13,6 +13,7 @@ import { tokenWorkflowId, WORKFLOW_TYPE } from '../common/names.js';
 import type { ReconcileInput, ReconcileReport, TokenLifecycleResult } from '../common/messages.js';
 import { generateTokenString, hashToken } from '../common/secrets.js';
 import * as store from '../common/store/index.js';
+import { recordTokenUse } from '../common/store/last-use.js';
 import { killReusedCredential } from '../common/store/verification.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
@@ -230,5 +231,11 @@ describe('last use of a token whose policy has an idle timeout', () => {
     );
     const read = await store.readLastUse(ctx.pool, ctx.settings.databaseSchema, t.tokenId);
     assert.ok(read && read.active && read.lastUsedAt && read.lastUsedAt > first.toISOString());
+    // The store holds the cap itself, for any writer asking for a longer interval.
+    await waitUntil(
+      () => recordTokenUse(ctx.pool, ctx.settings.databaseSchema, t.tokenId, 60_000),
+      'a write the store allows within a tenth of the idle timeout',
+      1_500,
+    );
   });
 });
