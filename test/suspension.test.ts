@@ -45,6 +45,13 @@ async function newToken() {
 const suspend = (tokenId: string, suspended = true) =>
   store.setSuspended(ctx.pool, { tokenId, suspended, actor: 'admin:alice', reason: 'investigating' });
 
+const storeValid = async (tokenId: string) =>
+  (
+    await ctx.sql.query('SELECT token_valid(status, expires_at, suspended_at) AS valid FROM token WHERE id = $1', [
+      tokenId,
+    ])
+  ).rows[0].valid as boolean;
+
 describe('suspension', () => {
   it('should fail verification while suspended, drop cached answers on the NOTIFY, and resume', async () => {
     const v = await verifier();
@@ -57,6 +64,7 @@ describe('suspension', () => {
     assert.equal(suspended.changed, true);
     assert.equal(suspended.token.status, 'active', 'suspended is not dead');
     assert.equal(suspended.token.valid, false, "show's valid");
+    assert.equal(await storeValid(tokenId), false, "the store's token_valid, which the verifier's lookup uses");
     assert.equal(suspended.token.suspendedBy, 'admin:alice');
     assert.equal(suspended.token.suspendReason, 'investigating');
     await waitUntil(() => v.stats().kills >= 1, 'the NOTIFY heard');
@@ -67,6 +75,7 @@ describe('suspension', () => {
     const resumed = await suspend(tokenId, false);
     assert.equal(resumed.changed, true);
     assert.equal(resumed.token.valid, true);
+    assert.equal(await storeValid(tokenId), true);
     assert.equal(resumed.token.suspendedAt, null);
     assert.equal((await v.verify(token)).active, true, 'verifies again after the resume');
     assert.equal((await store.requireToken(ctx.pool, tokenId)).valid, true);
