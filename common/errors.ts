@@ -25,3 +25,14 @@ export class NotFoundError extends Error {
 export class ConfigError extends Error {
   override readonly name = 'ConfigError';
 }
+
+/** The token is revoked, expired or past its expiry: it can no longer be rotated, suspended or re-timed. */
+export class TokenNotActiveError extends Error {
+  override readonly name = 'TokenNotActiveError';
+  constructor(
+    readonly tokenId: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
