@@ -108,7 +108,24 @@ async function refusals<T>(fn: () => Promise<T>): Promise<T> {
   }
 }
 
-type RotationOutcome = store.RotationOutcome;
+/** A rotation as the workflow records it: ids and instants only. */
+export interface RotationOutcome {
+  credentialId: string;
+  previousCredentialId: string | null;
+  previousValidUntil: string | null;
+  /** Credentials revoked by this step (a previous one superseded) that have receivers to tell. */
+  revoked: { credentialId: string; eventId: string }[];
+}
+
+const outcomeOf = (r: store.RotationResult): RotationOutcome => ({
+  credentialId: r.credentialId,
+  previousCredentialId: r.previousCredentialId,
+  previousValidUntil: r.previousValidUntil,
+  revoked:
+    r.supersededCredentialId && r.supersededEventId
+      ? [{ credentialId: r.supersededCredentialId, eventId: r.supersededEventId }]
+      : [],
+});
 
 export function createSelfManagingActivities(pool: StorePool, deps: SelfManagingDeps) {
   /** Grace: the request's, else the policy's, else the worker's default. */
@@ -130,7 +147,7 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       reason: string;
     }): Promise<RotationOutcome> {
       const graceMs = await graceFor(input.tokenId, input.graceMs);
-      return refusals(() =>
+      const rotated = await refusals(() =>
         store.rotateCredential(pool, {
           tokenId: input.tokenId,
           credentialId: input.credentialId,
@@ -140,6 +157,7 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
           reason: input.reason,
         }),
       );
+      return outcomeOf(rotated);
     },
 
     /**
@@ -153,8 +171,18 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       graceMs?: number;
       why: string;
     }): Promise<RotationOutcome> {
-      const done = await store.findRotation(pool, input.rotationId);
-      if (done && done.state !== 'pending') return done.outcome;
+      // A pending credential of an earlier attempt is dropped (its secret is lost); a promoted one
+      // means this rotation completed before its result was recorded.
+      const earlier = await store.discardPendingCredential(pool, input.tokenId, input.rotationId);
+      if (earlier && earlier.state !== 'pending') {
+        const previous = (await store.listCredentials(pool, input.tokenId)).find((c) => c.state === 'previous');
+        return {
+          credentialId: earlier.id,
+          previousCredentialId: previous?.id ?? null,
+          previousValidUntil: previous?.validUntil ?? null,
+          revoked: [],
+        };
+      }
       const destination = await ownerDestinationOf(pool, input.tokenId);
       if (!destination) {
         throw ApplicationFailure.nonRetryable(
@@ -163,7 +191,6 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
         );
       }
       const graceMs = await graceFor(input.tokenId, input.graceMs);
-      await store.discardPendingCredential(pool, input.rotationId);
       const secret = generateTokenString();
       const credentialId = newCredentialId();
       await refusals(() =>
@@ -183,7 +210,7 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
         token: secret,
       });
       await sendToOwner(deps, destination, { tokenId: input.tokenId, messageId: credentialId, body });
-      return refusals(() =>
+      const promoted = await refusals(() =>
         store.promoteCredential(pool, {
           tokenId: input.tokenId,
           credentialId,
@@ -192,16 +219,22 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
           reason: input.why,
         }),
       );
+      return outcomeOf(promoted);
     },
 
     async endGrace(input: { tokenId: string; credentialId: string }): Promise<{ revoked: RotationOutcome['revoked'] }> {
-      return refusals(() => store.endGrace(pool, input.tokenId, input.credentialId));
+      const ended = await refusals(() => store.endGrace(pool, input));
+      // Receivers without an outbox row (the token's kill revoked it first) have nothing to hear.
+      return {
+        revoked: ended.receivers.length > 0 ? [{ credentialId: input.credentialId, eventId: ended.eventId }] : [],
+      };
     },
 
     /** The token's last activity: its last recorded use, else its issue. */
     async readLastUse(input: { tokenId: string }): Promise<{ lastActivityAt: string }> {
-      const token = await readTokenForPolicy(pool, input.tokenId);
-      return { lastActivityAt: token.lastUsedAt ?? token.issuedAt };
+      const use = await store.readLastUse(pool, pool.tables.schema, input.tokenId);
+      if (!use) throw ApplicationFailure.nonRetryable(`token ${input.tokenId} does not exist`, 'NotFoundError');
+      return { lastActivityAt: use.lastUsedAt ?? use.issuedAt };
     },
 
     /** A warning before expiry or idle revocation, sent once per key (across retries and runs). */
@@ -231,7 +264,7 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
         tokenId: input.tokenId,
         key: input.key,
         kind: 'token.expiring',
-        audit: {
+        data: {
           reason: input.reason,
           deadline: input.deadline,
           beforeMs: input.beforeMs,
@@ -242,8 +275,14 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       return { sent: true };
     },
 
-    async setSuspended(input: { tokenId: string; suspended: boolean; reason: string; actor: string }) {
-      return refusals(() => store.setSuspended(pool, input));
+    async setSuspended(input: {
+      tokenId: string;
+      suspended: boolean;
+      reason: string;
+      actor: string;
+    }): Promise<{ suspended: boolean; suspendedAt: string | null }> {
+      const { token } = await refusals(() => store.setSuspended(pool, input));
+      return { suspended: token.suspendedAt !== null, suspendedAt: token.suspendedAt };
     },
 
     /** Stores (or clears, `at: null`) the scheduled revoke `show` displays, with an audit event. */
@@ -253,14 +292,13 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       reason: string;
       actor: string;
     }): Promise<void> {
-      const t = pool.tables;
-      const { rowCount } = await pool.query(
-        `UPDATE ${t.token} SET revoke_scheduled_at = $2, revoke_scheduled_reason = CASE WHEN $2::timestamptz IS NULL THEN NULL ELSE $3 END
-          WHERE id = $1 AND status = 'active'`,
-        [input.tokenId, input.at, input.reason],
+      await refusals(() =>
+        store.setScheduledRevoke(pool, {
+          tokenId: input.tokenId,
+          at: input.at,
+          reason: input.at ? input.reason : null,
+        }),
       );
-      if (rowCount === 0)
-        throw ApplicationFailure.nonRetryable(`token ${input.tokenId} is not active`, TOKEN_NOT_ACTIVE);
       await store.recordAudit(
         pool,
         input.tokenId,
@@ -270,8 +308,12 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       );
     },
 
-    async changeExpiry(input: ChangeExpiryRequest & { tokenId: string; actor: string }) {
-      return refusals(() => store.changeExpiry(pool, { ...input, maxTtlMs: deps.maxTtlMs }));
+    /** The store first (database clock, the limits checked there); a retry with the same requestId is the same change. */
+    async changeExpiry(
+      input: ChangeExpiryRequest & { tokenId: string; actor: string; requestId: string },
+    ): Promise<{ expiresAt: string; previousExpiresAt: string }> {
+      const changed = await refusals(() => store.changeExpiry(pool, { ...input, maxLifetimeMs: deps.maxTtlMs }));
+      return { expiresAt: changed.token.expiresAt, previousExpiresAt: changed.previousExpiresAt };
     },
 
     /**
@@ -294,9 +336,11 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
             mode: 'shorten',
             reason: verdict.why,
             actor: `system:policy:${policy.snapshot.name}`,
+            maxLifetimeMs: deps.maxTtlMs,
+            requestId: `policy:${policy.snapshot.name}:${policy.snapshot.version}`,
           }),
         );
-        expiresAt = changed.expiresAt;
+        expiresAt = changed.token.expiresAt;
       }
       return { policy: policy.snapshot, verdict, expiresAt };
     },

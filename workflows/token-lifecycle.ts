@@ -629,6 +629,8 @@ class TokenLifecycle {
           mode: request.mode,
           reason: request.reason,
           actor: request.actor ?? 'operator',
+          // A retried Update is the same change.
+          requestId: currentUpdateInfo()?.id ?? `${workflowInfo().runId}:${this.alive.changes}`,
         },
       ]),
     );

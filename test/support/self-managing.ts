@@ -13,6 +13,7 @@ import type { PolicySnapshot } from '../../common/messages.js';
 import { tokenWorkflowId } from '../../common/names.js';
 import { generateTokenString, hashToken } from '../../common/secrets.js';
 import * as store from '../../common/store/index.js';
+import { credentialLookupSql, type CredentialLookupRow } from '../../common/store/verification.js';
 import { startTokenWorkflow } from '../../common/temporal.js';
 import type { TestContext } from './context.js';
 
@@ -94,15 +95,12 @@ export function newSecret(): { token: string; credentialId: string; secretHash: 
 }
 
 /**
- * Whether the store holds `token` valid, by the rule every "is it valid?" path follows: an active,
- * unexpired, unsuspended token, and the credential current or previous within its grace.
+ * Whether the store holds `token` valid, through the verifier's own lookup (the store's one validity
+ * path) but without the verifier's reuse kill: a test may ask about an old secret without killing the token.
  */
 export async function isValid(ctx: TestContext, token: string): Promise<boolean> {
-  const { rows } = await ctx.sql.query(
-    `SELECT 1 FROM credential c JOIN token t ON t.id = c.token_id
-      WHERE c.secret_hash = $1 AND t.status = 'active' AND t.expires_at > now() AND t.suspended_at IS NULL
-        AND (c.state = 'current' OR (c.state = 'previous' AND c.valid_until > now()))`,
-    [hashToken(token)],
-  );
-  return rows.length > 0;
+  const { rows } = await ctx.sql.query<CredentialLookupRow>(credentialLookupSql(ctx.settings.databaseSchema), [
+    hashToken(token),
+  ]);
+  return rows.some((r) => r.valid);
 }
