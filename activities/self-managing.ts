@@ -332,7 +332,8 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
         const changed = await refusals(() =>
           store.changeExpiry(pool, {
             tokenId: input.tokenId,
-            ttlMs: Math.max(1, Date.parse(verdict.expiresAt) - token.nowMs),
+            // A second short of the limit: the store's clock has moved on since nowMs was read.
+            ttlMs: Math.max(1, Date.parse(verdict.expiresAt) - token.nowMs - 1_000),
             mode: 'shorten',
             reason: verdict.why,
             actor: `system:policy:${policy.snapshot.name}`,

@@ -5,9 +5,11 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { ApplicationFailure, WorkflowUpdateFailedError } from '@temporalio/client';
+import proto from '@temporalio/proto';
 import {
   cancelScheduledRevokeUpdate,
   changeExpiryUpdate,
+  policyChangedSignal,
   describeQuery,
   resumeUpdate,
   scheduleRevokeUpdate,
@@ -163,7 +165,73 @@ describe('extend and shorten', () => {
       t.handle.executeUpdate(changeExpiryUpdate, { args: [{ ttlMs: 3_600_000, mode: 'extend', reason: 'more' }] }),
     );
     assert.match(refused.message, /^ttl:/);
-    assert.match(refused.message, /60000|1m|1 min/);
+    assert.match(refused.message, /max lifetime: the expiry may be at most \d{4}-/);
     assert.equal((await t.handle.query(describeQuery)).phase, 'active');
+  });
+
+  it('should refuse an extension beyond the global maximum lifetime', async () => {
+    const t = await startToken(ctx, { ttlMs: 30_000 });
+    const refused = await rejection(
+      t.handle.executeUpdate(changeExpiryUpdate, {
+        args: [{ ttlMs: ctx.settings.maxTtlMs + 86_400_000, mode: 'extend', reason: 'forever' }],
+      }),
+    );
+    assert.match(refused.message, /^ttl: .*TOKENWARDEN_MAX_TTL/);
+    const row = await store.requireToken(ctx.pool, t.tokenId);
+    assert.equal((await t.handle.query(describeQuery)).expiresAt, row.expiresAt, 'nothing moved');
+  });
+
+  it('should live on when a Signal handler step is refused', async () => {
+    await worker.stop();
+    const faulty = await ctx.startWorker(ctx.settings, {
+      wrapActivities: (real) => ({
+        ...real,
+        applyPolicy: () =>
+          Promise.reject(ApplicationFailure.nonRetryable('refused for the test', INVALID_LIFECYCLE_REQUEST)),
+      }),
+    });
+    try {
+      const t = await startToken(ctx, { ttlMs: 120_000 });
+      await t.handle.signal(policyChangedSignal, {});
+      // Until the workflow has taken the refusal in: a task completed after it (or the run closed).
+      const { EventType } = proto.temporal.api.enums.v1;
+      await waitUntil(async () => {
+        const types = ((await t.handle.fetchHistory()).events ?? []).map((e) => e.eventType);
+        const failed = types.indexOf(EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED);
+        return (
+          failed >= 0 &&
+          (types.slice(failed).includes(EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED) ||
+            (await t.handle.describe()).status.name !== 'RUNNING')
+        );
+      }, 'the refused step taken in');
+      assert.equal((await t.handle.describe()).status.name, 'RUNNING');
+      assert.equal((await t.handle.query(describeQuery)).phase, 'active');
+    } finally {
+      await faulty.stop();
+      worker = await ctx.startWorker();
+    }
+  });
+
+  it('should apply a changed policy: shorten to its max lifetime, revoke a scope it no longer allows', async () => {
+    const snapshot = await insertPolicy(ctx, { name: 'tightening-2' });
+    const shortened = await startToken(ctx, { ttlMs: 120_000, policy: snapshot });
+    const revoked = await startToken(ctx, { ttlMs: 120_000, policy: snapshot, scopes: ['admin'] });
+    await ctx.sql.query(
+      "UPDATE policy SET max_lifetime_ms = 3000, allowed_scopes = '{read}', version = version + 1 WHERE name = $1",
+      ['tightening-2'],
+    );
+    // The scope check comes first: only the token without the refused scope is shortened.
+    await ctx.sql.query("UPDATE token SET scopes = '{read}' WHERE id = $1", [shortened.tokenId]);
+    await shortened.handle.signal(policyChangedSignal, { policy: 'tightening-2' });
+    await revoked.handle.signal(policyChangedSignal, { policy: 'tightening-2' });
+
+    const dead = (await revoked.handle.result()) as TokenLifecycleResult;
+    assert.equal(dead.status, 'revoked');
+    const row = await store.requireToken(ctx.pool, revoked.tokenId);
+    assert.equal(row.revokeReason, 'policy');
+    assert.equal(row.initiatingEntity, 'policy');
+
+    const expired = (await shortened.handle.result()) as TokenLifecycleResult;
+    assert.equal(expired.status, 'expired', 'shortened to the max lifetime, then expired');
   });
 });

@@ -302,8 +302,11 @@ class TokenLifecycle {
     setHandler(changeExpiryUpdate, (request) => this.changeExpiry(request), {
       validator: (request) => (validateChangeExpiryRequest(request), active()),
     });
-    setHandler(reportSuspiciousSignal, (payload) => this.reportSuspicious(payload));
-    setHandler(policyChangedSignal, () => this.policyChanged());
+    // A Signal's failure would fail the whole workflow: a refused step is logged, the token lives on.
+    setHandler(reportSuspiciousSignal, (payload) =>
+      this.signalled('reportSuspicious', () => this.reportSuspicious(payload)),
+    );
+    setHandler(policyChangedSignal, () => this.signalled('policyChanged', () => this.policyChanged()));
   }
 
   // ---------------------------------------------------------------- phase 1: alive until killed
@@ -445,19 +448,30 @@ class TokenLifecycle {
       this.alive.idleChecked(lastActivityAt, Date.now());
       if (this.alive.carried.idleCheckAt !== warning.deadline) return;
     }
-    await selfManaging.sendWarning.executeWithOptions(
-      { summary: summaryText(`warn the owner: ${warning.reason} at ${warning.deadline}`) },
-      [
-        {
-          tokenId: this.input.tokenId,
-          subject: this.input.subject,
-          key: warning.key,
-          reason: warning.reason,
-          deadline: warning.deadline,
-          beforeMs: warning.beforeMs,
-        },
-      ],
-    );
+    try {
+      await selfManaging.sendWarning.executeWithOptions(
+        { summary: summaryText(`warn the owner: ${warning.reason} at ${warning.deadline}`) },
+        [
+          {
+            tokenId: this.input.tokenId,
+            subject: this.input.subject,
+            key: warning.key,
+            reason: warning.reason,
+            deadline: warning.deadline,
+            beforeMs: warning.beforeMs,
+          },
+        ],
+      );
+    } catch (err) {
+      if (!(err instanceof ActivityFailure) || isCancellation(err)) throw err;
+      // The owner's destination refused it (retryable failures are retried by the activity): the
+      // warning is dropped, never the token's lifecycle.
+      log.warn('warning refused by the owner destination', {
+        tokenId: this.input.tokenId,
+        key: warning.key,
+        error: failureMessage(err),
+      });
+    }
     this.alive.warningSent(warning);
   }
 
@@ -642,6 +656,15 @@ class TokenLifecycle {
     this.alive.expiryChanged(expiresAt);
     this.state.expiryMoved(expiresAt);
     upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.expiresAt, value: new Date(expiresAt) }]);
+  }
+
+  private async signalled(name: string, fn: () => Promise<void>): Promise<void> {
+    try {
+      await fn();
+    } catch (err) {
+      if (!(err instanceof ActivityFailure) || isCancellation(err)) throw err;
+      log.warn(`${name}: a step was refused`, { tokenId: this.input.tokenId, error: failureMessage(err) });
+    }
   }
 
   /** Suspicious activity: the evidence is audited, then the policy rotates (grace 0) or revokes. */
