@@ -142,7 +142,7 @@ const MAX_PROBE_ANSWER_BYTES = 4096;
  * not followed: a 3xx is an answer like any other. Resolves once the status is known, with the
  * body when `readBody` (at most MAX_PROBE_ANSWER_BYTES; `tooLong` past that), discarded otherwise.
  */
-function send(
+export function send(
   agents: ReceiverAgents,
   url: URL,
   addresses: readonly LookupAddress[],

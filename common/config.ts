@@ -36,6 +36,8 @@ export interface StoreSettings {
   receiverAllow: ReceiverAllowance[];
   /** The longest lifetime a token may be issued with (TOKENWARDEN_MAX_TTL). */
   maxTtlMs: number;
+  /** A rotation's grace when neither the request nor the token's policy sets one (TOKENWARDEN_DEFAULT_GRACE; 10 min). */
+  defaultGraceMs?: number;
   /** host:port where a worker serves Prometheus metrics (`/metrics`); none when unset. */
   metricsAddress?: string;
   /** A worker's capacity (TOKENWARDEN_WORKFLOW_TASK_SLOTS, …); defaults in WORKER_TUNING_DEFAULTS. */
@@ -192,6 +194,7 @@ const envSchema = z.object({
     })
     .optional(),
   TOKENWARDEN_MASTER_KEY_FILE: z.string().min(1).optional(),
+  TOKENWARDEN_DEFAULT_GRACE: duration('TOKENWARDEN_DEFAULT_GRACE', '10m'),
   TOKENWARDEN_MAX_TTL: duration('TOKENWARDEN_MAX_TTL', formatDuration(DEFAULT_MAX_TTL_MS)).refine(
     (ms) => ms <= MAX_TTL_CEILING_MS,
     `TOKENWARDEN_MAX_TTL must be at most ${formatDuration(MAX_TTL_CEILING_MS)}`,
@@ -417,6 +420,7 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
     receiverAllow:
       e.TOKENWARDEN_RECEIVER_ALLOW ?? (stack && databaseUrl === stack.databaseUrl ? (stack.receiverAllow ?? []) : []),
     maxTtlMs: e.TOKENWARDEN_MAX_TTL,
+    defaultGraceMs: e.TOKENWARDEN_DEFAULT_GRACE,
     ...(e.TOKENWARDEN_METRICS_ADDRESS ? { metricsAddress: e.TOKENWARDEN_METRICS_ADDRESS } : {}),
     worker,
   };

@@ -77,6 +77,8 @@ export interface CarriedLifecycle {
   rotations: number;
   /** Suspicious reports handled so far, across runs. */
   suspiciousReports: number;
+  /** Keys of the warnings already sent for the current deadlines (each is sent once, across runs). */
+  warningsSent: string[];
 }
 
 /** The timing a run propagates with, and where it came from. */

@@ -53,6 +53,15 @@ export const ACTIVITY_NAMES = [
   'killAndLoad',
   'reconcilePage',
   'reconcileSetsWithRows',
+  'rotateCredential',
+  'rotateAutomatically',
+  'endGrace',
+  'readLastUse',
+  'sendWarning',
+  'setSuspended',
+  'setScheduledRevoke',
+  'changeExpiry',
+  'applyPolicy',
 ] as const;
 
 /**

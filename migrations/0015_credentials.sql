@@ -408,3 +408,19 @@ BEGIN
   RETURN true;
 END;
 $$;
+
+-- migrations/0007's last use, its interval capped at a tenth of the token's policy's idle timeout:
+-- an idle deadline must see a token's uses, whatever interval the verifier asks for.
+CREATE OR REPLACE FUNCTION record_token_use(token_id text, min_interval_ms bigint) RETURNS boolean
+LANGUAGE sql SET search_path FROM CURRENT AS $$
+  WITH used AS (
+    UPDATE token t SET last_used_at = now()
+     WHERE t.id = record_token_use.token_id
+       AND t.status = 'active'
+       AND (t.last_used_at IS NULL
+            OR t.last_used_at <= now() - least(record_token_use.min_interval_ms,
+                                               (SELECT p.idle_timeout_ms / 10 FROM policy p WHERE p.name = t.policy))
+                                         * interval '1 millisecond')
+    RETURNING 1)
+  SELECT EXISTS (SELECT 1 FROM used)
+$$;

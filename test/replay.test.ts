@@ -40,10 +40,18 @@ describe('recorded histories replay', () => {
       'escalate-force.json',
       'expire-deliver.json',
       'force-while-killing.json',
+      'inactivity-revoke.json',
       'local-kill-fallback.json',
+      'long-life-after-continue-as-new.json.gz',
       'malformed-revoke.json',
       'restart-adopts-stuck.json',
       'revoke-stuck-retry.json',
+      'rotation-automatic.json',
+      'rotation-grace-end.json',
+      'rotation-manual.json',
+      'scheduled-revoke.json',
+      'suspend-resume.json',
+      'warnings-expire.json',
     ]);
   });
   for (const file of files) {

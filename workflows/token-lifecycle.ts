@@ -26,10 +26,19 @@ import {
 } from '@temporalio/workflow';
 import type { Activities } from '../activities/index.js';
 import type { FirstAttemptOutcome } from '../activities/propagation.js';
-import { RECEIVER_REJECTED, SEARCH_ATTRIBUTE } from '../common/names.js';
+import { RECEIVER_REJECTED, SEARCH_ATTRIBUTE, SYSTEM_REVOKE_REASON } from '../common/names.js';
 import type { KillResult } from '../common/store/index.js';
 import { summaryText } from '../common/text.js';
 import {
+  AliveState,
+  INVALID_LIFECYCLE_REQUEST,
+  TOKEN_NOT_ACTIVE,
+  parseSuspiciousReport,
+  validateChangeExpiryRequest,
+  validateRotateRequest,
+  validateScheduleRevokeRequest,
+  validateSuspendRequest,
+  type AliveDeadline,
   LifecycleState,
   NOT_PROPAGATING,
   failureMessage,
@@ -52,6 +61,22 @@ import {
   type RetryPropagationResult,
   type TokenLifecycleResult,
   type TokenWorkflowInput,
+  cancelScheduledRevokeUpdate,
+  changeExpiryUpdate,
+  policyChangedSignal,
+  reportSuspiciousSignal,
+  resumeUpdate,
+  rotateUpdate,
+  scheduleRevokeUpdate,
+  suspendUpdate,
+  type ChangeExpiryRequest,
+  type ChangeExpiryResult,
+  type RotateRequest,
+  type RotateResult,
+  type ScheduleRevokeRequest,
+  type ScheduleRevokeResult,
+  type SuspendRequest,
+  type SuspendResult,
 } from '../common/messages.js';
 
 /**
@@ -76,6 +101,13 @@ const PATCHES = {
    * activity (deliverRevocationToAll), the receivers it does not settle are retried one by one.
    */
   localStoreCalls: 'local-store-calls',
+  /**
+   * The alive phase as a deadlines loop (expiry, idle check, rotation, end of grace, warnings,
+   * scheduled revoke) and the self-managing messages. Asked only by a run with a policy, a run
+   * continued with carried state, or the handler of a new message: a token without any of these
+   * keeps the command sequence it always had.
+   */
+  selfManaging: 'self-managing',
 } as const;
 
 const store = proxyActivities<Activities>({
@@ -85,6 +117,28 @@ const store = proxyActivities<Activities>({
     backoffCoefficient: 2,
     maximumInterval: '1m',
     nonRetryableErrorTypes: ['NotFoundError'],
+  },
+});
+
+/** The self-managing calls: a refusal (bad input, a token not active, no owner destination) is final. */
+const selfManaging = proxyActivities<Activities>({
+  startToCloseTimeout: '30s',
+  retry: {
+    initialInterval: '1s',
+    backoffCoefficient: 2,
+    maximumInterval: '1m',
+    nonRetryableErrorTypes: ['NotFoundError', INVALID_LIFECYCLE_REQUEST, TOKEN_NOT_ACTIVE, 'NoOwnerDestination'],
+  },
+});
+
+/** Deliveries of credential.revoked events while the token lives: retried until settled or rejected. */
+const credentialDeliveries = proxyActivities<Activities>({
+  startToCloseTimeout: '15s',
+  retry: {
+    initialInterval: '1s',
+    backoffCoefficient: 2,
+    maximumInterval: '1m',
+    nonRetryableErrorTypes: [RECEIVER_REJECTED],
   },
 });
 
@@ -195,8 +249,17 @@ class TokenLifecycle {
   /** True once every delivery loop has ended; `deliveryFailure` holds what ended one abnormally. */
   private deliveriesEnded = false;
   private deliveryFailure: unknown;
+  /** Whether this run follows PATCHES.selfManaging: undefined until something needs it. */
+  private selfManagingDecision: boolean | undefined;
+  /** The deadlines of the alive phase (used with PATCHES.selfManaging only). */
+  private readonly alive: AliveState;
+  /** A rotation happened: the run continues as new once its handlers have finished. */
+  private continueAsNewDue = false;
+  private rotationQueue: Promise<unknown> = Promise.resolve();
+  private readonly credentialDeliveriesRunning = new Set<string>();
 
   constructor(private readonly input: TokenWorkflowInput) {
+    this.alive = new AliveState(input, Date.now());
     // Every transition rewrites the current details, so the Web UI never shows a stale phase.
     this.state = new LifecycleState(input, (state) => setCurrentDetails(state.details()));
     setCurrentDetails(this.state.details());
@@ -217,6 +280,33 @@ class TokenLifecycle {
     };
     setHandler(retryPropagationUpdate, (request) => this.retryPropagation(request), { validator });
     setHandler(forceCompleteUpdate, (request) => this.forceComplete(request), { validator });
+    const active = () => {
+      const refusal = this.activeRefusal();
+      if (refusal) throw ApplicationFailure.nonRetryable(refusal, TOKEN_NOT_ACTIVE);
+    };
+    setHandler(rotateUpdate, (request) => this.rotate(request), {
+      validator: (request) => (validateRotateRequest(request), active()),
+    });
+    setHandler(suspendUpdate, (request) => this.setSuspended(true, request), {
+      validator: (request) => (validateSuspendRequest(request), active()),
+    });
+    setHandler(resumeUpdate, (request) => this.setSuspended(false, request), {
+      validator: (request) => (validateSuspendRequest(request), active()),
+    });
+    setHandler(scheduleRevokeUpdate, (request) => this.scheduleRevoke(request), {
+      validator: (request) => (validateScheduleRevokeRequest(request, Date.now()), active()),
+    });
+    setHandler(cancelScheduledRevokeUpdate, (request) => this.cancelScheduledRevoke(request), {
+      validator: (request) => (validateSuspendRequest(request), active()),
+    });
+    setHandler(changeExpiryUpdate, (request) => this.changeExpiry(request), {
+      validator: (request) => (validateChangeExpiryRequest(request), active()),
+    });
+    // A Signal's failure would fail the whole workflow: a refused step is logged, the token lives on.
+    setHandler(reportSuspiciousSignal, (payload) =>
+      this.signalled('reportSuspicious', () => this.reportSuspicious(payload)),
+    );
+    setHandler(policyChangedSignal, () => this.signalled('policyChanged', () => this.policyChanged()));
   }
 
   // ---------------------------------------------------------------- phase 1: alive until killed
@@ -226,8 +316,15 @@ class TokenLifecycle {
    * (with the store's propagation snapshot when the kill was a local activity).
    */
   async liveUntilKilled(): Promise<KillResult | KillSnapshot> {
+    // A run with a policy or carried state runs the deadlines loop from its start.
+    if (this.input.policy !== undefined || this.input.carried !== undefined) this.enterSelfManaging();
     for (;;) {
       if (this.state.revokeRequest) return this.killOnRevoke();
+      if (this.selfManagingDecision === true) {
+        const kill = await this.aliveStep();
+        if (kill) return kill;
+        continue;
+      }
       const remaining = msUntil(this.input.expiresAt, Date.now());
       if (remaining <= 0) {
         const kill = await this.killOnExpiry();
@@ -242,10 +339,381 @@ class TokenLifecycle {
       const wakeForContinueAsNew = patched(PATCHES.wakeForContinueAsNew);
       this.wasAsleep = true;
       await condition(
-        () => this.state.revokeRequest !== undefined || (wakeForContinueAsNew && workflowInfo().continueAsNewSuggested),
+        () =>
+          this.state.revokeRequest !== undefined ||
+          (wakeForContinueAsNew && workflowInfo().continueAsNewSuggested) ||
+          // A new message switched this run to the deadlines loop (never true in a recorded older run).
+          this.selfManagingDecision === true,
         remaining,
         { summary: `sleep until expiry at ${this.input.expiresAt}` },
       );
+    }
+  }
+
+  // ---------------------------------------------------------------- the deadlines loop (PATCHES.selfManaging)
+
+  /**
+   * Whether this run follows PATCHES.selfManaging; asked once, by the first thing that needs it. A
+   * recorded run without the marker (a new message sent to an older run) ignores the message.
+   */
+  private enterSelfManaging(): boolean {
+    this.selfManagingDecision ??= patched(PATCHES.selfManaging);
+    return this.selfManagingDecision;
+  }
+
+  /** One step of the alive phase: act on the deadline that is due, or sleep until the next one. */
+  private async aliveStep(): Promise<KillResult | KillSnapshot | undefined> {
+    if (this.continueAsNewDue || workflowInfo().continueAsNewSuggested) {
+      await condition(allHandlersFinished);
+      if (this.state.revokeRequest) return undefined;
+      await continueAsNew<typeof tokenLifecycle>({
+        ...this.input,
+        expiresAt: this.alive.expiresAt,
+        ...(this.alive.policy ? { policy: this.alive.policy } : {}),
+        carried: this.alive.toCarried(),
+      });
+    }
+    this.deliverCredentialRevocations();
+    const now = Date.now();
+    const due = this.alive.due(now);
+    if (!due) {
+      const next = this.alive.next(now);
+      const seen = this.alive.changes;
+      this.wasAsleep = true;
+      await condition(
+        () =>
+          this.state.revokeRequest !== undefined ||
+          this.alive.changes !== seen ||
+          this.continueAsNewDue ||
+          workflowInfo().continueAsNewSuggested,
+        Math.max(1, next.atMs - now),
+        { summary: summaryText(`sleep until ${describeDeadline(next)}`) },
+      );
+      return undefined;
+    }
+    switch (due.kind) {
+      case 'expiry':
+        return this.killOnExpiry();
+      case 'scheduledRevoke': {
+        const scheduled = this.alive.carried.scheduledRevoke!;
+        this.state.systemRevoke({ reason: scheduled.reason, actor: scheduled.actor, initiatingEntity: 'admin' });
+        return undefined;
+      }
+      case 'idleCheck':
+        await this.checkIdle();
+        return undefined;
+      case 'graceEnd':
+        await this.endGrace(due.credentialId);
+        return undefined;
+      case 'warning':
+        await this.warn(due);
+        return undefined;
+      case 'rotate':
+        await this.rotateAutomatically(undefined, 'rotate_every');
+        return undefined;
+    }
+  }
+
+  /** At the idle deadline: the store's last use decides (used since: sleep on; idle: revoke). */
+  private async checkIdle(): Promise<boolean> {
+    const { lastActivityAt } = await selfManaging.readLastUse.executeWithOptions(
+      { summary: 'idle check: read the last use' },
+      [{ tokenId: this.input.tokenId }],
+    );
+    if (!this.alive.idleChecked(lastActivityAt, Date.now())) return false;
+    this.state.systemRevoke({
+      reason: SYSTEM_REVOKE_REASON.inactive,
+      actor: 'system:inactivity',
+      initiatingEntity: 'system',
+    });
+    return true;
+  }
+
+  private async endGrace(credentialId: string): Promise<void> {
+    const ended = await selfManaging.endGrace.executeWithOptions(
+      { summary: summaryText(`end of grace of ${credentialId}`) },
+      [{ tokenId: this.input.tokenId, credentialId }],
+    );
+    this.alive.graceEnded(credentialId, ended.revoked);
+    this.deliverCredentialRevocations();
+  }
+
+  private async warn(warning: Extract<AliveDeadline, { kind: 'warning' }>): Promise<void> {
+    // An idle deadline is an estimate until the last use is read: a use since moves it.
+    if (warning.reason === 'inactivity') {
+      const { lastActivityAt } = await selfManaging.readLastUse.executeWithOptions(
+        { summary: 'before an inactivity warning: read the last use' },
+        [{ tokenId: this.input.tokenId }],
+      );
+      this.alive.idleChecked(lastActivityAt, Date.now());
+      if (this.alive.carried.idleCheckAt !== warning.deadline) return;
+    }
+    try {
+      await selfManaging.sendWarning.executeWithOptions(
+        { summary: summaryText(`warn the owner: ${warning.reason} at ${warning.deadline}`) },
+        [
+          {
+            tokenId: this.input.tokenId,
+            subject: this.input.subject,
+            key: warning.key,
+            reason: warning.reason,
+            deadline: warning.deadline,
+            beforeMs: warning.beforeMs,
+          },
+        ],
+      );
+    } catch (err) {
+      if (!(err instanceof ActivityFailure) || isCancellation(err)) throw err;
+      // The owner's destination refused it (retryable failures are retried by the activity): the
+      // warning is dropped, never the token's lifecycle.
+      log.warn('warning refused by the owner destination', {
+        tokenId: this.input.tokenId,
+        key: warning.key,
+        error: failureMessage(err),
+      });
+    }
+    this.alive.warningSent(warning);
+  }
+
+  /** One rotation at a time (manual, automatic, suspicious): each waits for the one before. */
+  private serialized<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.rotationQueue.then(fn);
+    this.rotationQueue = run.then(
+      () => undefined,
+      () => undefined,
+    );
+    return run;
+  }
+
+  /**
+   * An automatic rotation: the activity generates the secret, stores its hash as pending, delivers
+   * it to the owner and promotes it. History sees ids and hashes only. Without an owner destination
+   * the rotation cannot happen (the secret would reach nobody): the next one is armed.
+   */
+  private async rotateAutomatically(graceMs: number | undefined, why: string): Promise<boolean> {
+    return this.serialized(async () => {
+      const rotationId = this.alive.nextRotationId(this.input.tokenId);
+      try {
+        const result = await selfManaging.rotateAutomatically.executeWithOptions(
+          { summary: summaryText(`automatic rotation ${rotationId} (${why})`) },
+          [{ tokenId: this.input.tokenId, rotationId, ...(graceMs !== undefined ? { graceMs } : {}), why }],
+        );
+        this.alive.rotated(result, Date.now());
+        this.continueAsNewDue = true;
+        this.deliverCredentialRevocations();
+        return true;
+      } catch (err) {
+        if (!(err instanceof ActivityFailure) || isCancellation(err)) throw err;
+        log.warn('automatic rotation refused', { tokenId: this.input.tokenId, rotationId, error: failureMessage(err) });
+        this.alive.rotationSkipped(Date.now());
+        return false;
+      }
+    });
+  }
+
+  /**
+   * Delivers every credential.revoked event of this token to every receiver, in the background,
+   * with the same delivery activity as the token's own revocation. Undelivered ones are carried.
+   */
+  private deliverCredentialRevocations(): void {
+    for (const { eventId } of this.alive.carried.credentialRevocations) {
+      if (this.credentialDeliveriesRunning.has(eventId)) continue;
+      this.credentialDeliveriesRunning.add(eventId);
+      Promise.all(
+        this.input.receivers.map(async (receiverId) => {
+          try {
+            await credentialDeliveries.deliverRevocation.executeWithOptions(
+              { summary: summaryText(`deliver credential revocation to ${receiverId}`) },
+              [{ eventId, receiverId }],
+            );
+          } catch (err) {
+            if (!(err instanceof ActivityFailure) || isCancellation(err)) throw err;
+            // A receiver's rejection is recorded in its delivery row for an operator to see.
+            log.warn('credential revocation rejected', { eventId, receiverId, error: failureMessage(err) });
+          }
+        }),
+      ).then(
+        () => this.alive.credentialRevocationSettled(eventId),
+        () => {},
+      );
+    }
+  }
+
+  /** The self-managing Updates act on a live token only. */
+  private activeRefusal(): string | undefined {
+    if (this.state.phase !== 'active' || this.state.revokeRequest) {
+      return `token ${this.input.tokenId} is not active (phase ${this.state.revokeRequest ? 'killing' : this.state.phase})`;
+    }
+    return undefined;
+  }
+
+  private requireActive(): void {
+    const refusal = this.activeRefusal();
+    if (refusal) throw ApplicationFailure.nonRetryable(refusal, TOKEN_NOT_ACTIVE);
+  }
+
+  /** A refusal from an activity (bad input, a limit) reaches the caller as a non-retryable failure. */
+  private async refusable<T>(fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      if (err instanceof ActivityFailure && err.cause instanceof ApplicationFailure && err.cause.nonRetryable) {
+        throw ApplicationFailure.nonRetryable(err.cause.message, err.cause.type ?? INVALID_LIFECYCLE_REQUEST);
+      }
+      throw err;
+    }
+  }
+
+  private async rotate(request: RotateRequest): Promise<RotateResult> {
+    if (!this.enterSelfManaging()) throw ApplicationFailure.nonRetryable('rotate: not supported by this run');
+    return this.serialized(async () => {
+      this.requireActive();
+      const result = await this.refusable(() =>
+        selfManaging.rotateCredential.executeWithOptions(
+          { summary: summaryText(`rotate: new credential ${request.credentialId}`) },
+          [
+            {
+              tokenId: this.input.tokenId,
+              credentialId: request.credentialId,
+              secretHash: request.secretHash,
+              ...(request.graceMs !== undefined ? { graceMs: request.graceMs } : {}),
+              actor: request.actor ?? 'operator',
+              reason: request.reason ?? 'rotation',
+            },
+          ],
+        ),
+      );
+      this.alive.rotated(result, Date.now());
+      this.continueAsNewDue = true;
+      this.deliverCredentialRevocations();
+      return {
+        tokenId: this.input.tokenId,
+        credentialId: result.credentialId,
+        previousCredentialId: result.previousCredentialId,
+        previousValidUntil: result.previousValidUntil,
+      };
+    });
+  }
+
+  private async setSuspended(suspended: boolean, request: SuspendRequest): Promise<SuspendResult> {
+    if (!this.enterSelfManaging()) throw ApplicationFailure.nonRetryable('suspend: not supported by this run');
+    this.requireActive();
+    const result = await this.refusable(() =>
+      selfManaging.setSuspended.executeWithOptions({ summary: suspended ? 'suspend' : 'resume' }, [
+        { tokenId: this.input.tokenId, suspended, reason: request.reason, actor: request.actor ?? 'operator' },
+      ]),
+    );
+    this.alive.suspendedChanged(result.suspended);
+    upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.suspended, value: result.suspended }]);
+    return result;
+  }
+
+  private async scheduleRevoke(request: ScheduleRevokeRequest): Promise<ScheduleRevokeResult> {
+    if (!this.enterSelfManaging()) throw ApplicationFailure.nonRetryable('scheduleRevoke: not supported by this run');
+    this.requireActive();
+    const at = new Date(Date.parse(request.at)).toISOString();
+    const actor = request.actor ?? 'operator';
+    await selfManaging.setScheduledRevoke.executeWithOptions({ summary: summaryText(`schedule revoke at ${at}`) }, [
+      { tokenId: this.input.tokenId, at, reason: request.reason, actor },
+    ]);
+    this.alive.revokeScheduled({ at, reason: request.reason, actor });
+    return { revokeAt: at };
+  }
+
+  private async cancelScheduledRevoke(request: OperatorRequest): Promise<ScheduleRevokeResult> {
+    if (!this.enterSelfManaging()) {
+      throw ApplicationFailure.nonRetryable('cancelScheduledRevoke: not supported by this run');
+    }
+    this.requireActive();
+    await selfManaging.setScheduledRevoke.executeWithOptions({ summary: 'cancel the scheduled revoke' }, [
+      { tokenId: this.input.tokenId, at: null, reason: request.reason, actor: request.actor ?? 'operator' },
+    ]);
+    this.alive.revokeScheduled(null);
+    return { revokeAt: null };
+  }
+
+  private async changeExpiry(request: ChangeExpiryRequest): Promise<ChangeExpiryResult> {
+    if (!this.enterSelfManaging()) throw ApplicationFailure.nonRetryable('changeExpiry: not supported by this run');
+    this.requireActive();
+    const result = await this.refusable(() =>
+      selfManaging.changeExpiry.executeWithOptions({ summary: summaryText(`${request.mode} expiry`) }, [
+        {
+          tokenId: this.input.tokenId,
+          ttlMs: request.ttlMs,
+          mode: request.mode,
+          reason: request.reason,
+          actor: request.actor ?? 'operator',
+          // A retried Update is the same change.
+          requestId: currentUpdateInfo()?.id ?? `${workflowInfo().runId}:${this.alive.changes}`,
+        },
+      ]),
+    );
+    this.adoptExpiry(result.expiresAt);
+    return result;
+  }
+
+  private adoptExpiry(expiresAt: string): void {
+    this.alive.expiryChanged(expiresAt);
+    this.state.expiryMoved(expiresAt);
+    upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.expiresAt, value: new Date(expiresAt) }]);
+  }
+
+  private async signalled(name: string, fn: () => Promise<void>): Promise<void> {
+    try {
+      await fn();
+    } catch (err) {
+      if (!(err instanceof ActivityFailure) || isCancellation(err)) throw err;
+      log.warn(`${name}: a step was refused`, { tokenId: this.input.tokenId, error: failureMessage(err) });
+    }
+  }
+
+  /** Suspicious activity: the evidence is audited, then the policy rotates (grace 0) or revokes. */
+  private async reportSuspicious(payload: unknown): Promise<void> {
+    if (!this.enterSelfManaging()) return;
+    const report = parseSuspiciousReport(payload);
+    if (this.activeRefusal()) return;
+    const n = this.alive.suspiciousReported();
+    const rotate = this.alive.policy?.onSuspicious === 'rotate' && this.alive.policy.hasOwnerDestination;
+    await selfManaging.recordAudit.executeWithOptions({ summary: 'audit: suspicious activity reported' }, [
+      {
+        tokenId: this.input.tokenId,
+        auditKey: `suspicious:${report.reportId ?? `${workflowInfo().runId}:${n}`}`,
+        kind: 'token.suspicious',
+        data: {
+          reason: report.reason,
+          actor: report.actor,
+          evidence: report.evidence,
+          malformed: report.malformed,
+          action: rotate ? 'rotate' : 'revoke',
+        },
+      },
+    ]);
+    if (this.activeRefusal()) return;
+    // The old secret is suspect: no grace.
+    if (rotate && (await this.rotateAutomatically(0, 'suspicious activity'))) return;
+    this.state.systemRevoke({
+      reason: SYSTEM_REVOKE_REASON.suspicious,
+      actor: report.actor,
+      initiatingEntity: 'system',
+    });
+  }
+
+  /** The policy changed: re-read it, adopt its deadlines, apply its verdict (shorten or revoke). */
+  private async policyChanged(): Promise<void> {
+    if (!this.enterSelfManaging()) return;
+    if (this.activeRefusal()) return;
+    const applied = await selfManaging.applyPolicy.executeWithOptions({ summary: 'the policy changed: apply it' }, [
+      { tokenId: this.input.tokenId },
+    ]);
+    this.alive.policyChanged(applied.policy ?? undefined, Date.now());
+    upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.policy, value: applied.policy?.name ?? null }]);
+    if (applied.expiresAt !== this.alive.expiresAt) this.adoptExpiry(applied.expiresAt);
+    if (applied.verdict.kind === 'revoke' && !this.activeRefusal()) {
+      this.state.systemRevoke({
+        reason: applied.verdict.reason === 'inactive' ? SYSTEM_REVOKE_REASON.inactive : SYSTEM_REVOKE_REASON.policy,
+        actor: `system:policy:${applied.policy?.name ?? 'none'}`,
+        initiatingEntity: 'policy',
+      });
     }
   }
 
@@ -317,9 +785,14 @@ class TokenLifecycle {
       : await store.killToken.executeWithOptions(summary, [request]);
     const result = 'kill' in killed ? killed.kill : killed;
     if (result.notYetExpiredMs === undefined) return killed;
-    // The database clock is behind workflow time: wait the difference (a revoke still wins).
+    // The database clock is behind workflow time (or the expiry moved): wait the difference (a
+    // revoke still wins; a moved expiry is re-read by the deadlines loop).
     this.state.stillAlive();
     this.wasAsleep = true;
+    if (this.selfManagingDecision === true && result.token.expiresAt !== this.alive.expiresAt) {
+      this.adoptExpiry(result.token.expiresAt);
+      return undefined;
+    }
     await condition(() => this.state.revokeRequest !== undefined, result.notYetExpiredMs, {
       summary: 'waiting for the database clock to reach expiry',
     });
@@ -717,5 +1190,23 @@ class TokenLifecycle {
       forced,
       deliveries: this.state.all(),
     };
+  }
+}
+
+function describeDeadline(d: AliveDeadline): string {
+  const at = new Date(d.atMs).toISOString();
+  switch (d.kind) {
+    case 'expiry':
+      return `expiry at ${at}`;
+    case 'scheduledRevoke':
+      return `the scheduled revoke at ${at}`;
+    case 'idleCheck':
+      return `the idle check at ${at}`;
+    case 'graceEnd':
+      return `the end of ${d.credentialId}'s grace at ${at}`;
+    case 'warning':
+      return `the ${d.reason} warning at ${at}`;
+    case 'rotate':
+      return `the automatic rotation at ${at}`;
   }
 }

@@ -1,0 +1,212 @@
+/**
+ * Rotation on the real engine: a manual rotation keeps the old credential valid through its grace,
+ * then the workflow ends the grace and tells every receiver (credential.revoked); an automatic
+ * rotation delivers the new secret out of band (a 0600 file) and never into history; suspicious
+ * activity rotates or revokes as the policy says, with the evidence in the audit trail.
+ */
+import assert from 'node:assert/strict';
+import { readFileSync, readdirSync, statSync } from 'node:fs';
+import path from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { ApplicationFailure, WorkflowUpdateFailedError } from '@temporalio/client';
+import proto from '@temporalio/proto';
+import { describeQuery, reportSuspiciousSignal, rotateUpdate, type TokenLifecycleResult } from '../common/messages.js';
+import { tokenWorkflowId } from '../common/names.js';
+import * as store from '../common/store/index.js';
+import { INVALID_LIFECYCLE_REQUEST, TOKEN_NOT_ACTIVE } from '../workflows/lifecycle-state.js';
+import { TestContext, type RunningWorker } from './support/context.js';
+import { historyText, maybeRecordHistory } from './support/history.js';
+import { TestReceiver } from './support/receiver.js';
+import { insertPolicy, newSecret, ownerFolder, startToken, isValid } from './support/self-managing.js';
+import { waitUntil } from './support/wait.js';
+
+let ctx: TestContext;
+let worker: RunningWorker;
+const receivers: TestReceiver[] = [];
+let counter = 0;
+
+before(async () => {
+  ctx = await TestContext.create('rotation');
+  worker = await ctx.startWorker();
+});
+after(async () => {
+  await worker?.stop();
+  for (const r of receivers) await r.close();
+  await ctx?.close();
+});
+
+async function addReceiver(): Promise<{ id: string; receiver: TestReceiver }> {
+  const receiver = await TestReceiver.start();
+  receivers.push(receiver);
+  const id = `rcv-rot-${++counter}`;
+  const added = await ctx.warden.addReceiver({ id, url: receiver.url });
+  receiver.secret = added.secret;
+  return { id, receiver };
+}
+
+const credentialRevokedAt = (receiver: TestReceiver, credentialId: string) =>
+  receiver.requests.some(
+    (r) => r.verified && r.answered === 204 && r.body.includes(credentialId) && r.body.includes('revoke'),
+  );
+
+async function rejection(update: Promise<unknown>): Promise<ApplicationFailure> {
+  const err = await update.then(
+    () => assert.fail('the update was accepted'),
+    (e: unknown) => e,
+  );
+  assert.ok(err instanceof WorkflowUpdateFailedError, String(err));
+  assert.ok(err.cause instanceof ApplicationFailure, String(err.cause));
+  return err.cause;
+}
+
+const auditOf = async (tokenId: string) =>
+  (await store.readAudit(ctx.pool, tokenId)).map((e) => ({ kind: e.kind, data: JSON.parse(e.canonical).data }));
+
+/** Every run's history as text (rotations continue as new). */
+async function historyJson(tokenId: string): Promise<string> {
+  const texts: string[] = [];
+  for (const runId of await runsOf(tokenWorkflowId(tokenId))) {
+    const handle = ctx.client.workflow.getHandle(tokenWorkflowId(tokenId), runId);
+    const history = proto.temporal.api.history.v1.History.fromObject(await handle.fetchHistory());
+    texts.push(...historyText(history.toJSON()));
+  }
+  return texts.join('\n');
+}
+
+/** The runs of a workflow, oldest first. */
+const runsOf = async (workflowId: string): Promise<string[]> => {
+  const runs: { runId: string; at: number }[] = [];
+  for await (const w of ctx.client.workflow.list({ query: `WorkflowId = '${workflowId}'` })) {
+    runs.push({ runId: w.runId, at: w.startTime.getTime() });
+  }
+  return runs.sort((a, b) => a.at - b.at).map((r) => r.runId);
+};
+
+describe('rotation', () => {
+  it('should keep the old credential valid through its grace, then revoke it and tell every receiver', async () => {
+    const a = await addReceiver();
+    const b = await addReceiver();
+    const t = await startToken(ctx, { ttlMs: 120_000, receivers: [a.id, b.id] });
+    const fresh = newSecret();
+
+    const rotated = await t.handle.executeUpdate(rotateUpdate, {
+      args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 3_000, actor: 'alice' }],
+    });
+    assert.equal(rotated.credentialId, fresh.credentialId);
+    assert.equal(rotated.previousCredentialId, t.credentialId);
+    assert.ok(rotated.previousValidUntil, 'the old credential has a grace');
+
+    // A retried Update with the same credential id is the same rotation.
+    const again = await t.handle.executeUpdate(rotateUpdate, {
+      args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 3_000 }],
+    });
+    assert.equal(again.credentialId, fresh.credentialId);
+
+    // During the grace both are valid.
+    assert.equal(await isValid(ctx, t.token), true, 'old valid during grace');
+    assert.equal(await isValid(ctx, fresh.token), true, 'new valid');
+
+    // After it: the old one is rejected, the new one still valid, every receiver told.
+    await waitUntil(async () => !(await isValid(ctx, t.token)), 'the old credential rejected', 20_000);
+    await waitUntil(
+      () => credentialRevokedAt(a.receiver, t.credentialId) && credentialRevokedAt(b.receiver, t.credentialId),
+      'credential.revoked at every receiver',
+      20_000,
+    );
+    assert.equal(await isValid(ctx, fresh.token), true, 'the new credential stays valid');
+    const view = await t.handle.query(describeQuery);
+    assert.equal(view.phase, 'active');
+    // The rotation continued as new: its run, and the run that ended the grace.
+    const runs = await runsOf(t.handle.workflowId);
+    await maybeRecordHistory(ctx.client.workflow.getHandle(t.handle.workflowId, runs[0]), 'rotation-manual');
+    await maybeRecordHistory(t.handle, 'rotation-grace-end');
+  });
+
+  it('should refuse a malformed rotation naming the field, and a rotation of a dead token', async () => {
+    // A receiver that keeps failing holds the workflow in propagation after the revoke.
+    const stuck = await addReceiver();
+    stuck.receiver.behaviour = () => ({ status: 503 });
+    const t = await startToken(ctx, { ttlMs: 120_000, receivers: [stuck.id] });
+    const bad = await rejection(
+      t.handle.executeUpdate(rotateUpdate, { args: [{ credentialId: 'nope', secretHash: 'a'.repeat(64) }] }),
+    );
+    assert.equal(bad.type, INVALID_LIFECYCLE_REQUEST);
+    assert.match(bad.message, /^credentialId:/);
+
+    await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'done' });
+    await waitUntil(async () => (await t.handle.query(describeQuery)).phase !== 'active', 'the workflow killing');
+    const fresh = newSecret();
+    const dead = await rejection(
+      t.handle.executeUpdate(rotateUpdate, {
+        args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash }],
+      }),
+    );
+    assert.equal(dead.type, TOKEN_NOT_ACTIVE);
+  });
+
+  it('should rotate automatically, deliver the secret to a 0600 file and keep it out of history', async () => {
+    const dir = ownerFolder();
+    const policy = await insertPolicy(ctx, {
+      name: 'auto-rotate',
+      rotateEveryMs: 2_000,
+      graceMs: 1_000,
+      ownerDir: dir,
+    });
+    const t = await startToken(ctx, { ttlMs: 120_000, policy });
+    const secretFile = await waitUntil(
+      () => readdirSync(dir).find((f) => f.startsWith(`${t.tokenId}.cred_`) && f.endsWith('.json')),
+      'the rotated secret in the owner folder',
+      20_000,
+    );
+    const file = path.join(dir, secretFile);
+    assert.equal(statSync(file).mode & 0o777, 0o600);
+    assert.equal(statSync(dir).mode & 0o777, 0o700);
+    const delivered = JSON.parse(readFileSync(file, 'utf8')) as { token: string; credential_id: string };
+    await waitUntil(async () => await isValid(ctx, delivered.token), 'the delivered secret valid');
+    await waitUntil(async () => !(await isValid(ctx, t.token)), 'the old secret rejected after its grace');
+    // Rotations continue as new: read every run of the workflow.
+    const text = await historyJson(t.tokenId);
+    assert.ok(!text.includes(delivered.token), 'the rotated secret is not in history');
+    assert.ok(!text.includes(t.token), 'the issued secret is not in history');
+    const runs = await runsOf(t.handle.workflowId);
+    await maybeRecordHistory(ctx.client.workflow.getHandle(t.handle.workflowId, runs[0]), 'rotation-automatic');
+  });
+});
+
+describe('suspicious activity', () => {
+  it('should revoke by default, with the evidence in the audit trail', async () => {
+    const policy = await insertPolicy(ctx, { name: 'suspicious-revoke', onSuspicious: 'revoke' });
+    const t = await startToken(ctx, { ttlMs: 120_000, policy });
+    await t.handle.signal(reportSuspiciousSignal, {
+      reason: 'used from two continents',
+      evidence: { ips: ['192.0.2.1', '198.51.100.7'] },
+      actor: 'siem',
+      reportId: 'rep-1',
+    });
+    const done = (await t.handle.result()) as TokenLifecycleResult;
+    assert.equal(done.status, 'revoked');
+    const shown = await store.requireToken(ctx.pool, t.tokenId);
+    assert.equal(shown.revokeReason, 'suspicious_activity');
+    const audit = await auditOf(t.tokenId);
+    const report = audit.find((e) => e.kind === 'token.suspicious');
+    assert.deepEqual(report?.data.evidence, { ips: ['192.0.2.1', '198.51.100.7'] });
+    assert.equal(report?.data.action, 'revoke');
+  });
+
+  it('should rotate with no grace when the policy says rotate', async () => {
+    const dir = ownerFolder();
+    const policy = await insertPolicy(ctx, { name: 'suspicious-rotate', onSuspicious: 'rotate', ownerDir: dir });
+    const t = await startToken(ctx, { ttlMs: 120_000, policy });
+    await t.handle.signal(reportSuspiciousSignal, { reason: 'leaked in a log', evidence: { line: 42 } });
+    const secretFile = await waitUntil(
+      () => readdirSync(dir).find((f) => f.startsWith(`${t.tokenId}.cred_`)),
+      'the new secret delivered',
+    );
+    const delivered = JSON.parse(readFileSync(path.join(dir, secretFile), 'utf8')) as { token: string };
+    await waitUntil(async () => !(await isValid(ctx, t.token)), 'the suspect secret rejected at once', 5_000);
+    assert.equal(await isValid(ctx, delivered.token), true);
+    const audit = await auditOf(t.tokenId);
+    assert.equal(audit.find((e) => e.kind === 'token.suspicious')?.data.action, 'rotate');
+    assert.equal((await t.handle.query(describeQuery)).phase, 'active');
+  });
+});

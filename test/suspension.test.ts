@@ -1,0 +1,94 @@
+/**
+ * Suspension in the real store and through the verifier: a suspended token fails verification (and
+ * `show`'s valid) without dying, a resume restores it, and the NOTIFY drops answers a verifier cached.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { createVerifier, type Verifier } from '../client/verifier.js';
+import { TokenNotActiveError } from '../common/errors.js';
+import { generateTokenString, hashToken } from '../common/secrets.js';
+import * as store from '../common/store/index.js';
+import { TestContext } from './support/context.js';
+import { insertTokenRow } from './support/tokens.js';
+import { waitUntil } from './support/wait.js';
+
+let ctx: TestContext;
+const open: Verifier[] = [];
+before(async () => {
+  ctx = await TestContext.create('suspension');
+});
+after(async () => {
+  for (const v of open) await v.close().catch(() => {});
+  await ctx?.close();
+});
+
+async function verifier(): Promise<Verifier> {
+  const v = await createVerifier({
+    databaseUrl: ctx.settings.databaseUrl,
+    schema: ctx.settings.databaseSchema,
+    cacheTtlMs: 60_000,
+  });
+  open.push(v);
+  return v;
+}
+
+async function newToken() {
+  const token = generateTokenString();
+  const record = await insertTokenRow(ctx.pool, {
+    subject: 'usr_susp',
+    secretHash: hashToken(token),
+    ttlMs: 3_600_000,
+  });
+  return { token, tokenId: record.id };
+}
+
+const suspend = (tokenId: string, suspended = true) =>
+  store.setSuspended(ctx.pool, { tokenId, suspended, actor: 'admin:alice', reason: 'investigating' });
+
+const storeValid = async (tokenId: string) =>
+  (
+    await ctx.sql.query('SELECT token_valid(status, expires_at, suspended_at) AS valid FROM token WHERE id = $1', [
+      tokenId,
+    ])
+  ).rows[0].valid as boolean;
+
+describe('suspension', () => {
+  it('should fail verification while suspended, drop cached answers on the NOTIFY, and resume', async () => {
+    const v = await verifier();
+    const { token, tokenId } = await newToken();
+    assert.equal((await v.verify(token)).active, true);
+    assert.equal((await v.verify(token)).active, true);
+    assert.equal(v.stats().cacheHits, 1, 'the answer is cached');
+
+    const suspended = await suspend(tokenId);
+    assert.equal(suspended.changed, true);
+    assert.equal(suspended.token.status, 'active', 'suspended is not dead');
+    assert.equal(suspended.token.valid, false, "show's valid");
+    assert.equal(await storeValid(tokenId), false, "the store's token_valid, which the verifier's lookup uses");
+    assert.equal(suspended.token.suspendedBy, 'admin:alice');
+    assert.equal(suspended.token.suspendReason, 'investigating');
+    await waitUntil(() => v.stats().kills >= 1, 'the NOTIFY heard');
+    assert.deepEqual(await v.verify(token), { active: false }, 'the cached answer was dropped');
+    assert.equal(v.stats().reuseDetected, 0, 'a suspended current credential is no reuse');
+
+    assert.equal((await suspend(tokenId)).changed, false, 'a repeated suspend changes nothing');
+    const resumed = await suspend(tokenId, false);
+    assert.equal(resumed.changed, true);
+    assert.equal(resumed.token.valid, true);
+    assert.equal(await storeValid(tokenId), true);
+    assert.equal(resumed.token.suspendedAt, null);
+    assert.equal((await v.verify(token)).active, true, 'verifies again after the resume');
+    assert.equal((await store.requireToken(ctx.pool, tokenId)).valid, true);
+    const kinds = (await store.readAudit(ctx.pool, tokenId)).map((e) => e.kind);
+    assert.deepEqual(kinds, ['token.issued', 'token.suspended', 'token.resumed']);
+  });
+
+  it('should refuse to suspend a dead token, writing nothing', async () => {
+    const { tokenId } = await newToken();
+    await store.killToken(ctx.pool, { tokenId, reason: 'x', actor: 'admin', initiatingEntity: 'admin' });
+    await assert.rejects(suspend(tokenId), TokenNotActiveError);
+    const row = await store.requireToken(ctx.pool, tokenId);
+    assert.equal(row.suspendedAt, null);
+    assert.equal((await store.readAudit(ctx.pool, tokenId)).length, 2);
+  });
+});
