@@ -329,19 +329,14 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       const verdict = evaluatePolicy(token, policy.snapshot, token.nowMs);
       let { expiresAt } = token;
       if (verdict.kind === 'shorten') {
-        const changed = await refusals(() =>
-          store.changeExpiry(pool, {
-            tokenId: input.tokenId,
-            // A second short of the limit: the store's clock has moved on since nowMs was read.
-            ttlMs: Math.max(1, Date.parse(verdict.expiresAt) - token.nowMs - 1_000),
-            mode: 'shorten',
-            reason: verdict.why,
-            actor: `system:policy:${policy.snapshot.name}`,
-            maxLifetimeMs: deps.maxTtlMs,
-            requestId: `policy:${policy.snapshot.name}:${policy.snapshot.version}`,
-          }),
-        );
-        expiresAt = changed.token.expiresAt;
+        // To the limit itself, read by the store under the token's lock: a ttl counted from nowMs
+        // would land past the limit once the store's clock has moved on, and be refused.
+        const shortened = await store.shortenToPolicyLimit(pool, {
+          tokenId: input.tokenId,
+          actor: `system:policy:${policy.snapshot.name}`,
+          reason: verdict.why,
+        });
+        expiresAt = shortened.token.expiresAt;
       }
       return { policy: policy.snapshot, verdict, expiresAt };
     },

@@ -125,4 +125,29 @@ describe('changeExpiry', () => {
     );
     assert.deepEqual(await v.verify(token), { active: false });
   });
+
+  it("should shorten to the policy's limit itself (issued_at + max), never later, once", async () => {
+    const { record } = await newToken(3 * HOUR, 'short-lived');
+    const limit = new Date(Date.parse(record.issuedAt) + 2 * HOUR).toISOString();
+    const shorten = () =>
+      store.shortenToPolicyLimit(ctx.pool, { tokenId: record.id, actor: 'system:policy:short-lived', reason: 'r' });
+    const shortened = await shorten();
+    assert.equal(shortened.changed, true);
+    assert.equal(shortened.previousExpiresAt, record.expiresAt);
+    assert.equal(shortened.token.expiresAt, limit, 'the limit itself, whatever the clock read before');
+    const again = await shorten();
+    assert.equal(again.changed, false);
+    assert.equal(again.token.expiresAt, limit);
+    const kinds = (await store.readAudit(ctx.pool, record.id)).map((e) => e.kind);
+    assert.deepEqual(kinds, ['token.issued', 'token.expiry_changed']);
+
+    const within = await newToken(HOUR, 'short-lived');
+    const untouched = await store.shortenToPolicyLimit(ctx.pool, {
+      tokenId: within.record.id,
+      actor: 'system:policy:short-lived',
+      reason: 'r',
+    });
+    assert.equal(untouched.changed, false, 'never later');
+    assert.equal(untouched.token.expiresAt, within.record.expiresAt);
+  });
 });

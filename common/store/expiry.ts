@@ -81,3 +81,27 @@ export async function changeExpiry(db: Queryable, req: ExpiryChangeRequest): Pro
     return storeRefusal(err, req.tokenId);
   }
 }
+
+/**
+ * `policy apply`'s shorten: expires_at becomes the token's policy's limit (issued_at + max lifetime)
+ * when it is later, an instant read under the token's lock rather than a ttl counted from a clock
+ * read earlier. Never later; a token already within the limit, dead, or without one is unchanged.
+ */
+export async function shortenToPolicyLimit(
+  db: Queryable,
+  req: { tokenId: string; actor: string; reason: string },
+): Promise<ExpiryChangeResult> {
+  const { rows } = await db.query(
+    `SELECT changed, previous_expires_at, ${TOKEN_COLUMNS}
+       FROM (SELECT c.changed, c.previous_expires_at, (c.facts).*
+               FROM ${routine(db.tables, 'shorten_to_policy_limit')}($1, $2, $3, $4, $5) AS c) AS shortened`,
+    [db.tables.schema, req.tokenId, req.actor, req.reason, KILL_CHANNEL],
+  );
+  const row = rows[0];
+  if (!row) throw new NotFoundError('token', req.tokenId);
+  return {
+    changed: row.changed === true,
+    previousExpiresAt: (row.previous_expires_at as Date).toISOString(),
+    token: toToken(row),
+  };
+}

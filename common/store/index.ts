@@ -12,7 +12,7 @@ export * from './deliveries.js';
 export * from './reconciler.js';
 export * from './bulk-revoke.js';
 export * from './import.js';
-// Tokens that manage themselves (migrations/0015).
+// Tokens that manage themselves (migrations/0015, 0017).
 export * from './credentials.js';
 export * from './suspension.js';
 export * from './expiry.js';

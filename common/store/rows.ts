@@ -113,7 +113,9 @@ export const routine = (
     | 'kill_reused_credential'
     | 'set_suspended'
     | 'change_expiry'
-    | 'record_notice',
+    | 'record_notice'
+    // policy apply's shorten to the limit (migrations/0017).
+    | 'shorten_to_policy_limit',
 ) => `${quoteIdent(t.schema)}.${name}`;
 
 export const TOKEN_COLUMNS = `
