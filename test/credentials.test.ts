@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import { InvalidInputError, NotFoundError, TokenNotActiveError } from '../common/errors.js';
-import { credentialRevocationEventId, newCredentialId } from '../common/ids.js';
+import { credentialRevocationEventId, newCredentialId, revocationEventId } from '../common/ids.js';
 import * as store from '../common/store/index.js';
 import { TestContext } from './support/context.js';
 import { insertTokenRow } from './support/tokens.js';
@@ -168,6 +168,32 @@ describe('end of grace', () => {
     );
     const ended = await store.endGrace(ctx.pool, { tokenId: token.id, credentialId: first!.id });
     assert.deepEqual(ended, { changed: false, eventId: credentialRevocationEventId(first!.id), receivers: [] });
+  });
+
+  it("should settle a credential.revoked delivery still pending when the token dies, so only the token's event holds completion", async () => {
+    const token = await newToken();
+    const [first] = await store.listCredentials(ctx.pool, token.id);
+    await rotate(token.id, 60_000);
+    const ended = await store.endGrace(ctx.pool, { tokenId: token.id, credentialId: first!.id });
+    await store.recordDeliveryAttempt(ctx.pool, ended.eventId, 'billing', { kind: 'delivered', statusCode: 200 });
+    await store.killToken(ctx.pool, { tokenId: token.id, reason: 'x', actor: 'admin', initiatingEntity: 'admin' });
+    const { rows } = await ctx.sql.query(
+      'SELECT event_id, receiver_id, status FROM delivery WHERE token_id = $1 ORDER BY event_id <> $2, receiver_id',
+      [token.id, ended.eventId],
+    );
+    const tokenEvent = revocationEventId(token.id);
+    assert.deepEqual(rows, [
+      { event_id: ended.eventId, receiver_id: 'billing', status: 'delivered' },
+      { event_id: ended.eventId, receiver_id: 'crm', status: 'cancelled' },
+      { event_id: tokenEvent, receiver_id: 'billing', status: 'pending' },
+      { event_id: tokenEvent, receiver_id: 'crm', status: 'pending' },
+    ]);
+    for (const receiverId of ['billing', 'crm']) {
+      await store.recordDeliveryAttempt(ctx.pool, tokenEvent, receiverId, { kind: 'delivered', statusCode: 200 });
+    }
+    const completed = await store.setPropagation(ctx.pool, token.id, 'complete', 'complete', {});
+    assert.equal(completed.propagation, 'complete');
+    assert.ok((await auditKinds(token.id)).includes('delivery.cancelled'), 'the cancellation is audited');
   });
 });
 
