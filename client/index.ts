@@ -431,8 +431,9 @@ export class TokenWarden extends TokenWardenStore {
     try {
       if (!(signalled.reason instanceof WorkflowNotFoundError)) throw signalled.reason;
       // No running workflow (never started, or already closed): start one that adopts the kill.
+      const policy = await store.workflowPolicyOf(this.pool, t);
       await this.temporal.connection.withDeadline(deadline, () =>
-        signalRevoke(this.temporal, t, request, this.settings.temporal.taskQueue, this.settings.timing),
+        signalRevoke(this.temporal, t, request, this.settings.temporal.taskQueue, this.settings.timing, policy),
       );
       outcome.workflowSignalled = true;
     } catch (err) {
@@ -522,10 +523,25 @@ export class TokenWarden extends TokenWardenStore {
       );
     } catch (err) {
       if (!(err instanceof WorkflowNotFoundError)) throw err;
+      const policy = await store.workflowPolicyOf(this.pool, token);
       await this.temporal.connection.withDeadline(deadline, () =>
-        signalRevoke(this.temporal, token, request, this.settings.temporal.taskQueue, this.settings.timing),
+        signalRevoke(this.temporal, token, request, this.settings.temporal.taskQueue, this.settings.timing, policy),
       );
     }
+  }
+
+  /**
+   * Tells the workflow of a token killed in the store alone (reuse detected by a verifier), with the
+   * kill's facts, as the reconciler's untold set would later. Nothing to tell for a live token.
+   */
+  async tellKilled(tokenId: string): Promise<void> {
+    const token = await store.requireToken(this.pool, tokenId);
+    if (token.status === 'active') return;
+    await this.tellWorkflow(token, {
+      reason: token.revokeReason ?? 'unspecified',
+      actor: token.revokedBy ?? 'system',
+      initiatingEntity: token.initiatingEntity ?? 'system',
+    });
   }
 
   /**

@@ -7,6 +7,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import { startApi } from '../client/api/main.js';
 import { createVerifier, type Verifier } from '../client/verifier.js';
 import { tokenWorkflowId } from '../common/names.js';
 import { hashToken, isWellFormedToken } from '../common/secrets.js';
@@ -129,5 +130,31 @@ describe('self-managing flows through the library and the API', () => {
     const fineAfter = await ctx.warden.show(fine.tokenId);
     assert.equal(fineAfter.status, 'active');
     assert.equal(fineAfter.expiresAt, fineBefore.expiresAt);
+  });
+
+  it("should tell the token's workflow at once when the API's introspection detects a reused credential", async () => {
+    // The API as `tokenwarden api` runs it (its own verifier); no reconciler runs in this test.
+    const running = await startApi(ctx.settings, { host: '127.0.0.1', port: 0, foreignTokens: false });
+    try {
+      const issued = await ctx.warden.issue({ subject: 'usr_flow_reuse', ttl: '1h' });
+      // No grace: the old credential is past it at once, so presenting it is reuse.
+      await ctx.warden.rotate(issued.tokenId, { grace: 0, reason: 'leak drill' });
+      const answer = await call(running.url, 'POST', '/oauth/introspect', {
+        key: api.keys.introspect,
+        form: { token: issued.token },
+      });
+      assert.equal(answer.status, 200, answer.text);
+      assert.equal(answer.body.active, false);
+      const handle = ctx.client.workflow.getHandle(tokenWorkflowId(issued.tokenId));
+      await waitUntil(
+        async () => (await handle.describe()).status.name === 'COMPLETED',
+        "the token's workflow told of the kill and done",
+      );
+      const done = await ctx.warden.show(issued.tokenId);
+      assert.equal(done.status, 'revoked');
+      assert.equal(done.revokeReason, 'reuse_detected');
+    } finally {
+      await running.close();
+    }
   });
 });
