@@ -136,7 +136,8 @@ export async function startTokenWorkflow(
 
 /**
  * Tells the token's workflow that the token is dead. Signal-with-start: a workflow that was never
- * started (or has already closed) is started, adopts the store's facts and propagates.
+ * started (or has already closed) is started, adopts the store's facts and propagates. `policy`:
+ * the token's, when it has one, so a run opened here starts as an issue's would.
  */
 export async function signalRevoke(
   client: Client,
@@ -144,9 +145,10 @@ export async function signalRevoke(
   request: RevokeRequest,
   taskQueue: string,
   timing: PropagationTiming,
+  policy?: PolicySnapshot,
 ): Promise<void> {
   await client.workflow.signalWithStart(WORKFLOW_TYPE.tokenLifecycle, {
-    ...startOptions(token, taskQueue, timing),
+    ...startOptions(token, taskQueue, timing, policy),
     signal: revokeSignal,
     signalArgs: [request],
   });

@@ -232,3 +232,12 @@ export async function tokenPolicy(
   const r = rows[0] as { policy: string | null; policy_version: number | null; db_now: Date } | undefined;
   return r && { policy: r.policy, policyVersion: r.policy_version, dbNow: r.db_now.toISOString() };
 }
+
+/** The snapshot a workflow (re)started for `token` is given: its policy's now, or none without one. */
+export async function workflowPolicyOf(
+  db: Queryable,
+  token: { policy: string | null },
+): Promise<PolicySnapshot | undefined> {
+  const policy = token.policy ? await getPolicy(db, token.policy) : undefined;
+  return policy ? policySnapshot(policy) : undefined;
+}
