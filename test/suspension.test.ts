@@ -83,6 +83,15 @@ describe('suspension', () => {
     assert.deepEqual(kinds, ['token.issued', 'token.suspended', 'token.resumed']);
   });
 
+  it('should record and clear a scheduled revocation for show', async () => {
+    const { tokenId } = await newToken();
+    const at = new Date(Date.now() + 3_600_000).toISOString();
+    const scheduled = await store.setScheduledRevoke(ctx.pool, { tokenId, at, reason: 'contract ends' });
+    assert.deepEqual([scheduled.revokeScheduledAt, scheduled.revokeScheduledReason], [at, 'contract ends']);
+    const cleared = await store.setScheduledRevoke(ctx.pool, { tokenId, at: null, reason: null });
+    assert.deepEqual([cleared.revokeScheduledAt, cleared.revokeScheduledReason], [null, null]);
+  });
+
   it('should refuse to suspend a dead token, writing nothing', async () => {
     const { tokenId } = await newToken();
     await store.killToken(ctx.pool, { tokenId, reason: 'x', actor: 'admin', initiatingEntity: 'admin' });
