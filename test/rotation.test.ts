@@ -193,6 +193,42 @@ describe('suspicious activity', () => {
     assert.equal(report?.data.action, 'revoke');
   });
 
+  it('should keep a secret sent by raw Signal out of the audit activity and the audit trail', async () => {
+    const policy = await insertPolicy(ctx, { name: 'suspicious-secret', onSuspicious: 'revoke' });
+    const t = await startToken(ctx, { ttlMs: 120_000, policy });
+    const leaked = newSecret().token;
+    const signingSecret = 'whsec_' + 'A'.repeat(32);
+    // Past the library: a Signal sent straight to the workflow, secrets in evidence, reason and actor.
+    await t.handle.signal(reportSuspiciousSignal, {
+      reason: `seen with Bearer ${leaked}`,
+      evidence: { request: { headers: { authorization: `Bearer ${leaked}` } }, [signingSecret]: 1, n: 1 },
+      actor: `siem ${signingSecret}`,
+      reportId: leaked,
+    });
+    const done = (await t.handle.result()) as TokenLifecycleResult;
+    assert.equal(done.status, 'revoked');
+    // Payload bytes decoded as UTF-8 (JSON): the activities' inputs as the worker sent them.
+    const events = (await t.handle.fetchHistory()).events ?? [];
+    const scheduled = historyText(events.filter((e) => e.activityTaskScheduledEventAttributes)).join('\n');
+    assert.ok(scheduled.includes('token.suspicious'), 'the audit activity ran');
+    assert.equal(scheduled.includes(leaked), false, 'no raw token in any activity input');
+    assert.equal(scheduled.includes(signingSecret), false, 'no signing secret in any activity input');
+    const rows = await ctx.sql.query(
+      `SELECT idempotency_key || ' ' || canonical AS canonical FROM audit_event WHERE token_id = $1`,
+      [t.tokenId],
+    );
+    const audit = rows.rows.map((r: { canonical: string }) => r.canonical).join('\n');
+    assert.equal(audit.includes(leaked), false, 'no raw token in the audit trail');
+    assert.equal(audit.includes(signingSecret), false, 'no signing secret in the audit trail');
+    const report = (await auditOf(t.tokenId)).find((e) => e.kind === 'token.suspicious');
+    assert.deepEqual(report?.data.evidence, {
+      request: { headers: { authorization: '[redacted: a tokenwarden token]' } },
+      '[redacted key 1]': 1,
+      n: 1,
+    });
+    assert.equal(report?.data.reason, '[redacted: a tokenwarden token]');
+  });
+
   it('should rotate with no grace when the policy says rotate', async () => {
     const dir = ownerFolder();
     const policy = await insertPolicy(ctx, { name: 'suspicious-rotate', onSuspicious: 'rotate', ownerDir: dir });
