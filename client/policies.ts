@@ -25,7 +25,7 @@ import {
 } from '../common/store/policies.js';
 import { parseInput, parsePolicyName, receiverIdSchema, ttlSchema, UNPRINTABLE } from '../common/validation.js';
 import { graceSchema } from './self-managing.js';
-import { GIVE_UP_AFTER, tellPaced, type TellProgress } from './tell.js';
+import { GIVE_UP_AFTER, NOT_RUNNING, tellPaced, type TellProgress } from './tell.js';
 
 export type { PolicyRecord } from '../common/store/policies.js';
 
@@ -126,7 +126,7 @@ export interface PolicyApplyReport {
   /** Live tokens not yet told of this version when the apply began. */
   total: number;
   signalled: number;
-  /** Tokens not told (abort, failures): run apply again. */
+  /** Tokens not told (abort, failures, no running workflow): run apply again. */
   notSignalled: string[];
   aborted: boolean;
   /** Live tokens of the policy still not told of this version (a rerun tells exactly these). */
@@ -243,13 +243,11 @@ export async function applyPolicy(
         deps.temporal.workflow.getHandle(tokenWorkflowId(token.id)).signal(policyChangedSignal, payload),
       );
     } catch (err) {
-      if (err instanceof WorkflowNotFoundError) {
-        throw new Error('its workflow is not running (the reconciler starts it with the current policy)', {
-          cause: err,
-        });
-      }
+      // An answer, not an outage: such tokens must not stop the apply before the healthy ones.
+      if (err instanceof WorkflowNotFoundError) return NOT_RUNNING;
       throw err;
     }
+    return undefined;
   };
   const total = await countUntoldPolicyTokens(deps.pool, policy.name, policy.version);
   const report: PolicyApplyReport = {
@@ -265,6 +263,7 @@ export async function applyPolicy(
     warnings: [],
   };
   const failures = { failed: 0, firstFailures: [] as string[], gaveUp: false };
+  const notRunning: string[] = [];
   let after: string | null = null;
   for (;;) {
     if (signal?.aborted) {
@@ -298,6 +297,7 @@ export async function applyPolicy(
     );
     report.signalled += told.signalled;
     report.notSignalled.push(...told.notSignalled);
+    notRunning.push(...told.notRunning);
     failures.failed += told.failed;
     failures.firstFailures.push(...told.firstFailures.slice(0, 3 - failures.firstFailures.length));
     failures.gaveUp = told.gaveUp;
@@ -311,6 +311,13 @@ export async function applyPolicy(
       `${failures.failed} workflow(s) could not be told (${failures.firstFailures.join('; ')}${failures.failed > 3 ? '; …' : ''})` +
         (failures.gaveUp ? `; stopped after ${GIVE_UP_AFTER} failures in a row` : '') +
         `; ${rerun} to tell them`,
+    );
+  }
+  if (notRunning.length > 0) {
+    report.warnings.push(
+      `${notRunning.length} live token(s) have no running workflow, so they were not told ` +
+        `(${notRunning.slice(0, 3).join(', ')}${notRunning.length > 3 ? ', …' : ''}): ` +
+        'check them with `tokenwarden show`, and revoke or reissue them',
     );
   }
   if (report.aborted) report.warnings.push(`aborted: ${report.remaining} token(s) not told yet; ${rerun} to resume`);

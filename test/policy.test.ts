@@ -299,6 +299,36 @@ describe('policies: apply', () => {
   });
 });
 
+describe('policies: apply past closed workflows', () => {
+  it('should skip and report live tokens whose workflow is closed, tell the rest, and not stop on a rerun', async () => {
+    await ctx.warden.setPolicy('closedruns', { maxTtl: '2h' });
+    const ids: string[] = [];
+    for (let i = 0; i < 10; i++) {
+      ids.push((await ctx.warden.issue({ subject: `usr_closed_${i}`, ttl: '1h', policy: 'closedruns' })).tokenId);
+    }
+    ids.sort();
+    // More closed runs first, in the apply's id order, than failures in a row that mean "Temporal is down".
+    const closed = ids.slice(0, 9);
+    const healthy = ids[9]!;
+    for (const id of closed) await ctx.client.workflow.getHandle(tokenWorkflowId(id)).terminate('test: run closed');
+    await ctx.warden.setPolicy('closedruns', { maxTtl: '90m' });
+
+    const first = await ctx.warden.applyPolicy('closedruns', { concurrency: 1 });
+    assert.equal(first.signalled, 1, first.warnings.join('\n'));
+    assert.equal(await policyChangedSignals(healthy), 1, 'the token after the closed runs is told');
+    assert.deepEqual([...first.notSignalled].sort(), closed);
+    assert.equal(first.remaining, 9);
+    assert.match(first.warnings.join('\n'), /9 live token\(s\) have no running workflow/);
+    assert.doesNotMatch(first.warnings.join('\n'), /stopped after/);
+
+    const rerun = await ctx.warden.applyPolicy('closedruns', { concurrency: 1 });
+    assert.equal(rerun.total, 9);
+    assert.equal(rerun.signalled, 0);
+    assert.equal(rerun.notSignalled.length, 9, 'each closed run was asked again, none given up on');
+    assert.doesNotMatch(rerun.warnings.join('\n'), /stopped after/);
+  });
+});
+
 describe('extend and shorten: limits checked before the workflow is asked', () => {
   it("should refuse an expiry past the policy's max lifetime or the global one, both counted from issue, naming ttl", async () => {
     await ctx.warden.setPolicy('month', { maxTtl: '30d' });
