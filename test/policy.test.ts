@@ -8,8 +8,10 @@ import { after, before, describe, it } from 'node:test';
 import { InvalidInputError, NotFoundError } from '../client/index.js';
 import { SEARCH_ATTRIBUTE, SIGNAL, tokenWorkflowId } from '../common/names.js';
 import { evaluatePolicy } from '../common/policy.js';
-import { policySnapshot } from '../common/store/policies.js';
+import { checkout } from '../common/db.js';
+import { markPolicyTold, policySnapshot } from '../common/store/policies.js';
 import { TestContext } from './support/context.js';
+import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
 
@@ -326,6 +328,55 @@ describe('policies: apply past closed workflows', () => {
     assert.equal(rerun.signalled, 0);
     assert.equal(rerun.notSignalled.length, 9, 'each closed run was asked again, none given up on');
     assert.doesNotMatch(rerun.warnings.join('\n'), /stopped after/);
+  });
+});
+
+describe('policies: the told checkpoint', () => {
+  it('should lock the tokens it marks in id order, whatever order the plan reads them in', async () => {
+    await ctx.warden.setPolicy('lockorder', { maxTtl: '2h' });
+    const [a, b] = [
+      (await ctx.warden.issue({ subject: 'usr_lock_a', ttl: '1h', policy: 'lockorder' })).tokenId,
+      (await ctx.warden.issue({ subject: 'usr_lock_b', ttl: '1h', policy: 'lockorder' })).tokenId,
+    ].sort() as [string, string];
+    const { version } = await ctx.warden.setPolicy('lockorder', { maxTtl: '90m' });
+    // A new row version of `a` lands after `b` in the heap: a scan in physical order meets `b` first.
+    await ctx.sql.query(`UPDATE token SET policy_version = policy_version WHERE id = $1`, [a]);
+    const holder = await checkout(ctx.pool);
+    const marker = await checkout(ctx.pool);
+    try {
+      await holder.query('BEGIN');
+      await holder.query(`SELECT 1 FROM ${holder.tables.token} WHERE id = $1 FOR UPDATE`, [b]);
+      const markerPid = (await marker.query('SELECT pg_backend_pid() AS pid')).rows[0].pid as number;
+      await marker.query('BEGIN');
+      // The plan a long id list gets on a big table reads rows in physical order, as this one does.
+      await marker.query('SET LOCAL enable_indexscan = off');
+      await marker.query('SET LOCAL enable_bitmapscan = off');
+      const marking = markPolicyTold(marker, [b, a], 'lockorder', version);
+      await waitUntil(
+        async () =>
+          (
+            await ctx.sql.query(`SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'`, [
+              markerPid,
+            ])
+          ).rowCount === 1,
+        'the mark waiting for the lock on b',
+      );
+      const free = await ctx.sql.query(`SELECT id FROM token WHERE id = $1 FOR UPDATE SKIP LOCKED`, [a]);
+      assert.equal(free.rowCount, 0, 'a (the lower id) is locked before b is waited for');
+      await holder.query('COMMIT');
+      await marking;
+      await marker.query('COMMIT');
+    } finally {
+      await holder.query('ROLLBACK').catch(() => {});
+      await marker.query('ROLLBACK').catch(() => {});
+      holder.release();
+      marker.release();
+    }
+    const { rows } = await ctx.sql.query(`SELECT policy_version FROM token WHERE id = ANY ($1)`, [[a, b]]);
+    assert.deepEqual(
+      rows.map((r) => r.policy_version),
+      [version, version],
+    );
   });
 });
 
