@@ -9,6 +9,7 @@ import { randomUUID } from 'node:crypto';
 import { WorkflowNotFoundError, type Client } from '@temporalio/client';
 import { z } from 'zod';
 import type { StorePool } from '../common/db.js';
+import { formatDuration } from '../common/durations.js';
 import { InvalidInputError } from '../common/errors.js';
 import { policyChangedSignal, type PolicyChangedSignal } from '../common/messages.js';
 import { SUSPICIOUS_ACTIONS, tokenWorkflowId } from '../common/names.js';
@@ -37,6 +38,9 @@ const ownerDirSchema = z
   .max(1000, 'at most 1000 characters')
   .refine((d) => d.startsWith('/'), 'expected an absolute path')
   .refine((d) => !UNPRINTABLE.test(d), 'must not contain control characters');
+
+/** A policy's grace when none is given (the `policy` table's default too). */
+export const DEFAULT_POLICY_GRACE_MS = 600_000;
 
 /** The fields of a policy (the name comes from elsewhere: the command's argument, the URL). */
 export const policyFieldsSchema = (maxTtlMs: number) =>
@@ -72,8 +76,15 @@ export const policyFieldsSchema = (maxTtlMs: number) =>
       if (p.onSuspicious === 'rotate' && !hasOwner) {
         issue('onSuspicious', 'rotate sends the new secret to the owner: set ownerReceiver or ownerDir');
       }
-      if (p.rotateEvery !== undefined && p.grace !== undefined && p.grace >= p.rotateEvery) {
-        issue('grace', 'must be shorter than the rotation period (rotateEvery)');
+      // The grace stored, given or not: a rotation inside the previous one's grace revokes a
+      // credential clients may still use, and their next use kills the token as reuse.
+      if (p.rotateEvery !== undefined && (p.grace ?? DEFAULT_POLICY_GRACE_MS) >= p.rotateEvery) {
+        issue(
+          'grace',
+          p.grace !== undefined
+            ? 'must be shorter than the rotation period (rotateEvery)'
+            : `the default grace (${formatDuration(DEFAULT_POLICY_GRACE_MS)}) is not shorter than the rotation period (rotateEvery): give a shorter grace`,
+        );
       }
       if (p.maxTtl !== undefined && p.warn?.some((w) => w >= p.maxTtl!)) {
         issue('warn', 'each warning must come before the max lifetime (maxTtl)');
@@ -150,7 +161,7 @@ export async function setPolicy(deps: PolicyDeps, name: string, fields: PolicyFi
       maxLifetimeMs: p.maxTtl ?? null,
       idleTimeoutMs: p.idleTimeout ?? null,
       rotateEveryMs: p.rotateEvery ?? null,
-      graceMs: p.grace ?? 600_000,
+      graceMs: p.grace ?? DEFAULT_POLICY_GRACE_MS,
       warnBeforeMs: [...new Set(p.warn ?? [])].sort((a, b) => b - a),
       allowedScopes: p.scopes ? [...new Set(p.scopes)] : null,
       onSuspicious: p.onSuspicious,

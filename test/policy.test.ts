@@ -102,6 +102,8 @@ describe('policies: set and show', () => {
       ['ok', { onSuspicious: 'rotate' }, ['onSuspicious']],
       ['ok', { ownerReceiver: 'owner-hook', ownerDir: '/tmp/x' }, ['ownerDir']],
       ['ok', { rotateEvery: '1h', grace: '2h', ownerDir: '/tmp/x' }, ['grace']],
+      // The default grace (10m) counts too: a 5-minute rotation would supersede credentials in grace.
+      ['ok', { rotateEvery: '5m', ownerDir: '/tmp/x' }, ['grace']],
       ['ok', { maxTtl: '1d', warn: ['7d'], ownerDir: '/tmp/x' }, ['warn']],
       ['ok', { ownerReceiver: 'nobody' }, ['ownerReceiver']],
       ['ok', { unknownField: 1 } as never, ['(input)']],
