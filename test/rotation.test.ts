@@ -122,6 +122,46 @@ describe('rotation', () => {
     await maybeRecordHistory(t.handle, 'rotation-grace-end');
   });
 
+  it("should not end a grace before the database clock reaches valid_until, even when the workflow's clock is ahead", async () => {
+    const a = await addReceiver();
+    const t = await startToken(ctx, { ttlMs: 120_000, receivers: [a.id] });
+    const fresh = newSecret();
+    await t.handle.executeUpdate(rotateUpdate, {
+      args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 1_000 }],
+    });
+    // The workflow's timer fires at the valid_until the rotation answered; moving valid_until 3 s
+    // later in the store is PostgreSQL's clock running 3 s behind the workflow's.
+    await ctx.sql.query(`UPDATE credential SET valid_until = valid_until + interval '3 seconds' WHERE id = $1`, [
+      t.credentialId,
+    ]);
+    const endGraceTried = async () => {
+      const events = (await t.handle.fetchHistory()).events ?? [];
+      const scheduled = events
+        .filter((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'endGrace')
+        .map((e) => Number(e.eventId));
+      return events.some((e) => scheduled.includes(Number(e.activityTaskCompletedEventAttributes?.scheduledEventId)));
+    };
+    await waitUntil(endGraceTried, "the workflow's end of grace ran", 20_000);
+    const { rows } = await ctx.sql.query(
+      `SELECT state, valid_until > now() AS in_grace FROM credential WHERE id = $1`,
+      [t.credentialId],
+    );
+    assert.deepEqual(rows[0], { state: 'previous', in_grace: true }, 'still previous inside its grace');
+    assert.equal(await isValid(ctx, t.token), true, 'a client on the old credential is no reuse');
+    await waitUntil(
+      async () => !(await isValid(ctx, t.token)),
+      'the old credential rejected after valid_until',
+      20_000,
+    );
+    await waitUntil(
+      () => credentialRevokedAt(a.receiver, t.credentialId),
+      'credential.revoked at the receiver',
+      20_000,
+    );
+    assert.equal((await store.requireToken(ctx.pool, t.tokenId)).status, 'active', 'the token lives on');
+    assert.equal(await isValid(ctx, fresh.token), true);
+  });
+
   it('should refuse a malformed rotation naming the field, and a rotation of a dead token', async () => {
     // A receiver that keeps failing holds the workflow in propagation after the revoke.
     const stuck = await addReceiver();
