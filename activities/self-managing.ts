@@ -222,8 +222,13 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       return outcomeOf(promoted);
     },
 
-    async endGrace(input: { tokenId: string; credentialId: string }): Promise<{ revoked: RotationOutcome['revoked'] }> {
+    async endGrace(input: {
+      tokenId: string;
+      credentialId: string;
+    }): Promise<{ revoked: RotationOutcome['revoked']; notYetEndedMs?: number }> {
       const ended = await refusals(() => store.endGrace(pool, input));
+      // The database clock is behind the workflow's: the grace is not over there yet.
+      if (ended.notYetEndedMs !== undefined) return { revoked: [], notYetEndedMs: ended.notYetEndedMs };
       // Receivers without an outbox row (the token's kill revoked it first) have nothing to hear.
       return {
         revoked: ended.receivers.length > 0 ? [{ credentialId: input.credentialId, eventId: ended.eventId }] : [],

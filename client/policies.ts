@@ -9,6 +9,7 @@ import { randomUUID } from 'node:crypto';
 import { WorkflowNotFoundError, type Client } from '@temporalio/client';
 import { z } from 'zod';
 import type { StorePool } from '../common/db.js';
+import { formatDuration } from '../common/durations.js';
 import { InvalidInputError } from '../common/errors.js';
 import { policyChangedSignal, type PolicyChangedSignal } from '../common/messages.js';
 import { SUSPICIOUS_ACTIONS, tokenWorkflowId } from '../common/names.js';
@@ -25,7 +26,7 @@ import {
 } from '../common/store/policies.js';
 import { parseInput, parsePolicyName, receiverIdSchema, ttlSchema, UNPRINTABLE } from '../common/validation.js';
 import { graceSchema } from './self-managing.js';
-import { GIVE_UP_AFTER, tellPaced, type TellProgress } from './tell.js';
+import { GIVE_UP_AFTER, NOT_RUNNING, tellPaced, type TellProgress } from './tell.js';
 
 export type { PolicyRecord } from '../common/store/policies.js';
 
@@ -37,6 +38,9 @@ const ownerDirSchema = z
   .max(1000, 'at most 1000 characters')
   .refine((d) => d.startsWith('/'), 'expected an absolute path')
   .refine((d) => !UNPRINTABLE.test(d), 'must not contain control characters');
+
+/** A policy's grace when none is given (the `policy` table's default too). */
+export const DEFAULT_POLICY_GRACE_MS = 600_000;
 
 /** The fields of a policy (the name comes from elsewhere: the command's argument, the URL). */
 export const policyFieldsSchema = (maxTtlMs: number) =>
@@ -72,8 +76,15 @@ export const policyFieldsSchema = (maxTtlMs: number) =>
       if (p.onSuspicious === 'rotate' && !hasOwner) {
         issue('onSuspicious', 'rotate sends the new secret to the owner: set ownerReceiver or ownerDir');
       }
-      if (p.rotateEvery !== undefined && p.grace !== undefined && p.grace >= p.rotateEvery) {
-        issue('grace', 'must be shorter than the rotation period (rotateEvery)');
+      // The grace stored, given or not: a rotation inside the previous one's grace revokes a
+      // credential clients may still use, and their next use kills the token as reuse.
+      if (p.rotateEvery !== undefined && (p.grace ?? DEFAULT_POLICY_GRACE_MS) >= p.rotateEvery) {
+        issue(
+          'grace',
+          p.grace !== undefined
+            ? 'must be shorter than the rotation period (rotateEvery)'
+            : `the default grace (${formatDuration(DEFAULT_POLICY_GRACE_MS)}) is not shorter than the rotation period (rotateEvery): give a shorter grace`,
+        );
       }
       if (p.maxTtl !== undefined && p.warn?.some((w) => w >= p.maxTtl!)) {
         issue('warn', 'each warning must come before the max lifetime (maxTtl)');
@@ -126,7 +137,7 @@ export interface PolicyApplyReport {
   /** Live tokens not yet told of this version when the apply began. */
   total: number;
   signalled: number;
-  /** Tokens not told (abort, failures): run apply again. */
+  /** Tokens not told (abort, failures, no running workflow): run apply again. */
   notSignalled: string[];
   aborted: boolean;
   /** Live tokens of the policy still not told of this version (a rerun tells exactly these). */
@@ -150,7 +161,7 @@ export async function setPolicy(deps: PolicyDeps, name: string, fields: PolicyFi
       maxLifetimeMs: p.maxTtl ?? null,
       idleTimeoutMs: p.idleTimeout ?? null,
       rotateEveryMs: p.rotateEvery ?? null,
-      graceMs: p.grace ?? 600_000,
+      graceMs: p.grace ?? DEFAULT_POLICY_GRACE_MS,
       warnBeforeMs: [...new Set(p.warn ?? [])].sort((a, b) => b - a),
       allowedScopes: p.scopes ? [...new Set(p.scopes)] : null,
       onSuspicious: p.onSuspicious,
@@ -243,13 +254,11 @@ export async function applyPolicy(
         deps.temporal.workflow.getHandle(tokenWorkflowId(token.id)).signal(policyChangedSignal, payload),
       );
     } catch (err) {
-      if (err instanceof WorkflowNotFoundError) {
-        throw new Error('its workflow is not running (the reconciler starts it with the current policy)', {
-          cause: err,
-        });
-      }
+      // An answer, not an outage: such tokens must not stop the apply before the healthy ones.
+      if (err instanceof WorkflowNotFoundError) return NOT_RUNNING;
       throw err;
     }
+    return undefined;
   };
   const total = await countUntoldPolicyTokens(deps.pool, policy.name, policy.version);
   const report: PolicyApplyReport = {
@@ -265,6 +274,7 @@ export async function applyPolicy(
     warnings: [],
   };
   const failures = { failed: 0, firstFailures: [] as string[], gaveUp: false };
+  const notRunning: string[] = [];
   let after: string | null = null;
   for (;;) {
     if (signal?.aborted) {
@@ -298,6 +308,7 @@ export async function applyPolicy(
     );
     report.signalled += told.signalled;
     report.notSignalled.push(...told.notSignalled);
+    notRunning.push(...told.notRunning);
     failures.failed += told.failed;
     failures.firstFailures.push(...told.firstFailures.slice(0, 3 - failures.firstFailures.length));
     failures.gaveUp = told.gaveUp;
@@ -311,6 +322,13 @@ export async function applyPolicy(
       `${failures.failed} workflow(s) could not be told (${failures.firstFailures.join('; ')}${failures.failed > 3 ? '; …' : ''})` +
         (failures.gaveUp ? `; stopped after ${GIVE_UP_AFTER} failures in a row` : '') +
         `; ${rerun} to tell them`,
+    );
+  }
+  if (notRunning.length > 0) {
+    report.warnings.push(
+      `${notRunning.length} live token(s) have no running workflow, so they were not told ` +
+        `(${notRunning.slice(0, 3).join(', ')}${notRunning.length > 3 ? ', …' : ''}): ` +
+        'check them with `tokenwarden show`, and revoke or reissue them',
     );
   }
   if (report.aborted) report.warnings.push(`aborted: ${report.remaining} token(s) not told yet; ${rerun} to resume`);

@@ -37,7 +37,8 @@ import { tokenWorkflowId } from '../common/names.js';
 import { generateTokenString, hashToken } from '../common/secrets.js';
 import { requirePolicy, tokenPolicy } from '../common/store/policies.js';
 import { requireToken } from '../common/store/tokens.js';
-import { actorSchema, parseInput, reasonSchema, tokenIdSchema, ttlSchema } from '../common/validation.js';
+import { findSecret } from '../common/secret-shapes.js';
+import { actorSchema, parseInput, reasonSchema, secretKind, tokenIdSchema, ttlSchema } from '../common/validation.js';
 import { causes } from './tell.js';
 
 /** The token's workflow could not be reached or did not answer in time (the API answers 503). */
@@ -86,7 +87,11 @@ const rotateSchema = z.strictObject({
 });
 export type RotateInput = Omit<z.input<typeof rotateSchema>, 'tokenId'>;
 
-/** Evidence is kept in the audit trail: any JSON, at most 8 KiB as JSON. */
+/**
+ * Evidence is kept in plaintext (workflow history, the append-only audit trail): any JSON, at most
+ * 8 KiB, with no secret-shaped string anywhere in it (the natural evidence is the offending request,
+ * Authorization header included).
+ */
 export const evidenceSchema = z.unknown().superRefine((value, ctx) => {
   let text: string | undefined;
   try {
@@ -96,6 +101,16 @@ export const evidenceSchema = z.unknown().superRefine((value, ctx) => {
   }
   if (text === undefined) ctx.addIssue({ code: 'custom', message: 'expected JSON' });
   else if (Buffer.byteLength(text) > 8_192) ctx.addIssue({ code: 'custom', message: 'at most 8 KiB as JSON' });
+  else {
+    const secret = findSecret(JSON.parse(text), secretKind);
+    if (secret !== undefined) {
+      ctx.addIssue({
+        code: 'custom',
+        path: secret.path,
+        message: `looks like a secret (${secret.kind}); evidence is stored in plaintext: leave the secret out`,
+      });
+    }
+  }
 });
 
 const suspiciousSchema = z.strictObject({

@@ -8,6 +8,12 @@ import type { TokenRecord } from '../common/store/index.js';
 /** Signals failed in a row after which telling stops (Temporal is likely down). */
 export const GIVE_UP_AFTER = 8;
 
+/**
+ * What `tell` answers when Temporal says the token's workflow is not running (closed, or never
+ * started): an answer, so Temporal is up; the token is left untold without counting as a failure.
+ */
+export const NOT_RUNNING = 'not-running';
+
 export interface TellProgress {
   /** Workflows told so far, and how many failed to be. */
   done: number;
@@ -28,6 +34,8 @@ export interface TellOutcome {
   /** Signals that failed, and the first three failures' text. */
   failed: number;
   firstFailures: string[];
+  /** Tokens (also in notSignalled) whose workflow Temporal said is not running. */
+  notRunning: string[];
   /** Stopped after GIVE_UP_AFTER failures in a row; `notTried` workflows were then left. */
   gaveUp: boolean;
   notTried: number;
@@ -62,12 +70,13 @@ function sleepUnlessAborted(ms: number, signal: AbortSignal | undefined): Promis
  */
 export async function tellPaced<T extends Pick<TokenRecord, 'id'>>(
   tokens: readonly T[],
-  tell: (token: T) => Promise<void>,
+  tell: (token: T) => Promise<void | typeof NOT_RUNNING>,
   pace: TellPace,
   opts: { onProgress?: (progress: TellProgress) => void; signal?: AbortSignal },
 ): Promise<TellOutcome> {
   const abort = opts.signal;
   const notSignalled: string[] = [];
+  const notRunning: string[] = [];
   const firstFailures: string[] = [];
   let failed = 0;
   let failedInARow = 0;
@@ -91,8 +100,10 @@ export async function tellPaced<T extends Pick<TokenRecord, 'id'>>(
         continue;
       }
       try {
-        await tell(token);
-        signalled++;
+        if ((await tell(token)) === NOT_RUNNING) {
+          notSignalled.push(token.id);
+          notRunning.push(token.id);
+        } else signalled++;
         failedInARow = 0;
       } catch (err) {
         notSignalled.push(token.id);
@@ -111,6 +122,7 @@ export async function tellPaced<T extends Pick<TokenRecord, 'id'>>(
     notSignalled,
     failed,
     firstFailures,
+    notRunning,
     gaveUp: givenUp(),
     notTried: skipped + untouched.length,
     aborted,

@@ -141,7 +141,8 @@ describe('end of grace', () => {
   it('should revoke the previous credential once, one outbox row per receiver, with a deterministic event id', async () => {
     const token = await newToken();
     const [first] = await store.listCredentials(ctx.pool, token.id);
-    await rotate(token.id, 60_000);
+    // Grace 0: over on the database clock by the time the grace is ended.
+    await rotate(token.id, 0);
     const ended = await store.endGrace(ctx.pool, { tokenId: token.id, credentialId: first!.id });
     const eventId = credentialRevocationEventId(first!.id);
     assert.deepEqual(ended, { changed: true, eventId, receivers: ['billing', 'crm'] });
@@ -155,6 +156,23 @@ describe('end of grace', () => {
     const revoked = (await store.listCredentials(ctx.pool, token.id)).find((c) => c.id === first!.id);
     assert.equal(revoked?.state, 'revoked');
     assert.equal(revoked?.accepted, false);
+  });
+
+  it('should revoke nothing before valid_until on the database clock, and say how long is left', async () => {
+    const token = await newToken();
+    const [first] = await store.listCredentials(ctx.pool, token.id);
+    await rotate(token.id, 60_000);
+    const early = await store.endGrace(ctx.pool, { tokenId: token.id, credentialId: first!.id });
+    assert.equal(early.changed, false);
+    assert.deepEqual(early.receivers, [], 'no outbox row yet');
+    assert.ok(
+      early.notYetEndedMs !== undefined && early.notYetEndedMs > 50_000 && early.notYetEndedMs <= 60_000,
+      `remaining ${early.notYetEndedMs}`,
+    );
+    const still = (await store.listCredentials(ctx.pool, token.id)).find((c) => c.id === first!.id);
+    assert.equal(still?.state, 'previous');
+    assert.equal(still?.accepted, true);
+    assert.equal((await deliveriesOf(credentialRevocationEventId(first!.id))).length, 0);
   });
 
   it('should write no credential event when the token kill revoked the credential first', async () => {

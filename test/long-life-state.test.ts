@@ -240,4 +240,18 @@ describe('self-managing Update validators', () => {
     const big = parseSuspiciousReport({ reason: 'r', evidence: { blob: 'x'.repeat(10_000) } });
     assert.deepEqual(big.evidence, { truncated: true, bytes: 10_011 });
   });
+
+  it('should redact secret-shaped strings of a suspicious report that came by raw Signal', () => {
+    const token = `tw_${'a'.repeat(43)}_${'b'.repeat(6)}`;
+    const report = parseSuspiciousReport({
+      reason: `seen ${token}`,
+      actor: 'xoxb-0123456789-abcdef',
+      reportId: token,
+      evidence: { headers: [`Bearer ${token}`, 'ok'], n: 1.5 },
+    });
+    assert.equal(report.reason, '[redacted: a tokenwarden token]');
+    assert.equal(report.actor, '[redacted: a Slack token]');
+    assert.equal(report.reportId, undefined, 'a secret-shaped report id is dropped (it becomes an audit key)');
+    assert.deepEqual(report.evidence, { headers: ['[redacted: a tokenwarden token]', 'ok'], n: '1.5' });
+  });
 });

@@ -8,8 +8,10 @@ import { after, before, describe, it } from 'node:test';
 import { InvalidInputError, NotFoundError } from '../client/index.js';
 import { SEARCH_ATTRIBUTE, SIGNAL, tokenWorkflowId } from '../common/names.js';
 import { evaluatePolicy } from '../common/policy.js';
-import { policySnapshot } from '../common/store/policies.js';
+import { checkout } from '../common/db.js';
+import { markPolicyTold, policySnapshot } from '../common/store/policies.js';
 import { TestContext } from './support/context.js';
+import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
 
@@ -100,6 +102,8 @@ describe('policies: set and show', () => {
       ['ok', { onSuspicious: 'rotate' }, ['onSuspicious']],
       ['ok', { ownerReceiver: 'owner-hook', ownerDir: '/tmp/x' }, ['ownerDir']],
       ['ok', { rotateEvery: '1h', grace: '2h', ownerDir: '/tmp/x' }, ['grace']],
+      // The default grace (10m) counts too: a 5-minute rotation would supersede credentials in grace.
+      ['ok', { rotateEvery: '5m', ownerDir: '/tmp/x' }, ['grace']],
       ['ok', { maxTtl: '1d', warn: ['7d'], ownerDir: '/tmp/x' }, ['warn']],
       ['ok', { ownerReceiver: 'nobody' }, ['ownerReceiver']],
       ['ok', { unknownField: 1 } as never, ['(input)']],
@@ -296,6 +300,85 @@ describe('policies: apply', () => {
     assert.deepEqual(await refusedFields(ctx.warden.applyPolicy('team', { concurrency: 1000 })), ['concurrency']);
     assert.deepEqual(await refusedFields(ctx.warden.applyPolicy('Team!')), ['name']);
     await assert.rejects(ctx.warden.applyPolicy('absent', { dryRun: true }), NotFoundError);
+  });
+});
+
+describe('policies: apply past closed workflows', () => {
+  it('should skip and report live tokens whose workflow is closed, tell the rest, and not stop on a rerun', async () => {
+    await ctx.warden.setPolicy('closedruns', { maxTtl: '2h' });
+    const ids: string[] = [];
+    for (let i = 0; i < 10; i++) {
+      ids.push((await ctx.warden.issue({ subject: `usr_closed_${i}`, ttl: '1h', policy: 'closedruns' })).tokenId);
+    }
+    ids.sort();
+    // More closed runs first, in the apply's id order, than failures in a row that mean "Temporal is down".
+    const closed = ids.slice(0, 9);
+    const healthy = ids[9]!;
+    for (const id of closed) await ctx.client.workflow.getHandle(tokenWorkflowId(id)).terminate('test: run closed');
+    await ctx.warden.setPolicy('closedruns', { maxTtl: '90m' });
+
+    const first = await ctx.warden.applyPolicy('closedruns', { concurrency: 1 });
+    assert.equal(first.signalled, 1, first.warnings.join('\n'));
+    assert.equal(await policyChangedSignals(healthy), 1, 'the token after the closed runs is told');
+    assert.deepEqual([...first.notSignalled].sort(), closed);
+    assert.equal(first.remaining, 9);
+    assert.match(first.warnings.join('\n'), /9 live token\(s\) have no running workflow/);
+    assert.doesNotMatch(first.warnings.join('\n'), /stopped after/);
+
+    const rerun = await ctx.warden.applyPolicy('closedruns', { concurrency: 1 });
+    assert.equal(rerun.total, 9);
+    assert.equal(rerun.signalled, 0);
+    assert.equal(rerun.notSignalled.length, 9, 'each closed run was asked again, none given up on');
+    assert.doesNotMatch(rerun.warnings.join('\n'), /stopped after/);
+  });
+});
+
+describe('policies: the told checkpoint', () => {
+  it('should lock the tokens it marks in id order, whatever order the plan reads them in', async () => {
+    await ctx.warden.setPolicy('lockorder', { maxTtl: '2h' });
+    const [a, b] = [
+      (await ctx.warden.issue({ subject: 'usr_lock_a', ttl: '1h', policy: 'lockorder' })).tokenId,
+      (await ctx.warden.issue({ subject: 'usr_lock_b', ttl: '1h', policy: 'lockorder' })).tokenId,
+    ].sort() as [string, string];
+    const { version } = await ctx.warden.setPolicy('lockorder', { maxTtl: '90m' });
+    // A new row version of `a` lands after `b` in the heap: a scan in physical order meets `b` first.
+    await ctx.sql.query(`UPDATE token SET policy_version = policy_version WHERE id = $1`, [a]);
+    const holder = await checkout(ctx.pool);
+    const marker = await checkout(ctx.pool);
+    try {
+      await holder.query('BEGIN');
+      await holder.query(`SELECT 1 FROM ${holder.tables.token} WHERE id = $1 FOR UPDATE`, [b]);
+      const markerPid = (await marker.query('SELECT pg_backend_pid() AS pid')).rows[0].pid as number;
+      await marker.query('BEGIN');
+      // The plan a long id list gets on a big table reads rows in physical order, as this one does.
+      await marker.query('SET LOCAL enable_indexscan = off');
+      await marker.query('SET LOCAL enable_bitmapscan = off');
+      const marking = markPolicyTold(marker, [b, a], 'lockorder', version);
+      await waitUntil(
+        async () =>
+          (
+            await ctx.sql.query(`SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'`, [
+              markerPid,
+            ])
+          ).rowCount === 1,
+        'the mark waiting for the lock on b',
+      );
+      const free = await ctx.sql.query(`SELECT id FROM token WHERE id = $1 FOR UPDATE SKIP LOCKED`, [a]);
+      assert.equal(free.rowCount, 0, 'a (the lower id) is locked before b is waited for');
+      await holder.query('COMMIT');
+      await marking;
+      await marker.query('COMMIT');
+    } finally {
+      await holder.query('ROLLBACK').catch(() => {});
+      await marker.query('ROLLBACK').catch(() => {});
+      holder.release();
+      marker.release();
+    }
+    const { rows } = await ctx.sql.query(`SELECT policy_version FROM token WHERE id = ANY ($1)`, [[a, b]]);
+    assert.deepEqual(
+      rows.map((r) => r.policy_version),
+      [version, version],
+    );
   });
 });
 

@@ -122,6 +122,46 @@ describe('rotation', () => {
     await maybeRecordHistory(t.handle, 'rotation-grace-end');
   });
 
+  it("should not end a grace before the database clock reaches valid_until, even when the workflow's clock is ahead", async () => {
+    const a = await addReceiver();
+    const t = await startToken(ctx, { ttlMs: 120_000, receivers: [a.id] });
+    const fresh = newSecret();
+    await t.handle.executeUpdate(rotateUpdate, {
+      args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 1_000 }],
+    });
+    // The workflow's timer fires at the valid_until the rotation answered; moving valid_until 3 s
+    // later in the store is PostgreSQL's clock running 3 s behind the workflow's.
+    await ctx.sql.query(`UPDATE credential SET valid_until = valid_until + interval '3 seconds' WHERE id = $1`, [
+      t.credentialId,
+    ]);
+    const endGraceTried = async () => {
+      const events = (await t.handle.fetchHistory()).events ?? [];
+      const scheduled = events
+        .filter((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'endGrace')
+        .map((e) => Number(e.eventId));
+      return events.some((e) => scheduled.includes(Number(e.activityTaskCompletedEventAttributes?.scheduledEventId)));
+    };
+    await waitUntil(endGraceTried, "the workflow's end of grace ran", 20_000);
+    const { rows } = await ctx.sql.query(
+      `SELECT state, valid_until > now() AS in_grace FROM credential WHERE id = $1`,
+      [t.credentialId],
+    );
+    assert.deepEqual(rows[0], { state: 'previous', in_grace: true }, 'still previous inside its grace');
+    assert.equal(await isValid(ctx, t.token), true, 'a client on the old credential is no reuse');
+    await waitUntil(
+      async () => !(await isValid(ctx, t.token)),
+      'the old credential rejected after valid_until',
+      20_000,
+    );
+    await waitUntil(
+      () => credentialRevokedAt(a.receiver, t.credentialId),
+      'credential.revoked at the receiver',
+      20_000,
+    );
+    assert.equal((await store.requireToken(ctx.pool, t.tokenId)).status, 'active', 'the token lives on');
+    assert.equal(await isValid(ctx, fresh.token), true);
+  });
+
   it('should refuse a malformed rotation naming the field, and a rotation of a dead token', async () => {
     // A receiver that keeps failing holds the workflow in propagation after the revoke.
     const stuck = await addReceiver();
@@ -191,6 +231,42 @@ describe('suspicious activity', () => {
     const report = audit.find((e) => e.kind === 'token.suspicious');
     assert.deepEqual(report?.data.evidence, { ips: ['192.0.2.1', '198.51.100.7'] });
     assert.equal(report?.data.action, 'revoke');
+  });
+
+  it('should keep a secret sent by raw Signal out of the audit activity and the audit trail', async () => {
+    const policy = await insertPolicy(ctx, { name: 'suspicious-secret', onSuspicious: 'revoke' });
+    const t = await startToken(ctx, { ttlMs: 120_000, policy });
+    const leaked = newSecret().token;
+    const signingSecret = 'whsec_' + 'A'.repeat(32);
+    // Past the library: a Signal sent straight to the workflow, secrets in evidence, reason and actor.
+    await t.handle.signal(reportSuspiciousSignal, {
+      reason: `seen with Bearer ${leaked}`,
+      evidence: { request: { headers: { authorization: `Bearer ${leaked}` } }, [signingSecret]: 1, n: 1 },
+      actor: `siem ${signingSecret}`,
+      reportId: leaked,
+    });
+    const done = (await t.handle.result()) as TokenLifecycleResult;
+    assert.equal(done.status, 'revoked');
+    // Payload bytes decoded as UTF-8 (JSON): the activities' inputs as the worker sent them.
+    const events = (await t.handle.fetchHistory()).events ?? [];
+    const scheduled = historyText(events.filter((e) => e.activityTaskScheduledEventAttributes)).join('\n');
+    assert.ok(scheduled.includes('token.suspicious'), 'the audit activity ran');
+    assert.equal(scheduled.includes(leaked), false, 'no raw token in any activity input');
+    assert.equal(scheduled.includes(signingSecret), false, 'no signing secret in any activity input');
+    const rows = await ctx.sql.query(
+      `SELECT idempotency_key || ' ' || canonical AS canonical FROM audit_event WHERE token_id = $1`,
+      [t.tokenId],
+    );
+    const audit = rows.rows.map((r: { canonical: string }) => r.canonical).join('\n');
+    assert.equal(audit.includes(leaked), false, 'no raw token in the audit trail');
+    assert.equal(audit.includes(signingSecret), false, 'no signing secret in the audit trail');
+    const report = (await auditOf(t.tokenId)).find((e) => e.kind === 'token.suspicious');
+    assert.deepEqual(report?.data.evidence, {
+      request: { headers: { authorization: '[redacted: a tokenwarden token]' } },
+      '[redacted key 1]': 1,
+      n: 1,
+    });
+    assert.equal(report?.data.reason, '[redacted: a tokenwarden token]');
   });
 
   it('should rotate with no grace when the policy says rotate', async () => {

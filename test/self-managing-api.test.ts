@@ -149,6 +149,38 @@ describe('HTTP API: self-managing routes', () => {
     assert.equal(await signals(issued.body.tokenId, SIGNAL.policyChanged), 1);
   });
 
+  it('should refuse a secret in suspicious evidence or reason, naming the field, before anything is signalled', async () => {
+    const issued = await admin('POST', '/v1/tokens', { subject: 'usr_api_sus_secret', ttl: '1h' });
+    const tokenId = issued.body.tokenId as string;
+    const leaked = issued.body.token as string;
+    invalid(
+      await admin('POST', `/v1/tokens/${tokenId}/suspicious`, {
+        reason: 'replayed request',
+        evidence: { request: { headers: { authorization: `Bearer ${leaked}` } } },
+      }),
+      ['body evidence.request.headers.authorization'],
+    );
+    invalid(
+      await admin('POST', `/v1/tokens/${tokenId}/suspicious`, {
+        reason: 'r',
+        evidence: { lines: ['ok', `key=whsec_${'A'.repeat(32)}`] },
+      }),
+      ['body evidence.lines.1'],
+    );
+    invalid(await admin('POST', `/v1/tokens/${tokenId}/suspicious`, { reason: `leaked ${leaked}` }), ['body reason']);
+    const refused = await admin('POST', `/v1/tokens/${tokenId}/suspicious`, {
+      reason: 'r',
+      evidence: { authorization: `Bearer ${leaked}` },
+    });
+    assert.equal(refused.text.includes(leaked), false, 'the refusal does not echo the secret');
+    await assert.rejects(
+      ctx.warden.reportSuspicious(tokenId, { reason: 'r', evidence: { auth: [`Bearer ${leaked}`] } }),
+      (err: Error & { fields?: Array<{ path: string }> }) =>
+        err.fields?.[0]?.path === 'evidence.auth.0' && !err.message.includes(leaked),
+    );
+    assert.equal(await signals(tokenId, SIGNAL.reportSuspicious), 0, 'nothing reached the workflow');
+  });
+
   it("should send a suspicious-activity report to the token's workflow (202), with the API key as the actor", async () => {
     const issued = await admin('POST', '/v1/tokens', { subject: 'usr_api_sus', ttl: '1h' });
     const res = await admin('POST', `/v1/tokens/${issued.body.tokenId}/suspicious`, {

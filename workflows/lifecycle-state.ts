@@ -13,6 +13,7 @@ import {
   type PropagationState,
   type TokenStatus,
 } from '../common/names.js';
+import { redactedText, redactSecrets, secretShapeKind } from '../common/secret-shapes.js';
 import { withoutControls } from '../common/text.js';
 import { isUndecodablePayload } from './payload-converter.js';
 import type {
@@ -565,19 +566,28 @@ export function parseSuspiciousReport(payload: unknown): {
   malformed: boolean;
 } {
   const p = (typeof payload === 'object' && payload !== null ? payload : {}) as Record<string, unknown>;
-  const reason = text(p.reason, 500);
+  // A Signal bypasses the library's refusal of secrets: none may be copied into activities or the
+  // audit trail (the Signal's own payload stays in history; only a payload codec hides that).
+  const secretFree = (value: string | undefined) => (value === undefined ? undefined : redactedText(value));
+  const reason = secretFree(text(p.reason, 500));
+  // The audit key holds it: a secret-shaped id is dropped, not redacted (redacted ids would collide).
+  const givenReportId = text(p.reportId, 100);
+  const reportId =
+    givenReportId !== undefined && secretShapeKind(givenReportId) === undefined ? givenReportId : undefined;
   // The audit's canonical JSON takes integers only: other numbers are kept as their text.
   const json =
     p.evidence === undefined
       ? 'null'
-      : JSON.stringify(p.evidence, (_k, v: unknown) => (typeof v === 'number' && !Number.isInteger(v) ? String(v) : v));
+      : JSON.stringify(redactSecrets(p.evidence), (_k, v: unknown) =>
+          typeof v === 'number' && !Number.isInteger(v) ? String(v) : v,
+        );
   // Bounded in history and in the audit: 8 KiB as JSON, else a note that it was cut.
   let evidence: unknown = json === undefined ? null : (JSON.parse(json) as unknown);
   if (json === undefined || json.length > 8_192) evidence = { truncated: true, bytes: json?.length ?? 0 };
   return {
     reason: reason ?? 'unspecified',
-    actor: text(p.actor, 200) ?? 'unknown (via Temporal signal)',
-    reportId: text(p.reportId, 100),
+    actor: secretFree(text(p.actor, 200)) ?? 'unknown (via Temporal signal)',
+    reportId,
     evidence,
     malformed: reason === undefined,
   };

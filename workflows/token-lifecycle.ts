@@ -434,6 +434,21 @@ class TokenLifecycle {
       { summary: summaryText(`end of grace of ${credentialId}`) },
       [{ tokenId: this.input.tokenId, credentialId }],
     );
+    if (ended.notYetEndedMs !== undefined) {
+      // The database clock is behind workflow time: the credential stays valid there, so wait the
+      // difference (woken as the deadlines sleep is) and let the deadlines loop end the grace again.
+      const seen = this.alive.changes;
+      await condition(
+        () =>
+          this.state.revokeRequest !== undefined ||
+          this.alive.changes !== seen ||
+          this.continueAsNewDue ||
+          workflowInfo().continueAsNewSuggested,
+        ended.notYetEndedMs,
+        { summary: 'waiting for the database clock to reach the end of grace' },
+      );
+      return;
+    }
     this.alive.graceEnded(credentialId, ended.revoked);
     this.deliverCredentialRevocations();
   }

@@ -66,6 +66,11 @@ export interface EndGraceResult {
   eventId: string;
   /** Receivers holding an outbox row for that event: deliver to each with deliverRevocation. */
   receivers: string[];
+  /**
+   * Set when the credential's valid_until is still ahead on the database clock (the workflow's
+   * clock ran ahead): nothing was revoked; call again after this many milliseconds.
+   */
+  notYetEndedMs?: number;
 }
 
 const date = z.date().transform((d) => d.toISOString());
@@ -246,13 +251,26 @@ export async function endGrace(
   db: Queryable,
   req: { tokenId: string; credentialId: string; actor?: string },
 ): Promise<EndGraceResult> {
-  const { rows } = await db.query<{ changed: boolean; event_id: string; receivers: string[] }>(
-    `SELECT * FROM ${routine(db.tables, 'end_grace')}($1, $2, $3, $4, $5)`,
-    [schemaOf(db), req.tokenId, req.credentialId, req.actor ?? 'system', KILL_CHANNEL],
-  );
+  const { rows } = await db.query<{
+    changed: boolean;
+    event_id: string;
+    receivers: string[];
+    remaining_ms: string | null;
+  }>(`SELECT * FROM ${routine(db.tables, 'end_grace')}($1, $2, $3, $4, $5)`, [
+    schemaOf(db),
+    req.tokenId,
+    req.credentialId,
+    req.actor ?? 'system',
+    KILL_CHANNEL,
+  ]);
   const row = rows[0];
   if (!row) throw new NotFoundError('token', req.tokenId);
-  return { changed: row.changed, eventId: row.event_id, receivers: row.receivers };
+  return {
+    changed: row.changed,
+    eventId: row.event_id,
+    receivers: row.receivers,
+    ...(typeof row.remaining_ms === 'string' ? { notYetEndedMs: Number(row.remaining_ms) } : {}),
+  };
 }
 
 /** A token's credentials, oldest first. */

@@ -213,9 +213,16 @@ export async function markPolicyTold(
 ): Promise<void> {
   if (tokenIds.length === 0) return;
   const t = db.tables;
+  // Rows locked in id order, as every statement that locks several tokens does (no deadlock with a
+  // kill or a bulk revoke); a plain UPDATE would lock them in the order its plan reads them.
   await db.query(
-    `UPDATE ${t.token} SET policy_version = $3
-      WHERE id = ANY ($1::text[]) AND policy = $2 AND (policy_version IS NULL OR policy_version < $3)`,
+    `WITH due AS (
+       SELECT id FROM ${t.token}
+        WHERE id = ANY ($1::text[]) AND policy = $2 AND (policy_version IS NULL OR policy_version < $3)
+        ORDER BY id FOR UPDATE
+     )
+     UPDATE ${t.token} AS t SET policy_version = $3 FROM due
+      WHERE t.id = due.id AND (t.policy_version IS NULL OR t.policy_version < $3)`,
     [tokenIds, policy, version],
   );
 }
