@@ -191,7 +191,7 @@ describe('end of grace', () => {
   it("should settle a credential.revoked delivery still pending when the token dies, so only the token's event holds completion", async () => {
     const token = await newToken();
     const [first] = await store.listCredentials(ctx.pool, token.id);
-    await rotate(token.id, 60_000);
+    await rotate(token.id, 0);
     const ended = await store.endGrace(ctx.pool, { tokenId: token.id, credentialId: first!.id });
     await store.recordDeliveryAttempt(ctx.pool, ended.eventId, 'billing', { kind: 'delivered', statusCode: 200 });
     await store.killToken(ctx.pool, { tokenId: token.id, reason: 'x', actor: 'admin', initiatingEntity: 'admin' });
