@@ -67,7 +67,7 @@ describe('suspension', () => {
     assert.equal(await storeValid(tokenId), false, "the store's token_valid, which the verifier's lookup uses");
     assert.equal(suspended.token.suspendedBy, 'admin:alice');
     assert.equal(suspended.token.suspendReason, 'investigating');
-    await waitUntil(() => v.stats().kills >= 1, 'the NOTIFY heard');
+    await waitUntil(() => v.stats().changes >= 1, 'the NOTIFY heard');
     assert.deepEqual(await v.verify(token), { active: false }, 'the cached answer was dropped');
     assert.equal(v.stats().reuseDetected, 0, 'a suspended current credential is no reuse');
 

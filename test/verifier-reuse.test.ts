@@ -83,7 +83,7 @@ describe('the previous credential', () => {
     const old = await newToken();
     const next = await rotate(old.tokenId, 1_500);
     // The rotation's NOTIFY heard first, so nothing but the grace's end can drop what is cached next.
-    await waitUntil(() => v.stats().kills >= 1, "the rotation's NOTIFY");
+    await waitUntil(() => v.stats().changes >= 1, "the rotation's NOTIFY");
     const inGrace = await v.verify(old.token);
     assert.equal(inGrace.active, true, 'the previous credential inside its grace');
     assert.equal(inGrace.active && inGrace.credentialId, old.credentialId);

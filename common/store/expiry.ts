@@ -4,7 +4,7 @@
  */
 import type { Queryable } from '../db.js';
 import { InvalidInputError, NotFoundError } from '../errors.js';
-import { KILL_CHANNEL } from '../names.js';
+import { CHANGE_CHANNEL } from '../names.js';
 import { storeRefusal } from './credentials.js';
 import { routine, toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
 
@@ -61,7 +61,7 @@ export async function changeExpiry(db: Queryable, req: ExpiryChangeRequest): Pro
         req.actor,
         req.reason,
         req.requestId,
-        KILL_CHANNEL,
+        CHANGE_CHANNEL,
       ],
     );
     const row = rows[0];
@@ -95,7 +95,7 @@ export async function shortenToPolicyLimit(
     `SELECT changed, previous_expires_at, ${TOKEN_COLUMNS}
        FROM (SELECT c.changed, c.previous_expires_at, (c.facts).*
                FROM ${routine(db.tables, 'shorten_to_policy_limit')}($1, $2, $3, $4, $5) AS c) AS shortened`,
-    [db.tables.schema, req.tokenId, req.actor, req.reason, KILL_CHANNEL],
+    [db.tables.schema, req.tokenId, req.actor, req.reason, CHANGE_CHANNEL],
   );
   const row = rows[0];
   if (!row) throw new NotFoundError('token', req.tokenId);

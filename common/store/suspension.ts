@@ -5,7 +5,7 @@
  */
 import type { Queryable } from '../db.js';
 import { NotFoundError } from '../errors.js';
-import { KILL_CHANNEL } from '../names.js';
+import { CHANGE_CHANNEL } from '../names.js';
 import { storeRefusal } from './credentials.js';
 import { routine, toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
 
@@ -28,7 +28,7 @@ export async function setSuspended(
       `SELECT changed, ${TOKEN_COLUMNS}
          FROM (SELECT s.changed, (s.facts).*
                  FROM ${routine(db.tables, 'set_suspended')}($1, $2, $3, $4, $5, $6) AS s) AS suspended`,
-      [db.tables.schema, req.tokenId, req.suspended, req.actor, req.reason, KILL_CHANNEL],
+      [db.tables.schema, req.tokenId, req.suspended, req.actor, req.reason, CHANGE_CHANNEL],
     );
     if (!rows[0]) throw new NotFoundError('token', req.tokenId);
     return { changed: rows[0].changed === true, token: toToken(rows[0]) };
