@@ -16,19 +16,29 @@ export interface SuspensionResult {
 }
 
 /**
- * Suspends (`suspended: true`) or resumes a token. Throws TokenNotActiveError when suspending a dead
+ * Suspends (`suspended: true`) or resumes a token (migrations/0020). Throws TokenNotActiveError when suspending a dead
  * or expired token, NotFoundError for an unknown one.
  */
 export async function setSuspended(
   db: Queryable,
-  req: { tokenId: string; suspended: boolean; actor: string; reason: string },
+  req: {
+    tokenId: string;
+    suspended: boolean;
+    actor: string;
+    reason: string;
+    /**
+     * Makes a retry the same change (e.g. the workflow's update id): audited once, and a retry after
+     * a later resume or suspend changes nothing. Without it, a repeat of the same state changes nothing.
+     */
+    requestId?: string;
+  },
 ): Promise<SuspensionResult> {
   try {
     const { rows } = await db.query(
       `SELECT changed, ${TOKEN_COLUMNS}
          FROM (SELECT s.changed, (s.facts).*
-                 FROM ${routine(db.tables, 'set_suspended')}($1, $2, $3, $4, $5, $6) AS s) AS suspended`,
-      [db.tables.schema, req.tokenId, req.suspended, req.actor, req.reason, CHANGE_CHANNEL],
+                 FROM ${routine(db.tables, 'set_suspended')}($1, $2, $3, $4, $5, $6, $7) AS s) AS suspended`,
+      [db.tables.schema, req.tokenId, req.suspended, req.actor, req.reason, CHANGE_CHANNEL, req.requestId ?? null],
     );
     if (!rows[0]) throw new NotFoundError('token', req.tokenId);
     return { changed: rows[0].changed === true, token: toToken(rows[0]) };

@@ -3,6 +3,7 @@ import type { Queryable } from '../db.js';
 import { formatDuration } from '../durations.js';
 import { InvalidInputError, NotFoundError } from '../errors.js';
 import type { TokenStatus } from '../names.js';
+import { policyColumnsOf, policyFromColumns, type PolicyRecord } from './policies.js';
 import { routine, toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
 
 export interface NewToken {
@@ -18,18 +19,26 @@ export interface NewToken {
   policy?: string | null;
 }
 
+/** An issued token's row, with the policy it was written under. */
+export interface IssuedTokenRecord extends TokenRecord {
+  /** The policy as issue_token read it under its lock (absent without one): the version the row records. */
+  issuedUnder?: PolicyRecord;
+}
+
 /**
  * Writes an active token and its current credential (hash only), its expiry from the database clock,
- * and its `token.issued` audit event: the store's `issue_token` function (migrations/0004) in one
+ * and its `token.issued` audit event: the store's `issue_token` function (migrations/0020) in one
  * statement, so one round trip and one transaction of its own. Bind parameters only, no session
  * state, so it works behind a transaction-mode pooler. Refuses (writing nothing) a receiver that is
  * unknown or removed.
  */
-export async function insertToken(db: Queryable, token: NewToken): Promise<TokenRecord> {
+export async function insertToken(db: Queryable, token: NewToken): Promise<IssuedTokenRecord> {
   const t = db.tables;
   try {
     const { rows } = await db.query(
-      `SELECT ${TOKEN_COLUMNS} FROM ${routine(t, 'issue_token')}($1, $2, $3, $4, $5, $6, $7, $8, $9) AS issued`,
+      `SELECT ${TOKEN_COLUMNS}, ${policyColumnsOf('under_policy', 'under_policy_')}
+         FROM (SELECT (i.facts).*, i.under_policy
+                 FROM ${routine(t, 'issue_token')}($1, $2, $3, $4, $5, $6, $7, $8, $9) AS i) AS issued`,
       [
         token.tokenId,
         token.credentialId,
@@ -42,7 +51,9 @@ export async function insertToken(db: Queryable, token: NewToken): Promise<Token
         token.policy ?? null,
       ],
     );
-    return toToken(rows[0]);
+    const row = rows[0] as Record<string, unknown>;
+    const issuedUnder = policyFromColumns(row, 'under_policy_');
+    return issuedUnder ? { ...toToken(row), issuedUnder } : toToken(row);
   } catch (err) {
     const e = err as { code?: string; constraint?: string; message?: string; detail?: string };
     if (e.code === '23503' && e.constraint === 'token_receivers_known') {
