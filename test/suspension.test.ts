@@ -127,6 +127,25 @@ describe('suspension', () => {
     assert.equal(again.changed, true, 'a new request suspends again');
   });
 
+  it("should answer show's valid by the store's token_valid, the verifier's one path", async () => {
+    const { tokenId } = await newToken();
+    assert.equal((await store.requireToken(ctx.pool, tokenId)).valid, true);
+    const define = (body: string) =>
+      ctx.sql
+        .query(`CREATE OR REPLACE FUNCTION token_valid(status text, expires_at timestamptz, suspended_at timestamptz)
+                     RETURNS boolean LANGUAGE sql STABLE AS $$ ${body} $$`);
+    // A validity rule changed in the store alone changes what show answers.
+    await define('SELECT false');
+    try {
+      assert.equal((await store.requireToken(ctx.pool, tokenId)).valid, false);
+    } finally {
+      await define(
+        `SELECT token_valid.status = 'active' AND token_valid.expires_at > now() AND token_valid.suspended_at IS NULL`,
+      );
+    }
+    assert.equal((await store.requireToken(ctx.pool, tokenId)).valid, true);
+  });
+
   it('should record and clear a scheduled revocation for show', async () => {
     const { tokenId } = await newToken();
     const at = new Date(Date.now() + 3_600_000).toISOString();

@@ -4,7 +4,7 @@ import { formatDuration } from '../durations.js';
 import { InvalidInputError, NotFoundError } from '../errors.js';
 import type { TokenStatus } from '../names.js';
 import { policyColumnsOf, policyFromColumns, type PolicyRecord } from './policies.js';
-import { routine, toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
+import { routine, toToken, tokenColumns, type TokenRecord } from './rows.js';
 
 export interface NewToken {
   tokenId: string;
@@ -36,7 +36,7 @@ export async function insertToken(db: Queryable, token: NewToken): Promise<Issue
   const t = db.tables;
   try {
     const { rows } = await db.query(
-      `SELECT ${TOKEN_COLUMNS}, ${policyColumnsOf('under_policy', 'under_policy_')}
+      `SELECT ${tokenColumns(db.tables)}, ${policyColumnsOf('under_policy', 'under_policy_')}
          FROM (SELECT (i.facts).*, i.under_policy
                  FROM ${routine(t, 'issue_token')}($1, $2, $3, $4, $5, $6, $7, $8, $9) AS i) AS issued`,
       [
@@ -105,7 +105,7 @@ export const markWorkflowStarted = (db: Queryable, tokenId: string) => markWorkf
 
 export async function getToken(db: Queryable, tokenId: string): Promise<TokenRecord | undefined> {
   const t = db.tables;
-  const { rows } = await db.query(`SELECT ${TOKEN_COLUMNS} FROM ${t.token} WHERE id = $1`, [tokenId]);
+  const { rows } = await db.query(`SELECT ${tokenColumns(db.tables)} FROM ${t.token} WHERE id = $1`, [tokenId]);
   return rows[0] ? toToken(rows[0]) : undefined;
 }
 
@@ -122,7 +122,7 @@ export async function listTokens(
   const t = db.tables;
   // Newest first by id (UUIDv7: time-ordered); `beforeId` continues a page where the last one ended.
   const { rows } = await db.query(
-    `SELECT ${TOKEN_COLUMNS} FROM ${t.token}
+    `SELECT ${tokenColumns(db.tables)} FROM ${t.token}
       WHERE ($1::text IS NULL OR subject = $1)
         AND ($2::text IS NULL OR CASE WHEN status = 'active' AND expires_at <= now() THEN 'expired' ELSE status END = $2)
         AND ($4::text IS NULL OR id < $4)
