@@ -325,8 +325,9 @@ export class TokenWarden extends TokenWardenStore {
       policy: req.policy ?? null,
     });
     try {
-      // The policy as the row was written under it (a `policy set` since then is told by an apply).
-      const policy = req.policy ? policySnapshot(await store.requirePolicy(this.pool, req.policy)) : undefined;
+      // The policy the issue read under its lock, whose version the row records (a `policy set`
+      // since then is told by an apply).
+      const policy = record.issuedUnder ? policySnapshot(record.issuedUnder) : undefined;
       await this.temporal.connection.withDeadline(Date.now() + TEMPORAL_CALL_DEADLINE_MS, () =>
         startTokenWorkflow(this.temporal, record, this.settings.temporal.taskQueue, this.settings.timing, policy),
       );

@@ -1,13 +1,13 @@
 /**
  * `tokenwarden/verifier`: checks tokens in a service. Loads `pg` and Node only (a test holds it to
  * that). Answers come from the store (DESIGN §2); positive answers are cached briefly and dropped
- * the moment the store announces a kill on its NOTIFY channel. While that channel is not heard,
- * nothing is served from cache.
+ * the moment the store announces a kill or a change of their token on its NOTIFY channels. While
+ * those channels are not heard, nothing is served from cache.
  */
 import { performance } from 'node:perf_hooks';
 import pg from 'pg';
 import { quoteIdent } from '../common/identifiers.js';
-import { KILL_CHANNEL } from '../common/names.js';
+import { CHANGE_CHANNEL, KILL_CHANNEL } from '../common/names.js';
 import { hashToken, isForeignToken, isWellFormedToken } from '../common/secrets.js';
 import { recordTokenUse } from '../common/store/last-use.js';
 import { credentialLookupSql, killReusedCredential, type CredentialLookupRow } from '../common/store/verification.js';
@@ -33,11 +33,16 @@ export interface VerifierOptions {
    */
   listenUrl?: string;
   /**
-   * Told of every change the store announces for this schema's tokens (a kill, and also a suspend, a
-   * rotation, a credential's end of grace, an expiry change), after their cached answers are dropped:
-   * e.g. to re-check the sessions of that token.
+   * Told when the store announces the death of one of this schema's tokens (revoked, or expired by
+   * the sweep or its workflow), after its cached answers are dropped: e.g. to close its sessions.
    */
   onKilled?: (tokenId: string) => void;
+  /**
+   * Told when the store announces a change that leaves the token alive (a suspend or resume, a
+   * rotation, a credential's end of grace, an expiry change), after its cached answers are dropped:
+   * e.g. to re-check the sessions of that token.
+   */
+  onChanged?: (tokenId: string) => void;
   /**
    * Told when a verify here found a credential reused (revoked, or previous past its grace, while its
    * token was active) and killed that token: e.g. to signal the token's workflow at once (the
@@ -94,8 +99,10 @@ export interface VerifierStats {
   /** Lookup queries sent. */
   queries: number;
   cacheEntries: number;
-  /** Notifications heard for this schema (kills, and changes such as suspend, rotation, expiry change). */
+  /** Kills heard for this schema's tokens. */
   kills: number;
+  /** Changes heard for this schema's tokens that left them alive (suspend, resume, rotation, end of grace, expiry). */
+  changes: number;
   /** Reused credentials presented (each kills its token, once). */
   reuseDetected: number;
   /** Times the listener connected and LISTENed (1 after a clean start). */
@@ -114,7 +121,7 @@ export interface Verifier {
    */
   verify(rawToken: string): Promise<Verification>;
   close(): Promise<void>;
-  /** True while the kill channel is heard: only then are answers served from cache. */
+  /** True while the kill and change channels are heard: only then are answers served from cache. */
   readonly listening: boolean;
   /**
    * Drops a token this process knows is dead (its own revoke returned), exactly as hearing its kill
@@ -164,7 +171,7 @@ const NUMBER_OPTIONS = {
 } as const satisfies Record<string, { min: number; max?: number; fallback: number }>;
 type NumberOption = keyof typeof NUMBER_OPTIONS;
 const STRING_OPTIONS = ['databaseUrl', 'schema', 'listenUrl', 'applicationName'] as const;
-const FUNCTION_OPTIONS = ['onError', 'onKilled', 'onReuseDetected'] as const;
+const FUNCTION_OPTIONS = ['onError', 'onKilled', 'onChanged', 'onReuseDetected'] as const;
 const KNOWN_OPTIONS = new Set<string>([
   ...Object.keys(NUMBER_OPTIONS),
   ...STRING_OPTIONS,
@@ -180,6 +187,7 @@ type ResolvedOptions = Record<NumberOption, number> & {
   applicationName: string;
   onError: (err: Error) => void;
   onKilled: ((tokenId: string) => void) | undefined;
+  onChanged: ((tokenId: string) => void) | undefined;
   onReuseDetected: ((tokenId: string) => void) | undefined;
   prepare: boolean;
   foreignTokens: boolean;
@@ -259,6 +267,7 @@ function resolveOptions(input: unknown): ResolvedOptions {
     applicationName: text('applicationName', 'tokenwarden-verifier'),
     onError: (fn('onError') as ((err: Error) => void) | undefined) ?? (() => {}),
     onKilled: fn('onKilled') as ((tokenId: string) => void) | undefined,
+    onChanged: fn('onChanged') as ((tokenId: string) => void) | undefined,
     onReuseDetected: fn('onReuseDetected') as ((tokenId: string) => void) | undefined,
     prepare: o.prepare === true,
     foreignTokens: o.foreignTokens === true,
@@ -332,6 +341,7 @@ class TokenVerifier implements Verifier {
     lookups: 0,
     queries: 0,
     kills: 0,
+    changes: 0,
     reuseDetected: 0,
     listenerConnects: 0,
     lastUseWrites: 0,
@@ -538,7 +548,11 @@ class TokenVerifier implements Verifier {
     client.on('notification', (n) => this.#heard(n));
     try {
       await client.connect();
-      await withTimeout(client.query(`LISTEN ${quoteIdent(KILL_CHANNEL)}`), this.#o.heartbeatTimeoutMs, 'LISTEN');
+      await withTimeout(
+        client.query(`LISTEN ${quoteIdent(KILL_CHANNEL)}; LISTEN ${quoteIdent(CHANGE_CHANNEL)}`),
+        this.#o.heartbeatTimeoutMs,
+        'LISTEN',
+      );
     } catch (err) {
       this.#lost(client, asError(err));
       return;
@@ -559,18 +573,21 @@ class TokenVerifier implements Verifier {
   }
 
   #heard(n: pg.Notification): void {
-    if (n.channel !== KILL_CHANNEL || !n.payload) return;
+    const killed = n.channel === KILL_CHANNEL;
+    if ((!killed && n.channel !== CHANGE_CHANNEL) || !n.payload) return;
     // `<schema>:<tokenId>`: token ids hold no colon, a schema name may.
     const at = n.payload.lastIndexOf(':');
     if (n.payload.slice(0, at) !== this.#o.schema) return;
     const tokenId = n.payload.slice(at + 1);
     this.#epoch++;
-    // Not necessarily a kill (a suspend can be resumed): dropped, not turned into refusals.
+    // Dropped, not turned into refusals: the next lookup says whether the token is dead.
     this.#dropAnswers(tokenId);
-    this.#stats.kills++;
-    if (this.#o.onKilled) {
+    if (killed) this.#stats.kills++;
+    else this.#stats.changes++;
+    const tell = killed ? this.#o.onKilled : this.#o.onChanged;
+    if (tell) {
       try {
-        this.#o.onKilled(tokenId);
+        tell(tokenId);
       } catch (err) {
         this.#report(asError(err));
       }

@@ -137,6 +137,11 @@ export const tokenWorkflowId = (tokenId: string): string => `token:${tokenId}`;
 
 /** Postgres NOTIFY channel on which every kill is announced (payload: `<schema>:<tokenId>`). */
 export const KILL_CHANNEL = 'tokenwarden_token_killed';
+/**
+ * Postgres NOTIFY channel on which a change that leaves the token alive is announced (a suspend or
+ * resume, a rotation, a credential's end of grace, an expiry change); same payload as the kill's.
+ */
+export const CHANGE_CHANNEL = 'tokenwarden_token_changed';
 
 export const TOKEN_STATUSES = ['active', 'revoked', 'expired'] as const;
 export type TokenStatus = (typeof TOKEN_STATUSES)[number];

@@ -115,7 +115,7 @@ describe('changeExpiry', () => {
     const { token, record } = await newToken(HOUR);
     assert.equal((await v.verify(token)).active, true);
     const shortened = await change(record.id, 1_000, 'shorten');
-    await waitUntil(() => v.stats().kills >= 1, 'the NOTIFY heard');
+    await waitUntil(() => v.stats().changes >= 1, 'the NOTIFY heard');
     await waitUntil(
       async () =>
         (await ctx.sql.query('SELECT now() >= $1::timestamptz AS past', [shortened.token.expiresAt])).rows[0]

@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { createVerifier, type Verifier } from '../client/verifier.js';
 import { TokenNotActiveError } from '../common/errors.js';
+import { CHANGE_CHANNEL } from '../common/names.js';
 import { generateTokenString, hashToken } from '../common/secrets.js';
 import * as store from '../common/store/index.js';
 import { TestContext } from './support/context.js';
@@ -67,7 +68,7 @@ describe('suspension', () => {
     assert.equal(await storeValid(tokenId), false, "the store's token_valid, which the verifier's lookup uses");
     assert.equal(suspended.token.suspendedBy, 'admin:alice');
     assert.equal(suspended.token.suspendReason, 'investigating');
-    await waitUntil(() => v.stats().kills >= 1, 'the NOTIFY heard');
+    await waitUntil(() => v.stats().changes >= 1, 'the NOTIFY heard');
     assert.deepEqual(await v.verify(token), { active: false }, 'the cached answer was dropped');
     assert.equal(v.stats().reuseDetected, 0, 'a suspended current credential is no reuse');
 
@@ -81,6 +82,68 @@ describe('suspension', () => {
     assert.equal((await store.requireToken(ctx.pool, tokenId)).valid, true);
     const kinds = (await store.readAudit(ctx.pool, tokenId)).map((e) => e.kind);
     assert.deepEqual(kinds, ['token.issued', 'token.suspended', 'token.resumed']);
+  });
+
+  it('should audit each of a suspend, resume and suspend within one instant', async () => {
+    const { tokenId } = await newToken();
+    const client = await ctx.sql.connect();
+    try {
+      // One transaction: now(), and so suspended_at, is the same instant for all three.
+      await client.query('BEGIN');
+      for (const suspended of [true, false, true]) {
+        const { rows } = await client.query(
+          `SELECT changed FROM set_suspended($1, $2, $3, 'admin:alice', 'flapping', $4)`,
+          [ctx.settings.databaseSchema, tokenId, suspended, CHANGE_CHANNEL],
+        );
+        assert.equal(rows[0].changed, true);
+      }
+      await client.query('COMMIT');
+    } finally {
+      client.release();
+    }
+    const kinds = (await store.readAudit(ctx.pool, tokenId)).map((e) => e.kind);
+    assert.deepEqual(kinds, ['token.issued', 'token.suspended', 'token.resumed', 'token.suspended']);
+  });
+
+  it('should carry out a request once: its retry after a later resume suspends nothing and audits nothing', async () => {
+    const { tokenId } = await newToken();
+    const operator = { actor: 'admin:alice', reason: 'investigating' };
+    const first = await store.setSuspended(ctx.pool, { tokenId, suspended: true, requestId: 'upd_1', ...operator });
+    assert.equal(first.changed, true);
+    assert.equal(
+      (await store.setSuspended(ctx.pool, { tokenId, suspended: false, requestId: 'upd_2', ...operator })).changed,
+      true,
+    );
+    const retry = await store.setSuspended(ctx.pool, { tokenId, suspended: true, requestId: 'upd_1', ...operator });
+    assert.equal(retry.changed, false, 'the same request again');
+    assert.equal(retry.token.suspendedAt, null, 'still resumed');
+    assert.equal(
+      (await store.setSuspended(ctx.pool, { tokenId, suspended: false, requestId: 'upd_2', ...operator })).changed,
+      false,
+    );
+    const kinds = (await store.readAudit(ctx.pool, tokenId)).map((e) => e.kind);
+    assert.deepEqual(kinds, ['token.issued', 'token.suspended', 'token.resumed']);
+    const again = await store.setSuspended(ctx.pool, { tokenId, suspended: true, requestId: 'upd_3', ...operator });
+    assert.equal(again.changed, true, 'a new request suspends again');
+  });
+
+  it("should answer show's valid by the store's token_valid, the verifier's one path", async () => {
+    const { tokenId } = await newToken();
+    assert.equal((await store.requireToken(ctx.pool, tokenId)).valid, true);
+    const define = (body: string) =>
+      ctx.sql
+        .query(`CREATE OR REPLACE FUNCTION token_valid(status text, expires_at timestamptz, suspended_at timestamptz)
+                     RETURNS boolean LANGUAGE sql STABLE AS $$ ${body} $$`);
+    // A validity rule changed in the store alone changes what show answers.
+    await define('SELECT false');
+    try {
+      assert.equal((await store.requireToken(ctx.pool, tokenId)).valid, false);
+    } finally {
+      await define(
+        `SELECT token_valid.status = 'active' AND token_valid.expires_at > now() AND token_valid.suspended_at IS NULL`,
+      );
+    }
+    assert.equal((await store.requireToken(ctx.pool, tokenId)).valid, true);
   });
 
   it('should record and clear a scheduled revocation for show', async () => {

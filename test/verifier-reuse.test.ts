@@ -83,7 +83,7 @@ describe('the previous credential', () => {
     const old = await newToken();
     const next = await rotate(old.tokenId, 1_500);
     // The rotation's NOTIFY heard first, so nothing but the grace's end can drop what is cached next.
-    await waitUntil(() => v.stats().kills >= 1, "the rotation's NOTIFY");
+    await waitUntil(() => v.stats().changes >= 1, "the rotation's NOTIFY");
     const inGrace = await v.verify(old.token);
     assert.equal(inGrace.active, true, 'the previous credential inside its grace');
     assert.equal(inGrace.active && inGrace.credentialId, old.credentialId);
@@ -156,6 +156,30 @@ describe('reuse detection', () => {
     assert.equal(v.stats().reuseDetected, 0);
     assert.equal((await store.readAudit(ctx.pool, t.tokenId)).length, audit.length, 'nothing written');
     assert.equal((await store.requireToken(ctx.pool, t.tokenId)).revokeReason, 'gone');
+  });
+
+  it('should not count an old credential of a token past its expiry as reuse, before the sweep records it', async () => {
+    const reused: string[] = [];
+    const v = await verifier({ onReuseDetected: (id) => reused.push(id) });
+    const t = await newToken();
+    const second = await rotate(t.tokenId, 0);
+    await rotate(t.tokenId, 0);
+    // The first credential is revoked (superseded), the second previous past its grace of 0.
+    await ctx.sql.query(
+      `UPDATE token SET issued_at = now() - interval '2 hours', expires_at = now() - interval '1 second' WHERE id = $1`,
+      [t.tokenId],
+    );
+    const audit = await store.readAudit(ctx.pool, t.tokenId);
+    assert.deepEqual(await v.verify(t.token), INACTIVE, 'a revoked credential of an expired token');
+    assert.deepEqual(await v.verify(second.token), INACTIVE, 'a previous credential past its grace, expired token');
+    assert.deepEqual(reused, [], 'the token is dead already: no reuse');
+    assert.equal(v.stats().reuseDetected, 0);
+    // The store's own re-check says the same, whoever calls it.
+    const outcome = await killReusedCredential(ctx.pool, ctx.settings.databaseSchema, t.credentialId);
+    assert.deepEqual(outcome, { tokenId: t.tokenId, killed: false });
+    assert.equal((await store.readAudit(ctx.pool, t.tokenId)).length, audit.length, 'nothing written');
+    const row = await store.requireToken(ctx.pool, t.tokenId);
+    assert.deepEqual([row.status, row.effectiveStatus, row.revokeReason], ['active', 'expired', null]);
   });
 
   it('should never verify a pending credential, nor count it as reuse', async () => {

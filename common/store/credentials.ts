@@ -8,7 +8,7 @@ import type { Queryable } from '../db.js';
 import { InvalidInputError, NotFoundError, TokenNotActiveError } from '../errors.js';
 import { quoteIdent as quote } from '../identifiers.js';
 import { credentialRevocationEventId } from '../ids.js';
-import { CREDENTIAL_STATES, KILL_CHANNEL, type CredentialState, type InitiatingEntity } from '../names.js';
+import { CREDENTIAL_STATES, CHANGE_CHANNEL, type CredentialState, type InitiatingEntity } from '../names.js';
 import { parseRow, routine } from './rows.js';
 
 export interface CredentialRecord {
@@ -158,7 +158,7 @@ export async function rotateCredential(db: Queryable, req: RotationRequest): Pro
         req.actor,
         req.reason,
         req.initiatingEntity ?? 'admin',
-        KILL_CHANNEL,
+        CHANGE_CHANNEL,
       ],
     );
     if (!rows[0]) throw new NotFoundError('token', req.tokenId);
@@ -232,7 +232,7 @@ export async function promoteCredential(
         req.actor,
         req.reason,
         req.initiatingEntity ?? 'system',
-        KILL_CHANNEL,
+        CHANGE_CHANNEL,
       ],
     );
     if (!rows[0]) throw new NotFoundError('token', req.tokenId);
@@ -261,7 +261,7 @@ export async function endGrace(
     req.tokenId,
     req.credentialId,
     req.actor ?? 'system',
-    KILL_CHANNEL,
+    CHANGE_CHANNEL,
   ]);
   const row = rows[0];
   if (!row) throw new NotFoundError('token', req.tokenId);

@@ -4,9 +4,9 @@
  */
 import type { Queryable } from '../db.js';
 import { InvalidInputError, NotFoundError } from '../errors.js';
-import { KILL_CHANNEL } from '../names.js';
+import { CHANGE_CHANNEL } from '../names.js';
 import { storeRefusal } from './credentials.js';
-import { routine, toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
+import { routine, toToken, tokenColumns, type TokenRecord } from './rows.js';
 
 export interface ExpiryChangeRequest {
   tokenId: string;
@@ -49,7 +49,7 @@ export async function changeExpiry(db: Queryable, req: ExpiryChangeRequest): Pro
   }
   try {
     const { rows } = await db.query(
-      `SELECT changed, previous_expires_at, ${TOKEN_COLUMNS}
+      `SELECT changed, previous_expires_at, ${tokenColumns(db.tables)}
          FROM (SELECT c.changed, c.previous_expires_at, (c.facts).*
                  FROM ${routine(db.tables, 'change_expiry')}($1, $2, $3, $4, $5, $6, $7, $8, $9) AS c) AS changed_expiry`,
       [
@@ -61,7 +61,7 @@ export async function changeExpiry(db: Queryable, req: ExpiryChangeRequest): Pro
         req.actor,
         req.reason,
         req.requestId,
-        KILL_CHANNEL,
+        CHANGE_CHANNEL,
       ],
     );
     const row = rows[0];
@@ -92,10 +92,10 @@ export async function shortenToPolicyLimit(
   req: { tokenId: string; actor: string; reason: string },
 ): Promise<ExpiryChangeResult> {
   const { rows } = await db.query(
-    `SELECT changed, previous_expires_at, ${TOKEN_COLUMNS}
+    `SELECT changed, previous_expires_at, ${tokenColumns(db.tables)}
        FROM (SELECT c.changed, c.previous_expires_at, (c.facts).*
                FROM ${routine(db.tables, 'shorten_to_policy_limit')}($1, $2, $3, $4, $5) AS c) AS shortened`,
-    [db.tables.schema, req.tokenId, req.actor, req.reason, KILL_CHANNEL],
+    [db.tables.schema, req.tokenId, req.actor, req.reason, CHANGE_CHANNEL],
   );
   const row = rows[0];
   if (!row) throw new NotFoundError('token', req.tokenId);

@@ -37,9 +37,36 @@ export interface PolicyRecord extends PolicyInput {
 const policyTable = (db: Queryable) => `${quoteIdent(db.tables.schema)}.policy`;
 
 // bigint comes back from pg as text: the durations are read as float8 (exact far beyond any lifetime).
-const POLICY_COLUMNS = `name, max_lifetime_ms::float8 AS max_lifetime_ms, idle_timeout_ms::float8 AS idle_timeout_ms,
-  rotate_every_ms::float8 AS rotate_every_ms, grace_ms::float8 AS grace_ms, warn_before_ms::float8[] AS warn_before_ms,
-  allowed_scopes, on_suspicious, owner_receiver_id, owner_dir, version, created_at, updated_at`;
+const POLICY_COLUMN_CASTS = {
+  name: '',
+  max_lifetime_ms: '::float8',
+  idle_timeout_ms: '::float8',
+  rotate_every_ms: '::float8',
+  grace_ms: '::float8',
+  warn_before_ms: '::float8[]',
+  allowed_scopes: '',
+  on_suspicious: '',
+  owner_receiver_id: '',
+  owner_dir: '',
+  version: '',
+  created_at: '',
+  updated_at: '',
+};
+const POLICY_COLUMNS = Object.entries(POLICY_COLUMN_CASTS)
+  .map(([column, cast]) => (cast ? `${column}${cast} AS ${column}` : column))
+  .join(', ');
+
+/** The columns of a value of the store's policy row type (`expr`), each named `<prefix><column>`. */
+export const policyColumnsOf = (expr: string, prefix: string): string =>
+  Object.entries(POLICY_COLUMN_CASTS)
+    .map(([column, cast]) => `(${expr}).${column}${cast} AS ${prefix}${column}`)
+    .join(', ');
+
+/** The policy read by policyColumnsOf, or undefined when the value was null (no policy). */
+export function policyFromColumns(row: Record<string, unknown>, prefix: string): PolicyRecord | undefined {
+  if (row[`${prefix}name`] === null || row[`${prefix}name`] === undefined) return undefined;
+  return toPolicy(Object.fromEntries(Object.keys(POLICY_COLUMN_CASTS).map((c) => [c, row[`${prefix}${c}`]])));
+}
 
 const nullableMs = z.number().nullable();
 const policyRow = z

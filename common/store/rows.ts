@@ -118,14 +118,14 @@ export const routine = (
     | 'shorten_to_policy_limit',
 ) => `${quoteIdent(t.schema)}.${name}`;
 
-export const TOKEN_COLUMNS = `
+/** A token row's columns as toToken reads them; `valid` is the store's token_valid, the verifier's. */
+export const tokenColumns = (t: Tables): string => `
   id, subject, name, scopes, receivers, status, propagation, issued_at, expires_at, revoked_at,
   revoked_by, revoke_reason, initiating_entity, revoke_request_id, workflow_started_at, propagation_started_at,
   propagation_completed_at, policy, suspended_at, suspended_by, suspend_reason, revoke_scheduled_at,
   revoke_scheduled_reason,
   CASE WHEN status = 'active' AND expires_at <= now() THEN 'expired' ELSE status END AS effective_status,
-  -- The store's token_valid (migrations/0015), spelled out: this list names no schema to call it by.
-  (status = 'active' AND expires_at > now() AND suspended_at IS NULL) AS valid`;
+  ${quoteIdent(t.schema)}.token_valid(status, expires_at, suspended_at) AS valid`;
 
 // Rows are parsed, not cast: a row the code does not expect (a manual edit, a schema drift) fails
 // loudly with the column named instead of travelling on as a wrong fact.

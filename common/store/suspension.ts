@@ -5,9 +5,9 @@
  */
 import type { Queryable } from '../db.js';
 import { NotFoundError } from '../errors.js';
-import { KILL_CHANNEL } from '../names.js';
+import { CHANGE_CHANNEL } from '../names.js';
 import { storeRefusal } from './credentials.js';
-import { routine, toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
+import { routine, toToken, tokenColumns, type TokenRecord } from './rows.js';
 
 export interface SuspensionResult {
   /** False when the token already was in the state asked for (a retry, or a resume of a dead token). */
@@ -16,19 +16,29 @@ export interface SuspensionResult {
 }
 
 /**
- * Suspends (`suspended: true`) or resumes a token. Throws TokenNotActiveError when suspending a dead
+ * Suspends (`suspended: true`) or resumes a token (migrations/0020). Throws TokenNotActiveError when suspending a dead
  * or expired token, NotFoundError for an unknown one.
  */
 export async function setSuspended(
   db: Queryable,
-  req: { tokenId: string; suspended: boolean; actor: string; reason: string },
+  req: {
+    tokenId: string;
+    suspended: boolean;
+    actor: string;
+    reason: string;
+    /**
+     * Makes a retry the same change (e.g. the workflow's update id): audited once, and a retry after
+     * a later resume or suspend changes nothing. Without it, a repeat of the same state changes nothing.
+     */
+    requestId?: string;
+  },
 ): Promise<SuspensionResult> {
   try {
     const { rows } = await db.query(
-      `SELECT changed, ${TOKEN_COLUMNS}
+      `SELECT changed, ${tokenColumns(db.tables)}
          FROM (SELECT s.changed, (s.facts).*
-                 FROM ${routine(db.tables, 'set_suspended')}($1, $2, $3, $4, $5, $6) AS s) AS suspended`,
-      [db.tables.schema, req.tokenId, req.suspended, req.actor, req.reason, KILL_CHANNEL],
+                 FROM ${routine(db.tables, 'set_suspended')}($1, $2, $3, $4, $5, $6, $7) AS s) AS suspended`,
+      [db.tables.schema, req.tokenId, req.suspended, req.actor, req.reason, CHANGE_CHANNEL, req.requestId ?? null],
     );
     if (!rows[0]) throw new NotFoundError('token', req.tokenId);
     return { changed: rows[0].changed === true, token: toToken(rows[0]) };
@@ -48,7 +58,7 @@ export async function setScheduledRevoke(
   const { rows } = await db.query(
     `UPDATE ${db.tables.token}
         SET revoke_scheduled_at = $2::timestamptz, revoke_scheduled_reason = CASE WHEN $2 IS NULL THEN NULL ELSE $3 END
-      WHERE id = $1 RETURNING ${TOKEN_COLUMNS}`,
+      WHERE id = $1 RETURNING ${tokenColumns(db.tables)}`,
     [req.tokenId, req.at, req.reason],
   );
   if (!rows[0]) throw new NotFoundError('token', req.tokenId);

@@ -17,7 +17,7 @@ export interface CredentialLookupRow {
   credential_id: string;
   /** The token is valid and this credential accepted: current, or previous in its grace. */
   valid: boolean;
-  /** A revoked credential, or a previous one past its grace, presented while its token is active. */
+  /** A revoked credential, or a previous one past its grace, presented while its token is active and unexpired. */
   reused: boolean;
   /** The token is revoked or expired: final, whatever its credential. */
   dead: boolean;
@@ -33,7 +33,7 @@ export const credentialLookupSql = (schema: string): string => {
   return `SELECT t.id AS token_id, t.subject, t.scopes, t.issued_at, t.expires_at, c.id AS credential_id,
                  (${q}.token_valid(t.status, t.expires_at, t.suspended_at)
                   AND ${q}.credential_accepted(c.state, c.valid_until)) AS valid,
-                 ${q}.credential_reused(t.status, c.state, c.valid_until) AS reused,
+                 ${q}.credential_reused(t.status, t.expires_at, c.state, c.valid_until) AS reused,
                  NOT ${q}.token_valid(t.status, t.expires_at, NULL) AS dead,
                  (extract(epoch FROM least(t.expires_at, CASE WHEN c.state = 'previous' THEN c.valid_until END) - now())
                    * 1000)::float8 AS remaining_ms,
