@@ -37,7 +37,7 @@ import { tokenWorkflowId } from '../common/names.js';
 import { generateTokenString, hashToken } from '../common/secrets.js';
 import { requirePolicy, tokenPolicy } from '../common/store/policies.js';
 import { requireToken } from '../common/store/tokens.js';
-import { findSecret } from '../common/secret-shapes.js';
+import { findSecret, MAX_JSON_DEPTH, nestsTooDeep } from '../common/secret-shapes.js';
 import { actorSchema, parseInput, reasonSchema, secretKind, tokenIdSchema, ttlSchema } from '../common/validation.js';
 import { causes } from './tell.js';
 
@@ -101,7 +101,9 @@ export const evidenceSchema = z.unknown().superRefine((value, ctx) => {
   }
   if (text === undefined) ctx.addIssue({ code: 'custom', message: 'expected JSON' });
   else if (Buffer.byteLength(text) > 8_192) ctx.addIssue({ code: 'custom', message: 'at most 8 KiB as JSON' });
-  else {
+  else if (nestsTooDeep(JSON.parse(text))) {
+    ctx.addIssue({ code: 'custom', message: `nested at most ${MAX_JSON_DEPTH} levels deep` });
+  } else {
     const secret = findSecret(JSON.parse(text), secretKind);
     if (secret !== undefined) {
       ctx.addIssue({

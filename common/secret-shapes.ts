@@ -38,18 +38,35 @@ export const redactedText = (text: string): string => {
  * A JSON value with every string (and object key) that looks like a secret replaced by a note:
  * for data that bypassed the library's refusal (a raw Signal) on its way to the audit trail.
  */
-export function redactSecrets(value: unknown): unknown {
+export function redactSecrets(value: unknown, depth = 0): unknown {
   if (typeof value === 'string') return redactedText(value);
-  if (Array.isArray(value)) return value.map(redactSecrets);
+  // A raw Signal can nest thousands deep in a few KiB: recursing on would overflow the stack.
+  if (depth >= MAX_JSON_DEPTH && typeof value === 'object' && value !== null) return TOO_DEEP;
+  if (Array.isArray(value)) return value.map((inner) => redactSecrets(inner, depth + 1));
   if (typeof value === 'object' && value !== null) {
     const out: Record<string, unknown> = {};
     let n = 0;
     for (const [key, inner] of Object.entries(value)) {
-      out[secretShapeKind(key) === undefined ? key : `[redacted key ${++n}]`] = redactSecrets(inner);
+      out[secretShapeKind(key) === undefined ? key : `[redacted key ${++n}]`] = redactSecrets(inner, depth + 1);
     }
     return out;
   }
   return value;
+}
+
+/** How deep evidence may nest: the library refuses deeper, a raw Signal's is cut there. */
+export const MAX_JSON_DEPTH = 32;
+const TOO_DEEP = `[cut: nested deeper than ${MAX_JSON_DEPTH} levels]`;
+
+/** Whether a JSON value nests deeper than MAX_JSON_DEPTH arrays or objects (iterative: any depth is safe). */
+export function nestsTooDeep(value: unknown): boolean {
+  const stack: Array<{ value: unknown; depth: number }> = [{ value, depth: 0 }];
+  for (let next = stack.pop(); next !== undefined; next = stack.pop()) {
+    if (typeof next.value !== 'object' || next.value === null) continue;
+    if (next.depth >= MAX_JSON_DEPTH) return true;
+    for (const inner of Object.values(next.value)) stack.push({ value: inner, depth: next.depth + 1 });
+  }
+  return false;
 }
 
 /**
