@@ -24,6 +24,8 @@ import {
   type PolicyRecord,
   type PolicyToken,
 } from '../common/store/policies.js';
+import { loadReceiverSecret } from '../common/store/receivers.js';
+import { ownerDirProblem } from '../common/owner-dir.js';
 import { parseInput, parsePolicyName, receiverIdSchema, ttlSchema, UNPRINTABLE } from '../common/validation.js';
 import { graceSchema } from './self-managing.js';
 import { GIVE_UP_AFTER, NOT_RUNNING, tellPaced, type TellProgress } from './tell.js';
@@ -149,12 +151,22 @@ export interface PolicyDeps {
   pool: StorePool;
   temporal: Client;
   maxTtlMs: number;
+  /** TOKENWARDEN_OWNER_DIR_ROOT: every ownerDir lies inside it; unset, ownerDir is refused. */
+  ownerDirRoot?: string;
 }
 
 /** Writes the whole policy (fields not given take their defaults) and adds one to its version. */
 export async function setPolicy(deps: PolicyDeps, name: string, fields: PolicyFields): Promise<PolicyRecord> {
   const policyName = parsePolicyName(name);
   const p = parseInput(policyFieldsSchema(deps.maxTtlMs), fields, `policy ${policyName}`);
+  const refuse = (path: string, message: string) =>
+    new InvalidInputError(`invalid policy ${policyName}: ${path}: ${message}`, [{ path, message }]);
+  const dirProblem = p.ownerDir === undefined ? undefined : ownerDirProblem(deps.ownerDirRoot, p.ownerDir);
+  if (dirProblem !== undefined) throw refuse('ownerDir', dirProblem);
+  // The row of a removed receiver stays (its deliveries refer to it): the key alone does not refuse it.
+  if (p.ownerReceiver !== undefined && (await loadReceiverSecret(deps.pool, p.ownerReceiver))?.receiver.removedAt) {
+    throw refuse('ownerReceiver', `receiver ${p.ownerReceiver} was removed`);
+  }
   try {
     return await upsertPolicy(deps.pool, {
       name: policyName,

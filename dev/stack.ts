@@ -105,6 +105,8 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
     const loaded = loadSettings({
       // Receivers on this machine (the walkthrough's) are the point of a dev stack.
       TOKENWARDEN_RECEIVER_ALLOW: 'loopback',
+      // Policies' owner folders (rotated secrets, warnings) lie in the stack's data folder.
+      TOKENWARDEN_OWNER_DIR_ROOT: path.join(dataDir, 'owner'),
       ...process.env,
       TOKENWARDEN_DATA_DIR: dataDir,
       DATABASE_URL: databaseUrl,
