@@ -492,6 +492,8 @@ export function buildProgram(): Command {
         ...(stack.receiverAllow?.length
           ? [shellLine('TOKENWARDEN_RECEIVER_ALLOW', stack.receiverAllow.join(','))]
           : []),
+        // Without it a separate worker would refuse the policies' owner folders.
+        ...(stack.ownerDirRoot ? [shellLine('TOKENWARDEN_OWNER_DIR_ROOT', stack.ownerDirRoot)] : []),
         // The key stays in its file: a path in the environment, never the key itself.
         stack.masterKeyFile
           ? shellLine('TOKENWARDEN_MASTER_KEY_FILE', stack.masterKeyFile)

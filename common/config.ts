@@ -129,6 +129,8 @@ export interface StackFile {
   receiverAllow?: ReceiverAllowance[];
   /** The stack's HTTP API, e.g. http://127.0.0.1:8380. */
   api?: string;
+  /** The root of policies' owner folders the stack uses; clients of its store apply it too. */
+  ownerDirRoot?: string;
 }
 
 const duration = (name: string, fallback: string) =>
@@ -434,7 +436,7 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
     ...(e.TOKENWARDEN_OWNER_DIR_ROOT
       ? { ownerDirRoot: path.resolve(e.TOKENWARDEN_OWNER_DIR_ROOT) }
       : stack && databaseUrl === stack.databaseUrl
-        ? { ownerDirRoot: path.join(dataDir, 'owner') }
+        ? { ownerDirRoot: stack.ownerDirRoot ?? path.join(dataDir, 'owner') }
         : {}),
     ...(e.TOKENWARDEN_METRICS_ADDRESS ? { metricsAddress: e.TOKENWARDEN_METRICS_ADDRESS } : {}),
     worker,

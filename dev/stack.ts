@@ -135,6 +135,7 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
       pid: process.pid,
       receiverAllow: settings.receiverAllow,
       api: api.url,
+      ...(settings.ownerDirRoot ? { ownerDirRoot: settings.ownerDirRoot } : {}),
     };
     // The URL carries the database password.
     await writeFile(stackFile, `${JSON.stringify(stack, null, 2)}\n`, { mode: 0o600 });

@@ -106,7 +106,8 @@ describe('owner folder', () => {
   it('should refuse every owner folder when no root is configured', async () => {
     const deps = { pool: ctx.pool, temporal: ctx.client, maxTtlMs: ctx.settings.maxTtlMs };
     await refused(setPolicy(deps, 'no-root', { ownerDir: path.join(root, 'x') }), 'ownerDir', /owner folders are off/);
-    const { TOKENWARDEN_OWNER_DIR_ROOT: _unset, ...env } = ctx.childEnv();
+    const env = ctx.childEnv();
+    delete env.TOKENWARDEN_OWNER_DIR_ROOT;
     const cli = await runCli(['policy', 'set', 'no-root', '--owner-dir', path.join(root, 'x')], env);
     assert.equal(cli.code, 2, cli.stderr);
     assert.match(cli.stderr, /--owner-dir: owner folders are off: set TOKENWARDEN_OWNER_DIR_ROOT/);

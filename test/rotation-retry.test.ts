@@ -35,6 +35,7 @@ const activities = () =>
     keyring: new MasterKeyring(ctx.settings.masterKey),
     receiverAllow: ctx.settings.receiverAllow,
     agents: createReceiverAgents(),
+    ownerDirRoot: ctx.settings.ownerDirRoot!,
     defaultGraceMs: 60_000,
     maxTtlMs: ctx.settings.maxTtlMs,
   });
