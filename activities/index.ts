@@ -21,7 +21,7 @@ export interface ActivityDeps {
     Settings,
     'masterKey' | 'previousMasterKeys' | 'receiverAllow' | 'timing' | 'reconcileGraceMs' | 'temporal' | 'defaultGraceMs'
   > &
-    Partial<Pick<Settings, 'maxTtlMs'>>;
+    Partial<Pick<Settings, 'maxTtlMs' | 'ownerDirRoot'>>;
 }
 
 export function createActivities(deps: ActivityDeps) {
@@ -102,6 +102,7 @@ export function createActivities(deps: ActivityDeps) {
       keyring,
       receiverAllow: settings.receiverAllow,
       agents,
+      ...(settings.ownerDirRoot !== undefined ? { ownerDirRoot: settings.ownerDirRoot } : {}),
       defaultGraceMs: settings.defaultGraceMs ?? DEFAULT_GRACE_MS,
       maxTtlMs: settings.maxTtlMs ?? DEFAULT_MAX_TTL_MS,
     }),

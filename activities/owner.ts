@@ -5,11 +5,12 @@
  * atomically. The message id is deterministic, so a retried send is one message for the owner.
  */
 import { randomBytes } from 'node:crypto';
-import { chmod, mkdir, open, rename, stat, unlink } from 'node:fs/promises';
+import { chmod, mkdir, open, realpath, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { ApplicationFailure } from '@temporalio/activity';
 import { checkReceiverUrl, resolveReceiver, type ReceiverAllowance } from '../common/addresses.js';
 import type { StorePool } from '../common/db.js';
+import { isInsideRoot, ownerDirProblem } from '../common/owner-dir.js';
 import { signWebhook, type MasterKeyring } from '../common/secrets.js';
 import { loadReceiverSecret } from '../common/store/index.js';
 import { isRetryableStatus, networkErrorCode, send, type ReceiverAgents } from './propagation.js';
@@ -22,6 +23,8 @@ export interface OwnerDeps {
   keyring: MasterKeyring;
   receiverAllow: readonly ReceiverAllowance[];
   agents: ReceiverAgents;
+  /** TOKENWARDEN_OWNER_DIR_ROOT: owner folders outside it (or any, when unset) are refused. */
+  ownerDirRoot?: string;
 }
 
 /** The failure type when a policy names no owner destination (the workflow does not retry it). */
@@ -43,6 +46,14 @@ export async function sendToOwner(
   message: { tokenId: string; messageId: string; body: string },
 ): Promise<{ delivered: string }> {
   if (destination.kind === 'dir') {
+    // Checked here too: a policy row may predate the root or come from another process's settings.
+    const problem = ownerDirProblem(deps.ownerDirRoot, destination.dir);
+    if (problem !== undefined) throw ApplicationFailure.nonRetryable(`owner_dir ${problem}`, 'OwnerRefused');
+    await mkdir(destination.dir, { recursive: true, mode: 0o700 });
+    // A symbolic link inside the root must not lead the secret out of it.
+    if (!isInsideRoot(await realpath(deps.ownerDirRoot!), await realpath(destination.dir))) {
+      throw ApplicationFailure.nonRetryable(`owner_dir leads outside ${deps.ownerDirRoot}`, 'OwnerRefused');
+    }
     const file = await writeOwnerFile(
       destination.dir,
       `${safeName(message.tokenId)}.${safeName(message.messageId)}.json`,

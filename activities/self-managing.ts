@@ -175,13 +175,18 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       // means this rotation completed before its result was recorded.
       const earlier = await store.discardPendingCredential(pool, input.tokenId, input.rotationId);
       if (earlier && earlier.state !== 'pending') {
-        const previous = (await store.listCredentials(pool, input.tokenId)).find((c) => c.state === 'previous');
-        return {
-          credentialId: earlier.id,
-          previousCredentialId: previous?.id ?? null,
-          previousValidUntil: previous?.validUntil ?? null,
-          revoked: [],
-        };
+        // The promotion's recorded facts (the superseded credential's event too) answer as the first
+        // attempt did; the grace is not used again.
+        const promoted = await refusals(() =>
+          store.promoteCredential(pool, {
+            tokenId: input.tokenId,
+            credentialId: earlier.id,
+            graceMs: 0,
+            actor: 'system:rotation',
+            reason: input.why,
+          }),
+        );
+        return outcomeOf(promoted);
       }
       const destination = await ownerDestinationOf(pool, input.tokenId);
       if (!destination) {

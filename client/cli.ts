@@ -4,7 +4,7 @@ import path from 'node:path';
 import { Command, CommanderError, Option } from 'commander';
 import { loadApiSettings, loadSettings, loadStoreSettings, PACKAGE_ROOT, readStackFile } from '../common/config.js';
 import { migrate } from '../common/db.js';
-import { ConfigError, InvalidInputError, NotFoundError } from '../common/errors.js';
+import { ConfigError, InvalidInputError, NotFoundError, PolicyApplyInProgressError } from '../common/errors.js';
 import { UNPRINTABLE } from '../common/validation.js';
 import type { PolicyRecord, TokenWarden } from './index.js';
 import { formatDuration } from '../common/durations.js';
@@ -492,6 +492,8 @@ export function buildProgram(): Command {
         ...(stack.receiverAllow?.length
           ? [shellLine('TOKENWARDEN_RECEIVER_ALLOW', stack.receiverAllow.join(','))]
           : []),
+        // Without it a separate worker would refuse the policies' owner folders.
+        ...(stack.ownerDirRoot ? [shellLine('TOKENWARDEN_OWNER_DIR_ROOT', stack.ownerDirRoot)] : []),
         // The key stays in its file: a path in the environment, never the key itself.
         stack.masterKeyFile
           ? shellLine('TOKENWARDEN_MASTER_KEY_FILE', stack.masterKeyFile)
@@ -1232,7 +1234,11 @@ export async function main(argv: string[]): Promise<void> {
           ? EXIT.notFound
           : EXIT.failure;
     const message = err instanceof Error ? err.message : String(err);
-    const known = err instanceof InvalidInputError || err instanceof NotFoundError || err instanceof ConfigError;
+    const known =
+      err instanceof InvalidInputError ||
+      err instanceof NotFoundError ||
+      err instanceof ConfigError ||
+      err instanceof PolicyApplyInProgressError;
     process.stderr.write(`tokenwarden: ${printable(message)}\n`);
     if (!known && process.env.TOKENWARDEN_DEBUG) console.error(err);
     process.exitCode = code;

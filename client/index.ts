@@ -594,7 +594,12 @@ export class TokenWarden extends TokenWardenStore {
   // ------------------------------------------------ self-managing tokens (client/self-managing.ts, client/policies.ts)
 
   private get selfManagingDeps(): SelfManagingDeps & PolicyDeps {
-    return { pool: this.pool, temporal: this.temporal, maxTtlMs: this.settings.maxTtlMs };
+    return {
+      pool: this.pool,
+      temporal: this.temporal,
+      maxTtlMs: this.settings.maxTtlMs,
+      ...(this.settings.ownerDirRoot !== undefined ? { ownerDirRoot: this.settings.ownerDirRoot } : {}),
+    };
   }
 
   /**

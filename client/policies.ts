@@ -8,9 +8,9 @@
 import { randomUUID } from 'node:crypto';
 import { WorkflowNotFoundError, type Client } from '@temporalio/client';
 import { z } from 'zod';
-import type { StorePool } from '../common/db.js';
+import { checkout, type StoreClient, type StorePool } from '../common/db.js';
 import { formatDuration } from '../common/durations.js';
-import { InvalidInputError } from '../common/errors.js';
+import { InvalidInputError, PolicyApplyInProgressError } from '../common/errors.js';
 import { policyChangedSignal, type PolicyChangedSignal } from '../common/messages.js';
 import { SUSPICIOUS_ACTIONS, tokenWorkflowId } from '../common/names.js';
 import { evaluatePolicy } from '../common/policy.js';
@@ -24,6 +24,8 @@ import {
   type PolicyRecord,
   type PolicyToken,
 } from '../common/store/policies.js';
+import { loadReceiverSecret } from '../common/store/receivers.js';
+import { ownerDirProblem } from '../common/owner-dir.js';
 import { parseInput, parsePolicyName, receiverIdSchema, ttlSchema, UNPRINTABLE } from '../common/validation.js';
 import { graceSchema } from './self-managing.js';
 import { GIVE_UP_AFTER, NOT_RUNNING, tellPaced, type TellProgress } from './tell.js';
@@ -149,12 +151,22 @@ export interface PolicyDeps {
   pool: StorePool;
   temporal: Client;
   maxTtlMs: number;
+  /** TOKENWARDEN_OWNER_DIR_ROOT: every ownerDir lies inside it; unset, ownerDir is refused. */
+  ownerDirRoot?: string;
 }
 
 /** Writes the whole policy (fields not given take their defaults) and adds one to its version. */
 export async function setPolicy(deps: PolicyDeps, name: string, fields: PolicyFields): Promise<PolicyRecord> {
   const policyName = parsePolicyName(name);
   const p = parseInput(policyFieldsSchema(deps.maxTtlMs), fields, `policy ${policyName}`);
+  const refuse = (path: string, message: string) =>
+    new InvalidInputError(`invalid policy ${policyName}: ${path}: ${message}`, [{ path, message }]);
+  const dirProblem = p.ownerDir === undefined ? undefined : ownerDirProblem(deps.ownerDirRoot, p.ownerDir);
+  if (dirProblem !== undefined) throw refuse('ownerDir', dirProblem);
+  // The row of a removed receiver stays (its deliveries refer to it): the key alone does not refuse it.
+  if (p.ownerReceiver !== undefined && (await loadReceiverSecret(deps.pool, p.ownerReceiver))?.receiver.removedAt) {
+    throw refuse('ownerReceiver', `receiver ${p.ownerReceiver} was removed`);
+  }
   try {
     return await upsertPolicy(deps.pool, {
       name: policyName,
@@ -206,7 +218,8 @@ const finding = (token: PolicyToken, policy: PolicyRecord, nowMs: number): Polic
  * Dry run: what the policy does to each live token of it now. Apply: tells every live token's
  * workflow not yet told of the policy's current version, paced; each workflow re-reads the policy,
  * recomputes its deadlines and applies the same verdict (shorten, or revoke with reason `policy`
- * or `inactive`). Running it again after an abort or a failure tells only the rest.
+ * or `inactive`). Running it again after an abort or a failure tells only the rest. One apply of
+ * a policy runs at a time, across processes: another throws PolicyApplyInProgressError.
  */
 export async function applyPolicy(
   deps: PolicyDeps,
@@ -246,6 +259,40 @@ export async function applyPolicy(
     return report;
   }
 
+  const lock = await checkout(deps.pool);
+  try {
+    await lock.query('BEGIN');
+    if (!(await tryPolicyApplyLock(lock, policy.name))) throw new PolicyApplyInProgressError(policy.name);
+    return await tellPolicyTokens(deps, policy, req, signal, onProgress);
+  } finally {
+    // Ends the transaction, and with it the lock; a broken connection is discarded, not reused.
+    await lock.query('ROLLBACK').then(
+      () => lock.release(),
+      (err: Error) => lock.release(err),
+    );
+  }
+}
+
+/**
+ * Takes the lock of `policy`'s apply for the transaction open on `client`, or answers false when
+ * another session holds it. Transaction-level, so it stays on one server connection behind a
+ * transaction-mode pooler (PgBouncer) and goes with the transaction, whatever ends it.
+ */
+export async function tryPolicyApplyLock(client: StoreClient, policy: string): Promise<boolean> {
+  const { rows } = await client.query<{ locked: boolean }>(
+    `SELECT pg_try_advisory_xact_lock(hashtext('tokenwarden.policy-apply:' || $1), hashtext($2)) AS locked`,
+    [client.tables.schema, policy],
+  );
+  return rows[0]!.locked;
+}
+
+async function tellPolicyTokens(
+  deps: PolicyDeps,
+  policy: PolicyRecord,
+  req: z.output<typeof applySchema>,
+  signal: AbortSignal | undefined,
+  onProgress: ApplyPolicyOptions['onProgress'],
+): Promise<PolicyApplyReport> {
   const operationId = randomUUID();
   const payload: PolicyChangedSignal = { policy: policy.name, operationId };
   const tell = async (token: PolicyToken) => {

@@ -50,20 +50,6 @@ export function causes(err: unknown): string {
   return messages.join(': ') || String(err);
 }
 
-/** Waits `ms`, or less when `signal` aborts meanwhile (an abort at a low rate is heard at once). */
-function sleepUnlessAborted(ms: number, signal: AbortSignal | undefined): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal?.aborted) return resolve();
-    const done = () => {
-      clearTimeout(timer);
-      signal?.removeEventListener('abort', done);
-      resolve();
-    };
-    const timer = setTimeout(done, ms);
-    signal?.addEventListener('abort', done, { once: true });
-  });
-}
-
 /**
  * Tells each token's workflow with `tell`, paced by start time (the n-th call goes out no earlier
  * than n / rate after the first) and at most `concurrency` at once.
@@ -75,6 +61,23 @@ export async function tellPaced<T extends Pick<TokenRecord, 'id'>>(
   opts: { onProgress?: (progress: TellProgress) => void; signal?: AbortSignal },
 ): Promise<TellOutcome> {
   const abort = opts.signal;
+  // One abort listener for the whole loop, not one per sleeping worker: `concurrency` of them on
+  // one signal pass Node's limit of 10 (MaxListenersExceededWarning, a leak as far as it can tell).
+  const sleepers = new Set<() => void>();
+  const wakeAll = () => [...sleepers].forEach((wake) => wake());
+  abort?.addEventListener('abort', wakeAll, { once: true });
+  /** Waits `ms`, or less when the abort comes meanwhile (an abort at a low rate is heard at once). */
+  const sleepUnlessAborted = (ms: number) =>
+    new Promise<void>((resolve) => {
+      if (abort?.aborted) return resolve();
+      const wake = () => {
+        clearTimeout(timer);
+        sleepers.delete(wake);
+        resolve();
+      };
+      const timer = setTimeout(wake, ms);
+      sleepers.add(wake);
+    });
   const notSignalled: string[] = [];
   const notRunning: string[] = [];
   const firstFailures: string[] = [];
@@ -93,7 +96,7 @@ export async function tellPaced<T extends Pick<TokenRecord, 'id'>>(
       const token = tokens[next++]!;
       const wait = slot - Date.now();
       slot = Math.max(slot, Date.now()) + spacingMs;
-      if (wait > 0) await sleepUnlessAborted(wait, abort);
+      if (wait > 0) await sleepUnlessAborted(wait);
       if (abort?.aborted || givenUp()) {
         notSignalled.push(token.id);
         skipped++;
@@ -113,7 +116,11 @@ export async function tellPaced<T extends Pick<TokenRecord, 'id'>>(
       report();
     }
   };
-  await Promise.all(Array.from({ length: Math.min(pace.concurrency, tokens.length) }, worker));
+  try {
+    await Promise.all(Array.from({ length: Math.min(pace.concurrency, tokens.length) }, worker));
+  } finally {
+    abort?.removeEventListener('abort', wakeAll);
+  }
   const untouched = tokens.slice(next).map((t) => t.id);
   notSignalled.push(...untouched);
   const aborted = abort?.aborted === true && skipped + untouched.length > 0;

@@ -36,3 +36,13 @@ export class TokenNotActiveError extends Error {
     super(message);
   }
 }
+
+/** An apply of the same policy is running (in this or another process): one at a time, so the namespace sees one rate. */
+export class PolicyApplyInProgressError extends Error {
+  override readonly name = 'PolicyApplyInProgressError';
+  constructor(readonly policy: string) {
+    super(
+      `policy ${policy}: another apply of this policy is running; wait for it to finish (or stop it), then run apply again to tell the rest`,
+    );
+  }
+}

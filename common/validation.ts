@@ -73,6 +73,7 @@ export const FIELD_PURPOSE = {
   subject: 'a subject is an opaque user or service id',
   name: 'a name is a label people read, sent in plaintext to receivers',
   reason: 'a reason is kept in plaintext (workflow history, audit trail, receivers)',
+  actor: 'an actor names who acted, kept in plaintext (workflow history, audit trail, receivers)',
 } as const;
 
 /** Refuses a value holding a secret, saying what the field is for instead of echoing it. */
@@ -129,7 +130,7 @@ const freeText = (max: number, empty: string) =>
 
 export const reasonSchema = freeText(500, 'a reason is required').superRefine(noSecret(FIELD_PURPOSE.reason));
 
-export const actorSchema = freeText(200, 'expected a non-empty actor');
+export const actorSchema = freeText(200, 'expected a non-empty actor').superRefine(noSecret(FIELD_PURPOSE.actor));
 
 export const nameSchema = freeText(200, 'expected a non-empty name').superRefine(noSecret(FIELD_PURPOSE.name));
 

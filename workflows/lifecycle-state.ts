@@ -61,13 +61,19 @@ export type ParsedRevoke = RevokeRequest & {
  */
 export function parseRevokeSignal(payload: unknown): ParsedRevoke {
   const p = (typeof payload === 'object' && payload !== null ? payload : {}) as Record<string, unknown>;
-  const reason = text(p.reason, 500);
-  const actor = text(p.actor, 200);
+  // A Signal bypasses the library's refusal of secrets: a secret-shaped text is recorded (kill,
+  // audit, receivers' events) as a note of what it looked like, never as itself.
+  const secretFree = (value: string | undefined) => (value === undefined ? undefined : redactedText(value));
+  const reason = secretFree(text(p.reason, 500));
+  const actor = secretFree(text(p.actor, 200));
   const entity = INITIATING_ENTITIES.includes(p.initiatingEntity as InitiatingEntity)
     ? (p.initiatingEntity as InitiatingEntity)
     : undefined;
-  const correlationId = text(p.correlationId, 200);
-  const requestId = text(p.requestId, 100);
+  const correlationId = secretFree(text(p.correlationId, 200));
+  // Matched as given (the caller's own kill): a secret-shaped id is dropped, not redacted.
+  const givenRequestId = text(p.requestId, 100);
+  const requestId =
+    givenRequestId !== undefined && secretShapeKind(givenRequestId) === undefined ? givenRequestId : undefined;
   return {
     reason: reason ?? 'unspecified',
     actor: actor ?? 'unknown (via Temporal signal)',
@@ -94,6 +100,21 @@ export function validateOperatorRequest(request: unknown): asserts request is Op
   if (r.actor !== undefined && text(r.actor, 200) === undefined) {
     throw ApplicationFailure.nonRetryable('actor: expected a non-empty string', INVALID_OPERATOR_REQUEST);
   }
+  for (const field of ['reason', 'actor'] as const) {
+    const problem = secretInText(r[field], field);
+    if (problem) throw ApplicationFailure.nonRetryable(problem, INVALID_OPERATOR_REQUEST);
+  }
+}
+
+/**
+ * A refusal when a text field looks like a secret: an Update refused by its validator is not
+ * written to history, so the secret reaches neither history, activities nor the audit trail.
+ */
+function secretInText(value: unknown, field: string): string | undefined {
+  const kind = typeof value === 'string' ? secretShapeKind(value) : undefined;
+  return kind === undefined
+    ? undefined
+    : `${field}: looks like a secret (${kind}); it would be kept in plaintext (history, audit trail): leave the secret out`;
 }
 
 /** Milliseconds until `deadlineIso` at workflow time `nowMs`; ≤ 0 when due. */
@@ -499,10 +520,14 @@ const record = (request: unknown): Record<string, unknown> => {
 
 const optionalText = (r: Record<string, unknown>, field: string, max: number): void => {
   if (r[field] !== undefined && text(r[field], max) === undefined) refuse(`${field}: expected a non-empty string`);
+  const secret = secretInText(r[field], field);
+  if (secret) refuse(secret);
 };
 
 const requiredText = (r: Record<string, unknown>, field: string, max: number): void => {
   if (text(r[field], max) === undefined) refuse(`${field}: a non-empty ${field} is required`);
+  const secret = secretInText(r[field], field);
+  if (secret) refuse(secret);
 };
 
 const CREDENTIAL_ID = /^cred_[A-Za-z0-9_-]{8,64}$/;

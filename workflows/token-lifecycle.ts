@@ -688,7 +688,8 @@ class TokenLifecycle {
     const report = parseSuspiciousReport(payload);
     if (this.activeRefusal()) return;
     const n = this.alive.suspiciousReported();
-    const rotate = this.alive.policy?.onSuspicious === 'rotate' && this.alive.policy.hasOwnerDestination;
+    const wantsRotate = this.alive.policy?.onSuspicious === 'rotate';
+    const rotate = wantsRotate && this.alive.policy!.hasOwnerDestination;
     await selfManaging.recordAudit.executeWithOptions({ summary: 'audit: suspicious activity reported' }, [
       {
         tokenId: this.input.tokenId,
@@ -700,6 +701,10 @@ class TokenLifecycle {
           evidence: report.evidence,
           malformed: report.malformed,
           action: rotate ? 'rotate' : 'revoke',
+          // The new secret would have nowhere to go: revoking is the safe answer, said in the audit.
+          ...(wantsRotate && !rotate
+            ? { actionNote: 'the policy says rotate but names no owner destination for a new secret: revoked instead' }
+            : {}),
         },
       },
     ]);

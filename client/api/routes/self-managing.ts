@@ -3,6 +3,7 @@
  * cancel a revocation, move the expiry; named policies (set, show, apply). Admin scope. Each route
  * calls the library; its refusals are field-level problems, an unreachable workflow a 503.
  */
+import type { ServerResponse } from 'node:http';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import { SUSPICIOUS_ACTIONS } from '../../../common/names.js';
@@ -57,6 +58,10 @@ async function orUnavailable<T>(request: FastifyRequest, reply: FastifyReply, fn
 }
 
 export async function selfManagingRoutes(app: ApiInstance, warden: TokenWarden): Promise<void> {
+  // Applies in flight stop when the server closes: close() would otherwise wait for every one.
+  const applies = new Set<AbortController>();
+  app.addHook('preClose', async () => applies.forEach((apply) => apply.abort()));
+
   app.post(
     '/v1/tokens/:id/rotate',
     {
@@ -269,15 +274,38 @@ export async function selfManagingRoutes(app: ApiInstance, warden: TokenWarden):
             rate: z.number().positive().max(10_000).optional(),
           })
           .default({ dryRun: false }),
-        response: { 200: z.looseObject({ policy: z.string(), version: z.number(), dryRun: z.boolean() }), ...errors },
+        response: {
+          200: z.looseObject({ policy: z.string(), version: z.number(), dryRun: z.boolean() }),
+          ...errors,
+          409: problemSchema.describe('another apply of this policy is running'),
+        },
       },
     },
-    async (request) => {
+    async (request, reply) => {
       const { dryRun, rate } = request.body;
-      // Paced by `rate`; a call cut short (the client gone, the server stopping) resumes on the next.
-      return {
-        ...(await warden.applyPolicy(request.params.name, { dryRun, ...(rate !== undefined ? { rate } : {}) })),
+      // Paced by `rate`; a call cut short (the client gone, the server stopping) stops telling
+      // workflows, and the next call resumes with the tokens not told.
+      const stop = new AbortController();
+      // ApiInstance leaves the raw types open (never); the server is node:http's.
+      const response = reply.raw as unknown as ServerResponse;
+      // The response closed before it was ended: the connection went away under it.
+      const clientGone = () => {
+        if (!response.writableEnded) stop.abort();
       };
+      response.once('close', clientGone);
+      applies.add(stop);
+      try {
+        return {
+          ...(await warden.applyPolicy(request.params.name, {
+            dryRun,
+            ...(rate !== undefined ? { rate } : {}),
+            signal: stop.signal,
+          })),
+        };
+      } finally {
+        applies.delete(stop);
+        response.off('close', clientGone);
+      }
     },
   );
 }
