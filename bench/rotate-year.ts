@@ -14,6 +14,7 @@ import { tokenWorkflowId } from '../common/names.js';
 import { addActions, cloudActions, countHistory, type CloudActions, type History } from './histories.js';
 import { BILLING_RULES_URL } from './scale-actions.js';
 import { addReceiver, round, within, type Rig } from './scale-rig.js';
+import { epochMs } from './timeline.js';
 
 export interface YearOptions {
   dayMs: number;
@@ -90,7 +91,35 @@ async function useDaily(rig: Rig, verifier: Verifier, owner: OwnerSecrets, dayMs
   return { uses, refused };
 }
 
-function sumCounts(histories: History[]) {
+/** The median of a month's run: started and ended by continue-as-new, holding exactly one rotation. */
+function monthRun(histories: History[]) {
+  const months = histories
+    .slice(1, -1)
+    .map((h) => countHistory(h))
+    .filter((c) => c.activities.byType.rotateAutomatically?.attempts === 1);
+  const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)] ?? 0;
+  return {
+    runs: months.length,
+    historyEvents: median(months.map((c) => c.events)),
+    actions: median(months.map((c) => cloudActions(c).total)),
+  };
+}
+
+/** When each automatic rotation was scheduled, in (scaled) days since the token's workflow started. */
+function rotationDays(histories: History[], dayMs: number): number[] {
+  const started = epochMs(histories[0]?.events?.[0]?.eventTime);
+  const days: number[] = [];
+  for (const history of histories) {
+    for (const event of history.events ?? []) {
+      if (event.activityTaskScheduledEventAttributes?.activityType?.name === 'rotateAutomatically') {
+        days.push(round((epochMs(event.eventTime) - started) / dayMs, 1));
+      }
+    }
+  }
+  return days;
+}
+
+function sumCounts(histories: History[], dayMs: number) {
   const perRun = histories.map((h) => countHistory(h));
   const byType: Record<string, number> = {};
   const markers: Record<string, number> = {};
@@ -106,7 +135,10 @@ function sumCounts(histories: History[]) {
     activityAttemptsByType: byType,
     markersByName: markers,
     timers: perRun.reduce((n, c) => n + c.timers, 0),
+    workflowTasksTimedOutOrFailed: perRun.reduce((n, c) => n + c.workflowTasks.timedOut + c.workflowTasks.failed, 0),
     actions,
+    month: monthRun(histories),
+    rotationDays: rotationDays(histories, dayMs),
   };
 }
 
@@ -193,7 +225,7 @@ export async function yearSection(rig: Rig, opts: YearOptions, settle: () => Pro
       }
       const daily = await use;
       const histories = await chainHistories(rig, workflowId, firstRunId);
-      return { tokenId: issued.tokenId, daily, ...sumCounts(histories) };
+      return { tokenId: issued.tokenId, daily, ...sumCounts(histories, day) };
     }),
   );
 
@@ -207,13 +239,18 @@ export async function yearSection(rig: Rig, opts: YearOptions, settle: () => Pro
     activityAttemptsByType: y.activityAttemptsByType,
     markersByName: y.markersByName,
     timers: y.timers,
+    workflowTasksTimedOutOrFailed: y.workflowTasksTimedOutOrFailed,
     rotations: y.activityAttemptsByType.rotateAutomatically ?? 0,
     warnings: y.activityAttemptsByType.sendWarning ?? 0,
     lastUseReads: y.activityAttemptsByType.readLastUse ?? 0,
+    rotationDays: y.rotationDays,
+    monthRun: y.month,
     dailyUses: y.daily.uses,
     usesRefused: y.daily.refused,
   }));
   const expected = { rotations: Math.floor((DAYS_PER_YEAR - 1) / ROTATE_EVERY_DAYS), warnings: WARN_DAYS.length };
+  // Rotations lost to scaled time's drift are added at the measured cost of a month's run.
+  const missing = (t: (typeof perToken)[number]) => Math.max(0, expected.rotations - t.rotations);
   const mean = (f: (t: (typeof perToken)[number]) => number) =>
     round(perToken.reduce((n, t) => n + f(t), 0) / perToken.length, 1);
   return {
@@ -239,6 +276,11 @@ export async function yearSection(rig: Rig, opts: YearOptions, settle: () => Pro
       rotations: mean((t) => t.rotations),
       warnings: mean((t) => t.warnings),
       lastUseReads: mean((t) => t.lastUseReads),
+    },
+    perTokenYearWithAllRotations: {
+      how: `the measured year plus, for each rotation short of ${expected.rotations}, the median run of one month (started and ended by continue-as-new, one rotation) of the same token`,
+      historyEvents: mean((t) => t.historyEvents + missing(t) * t.monthRun.historyEvents),
+      actions: mean((t) => t.actions + missing(t) * t.monthRun.actions),
     },
   };
 }
