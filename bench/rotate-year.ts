@@ -105,18 +105,26 @@ function monthRun(histories: History[]) {
   };
 }
 
-/** When each automatic rotation was scheduled, in (scaled) days since the token's workflow started. */
-function rotationDays(histories: History[], dayMs: number): number[] {
+/**
+ * Each automatic rotation: when it was scheduled, in (scaled) days since the token's workflow
+ * started, and whether it completed (the store refuses one of a token already expired).
+ */
+function rotationsOf(histories: History[], dayMs: number) {
   const started = epochMs(histories[0]?.events?.[0]?.eventTime);
   const days: number[] = [];
+  let completed = 0;
   for (const history of histories) {
+    const rotationIds = new Set<string>();
     for (const event of history.events ?? []) {
       if (event.activityTaskScheduledEventAttributes?.activityType?.name === 'rotateAutomatically') {
+        rotationIds.add(String(event.eventId));
         days.push(round((epochMs(event.eventTime) - started) / dayMs, 1));
       }
+      const done = event.activityTaskCompletedEventAttributes;
+      if (done && rotationIds.has(String(done.scheduledEventId))) completed++;
     }
   }
-  return days;
+  return { scheduledOnDay: days, completed };
 }
 
 function sumCounts(histories: History[], dayMs: number) {
@@ -138,7 +146,7 @@ function sumCounts(histories: History[], dayMs: number) {
     workflowTasksTimedOutOrFailed: perRun.reduce((n, c) => n + c.workflowTasks.timedOut + c.workflowTasks.failed, 0),
     actions,
     month: monthRun(histories),
-    rotationDays: rotationDays(histories, dayMs),
+    rotation: rotationsOf(histories, dayMs),
   };
 }
 
@@ -225,7 +233,9 @@ export async function yearSection(rig: Rig, opts: YearOptions, settle: () => Pro
       }
       const daily = await use;
       const histories = await chainHistories(rig, workflowId, firstRunId);
-      return { tokenId: issued.tokenId, daily, ...sumCounts(histories, day) };
+      const startedMs = epochMs(histories[0]?.events?.[0]?.eventTime);
+      const expiryDay = round((expiresAtMs - startedMs) / day, 1);
+      return { tokenId: issued.tokenId, daily, expiryDay, ...sumCounts(histories, day) };
     }),
   );
 
@@ -240,10 +250,12 @@ export async function yearSection(rig: Rig, opts: YearOptions, settle: () => Pro
     markersByName: y.markersByName,
     timers: y.timers,
     workflowTasksTimedOutOrFailed: y.workflowTasksTimedOutOrFailed,
-    rotations: y.activityAttemptsByType.rotateAutomatically ?? 0,
+    rotations: y.rotation.completed,
+    rotationAttempts: y.activityAttemptsByType.rotateAutomatically ?? 0,
     warnings: y.activityAttemptsByType.sendWarning ?? 0,
     lastUseReads: y.activityAttemptsByType.readLastUse ?? 0,
-    rotationDays: y.rotationDays,
+    rotationDays: y.rotation.scheduledOnDay,
+    expiryDay: y.expiryDay,
     monthRun: y.month,
     dailyUses: y.daily.uses,
     usesRefused: y.daily.refused,

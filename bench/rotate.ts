@@ -173,10 +173,10 @@ function printSummary({ latency, year }: { latency?: Latency; year?: Year }): vo
     );
     for (const t of year.perToken) {
       line(
-        `  ${t.tokenId}: rotations on days ${t.rotationDays.join(', ')}; a month's run: ${t.monthRun.historyEvents} events, ${t.monthRun.actions} actions`,
+        `  ${t.tokenId}: rotations scheduled on days ${t.rotationDays.join(', ')} (expiry on day ${t.expiryDay}); a month's run: ${t.monthRun.historyEvents} events, ${t.monthRun.actions} actions`,
       );
       line(
-        `    ${t.runs} runs, ${t.historyEvents} events (largest run ${t.largestRunEvents}), ${t.actions} actions; ${t.rotations} rotations, ${t.warnings} warnings, ${t.lastUseReads} last-use reads, ${t.dailyUses} uses (${t.usesRefused} refused), ${t.workflowTasksTimedOutOrFailed} workflow tasks timed out or failed`,
+        `    ${t.runs} runs, ${t.historyEvents} events (largest run ${t.largestRunEvents}), ${t.actions} actions; ${t.rotations} rotations (${t.rotationAttempts} attempted), ${t.warnings} warnings, ${t.lastUseReads} last-use reads, ${t.dailyUses} uses (${t.usesRefused} refused), ${t.workflowTasksTimedOutOrFailed} workflow tasks timed out or failed`,
       );
     }
     if (!year.matchesScenario) {
