@@ -187,6 +187,12 @@ function printSummary({ latency, year }: { latency?: Latency; year?: Year }): vo
     line(
       `  per token-year: ${y.historyEvents} history events, ${y.actions} Temporal Cloud actions (${year.billingRules})`,
     );
+    if (!year.matchesScenario) {
+      const all = year.perTokenYearWithAllRotations;
+      line(
+        `  … with the ${year.expected.rotations} rotations of a real year (each one short added at a month's run): ${all.historyEvents} history events, ${all.actions} actions`,
+      );
+    }
     line(`  actions by kind: ${JSON.stringify(year.perToken[0]?.actionsBreakdown ?? {})}`);
   }
 }
