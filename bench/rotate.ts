@@ -181,7 +181,7 @@ function printSummary({ latency, year }: { latency?: Latency; year?: Year }): vo
     }
     if (!year.matchesScenario) {
       line(
-        `  NOTE: expected ${year.expected.rotations} rotations and ${year.expected.warnings} warnings with no refused use; scaled time drifted (raise --day-ms)`,
+        `  NOTE: expected ${year.expected.rotations} rotations and ${year.expected.warnings} warnings with no refused use; scaled time drifted: the dev server fires sub-second timers after about a second (raise --day-ms)`,
       );
     }
     line(
