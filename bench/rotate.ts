@@ -7,17 +7,13 @@
  *    histories of a token living a scaled year (bench/rotate-year.ts).
  * Human lines on stderr, a summary and a final JSON line on stdout.
  */
-import { randomBytes } from 'node:crypto';
-import os from 'node:os';
 import { parseArgs } from 'node:util';
-import { TokenWarden } from '../client/index.js';
-import { connectTemporal } from '../common/temporal.js';
 import { waitUntilQuiet } from './proc.js';
 import { latencySection } from './rotate-latency.js';
 import { yearSection } from './rotate-year.js';
 import { watchedPids } from './scale-memory.js';
-import { section, type Rig, type Teardown } from './scale-rig.js';
-import { startUserStack, waitForWorkers } from './scale-stack.js';
+import { section, type Teardown } from './scale-rig.js';
+import { closeRig, haltOnSignals, machineFacts, openUserRig } from './user-rig.js';
 
 const say = (msg: string) => process.stderr.write(`[bench:rotate] ${msg}\n`);
 const SECTIONS = ['latency', 'year'] as const;
@@ -75,26 +71,12 @@ type Year = Awaited<ReturnType<typeof yearSection>> & { loadAverage: { before: n
 
 async function main(): Promise<void> {
   const opts = parseOptions(process.argv.slice(2));
-  const halt = new AbortController();
-  const onSignal = () => {
-    if (halt.signal.aborted) process.exit(130);
-    say('interrupted: stopping the stack');
-    halt.abort(new Error('interrupted'));
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
+  const halt = haltOnSignals(say);
   const teardown: Teardown = [];
   const results: { latency?: Latency; year?: Year } = {};
   let failure: unknown;
   try {
-    const stack = await startUserStack({ workers: 0, log: say, signal: halt.signal });
-    teardown.push({ name: 'stack', stop: stack.stop });
-    const client = await connectTemporal(stack.settings);
-    teardown.push({ name: 'temporal client', stop: () => client.connection.close() });
-    await waitForWorkers(stack, client, halt.signal);
-    const warden = await TokenWarden.connect(stack.settings);
-    teardown.push({ name: 'warden', stop: () => warden.close() });
-    const rig: Rig = { stack, warden, client, tag: randomBytes(3).toString('hex'), signal: halt.signal, say, teardown };
+    const rig = await openUserRig(halt.signal, say, teardown);
     const settle = () => waitUntilQuiet(() => watchedPids(rig), { timeoutMs: 60_000, signal: halt.signal });
     if (opts.only.includes('latency')) {
       await settle();
@@ -107,23 +89,13 @@ async function main(): Promise<void> {
   } catch (err) {
     failure = err;
   } finally {
-    for (const { name, stop } of teardown.reverse()) {
-      await stop().catch((err: Error) => {
-        say(`stopping ${name} failed: ${err.message}`);
-        process.exitCode = 1;
-      });
-    }
+    await closeRig(teardown, say);
   }
   const final = {
     bench: 'rotate',
     date: new Date().toISOString(),
     options: opts,
-    machine: {
-      node: process.version,
-      cpus: os.cpus().length,
-      cpuModel: os.cpus()[0]?.model ?? 'unknown',
-      platform: `${os.platform()} ${os.arch()}`,
-    },
+    machine: machineFacts(),
     stack: 'tokenwarden start (Temporal dev server on SQLite, embedded PostgreSQL with fsync on, in-process worker)',
     ...results,
     ...(failure ? { failed: failure instanceof Error ? failure.message : String(failure) } : {}),
