@@ -48,9 +48,9 @@ DROP FUNCTION credential_reused(text, text, timestamptz);
 -- migrations/0016's issue, two changes. The policy row is locked FOR SHARE after issuance_clock's
 -- subject lock, not before: an issue waiting behind an offboarding of its subject holds no policy
 -- row, so a `policy set` meanwhile does not wait for the offboarding. The policy is returned as the
--- row was written under it, so the workflow starts with that version.
-DROP FUNCTION issue_token(text, text, text, text, text[], text[], bigint, bytea, text);
-CREATE FUNCTION issue_token(
+-- row was written under it, so the workflow starts with that version. A function of its own:
+-- issue_token keeps its shape for processes of the previous release during a rolling deploy.
+CREATE FUNCTION issue_token_under_policy(
   token_id text, credential_id text, subject text, name text, scopes text[], receivers text[],
   ttl_ms bigint, secret_hash bytea, policy_name text DEFAULT NULL)
 RETURNS TABLE (facts token, under_policy policy)
@@ -63,20 +63,20 @@ DECLARE
   p policy;
   refused text;
 BEGIN
-  issued_clock := issuance_clock(issue_token.subject);
-  IF issue_token.policy_name IS NOT NULL THEN
-    SELECT * INTO p FROM policy WHERE policy.name = issue_token.policy_name FOR SHARE;
+  issued_clock := issuance_clock(issue_token_under_policy.subject);
+  IF issue_token_under_policy.policy_name IS NOT NULL THEN
+    SELECT * INTO p FROM policy WHERE policy.name = issue_token_under_policy.policy_name FOR SHARE;
     IF NOT FOUND THEN
-      RAISE EXCEPTION 'no policy named %', issue_token.policy_name
+      RAISE EXCEPTION 'no policy named %', issue_token_under_policy.policy_name
         USING ERRCODE = 'foreign_key_violation', CONSTRAINT = 'token_policy_known';
     END IF;
-    IF p.max_lifetime_ms IS NOT NULL AND issue_token.ttl_ms > p.max_lifetime_ms THEN
+    IF p.max_lifetime_ms IS NOT NULL AND issue_token_under_policy.ttl_ms > p.max_lifetime_ms THEN
       RAISE EXCEPTION 'lifetime above policy %''s max lifetime', p.name
         USING ERRCODE = 'check_violation', CONSTRAINT = 'token_policy_max_lifetime', DETAIL = p.max_lifetime_ms::text;
     END IF;
     IF p.allowed_scopes IS NOT NULL THEN
       SELECT string_agg(s, ', ' ORDER BY n) INTO refused
-        FROM unnest(issue_token.scopes) WITH ORDINALITY AS u(s, n) WHERE s <> ALL (p.allowed_scopes);
+        FROM unnest(issue_token_under_policy.scopes) WITH ORDINALITY AS u(s, n) WHERE s <> ALL (p.allowed_scopes);
       IF refused IS NOT NULL THEN
         RAISE EXCEPTION 'scope not allowed by policy %', p.name
           USING ERRCODE = 'check_violation', CONSTRAINT = 'token_policy_scopes', DETAIL = refused;
@@ -84,11 +84,11 @@ BEGIN
     END IF;
   END IF;
 
-  IF cardinality(issue_token.receivers) > 0 THEN
+  IF cardinality(issue_token_under_policy.receivers) > 0 THEN
     SELECT coalesce(array_agg(r.id), '{}') INTO known
-      FROM (SELECT r.id FROM receiver r WHERE r.id = ANY (issue_token.receivers) AND r.enabled FOR SHARE) AS r;
+      FROM (SELECT r.id FROM receiver r WHERE r.id = ANY (issue_token_under_policy.receivers) AND r.enabled FOR SHARE) AS r;
     SELECT string_agg(u.id, ', ' ORDER BY u.n) INTO unknown
-      FROM unnest(issue_token.receivers) WITH ORDINALITY AS u(id, n)
+      FROM unnest(issue_token_under_policy.receivers) WITH ORDINALITY AS u(id, n)
      WHERE u.id <> ALL (known);
     IF unknown IS NOT NULL THEN
       RAISE EXCEPTION 'unknown or removed receiver %', unknown
@@ -97,16 +97,16 @@ BEGIN
   END IF;
 
   INSERT INTO token (id, subject, name, scopes, receivers, issued_at, expires_at, policy, policy_version)
-  VALUES (issue_token.token_id, issue_token.subject, issue_token.name, issue_token.scopes, issue_token.receivers,
-          issued_clock, issued_clock + issue_token.ttl_ms * interval '1 millisecond', p.name, p.version)
+  VALUES (issue_token_under_policy.token_id, issue_token_under_policy.subject, issue_token_under_policy.name, issue_token_under_policy.scopes, issue_token_under_policy.receivers,
+          issued_clock, issued_clock + issue_token_under_policy.ttl_ms * interval '1 millisecond', p.name, p.version)
   RETURNING * INTO issued;
   INSERT INTO credential (id, token_id, secret_hash, state)
-  VALUES (issue_token.credential_id, issued.id, issue_token.secret_hash, 'current');
+  VALUES (issue_token_under_policy.credential_id, issued.id, issue_token_under_policy.secret_hash, 'current');
 
   -- A token without a policy is audited exactly as before (the audit text is hashed into its chain).
   PERFORM append_audit(issued.id, 'issued', 'token.issued', jsonb_build_object(
     'subject', issued.subject,
-    'credentialId', issue_token.credential_id,
+    'credentialId', issue_token_under_policy.credential_id,
     'receivers', to_jsonb(issued.receivers),
     'scopes', to_jsonb(issued.scopes),
     'expiresAt', iso_time(issued.expires_at))
@@ -114,6 +114,15 @@ BEGIN
             ELSE jsonb_build_object('policy', p.name, 'policyVersion', p.version) END);
   RETURN QUERY SELECT issued, p;
 END;
+$$;
+
+-- The previous shape, same behaviour (the new lock order included).
+CREATE OR REPLACE FUNCTION issue_token(
+  token_id text, credential_id text, subject text, name text, scopes text[], receivers text[],
+  ttl_ms bigint, secret_hash bytea, policy_name text DEFAULT NULL)
+RETURNS token
+LANGUAGE sql SET search_path FROM CURRENT AS $$
+  SELECT (i.facts).* FROM issue_token_under_policy($1, $2, $3, $4, $5, $6, $7, $8, $9) AS i;
 $$;
 
 -- migrations/0015's suspend and resume, each audited once per request. With request_id (the

@@ -101,4 +101,16 @@ describe('issue under a policy', () => {
     const without = await issue('usr_returned', null);
     assert.equal(without.issuedUnder, undefined);
   });
+
+  it('should keep issue_token callable as the previous release calls it (a rolling deploy)', async () => {
+    const tokenId = newTokenId();
+    const { rows } = await ctx.sql.query(
+      `SELECT issued.id, issued.subject, issued.status, issued.expires_at > issued.issued_at AS later
+         FROM issue_token($1, $2, $3, $4, $5, $6, $7, $8) AS issued`,
+      [tokenId, newCredentialId(), 'usr_previous_release', null, ['read'], [], 60_000, randomBytes(32)],
+    );
+    assert.deepEqual(rows, [{ id: tokenId, subject: 'usr_previous_release', status: 'active', later: true }]);
+    const { rows: credentials } = await ctx.sql.query('SELECT state FROM credential WHERE token_id = $1', [tokenId]);
+    assert.deepEqual(credentials, [{ state: 'current' }]);
+  });
 });

@@ -93,6 +93,7 @@ export const routine = (
     | 'kill_tokens'
     | 'append_audit'
     | 'issue_token'
+    | 'issue_token_under_policy'
     | 'record_delivery_attempt'
     // Revocation by filter (migrations/0012).
     | 'bulk_revoke_matches'

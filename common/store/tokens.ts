@@ -27,7 +27,7 @@ export interface IssuedTokenRecord extends TokenRecord {
 
 /**
  * Writes an active token and its current credential (hash only), its expiry from the database clock,
- * and its `token.issued` audit event: the store's `issue_token` function (migrations/0020) in one
+ * and its `token.issued` audit event: the store's `issue_token_under_policy` function (migrations/0020) in one
  * statement, so one round trip and one transaction of its own. Bind parameters only, no session
  * state, so it works behind a transaction-mode pooler. Refuses (writing nothing) a receiver that is
  * unknown or removed.
@@ -38,7 +38,7 @@ export async function insertToken(db: Queryable, token: NewToken): Promise<Issue
     const { rows } = await db.query(
       `SELECT ${tokenColumns(db.tables)}, ${policyColumnsOf('under_policy', 'under_policy_')}
          FROM (SELECT (i.facts).*, i.under_policy
-                 FROM ${routine(t, 'issue_token')}($1, $2, $3, $4, $5, $6, $7, $8, $9) AS i) AS issued`,
+                 FROM ${routine(t, 'issue_token_under_policy')}($1, $2, $3, $4, $5, $6, $7, $8, $9) AS i) AS issued`,
       [
         token.tokenId,
         token.credentialId,
