@@ -4,7 +4,7 @@
  * Thin: store calls and the owner's destination. No raw secret is ever returned or logged: the
  * automatic rotation generates the secret here and hands it to the owner only.
  */
-import { ApplicationFailure } from '@temporalio/activity';
+import { ApplicationFailure, CancelledFailure, Context } from '@temporalio/activity';
 import { createHash } from 'node:crypto';
 import type { StorePool } from '../common/db.js';
 import type { ChangeExpiryRequest, PolicySnapshot } from '../common/messages.js';
@@ -91,6 +91,15 @@ async function ownerDestinationOf(pool: StorePool, tokenId: string): Promise<Own
   return (await readPolicy(pool, token.policy))?.destination;
 }
 
+/** The running activity's context; undefined when called outside an activity (a direct call). */
+function activityContext(): Context | undefined {
+  try {
+    return Context.current();
+  } catch {
+    return undefined;
+  }
+}
+
 /** Store refusals (bad input, a token not active) become non-retryable failures naming the field. */
 async function refusals<T>(fn: () => Promise<T>): Promise<T> {
   try {
@@ -134,6 +143,71 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
     const token = await readTokenForPolicy(pool, tokenId);
     const policy = token.policy ? await readPolicy(pool, token.policy) : undefined;
     return policy?.snapshot.graceMs ?? deps.defaultGraceMs;
+  }
+
+  /** Whether `credentialId` is still the pending credential of its rotation (a later attempt discards it). */
+  async function stillPending(tokenId: string, credentialId: string): Promise<boolean> {
+    return (await store.listCredentials(pool, tokenId)).some((c) => c.id === credentialId && c.state === 'pending');
+  }
+
+  /** The automatic rotation after its crash-retry check: a new pending secret, delivered, then promoted. */
+  async function rotateAndDeliver(
+    input: { tokenId: string; rotationId: string; graceMs?: number; why: string },
+    ctx: Context | undefined,
+  ): Promise<RotationOutcome> {
+    const destination = await ownerDestinationOf(pool, input.tokenId);
+    if (!destination) {
+      throw ApplicationFailure.nonRetryable(
+        `token ${input.tokenId}: its policy names no owner destination for the new secret`,
+        NO_OWNER_DESTINATION,
+      );
+    }
+    const graceMs = await graceFor(input.tokenId, input.graceMs);
+    const secret = generateTokenString();
+    const credentialId = newCredentialId();
+    await refusals(() =>
+      store.insertPendingCredential(pool, {
+        tokenId: input.tokenId,
+        credentialId,
+        rotationId: input.rotationId,
+        secretHash: hashToken(secret),
+      }),
+    );
+    const body = JSON.stringify({
+      type: 'token.rotated',
+      token_id: input.tokenId,
+      credential_id: credentialId,
+      rotation_id: input.rotationId,
+      reason: input.why,
+      token: secret,
+    });
+    const superseded = async () => {
+      if (ctx?.cancellationSignal.aborted) throw new CancelledFailure(`rotation ${input.rotationId}: cancelled`);
+      if (!(await stillPending(input.tokenId, credentialId))) {
+        throw ApplicationFailure.retryable(
+          `rotation ${input.rotationId}: credential ${credentialId} was discarded by a later attempt`,
+          'RotationSuperseded',
+        );
+      }
+    };
+    await superseded();
+    await sendToOwner(
+      deps,
+      destination,
+      { tokenId: input.tokenId, messageId: credentialId, body },
+      ctx?.cancellationSignal,
+    );
+    await superseded();
+    const promoted = await refusals(() =>
+      store.promoteCredential(pool, {
+        tokenId: input.tokenId,
+        credentialId,
+        graceMs,
+        actor: 'system:rotation',
+        reason: input.why,
+      }),
+    );
+    return outcomeOf(promoted);
   }
 
   return {
@@ -183,43 +257,15 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
           revoked: [],
         };
       }
-      const destination = await ownerDestinationOf(pool, input.tokenId);
-      if (!destination) {
-        throw ApplicationFailure.nonRetryable(
-          `token ${input.tokenId}: its policy names no owner destination for the new secret`,
-          NO_OWNER_DESTINATION,
-        );
+      // Heartbeats bring the workflow's cancellation (or this attempt's timeout) here: a stale
+      // attempt must neither deliver its secret after a newer one nor promote behind the workflow.
+      const ctx = activityContext();
+      const beat = ctx ? setInterval(() => ctx.heartbeat(), 1_000) : undefined;
+      try {
+        return await rotateAndDeliver(input, ctx);
+      } finally {
+        clearInterval(beat);
       }
-      const graceMs = await graceFor(input.tokenId, input.graceMs);
-      const secret = generateTokenString();
-      const credentialId = newCredentialId();
-      await refusals(() =>
-        store.insertPendingCredential(pool, {
-          tokenId: input.tokenId,
-          credentialId,
-          rotationId: input.rotationId,
-          secretHash: hashToken(secret),
-        }),
-      );
-      const body = JSON.stringify({
-        type: 'token.rotated',
-        token_id: input.tokenId,
-        credential_id: credentialId,
-        rotation_id: input.rotationId,
-        reason: input.why,
-        token: secret,
-      });
-      await sendToOwner(deps, destination, { tokenId: input.tokenId, messageId: credentialId, body });
-      const promoted = await refusals(() =>
-        store.promoteCredential(pool, {
-          tokenId: input.tokenId,
-          credentialId,
-          graceMs,
-          actor: 'system:rotation',
-          reason: input.why,
-        }),
-      );
-      return outcomeOf(promoted);
     },
 
     async endGrace(input: {

@@ -11,6 +11,7 @@ import * as store from '../common/store/index.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { maybeRecordHistory } from './support/history.js';
+import { waitUntil } from './support/wait.js';
 import { insertPolicy, ownerFolder, startToken } from './support/self-managing.js';
 
 let ctx: TestContext;
@@ -82,6 +83,66 @@ describe('warnings', () => {
       assert.equal(receiver.requests.filter((r) => r.body.includes(t.tokenId)).length, 1, 'a refusal is not retried');
     } finally {
       await receiver.close();
+    }
+  });
+
+  it('should revoke and tell the receivers while the owner destination is down (warning due)', async () => {
+    const owner = await TestReceiver.start();
+    const svc = await TestReceiver.start();
+    try {
+      owner.secret = (await ctx.warden.addReceiver({ id: 'owner-down-warn', url: owner.url })).secret;
+      svc.secret = (await ctx.warden.addReceiver({ id: 'svc-owner-down-warn', url: svc.url })).secret;
+      owner.behaviour = () => ({ status: 503 });
+      const policy = await insertPolicy(ctx, {
+        name: 'warn-owner-down',
+        warnBeforeMs: [59_000],
+        ownerReceiverId: 'owner-down-warn',
+      });
+      const t = await startToken(ctx, { ttlMs: 60_000, policy, receivers: ['svc-owner-down-warn'] });
+      const ownerPosts = () => owner.requests.filter((r) => r.body.includes(t.tokenId)).length;
+      await waitUntil(() => ownerPosts() >= 2, 'the owner answering 503 twice');
+      await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'leaked', actor: 'test' });
+      await waitUntil(
+        () => svc.requests.some((r) => r.body.includes(t.tokenId)),
+        'the revocation at the service receiver while the owner is down',
+        10_000,
+      );
+      const done = (await t.handle.result()) as TokenLifecycleResult;
+      assert.equal(done.status, 'revoked');
+      await maybeRecordHistory(t.handle, 'owner-down-warning-revoke');
+    } finally {
+      await owner.close();
+      await svc.close();
+    }
+  });
+
+  it('should revoke and tell the receivers while the owner destination is down (rotation due)', async () => {
+    const owner = await TestReceiver.start();
+    const svc = await TestReceiver.start();
+    try {
+      owner.secret = (await ctx.warden.addReceiver({ id: 'owner-down-rot', url: owner.url })).secret;
+      svc.secret = (await ctx.warden.addReceiver({ id: 'svc-owner-down-rot', url: svc.url })).secret;
+      owner.behaviour = () => ({ status: 503 });
+      const policy = await insertPolicy(ctx, {
+        name: 'rotate-owner-down',
+        rotateEveryMs: 300,
+        graceMs: 100,
+        ownerReceiverId: 'owner-down-rot',
+      });
+      const t = await startToken(ctx, { ttlMs: 60_000, policy, receivers: ['svc-owner-down-rot'] });
+      const ownerPosts = () => owner.requests.filter((r) => r.body.includes(t.tokenId)).length;
+      await waitUntil(() => ownerPosts() >= 2, 'the owner answering 503 twice');
+      await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'leaked', actor: 'test' });
+      await waitUntil(
+        () => svc.requests.some((r) => r.body.includes(t.tokenId)),
+        'the revocation at the service receiver while the owner is down',
+        15_000,
+      );
+      const done = (await t.handle.result()) as TokenLifecycleResult;
+      assert.equal(done.status, 'revoked');
+    } finally {
+      await owner.close();
+      await svc.close();
     }
   });
 

@@ -619,6 +619,9 @@ const KIND_ORDER: AliveDeadline['kind'][] = ['expiry', 'scheduledRevoke', 'idleC
 
 const iso = (ms: number): string => new Date(ms).toISOString();
 
+/** A warning or an automatic rotation: work that depends on the owner's destination being up. */
+export const isOwnerWork = (d: AliveDeadline): boolean => d.kind === 'warning' || d.kind === 'rotate';
+
 /**
  * The alive phase's state (what continue-as-new carries) and its pure decisions: which deadline
  * comes next, and how each event moves them. The workflow performs the effects.
@@ -653,14 +656,31 @@ export class AliveState {
     return this.carried.expiresAt;
   }
 
-  /** The deadline to act on now, or undefined when the earliest lies ahead (see next()). */
-  due(nowMs: number): AliveDeadline | undefined {
+  /**
+   * The deadline to act on now, or undefined when the earliest lies ahead (see next()). With
+   * `ownerWorkLast`, a due deadline of the token's own (expiry, scheduled revoke, idle check, end of
+   * grace) goes before a due warning or rotation: work that waits on the owner never holds them up.
+   */
+  due(nowMs: number, ownerWorkLast = false): AliveDeadline | undefined {
+    if (ownerWorkLast) {
+      const own = this.nextOwn(nowMs);
+      if (own.atMs <= nowMs) return own;
+    }
     const next = this.next(nowMs);
     return next.atMs <= nowMs ? next : undefined;
   }
 
+  /** The earliest deadline that does not wait on the owner's destination (expiry always exists). */
+  nextOwn(nowMs: number): AliveDeadline {
+    return this.deadlines(nowMs).find((d) => !isOwnerWork(d))!;
+  }
+
   /** The earliest deadline (expiry always exists). */
   next(nowMs: number): AliveDeadline {
+    return this.deadlines(nowMs)[0]!;
+  }
+
+  private deadlines(nowMs: number): AliveDeadline[] {
     const c = this.carried;
     const all: AliveDeadline[] = [{ kind: 'expiry', atMs: Date.parse(c.expiresAt) }];
     if (c.scheduledRevoke) all.push({ kind: 'scheduledRevoke', atMs: Date.parse(c.scheduledRevoke.at) });
@@ -672,7 +692,7 @@ export class AliveState {
     if (warning) all.push(warning);
     if (c.rotateAt) all.push({ kind: 'rotate', atMs: Date.parse(c.rotateAt) });
     all.sort((a, b) => a.atMs - b.atMs || KIND_ORDER.indexOf(a.kind) - KIND_ORDER.indexOf(b.kind));
-    return all[0]!;
+    return all;
   }
 
   /**
@@ -829,6 +849,11 @@ export class AliveState {
   rotationSkipped(nowMs: number): void {
     if (this.policy?.rotateEveryMs) this.carried.rotateAt = iso(nowMs + this.policy.rotateEveryMs);
     this.changed();
+  }
+
+  /** The automatic rotation's instant has come (a manual rotation since re-armed it). */
+  rotationDue(nowMs: number): boolean {
+    return this.carried.rotateAt !== null && Date.parse(this.carried.rotateAt) <= nowMs;
   }
 
   /** The rotation id of the next automatic rotation: deterministic, so a retried activity finds its own. */

@@ -5,6 +5,7 @@
  * activities; time is workflow time. The state and its transitions live in lifecycle-state.ts.
  */
 import {
+  type ActivityOptions,
   ActivityFailure,
   ApplicationFailure,
   CancellationScope,
@@ -32,6 +33,7 @@ import { summaryText } from '../common/text.js';
 import {
   AliveState,
   INVALID_LIFECYCLE_REQUEST,
+  isOwnerWork,
   TOKEN_NOT_ACTIVE,
   parseSuspiciousReport,
   validateChangeExpiryRequest,
@@ -108,7 +110,21 @@ const PATCHES = {
    * keeps the command sequence it always had.
    */
   selfManaging: 'self-managing',
+  /**
+   * Work that waits on the owner's destination (warnings, automatic rotations) never holds up the
+   * alive loop: it is bounded in time and cancelled when a revoke arrives or another deadline falls
+   * due; the drain before continue-as-new gives way to a revoke; a scheduled revoke's schedule and
+   * cancellation are decided before the store is written.
+   */
+  ownerOffCriticalPath: 'owner-off-critical-path',
 } as const;
+
+/** A warning the owner's destination has not taken within this is dropped (audited as notice.dropped). */
+const WARNING_DROPPED_AFTER = '1h';
+/** An automatic rotation that cannot deliver its secret within this is skipped and re-armed. */
+const ROTATION_SKIPPED_AFTER = '15m';
+/** A rotation for a suspicious report that cannot deliver within this revokes the token instead. */
+const SUSPICIOUS_ROTATION_REVOKES_AFTER = '5m';
 
 const store = proxyActivities<Activities>({
   startToCloseTimeout: '30s',
@@ -130,6 +146,41 @@ const selfManaging = proxyActivities<Activities>({
     nonRetryableErrorTypes: ['NotFoundError', INVALID_LIFECYCLE_REQUEST, TOKEN_NOT_ACTIVE, 'NoOwnerDestination'],
   },
 });
+
+/**
+ * Warnings to the owner (PATCHES.ownerOffCriticalPath): bounded; a cancelled one is not waited for
+ * (a send that still lands is the same notice, deduplicated by its key).
+ */
+const ownerWarnings = proxyActivities<Activities>({
+  startToCloseTimeout: '30s',
+  scheduleToCloseTimeout: WARNING_DROPPED_AFTER,
+  cancellationType: 'TRY_CANCEL',
+  retry: {
+    initialInterval: '1s',
+    backoffCoefficient: 2,
+    maximumInterval: '1m',
+    nonRetryableErrorTypes: ['NotFoundError', INVALID_LIFECYCLE_REQUEST, TOKEN_NOT_ACTIVE, 'NoOwnerDestination'],
+  },
+});
+
+/**
+ * Automatic rotations (PATCHES.ownerOffCriticalPath): bounded, heartbeated so a cancellation reaches
+ * the attempt (it stops before promoting), and waited for, so no attempt promotes behind the run.
+ */
+const rotationOptions = (scheduleToCloseTimeout: string): ActivityOptions => ({
+    startToCloseTimeout: '30s',
+    heartbeatTimeout: '5s',
+    scheduleToCloseTimeout,
+    retry: {
+      initialInterval: '1s',
+      backoffCoefficient: 2,
+      maximumInterval: '1m',
+      nonRetryableErrorTypes: ['NotFoundError', INVALID_LIFECYCLE_REQUEST, TOKEN_NOT_ACTIVE, 'NoOwnerDestination'],
+    },
+  });
+const ownerRotations = proxyActivities<Activities>(rotationOptions(ROTATION_SKIPPED_AFTER));
+/** A suspect secret must not stay valid while the owner is down: the report falls back to revoke sooner. */
+const suspiciousRotations = proxyActivities<Activities>(rotationOptions(SUSPICIOUS_ROTATION_REVOKES_AFTER));
 
 /** Deliveries of credential.revoked events while the token lives: retried until settled or rejected. */
 const credentialDeliveries = proxyActivities<Activities>({
@@ -257,6 +308,10 @@ class TokenLifecycle {
   private continueAsNewDue = false;
   private rotationQueue: Promise<unknown> = Promise.resolve();
   private readonly credentialDeliveriesRunning = new Set<string>();
+  /** Whether this run follows PATCHES.ownerOffCriticalPath: only a `true` answer is kept. */
+  private offPathDecision = false;
+  /** The periodic rotation in flight: a manual rotation cancels it rather than wait behind the owner. */
+  private periodicRotation: CancellationScope | undefined;
 
   constructor(private readonly input: TokenWorkflowInput) {
     this.alive = new AliveState(input, Date.now());
@@ -357,14 +412,63 @@ class TokenLifecycle {
    * recorded run without the marker (a new message sent to an older run) ignores the message.
    */
   private enterSelfManaging(): boolean {
-    this.selfManagingDecision ??= patched(PATCHES.selfManaging);
+    // Only a `true` answer is kept: a missing marker met during replay is no decision, as the run may
+    // go on live (a message buffered by an older worker and handled on replay must not disable it).
+    if (this.selfManagingDecision !== true) this.selfManagingDecision = patched(PATCHES.selfManaging);
     return this.selfManagingDecision;
+  }
+
+  /** Whether owner work is off the critical path (PATCHES.ownerOffCriticalPath); only `true` is kept. */
+  private get offPath(): boolean {
+    if (!this.offPathDecision) this.offPathDecision = patched(PATCHES.ownerOffCriticalPath);
+    return this.offPathDecision;
+  }
+
+  /**
+   * Owner work (a warning, the periodic rotation) raced against what must not wait for it: a
+   * revoke, continue-as-new, a message that asks for it (`yieldTo`), or another deadline falling due.
+   * The loser is cancelled; the loop then acts, and tries the work again when it is still due.
+   */
+  private async raceOwnerWork(
+    work: () => Promise<unknown>,
+    scope: CancellationScope,
+    yieldTo: () => boolean = () => false,
+  ): Promise<void> {
+    let outcome: { error?: unknown } | undefined;
+    scope.run(work).then(
+      () => (outcome = {}),
+      (error: unknown) => (outcome = { error }),
+    );
+    for (;;) {
+      const seen = this.alive.changes;
+      const own = this.alive.nextOwn(Date.now());
+      const stop = () =>
+        this.state.revokeRequest !== undefined ||
+        this.continueAsNewDue ||
+        workflowInfo().continueAsNewSuggested ||
+        yieldTo();
+      const woken = await condition(
+        () => outcome !== undefined || stop() || this.alive.changes !== seen,
+        Math.max(1, own.atMs - Date.now()),
+        { summary: summaryText(`owner work, until ${describeDeadline(own)}`) },
+      );
+      if (outcome !== undefined) break;
+      // A changed deadline (a new schedule, an adopted expiry) is re-read; anything else stops the work.
+      if (woken && !stop()) continue;
+      scope.cancel();
+      await condition(() => outcome !== undefined);
+      break;
+    }
+    const ended = outcome as { error?: unknown } | undefined;
+    if (ended?.error !== undefined && !isCancellation(ended.error)) throw ended.error;
   }
 
   /** One step of the alive phase: act on the deadline that is due, or sleep until the next one. */
   private async aliveStep(): Promise<KillResult | KillSnapshot | undefined> {
     if (this.continueAsNewDue || workflowInfo().continueAsNewSuggested) {
-      await condition(allHandlersFinished);
+      // A handler stuck on an outside system must not hold up a revoke that arrives meanwhile.
+      if (this.offPath) await condition(() => allHandlersFinished() || this.state.revokeRequest !== undefined);
+      else await condition(allHandlersFinished);
       if (this.state.revokeRequest) return undefined;
       await continueAsNew<typeof tokenLifecycle>({
         ...this.input,
@@ -375,7 +479,9 @@ class TokenLifecycle {
     }
     this.deliverCredentialRevocations();
     const now = Date.now();
-    const due = this.alive.due(now);
+    // Asked only when owner work is due: a run that never warns nor rotates keeps its commands.
+    const ownerWorkDue = this.alive.due(now);
+    const due = ownerWorkDue && isOwnerWork(ownerWorkDue) && this.offPath ? this.alive.due(now, true) : ownerWorkDue;
     if (!due) {
       const next = this.alive.next(now);
       const seen = this.alive.changes;
@@ -406,10 +512,17 @@ class TokenLifecycle {
         await this.endGrace(due.credentialId);
         return undefined;
       case 'warning':
-        await this.warn(due);
+        if (this.offPath) await this.raceOwnerWork(() => this.warn(due), new CancellationScope());
+        else await this.warn(due);
         return undefined;
       case 'rotate':
-        await this.rotateAutomatically(undefined, 'rotate_every');
+        if (this.offPath) {
+          const scope = new CancellationScope();
+          this.periodicRotation = scope;
+          await this.raceOwnerWork(() => this.rotateAutomatically(undefined, 'rotate_every'), scope).finally(() => {
+            if (this.periodicRotation === scope) this.periodicRotation = undefined;
+          });
+        } else await this.rotateAutomatically(undefined, 'rotate_every');
         return undefined;
     }
   }
@@ -463,8 +576,9 @@ class TokenLifecycle {
       this.alive.idleChecked(lastActivityAt, Date.now());
       if (this.alive.carried.idleCheckAt !== warning.deadline) return;
     }
+    const warnings = this.offPath ? ownerWarnings : selfManaging;
     try {
-      await selfManaging.sendWarning.executeWithOptions(
+      await warnings.sendWarning.executeWithOptions(
         { summary: summaryText(`warn the owner: ${warning.reason} at ${warning.deadline}`) },
         [
           {
@@ -479,13 +593,23 @@ class TokenLifecycle {
       );
     } catch (err) {
       if (!(err instanceof ActivityFailure) || isCancellation(err)) throw err;
-      // The owner's destination refused it (retryable failures are retried by the activity): the
+      // The owner's destination refused it, or did not take it within WARNING_DROPPED_AFTER: the
       // warning is dropped, never the token's lifecycle.
-      log.warn('warning refused by the owner destination', {
+      log.warn('warning dropped: the owner destination refused it or stayed unavailable', {
         tokenId: this.input.tokenId,
         key: warning.key,
         error: failureMessage(err),
       });
+      if (this.offPath) {
+        await store.recordAudit.executeWithOptions({ summary: 'audit: warning dropped' }, [
+          {
+            tokenId: this.input.tokenId,
+            auditKey: `notice-dropped:${warning.key}`,
+            kind: 'notice.dropped',
+            data: { key: warning.key, reason: warning.reason, deadline: warning.deadline, error: failureMessage(err) },
+          },
+        ]);
+      }
     }
     this.alive.warningSent(warning);
   }
@@ -507,9 +631,16 @@ class TokenLifecycle {
    */
   private async rotateAutomatically(graceMs: number | undefined, why: string): Promise<boolean> {
     return this.serialized(async () => {
+      // A manual rotation that went first re-armed the periodic one.
+      if (why === 'rotate_every' && this.offPathDecision && !this.alive.rotationDue(Date.now())) return false;
       const rotationId = this.alive.nextRotationId(this.input.tokenId);
+      const rotations = !this.offPathDecision
+        ? selfManaging
+        : graceMs === 0
+          ? suspiciousRotations
+          : ownerRotations;
       try {
-        const result = await selfManaging.rotateAutomatically.executeWithOptions(
+        const result = await rotations.rotateAutomatically.executeWithOptions(
           { summary: summaryText(`automatic rotation ${rotationId} (${why})`) },
           [{ tokenId: this.input.tokenId, rotationId, ...(graceMs !== undefined ? { graceMs } : {}), why }],
         );
@@ -581,6 +712,8 @@ class TokenLifecycle {
 
   private async rotate(request: RotateRequest): Promise<RotateResult> {
     if (!this.enterSelfManaging()) throw ApplicationFailure.nonRetryable('rotate: not supported by this run');
+    // The caller's rotation goes first: a periodic one waiting on the owner is cancelled (re-armed).
+    if (this.offPath) this.periodicRotation?.cancel();
     return this.serialized(async () => {
       this.requireActive();
       const result = await this.refusable(() =>
@@ -705,12 +838,38 @@ class TokenLifecycle {
     ]);
     if (this.activeRefusal()) return;
     // The old secret is suspect: no grace.
-    if (rotate && (await this.rotateAutomatically(0, 'suspicious activity'))) return;
+    if (rotate && this.offPath) {
+      if (await this.rotateUnlessRevoked()) return;
+      if (this.activeRefusal()) return;
+    } else if (rotate && (await this.rotateAutomatically(0, 'suspicious activity'))) return;
     this.state.systemRevoke({
       reason: SYSTEM_REVOKE_REASON.suspicious,
       actor: report.actor,
       initiatingEntity: 'system',
     });
+  }
+
+  /**
+   * The suspicious report's rotation, given up when a revoke arrives (the revoke does more). False
+   * when it could not deliver the new secret: the caller revokes.
+   */
+  private async rotateUnlessRevoked(): Promise<boolean> {
+    const scope = new CancellationScope();
+    let outcome: { rotated: boolean } | { error: unknown } | undefined;
+    scope.run(() => this.rotateAutomatically(0, 'suspicious activity')).then(
+      (rotated) => (outcome = { rotated }),
+      (error: unknown) => (outcome = { error }),
+    );
+    await condition(() => outcome !== undefined || this.state.revokeRequest !== undefined);
+    if (outcome === undefined) {
+      scope.cancel();
+      await condition(() => outcome !== undefined);
+    }
+    if ('error' in outcome!) {
+      if (isCancellation(outcome.error)) return false;
+      throw outcome.error;
+    }
+    return outcome!.rotated;
   }
 
   /** The policy changed: re-read it, adopt its deadlines, apply its verdict (shorten or revoke). */
