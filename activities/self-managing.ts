@@ -342,6 +342,8 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       at: string | null;
       reason: string;
       actor: string;
+      /** The Update's id: each schedule and each cancel is its own audit event, once across retries. */
+      requestId?: string | undefined;
     }): Promise<void> {
       await refusals(() =>
         store.setScheduledRevoke(pool, {
@@ -353,7 +355,9 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       await store.recordAudit(
         pool,
         input.tokenId,
-        `scheduled-revoke:${input.at ?? 'cancelled'}:${createHash('sha256').update(input.reason).digest('hex').slice(0, 16)}`,
+        input.requestId !== undefined
+          ? `scheduled-revoke:${input.requestId}`
+          : `scheduled-revoke:${input.at ?? 'cancelled'}:${createHash('sha256').update(input.reason).digest('hex').slice(0, 16)}`,
         input.at ? 'revoke.scheduled' : 'revoke.schedule-cancelled',
         { at: input.at, reason: input.reason, actor: input.actor },
       );

@@ -307,6 +307,7 @@ class TokenLifecycle {
   /** A rotation happened: the run continues as new once its handlers have finished. */
   private continueAsNewDue = false;
   private rotationQueue: Promise<unknown> = Promise.resolve();
+  private scheduleWrites: Promise<unknown> = Promise.resolve();
   private readonly credentialDeliveriesRunning = new Set<string>();
   /** Whether this run follows PATCHES.ownerOffCriticalPath: only a `true` answer is kept. */
   private offPathDecision = false;
@@ -761,11 +762,44 @@ class TokenLifecycle {
     this.requireActive();
     const at = new Date(Date.parse(request.at)).toISOString();
     const actor = request.actor ?? 'operator';
-    await selfManaging.setScheduledRevoke.executeWithOptions({ summary: summaryText(`schedule revoke at ${at}`) }, [
-      { tokenId: this.input.tokenId, at, reason: request.reason, actor },
-    ]);
-    this.alive.revokeScheduled({ at, reason: request.reason, actor });
+    const schedule = { at, reason: request.reason, actor };
+    if (this.offPath) {
+      // Decided now, before the store is written: the deadlines loop never acts on the old schedule
+      // once this Update is accepted; the store is written in the order of the decisions.
+      this.alive.revokeScheduled(schedule);
+      const requestId = currentUpdateInfo()?.id;
+      await this.inDecisionOrder(() => this.storeSchedule(at, request, requestId));
+    } else {
+      await this.storeSchedule(at, request);
+      this.alive.revokeScheduled(schedule);
+    }
     return { revokeAt: at };
+  }
+
+  /** Writes of the schedule to the store, one at a time, in the order the handlers decided them. */
+  private inDecisionOrder(write: () => Promise<void>): Promise<void> {
+    const run = this.scheduleWrites.then(write);
+    this.scheduleWrites = run.then(
+      () => undefined,
+      () => undefined,
+    );
+    return run;
+  }
+
+  /** The schedule `show` displays (`at` null: cancelled), audited under the Update's id. */
+  private storeSchedule(at: string | null, request: OperatorRequest, requestId?: string): Promise<void> {
+    return selfManaging.setScheduledRevoke.executeWithOptions(
+      { summary: at ? summaryText(`schedule revoke at ${at}`) : 'cancel the scheduled revoke' },
+      [
+        {
+          tokenId: this.input.tokenId,
+          at,
+          reason: request.reason,
+          actor: request.actor ?? 'operator',
+          ...(requestId !== undefined ? { requestId } : {}),
+        },
+      ],
+    );
   }
 
   private async cancelScheduledRevoke(request: OperatorRequest): Promise<ScheduleRevokeResult> {
@@ -773,10 +807,15 @@ class TokenLifecycle {
       throw ApplicationFailure.nonRetryable('cancelScheduledRevoke: not supported by this run');
     }
     this.requireActive();
-    await selfManaging.setScheduledRevoke.executeWithOptions({ summary: 'cancel the scheduled revoke' }, [
-      { tokenId: this.input.tokenId, at: null, reason: request.reason, actor: request.actor ?? 'operator' },
-    ]);
-    this.alive.revokeScheduled(null);
+    if (this.offPath) {
+      // The cancel wins once accepted: decided before the store is written.
+      this.alive.revokeScheduled(null);
+      const requestId = currentUpdateInfo()?.id;
+      await this.inDecisionOrder(() => this.storeSchedule(null, request, requestId));
+    } else {
+      await this.storeSchedule(null, request);
+      this.alive.revokeScheduled(null);
+    }
     return { revokeAt: null };
   }
 

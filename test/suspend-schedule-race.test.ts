@@ -1,0 +1,73 @@
+/**
+ * A scheduled revoke against a slow store write: a cancel (or a reschedule) that is answered with
+ * success is never followed by the old schedule's revoke.
+ */
+import assert from 'node:assert/strict';
+import { setTimeout as delay } from 'node:timers/promises';
+import { after, before, describe, it } from 'node:test';
+import { cancelScheduledRevokeUpdate, describeQuery, scheduleRevokeUpdate } from '../common/messages.js';
+import * as store from '../common/store/index.js';
+import { TestContext, type RunningWorker } from './support/context.js';
+import { maybeRecordHistory } from './support/history.js';
+import { startToken } from './support/self-managing.js';
+import { waitUntil } from './support/wait.js';
+
+/** A store write of the schedule that takes this long (a lock wait, a retried write). */
+const SLOW_WRITE_MS = 4_000;
+
+let ctx: TestContext;
+let worker: RunningWorker;
+
+before(async () => {
+  ctx = await TestContext.create('suspend-schedule-race');
+  worker = await ctx.startWorker(ctx.settings, {
+    wrapActivities: (real) => ({
+      ...real,
+      setScheduledRevoke: async (input: Parameters<typeof real.setScheduledRevoke>[0]) => {
+        if (input.reason === 'slow write') await delay(SLOW_WRITE_MS);
+        return real.setScheduledRevoke(input);
+      },
+    }),
+  });
+});
+after(async () => {
+  await worker?.stop();
+  await ctx?.close();
+});
+
+/** The token is still alive in the store and in its workflow once the old instant is well past. */
+async function assertAliveAfter(t: Awaited<ReturnType<typeof startToken>>, atIso: string): Promise<void> {
+  await waitUntil(() => Date.now() > Date.parse(atIso) + 2_000, 'past the old instant', 15_000, 100);
+  const row = await store.requireToken(ctx.pool, t.tokenId);
+  assert.equal(row.status, 'active');
+  const view = (await t.handle.query(describeQuery)) as { phase: string };
+  assert.equal(view.phase, 'active');
+}
+
+describe('scheduled revoke against a slow store write', () => {
+  it('should not revoke once a cancel has been answered, even if its store write was slow', async () => {
+    const t = await startToken(ctx, { ttlMs: 120_000 });
+    const at = new Date(Date.now() + 1_500).toISOString();
+    await t.handle.executeUpdate(scheduleRevokeUpdate, { args: [{ at, reason: 'planned end' }] });
+    const cancelled = await t.handle.executeUpdate(cancelScheduledRevokeUpdate, { args: [{ reason: 'slow write' }] });
+    assert.equal(cancelled.revokeAt, null);
+    await assertAliveAfter(t, at);
+    const audit = (await store.readAudit(ctx.pool, t.tokenId)).map((e) => e.kind);
+    assert.ok(audit.includes('revoke.schedule-cancelled'), audit.join(','));
+    await maybeRecordHistory(t.handle, 'scheduled-revoke-cancelled');
+    await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'test over', actor: 'test' });
+  });
+
+  it('should not revoke at the old instant once a reschedule has been answered', async () => {
+    const t = await startToken(ctx, { ttlMs: 120_000 });
+    const at = new Date(Date.now() + 1_500).toISOString();
+    await t.handle.executeUpdate(scheduleRevokeUpdate, { args: [{ at, reason: 'planned end' }] });
+    const later = new Date(Date.now() + 60_000).toISOString();
+    const moved = await t.handle.executeUpdate(scheduleRevokeUpdate, { args: [{ at: later, reason: 'slow write' }] });
+    assert.equal(moved.revokeAt, later);
+    await assertAliveAfter(t, at);
+    const row = await ctx.sql.query('SELECT revoke_scheduled_at AS at FROM token WHERE id = $1', [t.tokenId]);
+    assert.equal(new Date(row.rows[0].at as string).toISOString(), later);
+    await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'test over', actor: 'test' });
+  });
+});
