@@ -113,6 +113,13 @@ async function refusals<T>(fn: () => Promise<T>): Promise<T> {
     if (e.name === 'TokenNotActiveError') {
       throw ApplicationFailure.nonRetryable(e.message ?? 'token not active', TOKEN_NOT_ACTIVE);
     }
+    // A number or an instant out of PostgreSQL's range (an absurd ttl): retrying cannot help.
+    if (e.code === '22003' || e.code === '22008') {
+      throw ApplicationFailure.nonRetryable(
+        `ttl: out of range for the store (${e.message ?? e.code})`,
+        INVALID_LIFECYCLE_REQUEST,
+      );
+    }
     throw err;
   }
 }

@@ -547,11 +547,18 @@ export function validateScheduleRevokeRequest(
   optionalText(r, 'actor', 200);
 }
 
+/**
+ * No ttl beyond this reaches the store (the ceiling of TOKENWARDEN_MAX_TTL, common/config.ts): a
+ * larger one would overflow PostgreSQL's interval and the Update would never finish.
+ */
+export const MAX_TTL_CEILING_MS = 3650 * 86_400_000;
+
 export function validateChangeExpiryRequest(request: unknown): asserts request is ChangeExpiryRequest {
   const r = record(request);
   if (typeof r.ttlMs !== 'number' || !Number.isInteger(r.ttlMs) || r.ttlMs <= 0) {
     refuse('ttl: expected a positive whole number of milliseconds');
   }
+  if ((r.ttlMs as number) > MAX_TTL_CEILING_MS) refuse(`ttl: at most ${MAX_TTL_CEILING_MS} ms (3650 days)`);
   if (r.mode !== 'extend' && r.mode !== 'shorten') refuse('mode: expected extend or shorten');
   requiredText(r, 'reason', 500);
   optionalText(r, 'actor', 200);
@@ -631,6 +638,11 @@ export class AliveState {
   policy: PolicySnapshot | undefined;
   /** Bumped by every change that may move a deadline: the workflow's sleep wakes on it. */
   changes = 0;
+  /**
+   * Set once the run follows the owner-off-critical-path patch: an idle warning whose lead is the
+   * idle timeout or more is never sent (it would fall due at every use, warning a token in use).
+   */
+  skipIdleWarningsBeyondTimeout = false;
 
   constructor(input: Pick<TokenWorkflowInput, 'expiresAt' | 'policy' | 'carried'>, nowMs: number) {
     this.policy = input.policy;
@@ -711,7 +723,9 @@ export class AliveState {
     for (const [reason, deadline] of deadlines) {
       const deadlineMs = Date.parse(deadline);
       if (deadlineMs <= nowMs) continue;
+      const idleTimeoutMs = this.policy?.idleTimeoutMs ?? 0;
       const unsent = [...befores]
+        .filter((b) => !(reason === 'inactivity' && this.skipIdleWarningsBeyondTimeout && b >= idleTimeoutMs))
         .sort((a, b) => b - a)
         .map((beforeMs) => ({ beforeMs, key: warningKey(reason, deadline, beforeMs), atMs: deadlineMs - beforeMs }))
         .filter((w) => !sent.has(w.key));

@@ -422,6 +422,7 @@ class TokenLifecycle {
   /** Whether owner work is off the critical path (PATCHES.ownerOffCriticalPath); only `true` is kept. */
   private get offPath(): boolean {
     if (!this.offPathDecision) this.offPathDecision = patched(PATCHES.ownerOffCriticalPath);
+    if (this.offPathDecision) this.alive.skipIdleWarningsBeyondTimeout = true;
     return this.offPathDecision;
   }
 
