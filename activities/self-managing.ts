@@ -131,6 +131,8 @@ export interface RotationOutcome {
   previousValidUntil: string | null;
   /** Credentials revoked by this step (a previous one superseded) that have receivers to tell. */
   revoked: { credentialId: string; eventId: string }[];
+  /** False when the store had made this rotation before (a retry): the facts are that rotation's. */
+  changed?: boolean;
 }
 
 const outcomeOf = (r: store.RotationResult): RotationOutcome => ({
@@ -141,6 +143,7 @@ const outcomeOf = (r: store.RotationResult): RotationOutcome => ({
     r.supersededCredentialId && r.supersededEventId
       ? [{ credentialId: r.supersededCredentialId, eventId: r.supersededEventId }]
       : [],
+  changed: r.changed,
 });
 
 export function createSelfManagingActivities(pool: StorePool, deps: SelfManagingDeps) {

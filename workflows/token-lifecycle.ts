@@ -307,7 +307,7 @@ class TokenLifecycle {
   /** A rotation happened: the run continues as new once its handlers have finished. */
   private continueAsNewDue = false;
   private rotationQueue: Promise<unknown> = Promise.resolve();
-  private scheduleWrites: Promise<unknown> = Promise.resolve();
+  private readonly handlerQueues = new Map<string, Promise<unknown>>();
   private readonly credentialDeliveriesRunning = new Set<string>();
   /** Whether this run follows PATCHES.ownerOffCriticalPath: only a `true` answer is kept. */
   private offPathDecision = false;
@@ -733,9 +733,12 @@ class TokenLifecycle {
           ],
         ),
       );
-      this.alive.rotated(result, Date.now());
-      this.continueAsNewDue = true;
-      this.deliverCredentialRevocations();
+      // A retried Update of a rotation the store already made: its facts are old, the run knows them.
+      if (!(this.offPath && result.changed === false)) {
+        this.alive.rotated(result, Date.now());
+        this.continueAsNewDue = true;
+        this.deliverCredentialRevocations();
+      }
       return {
         tokenId: this.input.tokenId,
         credentialId: result.credentialId,
@@ -748,11 +751,14 @@ class TokenLifecycle {
   private async setSuspended(suspended: boolean, request: SuspendRequest): Promise<SuspendResult> {
     if (!this.enterSelfManaging()) throw ApplicationFailure.nonRetryable('suspend: not supported by this run');
     this.requireActive();
-    const result = await this.refusable(() =>
-      selfManaging.setSuspended.executeWithOptions({ summary: suspended ? 'suspend' : 'resume' }, [
-        { tokenId: this.input.tokenId, suspended, reason: request.reason, actor: request.actor ?? 'operator' },
-      ]),
-    );
+    const change = () =>
+      this.refusable(() =>
+        selfManaging.setSuspended.executeWithOptions({ summary: suspended ? 'suspend' : 'resume' }, [
+          { tokenId: this.input.tokenId, suspended, reason: request.reason, actor: request.actor ?? 'operator' },
+        ]),
+      );
+    // Serialised: the run records the changes in the order the store committed them.
+    const result = this.offPath ? await this.inOrder('suspension', change) : await change();
     this.alive.suspendedChanged(result.suspended);
     upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.suspended, value: result.suspended }]);
     return result;
@@ -769,7 +775,7 @@ class TokenLifecycle {
       // once this Update is accepted; the store is written in the order of the decisions.
       this.alive.revokeScheduled(schedule);
       const requestId = currentUpdateInfo()?.id;
-      await this.inDecisionOrder(() => this.storeSchedule(at, request, requestId));
+      await this.inOrder('schedule', () => this.storeSchedule(at, request, requestId));
     } else {
       await this.storeSchedule(at, request);
       this.alive.revokeScheduled(schedule);
@@ -777,12 +783,18 @@ class TokenLifecycle {
     return { revokeAt: at };
   }
 
-  /** Writes of the schedule to the store, one at a time, in the order the handlers decided them. */
-  private inDecisionOrder(write: () => Promise<void>): Promise<void> {
-    const run = this.scheduleWrites.then(write);
-    this.scheduleWrites = run.then(
-      () => undefined,
-      () => undefined,
+  /**
+   * Handlers of one kind (the schedule's store writes, suspend/resume, policy changes) one at a
+   * time, in the order they arrived: the store and the run end in the same state.
+   */
+  private inOrder<T>(queue: 'schedule' | 'suspension' | 'policy', step: () => Promise<T>): Promise<T> {
+    const run = (this.handlerQueues.get(queue) ?? Promise.resolve()).then(step);
+    this.handlerQueues.set(
+      queue,
+      run.then(
+        () => undefined,
+        () => undefined,
+      ),
     );
     return run;
   }
@@ -812,7 +824,7 @@ class TokenLifecycle {
       // The cancel wins once accepted: decided before the store is written.
       this.alive.revokeScheduled(null);
       const requestId = currentUpdateInfo()?.id;
-      await this.inDecisionOrder(() => this.storeSchedule(null, request, requestId));
+      await this.inOrder('schedule', () => this.storeSchedule(null, request, requestId));
     } else {
       await this.storeSchedule(null, request);
       this.alive.revokeScheduled(null);
@@ -916,9 +928,22 @@ class TokenLifecycle {
   private async policyChanged(): Promise<void> {
     if (!this.enterSelfManaging()) return;
     if (this.activeRefusal()) return;
-    const applied = await selfManaging.applyPolicy.executeWithOptions({ summary: 'the policy changed: apply it' }, [
-      { tokenId: this.input.tokenId },
-    ]);
+    const apply = () =>
+      selfManaging.applyPolicy.executeWithOptions({ summary: 'the policy changed: apply it' }, [
+        { tokenId: this.input.tokenId },
+      ]);
+    // Serialised, and an older snapshot never replaces a newer one: a later read may finish first.
+    const applied = this.offPath ? await this.inOrder('policy', apply) : await apply();
+    const current = this.alive.policy;
+    if (
+      this.offPathDecision &&
+      applied.policy &&
+      current &&
+      applied.policy.name === current.name &&
+      applied.policy.version < current.version
+    ) {
+      return;
+    }
     this.alive.policyChanged(applied.policy ?? undefined, Date.now());
     upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.policy, value: applied.policy?.name ?? null }]);
     if (applied.expiresAt !== this.alive.expiresAt) this.adoptExpiry(applied.expiresAt);
