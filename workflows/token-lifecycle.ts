@@ -168,16 +168,16 @@ const ownerWarnings = proxyActivities<Activities>({
  * the attempt (it stops before promoting), and waited for, so no attempt promotes behind the run.
  */
 const rotationOptions = (scheduleToCloseTimeout: string): ActivityOptions => ({
-    startToCloseTimeout: '30s',
-    heartbeatTimeout: '5s',
-    scheduleToCloseTimeout,
-    retry: {
-      initialInterval: '1s',
-      backoffCoefficient: 2,
-      maximumInterval: '1m',
-      nonRetryableErrorTypes: ['NotFoundError', INVALID_LIFECYCLE_REQUEST, TOKEN_NOT_ACTIVE, 'NoOwnerDestination'],
-    },
-  });
+  startToCloseTimeout: '30s',
+  heartbeatTimeout: '5s',
+  scheduleToCloseTimeout,
+  retry: {
+    initialInterval: '1s',
+    backoffCoefficient: 2,
+    maximumInterval: '1m',
+    nonRetryableErrorTypes: ['NotFoundError', INVALID_LIFECYCLE_REQUEST, TOKEN_NOT_ACTIVE, 'NoOwnerDestination'],
+  },
+});
 const ownerRotations = proxyActivities<Activities>(rotationOptions(ROTATION_SKIPPED_AFTER));
 /** A suspect secret must not stay valid while the owner is down: the report falls back to revoke sooner. */
 const suspiciousRotations = proxyActivities<Activities>(rotationOptions(SUSPICIOUS_ROTATION_REVOKES_AFTER));
@@ -636,11 +636,7 @@ class TokenLifecycle {
       // A manual rotation that went first re-armed the periodic one.
       if (why === 'rotate_every' && this.offPathDecision && !this.alive.rotationDue(Date.now())) return false;
       const rotationId = this.alive.nextRotationId(this.input.tokenId);
-      const rotations = !this.offPathDecision
-        ? selfManaging
-        : graceMs === 0
-          ? suspiciousRotations
-          : ownerRotations;
+      const rotations = !this.offPathDecision ? selfManaging : graceMs === 0 ? suspiciousRotations : ownerRotations;
       try {
         const result = await rotations.rotateAutomatically.executeWithOptions(
           { summary: summaryText(`automatic rotation ${rotationId} (${why})`) },
@@ -908,10 +904,12 @@ class TokenLifecycle {
   private async rotateUnlessRevoked(): Promise<boolean> {
     const scope = new CancellationScope();
     let outcome: { rotated: boolean } | { error: unknown } | undefined;
-    scope.run(() => this.rotateAutomatically(0, 'suspicious activity')).then(
-      (rotated) => (outcome = { rotated }),
-      (error: unknown) => (outcome = { error }),
-    );
+    scope
+      .run(() => this.rotateAutomatically(0, 'suspicious activity'))
+      .then(
+        (rotated) => (outcome = { rotated }),
+        (error: unknown) => (outcome = { error }),
+      );
     await condition(() => outcome !== undefined || this.state.revokeRequest !== undefined);
     if (outcome === undefined) {
       scope.cancel();
