@@ -780,10 +780,10 @@ class TokenLifecycle {
   }
 
   /**
-   * Handlers of one kind (the schedule's store writes, suspend/resume, policy changes) one at a
+   * Handlers of one kind (the schedule's store writes, suspend/resume) one at a
    * time, in the order they arrived: the store and the run end in the same state.
    */
-  private inOrder<T>(queue: 'schedule' | 'suspension' | 'policy', step: () => Promise<T>): Promise<T> {
+  private inOrder<T>(queue: 'schedule' | 'suspension', step: () => Promise<T>): Promise<T> {
     const run = (this.handlerQueues.get(queue) ?? Promise.resolve()).then(step);
     this.handlerQueues.set(
       queue,
@@ -926,15 +926,15 @@ class TokenLifecycle {
   private async policyChanged(): Promise<void> {
     if (!this.enterSelfManaging()) return;
     if (this.activeRefusal()) return;
-    const apply = () =>
-      selfManaging.applyPolicy.executeWithOptions({ summary: 'the policy changed: apply it' }, [
-        { tokenId: this.input.tokenId },
-      ]);
-    // Serialised, and an older snapshot never replaces a newer one: a later read may finish first.
-    const applied = this.offPath ? await this.inOrder('policy', apply) : await apply();
+    // Asked before the read: reads run concurrently (a storm of changes is not queued), so an
+    // older snapshot that finishes after a newer one must never replace it.
+    const newestWins = this.offPath;
+    const applied = await selfManaging.applyPolicy.executeWithOptions({ summary: 'the policy changed: apply it' }, [
+      { tokenId: this.input.tokenId },
+    ]);
     const current = this.alive.policy;
     if (
-      this.offPathDecision &&
+      newestWins &&
       applied.policy &&
       current &&
       applied.policy.name === current.name &&
