@@ -1,11 +1,18 @@
 /**
- * A scheduled revoke against a slow store write: a cancel (or a reschedule) that is answered with
- * success is never followed by the old schedule's revoke.
+ * Handlers against a slow store: a cancel (or a reschedule) of a scheduled revoke that is answered
+ * with success is never followed by the old schedule's revoke; suspend and resume end as the store does.
  */
 import assert from 'node:assert/strict';
 import { setTimeout as delay } from 'node:timers/promises';
 import { after, before, describe, it } from 'node:test';
-import { cancelScheduledRevokeUpdate, describeQuery, scheduleRevokeUpdate } from '../common/messages.js';
+import {
+  cancelScheduledRevokeUpdate,
+  describeQuery,
+  resumeUpdate,
+  scheduleRevokeUpdate,
+  suspendUpdate,
+} from '../common/messages.js';
+import { SEARCH_ATTRIBUTE } from '../common/names.js';
 import * as store from '../common/store/index.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { maybeRecordHistory } from './support/history.js';
@@ -26,6 +33,12 @@ before(async () => {
       setScheduledRevoke: async (input: Parameters<typeof real.setScheduledRevoke>[0]) => {
         if (input.reason === 'slow write') await delay(SLOW_WRITE_MS);
         return real.setScheduledRevoke(input);
+      },
+      setSuspended: async (input: Parameters<typeof real.setSuspended>[0]) => {
+        const changed = await real.setSuspended(input);
+        // Committed in the store, answered late (a slow network back to the worker).
+        if (input.reason === 'slow answer') await delay(SLOW_WRITE_MS);
+        return changed;
       },
     }),
   });
@@ -68,6 +81,26 @@ describe('scheduled revoke against a slow store write', () => {
     await assertAliveAfter(t, at);
     const row = await ctx.sql.query('SELECT revoke_scheduled_at AS at FROM token WHERE id = $1', [t.tokenId]);
     assert.equal(new Date(row.rows[0].at as string).toISOString(), later);
+    await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'test over', actor: 'test' });
+  });
+});
+
+describe('suspend and resume against a slow store answer', () => {
+  it('should end resumed, as the store does, when a resume follows a suspend still being answered', async () => {
+    const t = await startToken(ctx, { ttlMs: 120_000 });
+    const suspending = await t.handle.startUpdate(suspendUpdate, {
+      args: [{ reason: 'slow answer' }],
+      waitForStage: 'ACCEPTED',
+    });
+    await waitUntil(
+      async () => (await store.requireToken(ctx.pool, t.tokenId)).suspendedAt !== null,
+      'the suspension committed in the store',
+    );
+    const resumed = await t.handle.executeUpdate(resumeUpdate, { args: [{ reason: 'cleared' }] });
+    assert.equal(resumed.suspended, false);
+    assert.equal((await suspending.result()).suspended, true);
+    assert.equal((await store.requireToken(ctx.pool, t.tokenId)).suspendedAt, null);
+    assert.equal((await t.handle.describe()).typedSearchAttributes.get(SEARCH_ATTRIBUTE.suspended), false);
     await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'test over', actor: 'test' });
   });
 });
