@@ -85,6 +85,21 @@ describe('scheduled revoke against a slow store write', () => {
   });
 });
 
+describe('scheduled revoke audit', () => {
+  it('should audit each schedule and each cancel, also when they repeat the same instant and reason', async () => {
+    const t = await startToken(ctx, { ttlMs: 120_000 });
+    const at = new Date(Date.now() + 60_000).toISOString();
+    for (let i = 0; i < 2; i++) {
+      await t.handle.executeUpdate(scheduleRevokeUpdate, { args: [{ at, reason: 'planned end' }] });
+      await t.handle.executeUpdate(cancelScheduledRevokeUpdate, { args: [{ reason: 'keep it' }] });
+    }
+    const kinds = (await store.readAudit(ctx.pool, t.tokenId)).map((e) => e.kind);
+    assert.equal(kinds.filter((k) => k === 'revoke.scheduled').length, 2, kinds.join(','));
+    assert.equal(kinds.filter((k) => k === 'revoke.schedule-cancelled').length, 2, kinds.join(','));
+    await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'test over', actor: 'test' });
+  });
+});
+
 describe('suspend and resume against a slow store answer', () => {
   it('should end resumed, as the store does, when a resume follows a suspend still being answered', async () => {
     const t = await startToken(ctx, { ttlMs: 120_000 });
