@@ -8,6 +8,7 @@ import { after, before, describe, it } from 'node:test';
 import {
   cancelScheduledRevokeUpdate,
   describeQuery,
+  policyChangedSignal,
   resumeUpdate,
   scheduleRevokeUpdate,
   suspendUpdate,
@@ -16,11 +17,14 @@ import { SEARCH_ATTRIBUTE } from '../common/names.js';
 import * as store from '../common/store/index.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { maybeRecordHistory } from './support/history.js';
-import { startToken } from './support/self-managing.js';
+import { insertPolicy, startToken } from './support/self-managing.js';
 import { waitUntil } from './support/wait.js';
 
 /** A store write of the schedule that takes this long (a lock wait, a retried write). */
 const SLOW_WRITE_MS = 4_000;
+
+/** The policy read of version 2 of `stale-read`: read, then answered late. */
+const staleRead = { read: false, answered: false };
 
 let ctx: TestContext;
 let worker: RunningWorker;
@@ -33,6 +37,16 @@ before(async () => {
       setScheduledRevoke: async (input: Parameters<typeof real.setScheduledRevoke>[0]) => {
         if (input.reason === 'slow write') await delay(SLOW_WRITE_MS);
         return real.setScheduledRevoke(input);
+      },
+      applyPolicy: async (input: Parameters<typeof real.applyPolicy>[0]) => {
+        const applied = await real.applyPolicy(input);
+        if (applied.policy?.name === 'stale-read' && applied.policy.version === 2) {
+          staleRead.read = true;
+          // The older snapshot is answered after the newer one.
+          await delay(SLOW_WRITE_MS);
+          staleRead.answered = true;
+        }
+        return applied;
       },
       setSuspended: async (input: Parameters<typeof real.setSuspended>[0]) => {
         const changed = await real.setSuspended(input);
@@ -96,6 +110,25 @@ describe('scheduled revoke audit', () => {
     const kinds = (await store.readAudit(ctx.pool, t.tokenId)).map((e) => e.kind);
     assert.equal(kinds.filter((k) => k === 'revoke.scheduled').length, 2, kinds.join(','));
     assert.equal(kinds.filter((k) => k === 'revoke.schedule-cancelled').length, 2, kinds.join(','));
+    await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'test over', actor: 'test' });
+  });
+});
+
+describe('policy changes answered out of order', () => {
+  it('should never adopt an older policy snapshot that is answered after a newer one', async () => {
+    const policy = await insertPolicy(ctx, { name: 'stale-read' });
+    const t = await startToken(ctx, { ttlMs: 120_000, policy, scopes: ['admin'] });
+    // Version 2 refuses the token's scope (a revoke), version 3 allows it again.
+    await ctx.sql.query("UPDATE policy SET allowed_scopes = '{read}', version = 2 WHERE name = 'stale-read'");
+    await t.handle.signal(policyChangedSignal, {});
+    await waitUntil(() => staleRead.read, 'version 2 read');
+    await ctx.sql.query("UPDATE policy SET allowed_scopes = NULL, version = 3 WHERE name = 'stale-read'");
+    await t.handle.signal(policyChangedSignal, {});
+    await waitUntil(() => staleRead.answered, 'version 2 answered late', 15_000);
+    // An Update after both answers: the run has handled them by the time it is answered.
+    const suspended = await t.handle.executeUpdate(suspendUpdate, { args: [{ reason: 'after the policy reads' }] });
+    assert.equal(suspended.suspended, true);
+    assert.equal((await store.requireToken(ctx.pool, t.tokenId)).status, 'active');
     await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'test over', actor: 'test' });
   });
 });
