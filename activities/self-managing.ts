@@ -201,12 +201,18 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       }
     };
     await superseded();
-    await sendToOwner(
-      deps,
-      destination,
-      { tokenId: input.tokenId, messageId: credentialId, body },
-      ctx?.cancellationSignal,
-    );
+    try {
+      await sendToOwner(
+        deps,
+        destination,
+        { tokenId: input.tokenId, messageId: credentialId, body },
+        ctx?.cancellationSignal,
+      );
+    } catch (err) {
+      // A send stopped by the workflow's cancellation is a cancellation, not an outage.
+      if (ctx?.cancellationSignal.aborted) throw new CancelledFailure(`rotation ${input.rotationId}: cancelled`);
+      throw err;
+    }
     await superseded();
     const promoted = await refusals(() =>
       store.promoteCredential(pool, {
