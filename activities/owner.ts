@@ -44,6 +44,8 @@ export async function sendToOwner(
   deps: OwnerDeps,
   destination: OwnerDestination,
   message: { tokenId: string; messageId: string; body: string },
+  /** The activity's cancellation: a send its workflow gave up on stops (a stale secret never lands late). */
+  cancelled?: AbortSignal,
 ): Promise<{ delivered: string }> {
   if (destination.kind === 'dir') {
     // Checked here too: a policy row may predate the root or come from another process's settings.
@@ -76,7 +78,8 @@ export async function sendToOwner(
   const checked = checkReceiverUrl(stored.receiver.url, deps.receiverAllow);
   if (!checked.url)
     throw ApplicationFailure.nonRetryable(`owner receiver ${receiverId} refused: ${checked.problem}`, 'OwnerRefused');
-  const signal = AbortSignal.timeout(HTTP_TIMEOUT_MS);
+  const timeout = AbortSignal.timeout(HTTP_TIMEOUT_MS);
+  const signal = cancelled ? AbortSignal.any([timeout, cancelled]) : timeout;
   let addresses;
   try {
     const resolved = await resolveReceiver(checked.url, deps.receiverAllow, signal);

@@ -4,7 +4,7 @@
  * Thin: store calls and the owner's destination. No raw secret is ever returned or logged: the
  * automatic rotation generates the secret here and hands it to the owner only.
  */
-import { ApplicationFailure } from '@temporalio/activity';
+import { ApplicationFailure, CancelledFailure, Context } from '@temporalio/activity';
 import { createHash } from 'node:crypto';
 import type { StorePool } from '../common/db.js';
 import type { ChangeExpiryRequest, PolicySnapshot } from '../common/messages.js';
@@ -91,6 +91,15 @@ async function ownerDestinationOf(pool: StorePool, tokenId: string): Promise<Own
   return (await readPolicy(pool, token.policy))?.destination;
 }
 
+/** The running activity's context; undefined when called outside an activity (a direct call). */
+function activityContext(): Context | undefined {
+  try {
+    return Context.current();
+  } catch {
+    return undefined;
+  }
+}
+
 /** Store refusals (bad input, a token not active) become non-retryable failures naming the field. */
 async function refusals<T>(fn: () => Promise<T>): Promise<T> {
   try {
@@ -104,6 +113,13 @@ async function refusals<T>(fn: () => Promise<T>): Promise<T> {
     if (e.name === 'TokenNotActiveError') {
       throw ApplicationFailure.nonRetryable(e.message ?? 'token not active', TOKEN_NOT_ACTIVE);
     }
+    // A number or an instant out of PostgreSQL's range (an absurd ttl): retrying cannot help.
+    if (e.code === '22003' || e.code === '22008') {
+      throw ApplicationFailure.nonRetryable(
+        `ttl: out of range for the store (${e.message ?? e.code})`,
+        INVALID_LIFECYCLE_REQUEST,
+      );
+    }
     throw err;
   }
 }
@@ -115,6 +131,8 @@ export interface RotationOutcome {
   previousValidUntil: string | null;
   /** Credentials revoked by this step (a previous one superseded) that have receivers to tell. */
   revoked: { credentialId: string; eventId: string }[];
+  /** False when the store had made this rotation before (a retry): the facts are that rotation's. */
+  changed?: boolean;
 }
 
 const outcomeOf = (r: store.RotationResult): RotationOutcome => ({
@@ -125,6 +143,7 @@ const outcomeOf = (r: store.RotationResult): RotationOutcome => ({
     r.supersededCredentialId && r.supersededEventId
       ? [{ credentialId: r.supersededCredentialId, eventId: r.supersededEventId }]
       : [],
+  changed: r.changed,
 });
 
 export function createSelfManagingActivities(pool: StorePool, deps: SelfManagingDeps) {
@@ -134,6 +153,77 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
     const token = await readTokenForPolicy(pool, tokenId);
     const policy = token.policy ? await readPolicy(pool, token.policy) : undefined;
     return policy?.snapshot.graceMs ?? deps.defaultGraceMs;
+  }
+
+  /** Whether `credentialId` is still the pending credential of its rotation (a later attempt discards it). */
+  async function stillPending(tokenId: string, credentialId: string): Promise<boolean> {
+    return (await store.listCredentials(pool, tokenId)).some((c) => c.id === credentialId && c.state === 'pending');
+  }
+
+  /** The automatic rotation after its crash-retry check: a new pending secret, delivered, then promoted. */
+  async function rotateAndDeliver(
+    input: { tokenId: string; rotationId: string; graceMs?: number; why: string },
+    ctx: Context | undefined,
+  ): Promise<RotationOutcome> {
+    const destination = await ownerDestinationOf(pool, input.tokenId);
+    if (!destination) {
+      throw ApplicationFailure.nonRetryable(
+        `token ${input.tokenId}: its policy names no owner destination for the new secret`,
+        NO_OWNER_DESTINATION,
+      );
+    }
+    const graceMs = await graceFor(input.tokenId, input.graceMs);
+    const secret = generateTokenString();
+    const credentialId = newCredentialId();
+    await refusals(() =>
+      store.insertPendingCredential(pool, {
+        tokenId: input.tokenId,
+        credentialId,
+        rotationId: input.rotationId,
+        secretHash: hashToken(secret),
+      }),
+    );
+    const body = JSON.stringify({
+      type: 'token.rotated',
+      token_id: input.tokenId,
+      credential_id: credentialId,
+      rotation_id: input.rotationId,
+      reason: input.why,
+      token: secret,
+    });
+    const superseded = async () => {
+      if (ctx?.cancellationSignal.aborted) throw new CancelledFailure(`rotation ${input.rotationId}: cancelled`);
+      if (!(await stillPending(input.tokenId, credentialId))) {
+        throw ApplicationFailure.retryable(
+          `rotation ${input.rotationId}: credential ${credentialId} was discarded by a later attempt`,
+          'RotationSuperseded',
+        );
+      }
+    };
+    await superseded();
+    try {
+      await sendToOwner(
+        deps,
+        destination,
+        { tokenId: input.tokenId, messageId: credentialId, body },
+        ctx?.cancellationSignal,
+      );
+    } catch (err) {
+      // A send stopped by the workflow's cancellation is a cancellation, not an outage.
+      if (ctx?.cancellationSignal.aborted) throw new CancelledFailure(`rotation ${input.rotationId}: cancelled`);
+      throw err;
+    }
+    await superseded();
+    const promoted = await refusals(() =>
+      store.promoteCredential(pool, {
+        tokenId: input.tokenId,
+        credentialId,
+        graceMs,
+        actor: 'system:rotation',
+        reason: input.why,
+      }),
+    );
+    return outcomeOf(promoted);
   }
 
   return {
@@ -188,43 +278,15 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
         );
         return outcomeOf(promoted);
       }
-      const destination = await ownerDestinationOf(pool, input.tokenId);
-      if (!destination) {
-        throw ApplicationFailure.nonRetryable(
-          `token ${input.tokenId}: its policy names no owner destination for the new secret`,
-          NO_OWNER_DESTINATION,
-        );
+      // Heartbeats bring the workflow's cancellation (or this attempt's timeout) here: a stale
+      // attempt must neither deliver its secret after a newer one nor promote behind the workflow.
+      const ctx = activityContext();
+      const beat = ctx ? setInterval(() => ctx.heartbeat(), 1_000) : undefined;
+      try {
+        return await rotateAndDeliver(input, ctx);
+      } finally {
+        clearInterval(beat);
       }
-      const graceMs = await graceFor(input.tokenId, input.graceMs);
-      const secret = generateTokenString();
-      const credentialId = newCredentialId();
-      await refusals(() =>
-        store.insertPendingCredential(pool, {
-          tokenId: input.tokenId,
-          credentialId,
-          rotationId: input.rotationId,
-          secretHash: hashToken(secret),
-        }),
-      );
-      const body = JSON.stringify({
-        type: 'token.rotated',
-        token_id: input.tokenId,
-        credential_id: credentialId,
-        rotation_id: input.rotationId,
-        reason: input.why,
-        token: secret,
-      });
-      await sendToOwner(deps, destination, { tokenId: input.tokenId, messageId: credentialId, body });
-      const promoted = await refusals(() =>
-        store.promoteCredential(pool, {
-          tokenId: input.tokenId,
-          credentialId,
-          graceMs,
-          actor: 'system:rotation',
-          reason: input.why,
-        }),
-      );
-      return outcomeOf(promoted);
     },
 
     async endGrace(input: {
@@ -301,6 +363,8 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       at: string | null;
       reason: string;
       actor: string;
+      /** The Update's id: each schedule and each cancel is its own audit event, once across retries. */
+      requestId?: string | undefined;
     }): Promise<void> {
       await refusals(() =>
         store.setScheduledRevoke(pool, {
@@ -312,7 +376,9 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       await store.recordAudit(
         pool,
         input.tokenId,
-        `scheduled-revoke:${input.at ?? 'cancelled'}:${createHash('sha256').update(input.reason).digest('hex').slice(0, 16)}`,
+        input.requestId !== undefined
+          ? `scheduled-revoke:${input.requestId}`
+          : `scheduled-revoke:${input.at ?? 'cancelled'}:${createHash('sha256').update(input.reason).digest('hex').slice(0, 16)}`,
         input.at ? 'revoke.scheduled' : 'revoke.schedule-cancelled',
         { at: input.at, reason: input.reason, actor: input.actor },
       );

@@ -10,6 +10,7 @@ import {
   AliveState,
   INVALID_LIFECYCLE_REQUEST,
   LifecycleState,
+  MAX_TTL_CEILING_MS,
   parseSuspiciousReport,
   validateChangeExpiryRequest,
   validateRotateRequest,
@@ -127,6 +128,38 @@ describe('alive phase deadlines', () => {
     assert.equal(alive.next(T0 + 55 * MIN).kind, 'expiry');
   });
 
+  it('should send no inactivity warning to a token used every day, whatever the warnings', () => {
+    const DAY = 86_400_000;
+    const idle = policy({ idleTimeoutMs: 30 * DAY, warnBeforeMs: [30 * DAY, 7 * DAY, DAY] });
+    const a = new AliveState({ expiresAt: iso(T0 + 365 * DAY), policy: idle }, T0);
+    a.skipIdleWarningsBeyondTimeout = true;
+    const lastUse = (now: number) => iso(Math.floor(now / DAY) * DAY);
+    const sent: string[] = [];
+    let now = T0;
+    for (let step = 0; step < 2_000 && now < T0 + 200 * DAY; step++) {
+      const due = a.due(now);
+      if (!due) {
+        now = a.next(now).atMs;
+        continue;
+      }
+      if (due.kind === 'idleCheck') {
+        assert.equal(a.idleChecked(lastUse(now), now), false, 'a token in use is never idle');
+        continue;
+      }
+      assert.equal(due.kind, 'warning');
+      if (due.kind !== 'warning') break;
+      if (due.reason === 'inactivity') {
+        // The workflow re-reads the last use first, as before any inactivity warning.
+        a.idleChecked(lastUse(now), now);
+        if (a.carried.idleCheckAt !== due.deadline) continue;
+        sent.push(due.key);
+      }
+      a.warningSent(due);
+    }
+    assert.ok(now >= T0 + 200 * DAY, 'simulated 200 days');
+    assert.deepEqual(sent, []);
+  });
+
   it('should carry the sent warnings across continue-as-new', () => {
     const input = { expiresAt: iso(T0 + 60 * MIN), policy: policy({ warnBeforeMs: [30 * MIN] }) };
     const alive = new AliveState(input, T0);
@@ -226,6 +259,9 @@ describe('self-managing Update validators', () => {
     validateChangeExpiryRequest({ ttlMs: MIN, mode: 'extend', reason: 'r' });
     assert.throws(() => validateChangeExpiryRequest({ ttlMs: 0, mode: 'extend', reason: 'r' }), refusedOn('ttl'));
     assert.throws(() => validateChangeExpiryRequest({ ttlMs: 1.5, mode: 'extend', reason: 'r' }), refusedOn('ttl'));
+    // Beyond PostgreSQL's interval: refused here, never an activity that retries for ever.
+    assert.throws(() => validateChangeExpiryRequest({ ttlMs: 1e17, mode: 'extend', reason: 'r' }), refusedOn('ttl'));
+    validateChangeExpiryRequest({ ttlMs: MAX_TTL_CEILING_MS, mode: 'extend', reason: 'r' });
     assert.throws(() => validateChangeExpiryRequest({ ttlMs: MIN, mode: 'longer', reason: 'r' }), refusedOn('mode'));
   });
 

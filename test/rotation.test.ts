@@ -122,6 +122,27 @@ describe('rotation', () => {
     await maybeRecordHistory(t.handle, 'rotation-grace-end');
   });
 
+  it('should still end the grace of the real previous credential after a stale retried rotate', async () => {
+    const a = await addReceiver();
+    const t = await startToken(ctx, { ttlMs: 120_000, receivers: [a.id] });
+    const first = newSecret();
+    const second = newSecret();
+    const rotateTo = (s: ReturnType<typeof newSecret>, graceMs: number) =>
+      t.handle.executeUpdate(rotateUpdate, {
+        args: [{ credentialId: s.credentialId, secretHash: s.secretHash, graceMs }],
+      });
+    await rotateTo(first, 500);
+    await waitUntil(() => credentialRevokedAt(a.receiver, t.credentialId), 'the first grace ended and told', 20_000);
+    await rotateTo(second, 2_000);
+    // The first rotation's Update again (a client retry): the store answers with that rotation's old facts.
+    const stale = await rotateTo(first, 500);
+    assert.equal(stale.previousCredentialId, t.credentialId);
+    // The credential really in grace is `first`: its grace still ends and every receiver hears of it.
+    await waitUntil(() => credentialRevokedAt(a.receiver, first.credentialId), 'the grace of `first` ended', 15_000);
+    assert.equal(await isValid(ctx, second.token), true);
+    assert.equal(await isValid(ctx, first.token), false);
+  });
+
   it("should not end a grace before the database clock reaches valid_until, even when the workflow's clock is ahead", async () => {
     const a = await addReceiver();
     const t = await startToken(ctx, { ttlMs: 120_000, receivers: [a.id] });
@@ -231,6 +252,7 @@ describe('suspicious activity', () => {
     const report = audit.find((e) => e.kind === 'token.suspicious');
     assert.deepEqual(report?.data.evidence, { ips: ['192.0.2.1', '198.51.100.7'] });
     assert.equal(report?.data.action, 'revoke');
+    await maybeRecordHistory(t.handle, 'suspicious-revoke');
   });
 
   it('should keep a secret sent by raw Signal out of the audit activity and the audit trail', async () => {
@@ -284,5 +306,8 @@ describe('suspicious activity', () => {
     const audit = await auditOf(t.tokenId);
     assert.equal(audit.find((e) => e.kind === 'token.suspicious')?.data.action, 'rotate');
     assert.equal((await t.handle.query(describeQuery)).phase, 'active');
+    // The rotation continued as new: the run that received the report.
+    const runs = await runsOf(t.handle.workflowId);
+    await maybeRecordHistory(ctx.client.workflow.getHandle(t.handle.workflowId, runs[0]), 'suspicious-rotate');
   });
 });

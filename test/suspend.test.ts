@@ -144,6 +144,7 @@ describe('extend and shorten', () => {
     assert.equal(done.status, 'expired');
     const row = await store.requireToken(ctx.pool, t.tokenId);
     assert.ok(Date.parse(row.revokedAt!) >= Date.parse(extended.expiresAt), 'expired at the new instant, not the old');
+    await maybeRecordHistory(t.handle, 'change-expiry-extend');
   });
 
   it('should shorten and expire early', async () => {
@@ -233,5 +234,7 @@ describe('extend and shorten', () => {
 
     const expired = (await shortened.handle.result()) as TokenLifecycleResult;
     assert.equal(expired.status, 'expired', 'shortened to the max lifetime, then expired');
+    await maybeRecordHistory(shortened.handle, 'policy-changed-shorten');
+    await maybeRecordHistory(revoked.handle, 'policy-changed-revoke');
   });
 });

@@ -6,12 +6,13 @@ import assert from 'node:assert/strict';
 import { readFileSync, readdirSync } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import type { TokenLifecycleResult } from '../common/messages.js';
+import { rotateUpdate, type TokenLifecycleResult } from '../common/messages.js';
 import * as store from '../common/store/index.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { maybeRecordHistory } from './support/history.js';
-import { insertPolicy, ownerFolder, startToken } from './support/self-managing.js';
+import { waitUntil } from './support/wait.js';
+import { insertPolicy, isValid, newSecret, ownerFolder, startToken } from './support/self-managing.js';
 
 let ctx: TestContext;
 let worker: RunningWorker;
@@ -31,6 +32,19 @@ const warningsIn = (dir: string, tokenId: string) =>
     .map(
       (f) => JSON.parse(readFileSync(path.join(dir, f), 'utf8')) as { type: string; reason: string; deadline: string },
     );
+
+/** `promise`, or a failure naming `what` once `ms` have passed without it settling. */
+async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
 
 describe('warnings', () => {
   it('should send a warning to an owner receiver as a signed webhook, one webhook-id across retries', async () => {
@@ -82,6 +96,122 @@ describe('warnings', () => {
       assert.equal(receiver.requests.filter((r) => r.body.includes(t.tokenId)).length, 1, 'a refusal is not retried');
     } finally {
       await receiver.close();
+    }
+  });
+
+  it('should revoke and tell the receivers while the owner destination is down (warning due)', async () => {
+    const owner = await TestReceiver.start();
+    const svc = await TestReceiver.start();
+    try {
+      owner.secret = (await ctx.warden.addReceiver({ id: 'owner-down-warn', url: owner.url })).secret;
+      svc.secret = (await ctx.warden.addReceiver({ id: 'svc-owner-down-warn', url: svc.url })).secret;
+      owner.behaviour = () => ({ status: 503 });
+      const policy = await insertPolicy(ctx, {
+        name: 'warn-owner-down',
+        warnBeforeMs: [59_000],
+        ownerReceiverId: 'owner-down-warn',
+      });
+      const t = await startToken(ctx, { ttlMs: 60_000, policy, receivers: ['svc-owner-down-warn'] });
+      const ownerPosts = () => owner.requests.filter((r) => r.body.includes(t.tokenId)).length;
+      await waitUntil(() => ownerPosts() >= 2, 'the owner answering 503 twice');
+      await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'leaked', actor: 'test' });
+      await waitUntil(
+        () => svc.requests.some((r) => r.body.includes(t.tokenId)),
+        'the revocation at the service receiver while the owner is down',
+        10_000,
+      );
+      const done = (await t.handle.result()) as TokenLifecycleResult;
+      assert.equal(done.status, 'revoked');
+      await maybeRecordHistory(t.handle, 'owner-down-warning-revoke');
+    } finally {
+      await owner.close();
+      await svc.close();
+    }
+  });
+
+  it('should revoke and tell the receivers while the owner destination is down (rotation due)', async () => {
+    const owner = await TestReceiver.start();
+    const svc = await TestReceiver.start();
+    try {
+      owner.secret = (await ctx.warden.addReceiver({ id: 'owner-down-rot', url: owner.url })).secret;
+      svc.secret = (await ctx.warden.addReceiver({ id: 'svc-owner-down-rot', url: svc.url })).secret;
+      owner.behaviour = () => ({ status: 503 });
+      const policy = await insertPolicy(ctx, {
+        name: 'rotate-owner-down',
+        rotateEveryMs: 300,
+        graceMs: 100,
+        ownerReceiverId: 'owner-down-rot',
+      });
+      const t = await startToken(ctx, { ttlMs: 60_000, policy, receivers: ['svc-owner-down-rot'] });
+      const ownerPosts = () => owner.requests.filter((r) => r.body.includes(t.tokenId)).length;
+      // Four attempts: the rotation's next retry is 8 s away, longer than the revocation may take.
+      await waitUntil(() => ownerPosts() >= 4, 'the owner answering 503 four times');
+      await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'leaked', actor: 'test' });
+      await waitUntil(
+        () => svc.requests.some((r) => r.body.includes(t.tokenId)),
+        'the revocation at the service receiver while the owner is down',
+        5_000,
+      );
+      const done = (await t.handle.result()) as TokenLifecycleResult;
+      assert.equal(done.status, 'revoked');
+    } finally {
+      await owner.close();
+      await svc.close();
+    }
+  });
+
+  it('should expire on time while the owner destination is down', async () => {
+    const owner = await TestReceiver.start();
+    try {
+      owner.secret = (await ctx.warden.addReceiver({ id: 'owner-down-expiry', url: owner.url })).secret;
+      owner.behaviour = () => ({ status: 503 });
+      const policy = await insertPolicy(ctx, {
+        name: 'warn-owner-down-expiry',
+        warnBeforeMs: [2_500],
+        ownerReceiverId: 'owner-down-expiry',
+      });
+      const t = await startToken(ctx, { ttlMs: 3_000, policy });
+      const done = await within(
+        t.handle.result() as Promise<TokenLifecycleResult>,
+        10_000,
+        'the expiry while the owner is down',
+      );
+      assert.equal(done.status, 'expired');
+    } finally {
+      await owner.close();
+    }
+  });
+
+  it('should answer a manual rotate at once while a periodic rotation waits on a down owner', async () => {
+    const owner = await TestReceiver.start();
+    try {
+      owner.secret = (await ctx.warden.addReceiver({ id: 'owner-down-manual', url: owner.url })).secret;
+      owner.behaviour = () => ({ status: 503 });
+      const policy = await insertPolicy(ctx, {
+        name: 'rotate-owner-down-manual',
+        rotateEveryMs: 300,
+        graceMs: 100,
+        ownerReceiverId: 'owner-down-manual',
+      });
+      const t = await startToken(ctx, { ttlMs: 60_000, policy });
+      await waitUntil(
+        () => owner.requests.filter((r) => r.body.includes(t.tokenId)).length >= 2,
+        'the owner answering 503 twice',
+      );
+      const fresh = newSecret();
+      const rotated = await within(
+        t.handle.executeUpdate(rotateUpdate, {
+          args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 0 }],
+        }),
+        8_000,
+        'the manual rotation answered',
+      );
+      assert.equal(rotated.credentialId, fresh.credentialId);
+      assert.equal(await isValid(ctx, fresh.token), true);
+      await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'test over', actor: 'test' });
+      assert.equal(((await t.handle.result()) as TokenLifecycleResult).status, 'revoked');
+    } finally {
+      await owner.close();
     }
   });
 

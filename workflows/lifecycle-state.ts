@@ -572,11 +572,18 @@ export function validateScheduleRevokeRequest(
   optionalText(r, 'actor', 200);
 }
 
+/**
+ * No ttl beyond this reaches the store (the ceiling of TOKENWARDEN_MAX_TTL, common/config.ts): a
+ * larger one would overflow PostgreSQL's interval and the Update would never finish.
+ */
+export const MAX_TTL_CEILING_MS = 3650 * 86_400_000;
+
 export function validateChangeExpiryRequest(request: unknown): asserts request is ChangeExpiryRequest {
   const r = record(request);
   if (typeof r.ttlMs !== 'number' || !Number.isInteger(r.ttlMs) || r.ttlMs <= 0) {
     refuse('ttl: expected a positive whole number of milliseconds');
   }
+  if ((r.ttlMs as number) > MAX_TTL_CEILING_MS) refuse(`ttl: at most ${MAX_TTL_CEILING_MS} ms (3650 days)`);
   if (r.mode !== 'extend' && r.mode !== 'shorten') refuse('mode: expected extend or shorten');
   requiredText(r, 'reason', 500);
   optionalText(r, 'actor', 200);
@@ -644,6 +651,9 @@ const KIND_ORDER: AliveDeadline['kind'][] = ['expiry', 'scheduledRevoke', 'idleC
 
 const iso = (ms: number): string => new Date(ms).toISOString();
 
+/** A warning or an automatic rotation: work that depends on the owner's destination being up. */
+export const isOwnerWork = (d: AliveDeadline): boolean => d.kind === 'warning' || d.kind === 'rotate';
+
 /**
  * The alive phase's state (what continue-as-new carries) and its pure decisions: which deadline
  * comes next, and how each event moves them. The workflow performs the effects.
@@ -653,6 +663,11 @@ export class AliveState {
   policy: PolicySnapshot | undefined;
   /** Bumped by every change that may move a deadline: the workflow's sleep wakes on it. */
   changes = 0;
+  /**
+   * Set once the run follows the owner-off-critical-path patch: an idle warning whose lead is the
+   * idle timeout or more is never sent (it would fall due at every use, warning a token in use).
+   */
+  skipIdleWarningsBeyondTimeout = false;
 
   constructor(input: Pick<TokenWorkflowInput, 'expiresAt' | 'policy' | 'carried'>, nowMs: number) {
     this.policy = input.policy;
@@ -678,14 +693,31 @@ export class AliveState {
     return this.carried.expiresAt;
   }
 
-  /** The deadline to act on now, or undefined when the earliest lies ahead (see next()). */
-  due(nowMs: number): AliveDeadline | undefined {
+  /**
+   * The deadline to act on now, or undefined when the earliest lies ahead (see next()). With
+   * `ownerWorkLast`, a due deadline of the token's own (expiry, scheduled revoke, idle check, end of
+   * grace) goes before a due warning or rotation: work that waits on the owner never holds them up.
+   */
+  due(nowMs: number, ownerWorkLast = false): AliveDeadline | undefined {
+    if (ownerWorkLast) {
+      const own = this.nextOwn(nowMs);
+      if (own.atMs <= nowMs) return own;
+    }
     const next = this.next(nowMs);
     return next.atMs <= nowMs ? next : undefined;
   }
 
+  /** The earliest deadline that does not wait on the owner's destination (expiry always exists). */
+  nextOwn(nowMs: number): AliveDeadline {
+    return this.deadlines(nowMs).find((d) => !isOwnerWork(d))!;
+  }
+
   /** The earliest deadline (expiry always exists). */
   next(nowMs: number): AliveDeadline {
+    return this.deadlines(nowMs)[0]!;
+  }
+
+  private deadlines(nowMs: number): AliveDeadline[] {
     const c = this.carried;
     const all: AliveDeadline[] = [{ kind: 'expiry', atMs: Date.parse(c.expiresAt) }];
     if (c.scheduledRevoke) all.push({ kind: 'scheduledRevoke', atMs: Date.parse(c.scheduledRevoke.at) });
@@ -697,7 +729,7 @@ export class AliveState {
     if (warning) all.push(warning);
     if (c.rotateAt) all.push({ kind: 'rotate', atMs: Date.parse(c.rotateAt) });
     all.sort((a, b) => a.atMs - b.atMs || KIND_ORDER.indexOf(a.kind) - KIND_ORDER.indexOf(b.kind));
-    return all[0]!;
+    return all;
   }
 
   /**
@@ -716,7 +748,9 @@ export class AliveState {
     for (const [reason, deadline] of deadlines) {
       const deadlineMs = Date.parse(deadline);
       if (deadlineMs <= nowMs) continue;
+      const idleTimeoutMs = this.policy?.idleTimeoutMs ?? 0;
       const unsent = [...befores]
+        .filter((b) => !(reason === 'inactivity' && this.skipIdleWarningsBeyondTimeout && b >= idleTimeoutMs))
         .sort((a, b) => b - a)
         .map((beforeMs) => ({ beforeMs, key: warningKey(reason, deadline, beforeMs), atMs: deadlineMs - beforeMs }))
         .filter((w) => !sent.has(w.key));
@@ -854,6 +888,11 @@ export class AliveState {
   rotationSkipped(nowMs: number): void {
     if (this.policy?.rotateEveryMs) this.carried.rotateAt = iso(nowMs + this.policy.rotateEveryMs);
     this.changed();
+  }
+
+  /** The automatic rotation's instant has come (a manual rotation since re-armed it). */
+  rotationDue(nowMs: number): boolean {
+    return this.carried.rotateAt !== null && Date.parse(this.carried.rotateAt) <= nowMs;
   }
 
   /** The rotation id of the next automatic rotation: deterministic, so a retried activity finds its own. */

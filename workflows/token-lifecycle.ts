@@ -5,6 +5,7 @@
  * activities; time is workflow time. The state and its transitions live in lifecycle-state.ts.
  */
 import {
+  type ActivityOptions,
   ActivityFailure,
   ApplicationFailure,
   CancellationScope,
@@ -32,6 +33,7 @@ import { summaryText } from '../common/text.js';
 import {
   AliveState,
   INVALID_LIFECYCLE_REQUEST,
+  isOwnerWork,
   TOKEN_NOT_ACTIVE,
   parseSuspiciousReport,
   validateChangeExpiryRequest,
@@ -108,7 +110,21 @@ const PATCHES = {
    * keeps the command sequence it always had.
    */
   selfManaging: 'self-managing',
+  /**
+   * Work that waits on the owner's destination (warnings, automatic rotations) never holds up the
+   * alive loop: it is bounded in time and cancelled when a revoke arrives or another deadline falls
+   * due; the drain before continue-as-new gives way to a revoke; a scheduled revoke's schedule and
+   * cancellation are decided before the store is written.
+   */
+  ownerOffCriticalPath: 'owner-off-critical-path',
 } as const;
+
+/** A warning the owner's destination has not taken within this is dropped (audited as notice.dropped). */
+const WARNING_DROPPED_AFTER = '1h';
+/** An automatic rotation that cannot deliver its secret within this is skipped and re-armed. */
+const ROTATION_SKIPPED_AFTER = '15m';
+/** A rotation for a suspicious report that cannot deliver within this revokes the token instead. */
+const SUSPICIOUS_ROTATION_REVOKES_AFTER = '5m';
 
 const store = proxyActivities<Activities>({
   startToCloseTimeout: '30s',
@@ -130,6 +146,41 @@ const selfManaging = proxyActivities<Activities>({
     nonRetryableErrorTypes: ['NotFoundError', INVALID_LIFECYCLE_REQUEST, TOKEN_NOT_ACTIVE, 'NoOwnerDestination'],
   },
 });
+
+/**
+ * Warnings to the owner (PATCHES.ownerOffCriticalPath): bounded; a cancelled one is not waited for
+ * (a send that still lands is the same notice, deduplicated by its key).
+ */
+const ownerWarnings = proxyActivities<Activities>({
+  startToCloseTimeout: '30s',
+  scheduleToCloseTimeout: WARNING_DROPPED_AFTER,
+  cancellationType: 'TRY_CANCEL',
+  retry: {
+    initialInterval: '1s',
+    backoffCoefficient: 2,
+    maximumInterval: '1m',
+    nonRetryableErrorTypes: ['NotFoundError', INVALID_LIFECYCLE_REQUEST, TOKEN_NOT_ACTIVE, 'NoOwnerDestination'],
+  },
+});
+
+/**
+ * Automatic rotations (PATCHES.ownerOffCriticalPath): bounded, heartbeated so a cancellation reaches
+ * the attempt (it stops before promoting), and waited for, so no attempt promotes behind the run.
+ */
+const rotationOptions = (scheduleToCloseTimeout: string): ActivityOptions => ({
+  startToCloseTimeout: '30s',
+  heartbeatTimeout: '5s',
+  scheduleToCloseTimeout,
+  retry: {
+    initialInterval: '1s',
+    backoffCoefficient: 2,
+    maximumInterval: '1m',
+    nonRetryableErrorTypes: ['NotFoundError', INVALID_LIFECYCLE_REQUEST, TOKEN_NOT_ACTIVE, 'NoOwnerDestination'],
+  },
+});
+const ownerRotations = proxyActivities<Activities>(rotationOptions(ROTATION_SKIPPED_AFTER));
+/** A suspect secret must not stay valid while the owner is down: the report falls back to revoke sooner. */
+const suspiciousRotations = proxyActivities<Activities>(rotationOptions(SUSPICIOUS_ROTATION_REVOKES_AFTER));
 
 /** Deliveries of credential.revoked events while the token lives: retried until settled or rejected. */
 const credentialDeliveries = proxyActivities<Activities>({
@@ -256,7 +307,12 @@ class TokenLifecycle {
   /** A rotation happened: the run continues as new once its handlers have finished. */
   private continueAsNewDue = false;
   private rotationQueue: Promise<unknown> = Promise.resolve();
+  private readonly handlerQueues = new Map<string, Promise<unknown>>();
   private readonly credentialDeliveriesRunning = new Set<string>();
+  /** Whether this run follows PATCHES.ownerOffCriticalPath: only a `true` answer is kept. */
+  private offPathDecision = false;
+  /** The periodic rotation in flight: a manual rotation cancels it rather than wait behind the owner. */
+  private periodicRotation: CancellationScope | undefined;
 
   constructor(private readonly input: TokenWorkflowInput) {
     this.alive = new AliveState(input, Date.now());
@@ -357,14 +413,64 @@ class TokenLifecycle {
    * recorded run without the marker (a new message sent to an older run) ignores the message.
    */
   private enterSelfManaging(): boolean {
-    this.selfManagingDecision ??= patched(PATCHES.selfManaging);
+    // Only a `true` answer is kept: a missing marker met during replay is no decision, as the run may
+    // go on live (a message buffered by an older worker and handled on replay must not disable it).
+    if (this.selfManagingDecision !== true) this.selfManagingDecision = patched(PATCHES.selfManaging);
     return this.selfManagingDecision;
+  }
+
+  /** Whether owner work is off the critical path (PATCHES.ownerOffCriticalPath); only `true` is kept. */
+  private get offPath(): boolean {
+    if (!this.offPathDecision) this.offPathDecision = patched(PATCHES.ownerOffCriticalPath);
+    if (this.offPathDecision) this.alive.skipIdleWarningsBeyondTimeout = true;
+    return this.offPathDecision;
+  }
+
+  /**
+   * Owner work (a warning, the periodic rotation) raced against what must not wait for it: a
+   * revoke, continue-as-new, a message that asks for it (`yieldTo`), or another deadline falling due.
+   * The loser is cancelled; the loop then acts, and tries the work again when it is still due.
+   */
+  private async raceOwnerWork(
+    work: () => Promise<unknown>,
+    scope: CancellationScope,
+    yieldTo: () => boolean = () => false,
+  ): Promise<void> {
+    let outcome: { error?: unknown } | undefined;
+    scope.run(work).then(
+      () => (outcome = {}),
+      (error: unknown) => (outcome = { error }),
+    );
+    for (;;) {
+      const seen = this.alive.changes;
+      const own = this.alive.nextOwn(Date.now());
+      const stop = () =>
+        this.state.revokeRequest !== undefined ||
+        this.continueAsNewDue ||
+        workflowInfo().continueAsNewSuggested ||
+        yieldTo();
+      const woken = await condition(
+        () => outcome !== undefined || stop() || this.alive.changes !== seen,
+        Math.max(1, own.atMs - Date.now()),
+        { summary: summaryText(`owner work, until ${describeDeadline(own)}`) },
+      );
+      if (outcome !== undefined) break;
+      // A changed deadline (a new schedule, an adopted expiry) is re-read; anything else stops the work.
+      if (woken && !stop()) continue;
+      scope.cancel();
+      await condition(() => outcome !== undefined);
+      break;
+    }
+    const ended = outcome as { error?: unknown } | undefined;
+    if (ended?.error !== undefined && !isCancellation(ended.error)) throw ended.error;
   }
 
   /** One step of the alive phase: act on the deadline that is due, or sleep until the next one. */
   private async aliveStep(): Promise<KillResult | KillSnapshot | undefined> {
     if (this.continueAsNewDue || workflowInfo().continueAsNewSuggested) {
-      await condition(allHandlersFinished);
+      // A handler stuck on an outside system must not hold up a revoke that arrives meanwhile.
+      if (this.offPath) await condition(() => allHandlersFinished() || this.state.revokeRequest !== undefined);
+      else await condition(allHandlersFinished);
       if (this.state.revokeRequest) return undefined;
       await continueAsNew<typeof tokenLifecycle>({
         ...this.input,
@@ -375,7 +481,9 @@ class TokenLifecycle {
     }
     this.deliverCredentialRevocations();
     const now = Date.now();
-    const due = this.alive.due(now);
+    // Asked only when owner work is due: a run that never warns nor rotates keeps its commands.
+    const ownerWorkDue = this.alive.due(now);
+    const due = ownerWorkDue && isOwnerWork(ownerWorkDue) && this.offPath ? this.alive.due(now, true) : ownerWorkDue;
     if (!due) {
       const next = this.alive.next(now);
       const seen = this.alive.changes;
@@ -406,10 +514,17 @@ class TokenLifecycle {
         await this.endGrace(due.credentialId);
         return undefined;
       case 'warning':
-        await this.warn(due);
+        if (this.offPath) await this.raceOwnerWork(() => this.warn(due), new CancellationScope());
+        else await this.warn(due);
         return undefined;
       case 'rotate':
-        await this.rotateAutomatically(undefined, 'rotate_every');
+        if (this.offPath) {
+          const scope = new CancellationScope();
+          this.periodicRotation = scope;
+          await this.raceOwnerWork(() => this.rotateAutomatically(undefined, 'rotate_every'), scope).finally(() => {
+            if (this.periodicRotation === scope) this.periodicRotation = undefined;
+          });
+        } else await this.rotateAutomatically(undefined, 'rotate_every');
         return undefined;
     }
   }
@@ -463,8 +578,9 @@ class TokenLifecycle {
       this.alive.idleChecked(lastActivityAt, Date.now());
       if (this.alive.carried.idleCheckAt !== warning.deadline) return;
     }
+    const warnings = this.offPath ? ownerWarnings : selfManaging;
     try {
-      await selfManaging.sendWarning.executeWithOptions(
+      await warnings.sendWarning.executeWithOptions(
         { summary: summaryText(`warn the owner: ${warning.reason} at ${warning.deadline}`) },
         [
           {
@@ -479,13 +595,23 @@ class TokenLifecycle {
       );
     } catch (err) {
       if (!(err instanceof ActivityFailure) || isCancellation(err)) throw err;
-      // The owner's destination refused it (retryable failures are retried by the activity): the
+      // The owner's destination refused it, or did not take it within WARNING_DROPPED_AFTER: the
       // warning is dropped, never the token's lifecycle.
-      log.warn('warning refused by the owner destination', {
+      log.warn('warning dropped: the owner destination refused it or stayed unavailable', {
         tokenId: this.input.tokenId,
         key: warning.key,
         error: failureMessage(err),
       });
+      if (this.offPath) {
+        await store.recordAudit.executeWithOptions({ summary: 'audit: warning dropped' }, [
+          {
+            tokenId: this.input.tokenId,
+            auditKey: `notice-dropped:${warning.key}`,
+            kind: 'notice.dropped',
+            data: { key: warning.key, reason: warning.reason, deadline: warning.deadline, error: failureMessage(err) },
+          },
+        ]);
+      }
     }
     this.alive.warningSent(warning);
   }
@@ -507,9 +633,12 @@ class TokenLifecycle {
    */
   private async rotateAutomatically(graceMs: number | undefined, why: string): Promise<boolean> {
     return this.serialized(async () => {
+      // A manual rotation that went first re-armed the periodic one.
+      if (why === 'rotate_every' && this.offPathDecision && !this.alive.rotationDue(Date.now())) return false;
       const rotationId = this.alive.nextRotationId(this.input.tokenId);
+      const rotations = !this.offPathDecision ? selfManaging : graceMs === 0 ? suspiciousRotations : ownerRotations;
       try {
-        const result = await selfManaging.rotateAutomatically.executeWithOptions(
+        const result = await rotations.rotateAutomatically.executeWithOptions(
           { summary: summaryText(`automatic rotation ${rotationId} (${why})`) },
           [{ tokenId: this.input.tokenId, rotationId, ...(graceMs !== undefined ? { graceMs } : {}), why }],
         );
@@ -581,6 +710,8 @@ class TokenLifecycle {
 
   private async rotate(request: RotateRequest): Promise<RotateResult> {
     if (!this.enterSelfManaging()) throw ApplicationFailure.nonRetryable('rotate: not supported by this run');
+    // The caller's rotation goes first: a periodic one waiting on the owner is cancelled (re-armed).
+    if (this.offPath) this.periodicRotation?.cancel();
     return this.serialized(async () => {
       this.requireActive();
       const result = await this.refusable(() =>
@@ -598,9 +729,12 @@ class TokenLifecycle {
           ],
         ),
       );
-      this.alive.rotated(result, Date.now());
-      this.continueAsNewDue = true;
-      this.deliverCredentialRevocations();
+      // A retried Update of a rotation the store already made: its facts are old, the run knows them.
+      if (!(this.offPath && result.changed === false)) {
+        this.alive.rotated(result, Date.now());
+        this.continueAsNewDue = true;
+        this.deliverCredentialRevocations();
+      }
       return {
         tokenId: this.input.tokenId,
         credentialId: result.credentialId,
@@ -613,11 +747,14 @@ class TokenLifecycle {
   private async setSuspended(suspended: boolean, request: SuspendRequest): Promise<SuspendResult> {
     if (!this.enterSelfManaging()) throw ApplicationFailure.nonRetryable('suspend: not supported by this run');
     this.requireActive();
-    const result = await this.refusable(() =>
-      selfManaging.setSuspended.executeWithOptions({ summary: suspended ? 'suspend' : 'resume' }, [
-        { tokenId: this.input.tokenId, suspended, reason: request.reason, actor: request.actor ?? 'operator' },
-      ]),
-    );
+    const change = () =>
+      this.refusable(() =>
+        selfManaging.setSuspended.executeWithOptions({ summary: suspended ? 'suspend' : 'resume' }, [
+          { tokenId: this.input.tokenId, suspended, reason: request.reason, actor: request.actor ?? 'operator' },
+        ]),
+      );
+    // Serialised: the run records the changes in the order the store committed them.
+    const result = this.offPath ? await this.inOrder('suspension', change) : await change();
     this.alive.suspendedChanged(result.suspended);
     upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.suspended, value: result.suspended }]);
     return result;
@@ -628,11 +765,50 @@ class TokenLifecycle {
     this.requireActive();
     const at = new Date(Date.parse(request.at)).toISOString();
     const actor = request.actor ?? 'operator';
-    await selfManaging.setScheduledRevoke.executeWithOptions({ summary: summaryText(`schedule revoke at ${at}`) }, [
-      { tokenId: this.input.tokenId, at, reason: request.reason, actor },
-    ]);
-    this.alive.revokeScheduled({ at, reason: request.reason, actor });
+    const schedule = { at, reason: request.reason, actor };
+    if (this.offPath) {
+      // Decided now, before the store is written: the deadlines loop never acts on the old schedule
+      // once this Update is accepted; the store is written in the order of the decisions.
+      this.alive.revokeScheduled(schedule);
+      const requestId = currentUpdateInfo()?.id;
+      await this.inOrder('schedule', () => this.storeSchedule(at, request, requestId));
+    } else {
+      await this.storeSchedule(at, request);
+      this.alive.revokeScheduled(schedule);
+    }
     return { revokeAt: at };
+  }
+
+  /**
+   * Handlers of one kind (the schedule's store writes, suspend/resume) one at a
+   * time, in the order they arrived: the store and the run end in the same state.
+   */
+  private inOrder<T>(queue: 'schedule' | 'suspension', step: () => Promise<T>): Promise<T> {
+    const run = (this.handlerQueues.get(queue) ?? Promise.resolve()).then(step);
+    this.handlerQueues.set(
+      queue,
+      run.then(
+        () => undefined,
+        () => undefined,
+      ),
+    );
+    return run;
+  }
+
+  /** The schedule `show` displays (`at` null: cancelled), audited under the Update's id. */
+  private storeSchedule(at: string | null, request: OperatorRequest, requestId?: string): Promise<void> {
+    return selfManaging.setScheduledRevoke.executeWithOptions(
+      { summary: at ? summaryText(`schedule revoke at ${at}`) : 'cancel the scheduled revoke' },
+      [
+        {
+          tokenId: this.input.tokenId,
+          at,
+          reason: request.reason,
+          actor: request.actor ?? 'operator',
+          ...(requestId !== undefined ? { requestId } : {}),
+        },
+      ],
+    );
   }
 
   private async cancelScheduledRevoke(request: OperatorRequest): Promise<ScheduleRevokeResult> {
@@ -640,10 +816,15 @@ class TokenLifecycle {
       throw ApplicationFailure.nonRetryable('cancelScheduledRevoke: not supported by this run');
     }
     this.requireActive();
-    await selfManaging.setScheduledRevoke.executeWithOptions({ summary: 'cancel the scheduled revoke' }, [
-      { tokenId: this.input.tokenId, at: null, reason: request.reason, actor: request.actor ?? 'operator' },
-    ]);
-    this.alive.revokeScheduled(null);
+    if (this.offPath) {
+      // The cancel wins once accepted: decided before the store is written.
+      this.alive.revokeScheduled(null);
+      const requestId = currentUpdateInfo()?.id;
+      await this.inOrder('schedule', () => this.storeSchedule(null, request, requestId));
+    } else {
+      await this.storeSchedule(null, request);
+      this.alive.revokeScheduled(null);
+    }
     return { revokeAt: null };
   }
 
@@ -710,7 +891,10 @@ class TokenLifecycle {
     ]);
     if (this.activeRefusal()) return;
     // The old secret is suspect: no grace.
-    if (rotate && (await this.rotateAutomatically(0, 'suspicious activity'))) return;
+    if (rotate && this.offPath) {
+      if (await this.rotateUnlessRevoked()) return;
+      if (this.activeRefusal()) return;
+    } else if (rotate && (await this.rotateAutomatically(0, 'suspicious activity'))) return;
     this.state.systemRevoke({
       reason: SYSTEM_REVOKE_REASON.suspicious,
       actor: report.actor,
@@ -718,13 +902,51 @@ class TokenLifecycle {
     });
   }
 
+  /**
+   * The suspicious report's rotation, given up when a revoke arrives (the revoke does more). False
+   * when it could not deliver the new secret: the caller revokes.
+   */
+  private async rotateUnlessRevoked(): Promise<boolean> {
+    const scope = new CancellationScope();
+    let outcome: { rotated: boolean } | { error: unknown } | undefined;
+    scope
+      .run(() => this.rotateAutomatically(0, 'suspicious activity'))
+      .then(
+        (rotated) => (outcome = { rotated }),
+        (error: unknown) => (outcome = { error }),
+      );
+    await condition(() => outcome !== undefined || this.state.revokeRequest !== undefined);
+    if (outcome === undefined) {
+      scope.cancel();
+      await condition(() => outcome !== undefined);
+    }
+    if ('error' in outcome!) {
+      if (isCancellation(outcome.error)) return false;
+      throw outcome.error;
+    }
+    return outcome!.rotated;
+  }
+
   /** The policy changed: re-read it, adopt its deadlines, apply its verdict (shorten or revoke). */
   private async policyChanged(): Promise<void> {
     if (!this.enterSelfManaging()) return;
     if (this.activeRefusal()) return;
+    // Asked before the read: reads run concurrently (a storm of changes is not queued), so an
+    // older snapshot that finishes after a newer one must never replace it.
+    const newestWins = this.offPath;
     const applied = await selfManaging.applyPolicy.executeWithOptions({ summary: 'the policy changed: apply it' }, [
       { tokenId: this.input.tokenId },
     ]);
+    const current = this.alive.policy;
+    if (
+      newestWins &&
+      applied.policy &&
+      current &&
+      applied.policy.name === current.name &&
+      applied.policy.version < current.version
+    ) {
+      return;
+    }
     this.alive.policyChanged(applied.policy ?? undefined, Date.now());
     upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.policy, value: applied.policy?.name ?? null }]);
     if (applied.expiresAt !== this.alive.expiresAt) this.adoptExpiry(applied.expiresAt);
