@@ -122,6 +122,37 @@ describe('rotation', () => {
     await maybeRecordHistory(t.handle, 'rotation-grace-end');
   });
 
+  it('should store a manual rotation in the workflow task that accepts it, with only its hash in history', async () => {
+    const t = await startToken(ctx, { ttlMs: 120_000 });
+    const fresh = newSecret();
+    await t.handle.executeUpdate(rotateUpdate, {
+      args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 1_000 }],
+    });
+    // The rotation continues as new: its run is closed, and holds the whole Update.
+    const runs = await waitUntil(async () => {
+      const ids = await runsOf(t.handle.workflowId);
+      return ids.length >= 2 ? ids : undefined;
+    }, 'the rotation continued as new');
+    const rotationRun = ctx.client.workflow.getHandle(t.handle.workflowId, runs[0]);
+    const events = (await rotationRun.fetchHistory()).events ?? [];
+    const accepted = events.findIndex((e) => e.workflowExecutionUpdateAcceptedEventAttributes);
+    const completed = events.findIndex((e) => e.workflowExecutionUpdateCompletedEventAttributes);
+    assert.ok(accepted >= 0 && completed > accepted, 'the Update accepted, then completed');
+    const tasksBetween = events
+      .slice(accepted, completed)
+      .filter((e) => e.eventType === proto.temporal.api.enums.v1.EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED);
+    assert.equal(tasksBetween.length, 0, 'completed in the workflow task that accepted it');
+    assert.ok(
+      !events.some((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'rotateCredential'),
+      'no rotateCredential activity through the server',
+    );
+    const text = historyText(events).join('\n');
+    assert.ok(!text.includes(fresh.token), 'the new secret is not in history');
+    assert.ok(text.includes(fresh.secretHash), 'its hash is');
+    assert.equal(await isValid(ctx, fresh.token), true, 'the new credential valid');
+    await maybeRecordHistory(rotationRun, 'rotation-manual-local');
+  });
+
   it('should still end the grace of the real previous credential after a stale retried rotate', async () => {
     const a = await addReceiver();
     const t = await startToken(ctx, { ttlMs: 120_000, receivers: [a.id] });
