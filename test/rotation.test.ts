@@ -10,9 +10,17 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { ApplicationFailure, WorkflowUpdateFailedError } from '@temporalio/client';
 import proto from '@temporalio/proto';
-import { describeQuery, reportSuspiciousSignal, rotateUpdate, type TokenLifecycleResult } from '../common/messages.js';
+import { Worker } from '@temporalio/worker';
+import {
+  describeQuery,
+  reportSuspiciousSignal,
+  revokeSignal,
+  rotateUpdate,
+  type TokenLifecycleResult,
+} from '../common/messages.js';
 import { tokenWorkflowId } from '../common/names.js';
 import * as store from '../common/store/index.js';
+import { WORKFLOWS_PATH } from '../worker/worker.js';
 import { INVALID_LIFECYCLE_REQUEST, TOKEN_NOT_ACTIVE } from '../workflows/lifecycle-state.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { historyText, maybeRecordHistory } from './support/history.js';
@@ -151,6 +159,62 @@ describe('rotation', () => {
     assert.ok(text.includes(fresh.secretHash), 'its hash is');
     assert.equal(await isValid(ctx, fresh.token), true, 'the new credential valid');
     await maybeRecordHistory(rotationRun, 'rotation-manual-local');
+  });
+
+  it("should let a revoke that arrives during the rotation's local store write wait for it", async () => {
+    const t = await startToken(ctx, { ttlMs: 120_000 });
+    const fresh = newSecret();
+    const lock = await ctx.sql.connect();
+    try {
+      // The token's row held: the rotation's local write waits, its workflow task is heartbeated
+      // (every 8 s), and the revoke Signal reaches the run in the next task.
+      await lock.query('BEGIN');
+      await lock.query('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [t.tokenId]);
+      const rotating = t.handle.executeUpdate(rotateUpdate, {
+        args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 1_000 }],
+      });
+      const waitingOnTheRow = async (routine: string) =>
+        (
+          await ctx.sql.query<{ n: number }>(
+            `SELECT count(*)::int AS n FROM pg_stat_activity
+              WHERE pid <> pg_backend_pid() AND wait_event_type = 'Lock' AND query LIKE $1`,
+            [`%${routine}%`],
+          )
+        ).rows[0]!.n;
+      await waitUntil(async () => (await waitingOnTheRow('rotate_credential')) > 0, 'the rotation writing');
+      await t.handle.signal(revokeSignal, { reason: 'revoked during a rotation', actor: 'test' });
+      const { EventType } = proto.temporal.api.enums.v1;
+      // The task that handled the Signal was itself heartbeated: the run had its chance to start the kill.
+      await waitUntil(
+        async () => {
+          const events = (await t.handle.fetchHistory()).events ?? [];
+          const signalled = events.findIndex((e) => e.workflowExecutionSignaledEventAttributes);
+          return (
+            signalled >= 0 &&
+            events.slice(signalled).some((e) => e.eventType === EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)
+          );
+        },
+        'a workflow task completed after the Signal',
+        40_000,
+        200,
+      );
+      assert.equal(await waitingOnTheRow('kill_token'), 0, 'no kill in the store while the rotation is being written');
+      await lock.query('ROLLBACK');
+      const rotated = await rotating;
+      assert.equal(rotated.credentialId, fresh.credentialId);
+      const done = (await t.handle.result()) as TokenLifecycleResult;
+      assert.equal(done.status, 'revoked');
+      assert.equal(await isValid(ctx, fresh.token), false, 'the new credential died with the token');
+      // The two local calls, one after the other, resolve the same way on replay.
+      const bundle = process.env.TOKENWARDEN_TEST_WORKFLOW_BUNDLE;
+      await Worker.runReplayHistory(
+        bundle ? { workflowBundle: { codePath: bundle } } : { workflowsPath: WORKFLOWS_PATH },
+        await t.handle.fetchHistory(),
+      );
+    } finally {
+      await lock.query('ROLLBACK').catch(() => {});
+      lock.release();
+    }
   });
 
   it('should still end the grace of the real previous credential after a stale retried rotate', async () => {
