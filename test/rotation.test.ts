@@ -217,6 +217,44 @@ describe('rotation', () => {
     }
   });
 
+  it('should adopt its own rotation when the local write is retried after its first attempt committed', async () => {
+    const a = await addReceiver();
+    const t = await startToken(ctx, { ttlMs: 120_000, receivers: [a.id] });
+    const fresh = newSecret();
+    const lock = await ctx.sql.connect();
+    try {
+      await lock.query('BEGIN');
+      await lock.query('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [t.tokenId]);
+      const rotating = t.handle.executeUpdate(rotateUpdate, {
+        args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 500 }],
+      });
+      // The first attempt timed out (10 s) still waiting on the row; the second waits behind it.
+      const { rows } = await waitUntil(
+        async () => {
+          const r = await ctx.sql.query<{ n: number }>(
+            `SELECT count(*)::int AS n FROM pg_stat_activity
+              WHERE pid <> pg_backend_pid() AND wait_event_type = 'Lock' AND query LIKE '%rotate_credential%'`,
+          );
+          return r.rows[0]!.n >= 2 ? r : undefined;
+        },
+        'a second attempt of the rotation',
+        25_000,
+        100,
+      );
+      assert.equal(rows[0]!.n, 2);
+      // The first attempt commits; the second, the one recorded, finds the rotation made (changed=false).
+      await lock.query('ROLLBACK');
+      assert.equal((await rotating).credentialId, fresh.credentialId);
+      // The run knows its rotation: the old credential's grace ends and every receiver is told.
+      await waitUntil(() => credentialRevokedAt(a.receiver, t.credentialId), 'credential.revoked delivered', 20_000);
+      assert.equal(await isValid(ctx, t.token), false);
+      assert.equal(await isValid(ctx, fresh.token), true);
+    } finally {
+      await lock.query('ROLLBACK').catch(() => {});
+      lock.release();
+    }
+  });
+
   it('should still end the grace of the real previous credential after a stale retried rotate', async () => {
     const a = await addReceiver();
     const t = await startToken(ctx, { ttlMs: 120_000, receivers: [a.id] });

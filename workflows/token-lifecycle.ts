@@ -744,9 +744,14 @@ class TokenLifecycle {
         });
         return write;
       };
-      const result = await this.refusable(() => (patched(PATCHES.localRotate) ? localFirst(local, remote) : remote()));
-      // A retried Update of a rotation the store already made: its facts are old, the run knows them.
-      if (!(this.offPath && result.changed === false)) {
+      const isLocal = patched(PATCHES.localRotate);
+      const result = await this.refusable(() => (isLocal ? localFirst(local, remote) : remote()));
+      // A retried Update of a rotation the store already made: its facts are old, the run knows them;
+      // unless it is this run's rotation whose answer was lost (a local write is retried or re-run
+      // after a lost workflow task): its previous credential is still the run's current one.
+      const current = this.alive.carried.currentCredentialId;
+      const lostAnswer = isLocal && (current === null || result.previousCredentialId === current);
+      if (!(this.offPath && result.changed === false && !lostAnswer)) {
         this.alive.rotated(result, Date.now());
         this.continueAsNewDue = true;
         this.deliverCredentialRevocations();
