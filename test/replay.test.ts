@@ -52,6 +52,7 @@ describe('recorded histories replay', () => {
       'revoke-stuck-retry.json',
       'rotation-automatic.json',
       'rotation-grace-end.json',
+      'rotation-manual-local.json',
       'rotation-manual.json',
       'scheduled-revoke-cancelled.json',
       'scheduled-revoke.json',

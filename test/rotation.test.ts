@@ -10,9 +10,17 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { ApplicationFailure, WorkflowUpdateFailedError } from '@temporalio/client';
 import proto from '@temporalio/proto';
-import { describeQuery, reportSuspiciousSignal, rotateUpdate, type TokenLifecycleResult } from '../common/messages.js';
+import { Worker } from '@temporalio/worker';
+import {
+  describeQuery,
+  reportSuspiciousSignal,
+  revokeSignal,
+  rotateUpdate,
+  type TokenLifecycleResult,
+} from '../common/messages.js';
 import { tokenWorkflowId } from '../common/names.js';
 import * as store from '../common/store/index.js';
+import { WORKFLOWS_PATH } from '../worker/worker.js';
 import { INVALID_LIFECYCLE_REQUEST, TOKEN_NOT_ACTIVE } from '../workflows/lifecycle-state.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { historyText, maybeRecordHistory } from './support/history.js';
@@ -120,6 +128,131 @@ describe('rotation', () => {
     const runs = await runsOf(t.handle.workflowId);
     await maybeRecordHistory(ctx.client.workflow.getHandle(t.handle.workflowId, runs[0]), 'rotation-manual');
     await maybeRecordHistory(t.handle, 'rotation-grace-end');
+  });
+
+  it('should store a manual rotation in the workflow task that accepts it, with only its hash in history', async () => {
+    const t = await startToken(ctx, { ttlMs: 120_000 });
+    const fresh = newSecret();
+    await t.handle.executeUpdate(rotateUpdate, {
+      args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 1_000 }],
+    });
+    // The rotation continues as new: its run is closed, and holds the whole Update.
+    const runs = await waitUntil(async () => {
+      const ids = await runsOf(t.handle.workflowId);
+      return ids.length >= 2 ? ids : undefined;
+    }, 'the rotation continued as new');
+    const rotationRun = ctx.client.workflow.getHandle(t.handle.workflowId, runs[0]);
+    const events = (await rotationRun.fetchHistory()).events ?? [];
+    const accepted = events.findIndex((e) => e.workflowExecutionUpdateAcceptedEventAttributes);
+    const completed = events.findIndex((e) => e.workflowExecutionUpdateCompletedEventAttributes);
+    assert.ok(accepted >= 0 && completed > accepted, 'the Update accepted, then completed');
+    const tasksBetween = events
+      .slice(accepted, completed)
+      .filter((e) => e.eventType === proto.temporal.api.enums.v1.EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED);
+    assert.equal(tasksBetween.length, 0, 'completed in the workflow task that accepted it');
+    assert.ok(
+      !events.some((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'rotateCredential'),
+      'no rotateCredential activity through the server',
+    );
+    const text = historyText(events).join('\n');
+    assert.ok(!text.includes(fresh.token), 'the new secret is not in history');
+    assert.ok(text.includes(fresh.secretHash), 'its hash is');
+    assert.equal(await isValid(ctx, fresh.token), true, 'the new credential valid');
+    await maybeRecordHistory(rotationRun, 'rotation-manual-local');
+  });
+
+  it("should let a revoke that arrives during the rotation's local store write wait for it", async () => {
+    const t = await startToken(ctx, { ttlMs: 120_000 });
+    const fresh = newSecret();
+    const lock = await ctx.sql.connect();
+    try {
+      // The token's row held: the rotation's local write waits, its workflow task is heartbeated
+      // (every 8 s), and the revoke Signal reaches the run in the next task.
+      await lock.query('BEGIN');
+      await lock.query('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [t.tokenId]);
+      const rotating = t.handle.executeUpdate(rotateUpdate, {
+        args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 1_000 }],
+      });
+      const waitingOnTheRow = async (routine: string) =>
+        (
+          await ctx.sql.query<{ n: number }>(
+            `SELECT count(*)::int AS n FROM pg_stat_activity
+              WHERE pid <> pg_backend_pid() AND wait_event_type = 'Lock' AND query LIKE $1`,
+            [`%${routine}%`],
+          )
+        ).rows[0]!.n;
+      await waitUntil(async () => (await waitingOnTheRow('rotate_credential')) > 0, 'the rotation writing');
+      await t.handle.signal(revokeSignal, { reason: 'revoked during a rotation', actor: 'test' });
+      const { EventType } = proto.temporal.api.enums.v1;
+      // The task that handled the Signal was itself heartbeated: the run had its chance to start the kill.
+      await waitUntil(
+        async () => {
+          const events = (await t.handle.fetchHistory()).events ?? [];
+          const signalled = events.findIndex((e) => e.workflowExecutionSignaledEventAttributes);
+          return (
+            signalled >= 0 &&
+            events.slice(signalled).some((e) => e.eventType === EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)
+          );
+        },
+        'a workflow task completed after the Signal',
+        40_000,
+        200,
+      );
+      assert.equal(await waitingOnTheRow('kill_token'), 0, 'no kill in the store while the rotation is being written');
+      await lock.query('ROLLBACK');
+      const rotated = await rotating;
+      assert.equal(rotated.credentialId, fresh.credentialId);
+      const done = (await t.handle.result()) as TokenLifecycleResult;
+      assert.equal(done.status, 'revoked');
+      assert.equal(await isValid(ctx, fresh.token), false, 'the new credential died with the token');
+      // The two local calls, one after the other, resolve the same way on replay.
+      const bundle = process.env.TOKENWARDEN_TEST_WORKFLOW_BUNDLE;
+      await Worker.runReplayHistory(
+        bundle ? { workflowBundle: { codePath: bundle } } : { workflowsPath: WORKFLOWS_PATH },
+        await t.handle.fetchHistory(),
+      );
+    } finally {
+      await lock.query('ROLLBACK').catch(() => {});
+      lock.release();
+    }
+  });
+
+  it('should adopt its own rotation when the local write is retried after its first attempt committed', async () => {
+    const a = await addReceiver();
+    const t = await startToken(ctx, { ttlMs: 120_000, receivers: [a.id] });
+    const fresh = newSecret();
+    const lock = await ctx.sql.connect();
+    try {
+      await lock.query('BEGIN');
+      await lock.query('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [t.tokenId]);
+      const rotating = t.handle.executeUpdate(rotateUpdate, {
+        args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 500 }],
+      });
+      // The first attempt timed out (10 s) still waiting on the row; the second waits behind it.
+      const { rows } = await waitUntil(
+        async () => {
+          const r = await ctx.sql.query<{ n: number }>(
+            `SELECT count(*)::int AS n FROM pg_stat_activity
+              WHERE pid <> pg_backend_pid() AND wait_event_type = 'Lock' AND query LIKE '%rotate_credential%'`,
+          );
+          return r.rows[0]!.n >= 2 ? r : undefined;
+        },
+        'a second attempt of the rotation',
+        25_000,
+        100,
+      );
+      assert.equal(rows[0]!.n, 2);
+      // The first attempt commits; the second, the one recorded, finds the rotation made (changed=false).
+      await lock.query('ROLLBACK');
+      assert.equal((await rotating).credentialId, fresh.credentialId);
+      // The run knows its rotation: the old credential's grace ends and every receiver is told.
+      await waitUntil(() => credentialRevokedAt(a.receiver, t.credentialId), 'credential.revoked delivered', 20_000);
+      assert.equal(await isValid(ctx, t.token), false);
+      assert.equal(await isValid(ctx, fresh.token), true);
+    } finally {
+      await lock.query('ROLLBACK').catch(() => {});
+      lock.release();
+    }
   });
 
   it('should still end the grace of the real previous credential after a stale retried rotate', async () => {

@@ -117,6 +117,11 @@ const PATCHES = {
    * cancellation are decided before the store is written.
    */
   ownerOffCriticalPath: 'owner-off-critical-path',
+  /**
+   * A manual rotation's store write is a local activity: the Update is accepted and completed in
+   * one workflow task. A kill that comes meanwhile waits for it (never two local calls at once).
+   */
+  localRotate: 'local-rotate',
 } as const;
 
 /** A warning the owner's destination has not taken within this is dropped (audited as notice.dropped). */
@@ -194,9 +199,9 @@ const credentialDeliveries = proxyActivities<Activities>({
 });
 
 /**
- * Short store calls on the hot path (reads that decide the next step, the kill, completion): local,
- * so they cost no round trip through the server and no workflow task of their own. Never two at
- * once: concurrent local activities can resolve in other groupings on replay.
+ * Short store calls on the hot path (reads that decide the next step, the kill, completion, a manual
+ * rotation): local, so they cost no round trip through the server and no workflow task of their own.
+ * Never two at once: concurrent local activities can resolve in other groupings on replay.
  */
 const storeLocal = proxyLocalActivities<Activities>({
   startToCloseTimeout: '10s',
@@ -313,6 +318,8 @@ class TokenLifecycle {
   private offPathDecision = false;
   /** The periodic rotation in flight: a manual rotation cancels it rather than wait behind the owner. */
   private periodicRotation: CancellationScope | undefined;
+  /** A manual rotation's local store write in flight (PATCHES.localRotate): a kill waits for it. */
+  private localRotation: Promise<unknown> | undefined;
 
   constructor(private readonly input: TokenWorkflowInput) {
     this.alive = new AliveState(input, Date.now());
@@ -714,23 +721,37 @@ class TokenLifecycle {
     if (this.offPath) this.periodicRotation?.cancel();
     return this.serialized(async () => {
       this.requireActive();
-      const result = await this.refusable(() =>
-        selfManaging.rotateCredential.executeWithOptions(
-          { summary: summaryText(`rotate: new credential ${request.credentialId}`) },
-          [
-            {
-              tokenId: this.input.tokenId,
-              credentialId: request.credentialId,
-              secretHash: request.secretHash,
-              ...(request.graceMs !== undefined ? { graceMs: request.graceMs } : {}),
-              actor: request.actor ?? 'operator',
-              reason: request.reason ?? 'rotation',
-            },
-          ],
-        ),
-      );
-      // A retried Update of a rotation the store already made: its facts are old, the run knows them.
-      if (!(this.offPath && result.changed === false)) {
+      const options = { summary: summaryText(`rotate: new credential ${request.credentialId}`) };
+      const rotation = {
+        tokenId: this.input.tokenId,
+        credentialId: request.credentialId,
+        secretHash: request.secretHash,
+        ...(request.graceMs !== undefined ? { graceMs: request.graceMs } : {}),
+        actor: request.actor ?? 'operator',
+        reason: request.reason ?? 'rotation',
+      };
+      const remote = () => selfManaging.rotateCredential.executeWithOptions(options, [rotation]);
+      // The token is active, so no kill (the only other local call while alive) is in flight.
+      const local = () => {
+        const write = storeLocal.rotateCredential.executeWithOptions(options, [rotation]);
+        const settled = write.then(
+          () => undefined,
+          () => undefined,
+        );
+        this.localRotation = settled;
+        void settled.then(() => {
+          if (this.localRotation === settled) this.localRotation = undefined;
+        });
+        return write;
+      };
+      const isLocal = patched(PATCHES.localRotate);
+      const result = await this.refusable(() => (isLocal ? localFirst(local, remote) : remote()));
+      // A retried Update of a rotation the store already made: its facts are old, the run knows them;
+      // unless it is this run's rotation whose answer was lost (a local write is retried or re-run
+      // after a lost workflow task): its previous credential is still the run's current one.
+      const current = this.alive.carried.currentCredentialId;
+      const lostAnswer = isLocal && (current === null || result.previousCredentialId === current);
+      if (!(this.offPath && result.changed === false && !lostAnswer)) {
         this.alive.rotated(result, Date.now());
         this.continueAsNewDue = true;
         this.deliverCredentialRevocations();
@@ -962,6 +983,7 @@ class TokenLifecycle {
   private async killOnRevoke(): Promise<KillResult | KillSnapshot> {
     const { malformed, undecodableEncoding, ...request } = this.state.revokeRequest!;
     this.state.killing('revoke');
+    if (this.localRotation) await this.localRotation;
     if (this.local) {
       const options = { summary: summaryText(`revoke: ${request.reason}`) };
       const args = [
@@ -1019,6 +1041,7 @@ class TokenLifecycle {
     };
     const summary = { summary: 'expire: the token reached its expiry' };
     const snapshotRequest = { ...request, eventId: this.input.revocationEventId };
+    if (this.localRotation) await this.localRotation;
     const killed = this.local
       ? await localFirst(
           () => storeLocal.killAndLoad.executeWithOptions(summary, [snapshotRequest]),
