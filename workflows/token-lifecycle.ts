@@ -173,7 +173,8 @@ const ownerWarnings = proxyActivities<Activities>({
 
 /**
  * Automatic rotations (PATCHES.ownerOffCriticalPath): bounded, heartbeated so a cancellation reaches
- * the attempt (it stops before promoting), and waited for, so no attempt promotes behind the run.
+ * the attempt (it stops before promoting). Not waited for: the SDK's default cancellation type is
+ * TRY_CANCEL (see rotationOptionsV2).
  */
 const rotationOptions = (scheduleToCloseTimeout: string): ActivityOptions => ({
   startToCloseTimeout: '30s',
@@ -190,18 +191,18 @@ const ownerRotations = proxyActivities<Activities>(rotationOptions(ROTATION_SKIP
 /** A suspect secret must not stay valid while the owner is down: the report falls back to revoke sooner. */
 const suspiciousRotations = proxyActivities<Activities>(rotationOptions(SUSPICIOUS_ROTATION_REVOKES_AFTER));
 /**
- * PATCHES.ownerWorkV2: the SDK sends heartbeats at most every 0.8 × this, and the first store call
- * may wait on the token's lock: 20 s leaves a loaded worker room (a timed-out attempt re-sends).
+ * PATCHES.ownerWorkV2. The SDK sends heartbeats at most every 0.8 × heartbeatTimeout, and the first
+ * store call may wait on the token's lock: 20 s leaves a loaded worker room (a timed-out attempt
+ * re-sends). A cancelled rotation is waited for (the SDK's default is TRY_CANCEL): an attempt that
+ * was already sending promotes, and the run must record that.
  */
-const ROTATION_HEARTBEAT = '20s';
-const ownerRotationsV2 = proxyActivities<Activities>({
-  ...rotationOptions(ROTATION_SKIPPED_AFTER),
-  heartbeatTimeout: ROTATION_HEARTBEAT,
+const rotationOptionsV2 = (scheduleToCloseTimeout: string): ActivityOptions => ({
+  ...rotationOptions(scheduleToCloseTimeout),
+  heartbeatTimeout: '20s',
+  cancellationType: 'WAIT_CANCELLATION_COMPLETED',
 });
-const suspiciousRotationsV2 = proxyActivities<Activities>({
-  ...rotationOptions(SUSPICIOUS_ROTATION_REVOKES_AFTER),
-  heartbeatTimeout: ROTATION_HEARTBEAT,
-});
+const ownerRotationsV2 = proxyActivities<Activities>(rotationOptionsV2(ROTATION_SKIPPED_AFTER));
+const suspiciousRotationsV2 = proxyActivities<Activities>(rotationOptionsV2(SUSPICIOUS_ROTATION_REVOKES_AFTER));
 /**
  * A periodic rotation in flight longer than this has not delivered in one attempt (an owner send
  * is bounded at 10 s): a suspicious report then takes the owner for failing and revokes at once.
