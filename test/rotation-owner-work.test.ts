@@ -5,9 +5,13 @@
  * wait behind a periodic rotation that cannot deliver: it revokes.
  */
 import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, symlinkSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { Context } from '@temporalio/activity';
-import { reportSuspiciousSignal, rotateUpdate } from '../common/messages.js';
+import { ApplicationFailure, Context } from '@temporalio/activity';
+import { sendToOwner, type OwnerDeps } from '../activities/owner.js';
+import { describeQuery, reportSuspiciousSignal, rotateUpdate } from '../common/messages.js';
 import * as store from '../common/store/index.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { maybeRecordHistory } from './support/history.js';
@@ -22,6 +26,8 @@ const receivers: TestReceiver[] = [];
 const loseFirstRotateResult = new Set<string>();
 /** Tokens whose automatic rotation attempt has learned of the workflow's cancellation. */
 const cancellationSeen = new Set<string>();
+/** Tokens whose manual rotate waits for the test before it reaches the store. */
+const heldRotates = new Map<string, Promise<void>>();
 
 before(async () => {
   ctx = await TestContext.create('rotation-owner-work');
@@ -31,6 +37,7 @@ before(async () => {
     wrapActivities: (real) => ({
       ...real,
       rotateCredential: async (input) => {
+        await heldRotates.get(input.tokenId);
         const result = await real.rotateCredential(input);
         if (loseFirstRotateResult.delete(input.tokenId)) throw new Error('the worker lost the committed result');
         return result;
@@ -165,5 +172,81 @@ describe('rotations with a slow or failing owner', () => {
     const kinds = (await store.readAudit(ctx.pool, t.tokenId)).map((e) => e.kind);
     assert.ok(kinds.includes('token.suspicious'), kinds.join(','));
     assert.equal(await isValid(ctx, t.token), false);
+  });
+
+  it('should audit a rotation skipped because the owner destination refuses it', async () => {
+    const owner = await addReceiver('owner-refusing');
+    owner.behaviour = () => ({ status: 400 });
+    const policy = await insertPolicy(ctx, {
+      name: 'refusing-owner',
+      rotateEveryMs: 1_000,
+      ownerReceiverId: 'owner-refusing',
+    });
+    const t = await startToken(ctx, { ttlMs: 120_000, policy });
+    await waitUntil(
+      async () => (await store.readAudit(ctx.pool, t.tokenId)).some((e) => e.kind === 'rotation.skipped'),
+      'rotation.skipped in the audit trail',
+      20_000,
+    );
+    const skipped = (await store.readAudit(ctx.pool, t.tokenId)).find((e) => e.kind === 'rotation.skipped');
+    assert.match(JSON.stringify(skipped), /answered HTTP 400/);
+    await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'test over' });
+  });
+
+  it('should expire on time while continue-as-new waits for a handler stuck on the owner', async () => {
+    const owner = await addReceiver('owner-down-drain');
+    owner.behaviour = () => ({ status: 503 });
+    const policy = await insertPolicy(ctx, {
+      name: 'down-owner-drain',
+      onSuspicious: 'rotate',
+      ownerReceiverId: 'owner-down-drain',
+    });
+    const t = await startToken(ctx, { ttlMs: 12_000, policy });
+    const rotate = held();
+    heldRotates.set(t.tokenId, rotate.until);
+    const manual = newSecret();
+    const rotated = t.handle.executeUpdate(rotateUpdate, {
+      args: [{ credentialId: manual.credentialId, secretHash: manual.secretHash }],
+    });
+    // The report's rotation queues behind the manual one; once that one is recorded, continue-as-new
+    // is due and waits for the report's handler, whose rotation retries against the down owner.
+    await t.handle.signal(reportSuspiciousSignal, { reason: 'leaked in a log', actor: 'scanner' });
+    await waitUntil(
+      async () => (await store.readAudit(ctx.pool, t.tokenId)).some((e) => e.kind === 'token.suspicious'),
+      'the report audited',
+      15_000,
+    );
+    rotate.release();
+    await rotated;
+    await waitUntil(
+      () => owner.requestsFor(t.tokenId).length > 0,
+      "the report's rotation trying the down owner",
+      15_000,
+    );
+    await waitUntil(
+      async () => (await t.handle.query(describeQuery)).phase !== 'active',
+      'the token killed at its expiry',
+      20_000,
+    );
+    assert.notEqual((await store.requireToken(ctx.pool, t.tokenId)).status, 'active');
+  });
+});
+
+describe('owner folders', () => {
+  it('should make no folder outside the root through a symbolic link inside it', async () => {
+    const root = mkdtempSync(path.join(os.tmpdir(), 'tw-root-'));
+    const outside = mkdtempSync(path.join(os.tmpdir(), 'tw-outside-'));
+    symlinkSync(outside, path.join(root, 'link'));
+    const deps = { ownerDirRoot: root } as OwnerDeps;
+    const err = await sendToOwner(
+      deps,
+      { kind: 'dir', dir: path.join(root, 'link', 'team', 'secrets') },
+      { tokenId: 'tok_x', messageId: 'cred_x', body: '{}' },
+    ).then(
+      () => assert.fail('sent'),
+      (e: unknown) => e,
+    );
+    assert.ok(err instanceof ApplicationFailure && err.type === 'OwnerRefused', String(err));
+    assert.equal(existsSync(path.join(outside, 'team')), false, 'no folder made outside the root');
   });
 });
