@@ -11,7 +11,7 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import { sendToOwner, type OwnerDeps } from '../activities/owner.js';
-import { describeQuery, reportSuspiciousSignal, rotateUpdate } from '../common/messages.js';
+import { describeQuery, reportSuspiciousSignal, rotateUpdate, scheduleRevokeUpdate } from '../common/messages.js';
 import * as store from '../common/store/index.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { maybeRecordHistory } from './support/history.js';
@@ -193,7 +193,7 @@ describe('rotations with a slow or failing owner', () => {
     await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'test over' });
   });
 
-  it('should expire on time while continue-as-new waits for a handler stuck on the owner', async () => {
+  it('should revoke at the scheduled instant while continue-as-new waits for a handler stuck on the owner', async () => {
     const owner = await addReceiver('owner-down-drain');
     owner.behaviour = () => ({ status: 503 });
     const policy = await insertPolicy(ctx, {
@@ -201,7 +201,10 @@ describe('rotations with a slow or failing owner', () => {
       onSuspicious: 'rotate',
       ownerReceiverId: 'owner-down-drain',
     });
-    const t = await startToken(ctx, { ttlMs: 12_000, policy });
+    const t = await startToken(ctx, { ttlMs: 120_000, policy });
+    // A deadline of the token's own that only the workflow acts on (the reconciler does not).
+    const at = new Date(Date.now() + 10_000).toISOString();
+    await t.handle.executeUpdate(scheduleRevokeUpdate, { args: [{ at, reason: 'offboarding' }] });
     const rotate = held();
     heldRotates.set(t.tokenId, rotate.until);
     const manual = newSecret();
@@ -225,10 +228,12 @@ describe('rotations with a slow or failing owner', () => {
     );
     await waitUntil(
       async () => (await t.handle.query(describeQuery)).phase !== 'active',
-      'the token killed at its expiry',
+      'the token revoked at the scheduled instant',
       20_000,
     );
-    assert.notEqual((await store.requireToken(ctx.pool, t.tokenId)).status, 'active');
+    const row = await store.requireToken(ctx.pool, t.tokenId);
+    assert.equal(row.status, 'revoked');
+    assert.match(JSON.stringify(row), /offboarding/);
   });
 });
 
