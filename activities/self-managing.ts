@@ -201,7 +201,11 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
     };
     // The workflow's cancellation stops the attempt only before the send: once the owner may hold the
     // secret, it is promoted (the workflow records the completion), never left pending and dead.
-    if (ctx?.cancellationSignal.aborted) throw new CancelledFailure(`rotation ${input.rotationId}: cancelled`);
+    if (ctx?.cancellationSignal.aborted) {
+      // Never sent: dropped now, as a later rotation (a new rotation id) would not find it.
+      await store.discardPendingCredential(pool, input.tokenId, input.rotationId);
+      throw new CancelledFailure(`rotation ${input.rotationId}: cancelled`);
+    }
     await superseded();
     await sendToOwner(deps, destination, { tokenId: input.tokenId, messageId: credentialId, body });
     await superseded();
