@@ -11,7 +11,13 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import { sendToOwner, type OwnerDeps } from '../activities/owner.js';
-import { describeQuery, reportSuspiciousSignal, rotateUpdate, scheduleRevokeUpdate } from '../common/messages.js';
+import {
+  changeExpiryUpdate,
+  describeQuery,
+  reportSuspiciousSignal,
+  rotateUpdate,
+  scheduleRevokeUpdate,
+} from '../common/messages.js';
 import * as store from '../common/store/index.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { maybeRecordHistory } from './support/history.js';
@@ -28,6 +34,13 @@ const loseFirstRotateResult = new Set<string>();
 const cancellationSeen = new Set<string>();
 /** Tokens whose manual rotate waits for the test before it reaches the store. */
 const heldRotates = new Map<string, Promise<void>>();
+/**
+ * Tokens whose extend answers late: after the store committed it, the answer waits until a later
+ * change of the same token has committed too (or 3 s, when none can start while it is unanswered).
+ */
+const lateExtends = new Set<string>();
+const expiryChangesStarted = new Map<string, number>();
+const expiryChangesCommitted = new Map<string, number>();
 
 before(async () => {
   ctx = await TestContext.create('rotation-owner-work');
@@ -40,6 +53,17 @@ before(async () => {
         await heldRotates.get(input.tokenId);
         const result = await real.rotateCredential(input);
         if (loseFirstRotateResult.delete(input.tokenId)) throw new Error('the worker lost the committed result');
+        return result;
+      },
+      changeExpiry: async (input) => {
+        expiryChangesStarted.set(input.tokenId, (expiryChangesStarted.get(input.tokenId) ?? 0) + 1);
+        const result = await real.changeExpiry(input);
+        const n = (expiryChangesCommitted.get(input.tokenId) ?? 0) + 1;
+        expiryChangesCommitted.set(input.tokenId, n);
+        if (input.mode === 'extend' && lateExtends.has(input.tokenId)) {
+          const laterCommitted = () => (expiryChangesCommitted.get(input.tokenId) ?? 0) > n;
+          await waitUntil(laterCommitted, 'a later expiry change', 3_000).catch(() => undefined);
+        }
         return result;
       },
       rotateAutomatically: async (input) => {
@@ -234,6 +258,33 @@ describe('rotations with a slow or failing owner', () => {
     const row = await store.requireToken(ctx.pool, t.tokenId);
     assert.equal(row.status, 'revoked');
     assert.match(JSON.stringify(row), /offboarding/);
+  });
+});
+
+describe('expiry changes', () => {
+  it('should adopt the expiry the store committed last when an earlier change answers late', async () => {
+    const t = await startToken(ctx, { ttlMs: 60_000 });
+    lateExtends.add(t.tokenId);
+    const extend = t.handle.executeUpdate(changeExpiryUpdate, {
+      args: [{ ttlMs: 120_000, mode: 'extend', reason: 'more time' }],
+    });
+    await waitUntil(() => (expiryChangesStarted.get(t.tokenId) ?? 0) >= 1, 'the extend started', 15_000);
+    // Committed after the extend in the store, whatever order the answers reach the run in.
+    await waitUntil(
+      async () =>
+        (await store.requireToken(ctx.pool, t.tokenId)).expiresAt > new Date(Date.now() + 90_000).toISOString(),
+      'the extend committed',
+      15_000,
+    );
+    const shorten = t.handle.executeUpdate(changeExpiryUpdate, {
+      args: [{ ttlMs: 30_000, mode: 'shorten', reason: 'less time' }],
+    });
+    await Promise.all([extend, shorten]);
+    const stored = Date.parse((await store.requireToken(ctx.pool, t.tokenId)).expiresAt);
+    assert.ok(stored < Date.now() + 60_000, 'the shorten committed last');
+    const adopted = Date.parse((await t.handle.query(describeQuery)).expiresAt);
+    assert.equal(adopted, stored, "the run's expiry is the store's");
+    await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'test over' });
   });
 });
 
