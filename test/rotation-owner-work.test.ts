@@ -198,6 +198,33 @@ describe('rotations with a slow or failing owner', () => {
     assert.equal(await isValid(ctx, t.token), false);
   });
 
+  it('should kill at once on a revoke while a rotation is sending to a slow owner', async () => {
+    const owner = await addReceiver('owner-stalled');
+    const hold = held();
+    // The owner holds the secret's POST until its 10 s timeout would end it.
+    owner.behaviour = () => ({ status: 204, after: hold.until });
+    const policy = await insertPolicy(ctx, {
+      name: 'stalled-owner',
+      rotateEveryMs: 1_000,
+      ownerReceiverId: 'owner-stalled',
+    });
+    const t = await startToken(ctx, { ttlMs: 120_000, policy });
+    try {
+      await waitUntil(() => rotatedSecretsFor(owner, t.tokenId).length > 0, 'the rotation sending', 20_000);
+      const revokedAt = Date.now();
+      await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'compromised' });
+      // Well inside the send's 10 s: the kill does not wait for it.
+      await waitUntil(
+        async () => (await t.handle.query(describeQuery)).phase !== 'active',
+        'the workflow past its alive phase',
+        6_000,
+      );
+      assert.ok(Date.now() - revokedAt < 6_000);
+    } finally {
+      hold.release();
+    }
+  });
+
   it('should audit a rotation skipped because the owner destination refuses it', async () => {
     const owner = await addReceiver('owner-refusing');
     owner.behaviour = () => ({ status: 400 });

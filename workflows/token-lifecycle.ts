@@ -497,6 +497,9 @@ class TokenLifecycle {
       // A changed deadline (a new schedule, an adopted expiry) is re-read; anything else stops the work.
       if (woken && !stop()) continue;
       scope.cancel();
+      // A revoke does not wait for a rotation that is still sending (PATCHES.ownerWorkV2): the kill
+      // makes its credential dead whatever the attempt does.
+      if (this.ownerWorkV2Decision && this.state.revokeRequest !== undefined) return;
       await condition(() => outcome !== undefined);
       break;
     }
