@@ -119,10 +119,11 @@ const PATCHES = {
   ownerOffCriticalPath: 'owner-off-critical-path',
   /**
    * Asked only by runs that follow ownerOffCriticalPath. A manual rotate retried after the store
-   * committed it is adopted; a rotation cancelled once its send started is recorded, not retried;
-   * a suspicious report stops the periodic rotation and revokes at once when the owner is failing;
-   * rotations heartbeat every 20 s at most; a skipped rotation is audited; the drain before
-   * continue-as-new gives way to the token's own deadlines; expiry changes are serialised.
+   * committed it is adopted; a cancelled rotation is waited for (one that was sending promotes and
+   * is recorded), except by a revoke; a suspicious report stops the periodic rotation and revokes
+   * at once when the owner is failing; rotations heartbeat from their start with a 20 s timeout; a
+   * skipped rotation is audited; the drain before continue-as-new gives way to the token's own
+   * deadlines; expiry changes are serialised.
    */
   ownerWorkV2: 'owner-work-v2',
 } as const;
