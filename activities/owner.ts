@@ -44,16 +44,20 @@ export async function sendToOwner(
   deps: OwnerDeps,
   destination: OwnerDestination,
   message: { tokenId: string; messageId: string; body: string },
-  /** The activity's cancellation: a send its workflow gave up on stops (a stale secret never lands late). */
-  cancelled?: AbortSignal,
 ): Promise<{ delivered: string }> {
   if (destination.kind === 'dir') {
     // Checked here too: a policy row may predate the root or come from another process's settings.
     const problem = ownerDirProblem(deps.ownerDirRoot, destination.dir);
     if (problem !== undefined) throw ApplicationFailure.nonRetryable(`owner_dir ${problem}`, 'OwnerRefused');
+    // A symbolic link inside the root must not lead the secret, nor the folders made for it, out of
+    // it: the deepest existing ancestor is checked before mkdir, the folder itself after.
+    const root = await realpath(deps.ownerDirRoot!);
+    const outside = async (dir: string) => !isInsideRoot(root, await realpath(dir));
+    if (await outside(await deepestExisting(destination.dir))) {
+      throw ApplicationFailure.nonRetryable(`owner_dir leads outside ${deps.ownerDirRoot}`, 'OwnerRefused');
+    }
     await mkdir(destination.dir, { recursive: true, mode: 0o700 });
-    // A symbolic link inside the root must not lead the secret out of it.
-    if (!isInsideRoot(await realpath(deps.ownerDirRoot!), await realpath(destination.dir))) {
+    if (await outside(destination.dir)) {
       throw ApplicationFailure.nonRetryable(`owner_dir leads outside ${deps.ownerDirRoot}`, 'OwnerRefused');
     }
     const file = await writeOwnerFile(
@@ -78,8 +82,7 @@ export async function sendToOwner(
   const checked = checkReceiverUrl(stored.receiver.url, deps.receiverAllow);
   if (!checked.url)
     throw ApplicationFailure.nonRetryable(`owner receiver ${receiverId} refused: ${checked.problem}`, 'OwnerRefused');
-  const timeout = AbortSignal.timeout(HTTP_TIMEOUT_MS);
-  const signal = cancelled ? AbortSignal.any([timeout, cancelled]) : timeout;
+  const signal = AbortSignal.timeout(HTTP_TIMEOUT_MS);
   let addresses;
   try {
     const resolved = await resolveReceiver(checked.url, deps.receiverAllow, signal);
@@ -127,6 +130,18 @@ export async function sendToOwner(
   const error = `owner receiver ${receiverId} answered HTTP ${status}`;
   if (isRetryableStatus(status)) throw ApplicationFailure.retryable(error, 'OwnerUnavailable');
   throw ApplicationFailure.nonRetryable(error, 'OwnerRefused');
+}
+
+/** `dir` itself when it exists, else its nearest ancestor that does. */
+async function deepestExisting(dir: string): Promise<string> {
+  for (let at = path.resolve(dir); ; at = path.dirname(at)) {
+    try {
+      await stat(at);
+      return at;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT' || path.dirname(at) === at) throw err;
+    }
+  }
 }
 
 /**

@@ -192,7 +192,6 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       token: secret,
     });
     const superseded = async () => {
-      if (ctx?.cancellationSignal.aborted) throw new CancelledFailure(`rotation ${input.rotationId}: cancelled`);
       if (!(await stillPending(input.tokenId, credentialId))) {
         throw ApplicationFailure.retryable(
           `rotation ${input.rotationId}: credential ${credentialId} was discarded by a later attempt`,
@@ -200,19 +199,15 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
         );
       }
     };
-    await superseded();
-    try {
-      await sendToOwner(
-        deps,
-        destination,
-        { tokenId: input.tokenId, messageId: credentialId, body },
-        ctx?.cancellationSignal,
-      );
-    } catch (err) {
-      // A send stopped by the workflow's cancellation is a cancellation, not an outage.
-      if (ctx?.cancellationSignal.aborted) throw new CancelledFailure(`rotation ${input.rotationId}: cancelled`);
-      throw err;
+    // The workflow's cancellation stops the attempt only before the send: once the owner may hold the
+    // secret, it is promoted (the workflow records the completion), never left pending and dead.
+    if (ctx?.cancellationSignal.aborted) {
+      // Never sent: dropped now, as a later rotation (a new rotation id) would not find it.
+      await store.discardPendingCredential(pool, input.tokenId, input.rotationId);
+      throw new CancelledFailure(`rotation ${input.rotationId}: cancelled`);
     }
+    await superseded();
+    await sendToOwner(deps, destination, { tokenId: input.tokenId, messageId: credentialId, body });
     await superseded();
     const promoted = await refusals(() =>
       store.promoteCredential(pool, {
@@ -224,6 +219,31 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       }),
     );
     return outcomeOf(promoted);
+  }
+
+  /** One attempt of automatic rotation `input.rotationId`, after its crash-retry check. */
+  async function rotateOnce(
+    input: { tokenId: string; rotationId: string; graceMs?: number; why: string },
+    ctx: Context | undefined,
+  ): Promise<RotationOutcome> {
+    // A pending credential of an earlier attempt is dropped (its secret is lost); a promoted one
+    // means this rotation completed before its result was recorded.
+    const earlier = await store.discardPendingCredential(pool, input.tokenId, input.rotationId);
+    if (earlier && earlier.state !== 'pending') {
+      // The promotion's recorded facts (the superseded credential's event too) answer as the first
+      // attempt did; the grace is not used again.
+      const promoted = await refusals(() =>
+        store.promoteCredential(pool, {
+          tokenId: input.tokenId,
+          credentialId: earlier.id,
+          graceMs: 0,
+          actor: 'system:rotation',
+          reason: input.why,
+        }),
+      );
+      return outcomeOf(promoted);
+    }
+    return rotateAndDeliver(input, ctx);
   }
 
   return {
@@ -261,29 +281,13 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       graceMs?: number;
       why: string;
     }): Promise<RotationOutcome> {
-      // A pending credential of an earlier attempt is dropped (its secret is lost); a promoted one
-      // means this rotation completed before its result was recorded.
-      const earlier = await store.discardPendingCredential(pool, input.tokenId, input.rotationId);
-      if (earlier && earlier.state !== 'pending') {
-        // The promotion's recorded facts (the superseded credential's event too) answer as the first
-        // attempt did; the grace is not used again.
-        const promoted = await refusals(() =>
-          store.promoteCredential(pool, {
-            tokenId: input.tokenId,
-            credentialId: earlier.id,
-            graceMs: 0,
-            actor: 'system:rotation',
-            reason: input.why,
-          }),
-        );
-        return outcomeOf(promoted);
-      }
-      // Heartbeats bring the workflow's cancellation (or this attempt's timeout) here: a stale
-      // attempt must neither deliver its secret after a newer one nor promote behind the workflow.
+      // Heartbeats bring the workflow's cancellation (or this attempt's timeout) here; they start
+      // before the first store call, which may wait on the token's lock.
       const ctx = activityContext();
+      ctx?.heartbeat();
       const beat = ctx ? setInterval(() => ctx.heartbeat(), 1_000) : undefined;
       try {
-        return await rotateAndDeliver(input, ctx);
+        return await rotateOnce(input, ctx);
       } finally {
         clearInterval(beat);
       }
@@ -352,8 +356,13 @@ export function createSelfManagingActivities(pool: StorePool, deps: SelfManaging
       suspended: boolean;
       reason: string;
       actor: string;
+      /** The Update's id: a retried activity is the same change, audited once. */
+      requestId?: string | undefined;
     }): Promise<{ suspended: boolean; suspendedAt: string | null }> {
-      const { token } = await refusals(() => store.setSuspended(pool, input));
+      const { requestId, ...change } = input;
+      const { token } = await refusals(() =>
+        store.setSuspended(pool, { ...change, ...(requestId !== undefined ? { requestId } : {}) }),
+      );
       return { suspended: token.suspendedAt !== null, suspendedAt: token.suspendedAt };
     },
 

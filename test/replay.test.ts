@@ -51,6 +51,7 @@ describe('recorded histories replay', () => {
       'restart-adopts-stuck.json',
       'revoke-stuck-retry.json',
       'rotation-automatic.json',
+      'rotation-cancelled-mid-send.json',
       'rotation-grace-end.json',
       'rotation-manual-local.json',
       'rotation-manual.json',

@@ -122,6 +122,15 @@ const PATCHES = {
    * one workflow task. A kill that comes meanwhile waits for it (never two local calls at once).
    */
   localRotate: 'local-rotate',
+  /**
+   * Asked only by runs that follow ownerOffCriticalPath. A manual rotate retried after the store
+   * committed it is adopted; a cancelled rotation is waited for (one that was sending promotes and
+   * is recorded), except by a revoke; a suspicious report stops the periodic rotation and revokes
+   * at once when the owner is failing; rotations heartbeat from their start with a 20 s timeout; a
+   * skipped rotation is audited; the drain before continue-as-new gives way to the token's own
+   * deadlines; expiry changes are serialised.
+   */
+  ownerWorkV2: 'owner-work-v2',
 } as const;
 
 /** A warning the owner's destination has not taken within this is dropped (audited as notice.dropped). */
@@ -170,7 +179,8 @@ const ownerWarnings = proxyActivities<Activities>({
 
 /**
  * Automatic rotations (PATCHES.ownerOffCriticalPath): bounded, heartbeated so a cancellation reaches
- * the attempt (it stops before promoting), and waited for, so no attempt promotes behind the run.
+ * the attempt (it stops before promoting). Not waited for: the SDK's default cancellation type is
+ * TRY_CANCEL (see rotationOptionsV2).
  */
 const rotationOptions = (scheduleToCloseTimeout: string): ActivityOptions => ({
   startToCloseTimeout: '30s',
@@ -186,6 +196,24 @@ const rotationOptions = (scheduleToCloseTimeout: string): ActivityOptions => ({
 const ownerRotations = proxyActivities<Activities>(rotationOptions(ROTATION_SKIPPED_AFTER));
 /** A suspect secret must not stay valid while the owner is down: the report falls back to revoke sooner. */
 const suspiciousRotations = proxyActivities<Activities>(rotationOptions(SUSPICIOUS_ROTATION_REVOKES_AFTER));
+/**
+ * PATCHES.ownerWorkV2. The SDK sends heartbeats at most every 0.8 × heartbeatTimeout, and the first
+ * store call may wait on the token's lock: 20 s leaves a loaded worker room (a timed-out attempt
+ * re-sends). A cancelled rotation is waited for (the SDK's default is TRY_CANCEL): an attempt that
+ * was already sending promotes, and the run must record that.
+ */
+const rotationOptionsV2 = (scheduleToCloseTimeout: string): ActivityOptions => ({
+  ...rotationOptions(scheduleToCloseTimeout),
+  heartbeatTimeout: '20s',
+  cancellationType: 'WAIT_CANCELLATION_COMPLETED',
+});
+const ownerRotationsV2 = proxyActivities<Activities>(rotationOptionsV2(ROTATION_SKIPPED_AFTER));
+const suspiciousRotationsV2 = proxyActivities<Activities>(rotationOptionsV2(SUSPICIOUS_ROTATION_REVOKES_AFTER));
+/**
+ * A periodic rotation in flight longer than this has not delivered in one attempt (an owner send
+ * is bounded at 10 s): a suspicious report then takes the owner for failing and revokes at once.
+ */
+const OWNER_FAILING_AFTER_MS = 15_000;
 
 /** Deliveries of credential.revoked events while the token lives: retried until settled or rejected. */
 const credentialDeliveries = proxyActivities<Activities>({
@@ -320,6 +348,12 @@ class TokenLifecycle {
   private periodicRotation: CancellationScope | undefined;
   /** A manual rotation's local store write in flight (PATCHES.localRotate): a kill waits for it. */
   private localRotation: Promise<unknown> | undefined;
+  /** Whether this run follows PATCHES.ownerWorkV2: only a `true` answer is kept. */
+  private ownerWorkV2Decision = false;
+  /** The periodic rotation in flight (PATCHES.ownerWorkV2): when it started, and its end. */
+  private periodicInFlight: { startedAtMs: number; ended: Promise<void> } | undefined;
+  /** Whether the last automatic rotation ended in a failure to deliver (not a cancellation). */
+  private lastRotationFailed = false;
 
   constructor(private readonly input: TokenWorkflowInput) {
     this.alive = new AliveState(input, Date.now());
@@ -433,6 +467,12 @@ class TokenLifecycle {
     return this.offPathDecision;
   }
 
+  /** Whether this run follows PATCHES.ownerWorkV2 (asked only by runs that follow ownerOffCriticalPath). */
+  private get ownerWorkV2(): boolean {
+    if (!this.ownerWorkV2Decision) this.ownerWorkV2Decision = patched(PATCHES.ownerWorkV2);
+    return this.ownerWorkV2Decision;
+  }
+
   /**
    * Owner work (a warning, the periodic rotation) raced against what must not wait for it: a
    * revoke, continue-as-new, a message that asks for it (`yieldTo`), or another deadline falling due.
@@ -465,6 +505,9 @@ class TokenLifecycle {
       // A changed deadline (a new schedule, an adopted expiry) is re-read; anything else stops the work.
       if (woken && !stop()) continue;
       scope.cancel();
+      // A revoke does not wait for a rotation that is still sending (PATCHES.ownerWorkV2): the kill
+      // makes its credential dead whatever the attempt does.
+      if (this.ownerWorkV2Decision && this.state.revokeRequest !== undefined) return;
       await condition(() => outcome !== undefined);
       break;
     }
@@ -472,19 +515,43 @@ class TokenLifecycle {
     if (ended?.error !== undefined && !isCancellation(ended.error)) throw ended.error;
   }
 
+  /**
+   * Waits for every handler to finish; false when one of the token's own deadlines (expiry, a
+   * scheduled revoke, an idle check, an end of grace) falls due first, or a revoke arrives.
+   */
+  private async drainUnlessOwnDeadline(): Promise<boolean> {
+    for (;;) {
+      const own = this.alive.nextOwn(Date.now());
+      if (own.atMs <= Date.now()) return false;
+      const seen = this.alive.changes;
+      await condition(
+        () => allHandlersFinished() || this.state.revokeRequest !== undefined || this.alive.changes !== seen,
+        Math.max(1, own.atMs - Date.now()),
+        { summary: summaryText(`drain handlers before continue-as-new, until ${describeDeadline(own)}`) },
+      );
+      if (this.state.revokeRequest !== undefined) return false;
+      if (allHandlersFinished()) return true;
+    }
+  }
+
   /** One step of the alive phase: act on the deadline that is due, or sleep until the next one. */
   private async aliveStep(): Promise<KillResult | KillSnapshot | undefined> {
     if (this.continueAsNewDue || workflowInfo().continueAsNewSuggested) {
-      // A handler stuck on an outside system must not hold up a revoke that arrives meanwhile.
-      if (this.offPath) await condition(() => allHandlersFinished() || this.state.revokeRequest !== undefined);
+      // A handler stuck on an outside system must not hold up a revoke that arrives meanwhile, nor
+      // (PATCHES.ownerWorkV2) the token's own deadlines: those are acted on first, below.
+      let drained = true;
+      if (this.offPath && this.ownerWorkV2) drained = await this.drainUnlessOwnDeadline();
+      else if (this.offPath) await condition(() => allHandlersFinished() || this.state.revokeRequest !== undefined);
       else await condition(allHandlersFinished);
       if (this.state.revokeRequest) return undefined;
-      await continueAsNew<typeof tokenLifecycle>({
-        ...this.input,
-        expiresAt: this.alive.expiresAt,
-        ...(this.alive.policy ? { policy: this.alive.policy } : {}),
-        carried: this.alive.toCarried(),
-      });
+      if (drained) {
+        await continueAsNew<typeof tokenLifecycle>({
+          ...this.input,
+          expiresAt: this.alive.expiresAt,
+          ...(this.alive.policy ? { policy: this.alive.policy } : {}),
+          carried: this.alive.toCarried(),
+        });
+      }
     }
     this.deliverCredentialRevocations();
     const now = Date.now();
@@ -528,8 +595,18 @@ class TokenLifecycle {
         if (this.offPath) {
           const scope = new CancellationScope();
           this.periodicRotation = scope;
-          await this.raceOwnerWork(() => this.rotateAutomatically(undefined, 'rotate_every'), scope).finally(() => {
+          const ended = this.raceOwnerWork(() => this.rotateAutomatically(undefined, 'rotate_every'), scope);
+          const inFlight = {
+            startedAtMs: Date.now(),
+            ended: ended.then(
+              () => undefined,
+              () => undefined,
+            ),
+          };
+          this.periodicInFlight = inFlight;
+          await ended.finally(() => {
             if (this.periodicRotation === scope) this.periodicRotation = undefined;
+            if (this.periodicInFlight === inFlight) this.periodicInFlight = undefined;
           });
         } else await this.rotateAutomatically(undefined, 'rotate_every');
         return undefined;
@@ -643,20 +720,46 @@ class TokenLifecycle {
       // A manual rotation that went first re-armed the periodic one.
       if (why === 'rotate_every' && this.offPathDecision && !this.alive.rotationDue(Date.now())) return false;
       const rotationId = this.alive.nextRotationId(this.input.tokenId);
-      const rotations = !this.offPathDecision ? selfManaging : graceMs === 0 ? suspiciousRotations : ownerRotations;
+      const v2 = this.offPathDecision && this.ownerWorkV2;
+      this.lastRotationFailed = false;
+      const rotations = !this.offPathDecision
+        ? selfManaging
+        : graceMs === 0
+          ? v2
+            ? suspiciousRotationsV2
+            : suspiciousRotations
+          : v2
+            ? ownerRotationsV2
+            : ownerRotations;
       try {
         const result = await rotations.rotateAutomatically.executeWithOptions(
           { summary: summaryText(`automatic rotation ${rotationId} (${why})`) },
           [{ tokenId: this.input.tokenId, rotationId, ...(graceMs !== undefined ? { graceMs } : {}), why }],
         );
+        this.lastRotationFailed = false;
         this.alive.rotated(result, Date.now());
         this.continueAsNewDue = true;
         this.deliverCredentialRevocations();
         return true;
       } catch (err) {
         if (!(err instanceof ActivityFailure) || isCancellation(err)) throw err;
+        this.lastRotationFailed = true;
+        // Cancelled once its send had started, the attempt ended and the server retried no more: the
+        // rotation stays due and is tried again (as a cancelled one before its send is).
+        if (v2 && CancellationScope.current().consideredCancelled) return false;
         log.warn('automatic rotation refused', { tokenId: this.input.tokenId, rotationId, error: failureMessage(err) });
         this.alive.rotationSkipped(Date.now());
+        // Visible to an operator: a worker that cannot reach the owner's destination rotates nothing.
+        if (v2) {
+          await store.recordAudit.executeWithOptions({ summary: 'audit: rotation skipped' }, [
+            {
+              tokenId: this.input.tokenId,
+              auditKey: `rotation-skipped:${rotationId}:${workflowInfo().runId}:${this.alive.changes}`,
+              kind: 'rotation.skipped',
+              data: { rotationId, why, error: failureMessage(err) },
+            },
+          ]);
+        }
         return false;
       }
     });
@@ -751,7 +854,7 @@ class TokenLifecycle {
       // after a lost workflow task): its previous credential is still the run's current one.
       const current = this.alive.carried.currentCredentialId;
       const lostAnswer = isLocal && (current === null || result.previousCredentialId === current);
-      if (!(this.offPath && result.changed === false && !lostAnswer)) {
+      if (!(this.offPath && result.changed === false && (isLocal ? !lostAnswer : this.staleRotation(result)))) {
         this.alive.rotated(result, Date.now());
         this.continueAsNewDue = true;
         this.deliverCredentialRevocations();
@@ -765,13 +868,31 @@ class TokenLifecycle {
     });
   }
 
+  /**
+   * A rotation the store had made before (changed=false) is stale when the run already records a
+   * later one; a retried activity of this Update is not (PATCHES.ownerWorkV2): it is adopted.
+   */
+  private staleRotation(result: { previousCredentialId: string | null }): boolean {
+    if (!this.ownerWorkV2) return true;
+    const current = this.alive.carried.currentCredentialId;
+    return current !== null && current !== result.previousCredentialId;
+  }
+
   private async setSuspended(suspended: boolean, request: SuspendRequest): Promise<SuspendResult> {
     if (!this.enterSelfManaging()) throw ApplicationFailure.nonRetryable('suspend: not supported by this run');
     this.requireActive();
+    // The Update's id makes a retried activity the same change, audited once.
+    const requestId = currentUpdateInfo()?.id;
     const change = () =>
       this.refusable(() =>
         selfManaging.setSuspended.executeWithOptions({ summary: suspended ? 'suspend' : 'resume' }, [
-          { tokenId: this.input.tokenId, suspended, reason: request.reason, actor: request.actor ?? 'operator' },
+          {
+            tokenId: this.input.tokenId,
+            suspended,
+            reason: request.reason,
+            actor: request.actor ?? 'operator',
+            ...(requestId !== undefined ? { requestId } : {}),
+          },
         ]),
       );
     // Serialised: the run records the changes in the order the store committed them.
@@ -804,7 +925,7 @@ class TokenLifecycle {
    * Handlers of one kind (the schedule's store writes, suspend/resume) one at a
    * time, in the order they arrived: the store and the run end in the same state.
    */
-  private inOrder<T>(queue: 'schedule' | 'suspension', step: () => Promise<T>): Promise<T> {
+  private inOrder<T>(queue: 'schedule' | 'suspension' | 'expiry', step: () => Promise<T>): Promise<T> {
     const run = (this.handlerQueues.get(queue) ?? Promise.resolve()).then(step);
     this.handlerQueues.set(
       queue,
@@ -852,19 +973,30 @@ class TokenLifecycle {
   private async changeExpiry(request: ChangeExpiryRequest): Promise<ChangeExpiryResult> {
     if (!this.enterSelfManaging()) throw ApplicationFailure.nonRetryable('changeExpiry: not supported by this run');
     this.requireActive();
-    const result = await this.refusable(() =>
-      selfManaging.changeExpiry.executeWithOptions({ summary: summaryText(`${request.mode} expiry`) }, [
-        {
-          tokenId: this.input.tokenId,
-          ttlMs: request.ttlMs,
-          mode: request.mode,
-          reason: request.reason,
-          actor: request.actor ?? 'operator',
-          // A retried Update is the same change.
-          requestId: currentUpdateInfo()?.id ?? `${workflowInfo().runId}:${this.alive.changes}`,
-        },
-      ]),
-    );
+    const requestId = currentUpdateInfo()?.id ?? `${workflowInfo().runId}:${this.alive.changes}`;
+    const change = () =>
+      this.refusable(() =>
+        selfManaging.changeExpiry.executeWithOptions({ summary: summaryText(`${request.mode} expiry`) }, [
+          {
+            tokenId: this.input.tokenId,
+            ttlMs: request.ttlMs,
+            mode: request.mode,
+            reason: request.reason,
+            actor: request.actor ?? 'operator',
+            // A retried Update is the same change.
+            requestId,
+          },
+        ]),
+      );
+    if (this.offPath && this.ownerWorkV2) {
+      // Serialised: the run adopts the expiries in the order the store committed them.
+      return this.inOrder('expiry', async () => {
+        const result = await change();
+        this.adoptExpiry(result.expiresAt);
+        return result;
+      });
+    }
+    const result = await change();
     this.adoptExpiry(result.expiresAt);
     return result;
   }
@@ -913,7 +1045,11 @@ class TokenLifecycle {
     if (this.activeRefusal()) return;
     // The old secret is suspect: no grace.
     if (rotate && this.offPath) {
-      if (await this.rotateUnlessRevoked()) return;
+      // PATCHES.ownerWorkV2: the report does not queue behind the periodic rotation; when that one
+      // was failing to deliver, so would this one: revoke at once.
+      const ownerFailing =
+        this.periodicInFlight !== undefined && this.ownerWorkV2 && (await this.stopPeriodicRotation());
+      if (!ownerFailing && (await this.rotateUnlessRevoked())) return;
       if (this.activeRefusal()) return;
     } else if (rotate && (await this.rotateAutomatically(0, 'suspicious activity'))) return;
     this.state.systemRevoke({
@@ -921,6 +1057,19 @@ class TokenLifecycle {
       actor: report.actor,
       initiatingEntity: 'system',
     });
+  }
+
+  /**
+   * Cancels the periodic rotation in flight (it stops before its send; one already sending ends as
+   * its attempt does) and waits for it. True when the owner is failing: the rotation ended in a
+   * failure, or had been in flight longer than a delivering attempt takes.
+   */
+  private async stopPeriodicRotation(): Promise<boolean> {
+    const inFlight = this.periodicInFlight!;
+    const slow = Date.now() - inFlight.startedAtMs >= OWNER_FAILING_AFTER_MS;
+    this.periodicRotation?.cancel();
+    await inFlight.ended;
+    return slow || this.lastRotationFailed;
   }
 
   /**

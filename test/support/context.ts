@@ -92,7 +92,7 @@ export class TestContext {
    */
   async startWorker(
     settings: Settings = this.settings,
-    opts: Pick<TokenWorkerOptions, 'wrapActivities'> = {},
+    opts: Pick<TokenWorkerOptions, 'wrapActivities' | 'maxHeartbeatThrottleMs'> = {},
   ): Promise<RunningWorker> {
     const bundlePath = process.env.TOKENWARDEN_TEST_WORKFLOW_BUNDLE;
     const worker = await createTokenWorker({
