@@ -189,6 +189,13 @@ BEGIN
       CASE WHEN owner.status = 'active' THEN 'expired' ELSE owner.status END
       USING ERRCODE = '55000', CONSTRAINT = 'token_not_active';
   END IF;
+  -- A credential made current after this one was set pending (a manual rotation meanwhile) wins:
+  -- promoting this one would demote the newer secret to a grace that ends unannounced to its holder.
+  IF EXISTS (SELECT 1 FROM credential c
+              WHERE c.token_id = owner.id AND c.state = 'current' AND c.created_at > promoted.created_at) THEN
+    RAISE EXCEPTION 'credential % was superseded while pending: a newer credential is current', promoted.id
+      USING ERRCODE = '23514', CONSTRAINT = 'credential_superseded_while_pending';
+  END IF;
 
   SELECT * INTO old_previous FROM credential c WHERE c.token_id = owner.id AND c.state = 'previous';
   IF FOUND THEN

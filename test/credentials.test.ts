@@ -251,4 +251,39 @@ describe('pending credentials (automatic rotation)', () => {
       (err: unknown) => err instanceof InvalidInputError && err.fields[0]?.path === 'credentialId',
     );
   });
+
+  it('should refuse to promote a pending credential once a newer one was made current (a manual rotation meanwhile)', async () => {
+    const token = await newToken([]);
+    const rotationId = `${token.id}:rot:1`;
+    const late = await store.insertPendingCredential(ctx.pool, {
+      tokenId: token.id,
+      credentialId: newCredentialId(),
+      secretHash: randomBytes(32),
+      rotationId,
+    });
+    const manual = await store.rotateCredential(ctx.pool, {
+      tokenId: token.id,
+      credentialId: newCredentialId(),
+      secretHash: randomBytes(32),
+      graceMs: 30_000,
+      actor: 'admin:alice',
+      reason: 'by hand',
+    });
+    await assert.rejects(
+      store.promoteCredential(ctx.pool, {
+        tokenId: token.id,
+        credentialId: late.id,
+        graceMs: 30_000,
+        actor: 'system',
+        reason: 'policy',
+      }),
+      (err: unknown) =>
+        err instanceof InvalidInputError &&
+        err.fields[0]?.path === 'credentialId' &&
+        /superseded while pending/.test(err.message),
+    );
+    const states = Object.fromEntries((await store.listCredentials(ctx.pool, token.id)).map((c) => [c.id, c.state]));
+    assert.equal(states[manual.credentialId], 'current', 'the manual rotation stays current');
+    assert.equal(states[late.id], 'pending', 'the late one never becomes valid');
+  });
 });

@@ -105,7 +105,10 @@ const credentialColumns = (schema: string) =>
 export function storeRefusal(err: unknown, tokenId: string): never {
   const e = err as { code?: string; constraint?: string; message?: string };
   if (e.code === '55000' && e.constraint === 'token_not_active') throw new TokenNotActiveError(tokenId, e.message!);
-  if (e.code === '23514' && e.constraint === 'credential_not_pending') {
+  if (
+    e.code === '23514' &&
+    (e.constraint === 'credential_not_pending' || e.constraint === 'credential_superseded_while_pending')
+  ) {
     throw new InvalidInputError(e.message!, [{ path: 'credentialId', message: e.message! }]);
   }
   if (e.code === '23505' && (e.constraint === 'credential_pkey' || e.constraint === 'credential_rotation_id_key')) {
