@@ -5,8 +5,7 @@
  * through the verifier, until it expires. Time is scaled (one day = `dayMs`), so the workflow meets
  * the same sequence of deadlines as in a real year. Every run of the continue-as-new chain counts.
  */
-import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
-import os from 'node:os';
+import { mkdir, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { createVerifier, type Verifier } from '../client/verifier.js';
@@ -152,7 +151,11 @@ function sumCounts(histories: History[], dayMs: number) {
 
 export async function yearSection(rig: Rig, opts: YearOptions, settle: () => Promise<unknown>) {
   const day = opts.dayMs;
-  const ownerDir = await mkdtemp(path.join(os.tmpdir(), 'tokenwarden-bench-owner-'));
+  // Owner folders must lie under the stack's TOKENWARDEN_OWNER_DIR_ROOT (its <data dir>/owner).
+  const root = rig.stack.settings.ownerDirRoot;
+  if (root === undefined) throw new Error('the stack has no owner folder root (TOKENWARDEN_OWNER_DIR_ROOT)');
+  await mkdir(root, { recursive: true, mode: 0o700 });
+  const ownerDir = await mkdtemp(path.join(root, 'bench-owner-'));
   rig.teardown.push({ name: 'owner folder', stop: () => rm(ownerDir, { recursive: true, force: true }) });
   const { id: receiverId } = await addReceiver(rig, 'year');
   const policy = `bench-year-${rig.tag}`;
