@@ -5,21 +5,23 @@
 import { ApplicationFailure } from '@temporalio/activity';
 import type { Client } from '@temporalio/client';
 import type { StorePool } from '../common/db.js';
-import type { Settings } from '../common/config.js';
+import { DEFAULT_MAX_TTL_MS, type Settings } from '../common/config.js';
 import { NotFoundError } from '../common/errors.js';
 import * as store from '../common/store/index.js';
 import { MasterKeyring } from '../common/secrets.js';
 import type { KillSnapshot, PropagationSnapshot } from '../common/messages.js';
 import { createReceiverAgents, deliverRevocation, deliverRevocationToAll, toDeliveryView } from './propagation.js';
 import { createReconcilerActivities } from './reconciler.js';
+import { DEFAULT_GRACE_MS, createSelfManagingActivities } from './self-managing.js';
 
 export interface ActivityDeps {
   pool: StorePool;
   client: Client;
   settings: Pick<
     Settings,
-    'masterKey' | 'previousMasterKeys' | 'receiverAllow' | 'timing' | 'reconcileGraceMs' | 'temporal'
-  >;
+    'masterKey' | 'previousMasterKeys' | 'receiverAllow' | 'timing' | 'reconcileGraceMs' | 'temporal' | 'defaultGraceMs'
+  > &
+    Partial<Pick<Settings, 'maxTtlMs' | 'ownerDirRoot'>>;
 }
 
 export function createActivities(deps: ActivityDeps) {
@@ -94,6 +96,16 @@ export function createActivities(deps: ActivityDeps) {
     },
 
     ...createReconcilerActivities(deps),
+
+    ...createSelfManagingActivities(pool, {
+      pool,
+      keyring,
+      receiverAllow: settings.receiverAllow,
+      agents,
+      ...(settings.ownerDirRoot !== undefined ? { ownerDirRoot: settings.ownerDirRoot } : {}),
+      defaultGraceMs: settings.defaultGraceMs ?? DEFAULT_GRACE_MS,
+      maxTtlMs: settings.maxTtlMs ?? DEFAULT_MAX_TTL_MS,
+    }),
   };
 }
 

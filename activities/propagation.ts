@@ -142,7 +142,7 @@ const MAX_PROBE_ANSWER_BYTES = 4096;
  * not followed: a 3xx is an answer like any other. Resolves once the status is known, with the
  * body when `readBody` (at most MAX_PROBE_ANSWER_BYTES; `tooLong` past that), discarded otherwise.
  */
-function send(
+export function send(
   agents: ReceiverAgents,
   url: URL,
   addresses: readonly LookupAddress[],
@@ -287,12 +287,15 @@ export async function deliverRevocation(
   // One deadline for the whole attempt (the event and the probe), name resolution included.
   const signal = AbortSignal.any([AbortSignal.timeout(HTTP_TIMEOUT_MS), Context.current().cancellationSignal]);
   const attempt: Attempt = { deps, eventId, receiverId, secret, signal };
+  // A probe answers whether the TOKEN is still accepted, which stays true after a credential.revoked
+  // event (the token lives on with its current credential): its acknowledgement settles it.
+  const probeUrl = isCredentialEvent(loaded.body) ? null : stored.record.probeUrl;
   // An event acknowledged earlier is never POSTed again: later attempts only ask the probe.
   if (loaded.delivery.ackedAt === null) {
-    const posted = await postEvent(attempt, stored.record.url, loaded.body, stored.record.probeUrl !== null);
+    const posted = await postEvent(attempt, stored.record.url, loaded.body, probeUrl !== null);
     if (posted.status !== 'pending') return toDeliveryView(posted);
   }
-  if (stored.record.probeUrl === null) {
+  if (probeUrl === null) {
     // Acknowledged, and no probe to ask (none when the acknowledgement was recorded either).
     const delivered = await recordDeliveryAttempt(deps.pool, eventId, receiverId, {
       kind: 'delivered',
@@ -300,7 +303,12 @@ export async function deliverRevocation(
     });
     return toDeliveryView(delivered);
   }
-  return toDeliveryView(await probe(attempt, stored.record.probeUrl, loaded.delivery.tokenId));
+  return toDeliveryView(await probe(attempt, probeUrl, loaded.delivery.tokenId));
+}
+
+/** A credential's revocation (rotation, end of grace), not the token's: the outbox row's body says which. */
+function isCredentialEvent(body: string): boolean {
+  return (JSON.parse(body) as { type?: unknown }).type === 'credential.revoked';
 }
 
 /** What the steps of one attempt share. */

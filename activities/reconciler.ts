@@ -57,7 +57,8 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
   const { pool, client, settings } = deps;
   const taskQueue = settings.temporal.taskQueue;
 
-  const tell = (token: store.TokenRecord) =>
+  // A run this starts carries the token's policy snapshot, as the start would have.
+  const tell = async (token: store.TokenRecord) =>
     signalRevoke(
       client,
       token,
@@ -68,6 +69,7 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
       },
       taskQueue,
       settings.timing,
+      await store.workflowPolicyOf(pool, token),
     );
 
   /** Describe is strongly consistent: RUNNING means a run exists now, not that it makes progress. */
@@ -170,7 +172,7 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
     },
     async unstarted(token, healed) {
       try {
-        await startTokenWorkflow(client, token, taskQueue, settings.timing);
+        await startTokenWorkflow(client, token, taskQueue, settings.timing, await store.workflowPolicyOf(pool, token));
       } catch (err) {
         // Its workflow ran and closed (a revoke's signal-with-start got there first): only the mark was missing.
         if (!(err instanceof WorkflowExecutionAlreadyStartedError)) throw err;

@@ -8,18 +8,15 @@
  *   revoke   revokeMany of N tokens against a raw signal loop (bench/bulk-revoke.ts)
  * Progress goes to stderr; stdout gets a summary, then a final line with one JSON object.
  */
-import { randomBytes } from 'node:crypto';
-import os from 'node:os';
 import { parseArgs } from 'node:util';
 import { BULK_DEFAULTS } from '../client/bulk/pipeline.js';
-import { REVOKE_MANY_DEFAULTS, TokenWarden } from '../client/index.js';
-import { connectTemporal } from '../common/temporal.js';
+import { REVOKE_MANY_DEFAULTS } from '../client/index.js';
 import { importSection, memorySection } from './bulk-import.js';
 import { revokeSection } from './bulk-revoke.js';
 import { waitUntilQuiet } from './proc.js';
 import { watchedPids } from './scale-memory.js';
-import { section, type Rig, type Teardown } from './scale-rig.js';
-import { startUserStack, waitForWorkers } from './scale-stack.js';
+import { section, type Teardown } from './scale-rig.js';
+import { closeRig, haltOnSignals, machineFacts, openUserRig } from './user-rig.js';
 
 const SECTIONS = ['import', 'revoke'] as const;
 type Section = (typeof SECTIONS)[number];
@@ -75,28 +72,13 @@ type Options = ReturnType<typeof parseOptions>;
 
 async function main(): Promise<void> {
   const options = parseOptions(process.argv.slice(2));
-  const halt = new AbortController();
-  const onSignal = () => {
-    if (halt.signal.aborted) process.exit(130);
-    say('interrupted: stopping the stack (Ctrl-C again to force, which leaves its servers running)');
-    halt.abort(new Error('interrupted'));
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
+  const halt = haltOnSignals(say);
 
   const teardown: Teardown = [];
   const results: Record<string, unknown> = {};
   let failure: unknown;
   try {
-    const stack = await startUserStack({ workers: 0, log: say, signal: halt.signal });
-    teardown.push({ name: 'stack', stop: stack.stop });
-    const client = await connectTemporal(stack.settings);
-    teardown.push({ name: 'temporal client', stop: () => client.connection.close() });
-    await waitForWorkers(stack, client, halt.signal);
-    const warden = await TokenWarden.connect(stack.settings);
-    teardown.push({ name: 'warden', stop: () => warden.close() });
-    say(`stack ready: ${stack.env.TEMPORAL_ADDRESS}`);
-    const rig: Rig = { stack, warden, client, tag: randomBytes(3).toString('hex'), signal: halt.signal, say, teardown };
+    const rig = await openUserRig(halt.signal, say, teardown);
     const settle = () => waitUntilQuiet(() => watchedPids(rig), { timeoutMs: options.timeoutMs, signal: halt.signal });
     const run: Record<Section, () => Promise<object>> = {
       import: async () => ({
@@ -125,23 +107,13 @@ async function main(): Promise<void> {
   } catch (err) {
     failure = err;
   } finally {
-    for (const { name, stop } of teardown.reverse()) {
-      await stop().catch((err: Error) => {
-        say(`stopping ${name} failed: ${err.message}`);
-        process.exitCode = 1;
-      });
-    }
+    await closeRig(teardown, say);
   }
   const final = {
     bench: 'bulk',
     date: new Date().toISOString(),
     options: { ...options, only: options.only.join(',') },
-    machine: {
-      node: process.version,
-      cpus: os.cpus().length,
-      cpuModel: os.cpus()[0]?.model ?? 'unknown',
-      memoryGiB: Math.round(os.totalmem() / 2 ** 30),
-    },
+    machine: machineFacts(),
     stack: 'tokenwarden start (Temporal dev server on SQLite, embedded PostgreSQL with fsync on, in-process worker)',
     ...results,
     ...(failure ? { failed: failure instanceof Error ? failure.message : String(failure) } : {}),

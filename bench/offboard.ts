@@ -6,13 +6,12 @@
  * connection polling the rows), until every workflow was told, until every receiver acknowledged.
  * Human lines on stderr, a final JSON line on stdout.
  */
-import { randomBytes, randomUUID } from 'node:crypto';
-import os from 'node:os';
+import { randomUUID } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
-import { OFFBOARD_DEFAULTS, TokenWarden } from '../client/index.js';
+import { OFFBOARD_DEFAULTS } from '../client/index.js';
 import type { RevokeRequest } from '../common/messages.js';
-import { signalRevokeRunning, connectTemporal } from '../common/temporal.js';
+import { signalRevokeRunning } from '../common/temporal.js';
 import { waitUntilQuiet } from './proc.js';
 import { watchedPids } from './scale-memory.js';
 import {
@@ -25,7 +24,7 @@ import {
   type Rig,
   type Teardown,
 } from './scale-rig.js';
-import { startUserStack, waitForWorkers } from './scale-stack.js';
+import { closeRig, haltOnSignals, machineFacts, openUserRig } from './user-rig.js';
 import { mapLimited } from './workflows.js';
 
 const say = (msg: string) => process.stderr.write(`[bench:offboard] ${msg}\n`);
@@ -119,26 +118,12 @@ async function rawSignalSection(rig: Rig, opts: Options, settle: () => Promise<u
 
 async function main(): Promise<void> {
   const opts = parseOptions(process.argv.slice(2));
-  const halt = new AbortController();
-  const onSignal = () => {
-    if (halt.signal.aborted) process.exit(130);
-    say('interrupted: stopping the stack');
-    halt.abort(new Error('interrupted'));
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
+  const halt = haltOnSignals(say);
   const teardown: Teardown = [];
   let results: Record<string, unknown> = {};
   let failure: unknown;
   try {
-    const stack = await startUserStack({ workers: 0, log: say, signal: halt.signal });
-    teardown.push({ name: 'stack', stop: stack.stop });
-    const client = await connectTemporal(stack.settings);
-    teardown.push({ name: 'temporal client', stop: () => client.connection.close() });
-    await waitForWorkers(stack, client, halt.signal);
-    const warden = await TokenWarden.connect(stack.settings);
-    teardown.push({ name: 'warden', stop: () => warden.close() });
-    const rig: Rig = { stack, warden, client, tag: randomBytes(3).toString('hex'), signal: halt.signal, say, teardown };
+    const rig = await openUserRig(halt.signal, say, teardown);
     const settle = () => waitUntilQuiet(() => watchedPids(rig), { timeoutMs: opts.timeoutMs, signal: halt.signal });
     const offboard = await section(rig, 'offboard', () => offboardSection(rig, opts, settle));
     await settle();
@@ -155,18 +140,13 @@ async function main(): Promise<void> {
   } catch (err) {
     failure = err;
   } finally {
-    for (const { name, stop } of teardown.reverse()) {
-      await stop().catch((err: Error) => {
-        say(`stopping ${name} failed: ${err.message}`);
-        process.exitCode = 1;
-      });
-    }
+    await closeRig(teardown, say);
   }
   const final = {
     bench: 'offboard',
     date: new Date().toISOString(),
     options: opts,
-    machine: { node: process.version, cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model ?? 'unknown' },
+    machine: machineFacts(),
     stack: 'tokenwarden start (Temporal dev server on SQLite, embedded PostgreSQL with fsync on, in-process worker)',
     ...results,
     ...(failure ? { failed: failure instanceof Error ? failure.message : String(failure) } : {}),

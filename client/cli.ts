@@ -4,9 +4,10 @@ import path from 'node:path';
 import { Command, CommanderError, Option } from 'commander';
 import { loadApiSettings, loadSettings, loadStoreSettings, PACKAGE_ROOT, readStackFile } from '../common/config.js';
 import { migrate } from '../common/db.js';
-import { ConfigError, InvalidInputError, NotFoundError } from '../common/errors.js';
+import { ConfigError, InvalidInputError, NotFoundError, PolicyApplyInProgressError } from '../common/errors.js';
 import { UNPRINTABLE } from '../common/validation.js';
-import type { TokenWarden } from './index.js';
+import type { PolicyRecord, TokenWarden } from './index.js';
+import { formatDuration } from '../common/durations.js';
 import type { BulkCommandOptions } from './bulk/command.js';
 import { TokenWardenStore, type TokenView } from './store.js';
 
@@ -114,6 +115,18 @@ function describeToken(t: TokenView): string {
     tty`expires      ${t.expiresAt}`,
   ];
   if (t.revokedAt) lines.push(tty`revoked      ${t.revokedAt} by ${t.revokedBy}: ${t.revokeReason}`);
+  if (t.policy) lines.push(tty`policy       ${t.policy}`);
+  if (t.suspendedAt) lines.push(tty`suspended    ${t.suspendedAt} by ${t.suspendedBy}: ${t.suspendReason}`);
+  if (t.revokeScheduledAt) {
+    lines.push(tty`revoke at    ${t.revokeScheduledAt}: ${t.revokeScheduledReason}`);
+  }
+  for (const c of t.credentials ?? []) {
+    lines.push(
+      tty`credential   ${c.id}: ${c.state}` +
+        (c.state === 'previous' && c.validUntil ? tty`, valid until ${c.validUntil}` : '') +
+        (c.revokedAt ? tty`, revoked ${c.revokedAt}` : ''),
+    );
+  }
   for (const d of t.deliveries) {
     lines.push(
       tty`receiver     ${d.receiverId}: ${d.status}, ${d.attempts} attempt(s)` +
@@ -136,6 +149,8 @@ const defaultActor = process.env.USER ? `cli:${process.env.USER}` : 'cli';
 // ---------------------------------------------------------------- revoke --where / --resume
 
 interface RevokeCommandOptions {
+  at?: string;
+  cancelScheduled?: boolean;
   reason?: string;
   actor: string;
   where?: string[];
@@ -367,6 +382,70 @@ async function listUnfinishedOperations(json: boolean): Promise<void> {
   );
 }
 
+// ---------------------------------------------------------------- self-managing tokens
+
+interface PolicySetOptions {
+  maxTtl?: string;
+  idleTimeout?: string;
+  rotateEvery?: string;
+  grace?: string;
+  warn?: string;
+  scopes?: string;
+  onSuspicious?: 'rotate' | 'revoke';
+  ownerReceiver?: string;
+  ownerDir?: string;
+  json?: boolean;
+}
+
+/** The library's field names as the options a user typed (`maxTtl` → `--max-ttl`). */
+async function withPolicyFlags<T>(fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    if (!(err instanceof InvalidInputError) || err.fields.length === 0) throw err;
+    const flag = (path: string) => {
+      const [head, ...rest] = path.split('.');
+      const name = `--${head!.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
+      // `name` is the command's argument, `(input)` the whole request: neither is an option.
+      return head === '(input)' || head === 'name' ? path : [name, ...rest].join('.');
+    };
+    const fields = err.fields.map((f) => ({ ...f, path: flag(f.path) }));
+    throw new InvalidInputError(
+      `${err.message.split(':')[0]}: ${fields.map((f) => `${f.path}: ${f.message}`).join('; ')}`,
+      fields,
+    );
+  }
+}
+
+function describePolicy(p: PolicyRecord): string {
+  const d = (ms: number | null) => (ms === null ? 'none' : formatDuration(ms));
+  return [
+    tty`policy         ${p.name} (version ${p.version}, updated ${p.updatedAt})`,
+    `max lifetime   ${d(p.maxLifetimeMs)}`,
+    `idle timeout   ${d(p.idleTimeoutMs)}`,
+    `rotate every   ${d(p.rotateEveryMs)}`,
+    `grace          ${p.graceMs === 0 ? '0' : formatDuration(p.graceMs)}`,
+    `warn before    ${p.warnBeforeMs.length ? p.warnBeforeMs.map(formatDuration).join(', ') : 'none'}`,
+    tty`scopes         ${p.allowedScopes ? p.allowedScopes.join(', ') : 'any'}`,
+    `on suspicious  ${p.onSuspicious}`,
+    tty`owner          ${p.ownerReceiverId ? `receiver ${p.ownerReceiverId}` : p.ownerDir ? `folder ${p.ownerDir}` : 'none'}`,
+  ].join('\n');
+}
+
+/** `revoke <tokenId> --at <time>` and `--cancel-scheduled`: the token's workflow owns the instant. */
+async function scheduledRevokeCommand(tokenId: string, opts: RevokeCommandOptions): Promise<void> {
+  const outcome = await withWarden((tw) =>
+    opts.at !== undefined
+      ? tw.scheduleRevoke(tokenId, { at: opts.at, reason: opts.reason!, actor: opts.actor })
+      : tw.cancelScheduledRevoke(tokenId, { reason: opts.reason!, actor: opts.actor }),
+  );
+  print(!!opts.json, outcome, () =>
+    outcome.revokeAt
+      ? tty`${outcome.tokenId} will be revoked at ${outcome.revokeAt}`
+      : tty`${outcome.tokenId}: no revocation scheduled`,
+  );
+}
+
 export function buildProgram(): Command {
   // Subcommands inherit these settings: usage errors throw (exit 2 in main) instead of exiting 1.
   const program = new Command('tokenwarden')
@@ -413,6 +492,8 @@ export function buildProgram(): Command {
         ...(stack.receiverAllow?.length
           ? [shellLine('TOKENWARDEN_RECEIVER_ALLOW', stack.receiverAllow.join(','))]
           : []),
+        // Without it a separate worker would refuse the policies' owner folders.
+        ...(stack.ownerDirRoot ? [shellLine('TOKENWARDEN_OWNER_DIR_ROOT', stack.ownerDirRoot)] : []),
         // The key stays in its file: a path in the environment, never the key itself.
         stack.masterKeyFile
           ? shellLine('TOKENWARDEN_MASTER_KEY_FILE', stack.masterKeyFile)
@@ -450,6 +531,7 @@ export function buildProgram(): Command {
     .option('--receiver <id>', 'a receiver to notify on revocation (repeatable)', collect)
     .option('--scope <scope>', 'a scope (repeatable)', collect)
     .option('--name <name>', 'a label for people')
+    .option('--policy <name>', 'a named policy: a ttl above its max lifetime or a scope it does not allow is refused')
     // Bulk issue (client/bulk): one token per record of the file.
     .option('--from <file>', 'issue one token per record of this file (jsonl or csv; - for stdin)')
     .option('--out <file>', 'with --from: the file the raw tokens are written to (mode 0600; resumed on a rerun)')
@@ -470,13 +552,16 @@ export function buildProgram(): Command {
           receiver?: string[];
           scope?: string[];
           name?: string;
+          policy?: string;
           json?: boolean;
           from?: string;
           out?: string;
         } & BulkCommandOptions,
       ) => {
         if (opts.from !== undefined) {
-          const single = (['subject', 'ttl', 'receiver', 'scope', 'name'] as const).find((o) => opts[o] !== undefined);
+          const single = (['subject', 'ttl', 'receiver', 'scope', 'name', 'policy'] as const).find(
+            (o) => opts[o] !== undefined,
+          );
           if (single) {
             throw new InvalidInputError(
               `invalid issue: --${single} does not go with --from (each record has its own)`,
@@ -514,6 +599,7 @@ export function buildProgram(): Command {
             receivers: opts.receiver ?? [],
             scopes: opts.scope ?? [],
             ...(opts.name !== undefined ? { name: opts.name } : {}),
+            ...(opts.policy !== undefined ? { policy: opts.policy } : {}),
           }),
         );
         print(!!opts.json, issued, () =>
@@ -548,6 +634,11 @@ export function buildProgram(): Command {
       'with --where: refuse, before any kill, when more than n active tokens match (scripts: pass it)',
     )
     .option('--operations', 'list the revoke --where operations not complete (id, filter, created, killed, told)')
+    .option(
+      '--at <time>',
+      "with a token id: revoke at this instant (ISO 8601, e.g. 2026-12-31T18:00:00Z); the token's workflow carries it out",
+    )
+    .option('--cancel-scheduled', 'with a token id: cancel its scheduled revocation')
     .addOption(json)
     .action(async function (this: Command, tokenId: string | undefined, opts: RevokeCommandOptions) {
       const usage = (message: string) => this.error(`error: ${message}`, { exitCode: EXIT.invalidInput });
@@ -563,6 +654,12 @@ export function buildProgram(): Command {
           usage(`--${bulkOnly.join(', --')}: only with --where or --resume, not with a token id`);
         if (tokenId === undefined) usage('missing a token id, --where <criteria> or --resume <operationId>');
         if (opts.reason === undefined) usage("required option '--reason <text>' not specified");
+        if (opts.at !== undefined || opts.cancelScheduled) {
+          if (opts.at !== undefined && opts.cancelScheduled)
+            usage('--at schedules, --cancel-scheduled cancels: not both');
+          await scheduledRevokeCommand(tokenId!, opts);
+          return;
+        }
         const outcome = await withWarden((tw) =>
           tw.revoke({ tokenId: tokenId!, reason: opts.reason!, actor: opts.actor }),
         );
@@ -575,6 +672,7 @@ export function buildProgram(): Command {
         return;
       }
       if (tokenId !== undefined) usage('give a token id, or --where/--resume, not both');
+      if (opts.at !== undefined || opts.cancelScheduled) usage('--at and --cancel-scheduled: with a token id only');
       if (opts.where !== undefined && opts.resume !== undefined)
         usage('--resume carries on its own filter: drop --where');
       if (opts.resume === undefined && opts.reason === undefined) {
@@ -685,6 +783,256 @@ export function buildProgram(): Command {
         outcome,
         () => tty`${outcome.tokenId}: forced ${outcome.forced.join(', ') || 'no receiver'}; propagation completes`,
       );
+    });
+
+  // ------------------------------------------------ self-managing tokens: rotate, report, suspend, extend, policy
+  program
+    .command('rotate')
+    .description(
+      'rotate a token: a new secret (printed once, here only) becomes current; the old one stays valid for the grace, then is revoked at every receiver',
+    )
+    .argument('<tokenId>')
+    .option(
+      '--grace <duration>',
+      "how long the old secret stays valid, e.g. 10m or 0 (default: the policy's, else 10m)",
+    )
+    .option('--reason <text>', 'why (audited)')
+    .option('--actor <who>', 'who rotates (audited)', defaultActor)
+    .addOption(json)
+    .action(async (tokenId: string, opts: { grace?: string; reason?: string; actor: string; json?: boolean }) => {
+      const rotated = await withWarden((tw) =>
+        tw.rotate(tokenId, {
+          actor: opts.actor,
+          ...(opts.grace !== undefined ? { grace: opts.grace } : {}),
+          ...(opts.reason !== undefined ? { reason: opts.reason } : {}),
+        }),
+      );
+      const out = {
+        tokenId: rotated.tokenId,
+        token: rotated.token,
+        credentialId: rotated.credentialId,
+        previousValidUntil: rotated.previousValidUntil,
+      };
+      print(!!opts.json, out, () =>
+        [
+          tty`token id    ${out.tokenId}`,
+          tty`credential  ${out.credentialId}`,
+          out.previousValidUntil
+            ? tty`old secret  valid until ${out.previousValidUntil}`
+            : 'old secret  none was valid',
+          tty`token       ${out.token}`,
+          '(the token is shown once; store it now)',
+        ].join('\n'),
+      );
+    });
+
+  program
+    .command('report')
+    .description(
+      "report suspicious activity: the token's policy rotates it (grace 0) or revokes it; the evidence is audited",
+    )
+    .argument('<tokenId>')
+    .requiredOption('--reason <text>', 'what was seen (audited)')
+    .option('--evidence <json>', 'evidence as JSON, kept in the audit trail (at most 8 KiB)')
+    .option('--actor <who>', 'who reports (audited)', defaultActor)
+    .addOption(json)
+    .action(async (tokenId: string, opts: { reason: string; evidence?: string; actor: string; json?: boolean }) => {
+      let evidence: unknown;
+      if (opts.evidence !== undefined) {
+        try {
+          evidence = JSON.parse(opts.evidence);
+        } catch {
+          throw new InvalidInputError('invalid --evidence: expected JSON, e.g. {"ip":"203.0.113.9"}', [
+            { path: 'evidence', message: 'expected JSON' },
+          ]);
+        }
+      }
+      const outcome = await withWarden((tw) =>
+        tw.reportSuspicious(tokenId, {
+          reason: opts.reason,
+          actor: opts.actor,
+          ...(evidence !== undefined ? { evidence } : {}),
+        }),
+      );
+      print(
+        !!opts.json,
+        outcome,
+        () => tty`${outcome.tokenId}: reported (${outcome.reportId}); its policy says ${outcome.action}`,
+      );
+    });
+
+  for (const [name, suspend] of [
+    ['suspend', true],
+    ['resume', false],
+  ] as const) {
+    program
+      .command(name)
+      .description(
+        suspend
+          ? 'suspend a token: it fails verification until resumed, but is not dead (expiry and revoke still run)'
+          : 'resume a suspended token',
+      )
+      .argument('<tokenId>')
+      .requiredOption('--reason <text>', 'why (audited)')
+      .option('--actor <who>', 'who decides (audited)', defaultActor)
+      .addOption(json)
+      .action(async (tokenId: string, opts: { reason: string; actor: string; json?: boolean }) => {
+        const outcome = await withWarden((tw) =>
+          suspend
+            ? tw.suspend(tokenId, { reason: opts.reason, actor: opts.actor })
+            : tw.resume(tokenId, { reason: opts.reason, actor: opts.actor }),
+        );
+        print(!!opts.json, outcome, () =>
+          outcome.suspended
+            ? tty`${outcome.tokenId} suspended at ${outcome.suspendedAt}`
+            : tty`${outcome.tokenId} resumed (not suspended)`,
+        );
+      });
+  }
+
+  for (const [name, mode] of [
+    ['extend', 'extend'],
+    ['shorten', 'shorten'],
+  ] as const) {
+    program
+      .command(name)
+      .description(
+        mode === 'extend'
+          ? "move a token's expiry later, to now + ttl, within its policy's max lifetime (the store first, then its workflow)"
+          : "move a token's expiry earlier, to now + ttl (the store first, then its workflow)",
+      )
+      .argument('<tokenId>')
+      .requiredOption('--ttl <duration>', 'the new expiry is now + this, e.g. 30d')
+      .requiredOption('--reason <text>', 'why (audited)')
+      .option('--actor <who>', 'who decides (audited)', defaultActor)
+      .addOption(json)
+      .action(async (tokenId: string, opts: { ttl: string; reason: string; actor: string; json?: boolean }) => {
+        const input = { ttl: opts.ttl, reason: opts.reason, actor: opts.actor };
+        const outcome = await withWarden((tw) =>
+          mode === 'extend' ? tw.extend(tokenId, input) : tw.shorten(tokenId, input),
+        );
+        print(
+          !!opts.json,
+          outcome,
+          () => tty`${outcome.tokenId} expires ${outcome.expiresAt} (was ${outcome.previousExpiresAt})`,
+        );
+      });
+  }
+
+  const policy = program
+    .command('policy')
+    .description('named policies: lifetime, inactivity, rotation, warnings, scopes');
+  policy
+    .command('set')
+    .description(
+      'create or replace a policy (every field: those not given take their defaults); tokens under it change when you apply it',
+    )
+    .argument('<name>')
+    .option('--max-ttl <duration>', 'max lifetime of its tokens, e.g. 90d')
+    .option('--idle-timeout <duration>', 'revoke a token unused this long (reason inactive)')
+    .option('--rotate-every <duration>', 'rotate automatically; the new secret goes to the owner destination')
+    .option('--grace <duration>', 'how long the previous secret stays valid after a rotation (default 10m)')
+    .option('--warn <durations>', 'warn the owner this long before expiry or idle revocation, e.g. 30d,7d,1d')
+    .option('--scopes <scopes>', 'the only scopes its tokens may have, e.g. read,write (default: any)')
+    .addOption(
+      new Option('--on-suspicious <action>', 'what a suspicious-activity report does (default revoke)').choices([
+        'rotate',
+        'revoke',
+      ]),
+    )
+    .option('--owner-receiver <id>', "a receiver that gets the owner's notices, signed (warnings, rotated secrets)")
+    .option('--owner-dir <dir>', "a folder where the owner's notices are written as 0600 files (dev stack)")
+    .addOption(json)
+    .action(async (name: string, opts: PolicySetOptions) => {
+      const list = (text: string | undefined) => (text === undefined ? undefined : text.split(','));
+      const fields = {
+        ...(opts.maxTtl !== undefined ? { maxTtl: opts.maxTtl } : {}),
+        ...(opts.idleTimeout !== undefined ? { idleTimeout: opts.idleTimeout } : {}),
+        ...(opts.rotateEvery !== undefined ? { rotateEvery: opts.rotateEvery } : {}),
+        ...(opts.grace !== undefined ? { grace: opts.grace } : {}),
+        ...(opts.warn !== undefined ? { warn: list(opts.warn) } : {}),
+        ...(opts.scopes !== undefined ? { scopes: list(opts.scopes) } : {}),
+        ...(opts.onSuspicious !== undefined ? { onSuspicious: opts.onSuspicious } : {}),
+        ...(opts.ownerReceiver !== undefined ? { ownerReceiver: opts.ownerReceiver } : {}),
+        ...(opts.ownerDir !== undefined ? { ownerDir: opts.ownerDir } : {}),
+      };
+      const saved = await withPolicyFlags(() => withWarden((tw) => tw.setPolicy(name, fields)));
+      print(
+        !!opts.json,
+        saved,
+        () =>
+          describePolicy(saved) +
+          '\n(apply it to tell its tokens: tokenwarden policy apply ' +
+          printable(saved.name) +
+          ')',
+      );
+    });
+  policy
+    .command('show')
+    .argument('<name>')
+    .addOption(json)
+    .action(async (name: string, opts: { json?: boolean }) => {
+      // Store-only: no Temporal module is loaded to read a policy.
+      const { requirePolicy } = await import('../common/store/policies.js');
+      const { parsePolicyName } = await import('../common/validation.js');
+      const policyName = parsePolicyName(name);
+      const found = await withStore((s) => requirePolicy(s.pool, policyName));
+      print(!!opts.json, found, () => describePolicy(found));
+    });
+  policy
+    .command('apply')
+    .description(
+      'tell every live token of the policy (rate-limited, resumable: a rerun tells those not told yet); each workflow recomputes its deadlines, shortens or revokes (reason policy)',
+    )
+    .argument('<name>')
+    .option('--dry-run', 'list which live tokens would be shortened or revoked, and why; nothing is changed')
+    .option('--rate <n>', 'workflows told per second at most (default 200)')
+    .addOption(json)
+    .action(async (name: string, opts: { dryRun?: boolean; rate?: string; json?: boolean }) => {
+      const rate = opts.rate === undefined ? undefined : Number(opts.rate);
+      if (rate !== undefined && (!Number.isFinite(rate) || rate <= 0)) {
+        throw new InvalidInputError(`invalid --rate: expected a positive number, got ${opts.rate}`, [
+          { path: 'rate', message: 'expected a positive number' },
+        ]);
+      }
+      const json = !!opts.json;
+      if (opts.dryRun) {
+        const report = await withWarden((tw) => tw.applyPolicy(name, { dryRun: true }));
+        print(json, report, () =>
+          [
+            tty`policy ${report.policy} v${report.version} as of ${report.asOf}: ${report.evaluated} live token(s), ${report.unchanged} unchanged`,
+            ...report.shorten.map((f) => tty`shorten  ${f.tokenId}  ${f.expiresAt} → ${f.newExpiresAt}  (${f.why})`),
+            ...report.revoke.map((f) => tty`revoke   ${f.tokenId}  reason ${f.reason}  (${f.why})`),
+          ].join('\n'),
+        );
+        return;
+      }
+      const report = await withWarden(async (tw) => {
+        const bar = process.stderr.isTTY && !json ? await progressBar('telling workflows') : undefined;
+        const stop = new AbortController();
+        const onSignal = () => stop.abort();
+        process.once('SIGINT', onSignal);
+        try {
+          return await tw.applyPolicy(name, {
+            ...(rate === undefined ? {} : { rate }),
+            signal: stop.signal,
+            onProgress: bar && (({ done, failed, total }) => bar.update(done + failed, total)),
+          });
+        } finally {
+          process.off('SIGINT', onSignal);
+          bar?.stop();
+        }
+      });
+      for (const warning of report.warnings) warn(warning);
+      print(
+        json,
+        report,
+        () =>
+          tty`policy ${report.policy} v${report.version}: ${report.signalled} workflow(s) told (operation ${report.operationId})` +
+          (report.remaining ? tty`, ${report.remaining} not told yet` : ''),
+      );
+      if (report.aborted) process.exitCode = EXIT_INTERRUPTED;
+      else if (report.remaining > 0) process.exitCode = EXIT.failure;
     });
 
   program
@@ -886,7 +1234,11 @@ export async function main(argv: string[]): Promise<void> {
           ? EXIT.notFound
           : EXIT.failure;
     const message = err instanceof Error ? err.message : String(err);
-    const known = err instanceof InvalidInputError || err instanceof NotFoundError || err instanceof ConfigError;
+    const known =
+      err instanceof InvalidInputError ||
+      err instanceof NotFoundError ||
+      err instanceof ConfigError ||
+      err instanceof PolicyApplyInProgressError;
     process.stderr.write(`tokenwarden: ${printable(message)}\n`);
     if (!known && process.env.TOKENWARDEN_DEBUG) console.error(err);
     process.exitCode = code;

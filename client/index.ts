@@ -20,6 +20,29 @@ import { INITIATING_ENTITIES, type InitiatingEntity, type TokenStatus } from '..
 import { generateTokenString, hashToken } from '../common/secrets.js';
 import * as store from '../common/store/index.js';
 import { StartedMarks } from './started-marks.js';
+import { policySnapshot } from '../common/store/policies.js';
+import {
+  applyPolicy,
+  setPolicy,
+  showPolicy,
+  type ApplyPolicyOptions,
+  type PolicyApplyReport,
+  type PolicyDeps,
+  type PolicyDryRunReport,
+  type PolicyFields,
+  type PolicyRecord,
+} from './policies.js';
+import * as selfManaging from './self-managing.js';
+import type {
+  ChangeExpiryInput,
+  RotateInput,
+  RotateOutcome,
+  ScheduleRevokeInput,
+  SelfManagingDeps,
+  SelfManagingOperatorInput,
+  SuspiciousInput,
+  SuspiciousOutcome,
+} from './self-managing.js';
 import type { BulkDeps, BulkOptions, BulkReport } from './bulk/pipeline.js';
 import type { IssueManyOptions, IssueManyReport } from './bulk/issue-many.js';
 import {
@@ -27,6 +50,7 @@ import {
   correlationIdSchema,
   nameSchema,
   parseInput,
+  policyNameSchema,
   reasonSchema,
   receiverIdSchema,
   subjectLookupSchema,
@@ -88,6 +112,25 @@ export type { BulkError, BulkOptions, BulkProgress, BulkReport } from './bulk/pi
 export type { IssueManyOptions, IssueManyReport, IssuedEntry } from './bulk/issue-many.js';
 export type { ImportRecordInput, IssueRecordInput } from './bulk/records.js';
 export { readRecords, SourceLine, type RecordFormat } from './bulk/reader.js';
+// Self-managing tokens: policies, rotation, suspension, scheduled revoke, expiry changes.
+export {
+  POLICY_APPLY_DEFAULTS,
+  type ApplyPolicyOptions,
+  type PolicyApplyReport,
+  type PolicyDryRunReport,
+  type PolicyFields,
+  type PolicyFinding,
+  type PolicyRecord,
+} from './policies.js';
+export type {
+  ChangeExpiryInput,
+  RotateInput,
+  RotateOutcome,
+  ScheduleRevokeInput,
+  SelfManagingOperatorInput,
+  SuspiciousInput,
+  SuspiciousOutcome,
+} from './self-managing.js';
 /** Offline check of a token string's shape and checksum (for secret scanners); no store access. */
 export { isWellFormedToken } from '../common/secrets.js';
 
@@ -98,6 +141,8 @@ export const issueSchema = (maxTtlMs: number) =>
     ttl: ttlSchema(maxTtlMs),
     name: nameSchema.optional(),
     scopes: z.array(z.string().regex(/^[\x21-\x7e]{1,100}$/, 'expected a scope without spaces')).default([]),
+    /** A named policy: a ttl above its max lifetime or a scope it does not allow is refused, nothing written. */
+    policy: policyNameSchema.optional(),
   });
 export type IssueRequest = z.input<ReturnType<typeof issueSchema>>;
 
@@ -277,10 +322,14 @@ export class TokenWarden extends TokenWardenStore {
       receivers: [...new Set(req.receivers)].sort(),
       ttlMs: req.ttl,
       secretHash: hashToken(token),
+      policy: req.policy ?? null,
     });
     try {
+      // The policy the issue read under its lock, whose version the row records (a `policy set`
+      // since then is told by an apply).
+      const policy = record.issuedUnder ? policySnapshot(record.issuedUnder) : undefined;
       await this.temporal.connection.withDeadline(Date.now() + TEMPORAL_CALL_DEADLINE_MS, () =>
-        startTokenWorkflow(this.temporal, record, this.settings.temporal.taskQueue, this.settings.timing),
+        startTokenWorkflow(this.temporal, record, this.settings.temporal.taskQueue, this.settings.timing, policy),
       );
     } catch (err) {
       throw await this.abandonIssue(record.id, err);
@@ -383,8 +432,9 @@ export class TokenWarden extends TokenWardenStore {
     try {
       if (!(signalled.reason instanceof WorkflowNotFoundError)) throw signalled.reason;
       // No running workflow (never started, or already closed): start one that adopts the kill.
+      const policy = await store.workflowPolicyOf(this.pool, t);
       await this.temporal.connection.withDeadline(deadline, () =>
-        signalRevoke(this.temporal, t, request, this.settings.temporal.taskQueue, this.settings.timing),
+        signalRevoke(this.temporal, t, request, this.settings.temporal.taskQueue, this.settings.timing, policy),
       );
       outcome.workflowSignalled = true;
     } catch (err) {
@@ -474,10 +524,25 @@ export class TokenWarden extends TokenWardenStore {
       );
     } catch (err) {
       if (!(err instanceof WorkflowNotFoundError)) throw err;
+      const policy = await store.workflowPolicyOf(this.pool, token);
       await this.temporal.connection.withDeadline(deadline, () =>
-        signalRevoke(this.temporal, token, request, this.settings.temporal.taskQueue, this.settings.timing),
+        signalRevoke(this.temporal, token, request, this.settings.temporal.taskQueue, this.settings.timing, policy),
       );
     }
+  }
+
+  /**
+   * Tells the workflow of a token killed in the store alone (reuse detected by a verifier), with the
+   * kill's facts, as the reconciler's untold set would later. Nothing to tell for a live token.
+   */
+  async tellKilled(tokenId: string): Promise<void> {
+    const token = await store.requireToken(this.pool, tokenId);
+    if (token.status === 'active') return;
+    await this.tellWorkflow(token, {
+      reason: token.revokeReason ?? 'unspecified',
+      actor: token.revokedBy ?? 'system',
+      initiatingEntity: token.initiatingEntity ?? 'system',
+    });
   }
 
   /**
@@ -524,5 +589,79 @@ export class TokenWarden extends TokenWardenStore {
               : `the ${kind} could not be sent to its workflow (${causes(err)})`;
       throw new Error(`token ${req.tokenId}: ${what}`, { cause: err });
     }
+  }
+
+  // ------------------------------------------------ self-managing tokens (client/self-managing.ts, client/policies.ts)
+
+  private get selfManagingDeps(): SelfManagingDeps & PolicyDeps {
+    return {
+      pool: this.pool,
+      temporal: this.temporal,
+      maxTtlMs: this.settings.maxTtlMs,
+      ...(this.settings.ownerDirRoot !== undefined ? { ownerDirRoot: this.settings.ownerDirRoot } : {}),
+    };
+  }
+
+  /**
+   * Rotates the token: a new secret generated here, its SHA-256 sent to the token's workflow, which
+   * makes it the current credential; the old one stays valid for the grace (`grace`, else the
+   * policy's, else the worker's default), then is revoked at every receiver. The raw token is
+   * returned once.
+   */
+  async rotate(tokenId: string, input: RotateInput = {}): Promise<RotateOutcome> {
+    return selfManaging.rotate(this.selfManagingDeps, tokenId, input);
+  }
+
+  /** Reports suspicious activity; the token's policy rotates (grace 0) or revokes. Evidence is audited. */
+  async reportSuspicious(tokenId: string, input: SuspiciousInput): Promise<SuspiciousOutcome> {
+    return selfManaging.reportSuspicious(this.selfManagingDeps, tokenId, input);
+  }
+
+  /** Suspends: the token fails verification until resumed, but is not dead (expiry and revoke still run). */
+  async suspend(tokenId: string, input: SelfManagingOperatorInput) {
+    return selfManaging.setSuspended(this.selfManagingDeps, tokenId, true, input);
+  }
+
+  async resume(tokenId: string, input: SelfManagingOperatorInput) {
+    return selfManaging.setSuspended(this.selfManagingDeps, tokenId, false, input);
+  }
+
+  /** Revokes the token at `at` (its workflow carries it out then); replaces an earlier schedule. */
+  async scheduleRevoke(tokenId: string, input: ScheduleRevokeInput) {
+    return selfManaging.scheduleRevoke(this.selfManagingDeps, tokenId, input);
+  }
+
+  async cancelScheduledRevoke(tokenId: string, input: SelfManagingOperatorInput) {
+    return selfManaging.cancelScheduledRevoke(this.selfManagingDeps, tokenId, input);
+  }
+
+  /** Moves the expiry later, to now + ttl (database clock), within the policy's max lifetime. */
+  async extend(tokenId: string, input: ChangeExpiryInput) {
+    return selfManaging.changeExpiry(this.selfManagingDeps, tokenId, 'extend', input);
+  }
+
+  /** Moves the expiry earlier, to now + ttl (database clock). */
+  async shorten(tokenId: string, input: ChangeExpiryInput) {
+    return selfManaging.changeExpiry(this.selfManagingDeps, tokenId, 'shorten', input);
+  }
+
+  /** Writes a named policy (every field; those not given take their defaults). Apply it to tell its tokens. */
+  async setPolicy(name: string, fields: PolicyFields = {}): Promise<PolicyRecord> {
+    return setPolicy(this.selfManagingDeps, name, fields);
+  }
+
+  async showPolicy(name: string): Promise<PolicyRecord> {
+    return showPolicy(this.selfManagingDeps, name);
+  }
+
+  /**
+   * `dryRun`: what the policy does to each live token of it now (shorten, revoke, and why). Else
+   * every live token's workflow not yet told of the policy's version is signalled, paced; resumable.
+   */
+  async applyPolicy(name: string, options: ApplyPolicyOptions & { dryRun: true }): Promise<PolicyDryRunReport>;
+  async applyPolicy(name: string, options?: ApplyPolicyOptions & { dryRun?: false }): Promise<PolicyApplyReport>;
+  async applyPolicy(name: string, options?: ApplyPolicyOptions): Promise<PolicyDryRunReport | PolicyApplyReport>;
+  async applyPolicy(name: string, options: ApplyPolicyOptions = {}): Promise<PolicyDryRunReport | PolicyApplyReport> {
+    return applyPolicy(this.selfManagingDeps, name, options);
   }
 }

@@ -303,6 +303,7 @@ export async function revokeMany(
     notSignalled: [],
     failed: 0,
     firstFailures: [],
+    notRunning: [],
     gaveUp: false,
     notTried: 0,
     aborted: false,

@@ -12,6 +12,7 @@ import { checkReceiverUrl, resolveReceiver, type ReceiverAllowance } from '../co
 import { generateSigningSecret, MasterKeyring } from '../common/secrets.js';
 // The store modules these calls need, not common/store/index.js, whose kill path loads uuid.
 import { listDeliveryReports, type DeliveryReport } from '../common/store/deliveries.js';
+import { listCredentials, type CredentialRecord } from '../common/store/credentials.js';
 import {
   insertReceiver,
   listReceivers,
@@ -87,6 +88,8 @@ export type TokenSummary = Omit<TokenRecord, 'status' | 'effectiveStatus'> & {
 export interface TokenView extends TokenSummary {
   /** Each receiver's delivery, with its acknowledgement (`delivered`) and probe confirmation (`verified`). */
   deliveries: DeliveryReport[];
+  /** Its credentials (secret versions), oldest first: state, and a previous one's grace deadline (`validUntil`). */
+  credentials: CredentialRecord[];
 }
 
 export interface ConnectOptions {
@@ -137,7 +140,11 @@ export class TokenWardenStore {
   async show(tokenId: string): Promise<TokenView> {
     const id = parseInput(tokenIdSchema, tokenId, 'token id');
     const token = await requireToken(this.pool, id);
-    return { ...summarise(token), deliveries: await listDeliveryReports(this.pool, id) };
+    const [deliveries, credentials] = await Promise.all([
+      listDeliveryReports(this.pool, id),
+      listCredentials(this.pool, id),
+    ]);
+    return { ...summarise(token), deliveries, credentials };
   }
 
   async list(filter: ListFilter = {}): Promise<TokenSummary[]> {

@@ -8,6 +8,12 @@ import type { TokenRecord } from '../common/store/index.js';
 /** Signals failed in a row after which telling stops (Temporal is likely down). */
 export const GIVE_UP_AFTER = 8;
 
+/**
+ * What `tell` answers when Temporal says the token's workflow is not running (closed, or never
+ * started): an answer, so Temporal is up; the token is left untold without counting as a failure.
+ */
+export const NOT_RUNNING = 'not-running';
+
 export interface TellProgress {
   /** Workflows told so far, and how many failed to be. */
   done: number;
@@ -28,6 +34,8 @@ export interface TellOutcome {
   /** Signals that failed, and the first three failures' text. */
   failed: number;
   firstFailures: string[];
+  /** Tokens (also in notSignalled) whose workflow Temporal said is not running. */
+  notRunning: string[];
   /** Stopped after GIVE_UP_AFTER failures in a row; `notTried` workflows were then left. */
   gaveUp: boolean;
   notTried: number;
@@ -42,32 +50,36 @@ export function causes(err: unknown): string {
   return messages.join(': ') || String(err);
 }
 
-/** Waits `ms`, or less when `signal` aborts meanwhile (an abort at a low rate is heard at once). */
-function sleepUnlessAborted(ms: number, signal: AbortSignal | undefined): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal?.aborted) return resolve();
-    const done = () => {
-      clearTimeout(timer);
-      signal?.removeEventListener('abort', done);
-      resolve();
-    };
-    const timer = setTimeout(done, ms);
-    signal?.addEventListener('abort', done, { once: true });
-  });
-}
-
 /**
  * Tells each token's workflow with `tell`, paced by start time (the n-th call goes out no earlier
  * than n / rate after the first) and at most `concurrency` at once.
  */
-export async function tellPaced(
-  tokens: readonly TokenRecord[],
-  tell: (token: TokenRecord) => Promise<void>,
+export async function tellPaced<T extends Pick<TokenRecord, 'id'>>(
+  tokens: readonly T[],
+  tell: (token: T) => Promise<void | typeof NOT_RUNNING>,
   pace: TellPace,
   opts: { onProgress?: (progress: TellProgress) => void; signal?: AbortSignal },
 ): Promise<TellOutcome> {
   const abort = opts.signal;
+  // One abort listener for the whole loop, not one per sleeping worker: `concurrency` of them on
+  // one signal pass Node's limit of 10 (MaxListenersExceededWarning, a leak as far as it can tell).
+  const sleepers = new Set<() => void>();
+  const wakeAll = () => [...sleepers].forEach((wake) => wake());
+  abort?.addEventListener('abort', wakeAll, { once: true });
+  /** Waits `ms`, or less when the abort comes meanwhile (an abort at a low rate is heard at once). */
+  const sleepUnlessAborted = (ms: number) =>
+    new Promise<void>((resolve) => {
+      if (abort?.aborted) return resolve();
+      const wake = () => {
+        clearTimeout(timer);
+        sleepers.delete(wake);
+        resolve();
+      };
+      const timer = setTimeout(wake, ms);
+      sleepers.add(wake);
+    });
   const notSignalled: string[] = [];
+  const notRunning: string[] = [];
   const firstFailures: string[] = [];
   let failed = 0;
   let failedInARow = 0;
@@ -84,15 +96,17 @@ export async function tellPaced(
       const token = tokens[next++]!;
       const wait = slot - Date.now();
       slot = Math.max(slot, Date.now()) + spacingMs;
-      if (wait > 0) await sleepUnlessAborted(wait, abort);
+      if (wait > 0) await sleepUnlessAborted(wait);
       if (abort?.aborted || givenUp()) {
         notSignalled.push(token.id);
         skipped++;
         continue;
       }
       try {
-        await tell(token);
-        signalled++;
+        if ((await tell(token)) === NOT_RUNNING) {
+          notSignalled.push(token.id);
+          notRunning.push(token.id);
+        } else signalled++;
         failedInARow = 0;
       } catch (err) {
         notSignalled.push(token.id);
@@ -102,7 +116,11 @@ export async function tellPaced(
       report();
     }
   };
-  await Promise.all(Array.from({ length: Math.min(pace.concurrency, tokens.length) }, worker));
+  try {
+    await Promise.all(Array.from({ length: Math.min(pace.concurrency, tokens.length) }, worker));
+  } finally {
+    abort?.removeEventListener('abort', wakeAll);
+  }
   const untouched = tokens.slice(next).map((t) => t.id);
   notSignalled.push(...untouched);
   const aborted = abort?.aborted === true && skipped + untouched.length > 0;
@@ -111,6 +129,7 @@ export async function tellPaced(
     notSignalled,
     failed,
     firstFailures,
+    notRunning,
     gaveUp: givenUp(),
     notTried: skipped + untouched.length,
     aborted,

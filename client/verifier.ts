@@ -1,15 +1,16 @@
 /**
  * `tokenwarden/verifier`: checks tokens in a service. Loads `pg` and Node only (a test holds it to
  * that). Answers come from the store (DESIGN §2); positive answers are cached briefly and dropped
- * the moment the store announces a kill on its NOTIFY channel. While that channel is not heard,
- * nothing is served from cache.
+ * the moment the store announces a kill or a change of their token on its NOTIFY channels. While
+ * those channels are not heard, nothing is served from cache.
  */
 import { performance } from 'node:perf_hooks';
 import pg from 'pg';
 import { quoteIdent } from '../common/identifiers.js';
-import { KILL_CHANNEL } from '../common/names.js';
+import { CHANGE_CHANNEL, KILL_CHANNEL } from '../common/names.js';
 import { hashToken, isForeignToken, isWellFormedToken } from '../common/secrets.js';
 import { recordTokenUse } from '../common/store/last-use.js';
+import { credentialLookupSql, killReusedCredential, type CredentialLookupRow } from '../common/store/verification.js';
 
 export interface VerifierOptions {
   databaseUrl: string;
@@ -19,7 +20,7 @@ export interface VerifierOptions {
   cacheTtlMs?: number;
   /**
    * At most one last-use write per token per interval (default 60000), in this process and in the
-   * store. When policies give tokens an idle timeout, the store bounds it by a tenth of that.
+   * store; for a token whose policy has an idle timeout, at most a tenth of that.
    */
   lastUseIntervalMs?: number;
   /** Connections of the lookup pool (default 10). The listener has its own connection on top. */
@@ -31,8 +32,23 @@ export interface VerifierOptions {
    * (PgBouncer): LISTEN needs a session of its own, i.e. a direct or session-mode connection.
    */
   listenUrl?: string;
-  /** Told of every kill of this schema's tokens, after their cached answers are dropped (e.g. to close sessions). */
+  /**
+   * Told when the store announces the death of one of this schema's tokens (revoked, or expired by
+   * the sweep or its workflow), after its cached answers are dropped: e.g. to close its sessions.
+   */
   onKilled?: (tokenId: string) => void;
+  /**
+   * Told when the store announces a change that leaves the token alive (a suspend or resume, a
+   * rotation, a credential's end of grace, an expiry change), after its cached answers are dropped:
+   * e.g. to re-check the sessions of that token.
+   */
+  onChanged?: (tokenId: string) => void;
+  /**
+   * Told when a verify here found a credential reused (revoked, or previous past its grace, while its
+   * token was active) and killed that token: e.g. to signal the token's workflow at once (the
+   * reconciler tells it otherwise).
+   */
+  onReuseDetected?: (tokenId: string) => void;
   /** Shown in pg_stat_activity (default 'tokenwarden-verifier'; the listener adds ':listener'). */
   applicationName?: string;
   /** Cached answers kept at most (default 10000; the oldest go first). */
@@ -83,8 +99,12 @@ export interface VerifierStats {
   /** Lookup queries sent. */
   queries: number;
   cacheEntries: number;
-  /** Kill notifications heard for this schema. */
+  /** Kills heard for this schema's tokens. */
   kills: number;
+  /** Changes heard for this schema's tokens that left them alive (suspend, resume, rotation, end of grace, expiry). */
+  changes: number;
+  /** Reused credentials presented (each kills its token, once). */
+  reuseDetected: number;
   /** Times the listener connected and LISTENed (1 after a clean start). */
   listenerConnects: number;
   lastUseWrites: number;
@@ -95,10 +115,13 @@ export interface VerifierStats {
 }
 
 export interface Verifier {
-  /** `{ active: false }` for malformed, unknown, revoked and expired tokens alike. Rejects when the store is unreachable. */
+  /**
+   * `{ active: false }` for malformed, unknown, revoked, expired and suspended tokens alike, and for
+   * credentials that are pending, revoked or past their grace. Rejects when the store is unreachable.
+   */
   verify(rawToken: string): Promise<Verification>;
   close(): Promise<void>;
-  /** True while the kill channel is heard: only then are answers served from cache. */
+  /** True while the kill and change channels are heard: only then are answers served from cache. */
   readonly listening: boolean;
   /**
    * Drops a token this process knows is dead (its own revoke returned), exactly as hearing its kill
@@ -148,7 +171,7 @@ const NUMBER_OPTIONS = {
 } as const satisfies Record<string, { min: number; max?: number; fallback: number }>;
 type NumberOption = keyof typeof NUMBER_OPTIONS;
 const STRING_OPTIONS = ['databaseUrl', 'schema', 'listenUrl', 'applicationName'] as const;
-const FUNCTION_OPTIONS = ['onError', 'onKilled'] as const;
+const FUNCTION_OPTIONS = ['onError', 'onKilled', 'onChanged', 'onReuseDetected'] as const;
 const KNOWN_OPTIONS = new Set<string>([
   ...Object.keys(NUMBER_OPTIONS),
   ...STRING_OPTIONS,
@@ -164,6 +187,8 @@ type ResolvedOptions = Record<NumberOption, number> & {
   applicationName: string;
   onError: (err: Error) => void;
   onKilled: ((tokenId: string) => void) | undefined;
+  onChanged: ((tokenId: string) => void) | undefined;
+  onReuseDetected: ((tokenId: string) => void) | undefined;
   prepare: boolean;
   foreignTokens: boolean;
 };
@@ -242,6 +267,8 @@ function resolveOptions(input: unknown): ResolvedOptions {
     applicationName: text('applicationName', 'tokenwarden-verifier'),
     onError: (fn('onError') as ((err: Error) => void) | undefined) ?? (() => {}),
     onKilled: fn('onKilled') as ((tokenId: string) => void) | undefined,
+    onChanged: fn('onChanged') as ((tokenId: string) => void) | undefined,
+    onReuseDetected: fn('onReuseDetected') as ((tokenId: string) => void) | undefined,
     prepare: o.prepare === true,
     foreignTokens: o.foreignTokens === true,
   };
@@ -251,42 +278,24 @@ function resolveOptions(input: unknown): ResolvedOptions {
 interface CacheEntry {
   verification: Verification;
   tokenId: string;
+  /** The token's last-use interval (see Found). */
+  useIntervalMs: number;
   /** performance.now() after which the entry is not served. */
   until: number;
 }
 
 interface Found {
   verification: ActiveVerification;
-  /** Time left until expiry on the database clock, when the query ran. */
+  /** Time left until expiry, or the end of a previous credential's grace, on the database clock when the query ran. */
   remainingMs: number;
   /** performance.now() when the query was sent: cache lifetimes count from there. */
   sentAt: number;
+  /** lastUseIntervalMs, or a tenth of the token's policy's idle timeout when that is shorter. */
+  useIntervalMs: number;
 }
 
-interface LookupRow {
-  token_id: string;
-  subject: string;
-  scopes: string[];
-  issued_at: Date;
-  expires_at: Date;
-  credential_id: string;
-  remaining_ms: number;
-}
-
-/**
- * Which credentials of a live token are accepted: the one place that says so. Rotation's grace adds
- * the `previous` credential here, until its valid_until.
- */
-const ACCEPTED_CREDENTIAL = `c.state = 'current'`;
-
-/** One statement: valid iff the token is active and unexpired on the database clock (DESIGN §2) and its credential accepted. */
-const lookupSql = (schema: string) => {
-  const q = quoteIdent(schema);
-  return `SELECT t.id AS token_id, t.subject, t.scopes, t.issued_at, t.expires_at, c.id AS credential_id,
-                 (extract(epoch FROM t.expires_at - now()) * 1000)::float8 AS remaining_ms
-            FROM ${q}.credential c JOIN ${q}.token t ON t.id = c.token_id
-           WHERE c.secret_hash = $1 AND t.status = 'active' AND t.expires_at > now() AND ${ACCEPTED_CREDENTIAL}`;
-};
+/** A lookup's outcome: valid, a token known dead (revoked or expired: final), or undefined (unknown, suspended, not accepted). */
+type Answer = Found | { deadTokenId: string } | undefined;
 
 function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
@@ -307,7 +316,7 @@ class TokenVerifier implements Verifier {
   /** The cache keys of each token, to drop them all on its kill. */
   readonly #keysOfToken = new Map<string, Set<string>>();
   /** Lookups in flight by hash, with the epoch they started in: joined only within that epoch. */
-  readonly #inFlight = new Map<string, { epoch: number; answer: Promise<Found | undefined> }>();
+  readonly #inFlight = new Map<string, { epoch: number; answer: Promise<Answer> }>();
   /**
    * Bumped by every kill heard and every listener loss or (re)connect. An answer is cached only when
    * the epoch is the one captured before its query: a kill (or a deafness) in between may have made
@@ -323,7 +332,8 @@ class TokenVerifier implements Verifier {
   #backoffMs: number;
   /** performance.now() of each token's last queued last-use write, oldest first. */
   readonly #lastUseAt = new Map<string, number>();
-  readonly #lastUseQueue = new Set<string>();
+  /** Tokens whose last use is to be written, with their interval. */
+  readonly #lastUseQueue = new Map<string, number>();
   #lastUseInFlight = 0;
   #lastUseIdle: Array<() => void> = [];
   readonly #stats: Omit<VerifierStats, 'cacheEntries'> = {
@@ -331,6 +341,8 @@ class TokenVerifier implements Verifier {
     lookups: 0,
     queries: 0,
     kills: 0,
+    changes: 0,
+    reuseDetected: 0,
     listenerConnects: 0,
     lastUseWrites: 0,
     lastUseThrottled: 0,
@@ -340,7 +352,7 @@ class TokenVerifier implements Verifier {
   constructor(options: ResolvedOptions) {
     this.#o = options;
     this.#backoffMs = options.reconnectInitialMs;
-    this.#lookupSql = lookupSql(options.schema);
+    this.#lookupSql = credentialLookupSql(options.schema);
     this.#pool = new pg.Pool({
       connectionString: options.databaseUrl,
       max: options.poolSize,
@@ -375,7 +387,7 @@ class TokenVerifier implements Verifier {
       if (hit) {
         if (hit.until > performance.now()) {
           this.#stats.cacheHits++;
-          if (hit.verification.active) this.#noteUse(hit.tokenId);
+          if (hit.verification.active) this.#noteUse(hit.tokenId, hit.useIntervalMs);
           return hit.verification;
         }
         this.#forget(key, hit.tokenId);
@@ -401,17 +413,21 @@ class TokenVerifier implements Verifier {
     }
     const found = await pending.answer;
     if (!found) return INACTIVE;
+    if ('deadTokenId' in found) {
+      if (cacheable && this.#listening) this.#putRefusal(key, found.deadTokenId);
+      return INACTIVE;
+    }
     if (cacheable && this.#listening && this.#epoch === epoch) this.#put(key, found);
-    this.#noteUse(found.verification.tokenId);
+    this.#noteUse(found.verification.tokenId, found.useIntervalMs);
     return found.verification;
   }
 
-  async #query(hash: Buffer): Promise<Found | undefined> {
+  async #query(hash: Buffer): Promise<Answer> {
     this.#stats.queries++;
     const sentAt = performance.now();
-    let rows: LookupRow[];
+    let rows: CredentialLookupRow[];
     try {
-      ({ rows } = await this.#pool.query<LookupRow>(
+      ({ rows } = await this.#pool.query<CredentialLookupRow>(
         this.#o.prepare
           ? { name: 'tokenwarden_verify', text: this.#lookupSql, values: [hash] }
           : { text: this.#lookupSql, values: [hash] },
@@ -422,6 +438,12 @@ class TokenVerifier implements Verifier {
     }
     const row = rows[0];
     if (!row) return undefined;
+    if (row.reused) {
+      await this.#killReused(row.credential_id);
+      return undefined;
+    }
+    if (row.dead) return { deadTokenId: row.token_id };
+    if (!row.valid) return undefined;
     const verification: ActiveVerification = Object.freeze({
       active: true as const,
       tokenId: row.token_id,
@@ -431,7 +453,29 @@ class TokenVerifier implements Verifier {
       issuedAt: row.issued_at.toISOString(),
       credentialId: row.credential_id,
     });
-    return { verification, remainingMs: row.remaining_ms, sentAt };
+    // An idle deadline must see uses: never throttled past a tenth of the idle timeout.
+    const useIntervalMs = Math.max(1, Math.min(this.#o.lastUseIntervalMs, row.use_interval_cap_ms ?? Infinity));
+    return { verification, remainingMs: row.remaining_ms, sentAt, useIntervalMs };
+  }
+
+  /** Reuse detection: the store kills that token (idempotent); the answer is a refusal whatever happens. */
+  async #killReused(credentialId: string): Promise<void> {
+    this.#stats.reuseDetected++;
+    let outcome: Awaited<ReturnType<typeof killReusedCredential>>;
+    try {
+      outcome = await killReusedCredential(this.#pool, this.#o.schema, credentialId);
+    } catch (err) {
+      this.#report(new Error(`killing a token whose credential was reused failed: ${asError(err).message}`));
+      return;
+    }
+    if (!outcome) return;
+    this.forget(outcome.tokenId);
+    if (!outcome.killed || !this.#o.onReuseDetected) return;
+    try {
+      this.#o.onReuseDetected(outcome.tokenId);
+    } catch (err) {
+      this.#report(asError(err));
+    }
   }
 
   #put(key: string, found: Found): void {
@@ -443,10 +487,20 @@ class TokenVerifier implements Verifier {
       const [oldestKey, oldest] = this.#cache.entries().next().value as [string, CacheEntry];
       this.#forget(oldestKey, oldest.tokenId);
     }
-    this.#cache.set(key, { verification: found.verification, tokenId, until });
+    this.#cache.set(key, { verification: found.verification, tokenId, until, useIntervalMs: found.useIntervalMs });
     let keys = this.#keysOfToken.get(tokenId);
     if (!keys) this.#keysOfToken.set(tokenId, (keys = new Set()));
     keys.add(key);
+  }
+
+  /** A dead token's refusal, kept until evicted: death is final, so no notification can make it stale. */
+  #putRefusal(key: string, tokenId: string): void {
+    this.#cache.delete(key);
+    while (this.#cache.size >= this.#o.maxCacheEntries) {
+      const [oldestKey, oldest] = this.#cache.entries().next().value as [string, CacheEntry];
+      this.#forget(oldestKey, oldest.tokenId);
+    }
+    this.#cache.set(key, { verification: INACTIVE, tokenId, until: Infinity, useIntervalMs: 0 });
   }
 
   #forget(key: string, tokenId: string): void {
@@ -456,10 +510,16 @@ class TokenVerifier implements Verifier {
     if (keys?.size === 0) this.#keysOfToken.delete(tokenId);
   }
 
-  /** A killed token's cached answers become refusals: its next verify refuses without a query. */
+  /** The store announced a change of this token (a kill, a suspend, a rotation…): its next verify asks the store. */
+  #dropAnswers(tokenId: string): void {
+    for (const key of this.#keysOfToken.get(tokenId) ?? []) this.#cache.delete(key);
+    this.#keysOfToken.delete(tokenId);
+  }
+
+  /** A token known dead: its cached answers become refusals, its next verify refuses without a query. */
   #dropToken(tokenId: string): void {
     for (const key of this.#keysOfToken.get(tokenId) ?? []) {
-      this.#cache.set(key, { verification: INACTIVE, tokenId, until: Infinity });
+      this.#cache.set(key, { verification: INACTIVE, tokenId, until: Infinity, useIntervalMs: 0 });
     }
     this.#keysOfToken.delete(tokenId);
   }
@@ -488,7 +548,11 @@ class TokenVerifier implements Verifier {
     client.on('notification', (n) => this.#heard(n));
     try {
       await client.connect();
-      await withTimeout(client.query(`LISTEN ${quoteIdent(KILL_CHANNEL)}`), this.#o.heartbeatTimeoutMs, 'LISTEN');
+      await withTimeout(
+        client.query(`LISTEN ${quoteIdent(KILL_CHANNEL)}; LISTEN ${quoteIdent(CHANGE_CHANNEL)}`),
+        this.#o.heartbeatTimeoutMs,
+        'LISTEN',
+      );
     } catch (err) {
       this.#lost(client, asError(err));
       return;
@@ -509,17 +573,21 @@ class TokenVerifier implements Verifier {
   }
 
   #heard(n: pg.Notification): void {
-    if (n.channel !== KILL_CHANNEL || !n.payload) return;
+    const killed = n.channel === KILL_CHANNEL;
+    if ((!killed && n.channel !== CHANGE_CHANNEL) || !n.payload) return;
     // `<schema>:<tokenId>`: token ids hold no colon, a schema name may.
     const at = n.payload.lastIndexOf(':');
     if (n.payload.slice(0, at) !== this.#o.schema) return;
     const tokenId = n.payload.slice(at + 1);
     this.#epoch++;
-    this.#dropToken(tokenId);
-    this.#stats.kills++;
-    if (this.#o.onKilled) {
+    // Dropped, not turned into refusals: the next lookup says whether the token is dead.
+    this.#dropAnswers(tokenId);
+    if (killed) this.#stats.kills++;
+    else this.#stats.changes++;
+    const tell = killed ? this.#o.onKilled : this.#o.onChanged;
+    if (tell) {
       try {
-        this.#o.onKilled(tokenId);
+        tell(tokenId);
       } catch (err) {
         this.#report(asError(err));
       }
@@ -565,10 +633,10 @@ class TokenVerifier implements Verifier {
   // ---- Last use ----
 
   /** At most one queued write per token per interval; never awaited by verify, bounded in number. */
-  #noteUse(tokenId: string): void {
+  #noteUse(tokenId: string, intervalMs: number): void {
     const now = performance.now();
     const last = this.#lastUseAt.get(tokenId);
-    if (last !== undefined && now - last < this.#o.lastUseIntervalMs) return;
+    if (last !== undefined && now - last < intervalMs) return;
     if (this.#lastUseQueue.has(tokenId)) return;
     if (this.#lastUseQueue.size >= LAST_USE_QUEUE_MAX) {
       this.#stats.lastUseDropped++;
@@ -578,16 +646,16 @@ class TokenVerifier implements Verifier {
     this.#lastUseAt.delete(tokenId);
     this.#lastUseAt.set(tokenId, now);
     if (this.#lastUseAt.size > LAST_USE_MEMORY_MAX) this.#lastUseAt.delete(this.#lastUseAt.keys().next().value!);
-    this.#lastUseQueue.add(tokenId);
+    this.#lastUseQueue.set(tokenId, intervalMs);
     this.#pumpLastUse();
   }
 
   #pumpLastUse(): void {
     while (!this.#closed && this.#lastUseInFlight < LAST_USE_CONCURRENCY && this.#lastUseQueue.size > 0) {
-      const tokenId = this.#lastUseQueue.values().next().value!;
+      const [tokenId, intervalMs] = this.#lastUseQueue.entries().next().value!;
       this.#lastUseQueue.delete(tokenId);
       this.#lastUseInFlight++;
-      void recordTokenUse(this.#pool, this.#o.schema, tokenId, this.#o.lastUseIntervalMs)
+      void recordTokenUse(this.#pool, this.#o.schema, tokenId, intervalMs)
         .then(
           (written) => void (written ? this.#stats.lastUseWrites++ : this.#stats.lastUseThrottled++),
           (err: unknown) => this.#report(new Error(`recording a token's last use failed: ${asError(err).message}`)),

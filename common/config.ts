@@ -36,6 +36,13 @@ export interface StoreSettings {
   receiverAllow: ReceiverAllowance[];
   /** The longest lifetime a token may be issued with (TOKENWARDEN_MAX_TTL). */
   maxTtlMs: number;
+  /** A rotation's grace when neither the request nor the token's policy sets one (TOKENWARDEN_DEFAULT_GRACE; 10 min). */
+  defaultGraceMs?: number;
+  /**
+   * The folder every policy's owner folder must lie in (TOKENWARDEN_OWNER_DIR_ROOT; the dev stack's
+   * `<data dir>/owner` for its own store). Unset: owner folders are refused.
+   */
+  ownerDirRoot?: string;
   /** host:port where a worker serves Prometheus metrics (`/metrics`); none when unset. */
   metricsAddress?: string;
   /** A worker's capacity (TOKENWARDEN_WORKFLOW_TASK_SLOTS, …); defaults in WORKER_TUNING_DEFAULTS. */
@@ -122,6 +129,8 @@ export interface StackFile {
   receiverAllow?: ReceiverAllowance[];
   /** The stack's HTTP API, e.g. http://127.0.0.1:8380. */
   api?: string;
+  /** The root of policies' owner folders the stack uses; clients of its store apply it too. */
+  ownerDirRoot?: string;
 }
 
 const duration = (name: string, fallback: string) =>
@@ -192,6 +201,11 @@ const envSchema = z.object({
     })
     .optional(),
   TOKENWARDEN_MASTER_KEY_FILE: z.string().min(1).optional(),
+  TOKENWARDEN_DEFAULT_GRACE: duration('TOKENWARDEN_DEFAULT_GRACE', '10m'),
+  TOKENWARDEN_OWNER_DIR_ROOT: z
+    .string()
+    .refine((d) => path.isAbsolute(d), 'TOKENWARDEN_OWNER_DIR_ROOT must be an absolute path')
+    .optional(),
   TOKENWARDEN_MAX_TTL: duration('TOKENWARDEN_MAX_TTL', formatDuration(DEFAULT_MAX_TTL_MS)).refine(
     (ms) => ms <= MAX_TTL_CEILING_MS,
     `TOKENWARDEN_MAX_TTL must be at most ${formatDuration(MAX_TTL_CEILING_MS)}`,
@@ -417,6 +431,13 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
     receiverAllow:
       e.TOKENWARDEN_RECEIVER_ALLOW ?? (stack && databaseUrl === stack.databaseUrl ? (stack.receiverAllow ?? []) : []),
     maxTtlMs: e.TOKENWARDEN_MAX_TTL,
+    defaultGraceMs: e.TOKENWARDEN_DEFAULT_GRACE,
+    // As the receivers' allowance: the dev stack's own root for its own store, unless set explicitly.
+    ...(e.TOKENWARDEN_OWNER_DIR_ROOT
+      ? { ownerDirRoot: path.resolve(e.TOKENWARDEN_OWNER_DIR_ROOT) }
+      : stack && databaseUrl === stack.databaseUrl
+        ? { ownerDirRoot: stack.ownerDirRoot ?? path.join(dataDir, 'owner') }
+        : {}),
     ...(e.TOKENWARDEN_METRICS_ADDRESS ? { metricsAddress: e.TOKENWARDEN_METRICS_ADDRESS } : {}),
     worker,
   };

@@ -14,7 +14,7 @@ export class InvalidInputError extends Error {
 export class NotFoundError extends Error {
   override readonly name = 'NotFoundError';
   constructor(
-    readonly kind: 'token' | 'receiver' | 'api key' | 'revoke operation',
+    readonly kind: 'token' | 'receiver' | 'api key' | 'revoke operation' | 'policy',
     readonly id: string,
   ) {
     super(`${kind} ${JSON.stringify(id)} not found`);
@@ -24,4 +24,25 @@ export class NotFoundError extends Error {
 /** A required setting is missing or malformed; names the environment variable. */
 export class ConfigError extends Error {
   override readonly name = 'ConfigError';
+}
+
+/** The token is revoked, expired or past its expiry: it can no longer be rotated, suspended or re-timed. */
+export class TokenNotActiveError extends Error {
+  override readonly name = 'TokenNotActiveError';
+  constructor(
+    readonly tokenId: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** An apply of the same policy is running (in this or another process): one at a time, so the namespace sees one rate. */
+export class PolicyApplyInProgressError extends Error {
+  override readonly name = 'PolicyApplyInProgressError';
+  constructor(readonly policy: string) {
+    super(
+      `policy ${policy}: another apply of this policy is running; wait for it to finish (or stop it), then run apply again to tell the rest`,
+    );
+  }
 }

@@ -13,3 +13,8 @@ export const newCredentialId = () => CREDENTIAL_ID_PREFIX + uuidv7().replaceAll(
 export function revocationEventId(tokenId: string): string {
   return EVENT_ID_PREFIX + createHash('sha256').update(`${tokenId}:token-revoked`).digest('hex').slice(0, 32);
 }
+
+/** Deterministic event id of one credential's `credential.revoked` event (the store's credential_revocation_event_id). */
+export function credentialRevocationEventId(credentialId: string): string {
+  return EVENT_ID_PREFIX + createHash('sha256').update(`${credentialId}:credential-revoked`).digest('hex').slice(0, 32);
+}

@@ -17,11 +17,24 @@ export const WORKFLOW_TYPE = {
 export const SIGNAL = {
   /** Revoke the token. Also the path for Temporal batch operations, which can signal but not update. */
   revoke: 'revoke',
+  /** Suspicious activity was seen: the token's policy decides whether it is rotated or revoked. */
+  reportSuspicious: 'reportSuspicious',
+  /** The token's policy changed: the workflow re-reads it and recomputes its deadlines. */
+  policyChanged: 'policyChanged',
 } as const;
 
 export const UPDATE = {
   retryPropagation: 'retryPropagation',
   forceComplete: 'forceComplete',
+  /** A new credential (its hash; the caller holds the secret) becomes current; the old one enters its grace. */
+  rotate: 'rotate',
+  suspend: 'suspend',
+  resume: 'resume',
+  /** Revoke at a given instant (replaces an earlier schedule), or cancel the schedule. */
+  scheduleRevoke: 'scheduleRevoke',
+  cancelScheduledRevoke: 'cancelScheduledRevoke',
+  /** Extend or shorten the expiry within the policy's max lifetime (the store first, then the timer). */
+  changeExpiry: 'changeExpiry',
 } as const;
 
 export const QUERY = {
@@ -40,6 +53,15 @@ export const ACTIVITY_NAMES = [
   'killAndLoad',
   'reconcilePage',
   'reconcileSetsWithRows',
+  'rotateCredential',
+  'rotateAutomatically',
+  'endGrace',
+  'readLastUse',
+  'sendWarning',
+  'setSuspended',
+  'setScheduledRevoke',
+  'changeExpiry',
+  'applyPolicy',
 ] as const;
 
 /**
@@ -57,6 +79,9 @@ export const SEARCH_ATTRIBUTE = {
   propagation: searchAttributeKey('TokenPropagation', 'KEYWORD'),
   expiresAt: searchAttributeKey('TokenExpiresAt', 'DATETIME'),
   receivers: searchAttributeKey('TokenReceivers', 'KEYWORD_LIST'),
+  policy: searchAttributeKey('TokenPolicy', 'KEYWORD'),
+  /** Whether the token is suspended (it fails verification but is not dead). */
+  suspended: searchAttributeKey('TokenSuspended', 'BOOL'),
 } as const;
 
 const CLI_TYPE_NAMES: Record<SearchAttributeType, string> = {
@@ -112,6 +137,11 @@ export const tokenWorkflowId = (tokenId: string): string => `token:${tokenId}`;
 
 /** Postgres NOTIFY channel on which every kill is announced (payload: `<schema>:<tokenId>`). */
 export const KILL_CHANNEL = 'tokenwarden_token_killed';
+/**
+ * Postgres NOTIFY channel on which a change that leaves the token alive is announced (a suspend or
+ * resume, a rotation, a credential's end of grace, an expiry change); same payload as the kill's.
+ */
+export const CHANGE_CHANNEL = 'tokenwarden_token_changed';
 
 export const TOKEN_STATUSES = ['active', 'revoked', 'expired'] as const;
 export type TokenStatus = (typeof TOKEN_STATUSES)[number];
@@ -120,6 +150,20 @@ export type PropagationState = (typeof PROPAGATION_STATES)[number];
 export const DELIVERY_STATES = ['pending', 'delivered', 'failed', 'forced', 'cancelled'] as const;
 export type DeliveryState = (typeof DELIVERY_STATES)[number];
 /** CAEP initiating_entity values. */
+/** The states of a token's credential (secret version). `pending`: stored, not yet delivered, never valid. */
+export const CREDENTIAL_STATES = ['pending', 'current', 'previous', 'revoked'] as const;
+export type CredentialState = (typeof CREDENTIAL_STATES)[number];
+/** What a policy does on suspicious activity. */
+export const SUSPICIOUS_ACTIONS = ['rotate', 'revoke'] as const;
+export type SuspiciousAction = (typeof SUSPICIOUS_ACTIONS)[number];
+/** Revoke reasons the workflow itself gives (besides `expired`). */
+export const SYSTEM_REVOKE_REASON = {
+  inactive: 'inactive',
+  policy: 'policy',
+  reuseDetected: 'reuse_detected',
+  suspicious: 'suspicious_activity',
+} as const;
+
 export const INITIATING_ENTITIES = ['admin', 'user', 'policy', 'system'] as const;
 export type InitiatingEntity = (typeof INITIATING_ENTITIES)[number];
 

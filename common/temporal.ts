@@ -14,7 +14,13 @@ import { revocationEventId } from './ids.js';
 import { SEARCH_ATTRIBUTE, WORKFLOW_TYPE, tokenWorkflowId } from './names.js';
 import type { TokenRecord } from './store/index.js';
 import { summaryText } from './text.js';
-import { revokeSignal, type RevokeRequest, type TokenWorkflowInput, type PropagationTiming } from './messages.js';
+import {
+  revokeSignal,
+  type PolicySnapshot,
+  type RevokeRequest,
+  type TokenWorkflowInput,
+  type PropagationTiming,
+} from './messages.js';
 
 /**
  * A client whose connection opens on first use: reading and killing in the store must keep working
@@ -63,7 +69,12 @@ function retriesWithinDeadline(): GrpcInterceptor {
   };
 }
 
-export function tokenWorkflowInput(token: TokenRecord, timing: PropagationTiming): TokenWorkflowInput {
+/** The workflow's input; `policy`, the token's policy when it has one (a token without keeps the input it always had). */
+export function tokenWorkflowInput(
+  token: TokenRecord,
+  timing: PropagationTiming,
+  policy?: PolicySnapshot,
+): TokenWorkflowInput {
   return {
     version: 1,
     tokenId: token.id,
@@ -74,15 +85,16 @@ export function tokenWorkflowInput(token: TokenRecord, timing: PropagationTiming
     // Ignored by this release's workflow (the worker owns the timing); kept while workers of the
     // previous release, which read it, may still pick up new runs during a rolling deploy.
     timing,
+    ...(policy ? { policy } : {}),
   };
 }
 
-function startOptions(token: TokenRecord, taskQueue: string, timing: PropagationTiming) {
+function startOptions(token: TokenRecord, taskQueue: string, timing: PropagationTiming, policy?: PolicySnapshot) {
   const receivers = token.receivers.length ? token.receivers.join(', ') : 'no receivers';
   return {
     workflowId: tokenWorkflowId(token.id),
     taskQueue,
-    args: [tokenWorkflowInput(token, timing)] as [TokenWorkflowInput],
+    args: [tokenWorkflowInput(token, timing, policy)] as [TokenWorkflowInput],
     workflowIdConflictPolicy: WorkflowIdConflictPolicy.USE_EXISTING,
     typedSearchAttributes: [
       { key: SEARCH_ATTRIBUTE.subject, value: token.subject },
@@ -90,6 +102,7 @@ function startOptions(token: TokenRecord, taskQueue: string, timing: Propagation
       { key: SEARCH_ATTRIBUTE.propagation, value: token.propagation },
       { key: SEARCH_ATTRIBUTE.expiresAt, value: new Date(token.expiresAt) },
       { key: SEARCH_ATTRIBUTE.receivers, value: token.receivers },
+      ...(policy ? [{ key: SEARCH_ATTRIBUTE.policy, value: policy.name }] : []),
     ],
     staticSummary: summaryText(`Token ${token.id} of ${token.subject}, expires ${token.expiresAt}`),
     staticDetails: [
@@ -113,16 +126,18 @@ export async function startTokenWorkflow(
   token: TokenRecord,
   taskQueue: string,
   timing: PropagationTiming,
+  policy?: PolicySnapshot,
 ): Promise<WorkflowHandle> {
   return client.workflow.start(WORKFLOW_TYPE.tokenLifecycle, {
-    ...startOptions(token, taskQueue, timing),
+    ...startOptions(token, taskQueue, timing, policy),
     workflowIdReusePolicy: WorkflowIdReusePolicy.REJECT_DUPLICATE,
   });
 }
 
 /**
  * Tells the token's workflow that the token is dead. Signal-with-start: a workflow that was never
- * started (or has already closed) is started, adopts the store's facts and propagates.
+ * started (or has already closed) is started, adopts the store's facts and propagates. `policy`:
+ * the token's, when it has one, so a run opened here starts as an issue's would.
  */
 export async function signalRevoke(
   client: Client,
@@ -130,9 +145,10 @@ export async function signalRevoke(
   request: RevokeRequest,
   taskQueue: string,
   timing: PropagationTiming,
+  policy?: PolicySnapshot,
 ): Promise<void> {
   await client.workflow.signalWithStart(WORKFLOW_TYPE.tokenLifecycle, {
-    ...startOptions(token, taskQueue, timing),
+    ...startOptions(token, taskQueue, timing, policy),
     signal: revokeSignal,
     signalArgs: [request],
   });

@@ -1,6 +1,7 @@
 import { z } from 'zod';
 import { formatDuration, parseDuration, DURATION_HINT } from './durations.js';
 import { InvalidInputError } from './errors.js';
+import { OWN_TOKEN_SHAPE, SECRET_SHAPES } from './secret-shapes.js';
 import { isWellFormedToken } from './secrets.js';
 
 /** Parses with a zod schema; on failure throws InvalidInputError naming every bad field. */
@@ -57,26 +58,11 @@ function described(value: unknown): string {
   return typeof value === 'object' ? 'an object' : `a ${typeof value}`;
 }
 
-/**
- * Well-known shapes of secrets, searched anywhere in a text: subjects and names travel in plaintext
- * (workflow history, search attributes, audit events, webhooks), so a secret there would leak.
- */
-const SECRET_SHAPES: ReadonlyArray<{ kind: string; re: RegExp }> = [
-  { kind: 'a GitHub token', re: /(?:^|[^A-Za-z0-9])(?:gh[pousr]_[A-Za-z0-9]{16,}|github_pat_[A-Za-z0-9_]{16,})/ },
-  { kind: 'a Stripe key', re: /(?:^|[^A-Za-z0-9])(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{10,}/ },
-  { kind: 'a Slack token', re: /(?:^|[^A-Za-z0-9])xox[abposr]-[A-Za-z0-9-]{10,}/ },
-  { kind: 'an AWS access key id', re: /(?:^|[^A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])/ },
-  { kind: 'a GitLab token', re: /(?:^|[^A-Za-z0-9])glpat-[A-Za-z0-9_-]{16,}/ },
-  { kind: 'a JSON Web Token', re: /(?:^|[^A-Za-z0-9])eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*/ },
-  { kind: 'a private key', re: /-----BEGIN [A-Z ]*PRIVATE KEY-----/ },
-  { kind: 'a signing secret', re: /(?:^|[^A-Za-z0-9])whsec_[A-Za-z0-9+/=]{16,}/ },
-  { kind: 'a tokenwarden API key', re: /(?:^|[^A-Za-z0-9])twk_[A-Za-z0-9]{8,}_[A-Za-z0-9]{16,}/ },
-];
-const OWN_TOKEN_SHAPE = /tw_[0-9A-Za-z]{43}_[0-9A-Za-z]{6}/g;
+const OWN_TOKEN_SHAPE_ALL = new RegExp(OWN_TOKEN_SHAPE.source, 'g');
 
 /** What kind of secret `text` holds (`a GitHub token`), or undefined when it looks like none. */
 export function secretKind(text: string): string | undefined {
-  for (const match of text.matchAll(OWN_TOKEN_SHAPE)) {
+  for (const match of text.matchAll(OWN_TOKEN_SHAPE_ALL)) {
     if (isWellFormedToken(match[0])) return 'a tokenwarden token';
   }
   return SECRET_SHAPES.find((shape) => shape.re.test(text))?.kind;
@@ -86,6 +72,8 @@ export function secretKind(text: string): string | undefined {
 export const FIELD_PURPOSE = {
   subject: 'a subject is an opaque user or service id',
   name: 'a name is a label people read, sent in plaintext to receivers',
+  reason: 'a reason is kept in plaintext (workflow history, audit trail, receivers)',
+  actor: 'an actor names who acted, kept in plaintext (workflow history, audit trail, receivers)',
 } as const;
 
 /** Refuses a value holding a secret, saying what the field is for instead of echoing it. */
@@ -140,10 +128,19 @@ const freeText = (max: number, empty: string) =>
         ctx.addIssue({ code: 'custom', message: `must not contain control characters (found ${codePoint(found[0])})` });
     });
 
-export const reasonSchema = freeText(500, 'a reason is required');
+export const reasonSchema = freeText(500, 'a reason is required').superRefine(noSecret(FIELD_PURPOSE.reason));
 
-export const actorSchema = freeText(200, 'expected a non-empty actor');
+export const actorSchema = freeText(200, 'expected a non-empty actor').superRefine(noSecret(FIELD_PURPOSE.actor));
 
 export const nameSchema = freeText(200, 'expected a non-empty name').superRefine(noSecret(FIELD_PURPOSE.name));
 
 export const correlationIdSchema = freeText(200, 'expected a non-empty correlation id');
+
+/** A policy's name, as the `policy` table's check: lowercase, digits, `.`, `_`, `-`. */
+export const policyNameSchema = z
+  .string()
+  .regex(/^[a-z0-9][a-z0-9._-]{0,62}$/, 'expected a lowercase name of a-z, 0-9, ., _ and - (max 63)');
+
+/** A policy's name given alone (an argument, a URL), checked as the field `name`. */
+export const parsePolicyName = (name: unknown): string =>
+  parseInput(z.object({ name: policyNameSchema }), { name }, 'policy name').name;

@@ -105,6 +105,8 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
     const loaded = loadSettings({
       // Receivers on this machine (the walkthrough's) are the point of a dev stack.
       TOKENWARDEN_RECEIVER_ALLOW: 'loopback',
+      // Policies' owner folders (rotated secrets, warnings) lie in the stack's data folder.
+      TOKENWARDEN_OWNER_DIR_ROOT: path.join(dataDir, 'owner'),
       ...process.env,
       TOKENWARDEN_DATA_DIR: dataDir,
       DATABASE_URL: databaseUrl,
@@ -133,6 +135,7 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
       pid: process.pid,
       receiverAllow: settings.receiverAllow,
       api: api.url,
+      ...(settings.ownerDirRoot ? { ownerDirRoot: settings.ownerDirRoot } : {}),
     };
     // The URL carries the database password.
     await writeFile(stackFile, `${JSON.stringify(stack, null, 2)}\n`, { mode: 0o600 });

@@ -481,10 +481,12 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
       'TEMPORAL_NAMESPACE',
       'TOKENWARDEN_DB_SCHEMA',
       'TOKENWARDEN_MASTER_KEY_FILE',
+      'TOKENWARDEN_OWNER_DIR_ROOT',
       'TOKENWARDEN_RECEIVER_ALLOW',
       'TOKENWARDEN_TASK_QUEUE',
     ]);
     assert.equal(env.TOKENWARDEN_RECEIVER_ALLOW, 'loopback', 'the stack allows loopback receivers');
+    assert.equal(env.TOKENWARDEN_OWNER_DIR_ROOT, path.join(dataDir, 'owner'), "owner folders in the stack's data");
     assert.equal(env.DATABASE_URL, ctx.settings.databaseUrl);
     assert.equal(env.TOKENWARDEN_DB_SCHEMA, stackSchema);
     assert.equal(env.TOKENWARDEN_TASK_QUEUE, taskQueue);

@@ -6,6 +6,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { generateSigningSecret } from '../common/secrets.js';
+import { credentialRevocationEventId } from '../common/ids.js';
 import * as store from '../common/store/index.js';
 import { startReceiver, type ExampleReceiver } from '../examples/receiver/receiver.js';
 import { runCli } from './support/cli.js';
@@ -210,6 +211,29 @@ describe('verified propagation', () => {
     assert.equal(probing.example.counts.probes, 0, 'no probe request was sent');
     await ctx.warden.forceComplete(tokenId, { reason: 'probe address refused' });
     await propagationIs(tokenId, 'complete');
+  });
+});
+
+describe('credential events to a probing receiver', () => {
+  it('should settle a credential.revoked event by its acknowledgement, while the probe still accepts the living token', async () => {
+    const { id, example, events } = await ackingButAccepting();
+    const { tokenId } = await ctx.warden.issue({ subject: 'usr_probe', receivers: [id], ttl: '1h' });
+    example.accept(tokenId);
+    const [first] = await store.listCredentials(ctx.pool, tokenId);
+    await ctx.warden.rotate(tokenId, { grace: '1s' });
+    const eventId = credentialRevocationEventId(first!.id);
+    await waitUntil(
+      async () =>
+        (await ctx.sql.query('SELECT status FROM delivery WHERE event_id = $1 AND receiver_id = $2', [eventId, id]))
+          .rows[0]?.status === 'delivered',
+      'the credential.revoked event settled by its acknowledgement',
+    );
+    assert.equal(example.accepts(tokenId), true, 'the token itself is still accepted, as it should be');
+    assert.equal(example.counts.probes, 0, 'the probe is not asked about a credential event');
+    const posted = events.requests.filter((r) => JSON.parse(r.body).id === eventId);
+    assert.equal(posted.length, 1);
+    assert.equal(JSON.parse(posted[0]!.body).type, 'credential.revoked');
+    assert.ok(posted[0]!.verified, "signed with the receiver's secret");
   });
 });
 

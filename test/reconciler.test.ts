@@ -29,6 +29,7 @@ import {
   type ReconcileInput,
   type ReconcileReport,
   type TokenLifecycleResult,
+  type TokenWorkflowInput,
 } from '../common/messages.js';
 import { RECONCILE_REPORT_SAMPLE } from '../workflows/reconciler.js';
 import { insertTokenRow } from './support/tokens.js';
@@ -141,6 +142,26 @@ describe('reconciler', () => {
     assert.equal((await handle.describe()).status.name, 'RUNNING');
     assert.ok((await store.requireToken(ctx.pool, token.id)).workflowStartedAt);
     assert.ok(!(await reconcileNow()).started.includes(token.id));
+  });
+
+  it("should start (and signal-with-start) the workflow of a token under a policy with the policy's snapshot", async () => {
+    await ctx.warden.setPolicy('reconciled', { maxTtl: '2h' });
+    const live = await insertOnly(3_600_000);
+    const dead = await insertOnly(3_600_000);
+    await ctx.sql.query(`UPDATE token SET policy = 'reconciled', policy_version = 1 WHERE id = ANY($1)`, [
+      [live.id, dead.id],
+    ]);
+    await store.killToken(ctx.pool, { tokenId: dead.id, reason: 'drill', actor: 'admin', initiatingEntity: 'admin' });
+    const report = await reconcileNow();
+    assert.ok(report.started.includes(live.id), JSON.stringify(report));
+    assert.ok(report.signalled.includes(dead.id), JSON.stringify(report));
+    for (const token of [live, dead]) {
+      const history = await ctx.client.workflow.getHandle(tokenWorkflowId(token.id)).fetchHistory();
+      const payload = history.events![0]!.workflowExecutionStartedEventAttributes!.input!.payloads![0]!;
+      const input = defaultPayloadConverter.fromPayload<TokenWorkflowInput>(payload);
+      assert.equal(input.policy?.name, 'reconciled', `the run of ${token.id} knows its policy`);
+      assert.equal(input.policy?.maxLifetimeMs, 2 * 3_600_000);
+    }
   });
 
   it('should record the start of a token whose issuer crashed before writing its started mark', async () => {

@@ -21,7 +21,11 @@ import {
 import { PACKAGE_ROOT } from '../common/config.js';
 import { KILL_CHANNEL } from '../common/names.js';
 import { generateTokenString, hashToken } from '../common/secrets.js';
+import { newCredentialId } from '../common/ids.js';
+import { rotateCredential } from '../common/store/credentials.js';
+import { changeExpiry } from '../common/store/expiry.js';
 import { killToken } from '../common/store/kill.js';
+import { setSuspended } from '../common/store/suspension.js';
 import { freePort } from '../dev/processes.js';
 import { TestContext } from './support/context.js';
 import { allLoadedFiles, recordingAllModulesTo } from './support/loaded-modules.js';
@@ -186,7 +190,66 @@ describe('cache and invalidation', () => {
     await kill(tokenId);
     await waitUntil(() => killed.includes(tokenId), 'the kill notification');
     assert.deepEqual(await v.verify(token), INACTIVE);
-    assert.equal(v.stats().queries, 1, 'refused from the kill it heard, without a query');
+    // A notification may be a suspend that a resume undoes: the answer is dropped, the store asked
+    // once; the store says dead, which is final, so the refusal is kept.
+    assert.equal(v.stats().queries, 2, 'refused by the store once the kill was heard');
+    assert.deepEqual(await v.verify(token), INACTIVE);
+    assert.equal(v.stats().queries, 2, 'then refused from cache, without a query');
+  });
+
+  it('should tell onKilled of a kill only, and onChanged of a rotation, a suspend, a resume or an expiry change', async () => {
+    const killed: string[] = [];
+    const changed: string[] = [];
+    const v = await verifier({ onKilled: (id) => killed.push(id), onChanged: (id) => changed.push(id) });
+    const { token, tokenId } = await newToken();
+    const cached = async () => {
+      assert.equal((await v.verify(token)).active, true);
+      const hits = v.stats().cacheHits;
+      assert.equal((await v.verify(token)).active, true);
+      assert.equal(v.stats().cacheHits, hits + 1, 'answered from cache');
+    };
+    const dropped = async (what: string, count: number) => {
+      await waitUntil(() => changed.length === count, what);
+      const queries = v.stats().queries;
+      await v.verify(token);
+      assert.equal(v.stats().queries, queries + 1, `${what}: the cached answer was dropped`);
+    };
+    const operator = { actor: 'admin:test', reason: 'test' };
+
+    await cached();
+    await rotateCredential(ctx.pool, {
+      tokenId,
+      credentialId: newCredentialId(),
+      secretHash: hashToken(generateTokenString()),
+      graceMs: 60_000,
+      ...operator,
+    });
+    await dropped('the rotation', 1);
+    await cached();
+    await setSuspended(ctx.pool, { tokenId, suspended: true, ...operator });
+    await dropped('the suspend', 2);
+    await setSuspended(ctx.pool, { tokenId, suspended: false, ...operator });
+    await dropped('the resume', 3);
+    await cached();
+    await changeExpiry(ctx.pool, {
+      tokenId,
+      ttlMs: 30_000,
+      mode: 'shorten',
+      maxLifetimeMs: 24 * 3_600_000,
+      requestId: 'req_shorten',
+      ...operator,
+    });
+    await dropped('the expiry change', 4);
+    assert.deepEqual(killed, [], 'none of these is a kill');
+    assert.deepEqual({ kills: v.stats().kills, changes: v.stats().changes }, { kills: 0, changes: 4 });
+
+    await cached();
+    await kill(tokenId);
+    await waitUntil(() => killed.length === 1, 'the kill');
+    assert.deepEqual(killed, [tokenId]);
+    assert.deepEqual(changed, [tokenId, tokenId, tokenId, tokenId], 'a kill is no change');
+    assert.deepEqual({ kills: v.stats().kills, changes: v.stats().changes }, { kills: 1, changes: 4 });
+    assert.deepEqual(await v.verify(token), INACTIVE);
   });
 
   it('should ignore kills of another schema', async () => {
@@ -495,6 +558,7 @@ describe('options', () => {
       [{ databaseUrl: url, lastUseIntervalMs: '60s' }, 'lastUseIntervalMs', /got "60s"/],
       [{ databaseUrl: url, poolSize: 0 }, 'poolSize', /from 1 to 1000/],
       [{ databaseUrl: url, onError: 'log' }, 'onError', /function/],
+      [{ databaseUrl: url, onChanged: true }, 'onChanged', /must be a function, got boolean/],
       [{ databaseUrl: url, prepare: 'yes' }, 'prepare', /true or false/],
       [{ databaseUrl: url, cacheTTLMs: 5 }, 'cacheTTLMs', /not an option/],
       [
@@ -558,6 +622,7 @@ describe('the import graph', () => {
         'common/names.js',
         'common/secrets.js',
         'common/store/last-use.js',
+        'common/store/verification.js',
       ]);
     } finally {
       await rm(dir, { recursive: true, force: true });

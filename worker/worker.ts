@@ -36,6 +36,8 @@ export interface TokenWorkerOptions {
   workflowBundle?: WorkflowBundleOption;
   /** Wraps the activities (fault-injection tests). */
   wrapActivities?: (real: Activities) => Activities;
+  /** How often at most heartbeats reach the server (tests: a cancellation reaches an attempt sooner). */
+  maxHeartbeatThrottleMs?: number;
 }
 
 export async function createTokenWorker(opts: TokenWorkerOptions): Promise<Worker> {
@@ -51,6 +53,7 @@ export async function createTokenWorker(opts: TokenWorkerOptions): Promise<Worke
     ),
     shutdownGraceTime: SHUTDOWN_GRACE_MS,
     shutdownForceTime: SHUTDOWN_FORCE_MS,
+    ...(opts.maxHeartbeatThrottleMs !== undefined ? { maxHeartbeatThrottleInterval: opts.maxHeartbeatThrottleMs } : {}),
     ...tuningOptions(settings.worker),
   });
 }

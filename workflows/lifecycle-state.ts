@@ -13,9 +13,16 @@ import {
   type PropagationState,
   type TokenStatus,
 } from '../common/names.js';
+import { redactedText, redactSecrets, secretShapeKind } from '../common/secret-shapes.js';
 import { withoutControls } from '../common/text.js';
 import { isUndecodablePayload } from './payload-converter.js';
 import type {
+  CarriedLifecycle,
+  ChangeExpiryRequest,
+  PolicySnapshot,
+  RotateRequest,
+  ScheduleRevokeRequest,
+  SuspendRequest,
   DeliveryView,
   EffectiveTiming,
   LifecyclePhase,
@@ -54,13 +61,19 @@ export type ParsedRevoke = RevokeRequest & {
  */
 export function parseRevokeSignal(payload: unknown): ParsedRevoke {
   const p = (typeof payload === 'object' && payload !== null ? payload : {}) as Record<string, unknown>;
-  const reason = text(p.reason, 500);
-  const actor = text(p.actor, 200);
+  // A Signal bypasses the library's refusal of secrets: a secret-shaped text is recorded (kill,
+  // audit, receivers' events) as a note of what it looked like, never as itself.
+  const secretFree = (value: string | undefined) => (value === undefined ? undefined : redactedText(value));
+  const reason = secretFree(text(p.reason, 500));
+  const actor = secretFree(text(p.actor, 200));
   const entity = INITIATING_ENTITIES.includes(p.initiatingEntity as InitiatingEntity)
     ? (p.initiatingEntity as InitiatingEntity)
     : undefined;
-  const correlationId = text(p.correlationId, 200);
-  const requestId = text(p.requestId, 100);
+  const correlationId = secretFree(text(p.correlationId, 200));
+  // Matched as given (the caller's own kill): a secret-shaped id is dropped, not redacted.
+  const givenRequestId = text(p.requestId, 100);
+  const requestId =
+    givenRequestId !== undefined && secretShapeKind(givenRequestId) === undefined ? givenRequestId : undefined;
   return {
     reason: reason ?? 'unspecified',
     actor: actor ?? 'unknown (via Temporal signal)',
@@ -87,6 +100,21 @@ export function validateOperatorRequest(request: unknown): asserts request is Op
   if (r.actor !== undefined && text(r.actor, 200) === undefined) {
     throw ApplicationFailure.nonRetryable('actor: expected a non-empty string', INVALID_OPERATOR_REQUEST);
   }
+  for (const field of ['reason', 'actor'] as const) {
+    const problem = secretInText(r[field], field);
+    if (problem) throw ApplicationFailure.nonRetryable(problem, INVALID_OPERATOR_REQUEST);
+  }
+}
+
+/**
+ * A refusal when a text field looks like a secret: an Update refused by its validator is not
+ * written to history, so the secret reaches neither history, activities nor the audit trail.
+ */
+function secretInText(value: unknown, field: string): string | undefined {
+  const kind = typeof value === 'string' ? secretShapeKind(value) : undefined;
+  return kind === undefined
+    ? undefined
+    : `${field}: looks like a secret (${kind}); it would be kept in plaintext (history, audit trail): leave the secret out`;
 }
 
 /** Milliseconds until `deadlineIso` at workflow time `nowMs`; ≤ 0 when due. */
@@ -182,11 +210,14 @@ export class LifecycleState {
   deliveryChanges = 0;
   private readonly deliveries = new Map<string, DeliveryView>();
   private whyKilling: string | undefined;
+  /** The expiry as last adopted (extend and shorten move it). */
+  expiresAt: string;
 
   constructor(
     readonly input: TokenWorkflowInput,
     private readonly onChange: (state: LifecycleState) => void = () => {},
   ) {
+    this.expiresAt = input.carried?.expiresAt ?? input.expiresAt;
     // One delivery per receiver, of the token's one revocation event (its outbox row is written by
     // whichever kill commits).
     for (const receiverId of input.receivers) {
@@ -216,7 +247,20 @@ export class LifecycleState {
     this.whyKilling =
       why === 'revoke' && this.revokeRequest
         ? `revoke requested by ${this.revokeRequest.actor}: ${this.revokeRequest.reason}`
-        : `the token reached its expiry at ${this.input.expiresAt}`;
+        : `the token reached its expiry at ${this.expiresAt}`;
+    this.changed();
+  }
+
+  /** The workflow itself revokes (inactivity, policy, suspicious activity, a scheduled revoke): the first revoke counts. */
+  systemRevoke(request: RevokeRequest): void {
+    if (this.revokeRequest) return;
+    this.revokeRequest = { ...request, malformed: false };
+    this.changed();
+  }
+
+  /** The store's expiry moved (extend, shorten, a policy's maximum). */
+  expiryMoved(expiresAt: string): void {
+    this.expiresAt = expiresAt;
     this.changed();
   }
 
@@ -368,7 +412,7 @@ export class LifecycleState {
       phase: this.phase,
       status: this.status,
       propagation: this.propagation,
-      expiresAt: this.input.expiresAt,
+      expiresAt: this.expiresAt,
       deliveries: this.all(),
       retryRound: this.retryRound,
       forced: this.forced,
@@ -382,7 +426,7 @@ export class LifecycleState {
 
   /** The workflow's current details (markdown, shown in the Web UI): what is true now. */
   details(): string {
-    if (this.phase === 'active') return `**active** until ${this.input.expiresAt}.`;
+    if (this.phase === 'active') return `**active** until ${this.expiresAt}.`;
     if (this.phase === 'killing') return `**killing** in the store: ${this.whyKilling}.`;
     const k = this.kill!;
     const lines = [`**${this.status}** at ${k.revokedAt} by ${k.revokedBy}: ${k.revokeReason}.`];
@@ -454,5 +498,414 @@ function describeDelivery(d: DeliveryView): string {
       return `rejected after ${attempts}${last}; waits for an operator`;
     default:
       return `retrying, ${attempts} so far${last}`;
+  }
+}
+
+// ==================================================================== alive phase: deadlines
+
+/** Failure type of the self-managing Updates' validators and refusals (non-retryable). */
+export const INVALID_LIFECYCLE_REQUEST = 'InvalidLifecycleRequest';
+export const TOKEN_NOT_ACTIVE = 'TokenNotActive';
+
+const refuse = (message: string): never => {
+  throw ApplicationFailure.nonRetryable(message, INVALID_LIFECYCLE_REQUEST);
+};
+
+const record = (request: unknown): Record<string, unknown> => {
+  if (isUndecodablePayload(request)) {
+    refuse(`request: the payload could not be decoded (encoding ${request.undecodablePayload.encoding})`);
+  }
+  return (typeof request === 'object' && request !== null ? request : {}) as Record<string, unknown>;
+};
+
+const optionalText = (r: Record<string, unknown>, field: string, max: number): void => {
+  if (r[field] !== undefined && text(r[field], max) === undefined) refuse(`${field}: expected a non-empty string`);
+  const secret = secretInText(r[field], field);
+  if (secret) refuse(secret);
+};
+
+const requiredText = (r: Record<string, unknown>, field: string, max: number): void => {
+  if (text(r[field], max) === undefined) refuse(`${field}: a non-empty ${field} is required`);
+  const secret = secretInText(r[field], field);
+  if (secret) refuse(secret);
+};
+
+const CREDENTIAL_ID = /^cred_[A-Za-z0-9_-]{8,64}$/;
+const SHA256_HEX = /^[0-9a-f]{64}$/;
+/** A grace longer than this is refused: a leaked old secret must not stay valid for months. */
+export const MAX_GRACE_MS = 30 * 86_400_000;
+
+export function validateRotateRequest(request: unknown): asserts request is RotateRequest {
+  const r = record(request);
+  if (typeof r.credentialId !== 'string' || !CREDENTIAL_ID.test(r.credentialId)) {
+    refuse('credentialId: expected cred_ followed by 8 to 64 letters, digits, _ or -');
+  }
+  if (typeof r.secretHash !== 'string' || !SHA256_HEX.test(r.secretHash)) {
+    refuse('secretHash: expected the SHA-256 of the new secret, 64 lowercase hex digits');
+  }
+  if (
+    r.graceMs !== undefined &&
+    (typeof r.graceMs !== 'number' || !Number.isInteger(r.graceMs) || r.graceMs < 0 || r.graceMs > MAX_GRACE_MS)
+  ) {
+    refuse(`graceMs: expected an integer from 0 to ${MAX_GRACE_MS}`);
+  }
+  optionalText(r, 'actor', 200);
+  optionalText(r, 'reason', 500);
+}
+
+export function validateSuspendRequest(request: unknown): asserts request is SuspendRequest {
+  const r = record(request);
+  requiredText(r, 'reason', 500);
+  optionalText(r, 'actor', 200);
+}
+
+/** `at` must parse and lie in the future of workflow time `nowMs`. */
+export function validateScheduleRevokeRequest(
+  request: unknown,
+  nowMs: number,
+): asserts request is ScheduleRevokeRequest {
+  const r = record(request);
+  const at = typeof r.at === 'string' ? Date.parse(r.at) : Number.NaN;
+  if (Number.isNaN(at)) refuse('at: expected an ISO 8601 instant');
+  if (at <= nowMs) refuse(`at: ${String(r.at)} is not in the future`);
+  requiredText(r, 'reason', 500);
+  optionalText(r, 'actor', 200);
+}
+
+/**
+ * No ttl beyond this reaches the store (the ceiling of TOKENWARDEN_MAX_TTL, common/config.ts): a
+ * larger one would overflow PostgreSQL's interval and the Update would never finish.
+ */
+export const MAX_TTL_CEILING_MS = 3650 * 86_400_000;
+
+export function validateChangeExpiryRequest(request: unknown): asserts request is ChangeExpiryRequest {
+  const r = record(request);
+  if (typeof r.ttlMs !== 'number' || !Number.isInteger(r.ttlMs) || r.ttlMs <= 0) {
+    refuse('ttl: expected a positive whole number of milliseconds');
+  }
+  if ((r.ttlMs as number) > MAX_TTL_CEILING_MS) refuse(`ttl: at most ${MAX_TTL_CEILING_MS} ms (3650 days)`);
+  if (r.mode !== 'extend' && r.mode !== 'shorten') refuse('mode: expected extend or shorten');
+  requiredText(r, 'reason', 500);
+  optionalText(r, 'actor', 200);
+}
+
+/** A suspicious report is never refused: whatever arrives is acted on; the audit keeps what could be read. */
+export function parseSuspiciousReport(payload: unknown): {
+  reason: string;
+  actor: string;
+  reportId: string | undefined;
+  evidence: unknown;
+  malformed: boolean;
+} {
+  const p = (typeof payload === 'object' && payload !== null ? payload : {}) as Record<string, unknown>;
+  // A Signal bypasses the library's refusal of secrets: none may be copied into activities or the
+  // audit trail (the Signal's own payload stays in history; only a payload codec hides that).
+  const secretFree = (value: string | undefined) => (value === undefined ? undefined : redactedText(value));
+  const reason = secretFree(text(p.reason, 500));
+  // The audit key holds it: a secret-shaped id is dropped, not redacted (redacted ids would collide).
+  const givenReportId = text(p.reportId, 100);
+  const reportId =
+    givenReportId !== undefined && secretShapeKind(givenReportId) === undefined ? givenReportId : undefined;
+  // The audit's canonical JSON takes integers only: other numbers are kept as their text.
+  const json =
+    p.evidence === undefined
+      ? 'null'
+      : JSON.stringify(redactSecrets(p.evidence), (_k, v: unknown) =>
+          typeof v === 'number' && !Number.isInteger(v) ? String(v) : v,
+        );
+  // Bounded in history and in the audit: 8 KiB as JSON, else a note that it was cut.
+  let evidence: unknown = json === undefined ? null : (JSON.parse(json) as unknown);
+  if (json === undefined || json.length > 8_192) evidence = { truncated: true, bytes: json?.length ?? 0 };
+  return {
+    reason: reason ?? 'unspecified',
+    actor: secretFree(text(p.actor, 200)) ?? 'unknown (via Temporal signal)',
+    reportId,
+    evidence,
+    malformed: reason === undefined,
+  };
+}
+
+/** The key of a warning before `deadlineIso` (expiry or idle revocation), `beforeMs` ahead: sent once. */
+export const warningKey = (reason: 'expiry' | 'inactivity', deadlineIso: string, beforeMs: number): string =>
+  `expiring:${reason === 'expiry' ? 'expiry' : 'idle'}:${deadlineIso}:${beforeMs}`;
+
+/** What the alive phase does next, the earliest first; ties go to the order of this union. */
+export type AliveDeadline =
+  | { kind: 'expiry'; atMs: number }
+  | { kind: 'scheduledRevoke'; atMs: number }
+  | { kind: 'idleCheck'; atMs: number }
+  | { kind: 'graceEnd'; atMs: number; credentialId: string }
+  | {
+      kind: 'warning';
+      atMs: number;
+      key: string;
+      reason: 'expiry' | 'inactivity';
+      deadline: string;
+      beforeMs: number;
+      /** Keys of larger warnings for the same deadline that are also due: never sent once this one is. */
+      superseded: string[];
+    }
+  | { kind: 'rotate'; atMs: number };
+
+const KIND_ORDER: AliveDeadline['kind'][] = ['expiry', 'scheduledRevoke', 'idleCheck', 'graceEnd', 'warning', 'rotate'];
+
+const iso = (ms: number): string => new Date(ms).toISOString();
+
+/** A warning or an automatic rotation: work that depends on the owner's destination being up. */
+export const isOwnerWork = (d: AliveDeadline): boolean => d.kind === 'warning' || d.kind === 'rotate';
+
+/**
+ * The alive phase's state (what continue-as-new carries) and its pure decisions: which deadline
+ * comes next, and how each event moves them. The workflow performs the effects.
+ */
+export class AliveState {
+  readonly carried: CarriedLifecycle;
+  policy: PolicySnapshot | undefined;
+  /** Bumped by every change that may move a deadline: the workflow's sleep wakes on it. */
+  changes = 0;
+  /**
+   * Set once the run follows the owner-off-critical-path patch: an idle warning whose lead is the
+   * idle timeout or more is never sent (it would fall due at every use, warning a token in use).
+   */
+  skipIdleWarningsBeyondTimeout = false;
+
+  constructor(input: Pick<TokenWorkflowInput, 'expiresAt' | 'policy' | 'carried'>, nowMs: number) {
+    this.policy = input.policy;
+    this.carried = input.carried
+      ? { ...input.carried, warningsSent: [...(input.carried.warningsSent ?? [])] }
+      : {
+          expiresAt: input.expiresAt,
+          currentCredentialId: null,
+          previous: null,
+          credentialRevocations: [],
+          rotateAt: null,
+          idleCheckAt: null,
+          suspended: false,
+          scheduledRevoke: null,
+          rotations: 0,
+          suspiciousReports: 0,
+          warningsSent: [],
+        };
+    if (!input.carried) this.adoptPolicyDeadlines(nowMs);
+  }
+
+  get expiresAt(): string {
+    return this.carried.expiresAt;
+  }
+
+  /**
+   * The deadline to act on now, or undefined when the earliest lies ahead (see next()). With
+   * `ownerWorkLast`, a due deadline of the token's own (expiry, scheduled revoke, idle check, end of
+   * grace) goes before a due warning or rotation: work that waits on the owner never holds them up.
+   */
+  due(nowMs: number, ownerWorkLast = false): AliveDeadline | undefined {
+    if (ownerWorkLast) {
+      const own = this.nextOwn(nowMs);
+      if (own.atMs <= nowMs) return own;
+    }
+    const next = this.next(nowMs);
+    return next.atMs <= nowMs ? next : undefined;
+  }
+
+  /** The earliest deadline that does not wait on the owner's destination (expiry always exists). */
+  nextOwn(nowMs: number): AliveDeadline {
+    return this.deadlines(nowMs).find((d) => !isOwnerWork(d))!;
+  }
+
+  /** The earliest deadline (expiry always exists). */
+  next(nowMs: number): AliveDeadline {
+    return this.deadlines(nowMs)[0]!;
+  }
+
+  private deadlines(nowMs: number): AliveDeadline[] {
+    const c = this.carried;
+    const all: AliveDeadline[] = [{ kind: 'expiry', atMs: Date.parse(c.expiresAt) }];
+    if (c.scheduledRevoke) all.push({ kind: 'scheduledRevoke', atMs: Date.parse(c.scheduledRevoke.at) });
+    if (c.idleCheckAt) all.push({ kind: 'idleCheck', atMs: Date.parse(c.idleCheckAt) });
+    if (c.previous) {
+      all.push({ kind: 'graceEnd', atMs: Date.parse(c.previous.validUntil), credentialId: c.previous.credentialId });
+    }
+    const warning = this.nextWarning(nowMs);
+    if (warning) all.push(warning);
+    if (c.rotateAt) all.push({ kind: 'rotate', atMs: Date.parse(c.rotateAt) });
+    all.sort((a, b) => a.atMs - b.atMs || KIND_ORDER.indexOf(a.kind) - KIND_ORDER.indexOf(b.kind));
+    return all;
+  }
+
+  /**
+   * The next unsent warning: for the expiry and (with an idle timeout) the idle deadline, at
+   * `deadline - before` for each of the policy's warnings. Of several due at once, only the one
+   * nearest its deadline is sent; the larger ones are superseded.
+   */
+  private nextWarning(nowMs: number): Extract<AliveDeadline, { kind: 'warning' }> | undefined {
+    const befores = this.policy?.warnBeforeMs ?? [];
+    if (befores.length === 0) return undefined;
+    const sent = new Set(this.carried.warningsSent);
+    const deadlines: ['expiry' | 'inactivity', string][] = [['expiry', this.carried.expiresAt]];
+    if (this.carried.idleCheckAt && this.policy?.idleTimeoutMs)
+      deadlines.push(['inactivity', this.carried.idleCheckAt]);
+    let best: Extract<AliveDeadline, { kind: 'warning' }> | undefined;
+    for (const [reason, deadline] of deadlines) {
+      const deadlineMs = Date.parse(deadline);
+      if (deadlineMs <= nowMs) continue;
+      const idleTimeoutMs = this.policy?.idleTimeoutMs ?? 0;
+      const unsent = [...befores]
+        .filter((b) => !(reason === 'inactivity' && this.skipIdleWarningsBeyondTimeout && b >= idleTimeoutMs))
+        .sort((a, b) => b - a)
+        .map((beforeMs) => ({ beforeMs, key: warningKey(reason, deadline, beforeMs), atMs: deadlineMs - beforeMs }))
+        .filter((w) => !sent.has(w.key));
+      if (unsent.length === 0) continue;
+      const due = unsent.filter((w) => w.atMs <= nowMs);
+      const pick = due.length > 0 ? due[due.length - 1]! : unsent[0]!;
+      const superseded = due.filter((w) => w.key !== pick.key).map((w) => w.key);
+      const candidate = { kind: 'warning' as const, reason, deadline, superseded, ...pick };
+      if (!best || candidate.atMs < best.atMs) best = candidate;
+    }
+    return best;
+  }
+
+  // ---------------------------------------------------------------- transitions
+
+  /** Arms the policy's deadlines from `nowMs` (a new run, or a changed policy). */
+  adoptPolicyDeadlines(nowMs: number): void {
+    const p = this.policy;
+    // The first idle check reads the real last use (the run does not know when the token was issued).
+    this.carried.idleCheckAt = p?.idleTimeoutMs ? (this.carried.idleCheckAt ?? iso(nowMs)) : null;
+    this.carried.rotateAt = p?.rotateEveryMs ? (this.carried.rotateAt ?? iso(nowMs + p.rotateEveryMs)) : null;
+    this.changed();
+  }
+
+  policyChanged(policy: PolicySnapshot | undefined, nowMs: number): void {
+    const before = this.policy;
+    this.policy = policy;
+    if (before?.rotateEveryMs !== policy?.rotateEveryMs) this.carried.rotateAt = null;
+    if (before?.idleTimeoutMs !== policy?.idleTimeoutMs) this.carried.idleCheckAt = null;
+    this.adoptPolicyDeadlines(nowMs);
+  }
+
+  /** A rotation committed: the new credential is current, the old one in grace (or revoked at once). */
+  rotated(
+    result: {
+      credentialId: string;
+      previousCredentialId: string | null;
+      previousValidUntil: string | null;
+      revoked: { credentialId: string; eventId: string }[];
+    },
+    nowMs: number,
+  ): void {
+    const c = this.carried;
+    c.currentCredentialId = result.credentialId;
+    c.previous =
+      result.previousCredentialId && result.previousValidUntil
+        ? { credentialId: result.previousCredentialId, validUntil: result.previousValidUntil }
+        : null;
+    this.credentialsRevoked(result.revoked);
+    c.rotations++;
+    if (this.policy?.rotateEveryMs) c.rotateAt = iso(nowMs + this.policy.rotateEveryMs);
+    this.changed();
+  }
+
+  /** The previous credential's grace ended in the store. */
+  graceEnded(credentialId: string, revoked: { credentialId: string; eventId: string }[]): void {
+    if (this.carried.previous?.credentialId === credentialId) this.carried.previous = null;
+    this.credentialsRevoked(revoked);
+    this.changed();
+  }
+
+  credentialsRevoked(revoked: { credentialId: string; eventId: string }[]): void {
+    for (const r of revoked) {
+      if (!this.carried.credentialRevocations.some((x) => x.eventId === r.eventId)) {
+        this.carried.credentialRevocations.push(r);
+      }
+    }
+  }
+
+  /** Every receiver has a settled delivery of this credential.revoked event. */
+  credentialRevocationSettled(eventId: string): void {
+    this.carried.credentialRevocations = this.carried.credentialRevocations.filter((r) => r.eventId !== eventId);
+  }
+
+  /**
+   * The idle check read the token's last activity (last use, else issue). Returns true when the
+   * token has been idle past its timeout (revoke); otherwise the check moves to the new deadline.
+   */
+  idleChecked(lastActivityAt: string, nowMs: number): boolean {
+    const idle = this.policy?.idleTimeoutMs;
+    if (!idle) {
+      this.carried.idleCheckAt = null;
+      this.changed();
+      return false;
+    }
+    const deadlineMs = Date.parse(lastActivityAt) + idle;
+    if (deadlineMs <= nowMs) return true;
+    this.moveIdleDeadline(iso(deadlineMs));
+    return false;
+  }
+
+  private moveIdleDeadline(deadline: string): void {
+    const old = this.carried.idleCheckAt;
+    this.carried.idleCheckAt = deadline;
+    // Warnings of a deadline that no longer exists are forgotten (the list stays small).
+    if (old !== deadline) this.forgetWarnings('idle', deadline);
+    this.changed();
+  }
+
+  warningSent(warning: Extract<AliveDeadline, { kind: 'warning' }>): void {
+    this.carried.warningsSent.push(warning.key, ...warning.superseded);
+    this.changed();
+  }
+
+  expiryChanged(expiresAt: string): void {
+    this.carried.expiresAt = expiresAt;
+    this.forgetWarnings('expiry', expiresAt);
+    this.changed();
+  }
+
+  private forgetWarnings(kind: 'expiry' | 'idle', deadline: string): void {
+    const prefix = `expiring:${kind}:`;
+    this.carried.warningsSent = this.carried.warningsSent.filter(
+      (k) => !k.startsWith(prefix) || k.startsWith(`${prefix}${deadline}:`),
+    );
+  }
+
+  suspendedChanged(suspended: boolean): void {
+    this.carried.suspended = suspended;
+    this.changed();
+  }
+
+  revokeScheduled(schedule: CarriedLifecycle['scheduledRevoke']): void {
+    this.carried.scheduledRevoke = schedule;
+    this.changed();
+  }
+
+  suspiciousReported(): number {
+    this.carried.suspiciousReports++;
+    this.changed();
+    return this.carried.suspiciousReports;
+  }
+
+  /** An automatic rotation could not happen (no owner destination): the next one is armed. */
+  rotationSkipped(nowMs: number): void {
+    if (this.policy?.rotateEveryMs) this.carried.rotateAt = iso(nowMs + this.policy.rotateEveryMs);
+    this.changed();
+  }
+
+  /** The automatic rotation's instant has come (a manual rotation since re-armed it). */
+  rotationDue(nowMs: number): boolean {
+    return this.carried.rotateAt !== null && Date.parse(this.carried.rotateAt) <= nowMs;
+  }
+
+  /** The rotation id of the next automatic rotation: deterministic, so a retried activity finds its own. */
+  nextRotationId(tokenId: string): string {
+    return `${tokenId}:rot:${this.carried.rotations + 1}`;
+  }
+
+  /** Plain JSON for continue-as-new. */
+  toCarried(): CarriedLifecycle {
+    return JSON.parse(JSON.stringify(this.carried)) as CarriedLifecycle;
+  }
+
+  private changed(): void {
+    this.changes++;
   }
 }

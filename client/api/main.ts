@@ -27,6 +27,16 @@ export async function startApi(settings: Settings, api: ApiSettings): Promise<Ru
       schema: settings.databaseSchema,
       foreignTokens: api.foreignTokens,
       onError: (err) => process.stderr.write(`tokenwarden api: verifier: ${err.message}\n`),
+      // Introspection killed a token whose credential was reused: its workflow propagates now,
+      // not at the reconciler's next pass (which stays the fallback when this call fails).
+      onReuseDetected: (tokenId) =>
+        void warden
+          .tellKilled(tokenId)
+          .catch((err: unknown) =>
+            process.stderr.write(
+              `tokenwarden api: telling the workflow of ${tokenId} (reuse detected) failed: ${err instanceof Error ? err.message : String(err)}\n`,
+            ),
+          ),
     });
     const server = await createApiServer({ warden, verifier });
     await server.listen({ host: api.host, port: api.port });

@@ -5,7 +5,7 @@
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
 import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { InvalidInputError, NotFoundError } from '../../common/errors.js';
+import { InvalidInputError, NotFoundError, PolicyApplyInProgressError } from '../../common/errors.js';
 
 /** Where a bad field was: the request part, then its path inside it (`subject`, `receivers.0`). */
 export interface FieldProblem {
@@ -39,6 +39,8 @@ export const problemSchema = z
 export const PROBLEM_TYPE = {
   invalidInput: 'urn:tokenwarden:problem:invalid-input',
   notFound: 'urn:tokenwarden:problem:not-found',
+  /** Another apply of the policy is running (here or in another process): try again when it ends. */
+  applyInProgress: 'urn:tokenwarden:problem:policy-apply-in-progress',
   /** Status-only problems: the title is the HTTP status phrase (RFC 9457 §4.2.1). */
   blank: 'about:blank',
 } as const;
@@ -50,6 +52,7 @@ const TITLES: Record<number, string> = {
   404: 'Not Found',
   405: 'Method Not Allowed',
   406: 'Not Acceptable',
+  409: 'Conflict',
   413: 'Content Too Large',
   415: 'Unsupported Media Type',
   500: 'Internal Server Error',
@@ -112,7 +115,7 @@ const LOCATIONS = { body: 'body', querystring: 'query', params: 'params', header
 /** Library field names that are path parameters of the API. */
 const PARAM_FIELDS: Record<string, string> = { tokenId: 'id' };
 
-/** The one error handler: validation → 400, library errors → 400/404, fastify's 4xx kept, the rest 500. */
+/** The one error handler: validation → 400, library errors → 400/404/409, fastify's 4xx kept, the rest 500. */
 export function handleError(error: FastifyError, request: FastifyRequest, reply: FastifyReply): FastifyReply {
   if (hasZodFastifySchemaValidationErrors(error)) {
     const where = LOCATIONS[(error.validationContext ?? 'body') as keyof typeof LOCATIONS] ?? 'body';
@@ -135,6 +138,12 @@ export function handleError(error: FastifyError, request: FastifyRequest, reply:
     return sendProblem(
       reply,
       problem(request, 404, `${error.kind} not found`, { type: PROBLEM_TYPE.notFound, title: 'Not Found' }),
+    );
+  }
+  if (error instanceof PolicyApplyInProgressError) {
+    return sendProblem(
+      reply,
+      problem(request, 409, error.message, { type: PROBLEM_TYPE.applyInProgress, title: 'Policy apply in progress' }),
     );
   }
   const status = error.statusCode ?? 500;

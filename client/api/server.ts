@@ -21,6 +21,7 @@ import { handleError, pathOf, problem, sendProblem } from './problems.js';
 import { healthRoutes } from './routes/health.js';
 import { oauthRoutes } from './routes/oauth.js';
 import { receiverRoutes } from './routes/receivers.js';
+import { selfManagingRoutes } from './routes/self-managing.js';
 import { subjectRoutes } from './routes/subjects.js';
 import { tokenRoutes } from './routes/tokens.js';
 
@@ -148,5 +149,6 @@ export async function createApiServer(options: ApiServerOptions): Promise<ApiSer
   await subjectRoutes(typed, warden, verifier);
   await receiverRoutes(typed, warden);
   await oauthRoutes(typed, warden, verifier);
+  await selfManagingRoutes(typed, warden);
   return app;
 }

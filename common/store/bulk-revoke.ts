@@ -7,7 +7,7 @@ import { z } from 'zod';
 import { quoteIdent, type Queryable, type StorePool } from '../db.js';
 import { NotFoundError } from '../errors.js';
 import { INITIATING_ENTITIES, KILL_CHANNEL, type InitiatingEntity } from '../names.js';
-import { parseRow, routine, toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
+import { parseRow, routine, toToken, tokenColumns, type TokenRecord } from './rows.js';
 
 /** What a revocation by filter matches; every criterion given must hold (AND). */
 export interface BulkRevokeFilter {
@@ -172,7 +172,7 @@ export async function killBulkRevokeChunk(
 ): Promise<TokenRecord[]> {
   const t = pool.tables;
   const { rows } = await pool.query(
-    `SELECT ${TOKEN_COLUMNS} FROM ${routine(t, 'bulk_revoke_kill_chunk')}($1, $2, $3, $4)`,
+    `SELECT ${tokenColumns(t)} FROM ${routine(t, 'bulk_revoke_kill_chunk')}($1, $2, $3, $4)`,
     [t.schema, id, tokenIds, KILL_CHANNEL],
   );
   return rows.map(toToken);
@@ -219,7 +219,7 @@ export async function untoldPage(
   limit: number,
 ): Promise<TokenRecord[]> {
   const { rows } = await db.query(
-    `SELECT ${TOKEN_COLUMNS} FROM ${db.tables.token}
+    `SELECT ${tokenColumns(db.tables)} FROM ${db.tables.token}
       WHERE ${UNTOLD} AND ($2::text IS NULL OR id > $2) ORDER BY id LIMIT $3`,
     [id, afterId, limit],
   );

@@ -8,7 +8,7 @@ import {
   toDelivery,
   toReceiver,
   toToken,
-  TOKEN_COLUMNS,
+  tokenColumns,
   type DeliveryRecord,
   type ReceiverRecord,
   type TokenRecord,
@@ -181,7 +181,7 @@ export async function setPropagation(
       `UPDATE ${t.token} SET propagation = $2,
               propagation_completed_at = CASE WHEN $2 = 'complete' THEN coalesce(propagation_completed_at, now()) END
         WHERE id = $1 AND status <> 'active' AND propagation <> 'complete'
-        RETURNING ${TOKEN_COLUMNS}`,
+        RETURNING ${tokenColumns(t)}`,
       [tokenId, state],
     );
     if (rows[0]) await appendAudit(client, tokenId, auditKey, `propagation.${state}`, detail);

@@ -1,6 +1,6 @@
 /** Bulk writes of tokens whose secret hashes are known: imports, and bulk issue's journaled tokens. */
 import type { Queryable } from '../db.js';
-import { routine, toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
+import { routine, toToken, tokenColumns, type TokenRecord } from './rows.js';
 
 export interface ImportedToken {
   tokenId: string;
@@ -37,7 +37,7 @@ export async function importTokens(
   if (batch.length === 0) return [];
   const t = db.tables;
   const { rows } = await db.query(
-    `SELECT r_ord, r_outcome, r_field, r_message, ${TOKEN_COLUMNS}
+    `SELECT r_ord, r_outcome, r_field, r_message, ${tokenColumns(db.tables)}
        FROM (SELECT r.ord AS r_ord, r.outcome AS r_outcome, r.field AS r_field, r.message AS r_message, (r.facts).*
                FROM ${routine(t, 'import_tokens')}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) AS r) AS imported
       ORDER BY r_ord`,

@@ -12,3 +12,11 @@ export * from './deliveries.js';
 export * from './reconciler.js';
 export * from './bulk-revoke.js';
 export * from './import.js';
+// Tokens that manage themselves (migrations/0015, 0017).
+export * from './credentials.js';
+export * from './suspension.js';
+export * from './expiry.js';
+export * from './notices.js';
+export { readLastUse, type LastUse } from './last-use.js';
+// Named policies (migrations/0016).
+export * from './policies.js';

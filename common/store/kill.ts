@@ -3,7 +3,7 @@ import type { StorePool } from '../db.js';
 import { NotFoundError } from '../errors.js';
 import { revocationEventId } from '../ids.js';
 import { KILL_CHANNEL, type InitiatingEntity } from '../names.js';
-import { routine, toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
+import { routine, toToken, tokenColumns, type TokenRecord } from './rows.js';
 
 export interface KillRequest {
   tokenId: string;
@@ -39,7 +39,7 @@ export interface KillResult {
 export async function killToken(pool: StorePool, req: KillRequest): Promise<KillResult> {
   const t = pool.tables;
   const { rows } = await pool.query(
-    `SELECT changed, remaining_ms, ${TOKEN_COLUMNS}
+    `SELECT changed, remaining_ms, ${tokenColumns(t)}
        FROM (SELECT k.changed, k.remaining_ms, (k.facts).*
                FROM ${routine(t, 'kill_token')}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) AS k) AS killed`,
     [
@@ -86,7 +86,7 @@ export async function killExpiredTokens(
   const graceMs = opts.graceMs ?? 0;
   try {
     const { rows } = await pool.query(
-      `SELECT ${TOKEN_COLUMNS} FROM ${routine(t, 'kill_expired_tokens')}($1, $2, $3, $4)`,
+      `SELECT ${tokenColumns(t)} FROM ${routine(t, 'kill_expired_tokens')}($1, $2, $3, $4)`,
       [t.schema, opts.limit, graceMs, KILL_CHANNEL],
     );
     return { killed: rows.map(toToken), failed: [] };
@@ -142,7 +142,7 @@ export async function killTokens(
 ): Promise<TokenRecord[]> {
   const t = pool.tables;
   const { rows } = await pool.query(
-    `SELECT ${TOKEN_COLUMNS} FROM ${routine(t, 'kill_tokens')}($1, $2, $3, $4, $5, $6, $7, $8)`,
+    `SELECT ${tokenColumns(t)} FROM ${routine(t, 'kill_tokens')}($1, $2, $3, $4, $5, $6, $7, $8)`,
     [t.schema, tokenIds, req.actor, req.reason, req.initiatingEntity, req.operationId, req.operationId, KILL_CHANNEL],
   );
   return rows.map(toToken);
@@ -160,7 +160,7 @@ export async function killSubjectTokens(
 ): Promise<TokenRecord[]> {
   const t = pool.tables;
   const { rows } = await pool.query(
-    `SELECT ${TOKEN_COLUMNS} FROM ${routine(t, 'kill_subject_tokens')}($1, $2, $3, $4, $5, $6, $7, $8)`,
+    `SELECT ${tokenColumns(t)} FROM ${routine(t, 'kill_subject_tokens')}($1, $2, $3, $4, $5, $6, $7, $8)`,
     [t.schema, subject, req.actor, req.reason, req.initiatingEntity, req.operationId, req.operationId, KILL_CHANNEL],
   );
   return rows.map(toToken);
@@ -170,7 +170,7 @@ export async function killSubjectTokens(
 export async function deadTokensOf(pool: StorePool, subject: string): Promise<TokenRecord[]> {
   const t = pool.tables;
   const { rows } = await pool.query(
-    `SELECT ${TOKEN_COLUMNS} FROM ${t.token} WHERE subject = $1 AND status <> 'active' ORDER BY revoked_at, id`,
+    `SELECT ${tokenColumns(t)} FROM ${t.token} WHERE subject = $1 AND status <> 'active' ORDER BY revoked_at, id`,
     [subject],
   );
   return rows.map(toToken);

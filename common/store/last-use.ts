@@ -18,3 +18,34 @@ export async function recordTokenUse(
   );
   return rows[0]?.written === true;
 }
+
+export interface LastUse {
+  /** Null when never used (recorded): the idle deadline then counts from issuedAt. */
+  lastUsedAt: string | null;
+  issuedAt: string;
+  /** Whether the token is still active (not revoked or expired in the store). */
+  active: boolean;
+  /** The database clock when read. */
+  now: string;
+}
+
+/** A token's last recorded use, for its idle deadline; undefined for an unknown token. */
+export async function readLastUse(
+  db: Pick<pg.Pool, 'query'>,
+  schema: string,
+  tokenId: string,
+): Promise<LastUse | undefined> {
+  const { rows } = await db.query<{ last_used_at: Date | null; issued_at: Date; active: boolean; now: Date }>(
+    `SELECT last_used_at, issued_at, status = 'active' AS active, now() AS now
+       FROM ${quoteIdent(schema)}.token WHERE id = $1`,
+    [tokenId],
+  );
+  const row = rows[0];
+  if (!row) return undefined;
+  return {
+    lastUsedAt: row.last_used_at?.toISOString() ?? null,
+    issuedAt: row.issued_at.toISOString(),
+    active: row.active,
+    now: row.now.toISOString(),
+  };
+}

@@ -5,7 +5,7 @@
  */
 import type { Queryable } from '../db.js';
 import type { ReconcileSet } from '../names.js';
-import { toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
+import { toToken, tokenColumns, type TokenRecord } from './rows.js';
 
 /** The sets read in pages; the overdue set is killed in batches instead (killExpiredTokens). */
 export type PagedReconcileSet = Exclude<ReconcileSet, 'overdue'>;
@@ -49,7 +49,7 @@ export async function findReconcilePage(
   // breaks ties between equal timestamps by id.
   const { rows } = await db.query(
     `WITH cursor AS (SELECT ${key} AS key, id FROM ${t.token} WHERE id = $2)
-     SELECT ${TOKEN_COLUMNS} FROM ${t.token}
+     SELECT ${tokenColumns(db.tables)} FROM ${t.token}
       WHERE ${where}
         AND ($2::text IS NULL OR (${key} >= (SELECT key FROM cursor) AND (${key}, id) > (SELECT key, id FROM cursor)))
       ORDER BY ${key}, id LIMIT $3`,

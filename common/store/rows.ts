@@ -37,6 +37,15 @@ export interface TokenRecord {
   workflowStartedAt: string | null;
   propagationStartedAt: string | null;
   propagationCompletedAt: string | null;
+  /** The token's policy (null: none; the global maximum lifetime only). */
+  policy: string | null;
+  /** Set while the token is suspended: it fails verification but is not dead. */
+  suspendedAt: string | null;
+  suspendedBy: string | null;
+  suspendReason: string | null;
+  /** A revocation its workflow will carry out at this instant. */
+  revokeScheduledAt: string | null;
+  revokeScheduledReason: string | null;
 }
 
 export interface DeliveryRecord {
@@ -84,6 +93,7 @@ export const routine = (
     | 'kill_tokens'
     | 'append_audit'
     | 'issue_token'
+    | 'issue_token_under_policy'
     | 'record_delivery_attempt'
     // Revocation by filter (migrations/0012).
     | 'bulk_revoke_matches'
@@ -94,15 +104,29 @@ export const routine = (
     | 'issuance_barrier'
     | 'kill_subject_tokens'
     // Bulk import and bulk issue (migrations/0013).
-    | 'import_tokens',
+    | 'import_tokens'
+    // Credentials, reuse detection, suspension, expiry changes, notices (migrations/0015).
+    | 'insert_pending_credential'
+    | 'discard_pending_credential'
+    | 'promote_credential'
+    | 'rotate_credential'
+    | 'end_grace'
+    | 'kill_reused_credential'
+    | 'set_suspended'
+    | 'change_expiry'
+    | 'record_notice'
+    // policy apply's shorten to the limit (migrations/0017).
+    | 'shorten_to_policy_limit',
 ) => `${quoteIdent(t.schema)}.${name}`;
 
-export const TOKEN_COLUMNS = `
+/** A token row's columns as toToken reads them; `valid` is the store's token_valid, the verifier's. */
+export const tokenColumns = (t: Tables): string => `
   id, subject, name, scopes, receivers, status, propagation, issued_at, expires_at, revoked_at,
   revoked_by, revoke_reason, initiating_entity, revoke_request_id, workflow_started_at, propagation_started_at,
-  propagation_completed_at,
+  propagation_completed_at, policy, suspended_at, suspended_by, suspend_reason, revoke_scheduled_at,
+  revoke_scheduled_reason,
   CASE WHEN status = 'active' AND expires_at <= now() THEN 'expired' ELSE status END AS effective_status,
-  (status = 'active' AND expires_at > now()) AS valid`;
+  ${quoteIdent(t.schema)}.token_valid(status, expires_at, suspended_at) AS valid`;
 
 // Rows are parsed, not cast: a row the code does not expect (a manual edit, a schema drift) fails
 // loudly with the column named instead of travelling on as a wrong fact.
@@ -131,6 +155,12 @@ const tokenRow = z
     workflow_started_at: nullableDate,
     propagation_started_at: nullableDate,
     propagation_completed_at: nullableDate,
+    policy: nullableText,
+    suspended_at: nullableDate,
+    suspended_by: nullableText,
+    suspend_reason: nullableText,
+    revoke_scheduled_at: nullableDate,
+    revoke_scheduled_reason: nullableText,
   })
   .transform((r): TokenRecord => ({
     id: r.id,
@@ -152,6 +182,12 @@ const tokenRow = z
     workflowStartedAt: r.workflow_started_at,
     propagationStartedAt: r.propagation_started_at,
     propagationCompletedAt: r.propagation_completed_at,
+    policy: r.policy,
+    suspendedAt: r.suspended_at,
+    suspendedBy: r.suspended_by,
+    suspendReason: r.suspend_reason,
+    revokeScheduledAt: r.revoke_scheduled_at,
+    revokeScheduledReason: r.revoke_scheduled_reason,
   }));
 
 const deliveryRow = z

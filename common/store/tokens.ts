@@ -1,8 +1,10 @@
 /** Tokens: issue, read, list. A token is valid iff `status = 'active' AND expires_at > now()`. */
 import type { Queryable } from '../db.js';
+import { formatDuration } from '../durations.js';
 import { InvalidInputError, NotFoundError } from '../errors.js';
 import type { TokenStatus } from '../names.js';
-import { routine, toToken, TOKEN_COLUMNS, type TokenRecord } from './rows.js';
+import { policyColumnsOf, policyFromColumns, type PolicyRecord } from './policies.js';
+import { routine, toToken, tokenColumns, type TokenRecord } from './rows.js';
 
 export interface NewToken {
   tokenId: string;
@@ -13,20 +15,30 @@ export interface NewToken {
   receivers: string[];
   ttlMs: number;
   secretHash: Buffer;
+  /** The token's policy: its max lifetime and allowed scopes are checked in the same statement. */
+  policy?: string | null;
+}
+
+/** An issued token's row, with the policy it was written under. */
+export interface IssuedTokenRecord extends TokenRecord {
+  /** The policy as issue_token read it under its lock (absent without one): the version the row records. */
+  issuedUnder?: PolicyRecord;
 }
 
 /**
  * Writes an active token and its current credential (hash only), its expiry from the database clock,
- * and its `token.issued` audit event: the store's `issue_token` function (migrations/0004) in one
+ * and its `token.issued` audit event: the store's `issue_token_under_policy` function (migrations/0020) in one
  * statement, so one round trip and one transaction of its own. Bind parameters only, no session
  * state, so it works behind a transaction-mode pooler. Refuses (writing nothing) a receiver that is
  * unknown or removed.
  */
-export async function insertToken(db: Queryable, token: NewToken): Promise<TokenRecord> {
+export async function insertToken(db: Queryable, token: NewToken): Promise<IssuedTokenRecord> {
   const t = db.tables;
   try {
     const { rows } = await db.query(
-      `SELECT ${TOKEN_COLUMNS} FROM ${routine(t, 'issue_token')}($1, $2, $3, $4, $5, $6, $7, $8) AS issued`,
+      `SELECT ${tokenColumns(db.tables)}, ${policyColumnsOf('under_policy', 'under_policy_')}
+         FROM (SELECT (i.facts).*, i.under_policy
+                 FROM ${routine(t, 'issue_token_under_policy')}($1, $2, $3, $4, $5, $6, $7, $8, $9) AS i) AS issued`,
       [
         token.tokenId,
         token.credentialId,
@@ -36,18 +48,42 @@ export async function insertToken(db: Queryable, token: NewToken): Promise<Token
         token.receivers,
         token.ttlMs,
         token.secretHash,
+        token.policy ?? null,
       ],
     );
-    return toToken(rows[0]);
+    const row = rows[0] as Record<string, unknown>;
+    const issuedUnder = policyFromColumns(row, 'under_policy_');
+    return issuedUnder ? { ...toToken(row), issuedUnder } : toToken(row);
   } catch (err) {
-    const e = err as { code?: string; constraint?: string; message?: string };
+    const e = err as { code?: string; constraint?: string; message?: string; detail?: string };
     if (e.code === '23503' && e.constraint === 'token_receivers_known') {
       throw new InvalidInputError(`invalid token request: receivers: ${e.message}`, [
         { path: 'receivers', message: e.message! },
       ]);
     }
+    const refused = policyRefusal(e, token);
+    if (refused) throw refused;
     throw err;
   }
+}
+
+/** issue_token's refusals under a policy (migrations/0016), as the field each one is about. */
+function policyRefusal(
+  e: { code?: string; constraint?: string; detail?: string },
+  token: NewToken,
+): InvalidInputError | undefined {
+  const field = (path: string, message: string) =>
+    new InvalidInputError(`invalid token request: ${path}: ${message} (nothing was issued)`, [{ path, message }]);
+  if (e.code === '23503' && e.constraint === 'token_policy_known') {
+    return field('policy', `no policy named ${JSON.stringify(token.policy)}`);
+  }
+  if (e.code === '23514' && e.constraint === 'token_policy_max_lifetime') {
+    return field('ttl', `at most ${formatDuration(Number(e.detail))} (policy ${token.policy}'s max lifetime)`);
+  }
+  if (e.code === '23514' && e.constraint === 'token_policy_scopes') {
+    return field('scopes', `${e.detail} not allowed by policy ${token.policy}`);
+  }
+  return undefined;
 }
 
 /**
@@ -69,7 +105,7 @@ export const markWorkflowStarted = (db: Queryable, tokenId: string) => markWorkf
 
 export async function getToken(db: Queryable, tokenId: string): Promise<TokenRecord | undefined> {
   const t = db.tables;
-  const { rows } = await db.query(`SELECT ${TOKEN_COLUMNS} FROM ${t.token} WHERE id = $1`, [tokenId]);
+  const { rows } = await db.query(`SELECT ${tokenColumns(db.tables)} FROM ${t.token} WHERE id = $1`, [tokenId]);
   return rows[0] ? toToken(rows[0]) : undefined;
 }
 
@@ -86,7 +122,7 @@ export async function listTokens(
   const t = db.tables;
   // Newest first by id (UUIDv7: time-ordered); `beforeId` continues a page where the last one ended.
   const { rows } = await db.query(
-    `SELECT ${TOKEN_COLUMNS} FROM ${t.token}
+    `SELECT ${tokenColumns(db.tables)} FROM ${t.token}
       WHERE ($1::text IS NULL OR subject = $1)
         AND ($2::text IS NULL OR CASE WHEN status = 'active' AND expires_at <= now() THEN 'expired' ELSE status END = $2)
         AND ($4::text IS NULL OR id < $4)

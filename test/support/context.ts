@@ -3,6 +3,7 @@
  * Postgres schema, its own task queue, a Temporal client, workers on demand, the library.
  */
 import { randomBytes } from 'node:crypto';
+import os from 'node:os';
 import { Client, Connection } from '@temporalio/client';
 import { DefaultLogger, NativeConnection, Runtime, type Worker } from '@temporalio/worker';
 import pg from 'pg';
@@ -70,6 +71,8 @@ export class TestContext {
       // Test receivers listen on loopback.
       receiverAllow: ['loopback'],
       maxTtlMs: DEFAULT_MAX_TTL_MS,
+      // The tests' owner folders are made in the system's temporary folder.
+      ownerDirRoot: os.tmpdir(),
       worker: WORKER_TUNING_DEFAULTS,
     };
     const pool = createPool(databaseUrl, schema, 5);
@@ -89,7 +92,7 @@ export class TestContext {
    */
   async startWorker(
     settings: Settings = this.settings,
-    opts: Pick<TokenWorkerOptions, 'wrapActivities'> = {},
+    opts: Pick<TokenWorkerOptions, 'wrapActivities' | 'maxHeartbeatThrottleMs'> = {},
   ): Promise<RunningWorker> {
     const bundlePath = process.env.TOKENWARDEN_TEST_WORKFLOW_BUNDLE;
     const worker = await createTokenWorker({
@@ -133,6 +136,7 @@ export class TestContext {
       TOKENWARDEN_MASTER_KEY: s.masterKey!.toString('base64'),
       TOKENWARDEN_PREVIOUS_MASTER_KEYS: s.previousMasterKeys.map((k) => k.toString('base64')).join(','),
       TOKENWARDEN_RECEIVER_ALLOW: s.receiverAllow.join(','),
+      ...(s.ownerDirRoot !== undefined ? { TOKENWARDEN_OWNER_DIR_ROOT: s.ownerDirRoot } : {}),
     };
   }
 
