@@ -8,8 +8,10 @@ import { after, before, describe, it } from 'node:test';
 import { parseRetryAfter, retryDelayMs, retryScheduleOf } from '../activities/propagation.js';
 import { TokenWarden } from '../client/index.js';
 import type { Settings } from '../common/config.js';
+import { tokenWorkflowId } from '../common/names.js';
 import { masterKeyId } from '../common/secrets.js';
 import { TestContext, type RunningWorker } from './support/context.js';
+import { historyTimeline } from './support/history.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
 
@@ -138,15 +140,21 @@ describe('master key roll', () => {
     worker = await ctx.startWorker(rolled);
     // One receiver comes back before the secrets are re-encrypted: the old key still signs for it.
     a.receiver.behaviour = () => ({ status: 204 });
-    // A task handed to the stopped worker's last poll is lost with it: its attempt is retried only
-    // after the delivery's start-to-close timeout (15 s), so these waits allow for one lost attempt.
-    const oneLostAttemptMs = 45_000;
+    // Tasks are lost with the stopped worker: a workflow task on its sticky queue moves on after 10 s,
+    // an attempt handed to its last poll is retried after the delivery's start-to-close timeout
+    // (15 s). A loaded machine can lose several in a row: these waits are a guard against a delivery
+    // that never comes, not a measure of speed. A timeout shows the token's history.
+    const lostTasksMs = 120_000;
+    const rolledAt = Date.now();
     for (const t of tokens) {
       await waitUntil(
         async () => (await ctx.warden.show(t)).deliveries.find((d) => d.receiverId === a.id)?.status === 'delivered',
         `delivery of ${t} to ${a.id} during the roll`,
-        oneLostAttemptMs,
-      );
+        lostTasksMs,
+      ).catch(async (err: Error) => {
+        const timeline = await historyTimeline(ctx.client.workflow.getHandle(tokenWorkflowId(t)), rolledAt);
+        throw new Error(`${err.message}; its history, from the roll:\n${timeline}`);
+      });
     }
 
     const operator = await TokenWarden.connect(rolled);
@@ -167,7 +175,7 @@ describe('master key roll', () => {
     tokens.push(await revokedToken([a.id, b.id]));
 
     b.receiver.behaviour = () => ({ status: 204 });
-    for (const t of tokens) await propagated(t, oneLostAttemptMs);
+    for (const t of tokens) await propagated(t, lostTasksMs);
 
     // Only the new key from now on: secrets were re-encrypted, so nothing needs the old one.
     await worker.stop();

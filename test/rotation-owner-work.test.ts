@@ -253,8 +253,11 @@ describe('rotations with a slow or failing owner', () => {
       ownerReceiverId: 'owner-down-drain',
     });
     const t = await startToken(ctx, { ttlMs: 120_000, policy });
-    // A deadline of the token's own that only the workflow acts on (the reconciler does not).
-    const at = new Date(Date.now() + 10_000).toISOString();
+    // A deadline of the token's own that only the workflow acts on (the reconciler does not). The
+    // report below reaches the run only at the held rotate's next workflow-task heartbeat (every 8 s,
+    // later on a loaded machine): the instant leaves room for two of them before it.
+    const scheduledAt = Date.now() + 24_000;
+    const at = new Date(scheduledAt).toISOString();
     await t.handle.executeUpdate(scheduleRevokeUpdate, { args: [{ at, reason: 'offboarding' }] });
     const rotate = held();
     heldRotates.set(t.tokenId, rotate.until);
@@ -268,7 +271,7 @@ describe('rotations with a slow or failing owner', () => {
     await waitUntil(
       async () => (await store.readAudit(ctx.pool, t.tokenId)).some((e) => e.kind === 'token.suspicious'),
       'the report audited',
-      15_000,
+      20_000,
     );
     rotate.release();
     await rotated;
@@ -280,7 +283,7 @@ describe('rotations with a slow or failing owner', () => {
     await waitUntil(
       async () => (await t.handle.query(describeQuery)).phase !== 'active',
       'the token revoked at the scheduled instant',
-      20_000,
+      Math.max(0, scheduledAt - Date.now()) + 15_000,
     );
     const row = await store.requireToken(ctx.pool, t.tokenId);
     assert.equal(row.status, 'revoked');

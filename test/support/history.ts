@@ -49,3 +49,21 @@ export function loadHistory(file: string): ReturnType<typeof temporal.api.histor
   const json = file.endsWith('.gz') ? gunzipSync(bytes).toString('utf8') : bytes.toString('utf8');
   return temporal.api.history.v1.History.fromObject(JSON.parse(json));
 }
+
+/**
+ * A workflow's history as one line per event, milliseconds from `since`: what a test that timed out
+ * waiting on a workflow attaches to its failure, so a slow run on a loaded machine can be read
+ * afterwards (which task or attempt was late). Ids and types only, never a payload.
+ */
+export async function historyTimeline(handle: WorkflowHandle, since: number): Promise<string> {
+  const { events } = await handle.fetchHistory();
+  const { EventType } = temporal.api.enums.v1;
+  return (events ?? [])
+    .map((e) => {
+      const at = Number(e.eventTime?.seconds ?? 0) * 1000 + Math.round((e.eventTime?.nanos ?? 0) / 1e6);
+      const type = EventType[e.eventType ?? 0] ?? String(e.eventType);
+      const activity = e.activityTaskScheduledEventAttributes?.activityType?.name;
+      return `${String(e.eventId)} +${at - since}ms ${type.replace(/^EVENT_TYPE_/, '')}${activity ? ` ${activity}` : ''}`;
+    })
+    .join('\n');
+}
