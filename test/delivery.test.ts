@@ -20,8 +20,8 @@ const receivers: TestReceiver[] = [];
 let counter = 0;
 
 before(async () => {
-  // Escalation far away: these tests watch retries, not the stuck path.
-  ctx = await TestContext.create('delivery', { escalateAfterMs: 120_000, retryInitialMs: 200, retryMaxMs: 1_000 });
+  // Escalation far away (beyond every wait below): these tests watch retries, not the stuck path.
+  ctx = await TestContext.create('delivery', { escalateAfterMs: 600_000, retryInitialMs: 200, retryMaxMs: 1_000 });
 });
 after(async () => {
   for (const r of receivers) await r.close();
@@ -120,14 +120,22 @@ describe('master key roll', () => {
     await worker?.stop();
   });
 
-  it('should lose nothing when the key changes with deliveries pending', async () => {
+  it('should lose nothing when the key changes with deliveries pending', async (t) => {
     const oldKey = ctx.settings.masterKey!;
     const newKey = randomBytes(32);
     const a = await addReceiver();
     const b = await addReceiver();
     for (const r of [a, b]) r.receiver.behaviour = () => ({ status: 503 });
 
-    worker = await ctx.startWorker();
+    // A workflow task the server puts on a stopped worker's sticky queue waits there for the worker's
+    // sticky timeout (60 s by default) before another worker may take it: short here, so the roll
+    // loses at most that, plus one delivery attempt handed to the stopped worker's last poll (retried
+    // after its 15 s start-to-close).
+    const withShortSticky = (settings: Settings): Settings => ({
+      ...settings,
+      worker: { ...settings.worker, stickyTimeoutMs: 2_000 },
+    });
+    worker = await ctx.startWorker(withShortSticky(ctx.settings));
     const tokens = [await revokedToken([a.id, b.id]), await revokedToken([a.id, b.id])];
     await waitUntil(async () => {
       const shown = await Promise.all(tokens.map((t) => ctx.warden.show(t)));
@@ -135,27 +143,32 @@ describe('master key roll', () => {
     }, 'every delivery tried at least once while the receivers are down');
 
     // The roll: workers restart with the new key current and the old one kept for decryption.
+    const stoppingAt = Date.now();
     await worker.stop();
-    const rolled: Settings = { ...ctx.settings, masterKey: newKey, previousMasterKeys: [oldKey] };
+    const rolled: Settings = withShortSticky({ ...ctx.settings, masterKey: newKey, previousMasterKeys: [oldKey] });
     worker = await ctx.startWorker(rolled);
     // One receiver comes back before the secrets are re-encrypted: the old key still signs for it.
     a.receiver.behaviour = () => ({ status: 204 });
-    // Tasks are lost with the stopped worker: a workflow task on its sticky queue moves on after 10 s,
-    // an attempt handed to its last poll is retried after the delivery's start-to-close timeout
-    // (15 s). A loaded machine can lose several in a row: these waits are a guard against a delivery
-    // that never comes, not a measure of speed. A timeout shows the token's history.
-    const lostTasksMs = 120_000;
-    const rolledAt = Date.now();
-    for (const t of tokens) {
-      await waitUntil(
-        async () => (await ctx.warden.show(t)).deliveries.find((d) => d.receiverId === a.id)?.status === 'delivered',
-        `delivery of ${t} to ${a.id} during the roll`,
-        lostTasksMs,
-      ).catch(async (err: Error) => {
-        const timeline = await historyTimeline(ctx.client.workflow.getHandle(tokenWorkflowId(t)), rolledAt);
-        throw new Error(`${err.message}; its history, from the roll:\n${timeline}`);
+    // One deadline for the roll: a sticky timeout and a lost attempt, twice over for a loaded machine.
+    const rollDeadline = stoppingAt + 2 * (2_000 + 15_000) + 15_000;
+    /** Waits within the roll's deadline; a timeout shows the token's history (ids, types, times). */
+    const withinRoll = (tokenId: string, probe: () => Promise<boolean>, what: string) =>
+      waitUntil(probe, what, Math.max(1_000, rollDeadline - Date.now())).catch(async (err: Error) => {
+        const timeline = await historyTimeline(
+          ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)),
+          stoppingAt,
+        ).catch((e: Error) => `(history unavailable: ${e.message})`);
+        throw new Error(`${err.message}; its history, from the worker's stop:\n${timeline}`);
       });
+    for (const token of tokens) {
+      await withinRoll(
+        token,
+        async () =>
+          (await ctx.warden.show(token)).deliveries.find((d) => d.receiverId === a.id)?.status === 'delivered',
+        `delivery of ${token} to ${a.id} during the roll`,
+      );
     }
+    t.diagnostic(`delivered to ${a.id} ${Date.now() - stoppingAt} ms after the worker's stop began`);
 
     const operator = await TokenWarden.connect(rolled);
     try {
@@ -175,7 +188,7 @@ describe('master key roll', () => {
     tokens.push(await revokedToken([a.id, b.id]));
 
     b.receiver.behaviour = () => ({ status: 204 });
-    for (const t of tokens) await propagated(t, lostTasksMs);
+    for (const token of tokens) await propagated(token, 45_000);
 
     // Only the new key from now on: secrets were re-encrypted, so nothing needs the old one.
     await worker.stop();

@@ -14,7 +14,7 @@ import { PolicyApplyInProgressError } from '../common/errors.js';
 import { call, startApiHarness, type ApiHarness } from './support/api.js';
 import { runCli } from './support/cli.js';
 import { TestContext } from './support/context.js';
-import { insertPolicy, startToken } from './support/self-managing.js';
+import { insertPolicy, startToken, type StartedToken } from './support/self-managing.js';
 import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
@@ -33,21 +33,32 @@ after(async () => {
 });
 
 /** A policy with `n` live tokens whose workflows run (no worker needed: a signal is accepted by the server). */
-async function policyWithTokens(name: string, n: number): Promise<void> {
+async function policyWithTokens(name: string, n: number): Promise<StartedToken[]> {
   const policy = await insertPolicy(ctx, { name });
-  for (let i = 0; i < n; i++) await startToken(ctx, { ttlMs: 3_600_000, policy });
+  const tokens: StartedToken[] = [];
+  for (let i = 0; i < n; i++) tokens.push(await startToken(ctx, { ttlMs: 3_600_000, policy }));
+  return tokens;
 }
 
-/** Whether an apply of `name` holds its lock now (asked in a transaction rolled back at once). */
+/** Whether the workflow has received a Signal (no worker runs: the apply's policyChanged waits in history). */
+const signalled = async (token: StartedToken) =>
+  ((await token.handle.fetchHistory()).events ?? []).some((e) => e.workflowExecutionSignaledEventAttributes);
+
+/**
+ * Whether an apply of `name` holds its lock now, read from pg_locks: trying the lock, even for an
+ * instant, would make an apply starting at that instant answer 409.
+ */
 async function applyRunning(name: string): Promise<boolean> {
-  const client = await checkout(ctx.pool);
-  try {
-    await client.query('BEGIN');
-    return !(await tryPolicyApplyLock(client, name));
-  } finally {
-    await client.query('ROLLBACK');
-    client.release();
-  }
+  const { rows } = await ctx.sql.query(
+    `SELECT EXISTS (
+       SELECT 1 FROM pg_locks
+        WHERE locktype = 'advisory' AND granted AND objsubid = 2
+          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND classid = hashtext('tokenwarden.policy-apply:' || $1)::oid AND objid = hashtext($2)::oid
+     ) AS running`,
+    [ctx.settings.databaseSchema, name],
+  );
+  return rows[0].running as boolean;
 }
 
 const untold = async (name: string) =>
@@ -61,23 +72,54 @@ const untold = async (name: string) =>
     ).rows[0].n,
   );
 
-/** A slow apply over HTTP (2 workflows a second), cancellable by aborting the request. */
-function slowApply(name: string) {
+/** A slow apply over HTTP (one workflow a second: 20 s for 20 tokens), cancellable by aborting the request. */
+function slowApply(name: string, tokens: StartedToken[]) {
   const stop = new AbortController();
+  let ended: string | undefined;
   const answer = fetch(`${api.url}/v1/policies/${name}/apply`, {
     method: 'POST',
     headers: { authorization: `Bearer ${api.keys.admin}`, 'content-type': 'application/json' },
-    body: JSON.stringify({ rate: 2 }),
+    body: JSON.stringify({ rate: 1 }),
     signal: stop.signal,
-  }).catch((err: unknown) => err);
-  return { stop, answer };
+  })
+    .then(async (res) => {
+      ended = `HTTP ${res.status} ${await res.text()}`;
+      return res;
+    })
+    .catch((err: unknown) => {
+      ended ??= String(err);
+      return err;
+    });
+  /** Until the apply holds its lock and has told at least one token (an apply that ended first says how). */
+  const running = () =>
+    waitUntil(
+      async () => {
+        if (ended !== undefined) throw new Error(`the apply ended before it was seen running: ${ended}`);
+        // Told in id order: the first token issued is told first.
+        return (await applyRunning(name)) && (await signalled(tokens[0]!));
+      },
+      `the apply of ${name} holding its lock, some tokens told`,
+      30_000,
+    );
+  return { stop, answer, running };
 }
 
 describe('policy apply, one at a time', () => {
   it('should refuse a second apply of the same policy while one runs: 409, the library and the CLI', async () => {
-    await policyWithTokens('locked', 20);
-    const first = slowApply('locked');
-    await waitUntil(() => applyRunning('locked'), 'the first apply holds the lock');
+    // The probe sees the lock the apply takes, and nothing once it is gone.
+    const holder = await checkout(ctx.pool);
+    try {
+      await holder.query('BEGIN');
+      assert.equal(await tryPolicyApplyLock(holder, 'locked'), true);
+      assert.equal(await applyRunning('locked'), true, 'pg_locks shows the lock');
+    } finally {
+      await holder.query('ROLLBACK');
+      holder.release();
+    }
+    assert.equal(await applyRunning('locked'), false);
+
+    const first = slowApply('locked', await policyWithTokens('locked', 20));
+    await first.running();
 
     const second = await call(api.url, 'POST', '/v1/policies/locked/apply', { key: api.keys.admin, json: {} });
     assert.equal(second.status, 409, second.text);
@@ -104,12 +146,11 @@ describe('policy apply, one at a time', () => {
   });
 
   it('should stop an HTTP apply when its client disconnects', async () => {
-    await policyWithTokens('dropped', 20);
-    const { stop, answer } = slowApply('dropped');
-    await waitUntil(() => applyRunning('dropped'), 'the apply holds the lock');
+    const { stop, answer, running } = slowApply('dropped', await policyWithTokens('dropped', 20));
+    await running();
     const started = Date.now();
     stop.abort();
-    // At 2 a second the whole apply takes 10 s: stopping is much sooner.
+    // At one a second the whole apply takes 20 s: stopping is much sooner.
     await waitUntil(async () => !(await applyRunning('dropped')), 'the apply stopped after the disconnect', 5_000);
     assert.ok(Date.now() - started < 5_000);
     assert.ok((await answer) instanceof Error, 'the client saw its own abort');

@@ -50,7 +50,19 @@ before(async () => {
     wrapActivities: (real) => ({
       ...real,
       rotateCredential: async (input) => {
-        await heldRotates.get(input.tokenId);
+        const gate = heldRotates.get(input.tokenId);
+        if (gate) {
+          // An attempt that timed out while held is abandoned: only the live attempt reaches the store.
+          const { cancellationSignal } = Context.current();
+          await Promise.race([
+            gate,
+            new Promise((_, reject) =>
+              cancellationSignal.addEventListener('abort', () => reject(new Error('attempt abandoned')), {
+                once: true,
+              }),
+            ),
+          ]);
+        }
         const result = await real.rotateCredential(input);
         if (loseFirstRotateResult.delete(input.tokenId)) throw new Error('the worker lost the committed result');
         return result;
@@ -253,12 +265,7 @@ describe('rotations with a slow or failing owner', () => {
       ownerReceiverId: 'owner-down-drain',
     });
     const t = await startToken(ctx, { ttlMs: 120_000, policy });
-    // A deadline of the token's own that only the workflow acts on (the reconciler does not). The
-    // report below reaches the run only at the held rotate's next workflow-task heartbeat (every 8 s,
-    // later on a loaded machine): the instant leaves room for two of them before it.
-    const scheduledAt = Date.now() + 24_000;
-    const at = new Date(scheduledAt).toISOString();
-    await t.handle.executeUpdate(scheduleRevokeUpdate, { args: [{ at, reason: 'offboarding' }] });
+    const runBefore = (await t.handle.describe()).runId;
     const rotate = held();
     heldRotates.set(t.tokenId, rotate.until);
     const manual = newSecret();
@@ -266,12 +273,13 @@ describe('rotations with a slow or failing owner', () => {
       args: [{ credentialId: manual.credentialId, secretHash: manual.secretHash }],
     });
     // The report's rotation queues behind the manual one; once that one is recorded, continue-as-new
-    // is due and waits for the report's handler, whose rotation retries against the down owner.
+    // is due and waits for the report's handler, whose rotation retries against the down owner. The
+    // report reaches the run at the held task's next heartbeat (8 s; later on a loaded machine).
     await t.handle.signal(reportSuspiciousSignal, { reason: 'leaked in a log', actor: 'scanner' });
     await waitUntil(
       async () => (await store.readAudit(ctx.pool, t.tokenId)).some((e) => e.kind === 'token.suspicious'),
       'the report audited',
-      20_000,
+      30_000,
     );
     rotate.release();
     await rotated;
@@ -280,14 +288,30 @@ describe('rotations with a slow or failing owner', () => {
       "the report's rotation trying the down owner",
       15_000,
     );
+    // The scenario, checked: the run is draining (alive, not continued as new), held by the rotation.
+    assert.equal((await t.handle.query(describeQuery)).phase, 'active');
+    const draining = await t.handle.describe();
+    assert.equal(draining.runId, runBefore, 'not continued as new while a handler runs');
+    assert.ok(
+      draining.raw.pendingActivities?.some((a) => a.activityType?.name === 'rotateAutomatically'),
+      "the report's rotation still runs",
+    );
+    // A deadline of the token's own that only the workflow acts on (the reconciler does not), set
+    // while the run drains: it must not wait for the handler.
+    const scheduledAt = Date.now() + 3_000;
+    await t.handle.executeUpdate(scheduleRevokeUpdate, {
+      args: [{ at: new Date(scheduledAt).toISOString(), reason: 'offboarding' }],
+    });
     await waitUntil(
-      async () => (await t.handle.query(describeQuery)).phase !== 'active',
+      async () => (await store.requireToken(ctx.pool, t.tokenId)).status === 'revoked',
       'the token revoked at the scheduled instant',
-      Math.max(0, scheduledAt - Date.now()) + 15_000,
+      20_000,
     );
     const row = await store.requireToken(ctx.pool, t.tokenId);
-    assert.equal(row.status, 'revoked');
-    assert.match(JSON.stringify(row), /offboarding/);
+    assert.equal(row.revokeReason, 'offboarding');
+    const revokedAt = Date.parse(row.revokedAt!);
+    // The database and the test share a clock; `at` is kept to the millisecond.
+    assert.ok(revokedAt >= scheduledAt - 1_000, `revoked ${scheduledAt - revokedAt} ms before the instant`);
   });
 });
 

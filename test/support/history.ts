@@ -57,13 +57,23 @@ export function loadHistory(file: string): ReturnType<typeof temporal.api.histor
  */
 export async function historyTimeline(handle: WorkflowHandle, since: number): Promise<string> {
   const { events } = await handle.fetchHistory();
-  const { EventType } = temporal.api.enums.v1;
+  const { EventType, TaskQueueKind, TimeoutType } = temporal.api.enums.v1;
   return (events ?? [])
     .map((e) => {
       const at = Number(e.eventTime?.seconds ?? 0) * 1000 + Math.round((e.eventTime?.nanos ?? 0) / 1e6);
       const type = EventType[e.eventType ?? 0] ?? String(e.eventType);
-      const activity = e.activityTaskScheduledEventAttributes?.activityType?.name;
-      return `${String(e.eventId)} +${at - since}ms ${type.replace(/^EVENT_TYPE_/, '')}${activity ? ` ${activity}` : ''}`;
+      const offset = at - since;
+      const details = [
+        e.activityTaskScheduledEventAttributes?.activityType?.name,
+        // Which queue a workflow task went to (STICKY: the worker that ran the last one) and why one timed out.
+        e.workflowTaskScheduledEventAttributes &&
+          `queue ${TaskQueueKind[e.workflowTaskScheduledEventAttributes.taskQueue?.kind ?? 0]} attempt ${e.workflowTaskScheduledEventAttributes.attempt ?? 1}`,
+        e.workflowTaskTimedOutEventAttributes && TimeoutType[e.workflowTaskTimedOutEventAttributes.timeoutType ?? 0],
+        e.activityTaskStartedEventAttributes && `attempt ${e.activityTaskStartedEventAttributes.attempt ?? 1}`,
+        e.activityTaskTimedOutEventAttributes &&
+          TimeoutType[e.activityTaskTimedOutEventAttributes.failure?.timeoutFailureInfo?.timeoutType ?? 0],
+      ].filter(Boolean);
+      return `${String(e.eventId)} ${offset >= 0 ? '+' : ''}${offset}ms ${type.replace(/^EVENT_TYPE_/, '')}${details.length ? ` ${details.join(' ')}` : ''}`;
     })
     .join('\n');
 }
