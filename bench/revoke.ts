@@ -131,6 +131,7 @@ async function main(): Promise<void> {
       reconcileGraceMs: 60_000,
       masterKey: randomBytes(32),
       previousMasterKeys: [],
+      payloadKeys: [],
       receiverAllow: ['loopback'],
       maxTtlMs: DEFAULT_MAX_TTL_MS,
       worker: WORKER_TUNING_DEFAULTS,

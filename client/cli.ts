@@ -498,6 +498,9 @@ export function buildProgram(): Command {
         stack.masterKeyFile
           ? shellLine('TOKENWARDEN_MASTER_KEY_FILE', stack.masterKeyFile)
           : '# the stack took TOKENWARDEN_MASTER_KEY from its environment: set the same value here',
+        stack.payloadKeysFile
+          ? shellLine('TOKENWARDEN_PAYLOAD_KEYS_FILE', stack.payloadKeysFile)
+          : '# the stack took TOKENWARDEN_PAYLOAD_KEYS from its environment: set the same value here',
       ];
       process.stdout.write(`${lines.join('\n')}\n`);
     });

@@ -32,6 +32,11 @@ export interface StoreSettings {
   masterKey: Buffer | undefined;
   /** Earlier master keys, kept to decrypt secrets not yet re-encrypted by `receiver rekey`. */
   previousMasterKeys: Buffer[];
+  /**
+   * Keys that encrypt what tokenwarden stores in Temporal (common/payload-codec.ts): the first
+   * encrypts, all decrypt. Empty: payloads go to Temporal in plaintext.
+   */
+  payloadKeys: Buffer[];
   /** Address ranges receivers may use besides public ones (the dev stack allows loopback). */
   receiverAllow: ReceiverAllowance[];
   /** The longest lifetime a token may be issued with (TOKENWARDEN_MAX_TTL). */
@@ -123,6 +128,8 @@ export interface StackFile {
   taskQueue: string;
   /** Where the stack's master key is; absent when the stack got it from TOKENWARDEN_MASTER_KEY. */
   masterKeyFile?: string;
+  /** Where the stack's payload keys are; absent when the stack got them from TOKENWARDEN_PAYLOAD_KEYS. */
+  payloadKeysFile?: string;
   /** The stack's process: a file left behind by a killed stack is ignored. */
   pid: number;
   /** Receivers' address ranges the stack allows; clients of its store apply them too. */
@@ -201,6 +208,18 @@ const envSchema = z.object({
     })
     .optional(),
   TOKENWARDEN_MASTER_KEY_FILE: z.string().min(1).optional(),
+  TOKENWARDEN_PAYLOAD_KEYS: z
+    .string()
+    .transform((text, ctx) => {
+      const keys = parseKeyList(text);
+      if (keys === undefined || keys.length === 0) {
+        ctx.addIssue({ code: 'custom', message: PAYLOAD_KEYS_HINT('TOKENWARDEN_PAYLOAD_KEYS', text) });
+        return z.NEVER;
+      }
+      return keys;
+    })
+    .optional(),
+  TOKENWARDEN_PAYLOAD_KEYS_FILE: z.string().min(1).optional(),
   TOKENWARDEN_DEFAULT_GRACE: duration('TOKENWARDEN_DEFAULT_GRACE', '10m'),
   TOKENWARDEN_OWNER_DIR_ROOT: z
     .string()
@@ -254,7 +273,12 @@ export interface ApiSettings {
   port: number;
   /** Introspection also looks up tokens of another format (imported ones); see the verifier's `foreignTokens`. */
   foreignTokens: boolean;
+  /** The codec endpoints: the browser origins allowed (the Web UI's) and whether loopback callers need no key. */
+  codec: { origins: string[]; keylessLoopback: boolean };
 }
+
+/** The Web UI of a local dev server (`temporal server start-dev` serves it on 8233). */
+export const DEFAULT_CODEC_ORIGINS = ['http://localhost:8233', 'http://127.0.0.1:8233'];
 
 const apiEnvSchema = z.object({
   TOKENWARDEN_API_HOST: z
@@ -273,7 +297,38 @@ const apiEnvSchema = z.object({
     .enum(['true', 'false'], { error: 'TOKENWARDEN_FOREIGN_TOKENS must be true or false' })
     .default('false')
     .transform((text) => text === 'true'),
+  TOKENWARDEN_CODEC_ORIGINS: z
+    .string()
+    .transform((text, ctx) => {
+      const origins = text
+        .split(',')
+        .map((o) => o.trim())
+        .filter(Boolean);
+      const bad = origins.filter((o) => !isOrigin(o));
+      if (bad.length > 0) {
+        ctx.addIssue({
+          code: 'custom',
+          message: `TOKENWARDEN_CODEC_ORIGINS must list origins like http://localhost:8233 (scheme, host and port, no path), comma-separated; got ${JSON.stringify(bad.join(','))}`,
+        });
+        return z.NEVER;
+      }
+      return origins;
+    })
+    .optional(),
+  TOKENWARDEN_CODEC_KEYLESS: z
+    .enum(['loopback', 'off'], { error: 'TOKENWARDEN_CODEC_KEYLESS must be loopback or off' })
+    .default('off'),
 });
+
+/** `scheme://host[:port]` exactly as a browser sends it in the Origin header. */
+function isOrigin(text: string): boolean {
+  try {
+    const url = new URL(text);
+    return (url.protocol === 'http:' || url.protocol === 'https:') && url.origin === text;
+  } catch {
+    return false;
+  }
+}
 
 /** The API's address from TOKENWARDEN_API_HOST (default 127.0.0.1) and TOKENWARDEN_API_PORT (default 8380). */
 export function loadApiSettings(env: NodeJS.ProcessEnv = process.env): ApiSettings {
@@ -287,8 +342,32 @@ export function loadApiSettings(env: NodeJS.ProcessEnv = process.env): ApiSettin
     host: parsed.data.TOKENWARDEN_API_HOST.replace(/^\[(.*)\]$/, '$1'),
     port: parsed.data.TOKENWARDEN_API_PORT,
     foreignTokens: parsed.data.TOKENWARDEN_FOREIGN_TOKENS,
+    codec: {
+      origins: parsed.data.TOKENWARDEN_CODEC_ORIGINS ?? DEFAULT_CODEC_ORIGINS,
+      keylessLoopback: parsed.data.TOKENWARDEN_CODEC_KEYLESS === 'loopback',
+    },
   };
 }
+
+/** Comma-separated base64 keys of 32 bytes; undefined when one is not (the message names positions, never key material). */
+function parseKeyList(text: string): Buffer[] | undefined {
+  const keys = text
+    .split(',')
+    .map((k) => k.trim())
+    .filter(Boolean);
+  return keys.every(isMasterKey) ? keys.map((k) => Buffer.from(k, 'base64')) : undefined;
+}
+
+const PAYLOAD_KEYS_HINT = (what: string, text: string): string => {
+  const keys = text
+    .split(',')
+    .map((k) => k.trim())
+    .filter(Boolean);
+  const bad = keys.map((k, i) => (isMasterKey(k) ? -1 : i + 1)).filter((i) => i > 0);
+  return `${what} must be one or more comma-separated keys of 32 bytes, base64-encoded, the first one encrypting${
+    keys.length === 0 ? ' (it is empty)' : bad.length ? ` (key ${bad.join(', ')} is not)` : ''
+  }`;
+};
 
 function isMasterKey(text: string): boolean {
   return Buffer.from(text, 'base64').length === 32;
@@ -313,6 +392,8 @@ function isAlive(pid: number): boolean {
 export const DEFAULT_DB_SCHEMA = 'tokenwarden';
 
 export const masterKeyFile = (dataDir: string) => path.join(dataDir, 'master.key');
+/** The dev stack's payload keys (one per line or comma-separated, base64; the first encrypts). */
+export const payloadKeysFile = (dataDir: string) => path.join(dataDir, 'payload.keys');
 
 /**
  * The one config loader. Temporal connection settings follow the SDK's envconfig conventions
@@ -414,6 +495,11 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
   else if (e.TOKENWARDEN_MASTER_KEY_FILE) masterKey = readMasterKeyFile(e.TOKENWARDEN_MASTER_KEY_FILE);
   else if (existsSync(masterKeyFile(dataDir))) masterKey = readMasterKeyFile(masterKeyFile(dataDir));
 
+  let payloadKeys: Buffer[] = [];
+  if (e.TOKENWARDEN_PAYLOAD_KEYS) payloadKeys = e.TOKENWARDEN_PAYLOAD_KEYS;
+  else if (e.TOKENWARDEN_PAYLOAD_KEYS_FILE) payloadKeys = readPayloadKeysFile(e.TOKENWARDEN_PAYLOAD_KEYS_FILE);
+  else if (existsSync(payloadKeysFile(dataDir))) payloadKeys = readPayloadKeysFile(payloadKeysFile(dataDir));
+
   const settings: StoreSettings = {
     databaseUrl,
     databaseSchema: e.TOKENWARDEN_DB_SCHEMA ?? stackDatabase?.databaseSchema ?? DEFAULT_DB_SCHEMA,
@@ -427,6 +513,7 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
     reconcileGraceMs: e.TOKENWARDEN_RECONCILE_GRACE,
     masterKey,
     previousMasterKeys: e.TOKENWARDEN_PREVIOUS_MASTER_KEYS,
+    payloadKeys,
     // The dev stack's own allowance applies to whoever uses its store, unless set explicitly.
     receiverAllow:
       e.TOKENWARDEN_RECEIVER_ALLOW ?? (stack && databaseUrl === stack.databaseUrl ? (stack.receiverAllow ?? []) : []),
@@ -459,6 +546,23 @@ function readMasterKeyFile(file: string): Buffer {
   const key = Buffer.from(text.trim(), 'base64');
   if (key.length !== 32) throw new ConfigError(`the master key in ${file} must be 32 bytes, base64-encoded`);
   return key;
+}
+
+/** A payload keys file: keys in base64, one per line or comma-separated, the first one encrypting. */
+function readPayloadKeysFile(file: string): Buffer[] {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError(
+      `TOKENWARDEN_PAYLOAD_KEYS_FILE: cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? err}`,
+    );
+  }
+  const list = text.replace(/\s+/g, ',');
+  const keys = parseKeyList(list);
+  if (keys === undefined || keys.length === 0)
+    throw new ConfigError(PAYLOAD_KEYS_HINT(`the payload keys file ${file}`, list));
+  return keys;
 }
 
 function stringEnv(env: NodeJS.ProcessEnv): Record<string, string> {

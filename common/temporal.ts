@@ -10,6 +10,7 @@ import {
   type WorkflowHandle,
 } from '@temporalio/client';
 import type { Settings } from './config.js';
+import { clientDataConverter } from './data-converter.js';
 import { revocationEventId } from './ids.js';
 import { SEARCH_ATTRIBUTE, WORKFLOW_TYPE, tokenWorkflowId } from './names.js';
 import type { TokenRecord } from './store/index.js';
@@ -31,7 +32,11 @@ export async function connectTemporal(settings: Settings): Promise<Client> {
     ...(settings.temporal.connectionOptions as ConnectionOptions),
     interceptors: [retriesWithinDeadline()],
   });
-  return new Client({ connection, namespace: settings.temporal.namespace });
+  return new Client({
+    connection,
+    namespace: settings.temporal.namespace,
+    dataConverter: clientDataConverter(settings),
+  });
 }
 
 /** How long issue and revoke wait for Temporal to accept a workflow start or a signal. */

@@ -15,6 +15,7 @@ import { ensureNamespaceReady, startDevServer } from './temporal-server.js';
 export interface WorkflowBundleSource {
   workflowsPath: string;
   payloadConverterPath?: string;
+  failureConverterPath?: string;
 }
 
 export interface ThrowawayServices<B extends string> {

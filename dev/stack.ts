@@ -8,7 +8,14 @@ import { existsSync, rmSync } from 'node:fs';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Connection } from '@temporalio/client';
-import { loadApiSettings, loadSettings, masterKeyFile, PACKAGE_ROOT, type StackFile } from '../common/config.js';
+import {
+  loadApiSettings,
+  loadSettings,
+  masterKeyFile,
+  PACKAGE_ROOT,
+  payloadKeysFile,
+  type StackFile,
+} from '../common/config.js';
 import { migrate } from '../common/db.js';
 import { DEFAULT_NAMESPACE } from '../common/names.js';
 import { runWorkerProcess } from '../worker/worker.js';
@@ -71,6 +78,15 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
   try {
     await mkdir(dataDir, { recursive: true });
     const keyFile = await ensureMasterKey(dataDir, log);
+    const payloadKeysPath = await ensurePayloadKeys(dataDir, log);
+    // The Web UI decodes payloads through the stack's HTTP API (its codec endpoints).
+    // Its UI cannot send a key: loopback callers need none (a key is still needed from elsewhere).
+    const apiSettings = loadApiSettings({
+      TOKENWARDEN_CODEC_KEYLESS: 'loopback',
+      TOKENWARDEN_CODEC_ORIGINS: `http://localhost:${uiPort},http://127.0.0.1:${uiPort}`,
+      ...process.env,
+    });
+    const codecEndpoint = `http://${apiHostForUrl(apiSettings.host)}:${apiSettings.port}/codec`;
 
     const cliPath = await resolveTemporalCli(log);
     const namespace = DEFAULT_NAMESPACE;
@@ -82,6 +98,7 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
       sqlitePragmas: parseSqlitePragmas(process.env.TOKENWARDEN_SQLITE_PRAGMAS),
       namespace,
       log: (line) => console.error(`temporal: ${line}`),
+      ...(apiSettings.port !== 0 ? { extraArgs: ['--ui-codec-endpoint', codecEndpoint] } : {}),
     });
     running.push({ name: 'the Temporal dev server', stop: temporal.stop });
     const connection = await Connection.connect({ address: temporal.address });
@@ -121,7 +138,7 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
 
     // The HTTP API in this process; it stops first (the list is stopped in reverse), requests finishing.
     const { startApi } = await import('../client/api/main.js');
-    const api = await startApi(settings, loadApiSettings());
+    const api = await startApi(settings, apiSettings);
     running.push({ name: 'the HTTP API', stop: api.close });
     log(`HTTP API on ${api.url} (create a key: npx tokenwarden apikey create ops --scope admin)`);
 
@@ -132,6 +149,7 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
       namespace,
       taskQueue: settings.temporal.taskQueue,
       ...(keyFile ? { masterKeyFile: keyFile } : {}),
+      ...(payloadKeysPath ? { payloadKeysFile: payloadKeysPath } : {}),
       pid: process.pid,
       receiverAllow: settings.receiverAllow,
       api: api.url,
@@ -177,6 +195,26 @@ async function ensureMasterKey(dataDir: string, log: (msg: string) => void): Pro
   await writeFile(file, `${randomBytes(32).toString('base64')}\n`, { mode: 0o600, flag: 'wx' });
   log(`created the master key ${file} (back it up: receivers' secrets cannot be read without it)`);
   return file;
+}
+
+/**
+ * The key that encrypts the stack's payloads in Temporal, created once (32 random bytes). Returns the
+ * file the stack's keys are in, or undefined when they come from TOKENWARDEN_PAYLOAD_KEYS.
+ */
+async function ensurePayloadKeys(dataDir: string, log: (msg: string) => void): Promise<string | undefined> {
+  if (process.env.TOKENWARDEN_PAYLOAD_KEYS) return undefined;
+  if (process.env.TOKENWARDEN_PAYLOAD_KEYS_FILE) return path.resolve(process.env.TOKENWARDEN_PAYLOAD_KEYS_FILE);
+  const file = payloadKeysFile(dataDir);
+  if (existsSync(file)) return file;
+  await writeFile(file, `${randomBytes(32).toString('base64')}\n`, { mode: 0o600, flag: 'wx' });
+  log(`created the payload key ${file} (back it up: the workflows' histories cannot be read without it)`);
+  return file;
+}
+
+/** A host as it goes into a URL: an IPv6 address in brackets, a wildcard as the loopback address. */
+function apiHostForUrl(host: string): string {
+  if (host === '0.0.0.0' || host === '::') return '127.0.0.1';
+  return host.includes(':') ? `[${host}]` : host;
 }
 
 function envPort(name: string, fallback: number): number {

@@ -13,7 +13,8 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { Worker } from '@temporalio/worker';
 import { WORKFLOWS_PATH } from '../worker/worker.js';
-import { historyFiles, loadHistory } from './support/history.js';
+import { workerDataConverter } from '../common/data-converter.js';
+import { historyFiles, loadHistory, RECORDING_PAYLOAD_KEY } from './support/history.js';
 
 const files = historyFiles();
 const bundle = process.env.TOKENWARDEN_TEST_WORKFLOW_BUNDLE;
@@ -68,7 +69,11 @@ describe('recorded histories replay', () => {
       const history = loadHistory(file);
       assert.ok((history.events?.length ?? 0) > 10, 'a real history');
       await Worker.runReplayHistory(
-        bundle ? { workflowBundle: { codePath: bundle } } : { workflowsPath: WORKFLOWS_PATH },
+        {
+          ...(bundle ? { workflowBundle: { codePath: bundle } } : { workflowsPath: WORKFLOWS_PATH }),
+          // As a worker runs: histories recorded before payload encryption pass through the codec.
+          dataConverter: workerDataConverter({ payloadKeys: [RECORDING_PAYLOAD_KEY] }),
+        },
         history,
       );
     });

@@ -134,7 +134,12 @@ describe('self-managing flows through the library and the API', () => {
 
   it("should tell the token's workflow at once when the API's introspection detects a reused credential", async () => {
     // The API as `tokenwarden api` runs it (its own verifier); no reconciler runs in this test.
-    const running = await startApi(ctx.settings, { host: '127.0.0.1', port: 0, foreignTokens: false });
+    const running = await startApi(ctx.settings, {
+      host: '127.0.0.1',
+      port: 0,
+      foreignTokens: false,
+      codec: { origins: [], keylessLoopback: false },
+    });
     try {
       const issued = await ctx.warden.issue({ subject: 'usr_flow_reuse', ttl: '1h' });
       // No grace: the old credential is past it at once, so presenting it is reuse.

@@ -44,6 +44,8 @@ describe('undecodable payloads', () => {
   for (const [label, encoding, data] of [
     ['an unknown encoding', 'binary/bogus', '"x"'],
     ['bytes that are not the JSON they claim', 'json/plain', '{not json'],
+    // Forged, or encrypted under a payload key no longer configured: the codec leaves it as it is.
+    ['a ciphertext no configured payload key opens', 'binary/encrypted', 'not a ciphertext of ours'],
   ] as const) {
     it(`should still revoke on a revoke signal with ${label}`, { timeout: 60_000 }, async () => {
       const issued = await ctx.warden.issue({ subject: 'usr_undecodable', receivers: ['billing'], ttl: '1h' });

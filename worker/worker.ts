@@ -9,14 +9,18 @@ import { createPool } from '../common/db.js';
 import { RECONCILER_SCHEDULE_ID, RECONCILER_WORKFLOW_ID, WORKFLOW_TYPE } from '../common/names.js';
 import { createActivities, type Activities } from '../activities/index.js';
 import { connectTemporal } from '../common/temporal.js';
+import { FAILURE_CONVERTER_PATH, PAYLOAD_CONVERTER_PATH, workerDataConverter } from '../common/data-converter.js';
 import type { ReconcileInput } from '../common/messages.js';
 import { startExpirySweeper } from './expiry-sweeper.js';
 
 export const WORKFLOWS_PATH = path.join(PACKAGE_ROOT, 'dist', 'workflows', 'index.js');
-/** Tolerates undecodable payloads (see the module); bundles must be built with it too. */
-export const PAYLOAD_CONVERTER_PATH = path.join(PACKAGE_ROOT, 'dist', 'workflows', 'payload-converter.js');
+export { PAYLOAD_CONVERTER_PATH };
 /** What `bundleWorkflowCode` needs to build the bundle a token worker runs. */
-export const WORKFLOW_BUNDLE_OPTIONS = { workflowsPath: WORKFLOWS_PATH, payloadConverterPath: PAYLOAD_CONVERTER_PATH };
+export const WORKFLOW_BUNDLE_OPTIONS = {
+  workflowsPath: WORKFLOWS_PATH,
+  payloadConverterPath: PAYLOAD_CONVERTER_PATH,
+  failureConverterPath: FAILURE_CONVERTER_PATH,
+};
 
 /**
  * How long a stopping worker (SIGTERM in a rolling deploy) lets running activities finish before it
@@ -47,7 +51,7 @@ export async function createTokenWorker(opts: TokenWorkerOptions): Promise<Worke
     namespace: settings.temporal.namespace,
     taskQueue: settings.temporal.taskQueue,
     ...(opts.workflowBundle ? { workflowBundle: opts.workflowBundle } : { workflowsPath: WORKFLOWS_PATH }),
-    dataConverter: { payloadConverterPath: PAYLOAD_CONVERTER_PATH },
+    dataConverter: workerDataConverter(settings),
     activities: (opts.wrapActivities ?? ((real) => real))(
       createActivities({ pool: opts.pool, client: opts.client, settings }),
     ),

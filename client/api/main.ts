@@ -38,7 +38,7 @@ export async function startApi(settings: Settings, api: ApiSettings): Promise<Ru
             ),
           ),
     });
-    const server = await createApiServer({ warden, verifier });
+    const server = await createApiServer({ warden, verifier, codec: api.codec });
     await server.listen({ host: api.host, port: api.port });
     const address = server.server.address();
     const port = typeof address === 'object' && address ? address.port : api.port;

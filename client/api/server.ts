@@ -14,10 +14,12 @@ import {
   type ZodTypeProvider,
 } from 'fastify-type-provider-zod';
 import type { DestinationStream } from 'pino';
+import { DEFAULT_CODEC_ORIGINS } from '../../common/config.js';
 import type { TokenWarden } from '../index.js';
 import type { Verifier } from '../verifier.js';
 import { ApiKeyAuthenticator } from './auth.js';
 import { handleError, pathOf, problem, sendProblem } from './problems.js';
+import { codecRoutes, type CodecOptions } from './routes/codec.js';
 import { healthRoutes } from './routes/health.js';
 import { oauthRoutes } from './routes/oauth.js';
 import { receiverRoutes } from './routes/receivers.js';
@@ -35,6 +37,8 @@ export interface ApiServerOptions {
   logger?: { stream?: DestinationStream; level?: string } | false;
   /** How long an accepted API key is remembered (default 1 s): a revoked key is refused at most this late. */
   apiKeyCacheTtlMs?: number;
+  /** The codec endpoints' browser origins and key rule (default: the dev Web UI's origins, a key required). */
+  codec?: CodecOptions;
 }
 
 /** One route as the auth tests see it: they walk this table, so a new route cannot be forgotten. */
@@ -150,5 +154,6 @@ export async function createApiServer(options: ApiServerOptions): Promise<ApiSer
   await receiverRoutes(typed, warden);
   await oauthRoutes(typed, warden, verifier);
   await selfManagingRoutes(typed, warden);
+  await codecRoutes(typed, warden, options.codec ?? { origins: DEFAULT_CODEC_ORIGINS, keylessLoopback: false });
   return app;
 }

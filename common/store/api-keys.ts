@@ -10,7 +10,7 @@ import { NotFoundError } from '../errors.js';
 import { nameSchema, parseInput } from '../validation.js';
 import { parseRow } from './rows.js';
 
-export const API_KEY_SCOPES = ['admin', 'introspect', 'revoke'] as const;
+export const API_KEY_SCOPES = ['admin', 'codec', 'introspect', 'revoke'] as const;
 export type ApiKeyScope = (typeof API_KEY_SCOPES)[number];
 
 export interface ApiKeyRecord {

@@ -12,6 +12,8 @@ import { DEFAULT_MAX_TTL_MS, WORKER_TUNING_DEFAULTS, type Settings } from '../..
 import { createPool, migrate, quoteIdent } from '../../common/db.js';
 import { TokenWarden } from '../../client/index.js';
 import { createTokenWorker, type TokenWorkerOptions } from '../../worker/worker.js';
+import { clientDataConverter } from '../../common/data-converter.js';
+import { RECORDING_PAYLOAD_KEY } from './history.js';
 
 function required(name: string): string {
   const value = process.env[name];
@@ -68,6 +70,9 @@ export class TestContext {
       reconcileGraceMs: 0,
       masterKey: randomBytes(32),
       previousMasterKeys: [],
+      // Every file's payloads are encrypted in Temporal, as the dev stack's are; recorded histories
+      // with the corpus's key, so that replay can decode them.
+      payloadKeys: [process.env.TOKENWARDEN_RECORD_HISTORIES ? RECORDING_PAYLOAD_KEY : randomBytes(32)],
       // Test receivers listen on loopback.
       receiverAllow: ['loopback'],
       maxTtlMs: DEFAULT_MAX_TTL_MS,
@@ -79,7 +84,11 @@ export class TestContext {
     const sql = new pg.Pool({ connectionString: databaseUrl, max: 2, options: `-c search_path=${quoteIdent(schema)}` });
     // Fault-injection tests restart the database under it: an idle connection's end is no failure.
     sql.on('error', () => {});
-    const client = new Client({ connection: await Connection.connect({ address }), namespace });
+    const client = new Client({
+      connection: await Connection.connect({ address }),
+      namespace,
+      dataConverter: clientDataConverter(settings),
+    });
     const nativeConnection = await NativeConnection.connect({ address });
     const warden = await TokenWarden.connect(settings);
     return new TestContext(settings, pool, sql, client, nativeConnection, warden);
@@ -135,6 +144,9 @@ export class TestContext {
       TOKENWARDEN_TASK_QUEUE: s.temporal.taskQueue,
       TOKENWARDEN_MASTER_KEY: s.masterKey!.toString('base64'),
       TOKENWARDEN_PREVIOUS_MASTER_KEYS: s.previousMasterKeys.map((k) => k.toString('base64')).join(','),
+      ...(s.payloadKeys.length
+        ? { TOKENWARDEN_PAYLOAD_KEYS: s.payloadKeys.map((k) => k.toString('base64')).join(',') }
+        : {}),
       TOKENWARDEN_RECEIVER_ALLOW: s.receiverAllow.join(','),
       ...(s.ownerDirRoot !== undefined ? { TOKENWARDEN_OWNER_DIR_ROOT: s.ownerDirRoot } : {}),
     };

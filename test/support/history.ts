@@ -9,6 +9,12 @@ import { PACKAGE_ROOT } from '../../common/config.js';
 
 export const HISTORIES_DIR = path.join(PACKAGE_ROOT, 'test', 'histories');
 
+/**
+ * The payload key of runs that record histories (TOKENWARDEN_RECORD_HISTORIES=1): the replay test
+ * decodes the corpus with it. A test fixture, never a deployment's key: other runs use random keys.
+ */
+export const RECORDING_PAYLOAD_KEY = Buffer.from('dG9rZW53YXJkZW4gcmVwbGF5IGNvcnB1cyBrZXkgISE=', 'base64');
+
 /** Every string and every byte payload of a history, decoded, for "does this secret appear?" checks. */
 export function historyText(value: unknown, out: string[] = []): string[] {
   if (typeof value === 'string') out.push(value);

@@ -1,0 +1,129 @@
+/**
+ * The codec server for Temporal's Web UI and CLI (`--codec-endpoint <api>/codec`): POST /codec/encode
+ * and /codec/decode take and answer `{"payloads": [...]}` in protobuf JSON (metadata values and data
+ * in base64), through the same payload codecs as the worker, so an operator sees decoded payloads
+ * while Temporal stores only ciphertext. The browser calls it from the UI's origin: the preflight is
+ * answered for the configured origins only.
+ *
+ * A key with the `codec` scope (or `admin`) is required; the dev stack may open it to loopback
+ * callers without a key (its Web UI cannot send one), see ApiSettings.codecKeylessLoopback.
+ */
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import { z } from 'zod';
+import type { Payload } from '@temporalio/common';
+import { isLoopbackHost } from '../../../common/addresses.js';
+import { payloadCodecs } from '../../../common/data-converter.js';
+import type { TokenWarden } from '../../index.js';
+import { problem, problemSchema, sendProblem } from '../problems.js';
+import type { ApiInstance } from '../server.js';
+
+export interface CodecOptions {
+  /** Origins allowed to call from a browser (the Web UI's, e.g. http://localhost:8233). */
+  origins: readonly string[];
+  /** No key needed from a loopback caller (the dev stack's UI); a key is needed from anywhere else. */
+  keylessLoopback: boolean;
+}
+
+/** A history page's payloads: the UI decodes a page at a time. */
+const CODEC_BODY_LIMIT = 4 * 1024 * 1024;
+const MAX_PAYLOADS = 10_000;
+
+const base64 = z
+  .string()
+  .max(CODEC_BODY_LIMIT)
+  .regex(/^[A-Za-z0-9+/]*={0,2}$/, 'expected base64');
+
+const payloadJson = z.strictObject({
+  metadata: z.record(z.string().min(1).max(256), base64).optional(),
+  data: base64.optional(),
+  // Protobuf JSON may carry this for payloads stored externally; passed through untouched.
+  externalPayloads: z.array(z.unknown()).optional(),
+});
+type PayloadJson = z.infer<typeof payloadJson>;
+
+const codecBody = z.strictObject({ payloads: z.array(payloadJson).max(MAX_PAYLOADS) });
+
+const toPayload = (p: PayloadJson): Payload => ({
+  metadata: Object.fromEntries(Object.entries(p.metadata ?? {}).map(([k, v]) => [k, Buffer.from(v, 'base64')])),
+  data: Buffer.from(p.data ?? '', 'base64'),
+});
+
+const toJson = (p: Payload): PayloadJson => ({
+  metadata: Object.fromEntries(
+    Object.entries(p.metadata ?? {}).map(([k, v]) => [k, Buffer.from(v ?? new Uint8Array()).toString('base64')]),
+  ),
+  data: Buffer.from(p.data ?? new Uint8Array()).toString('base64'),
+});
+
+/** The TCP peer, not a forwarded header: a proxy in front makes every caller remote, never local. */
+function fromLoopback(request: FastifyRequest): boolean {
+  const peer = request.socket.remoteAddress ?? '';
+  return isLoopbackHost(peer.startsWith('::ffff:') ? peer.slice('::ffff:'.length) : peer);
+}
+
+export async function codecRoutes(app: ApiInstance, warden: TokenWarden, options: CodecOptions): Promise<void> {
+  const codecs = payloadCodecs(warden.settings);
+  const namespace = warden.settings.temporal.namespace;
+  const allowed = new Set(options.origins);
+
+  /** CORS for an allowed origin only: another site's page cannot read what the codec answers. */
+  const cors = (request: FastifyRequest, reply: FastifyReply) => {
+    const origin = request.headers.origin;
+    reply.header('vary', 'Origin');
+    if (typeof origin === 'string' && allowed.has(origin)) {
+      reply.header('access-control-allow-origin', origin);
+      reply.header('access-control-allow-credentials', 'true');
+    }
+  };
+
+  for (const operation of ['encode', 'decode'] as const) {
+    const url = `/codec/${operation}`;
+    app.options(url, { config: { public: true }, schema: { hide: true } }, async (request, reply) => {
+      cors(request, reply);
+      return reply
+        .code(204)
+        .header('access-control-allow-methods', 'POST, OPTIONS')
+        .header('access-control-allow-headers', 'content-type, x-namespace, authorization')
+        .header('access-control-max-age', '600')
+        .send();
+    });
+
+    app.post(
+      url,
+      {
+        config: options.keylessLoopback ? { public: true } : { scopes: ['codec'] },
+        bodyLimit: CODEC_BODY_LIMIT,
+        schema: {
+          summary:
+            operation === 'encode'
+              ? "Encrypt payloads with the deployment's payload key (Temporal's codec-server protocol)"
+              : 'Decrypt payloads stored in Temporal (payloads not encrypted by tokenwarden come back unchanged)',
+          body: codecBody,
+          headers: z.object({ 'x-namespace': z.string().max(1000).optional() }),
+          response: { 200: codecBody, 400: problemSchema, 401: problemSchema, 403: problemSchema },
+        },
+      },
+      async (request, reply) => {
+        cors(request, reply);
+        if (options.keylessLoopback && !fromLoopback(request)) {
+          return sendProblem(reply, problem(request, 403, 'the codec answers loopback callers only'));
+        }
+        const asked = request.headers['x-namespace'];
+        // Decoding another namespace's payloads leaves them as they are; encoding them with this
+        // deployment's key would make them unreadable to their own workers.
+        if (operation === 'encode' && asked !== undefined && asked !== namespace) {
+          return sendProblem(
+            reply,
+            problem(request, 400, `this codec encodes for namespace ${namespace} only`, {
+              errors: [{ in: 'header', path: 'x-namespace', message: `expected ${namespace}` }],
+            }),
+          );
+        }
+        let payloads = request.body.payloads.map(toPayload);
+        if (operation === 'encode') for (const codec of codecs) payloads = await codec.encode(payloads);
+        else for (const codec of [...codecs].reverse()) payloads = await codec.decode(payloads);
+        return reply.header('cache-control', 'no-store').send({ payloads: payloads.map(toJson) });
+      },
+    );
+  }
+}
