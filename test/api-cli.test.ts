@@ -82,11 +82,11 @@ describe('tokenwarden apikey', () => {
     assert.equal(noScope.code, 2);
     assert.match(
       noScope.stderr,
-      /^tokenwarden: invalid API key: scopes: at least one scope: admin, introspect, revoke\n$/,
+      /^tokenwarden: invalid API key: scopes: at least one scope: admin, codec, introspect, revoke\n$/,
     );
     const badScope = await cli(['apikey', 'create', 'x', '--scope', 'root']);
     assert.equal(badScope.code, 2);
-    assert.match(badScope.stderr, /scopes\.0: expected admin, introspect, revoke/);
+    assert.match(badScope.stderr, /scopes\.0: expected admin, codec, introspect, revoke/);
     const badId = await cli(['apikey', 'revoke', 'tok_1']);
     assert.equal(badId.code, 2);
     assert.match(badId.stderr, /invalid API key id: .*expected an API key id/);

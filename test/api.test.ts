@@ -85,9 +85,15 @@ describe('HTTP API: authentication and scopes on every route', () => {
     );
   });
 
-  it('should make public only /healthz and /openapi.json, and refuse to register a route that declares neither', async () => {
+  it('should make public only /healthz, /openapi.json and the codec preflights, and refuse to register a route that declares neither', async () => {
     const open = api.server.routeTable.filter((r) => !r.scopes).map((r) => `${r.method} ${r.url}`);
-    assert.deepEqual(open.sort(), ['GET /healthz', 'GET /openapi.json']);
+    // A browser's CORS preflight carries no key by design; it answers headers, never data.
+    assert.deepEqual(open.sort(), [
+      'GET /healthz',
+      'GET /openapi.json',
+      'OPTIONS /codec/decode',
+      'OPTIONS /codec/encode',
+    ]);
     const head = await call(api.url, 'HEAD', '/v1/tokens');
     assert.equal(head.status, 401, 'HEAD of an admin route');
     const fresh = await createApiServer({ warden: ctx.warden, verifier, logger: false });

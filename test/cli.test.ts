@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { Client, Connection } from '@temporalio/client';
@@ -482,6 +482,7 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
       'TOKENWARDEN_DB_SCHEMA',
       'TOKENWARDEN_MASTER_KEY_FILE',
       'TOKENWARDEN_OWNER_DIR_ROOT',
+      'TOKENWARDEN_PAYLOAD_KEYS_FILE',
       'TOKENWARDEN_RECEIVER_ALLOW',
       'TOKENWARDEN_TASK_QUEUE',
     ]);
@@ -494,6 +495,13 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
     assert.equal(env.TOKENWARDEN_MASTER_KEY_FILE, masterKeyFile);
     const key = (await readFile(masterKeyFile, 'utf8')).trim();
     assert.ok(!printed.stdout.includes(key), 'the master key itself is not printed');
+    // The stack's payload key: made once, owner-only, named by path, never printed.
+    const payloadKeysFile = path.join(dataDir, 'payload.keys');
+    assert.equal(env.TOKENWARDEN_PAYLOAD_KEYS_FILE, payloadKeysFile);
+    assert.equal((await stat(payloadKeysFile)).mode & 0o777, 0o600);
+    const payloadKey = (await readFile(payloadKeysFile, 'utf8')).trim();
+    assert.equal(Buffer.from(payloadKey, 'base64').length, 32);
+    assert.ok(!printed.stdout.includes(payloadKey), 'the payload key itself is not printed');
 
     const temporal = new Client({
       connection: await Connection.connect({ address: env.TEMPORAL_ADDRESS! }),
@@ -539,6 +547,30 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
         receiver.acked().some((r) => (JSON.parse(r.body) as { token_id: string }).token_id === tokenId),
         'the loopback receiver got the event from the separate worker',
       );
+      // What the stack's Temporal stores is ciphertext (search attributes aside, which hold ids), and
+      // the stack's codec endpoint, which its Web UI calls without a key from loopback, reads it.
+      const history = await temporal.workflow.getHandle(tokenWorkflowId(tokenId)).fetchHistory();
+      const started = history.events![0]!.workflowExecutionStartedEventAttributes!;
+      const [input] = started.input!.payloads!;
+      assert.equal(Buffer.from(input!.metadata!.encoding!).toString(), 'binary/encrypted');
+      assert.ok(!Buffer.from(input!.data!).toString('latin1').includes('usr_stack'));
+      const decoded = await fetch(`${stackApi}/codec/decode`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', 'x-namespace': 'tokenwarden' },
+        body: JSON.stringify({
+          payloads: [
+            {
+              metadata: Object.fromEntries(
+                Object.entries(input!.metadata!).map(([k, v]) => [k, Buffer.from(v!).toString('base64')]),
+              ),
+              data: Buffer.from(input!.data!).toString('base64'),
+            },
+          ],
+        }),
+      });
+      assert.equal(decoded.status, 200);
+      const [plain] = ((await decoded.json()) as { payloads: Array<{ data: string }> }).payloads;
+      assert.match(Buffer.from(plain!.data, 'base64').toString(), /"subject":"usr_stack"/);
       const identities = (await pollers()).map((p) => p.identity ?? '');
       assert.ok(
         identities.length > 0 && identities.every((id) => id.startsWith(`${worker.child.pid}@`)),

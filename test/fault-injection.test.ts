@@ -16,6 +16,7 @@ import type { IssuedToken, RevokeOutcome } from '../client/index.js';
 import { tokenWorkflowId } from '../common/names.js';
 import { runCli, type CliRun } from './support/cli.js';
 import { TestContext } from './support/context.js';
+import { decodedHistory } from './support/history.js';
 import { envDuration, envInt, inLanes, seededRandom, workflowResults } from './support/fault.js';
 import {
   acceptedEvents,
@@ -369,7 +370,7 @@ describe('fault injection', () => {
     await waitUntil(
       async () => {
         for (const id of tokenIds) {
-          const history = await ctx.client.workflow.getHandle(tokenWorkflowId(id)).fetchHistory();
+          const history = await decodedHistory(ctx.client.workflow.getHandle(tokenWorkflowId(id)));
           if (!history.events?.some((e) => e.timerStartedEventAttributes)) return false;
         }
         return true;

@@ -26,7 +26,7 @@ import {
 import proto from '@temporalio/proto';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
-import { historyText, maybeRecordHistory } from './support/history.js';
+import { historyText, maybeRecordHistory, decodedHistory } from './support/history.js';
 import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
@@ -154,7 +154,7 @@ describe('token lifecycle', () => {
     // The first task must be done before the revoke arrives, or one task takes both (start and revoke).
     await waitUntil(
       async () =>
-        ((await handleOf(issued.tokenId).fetchHistory()).events ?? []).some(
+        ((await decodedHistory(handleOf(issued.tokenId))).events ?? []).some(
           (e) => e.eventType === EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
         ),
       'the first workflow task completed',
@@ -170,7 +170,7 @@ describe('token lifecycle', () => {
     }
     await result(issued.tokenId);
 
-    const events = (await handleOf(issued.tokenId).fetchHistory()).events ?? [];
+    const events = (await decodedHistory(handleOf(issued.tokenId))).events ?? [];
     const byTask = (type: number, taskCompletedId: number) =>
       events.filter((e) => {
         if (e.eventType !== type) return false;
@@ -449,7 +449,7 @@ describe('token lifecycle', () => {
     const issued = await ctx.warden.issue({ subject: 'usr_secret', receivers: [a.id], ttl: '1h' });
     await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'done' });
     await result(issued.tokenId);
-    const text = historyText(await handleOf(issued.tokenId).fetchHistory()).join('\n');
+    const text = historyText(await decodedHistory(handleOf(issued.tokenId))).join('\n');
     assert.ok(text.includes(issued.tokenId), 'the check reads the history (token id present)');
     assert.ok(!text.includes(issued.token), 'raw token in history');
     assert.ok(!text.includes(issued.token.split('_')[1]!), 'raw token body in history');
@@ -528,7 +528,7 @@ describe('token lifecycle', () => {
       assert.equal(new Set(a.receiver.requests.map((r) => r.headers['webhook-id'])).size, 1);
       const kinds = await auditKinds(issued.tokenId);
       assert.ok(!kinds.includes('propagation.stuck'), kinds.join(','));
-      const text = historyText(await handleOf(issued.tokenId).fetchHistory()).join('\n');
+      const text = historyText(await decodedHistory(handleOf(issued.tokenId))).join('\n');
       assert.match(text, new RegExp(`pause before delivering to ${a.id} again`), 'a durable pause, not a spin');
       await maybeRecordHistory(handleOf(issued.tokenId), 'delivery-ended-retried');
     } finally {
@@ -610,7 +610,7 @@ describe('token lifecycle', () => {
           ? (JSON.parse(Buffer.from(data).toString('utf8')) as { receiverId: string }).receiverId === receiverId
           : false;
       }).length;
-    assert.equal(scheduledFor(rejecting.id)(await handle.fetchHistory()), 1, 'only after the operator retry');
+    assert.equal(scheduledFor(rejecting.id)(await decodedHistory(handle)), 1, 'only after the operator retry');
     const kinds = await auditKinds(issued.tokenId);
     assert.equal(kinds.filter((k) => k === 'propagation.stuck').length, 1, kinds.join(','));
     await maybeRecordHistory(handle, 'restart-adopts-stuck');
@@ -776,7 +776,7 @@ describe('token lifecycle', () => {
     assert.equal(done.status, 'expired');
     const row = await store.requireToken(ctx.pool, token.id);
     assert.ok(Date.parse(row.revokedAt!) >= Date.parse(row.expiresAt), 'killed only once the store says expired');
-    const text = historyText(await handleOf(token.id).fetchHistory()).join('\n');
+    const text = historyText(await decodedHistory(handleOf(token.id))).join('\n');
     assert.match(text, /waiting for the database clock to reach expiry/);
     await maybeRecordHistory(handleOf(token.id), 'database-clock-wait');
   });

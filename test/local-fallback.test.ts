@@ -10,7 +10,7 @@ import { tokenWorkflowId } from '../common/names.js';
 import { revokeSignal, type TokenLifecycleResult } from '../common/messages.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
-import { maybeRecordHistory } from './support/history.js';
+import { maybeRecordHistory, decodedHistory } from './support/history.js';
 import { waitUntil } from './support/wait.js';
 
 const { EventType } = proto.temporal.api.enums.v1;
@@ -42,13 +42,13 @@ describe('a local store call that cannot finish', () => {
       // A bare Signal (the library would block on the row too): the workflow's own kill waits.
       await handle.signal(revokeSignal, { reason: 'row locked', actor: 'test' });
       const scheduled = async () =>
-        ((await handle.fetchHistory()).events ?? []).some(
+        ((await decodedHistory(handle)).events ?? []).some(
           (e) =>
             e.eventType === EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED &&
             e.activityTaskScheduledEventAttributes?.activityType?.name === 'killAndLoad',
         );
       await waitUntil(scheduled, 'the kill scheduled as an ordinary activity', 90_000, 500);
-      const events = (await handle.fetchHistory()).events ?? [];
+      const events = (await decodedHistory(handle)).events ?? [];
       // About 30 s of a held task (a heartbeat every 8 s), not an ever-growing history.
       assert.ok(events.length < 60, `${events.length} events`);
       assert.equal((await ctx.warden.show(issued.tokenId)).status, 'active', 'still blocked');

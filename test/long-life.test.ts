@@ -15,7 +15,7 @@ import {
 } from '../common/messages.js';
 import * as store from '../common/store/index.js';
 import { TestContext } from './support/context.js';
-import { maybeRecordHistory } from './support/history.js';
+import { maybeRecordHistory, decodedHistory } from './support/history.js';
 import { SecretScan } from './support/secret-scan.js';
 import { insertPolicy, isValid, ownerFolder, startToken } from './support/self-managing.js';
 import { waitUntil } from './support/wait.js';
@@ -63,7 +63,7 @@ describe('long life', () => {
     const runs = await runsOf(t.handle.workflowId);
     assert.ok(runs.length >= 3, `each rotation continues as new (${runs.length} runs)`);
     for (const runId of runs) {
-      const history = await ctx.client.workflow.getHandle(t.handle.workflowId, runId).fetchHistory();
+      const history = await decodedHistory(ctx.client.workflow.getHandle(t.handle.workflowId, runId));
       scan.search(`run ${runId}`, JSON.stringify(history));
     }
     scan.searchOutput('the worker process', worker.output.join('\n'));

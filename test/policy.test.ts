@@ -11,6 +11,7 @@ import { evaluatePolicy } from '../common/policy.js';
 import { checkout } from '../common/db.js';
 import { markPolicyTold, policySnapshot } from '../common/store/policies.js';
 import { TestContext } from './support/context.js';
+import { decodedHistory } from './support/history.js';
 import { waitUntil } from './support/wait.js';
 
 let ctx: TestContext;
@@ -45,7 +46,7 @@ async function refusedFields(call: Promise<unknown>): Promise<string[]> {
 
 /** The policyChanged signals in a token's workflow history (their payloads, decoded). */
 async function policyChangedSignals(tokenId: string): Promise<number> {
-  const history = await ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)).fetchHistory();
+  const history = await decodedHistory(ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)));
   return (history.events ?? []).filter(
     (e) => e.workflowExecutionSignaledEventAttributes?.signalName === SIGNAL.policyChanged,
   ).length;

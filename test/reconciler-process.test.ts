@@ -18,6 +18,7 @@ import { freePort } from '../dev/processes.js';
 import type { ReconcileInput, ReconcileReport } from '../common/messages.js';
 import { insertTokenRow } from './support/tokens.js';
 import { TestContext, type RunningWorker } from './support/context.js';
+import { decodedHistory } from './support/history.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
 import { WedgingWorker } from './support/wedging.js';
@@ -162,7 +163,7 @@ describe('reconciler on a worker process', () => {
       worker = await ctx.startWorker();
       const firstRun = ctx.client.workflow.getHandle(pass.workflowId, pass.firstExecutionRunId);
       const retriedStart = async () =>
-        ((await firstRun.fetchHistory()).events ?? []).find(
+        ((await decodedHistory(firstRun)).events ?? []).find(
           (e) => (e.activityTaskStartedEventAttributes?.attempt ?? 0) >= 2,
         );
       await waitUntil(async () => (await retriedStart()) !== undefined, 'the lost page to be retried', 150_000, 500);

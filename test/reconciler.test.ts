@@ -34,6 +34,7 @@ import {
 import { RECONCILE_REPORT_SAMPLE } from '../workflows/reconciler.js';
 import { insertTokenRow } from './support/tokens.js';
 import { TestContext, type RunningWorker } from './support/context.js';
+import { decodedHistory } from './support/history.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
 import { WedgingWorker } from './support/wedging.js';
@@ -98,7 +99,7 @@ async function refusingUpdates<T>(when: string, body: () => Promise<T>): Promise
 
 /** The set of each reconcilePage activity a run scheduled, in order. */
 async function pagesOfRun(workflowId: string, runId: string): Promise<ReconcileSet[]> {
-  const history = await ctx.client.workflow.getHandle(workflowId, runId).fetchHistory();
+  const history = await decodedHistory(ctx.client.workflow.getHandle(workflowId, runId));
   return (history.events ?? []).flatMap((e) => {
     const payload = e.activityTaskScheduledEventAttributes?.input?.payloads?.[0];
     return payload ? [defaultPayloadConverter.fromPayload<ReconcilePageInput>(payload).set] : [];
@@ -156,7 +157,7 @@ describe('reconciler', () => {
     assert.ok(report.started.includes(live.id), JSON.stringify(report));
     assert.ok(report.signalled.includes(dead.id), JSON.stringify(report));
     for (const token of [live, dead]) {
-      const history = await ctx.client.workflow.getHandle(tokenWorkflowId(token.id)).fetchHistory();
+      const history = await decodedHistory(ctx.client.workflow.getHandle(tokenWorkflowId(token.id)));
       const payload = history.events![0]!.workflowExecutionStartedEventAttributes!.input!.payloads![0]!;
       const input = defaultPayloadConverter.fromPayload<TokenWorkflowInput>(payload);
       assert.equal(input.policy?.name, 'reconciled', `the run of ${token.id} knows its policy`);
@@ -488,7 +489,7 @@ describe('reconciler', () => {
       assert.equal((await store.requireToken(ctx.pool, tokenId)).propagation, 'complete', 'no receivers');
       const handle = ctx.client.workflow.getHandle(tokenWorkflowId(tokenId));
       const signals = async () =>
-        ((await handle.fetchHistory()).events ?? []).filter((e) => e.workflowExecutionSignaledEventAttributes).length;
+        ((await decodedHistory(handle)).events ?? []).filter((e) => e.workflowExecutionSignaledEventAttributes).length;
       const before = await signals();
       const wedgedEvents = async () =>
         (await store.readAudit(ctx.pool, tokenId)).filter((e) => e.kind === 'workflow.wedged');

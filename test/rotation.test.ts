@@ -23,7 +23,7 @@ import * as store from '../common/store/index.js';
 import { WORKFLOWS_PATH } from '../worker/worker.js';
 import { INVALID_LIFECYCLE_REQUEST, TOKEN_NOT_ACTIVE } from '../workflows/lifecycle-state.js';
 import { TestContext, type RunningWorker } from './support/context.js';
-import { historyText, maybeRecordHistory } from './support/history.js';
+import { historyText, maybeRecordHistory, decodedHistory } from './support/history.js';
 import { TestReceiver } from './support/receiver.js';
 import { insertPolicy, newSecret, ownerFolder, startToken, isValid } from './support/self-managing.js';
 import { waitUntil } from './support/wait.js';
@@ -75,7 +75,7 @@ async function historyJson(tokenId: string): Promise<string> {
   const texts: string[] = [];
   for (const runId of await runsOf(tokenWorkflowId(tokenId))) {
     const handle = ctx.client.workflow.getHandle(tokenWorkflowId(tokenId), runId);
-    const history = proto.temporal.api.history.v1.History.fromObject(await handle.fetchHistory());
+    const history = proto.temporal.api.history.v1.History.fromObject(await decodedHistory(handle));
     texts.push(...historyText(history.toJSON()));
   }
   return texts.join('\n');
@@ -142,7 +142,7 @@ describe('rotation', () => {
       return ids.length >= 2 ? ids : undefined;
     }, 'the rotation continued as new');
     const rotationRun = ctx.client.workflow.getHandle(t.handle.workflowId, runs[0]);
-    const events = (await rotationRun.fetchHistory()).events ?? [];
+    const events = (await decodedHistory(rotationRun)).events ?? [];
     const accepted = events.findIndex((e) => e.workflowExecutionUpdateAcceptedEventAttributes);
     const completed = events.findIndex((e) => e.workflowExecutionUpdateCompletedEventAttributes);
     assert.ok(accepted >= 0 && completed > accepted, 'the Update accepted, then completed');
@@ -187,7 +187,7 @@ describe('rotation', () => {
       // The task that handled the Signal was itself heartbeated: the run had its chance to start the kill.
       await waitUntil(
         async () => {
-          const events = (await t.handle.fetchHistory()).events ?? [];
+          const events = (await decodedHistory(t.handle)).events ?? [];
           const signalled = events.findIndex((e) => e.workflowExecutionSignaledEventAttributes);
           return (
             signalled >= 0 &&
@@ -209,7 +209,7 @@ describe('rotation', () => {
       const bundle = process.env.TOKENWARDEN_TEST_WORKFLOW_BUNDLE;
       await Worker.runReplayHistory(
         bundle ? { workflowBundle: { codePath: bundle } } : { workflowsPath: WORKFLOWS_PATH },
-        await t.handle.fetchHistory(),
+        await decodedHistory(t.handle),
       );
     } finally {
       await lock.query('ROLLBACK').catch(() => {});
@@ -289,7 +289,7 @@ describe('rotation', () => {
       t.credentialId,
     ]);
     const endGraceTried = async () => {
-      const events = (await t.handle.fetchHistory()).events ?? [];
+      const events = (await decodedHistory(t.handle)).events ?? [];
       const scheduled = events
         .filter((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'endGrace')
         .map((e) => Number(e.eventId));
@@ -403,7 +403,7 @@ describe('suspicious activity', () => {
     const done = (await t.handle.result()) as TokenLifecycleResult;
     assert.equal(done.status, 'revoked');
     // Payload bytes decoded as UTF-8 (JSON): the activities' inputs as the worker sent them.
-    const events = (await t.handle.fetchHistory()).events ?? [];
+    const events = (await decodedHistory(t.handle)).events ?? [];
     const scheduled = historyText(events.filter((e) => e.activityTaskScheduledEventAttributes)).join('\n');
     assert.ok(scheduled.includes('token.suspicious'), 'the audit activity ran');
     assert.equal(scheduled.includes(leaked), false, 'no raw token in any activity input');

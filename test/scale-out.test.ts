@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { tokenWorkflowId } from '../common/names.js';
 import { TestContext } from './support/context.js';
+import { decodedHistory } from './support/history.js';
 import { inLanes, workflowResults } from './support/fault.js';
 import { propagationProblems, readFacts, receiverProblems } from './support/invariants.js';
 import { TestReceiver } from './support/receiver.js';
@@ -53,7 +54,7 @@ describe('two worker processes on one task queue', () => {
     // Who did the work: the SDK names each process `<pid>@<host>` in the tasks it started.
     const seen = { workflowTasks: new Set<string>(), activities: new Set<string>() };
     for (const tokenId of tokenIds) {
-      const { events } = await ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)).fetchHistory();
+      const { events } = await decodedHistory(ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)));
       for (const e of events ?? []) {
         const wft = e.workflowTaskStartedEventAttributes?.identity;
         if (wft) seen.workflowTasks.add(wft.split('@')[0]!);

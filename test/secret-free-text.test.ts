@@ -14,7 +14,7 @@ import * as store from '../common/store/index.js';
 import { call, startApiHarness, type ApiHarness } from './support/api.js';
 import { runCli } from './support/cli.js';
 import { TestContext, type RunningWorker } from './support/context.js';
-import { historyText } from './support/history.js';
+import { historyText, decodedHistory } from './support/history.js';
 import { newSecret, startToken } from './support/self-managing.js';
 
 let ctx: TestContext;
@@ -63,7 +63,7 @@ describe('a secret-shaped reason or actor', () => {
   it('should be refused by every operator call of the library, naming the field, with nothing changed', async () => {
     const t = await startToken(ctx, { ttlMs: 3_600_000 });
     const before = await snapshot(t.tokenId);
-    const historyBefore = (await t.handle.fetchHistory()).events?.length;
+    const historyBefore = (await decodedHistory(t.handle)).events?.length;
     const at = new Date(Date.now() + 3_600_000).toISOString();
     for (const [field, secret, text] of [
       ['actor', SIGNING_SECRET, `alice ${SIGNING_SECRET}`],
@@ -83,7 +83,7 @@ describe('a secret-shaped reason or actor', () => {
       await refusedNaming(field, w.reportSuspicious(t.tokenId, who), secret);
     }
     assert.deepEqual(await snapshot(t.tokenId), before);
-    assert.equal((await t.handle.fetchHistory()).events?.length, historyBefore, 'nothing reached the workflow');
+    assert.equal((await decodedHistory(t.handle)).events?.length, historyBefore, 'nothing reached the workflow');
   });
 
   it('should be refused by the HTTP API (400, the body field named) and the CLI (exit 2)', async () => {
@@ -132,7 +132,7 @@ describe('a secret-shaped reason or actor', () => {
       assert.ok(err instanceof WorkflowUpdateFailedError, String(err));
       assert.match(err.cause?.message ?? '', /^(reason|actor): looks like a secret/);
     }
-    const text = historyText((await t.handle.fetchHistory()).events ?? []).join('\n');
+    const text = historyText((await decodedHistory(t.handle)).events ?? []).join('\n');
     assert.equal(text.includes(SIGNING_SECRET) || text.includes(t.token), false, 'no secret in history');
     assert.equal((await store.requireToken(ctx.pool, t.tokenId)).suspendedAt, null);
   });
@@ -151,7 +151,7 @@ describe('a secret-shaped reason or actor', () => {
     const token = await store.requireToken(ctx.pool, t.tokenId);
     assert.equal(token.revokeReason, '[redacted: a tokenwarden token]');
     assert.equal(token.revokedBy, '[redacted: a signing secret]');
-    const events = (await t.handle.fetchHistory()).events ?? [];
+    const events = (await decodedHistory(t.handle)).events ?? [];
     const scheduled = historyText(events.filter((e) => e.activityTaskScheduledEventAttributes)).join('\n');
     for (const secret of [other, SIGNING_SECRET, GITHUB_TOKEN]) {
       assert.equal(scheduled.includes(secret), false, 'no secret in any activity input');

@@ -9,6 +9,7 @@ import { createVerifier, type Verifier } from '../client/verifier.js';
 import { SIGNAL, tokenWorkflowId } from '../common/names.js';
 import { call, startApiHarness, type ApiAnswer, type ApiHarness } from './support/api.js';
 import { TestContext } from './support/context.js';
+import { decodedHistory } from './support/history.js';
 
 let ctx: TestContext;
 let api: ApiHarness;
@@ -57,7 +58,7 @@ function invalid(res: ApiAnswer, fields: string[]): void {
 }
 
 async function signals(tokenId: string, name: string): Promise<number> {
-  const history = await ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)).fetchHistory();
+  const history = await decodedHistory(ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)));
   return (history.events ?? []).filter((e) => e.workflowExecutionSignaledEventAttributes?.signalName === name).length;
 }
 
@@ -190,7 +191,7 @@ describe('HTTP API: self-managing routes', () => {
     });
     assert.equal(res.status, 202, res.text);
     assert.equal(res.body.action, 'revoke', 'no policy: revoke');
-    const history = await ctx.client.workflow.getHandle(tokenWorkflowId(issued.body.tokenId)).fetchHistory();
+    const history = await decodedHistory(ctx.client.workflow.getHandle(tokenWorkflowId(issued.body.tokenId)));
     const signalled = (history.events ?? []).find(
       (e) => e.workflowExecutionSignaledEventAttributes?.signalName === SIGNAL.reportSuspicious,
     );

@@ -12,6 +12,7 @@ import { rotateCredential } from '../common/store/credentials.js';
 import { setScheduledRevoke, setSuspended } from '../common/store/suspension.js';
 import { runCli, type CliRun } from './support/cli.js';
 import { TestContext } from './support/context.js';
+import { decodedHistory } from './support/history.js';
 
 let ctx: TestContext;
 
@@ -45,7 +46,7 @@ async function rowCounts(): Promise<unknown> {
 }
 
 async function signals(tokenId: string, name: string): Promise<number> {
-  const history = await ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)).fetchHistory();
+  const history = await decodedHistory(ctx.client.workflow.getHandle(tokenWorkflowId(tokenId)));
   return (history.events ?? []).filter((e) => e.workflowExecutionSignaledEventAttributes?.signalName === name).length;
 }
 

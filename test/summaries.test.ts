@@ -7,6 +7,7 @@ import { after, before, describe, it } from 'node:test';
 import { tokenWorkflowId } from '../common/names.js';
 import type { TokenLifecycleResult } from '../common/messages.js';
 import { TestContext, type RunningWorker } from './support/context.js';
+import { decodedHistory } from './support/history.js';
 import { TestReceiver } from './support/receiver.js';
 
 let ctx: TestContext;
@@ -37,7 +38,7 @@ describe('summaries', () => {
       await ctx.warden.revoke({ tokenId: issued.tokenId, reason: '"\\'.repeat(240) });
       const handle = ctx.client.workflow.getHandle(tokenWorkflowId(issued.tokenId));
       await handle.result();
-      const summaries = ((await handle.fetchHistory()).events ?? []).flatMap((e) =>
+      const summaries = ((await decodedHistory(handle)).events ?? []).flatMap((e) =>
         e.userMetadata?.summary ? [e.userMetadata.summary] : [],
       );
       assert.ok(summaries.length >= 2);
@@ -62,7 +63,7 @@ describe('summaries', () => {
         'the event keeps the whole reason',
       );
 
-      const history = await handle.fetchHistory();
+      const history = await decodedHistory(handle);
       const summaries = (history.events ?? []).flatMap((e) =>
         e.userMetadata?.summary ? [e.userMetadata.summary] : [],
       );

@@ -20,7 +20,7 @@ import { SEARCH_ATTRIBUTE } from '../common/names.js';
 import * as store from '../common/store/index.js';
 import { INVALID_LIFECYCLE_REQUEST } from '../workflows/lifecycle-state.js';
 import { TestContext, type RunningWorker } from './support/context.js';
-import { maybeRecordHistory } from './support/history.js';
+import { maybeRecordHistory, decodedHistory } from './support/history.js';
 import { insertPolicy, isValid, startToken } from './support/self-managing.js';
 import { waitUntil } from './support/wait.js';
 
@@ -197,7 +197,7 @@ describe('extend and shorten', () => {
       // Until the workflow has taken the refusal in: a task completed after it (or the run closed).
       const { EventType } = proto.temporal.api.enums.v1;
       await waitUntil(async () => {
-        const types = ((await t.handle.fetchHistory()).events ?? []).map((e) => e.eventType);
+        const types = ((await decodedHistory(t.handle)).events ?? []).map((e) => e.eventType);
         const failed = types.indexOf(EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED);
         return (
           failed >= 0 &&

@@ -18,6 +18,7 @@ import { startExpirySweeper } from '../worker/expiry-sweeper.js';
 import { halfKillProblems, propagationProblems, readFacts, receiverProblems } from './support/invariants.js';
 import { insertTokenRow } from './support/tokens.js';
 import { TestContext } from './support/context.js';
+import { decodedHistory } from './support/history.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
 import { listenForKills } from './support/kill-listener.js';
@@ -344,7 +345,7 @@ describe('the expiry sweep', () => {
     const issued = await ctx.warden.issue({ subject: 'usr_sweep', receivers: ['billing', 'crm'], ttl: '5s' });
     const handle = ctx.client.workflow.getHandle(tokenWorkflowId(issued.tokenId));
     await waitUntil(
-      async () => (await handle.fetchHistory()).events?.some((e) => e.timerStartedEventAttributes),
+      async () => (await decodedHistory(handle)).events?.some((e) => e.timerStartedEventAttributes),
       'the workflow asleep until expiry',
     );
     // The backlog: no worker runs when the timer fires.
@@ -367,7 +368,7 @@ describe('the expiry sweep', () => {
       'nothing sent yet',
     );
     assert.ok(
-      !(await handle.fetchHistory()).events?.some((e) => e.activityTaskScheduledEventAttributes),
+      !(await decodedHistory(handle)).events?.some((e) => e.activityTaskScheduledEventAttributes),
       'the workflow has not run since it fell asleep',
     );
 

@@ -2,6 +2,7 @@ import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { gunzipSync, gzipSync } from 'node:zlib';
 import type { WorkflowHandle } from '@temporalio/client';
+import type { LoadedDataConverter, Payload } from '@temporalio/common';
 import proto from '@temporalio/proto';
 
 const { temporal } = proto;
@@ -82,4 +83,40 @@ export async function historyTimeline(handle: WorkflowHandle, since: number): Pr
       return `${String(e.eventId)} ${offset >= 0 ? '+' : ''}${offset}ms ${type.replace(/^EVENT_TYPE_/, '')}${details.length ? ` ${details.join(' ')}` : ''}`;
     })
     .join('\n');
+}
+
+/** Payloads in a history: objects whose metadata names an encoding. */
+function isPayload(value: Record<string, unknown>): boolean {
+  const metadata = value.metadata as Record<string, unknown> | null | undefined;
+  return !!metadata && typeof metadata === 'object' && 'encoding' in metadata;
+}
+
+/**
+ * A workflow's history with every payload decoded through its client's codecs (in place), as the
+ * Web UI shows it through the codec endpoint: what tests read for content, and what secret checks
+ * search (the raw history is ciphertext, where any check of absence would pass by itself).
+ */
+export async function decodedHistory(
+  handle: WorkflowHandle,
+): Promise<Awaited<ReturnType<WorkflowHandle['fetchHistory']>>> {
+  const history = await handle.fetchHistory();
+  const { payloadCodecs } = (handle.client.options as { loadedDataConverter: LoadedDataConverter }).loadedDataConverter;
+  const decodeIn = async (value: unknown): Promise<void> => {
+    if (Array.isArray(value)) {
+      for (const v of value) await decodeIn(v);
+      return;
+    }
+    if (!value || typeof value !== 'object' || value instanceof Uint8Array) return;
+    const o = value as Record<string, unknown>;
+    if (isPayload(o)) {
+      let decoded = [o as Payload];
+      for (const codec of [...payloadCodecs].reverse()) decoded = await codec.decode(decoded);
+      o.metadata = decoded[0]!.metadata;
+      o.data = decoded[0]!.data;
+      return;
+    }
+    for (const v of Object.values(o)) await decodeIn(v);
+  };
+  await decodeIn(history.events);
+  return history;
 }

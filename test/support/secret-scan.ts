@@ -8,7 +8,7 @@ import proto from '@temporalio/proto';
 import type pg from 'pg';
 import { quoteIdent } from '../../common/db.js';
 import { isWellFormedToken } from '../../common/secrets.js';
-import { historyText } from './history.js';
+import { decodedHistory, historyText } from './history.js';
 
 const { History } = proto.temporal.api.history.v1;
 const TOKEN_SHAPE = /tw_[0-9A-Za-z]{43}_[0-9A-Za-z]{6}/g;
@@ -55,13 +55,18 @@ export class SecretScan {
     this.search(where, text);
   }
 
-  /** Every string and payload of each history, decoded, and its protobuf JSON. */
+  /** Every string and payload of each history, raw (as Temporal stores it) and decoded, and their protobuf JSON. */
   async searchHistories(client: Client, workflowIds: Iterable<string>): Promise<void> {
     for (const workflowId of workflowIds) {
-      const history = await client.workflow.getHandle(workflowId).fetchHistory();
+      const handle = client.workflow.getHandle(workflowId);
       this.searched.histories++;
-      const json = JSON.stringify(History.fromObject(history).toJSON());
-      this.search(`the history of ${workflowId}`, `${historyText(history).join('\n')}\n${json}`);
+      for (const [form, history] of [
+        ['raw', await handle.fetchHistory()],
+        ['decoded', await decodedHistory(handle)],
+      ] as const) {
+        const json = JSON.stringify(History.fromObject(history).toJSON());
+        this.search(`the ${form} history of ${workflowId}`, `${historyText(history).join('\n')}\n${json}`);
+      }
     }
   }
 

@@ -78,15 +78,22 @@ export async function codecRoutes(app: ApiInstance, warden: TokenWarden, options
 
   for (const operation of ['encode', 'decode'] as const) {
     const url = `/codec/${operation}`;
-    app.options(url, { config: { public: true }, schema: { hide: true } }, async (request, reply) => {
-      cors(request, reply);
-      return reply
-        .code(204)
-        .header('access-control-allow-methods', 'POST, OPTIONS')
-        .header('access-control-allow-headers', 'content-type, x-namespace, authorization')
-        .header('access-control-max-age', '600')
-        .send();
-    });
+    app.options(
+      url,
+      {
+        config: { public: true },
+        schema: { summary: "CORS preflight for the Web UI's origin (no key: a browser sends none here)", security: [] },
+      },
+      async (request, reply) => {
+        cors(request, reply);
+        return reply
+          .code(204)
+          .header('access-control-allow-methods', 'POST, OPTIONS')
+          .header('access-control-allow-headers', 'content-type, x-namespace, authorization')
+          .header('access-control-max-age', '600')
+          .send();
+      },
+    );
 
     app.post(
       url,
