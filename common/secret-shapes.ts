@@ -16,6 +16,16 @@ export const SECRET_SHAPES: ReadonlyArray<{ kind: string; re: RegExp }> = [
   { kind: 'a tokenwarden API key', re: /(?:^|[^A-Za-z0-9])twk_[A-Za-z0-9]{8,}_[A-Za-z0-9]{16,}/ },
 ];
 
+/**
+ * An email address anywhere in a text. Reasons are audit data kept for years (history, audit
+ * trail, receivers' events, exports): people are named by an opaque id there, never an address.
+ */
+export const EMAIL_ADDRESS = /[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}/;
+
+/** What a refused reason says instead of echoing it. */
+export const EMAIL_IN_REASON =
+  'contains an email address; a reason is audit data kept for years (history, audit trail, receivers): name people by an opaque id';
+
 /** The shape of our own token strings, checksum unchecked (checking it needs CRC32, see secrets.ts). */
 export const OWN_TOKEN_SHAPE = /tw_[0-9A-Za-z]{43}_[0-9A-Za-z]{6}/;
 

@@ -1,7 +1,7 @@
 import { z } from 'zod';
 import { formatDuration, parseDuration, DURATION_HINT } from './durations.js';
 import { InvalidInputError } from './errors.js';
-import { OWN_TOKEN_SHAPE, SECRET_SHAPES } from './secret-shapes.js';
+import { EMAIL_ADDRESS, EMAIL_IN_REASON, OWN_TOKEN_SHAPE, SECRET_SHAPES } from './secret-shapes.js';
 import { isWellFormedToken } from './secrets.js';
 
 /** Parses with a zod schema; on failure throws InvalidInputError naming every bad field. */
@@ -128,7 +128,11 @@ const freeText = (max: number, empty: string) =>
         ctx.addIssue({ code: 'custom', message: `must not contain control characters (found ${codePoint(found[0])})` });
     });
 
-export const reasonSchema = freeText(500, 'a reason is required').superRefine(noSecret(FIELD_PURPOSE.reason));
+export const reasonSchema = freeText(500, 'a reason is required')
+  .superRefine(noSecret(FIELD_PURPOSE.reason))
+  .superRefine((value, ctx) => {
+    if (EMAIL_ADDRESS.test(value)) ctx.addIssue({ code: 'custom', message: EMAIL_IN_REASON });
+  });
 
 export const actorSchema = freeText(200, 'expected a non-empty actor').superRefine(noSecret(FIELD_PURPOSE.actor));
 

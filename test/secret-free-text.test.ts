@@ -168,3 +168,64 @@ describe('a secret-shaped reason or actor', () => {
     }
   });
 });
+
+describe('an email address in a reason', () => {
+  const EMAIL = 'jane.doe@example.com';
+
+  it('should be refused by the library, the HTTP API and the CLI, naming reason, with nothing changed', async () => {
+    const t = await startToken(ctx, { ttlMs: 3_600_000 });
+    const before = await snapshot(t.tokenId);
+    const reason = `requested by ${EMAIL}`;
+    for (const attempt of [
+      ctx.warden.revoke({ tokenId: t.tokenId, reason }),
+      ctx.warden.suspend(t.tokenId, { reason }),
+      ctx.warden.reportSuspicious(t.tokenId, { reason }),
+    ]) {
+      const err = await attempt.then(
+        () => assert.fail('accepted an email address in a reason'),
+        (e: unknown) => e,
+      );
+      assert.ok(err instanceof InvalidInputError, String(err));
+      assert.deepEqual(
+        err.fields.map((f) => f.path),
+        ['reason'],
+      );
+      assert.match(err.message, /contains an email address/);
+    }
+    const res = await call(api.url, 'POST', `/v1/tokens/${t.tokenId}/revoke`, {
+      key: api.keys.admin,
+      json: { reason },
+    });
+    assert.equal(res.status, 400, res.text);
+    assert.deepEqual(
+      res.body.errors.map((e: { in: string; path: string }) => `${e.in} ${e.path}`),
+      ['body reason'],
+    );
+    const run = await runCli(['revoke', t.tokenId, '--reason', reason], ctx.childEnv());
+    assert.equal(run.code, 2, run.stderr);
+    assert.match(run.stderr, /reason.*contains an email address/);
+    // An operator id in a reason is fine.
+    assert.equal(
+      (await ctx.warden.suspend(t.tokenId, { reason: 'asked by usr_8f3a21 (ticket 4411)' })).tokenId,
+      t.tokenId,
+    );
+    assert.equal((await snapshot(t.tokenId)).status, before.status);
+  });
+
+  it("should be refused by the workflow's validator past the library, and kept out of the audit data from a raw revoke Signal", async () => {
+    const t = await startToken(ctx, { ttlMs: 3_600_000 });
+    const err = await t.handle.executeUpdate(suspendUpdate, { args: [{ reason: `for ${EMAIL}`, actor: 'eve' }] }).then(
+      () => assert.fail('the update was accepted'),
+      (e: unknown) => e,
+    );
+    assert.ok(err instanceof WorkflowUpdateFailedError, String(err));
+    assert.match(err.cause?.message ?? '', /^reason: contains an email address/);
+
+    await t.handle.signal(revokeSignal, { reason: `offboarded ${EMAIL}`, actor: 'hr-sync' });
+    await t.handle.result();
+    const token = await store.requireToken(ctx.pool, t.tokenId);
+    assert.equal(token.revokeReason, 'offboarded [an email address]');
+    const audit = (await store.readAudit(ctx.pool, t.tokenId)).map((e) => e.canonical).join('\n');
+    assert.equal(audit.includes(EMAIL), false, 'no address in the audit trail');
+  });
+});

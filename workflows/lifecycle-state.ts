@@ -13,7 +13,13 @@ import {
   type PropagationState,
   type TokenStatus,
 } from '../common/names.js';
-import { redactedText, redactSecrets, secretShapeKind } from '../common/secret-shapes.js';
+import {
+  EMAIL_ADDRESS,
+  EMAIL_IN_REASON,
+  redactedText,
+  redactSecrets,
+  secretShapeKind,
+} from '../common/secret-shapes.js';
 import { withoutControls } from '../common/text.js';
 import { isUndecodablePayload } from './payload-converter.js';
 import type {
@@ -64,7 +70,8 @@ export function parseRevokeSignal(payload: unknown): ParsedRevoke {
   // A Signal bypasses the library's refusal of secrets: a secret-shaped text is recorded (kill,
   // audit, receivers' events) as a note of what it looked like, never as itself.
   const secretFree = (value: string | undefined) => (value === undefined ? undefined : redactedText(value));
-  const reason = secretFree(text(p.reason, 500));
+  // An address in a raw Signal's reason (the library refuses one) is kept out of the audit data.
+  const reason = secretFree(text(p.reason, 500))?.replace(new RegExp(EMAIL_ADDRESS.source, 'g'), '[an email address]');
   const actor = secretFree(text(p.actor, 200));
   const entity = INITIATING_ENTITIES.includes(p.initiatingEntity as InitiatingEntity)
     ? (p.initiatingEntity as InitiatingEntity)
@@ -112,9 +119,12 @@ export function validateOperatorRequest(request: unknown): asserts request is Op
  */
 function secretInText(value: unknown, field: string): string | undefined {
   const kind = typeof value === 'string' ? secretShapeKind(value) : undefined;
-  return kind === undefined
-    ? undefined
-    : `${field}: looks like a secret (${kind}); it would be kept in plaintext (history, audit trail): leave the secret out`;
+  if (kind !== undefined) {
+    return `${field}: looks like a secret (${kind}); it would be kept in plaintext (history, audit trail): leave the secret out`;
+  }
+  return field === 'reason' && typeof value === 'string' && EMAIL_ADDRESS.test(value)
+    ? `${field}: ${EMAIL_IN_REASON}`
+    : undefined;
 }
 
 /** Milliseconds until `deadlineIso` at workflow time `nowMs`; ≤ 0 when due. */
@@ -601,7 +611,8 @@ export function parseSuspiciousReport(payload: unknown): {
   // A Signal bypasses the library's refusal of secrets: none may be copied into activities or the
   // audit trail (the Signal's own payload stays in history; only a payload codec hides that).
   const secretFree = (value: string | undefined) => (value === undefined ? undefined : redactedText(value));
-  const reason = secretFree(text(p.reason, 500));
+  // An address in a raw Signal's reason (the library refuses one) is kept out of the audit data.
+  const reason = secretFree(text(p.reason, 500))?.replace(new RegExp(EMAIL_ADDRESS.source, 'g'), '[an email address]');
   // The audit key holds it: a secret-shaped id is dropped, not redacted (redacted ids would collide).
   const givenReportId = text(p.reportId, 100);
   const reportId =
