@@ -82,6 +82,10 @@ export const SEARCH_ATTRIBUTE = {
   policy: searchAttributeKey('TokenPolicy', 'KEYWORD'),
   /** Whether the token is suspended (it fails verification but is not dead). */
   suspended: searchAttributeKey('TokenSuspended', 'BOOL'),
+  /** The token's name (a label people read; never a secret, refused on issue). */
+  name: searchAttributeKey('TokenName', 'KEYWORD'),
+  /** While its death propagates: the receivers that have not confirmed yet (none once complete). */
+  pendingReceivers: searchAttributeKey('TokenPendingReceivers', 'KEYWORD_LIST'),
 } as const;
 
 const CLI_TYPE_NAMES: Record<SearchAttributeType, string> = {

@@ -108,6 +108,7 @@ function startOptions(token: TokenRecord, taskQueue: string, timing: Propagation
       { key: SEARCH_ATTRIBUTE.expiresAt, value: new Date(token.expiresAt) },
       { key: SEARCH_ATTRIBUTE.receivers, value: token.receivers },
       ...(policy ? [{ key: SEARCH_ATTRIBUTE.policy, value: policy.name }] : []),
+      ...(token.name ? [{ key: SEARCH_ATTRIBUTE.name, value: token.name }] : []),
     ],
     staticSummary: summaryText(`Token ${token.id} of ${token.subject}, expires ${token.expiresAt}`),
     staticDetails: [

@@ -3,8 +3,12 @@
  * also used by workflow code (TextEncoder is available in the sandbox).
  */
 
-/** Temporal's default `limit.userMetadataSummarySize` is 400 bytes for the whole encoded payload. */
-export const SUMMARY_MAX_BYTES = 300;
+/**
+ * Temporal's default `limit.userMetadataSummarySize` is 400 bytes for the whole encoded payload:
+ * encrypted (common/payload-codec.ts), a summary of n bytes of JSON text is about n + 114 (nonce,
+ * tag, the inner payload's framing and encoding, the key id), so 240 leaves room to spare.
+ */
+export const SUMMARY_MAX_BYTES = 240;
 
 const encoder = new TextEncoder();
 

@@ -281,11 +281,12 @@ describe('lifecycle state', () => {
     );
     assert.equal(state.view().escalateAt, '2026-01-01T01:00:01.000Z');
     state.deliveryObserved(row('billing', { status: 'delivered', attempts: 1, lastStatusCode: 204 }));
-    state.forcedComplete(['crm']);
+    state.forcedComplete(['crm'], { actor: 'alice', reason: 'crm retired' });
     state.completed('complete');
+    // Who forced it and why, as the Web UI's current details show it.
     assert.match(
       details.at(-1)!,
-      /Propagation \*\*complete\*\*, forced by an operator: 1 of 2 receivers confirmed, 1 forced/,
+      /Propagation \*\*complete\*\*, forced by alice \(crm retired\): 1 of 2 receivers confirmed, 1 forced/,
     );
     assert.doesNotMatch(details.at(-1)!, /every receiver confirmed/);
     const view = state.view();

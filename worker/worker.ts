@@ -6,7 +6,14 @@ import { DefaultLogger, NativeConnection, Runtime, Worker, type WorkflowBundleOp
 import type { StorePool } from '../common/db.js';
 import { PACKAGE_ROOT, type Settings } from '../common/config.js';
 import { createPool } from '../common/db.js';
-import { RECONCILER_SCHEDULE_ID, RECONCILER_WORKFLOW_ID, WORKFLOW_TYPE } from '../common/names.js';
+import {
+  RECONCILER_SCHEDULE_ID,
+  RECONCILER_WORKFLOW_ID,
+  SEARCH_ATTRIBUTE,
+  SEARCH_ATTRIBUTE_CLI_TYPES,
+  WORKFLOW_TYPE,
+} from '../common/names.js';
+import { ConfigError } from '../common/errors.js';
 import { createActivities, type Activities } from '../activities/index.js';
 import { connectTemporal } from '../common/temporal.js';
 import { FAILURE_CONVERTER_PATH, PAYLOAD_CONVERTER_PATH, workerDataConverter } from '../common/data-converter.js';
@@ -125,6 +132,39 @@ export async function ensureReconcilerSchedule(client: Client, settings: Setting
  * Runs a worker and the expiry sweep until shutdown (SIGINT/SIGTERM are handled by the SDK's
  * Runtime). With `ensureSchedule`, also creates the reconciler Schedule and triggers one pass right away.
  */
+/**
+ * Refuses to start against a namespace missing one of tokenwarden's search attributes: a workflow
+ * upserting an unregistered one fails its task on every retry. Says which to create, and how. A
+ * server that does not let this caller list them (some hosted setups) is trusted, with a warning.
+ */
+export async function checkSearchAttributes(client: Client, namespace: string): Promise<void> {
+  let registered: Record<string, unknown>;
+  try {
+    const answer = await client.connection.operatorService.listSearchAttributes({ namespace });
+    registered = { ...(answer.customAttributes ?? {}), ...(answer.systemAttributes ?? {}) };
+  } catch (err) {
+    console.warn(
+      `tokenwarden: could not list the search attributes of namespace ${namespace} (${(err as Error).message}); make sure ${Object.values(
+        SEARCH_ATTRIBUTE,
+      )
+        .map((k) => k.name)
+        .join(', ')} are registered`,
+    );
+    return;
+  }
+  const missing = Object.values(SEARCH_ATTRIBUTE).filter((k) => !(k.name in registered));
+  if (missing.length > 0) {
+    throw new ConfigError(
+      `namespace ${namespace} lacks the search attribute(s) ${missing.map((k) => k.name).join(', ')}; register them first:\n${missing
+        .map(
+          (k) =>
+            `  temporal operator search-attribute create --namespace ${namespace} --name ${k.name} --type ${SEARCH_ATTRIBUTE_CLI_TYPES[k.name]}`,
+        )
+        .join('\n')}`,
+    );
+  }
+}
+
 export async function runWorkerProcess(
   settings: Settings,
   opts: { ensureSchedule: boolean },
@@ -140,6 +180,7 @@ export async function runWorkerProcess(
     console.warn(`tokenwarden: an idle database connection was closed: ${err.message}`),
   );
   const client = await connectTemporal(settings);
+  await checkSearchAttributes(client, settings.temporal.namespace);
   const connection = await NativeConnection.connect(settings.temporal.connectionOptions);
   const worker = await createTokenWorker({ connection, client, pool, settings });
   if (opts.ensureSchedule) {

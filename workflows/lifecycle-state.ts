@@ -214,6 +214,8 @@ export class LifecycleState {
   /** Bumped by every operator retry; deliveries waiting for an operator resume on it. */
   retryRound = 0;
   forced = false;
+  /** Who forced completion and why, when this run took the operator's Update (for the Web UI's details). */
+  private forcedBy: { actor: string; reason: string } | undefined;
   timing: EffectiveTiming | undefined;
   escalateAtMs: number | undefined;
   /** Bumped whenever a delivery's state changes, so that propagation's supervisor re-evaluates. */
@@ -363,9 +365,12 @@ export class LifecycleState {
   }
 
   /** An operator forced these deliveries complete. */
-  forcedComplete(receiverIds: string[]): void {
+  forcedComplete(receiverIds: string[], by?: { actor: string; reason: string }): void {
     // The store forces only what was still unsettled: nothing forced, nothing to report as forced.
-    if (receiverIds.length > 0) this.forced = true;
+    if (receiverIds.length > 0) {
+      this.forced = true;
+      if (by) this.forcedBy = by;
+    }
     for (const receiverId of receiverIds) {
       const current = this.deliveries.get(receiverId);
       if (!current) continue;
@@ -447,7 +452,7 @@ export class LifecycleState {
     if (this.phase === 'complete') {
       lines.push(
         forced
-          ? `Propagation **complete**, forced by an operator: ${progress}.`
+          ? `Propagation **complete**, forced by ${this.forcedBy ? `${this.forcedBy.actor} (${this.forcedBy.reason})` : 'an operator'}: ${progress}.`
           : all.length === 0
             ? 'Propagation **complete**: no receivers.'
             : `Propagation **complete**: every receiver confirmed.`,

@@ -131,6 +131,12 @@ const PATCHES = {
    * deadlines; expiry changes are serialised.
    */
   ownerWorkV2: 'owner-work-v2',
+  /**
+   * While a death propagates, the TokenPendingReceivers search attribute names the receivers not
+   * yet confirmed (upserted when that set changes, removed when none is left): "which tokens are
+   * stuck on crm?" is one visibility query.
+   */
+  pendingReceivers: 'pending-receivers',
 } as const;
 
 /** A warning the owner's destination has not taken within this is dropped (audited as notice.dropped). */
@@ -350,6 +356,10 @@ class TokenLifecycle {
   private localRotation: Promise<unknown> | undefined;
   /** Whether this run follows PATCHES.ownerWorkV2: only a `true` answer is kept. */
   private ownerWorkV2Decision = false;
+  /** Whether this run follows PATCHES.pendingReceivers: only a `true` answer is kept. */
+  private pendingReceiversDecision = false;
+  /** The receivers TokenPendingReceivers last said (comma-joined), undefined before the first upsert. */
+  private pendingReceiversShown: string | undefined;
   /** The periodic rotation in flight (PATCHES.ownerWorkV2): when it started, and its end. */
   private periodicInFlight: { startedAtMs: number; ended: Promise<void> } | undefined;
   /** Whether the last automatic rotation ended in a failure to deliver (not a cancellation). */
@@ -358,7 +368,10 @@ class TokenLifecycle {
   constructor(private readonly input: TokenWorkflowInput) {
     this.alive = new AliveState(input, Date.now());
     // Every transition rewrites the current details, so the Web UI never shows a stale phase.
-    this.state = new LifecycleState(input, (state) => setCurrentDetails(state.details()));
+    this.state = new LifecycleState(input, (state) => {
+      setCurrentDetails(state.details());
+      this.showPendingReceivers(state);
+    });
     setCurrentDetails(this.state.details());
     for (const receiverId of input.receivers) {
       this.runs.set(receiverId, { scope: undefined, interrupted: false, endingsInARow: 0, roundAtAttempt: 0 });
@@ -445,6 +458,24 @@ class TokenLifecycle {
         { summary: `sleep until expiry at ${this.input.expiresAt}` },
       );
     }
+  }
+
+  /**
+   * TokenPendingReceivers follows the unconfirmed receivers once the token is dead (PATCHES.pendingReceivers):
+   * an upsert only when the set changes, so a propagation adds a handful of events, not one per attempt.
+   */
+  private showPendingReceivers(state: LifecycleState): void {
+    if (state.phase === 'active' || state.phase === 'killing') return;
+    const pending = state
+      .unsettled()
+      .map((d) => d.receiverId)
+      .sort();
+    const shown = pending.join(',');
+    if (shown === this.pendingReceiversShown) return;
+    if (!this.pendingReceiversDecision) this.pendingReceiversDecision = patched(PATCHES.pendingReceivers);
+    if (!this.pendingReceiversDecision) return;
+    this.pendingReceiversShown = shown;
+    upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.pendingReceivers, value: pending.length > 0 ? pending : null }]);
   }
 
   // ---------------------------------------------------------------- the deadlines loop (PATCHES.selfManaging)
@@ -1134,7 +1165,7 @@ class TokenLifecycle {
     this.state.killing('revoke');
     if (this.localRotation) await this.localRotation;
     if (this.local) {
-      const options = { summary: summaryText(`revoke: ${request.reason}`) };
+      const options = { summary: summaryText(`revoke by ${request.actor}: ${request.reason}`) };
       const args = [
         { tokenId: this.input.tokenId, ...request, byWorkflow: true, eventId: this.input.revocationEventId },
       ] as const;
@@ -1149,9 +1180,10 @@ class TokenLifecycle {
     // run woken from its sleep has propagated nothing: its deliveries go out with the kill, each
     // one's first attempt before the worker's timing is read.
     if (!this.wasAsleep) await this.startPropagation();
-    const killing = store.killToken.executeWithOptions({ summary: summaryText(`revoke: ${request.reason}`) }, [
-      { tokenId: this.input.tokenId, ...request, byWorkflow: true },
-    ]);
+    const killing = store.killToken.executeWithOptions(
+      { summary: summaryText(`revoke by ${request.actor}: ${request.reason}`) },
+      [{ tokenId: this.input.tokenId, ...request, byWorkflow: true }],
+    );
     // Deliveries go out in the same workflow task as the kill: a revoke's caller has usually
     // committed the kill (and its outbox rows) before this workflow ran; an attempt that finds no
     // outbox row yet retries shortly.
@@ -1337,7 +1369,15 @@ class TokenLifecycle {
     const unsettled = this.state.unsettled();
     // The refresh found every receiver settled (the deadline fired as the last one confirmed).
     if (this.storeDriven && unsettled.length === 0) return;
-    const token = await store.setPropagation.executeWithOptions({ summary: 'escalate: propagation is stuck' }, [
+    // The step names each receiver still unconfirmed and its last answer: what an operator reads first.
+    const waitingOn = unsettled
+      .map(
+        (d) =>
+          `${d.receiverId} (${d.lastError ?? (d.lastStatusCode !== null ? `HTTP ${d.lastStatusCode}` : 'no answer yet')})`,
+      )
+      .join(', ');
+    const escalation = { summary: summaryText(`escalate: stuck on ${waitingOn}`) };
+    const token = await store.setPropagation.executeWithOptions(escalation, [
       {
         tokenId: this.input.tokenId,
         state: 'stuck',
@@ -1544,7 +1584,8 @@ class TokenLifecycle {
     const updateId = currentUpdateInfo()?.id ?? String(this.state.retryRound + 1);
     await this.untilKilled();
     const retrying = this.state.unsettled().map((d) => d.receiverId);
-    await store.recordAudit.executeWithOptions({ summary: 'audit: operator asked to retry propagation' }, [
+    const asked = { summary: summaryText(`retry asked by ${request.actor ?? 'operator'}: ${request.reason}`) };
+    await store.recordAudit.executeWithOptions(asked, [
       {
         tokenId: this.input.tokenId,
         auditKey: `retry:${workflowInfo().runId}:${updateId}`,
@@ -1562,7 +1603,7 @@ class TokenLifecycle {
     const updateId = currentUpdateInfo()?.id ?? 'force';
     await this.untilKilled();
     const receivers = await store.forceCompleteDeliveries.executeWithOptions(
-      { summary: 'operator forces propagation complete' },
+      { summary: summaryText(`forced complete by ${request.actor ?? 'operator'}: ${request.reason}`) },
       [
         {
           tokenId: this.input.tokenId,
@@ -1572,7 +1613,7 @@ class TokenLifecycle {
         },
       ],
     );
-    this.state.forcedComplete(receivers);
+    this.state.forcedComplete(receivers, { actor: request.actor ?? 'operator', reason: request.reason });
     for (const receiverId of receivers) this.interrupt(receiverId);
     return { forced: receivers };
   }
