@@ -34,6 +34,27 @@ function printableJson(value: unknown): string {
   return JSON.stringify(value).replace(UNPRINTABLE_ALL, (c) => `\\u${hex(c, 4)}`);
 }
 
+/**
+ * Rows as aligned columns under a header, each cell made printable and cut to `max` characters
+ * (an ellipsis marks the cut), widths by character count.
+ */
+export function columns(header: string[], rows: string[][], max = 40): string {
+  const cell = (v: string) => {
+    const text = printable(v);
+    return [...text].length > max ? `${[...text].slice(0, max - 1).join('')}…` : text;
+  };
+  const all = [header, ...rows].map((r) => r.map(cell));
+  const widths = header.map((_, i) => Math.max(...all.map((r) => [...(r[i] ?? '')].length)));
+  return all
+    .map((r) =>
+      r
+        .map((c, i) => (i === r.length - 1 ? c : c + ' '.repeat(widths[i]! - [...c].length)))
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n');
+}
+
 function print(json: boolean, value: unknown, human: () => string): void {
   process.stdout.write(json ? `${printableJson(value)}\n` : `${human()}\n`);
 }
@@ -1053,28 +1074,42 @@ export function buildProgram(): Command {
     .description('list tokens, newest first')
     .option('--subject <id>')
     .option('--status <status>', 'active | revoked | expired')
+    .option(
+      '--propagation <state>',
+      'none | pending | complete | stuck (stuck: a receiver unconfirmed past the deadline)',
+    )
     .option('--limit <n>', 'at most n tokens', (v) => Number(v), 100)
     .addOption(json)
-    .action(async (opts: { subject?: string; status?: string; limit: number; json?: boolean }) => {
-      const tokens = await withStore((tw) =>
-        tw.list({
-          // An empty value is passed on (and refused): it must not silently mean "no filter".
-          ...(opts.subject !== undefined ? { subject: opts.subject } : {}),
-          ...(opts.status !== undefined ? { status: opts.status as 'active' } : {}),
-          limit: opts.limit,
-        }),
-      );
-      print(!!opts.json, tokens, () =>
-        tokens.length
-          ? tokens
-              .map(
-                (t) =>
-                  tty`${t.id}  ${t.subject}  ${t.status.padEnd(7)}  ${t.propagation.padEnd(8)}  expires ${t.expiresAt}`,
+    .action(
+      async (opts: { subject?: string; status?: string; propagation?: string; limit: number; json?: boolean }) => {
+        const tokens = await withStore((tw) =>
+          tw.list({
+            // An empty value is passed on (and refused): it must not silently mean "no filter".
+            ...(opts.subject !== undefined ? { subject: opts.subject } : {}),
+            ...(opts.status !== undefined ? { status: opts.status as 'active' } : {}),
+            ...(opts.propagation !== undefined ? { propagation: opts.propagation as 'stuck' } : {}),
+            limit: opts.limit,
+          }),
+        );
+        print(!!opts.json, tokens, () =>
+          tokens.length
+            ? columns(
+                ['TOKEN', 'SUBJECT', 'NAME', 'STATUS', 'PROPAGATION', 'EXPIRES / DIED', 'BY', 'REASON'],
+                tokens.map((t) => [
+                  t.id,
+                  t.subject,
+                  t.name ?? '',
+                  t.status,
+                  t.propagation,
+                  t.revokedAt ?? t.expiresAt,
+                  t.revokedBy ?? '',
+                  t.revokeReason ?? '',
+                ]),
               )
-              .join('\n')
-          : '(no tokens)',
-      );
-    });
+            : '(no tokens)',
+        );
+      },
+    );
 
   const receiver = program.command('receiver').description('downstream services told of every revocation');
   receiver

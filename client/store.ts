@@ -7,7 +7,7 @@ import { z } from 'zod';
 import { loadStoreSettings, type StoreSettings } from '../common/config.js';
 import { createPool, type StorePool } from '../common/db.js';
 import { ConfigError, InvalidInputError } from '../common/errors.js';
-import { TOKEN_STATUSES, type TokenStatus } from '../common/names.js';
+import { PROPAGATION_STATES, TOKEN_STATUSES, type TokenStatus } from '../common/names.js';
 import { checkReceiverUrl, resolveReceiver, type ReceiverAllowance } from '../common/addresses.js';
 import { generateSigningSecret, MasterKeyring } from '../common/secrets.js';
 // The store modules these calls need, not common/store/index.js, whose kill path loads uuid.
@@ -32,6 +32,8 @@ export type { DeliveryReport } from '../common/store/deliveries.js';
 const listSchema = z.object({
   subject: subjectLookupSchema.optional(),
   status: z.enum(TOKEN_STATUSES).optional(),
+  /** Has every receiver been told? `stuck`: a receiver unconfirmed past the escalation deadline. */
+  propagation: z.enum(PROPAGATION_STATES).optional(),
   limit: z.number().int().min(1).max(10_000).default(100),
   /** Only tokens older than this one (keyset pagination: the last id of the previous page). */
   before: tokenIdSchema.optional(),
@@ -152,6 +154,7 @@ export class TokenWardenStore {
     const tokens = await listTokens(this.pool, {
       ...(f.subject ? { subject: f.subject } : {}),
       ...(f.status ? { status: f.status } : {}),
+      ...(f.propagation ? { propagation: f.propagation } : {}),
       limit: f.limit,
       ...(f.before ? { beforeId: f.before } : {}),
     });

@@ -11,6 +11,7 @@ import { SEARCH_ATTRIBUTE, tokenWorkflowId } from '../common/names.js';
 import { msToTs } from '@temporalio/common/lib/time.js';
 import { ConfigError } from '../common/errors.js';
 import { checkSearchAttributes } from '../worker/worker.js';
+import { runCli } from './support/cli.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { decodedHistory } from './support/history.js';
 import { TestReceiver } from './support/receiver.js';
@@ -63,6 +64,25 @@ describe('the operator view of a token', () => {
         if (w.workflowId === tokenWorkflowId(issued.tokenId)) return true;
       return false;
     }, `the token listed by ${query}`);
+
+    // The same from the CLI: aligned columns with name, who and why.
+    const listed = await runCli(['list', '--propagation', 'stuck'], ctx.childEnv());
+    assert.equal(listed.code, 0, listed.stderr);
+    const [header, ...rows] = listed.stdout.trimEnd().split('\n');
+    const row = rows.find((r) => r.startsWith(issued.tokenId));
+    assert.ok(row, listed.stdout);
+    assert.match(row, /ci deploy key/);
+    assert.match(row, /stuck/);
+    for (const [column, value] of [
+      ['NAME', 'ci deploy key'],
+      ['BY', 'ops:alice'],
+      ['REASON', 'key rotated out'],
+    ] as const) {
+      assert.equal(row.indexOf(value), header!.indexOf(column), `${column} aligned: ${listed.stdout}`);
+    }
+    const bad = await runCli(['list', '--propagation', 'wedged'], ctx.childEnv());
+    assert.equal(bad.code, 2, bad.stderr);
+    assert.match(bad.stderr, /propagation: /);
 
     // Step labels: who killed it and why, and the receiver it is stuck on with its last answer.
     const handle = ctx.client.workflow.getHandle(tokenWorkflowId(issued.tokenId));

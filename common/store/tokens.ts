@@ -2,7 +2,7 @@
 import type { Queryable } from '../db.js';
 import { formatDuration } from '../durations.js';
 import { InvalidInputError, NotFoundError } from '../errors.js';
-import type { TokenStatus } from '../names.js';
+import type { PropagationState, TokenStatus } from '../names.js';
 import { policyColumnsOf, policyFromColumns, type PolicyRecord } from './policies.js';
 import { routine, toToken, tokenColumns, type TokenRecord } from './rows.js';
 
@@ -117,7 +117,7 @@ export async function requireToken(db: Queryable, tokenId: string): Promise<Toke
 
 export async function listTokens(
   db: Queryable,
-  filter: { subject?: string; status?: TokenStatus; limit: number; beforeId?: string },
+  filter: { subject?: string; status?: TokenStatus; propagation?: PropagationState; limit: number; beforeId?: string },
 ): Promise<TokenRecord[]> {
   const t = db.tables;
   // Newest first by id (UUIDv7: time-ordered); `beforeId` continues a page where the last one ended.
@@ -126,8 +126,9 @@ export async function listTokens(
       WHERE ($1::text IS NULL OR subject = $1)
         AND ($2::text IS NULL OR CASE WHEN status = 'active' AND expires_at <= now() THEN 'expired' ELSE status END = $2)
         AND ($4::text IS NULL OR id < $4)
+        AND ($5::text IS NULL OR propagation = $5)
       ORDER BY id DESC LIMIT $3`,
-    [filter.subject ?? null, filter.status ?? null, filter.limit, filter.beforeId ?? null],
+    [filter.subject ?? null, filter.status ?? null, filter.limit, filter.beforeId ?? null, filter.propagation ?? null],
   );
   return rows.map(toToken);
 }
