@@ -32,6 +32,12 @@ export interface StoreSettings {
   masterKey: Buffer | undefined;
   /** Earlier master keys, kept to decrypt secrets not yet re-encrypted by `receiver rekey`. */
   previousMasterKeys: Buffer[];
+  /** The ed25519 private key (its 32-byte seed) that signs audit checkpoints; undefined when not configured. */
+  auditKey?: Buffer | undefined;
+  /** The raw ed25519 public key that checks checkpoints where the signing key is not given (an auditor). */
+  auditPublicKey?: Buffer | undefined;
+  /** The least time between two audit checkpoints the reconciler writes (TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL). */
+  auditCheckpointIntervalMs?: number;
   /** Address ranges receivers may use besides public ones (the dev stack allows loopback). */
   receiverAllow: ReceiverAllowance[];
   /** The longest lifetime a token may be issued with (TOKENWARDEN_MAX_TTL). */
@@ -123,6 +129,8 @@ export interface StackFile {
   taskQueue: string;
   /** Where the stack's master key is; absent when the stack got it from TOKENWARDEN_MASTER_KEY. */
   masterKeyFile?: string;
+  /** Where the stack's audit key is; absent when the stack got it from TOKENWARDEN_AUDIT_KEY. */
+  auditKeyFile?: string;
   /** The stack's process: a file left behind by a killed stack is ignored. */
   pid: number;
   /** Receivers' address ranges the stack allows; clients of its store apply them too. */
@@ -145,6 +153,9 @@ const duration = (name: string, fallback: string) =>
       }
       return ms;
     });
+
+/** How often the reconciler signs the audit chains' heads at most (TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL's default). */
+export const DEFAULT_AUDIT_CHECKPOINT_INTERVAL_MS = 15 * 60_000;
 
 /** One year, as peers cap tokens (TOKENWARDEN_MAX_TTL's default). */
 export const DEFAULT_MAX_TTL_MS = 365 * 86_400_000;
@@ -201,6 +212,19 @@ const envSchema = z.object({
     })
     .optional(),
   TOKENWARDEN_MASTER_KEY_FILE: z.string().min(1).optional(),
+  TOKENWARDEN_AUDIT_KEY: z
+    .string()
+    .refine(isMasterKey, 'TOKENWARDEN_AUDIT_KEY must be an ed25519 private key: its 32-byte seed, base64-encoded')
+    .optional(),
+  TOKENWARDEN_AUDIT_KEY_FILE: z.string().min(1).optional(),
+  TOKENWARDEN_AUDIT_PUBLIC_KEY: z
+    .string()
+    .refine(isMasterKey, 'TOKENWARDEN_AUDIT_PUBLIC_KEY must be a raw ed25519 public key: 32 bytes, base64-encoded')
+    .optional(),
+  TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL: duration(
+    'TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL',
+    formatDuration(DEFAULT_AUDIT_CHECKPOINT_INTERVAL_MS),
+  ).refine((ms) => ms >= 1_000, 'TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL must be at least 1s'),
   TOKENWARDEN_DEFAULT_GRACE: duration('TOKENWARDEN_DEFAULT_GRACE', '10m'),
   TOKENWARDEN_OWNER_DIR_ROOT: z
     .string()
@@ -313,6 +337,8 @@ function isAlive(pid: number): boolean {
 export const DEFAULT_DB_SCHEMA = 'tokenwarden';
 
 export const masterKeyFile = (dataDir: string) => path.join(dataDir, 'master.key');
+/** Where the dev stack keeps the key that signs audit checkpoints (base64 of the ed25519 seed). */
+export const auditKeyFile = (dataDir: string) => path.join(dataDir, 'audit.key');
 
 /**
  * The one config loader. Temporal connection settings follow the SDK's envconfig conventions
@@ -414,6 +440,11 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
   else if (e.TOKENWARDEN_MASTER_KEY_FILE) masterKey = readMasterKeyFile(e.TOKENWARDEN_MASTER_KEY_FILE);
   else if (existsSync(masterKeyFile(dataDir))) masterKey = readMasterKeyFile(masterKeyFile(dataDir));
 
+  let auditKey: Buffer | undefined;
+  if (e.TOKENWARDEN_AUDIT_KEY) auditKey = Buffer.from(e.TOKENWARDEN_AUDIT_KEY, 'base64');
+  else if (e.TOKENWARDEN_AUDIT_KEY_FILE) auditKey = readAuditKeyFile(e.TOKENWARDEN_AUDIT_KEY_FILE);
+  else if (existsSync(auditKeyFile(dataDir))) auditKey = readAuditKeyFile(auditKeyFile(dataDir));
+
   const settings: StoreSettings = {
     databaseUrl,
     databaseSchema: e.TOKENWARDEN_DB_SCHEMA ?? stackDatabase?.databaseSchema ?? DEFAULT_DB_SCHEMA,
@@ -427,6 +458,11 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
     reconcileGraceMs: e.TOKENWARDEN_RECONCILE_GRACE,
     masterKey,
     previousMasterKeys: e.TOKENWARDEN_PREVIOUS_MASTER_KEYS,
+    auditKey,
+    ...(e.TOKENWARDEN_AUDIT_PUBLIC_KEY
+      ? { auditPublicKey: Buffer.from(e.TOKENWARDEN_AUDIT_PUBLIC_KEY, 'base64') }
+      : {}),
+    auditCheckpointIntervalMs: e.TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL,
     // The dev stack's own allowance applies to whoever uses its store, unless set explicitly.
     receiverAllow:
       e.TOKENWARDEN_RECEIVER_ALLOW ?? (stack && databaseUrl === stack.databaseUrl ? (stack.receiverAllow ?? []) : []),
@@ -458,6 +494,22 @@ function readMasterKeyFile(file: string): Buffer {
   }
   const key = Buffer.from(text.trim(), 'base64');
   if (key.length !== 32) throw new ConfigError(`the master key in ${file} must be 32 bytes, base64-encoded`);
+  return key;
+}
+
+/** An audit key file holds the ed25519 seed in base64 (what `tokenwarden start` writes). */
+function readAuditKeyFile(file: string): Buffer {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError(
+      `TOKENWARDEN_AUDIT_KEY_FILE: cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? err}`,
+    );
+  }
+  const key = Buffer.from(text.trim(), 'base64');
+  if (key.length !== 32)
+    throw new ConfigError(`the audit key in ${file} must be a 32-byte ed25519 seed, base64-encoded`);
   return key;
 }
 

@@ -8,7 +8,14 @@ import { existsSync, rmSync } from 'node:fs';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Connection } from '@temporalio/client';
-import { loadApiSettings, loadSettings, masterKeyFile, PACKAGE_ROOT, type StackFile } from '../common/config.js';
+import {
+  auditKeyFile,
+  loadApiSettings,
+  loadSettings,
+  masterKeyFile,
+  PACKAGE_ROOT,
+  type StackFile,
+} from '../common/config.js';
 import { migrate } from '../common/db.js';
 import { DEFAULT_NAMESPACE } from '../common/names.js';
 import { runWorkerProcess } from '../worker/worker.js';
@@ -71,6 +78,7 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
   try {
     await mkdir(dataDir, { recursive: true });
     const keyFile = await ensureMasterKey(dataDir, log);
+    const auditKey = await ensureAuditKey(dataDir, log);
 
     const cliPath = await resolveTemporalCli(log);
     const namespace = DEFAULT_NAMESPACE;
@@ -132,6 +140,7 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
       namespace,
       taskQueue: settings.temporal.taskQueue,
       ...(keyFile ? { masterKeyFile: keyFile } : {}),
+      ...(auditKey ? { auditKeyFile: auditKey } : {}),
       pid: process.pid,
       receiverAllow: settings.receiverAllow,
       api: api.url,
@@ -176,6 +185,20 @@ async function ensureMasterKey(dataDir: string, log: (msg: string) => void): Pro
   if (existsSync(file)) return file;
   await writeFile(file, `${randomBytes(32).toString('base64')}\n`, { mode: 0o600, flag: 'wx' });
   log(`created the master key ${file} (back it up: receivers' secrets cannot be read without it)`);
+  return file;
+}
+
+/**
+ * An ed25519 seed, created once; it signs the audit checkpoints the reconciler writes. Returns the
+ * file the stack's key is in, or undefined when it comes from TOKENWARDEN_AUDIT_KEY.
+ */
+async function ensureAuditKey(dataDir: string, log: (msg: string) => void): Promise<string | undefined> {
+  if (process.env.TOKENWARDEN_AUDIT_KEY) return undefined;
+  if (process.env.TOKENWARDEN_AUDIT_KEY_FILE) return path.resolve(process.env.TOKENWARDEN_AUDIT_KEY_FILE);
+  const file = auditKeyFile(dataDir);
+  if (existsSync(file)) return file;
+  await writeFile(file, `${randomBytes(32).toString('base64')}\n`, { mode: 0o600, flag: 'wx' });
+  log(`created the audit key ${file} (it signs the audit checkpoints; keep it apart from the database)`);
   return file;
 }
 

@@ -479,6 +479,7 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
       'DATABASE_URL',
       'TEMPORAL_ADDRESS',
       'TEMPORAL_NAMESPACE',
+      'TOKENWARDEN_AUDIT_KEY_FILE',
       'TOKENWARDEN_DB_SCHEMA',
       'TOKENWARDEN_MASTER_KEY_FILE',
       'TOKENWARDEN_OWNER_DIR_ROOT',
@@ -494,6 +495,11 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
     assert.equal(env.TOKENWARDEN_MASTER_KEY_FILE, masterKeyFile);
     const key = (await readFile(masterKeyFile, 'utf8')).trim();
     assert.ok(!printed.stdout.includes(key), 'the master key itself is not printed');
+    // The stack made its audit key (the checkpoints' signer) in its data folder, and names only the file.
+    assert.equal(env.TOKENWARDEN_AUDIT_KEY_FILE, path.join(dataDir, 'audit.key'));
+    const auditKey = (await readFile(env.TOKENWARDEN_AUDIT_KEY_FILE!, 'utf8')).trim();
+    assert.equal(Buffer.from(auditKey, 'base64').length, 32);
+    assert.ok(!printed.stdout.includes(auditKey), 'the audit key itself is not printed');
 
     const temporal = new Client({
       connection: await Connection.connect({ address: env.TEMPORAL_ADDRESS! }),
