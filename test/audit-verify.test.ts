@@ -17,6 +17,7 @@ import type { ReconcileInput, ReconcileReport } from '../common/messages.js';
 import * as store from '../common/store/index.js';
 import { TokenWardenStore } from '../client/store.js';
 import { runCli } from './support/cli.js';
+import { maybeRecordHistory } from './support/history.js';
 import { TestContext } from './support/context.js';
 import { insertTokenRow } from './support/tokens.js';
 
@@ -396,19 +397,25 @@ describe('audit verify: signed checkpoints', () => {
 });
 
 describe('audit checkpoints by the reconciler, and the CLI', () => {
-  const pass = (input: Omit<ReconcileInput, 'version'> = {}) =>
-    ctx.client.workflow.execute(WORKFLOW_TYPE.reconcile, {
+  const start = (input: Omit<ReconcileInput, 'version'> = {}) =>
+    ctx.client.workflow.start(WORKFLOW_TYPE.reconcile, {
       workflowId: `reconcile-${randomBytes(4).toString('hex')}`,
       taskQueue: ctx.settings.temporal.taskQueue,
       // A grace of ten years: no row is old enough to heal, the pass is only its checkpoint.
       args: [{ version: 1, graceMs: 10 * 365 * 86_400_000, ...input } satisfies ReconcileInput],
-    }) as Promise<ReconcileReport>;
+    });
+  const pass = async (input: Omit<ReconcileInput, 'version'> = {}) =>
+    (await start(input)).result() as Promise<ReconcileReport>;
 
   it('should have each pass sign the heads, and fail a pass over a tampered trail', async () => {
     const worker = await ctx.startWorker({ ...ctx.settings, auditKey: seed, auditCheckpointIntervalMs: 0 });
     try {
       const tokenId = (await insertTokenRow(ctx.pool, { subject: 'usr_audit' })).id;
-      const first = await pass();
+      // This pass also adopts the token (its workflow never started): a history with a page, for replay.
+      const firstPass = await start({ graceMs: 0 });
+      const first = (await firstPass.result()) as ReconcileReport;
+      await maybeRecordHistory(firstPass, 'reconcile-pass');
+      assert.deepEqual(first.started, [tokenId]);
       assert.equal(first.auditCheckpoint?.written, true, JSON.stringify(first.auditCheckpoint));
       assert.match(first.auditCheckpoint?.digest ?? '', /^[0-9a-f]{64}$/);
       const report = await store.verifyAuditTrail(ctx.pool, { key });
