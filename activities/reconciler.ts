@@ -215,7 +215,7 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
         }
         throw err;
       }
-      // The log is a copy outside the database: a digest printed here anchors the checkpoints' chain.
+      // Info level: seen where the worker's log level lets it through (the pass's result has it too).
       if (outcome.written) Context.current().log.info('audit checkpoint written', { ...outcome });
       return outcome;
     },
