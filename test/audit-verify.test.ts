@@ -333,6 +333,12 @@ describe('audit verify: signed checkpoints', () => {
       c.query(`UPDATE audit_checkpoint SET statement = replace(statement, '"events":4', '"events":3') WHERE seq = 3`),
     );
     assert.deepEqual(problems(await forged.s.verify()), [{ checkpoint: 3, problem: 'signature' }]);
+    await store.recordAudit(forged.s.pool, forged.tokenId, 'n5', 'token.note', { n: 5 });
+    await assert.rejects(forged.s.checkpoint(), (err: unknown) => {
+      assert.ok(err instanceof store.AuditTamperedError, String(err));
+      assert.match(err.message, /checkpoint #3 .*signature/);
+      return true;
+    });
 
     // Heads that no longer are the ones signed (made to fit a shortened chain).
     const heads = await scenario();

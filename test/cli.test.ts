@@ -244,6 +244,7 @@ describe('tokenwarden CLI: commands that need only the store load no Temporal SD
       ['receiver', 'list', '--json'],
       ['receiver', 'rekey', '--json'],
       ['receiver', 'remove', 'modules-rcv', '--json'],
+      ['audit', 'verify', '--json'],
       ['migrate'],
       ['--version'],
     ]) {

@@ -478,7 +478,10 @@ export async function verifyAuditTrail(db: Queryable, options: AuditVerifyOption
   return report;
 }
 
-/** Every token is issued with its first event in one statement: a token without any lost its whole chain. */
+/**
+ * Every token is issued with its first event in one statement: a token without any lost its whole
+ * chain (also one created after the latest checkpoint). The first 1,000 are named.
+ */
 async function findTokensWithoutChain(db: Queryable, tokenId: string | undefined, report: AuditVerifyReport) {
   const t = db.tables;
   const { rows } = await db.query(
@@ -610,15 +613,36 @@ export async function writeAuditCheckpoint(
       ? {
           seq: last[0].seq as number,
           createdAt: last[0].created_at as Date,
+          keyId: last[0].key_id as string,
           statement: last[0].statement as string,
+          signature: last[0].signature as Buffer,
         }
       : undefined;
-    const previousStatement = previous ? (JSON.parse(previous.statement) as CheckpointStatement) : undefined;
     if (previous && now.getTime() - previous.createdAt.getTime() < options.minIntervalMs) {
       await db.query('ROLLBACK');
       return { written: false, skipped: 'recent', seq: previous.seq };
     }
-    if (previous && previousStatement) await checkPreviousHeadsHold(db, previous.seq, previousStatement, batch);
+    let previousStatement: CheckpointStatement | undefined;
+    if (previous) {
+      // Linking to a forged checkpoint would lend it this one's signature. (One signed by another key
+      // cannot be checked here: verify reports it.)
+      const failed = (detail: string) =>
+        new AuditTamperedError(
+          `refusing to write an audit checkpoint: checkpoint #${previous.seq} ${detail} (run \`tokenwarden audit verify\`)`,
+          [],
+        );
+      if (previous.keyId === key.keyId) {
+        checkCheckpoint(previous, key, (_, detail) => {
+          throw failed(detail);
+        });
+      }
+      try {
+        previousStatement = JSON.parse(previous.statement) as CheckpointStatement;
+      } catch {
+        throw failed('is not JSON');
+      }
+      await checkPreviousHeadsHold(db, previous.seq, previousStatement, batch);
+    }
 
     const seq = (previous?.seq ?? 0) + 1;
     await db.query(
