@@ -451,6 +451,9 @@ describe('audit checkpoints by the reconciler, and the CLI', () => {
       assert.ok(cause instanceof ApplicationFailure && cause.type === 'AuditChainTampered', String(cause));
       assert.equal(cause.nonRetryable, true);
       assert.match(cause.message, new RegExp(tokenId));
+      // TokenWarden has the store's method (here without a key: the token left without any event).
+      const seen = await ctx.warden.verifyAudit();
+      assert.deepEqual(brokenOf(seen), [{ tokenId, seq: 1, problem: 'deleted' }]);
     } finally {
       await worker.stop();
     }
