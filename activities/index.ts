@@ -21,7 +21,7 @@ export interface ActivityDeps {
     Settings,
     'masterKey' | 'previousMasterKeys' | 'receiverAllow' | 'timing' | 'reconcileGraceMs' | 'temporal' | 'defaultGraceMs'
   > &
-    Partial<Pick<Settings, 'maxTtlMs' | 'ownerDirRoot'>>;
+    Partial<Pick<Settings, 'maxTtlMs' | 'ownerDirRoot' | 'auditKey' | 'auditCheckpointIntervalMs'>>;
 }
 
 export function createActivities(deps: ActivityDeps) {

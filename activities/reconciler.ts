@@ -3,19 +3,25 @@
  * goes. A worker that dies mid-page is noticed within the heartbeat timeout, and the retry resumes
  * after the last row its heartbeats recorded (every heal is idempotent, so a row done twice is harmless).
  */
-import { Context } from '@temporalio/activity';
+import { ApplicationFailure, Context } from '@temporalio/activity';
 import { WorkflowExecutionAlreadyStartedError, WorkflowNotFoundError, type Client } from '@temporalio/client';
-import type { Settings } from '../common/config.js';
+import { DEFAULT_AUDIT_CHECKPOINT_INTERVAL_MS, type Settings } from '../common/config.js';
 import type { StorePool } from '../common/db.js';
 import { RECONCILER_METRIC, tokenWorkflowId, type ReconcileSet } from '../common/names.js';
 import { signalRevoke, startTokenWorkflow } from '../common/temporal.js';
 import * as store from '../common/store/index.js';
-import { emptyReconcileReport, type ReconcileAction, type ReconcileReport } from '../common/messages.js';
+import {
+  emptyReconcileReport,
+  type AuditCheckpointOutcome,
+  type ReconcileAction,
+  type ReconcileReport,
+} from '../common/messages.js';
 
 export interface ReconcilerDeps {
   pool: StorePool;
   client: Client;
-  settings: Pick<Settings, 'timing' | 'reconcileGraceMs' | 'temporal'>;
+  settings: Pick<Settings, 'timing' | 'reconcileGraceMs' | 'temporal'> &
+    Partial<Pick<Settings, 'auditKey' | 'auditCheckpointIntervalMs'>>;
 }
 
 export interface ReconcilePageInput {
@@ -56,6 +62,7 @@ type WorkflowState = { kind: 'absent' | 'closed' | 'running' } | { kind: 'wedged
 export function createReconcilerActivities(deps: ReconcilerDeps) {
   const { pool, client, settings } = deps;
   const taskQueue = settings.temporal.taskQueue;
+  const auditKey = settings.auditKey ? store.auditSigningKey(settings.auditKey) : undefined;
 
   // A run this starts carries the token's policy snapshot, as the issue's start would have.
   const tell = async (token: store.TokenRecord) =>
@@ -185,6 +192,34 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
   };
 
   return {
+    /**
+     * Signs the audit chains' heads as a new checkpoint when the last is older than the interval and
+     * a chain changed since (a local activity at the end of a pass). Chains that no longer hold what
+     * the last checkpoint signed fail it, non-retryably: the pass fails where operators look.
+     */
+    async writeAuditCheckpoint(): Promise<AuditCheckpointOutcome> {
+      if (!auditKey) return { written: false, skipped: 'no audit key' };
+      let outcome: AuditCheckpointOutcome;
+      try {
+        outcome = await store.writeAuditCheckpoint(pool, auditKey, {
+          minIntervalMs: settings.auditCheckpointIntervalMs ?? DEFAULT_AUDIT_CHECKPOINT_INTERVAL_MS,
+        });
+      } catch (err) {
+        if (err instanceof store.AuditTamperedError) {
+          throw ApplicationFailure.create({
+            type: 'AuditChainTampered',
+            message: err.message,
+            nonRetryable: true,
+            details: [err.broken],
+          });
+        }
+        throw err;
+      }
+      // Info level: seen where the worker's log level lets it through (the pass's result has it too).
+      if (outcome.written) Context.current().log.info('audit checkpoint written', { ...outcome });
+      return outcome;
+    },
+
     /** Which sets hold rows now (a local activity at the start of a pass). */
     async reconcileSetsWithRows(input: { graceMs?: number }): Promise<ReconcileSet[]> {
       return store.setsWithRows(pool, input.graceMs ?? settings.reconcileGraceMs);

@@ -522,6 +522,10 @@ export function buildProgram(): Command {
         stack.payloadKeysFile
           ? shellLine('TOKENWARDEN_PAYLOAD_KEYS_FILE', stack.payloadKeysFile)
           : '# the stack took TOKENWARDEN_PAYLOAD_KEYS from its environment: set the same value here',
+        // A separate worker's reconciler signs the audit checkpoints with it.
+        stack.auditKeyFile
+          ? shellLine('TOKENWARDEN_AUDIT_KEY_FILE', stack.auditKeyFile)
+          : '# the stack took TOKENWARDEN_AUDIT_KEY from its environment: set the same value here',
       ];
       process.stdout.write(`${lines.join('\n')}\n`);
     });
@@ -1251,6 +1255,35 @@ export function buildProgram(): Command {
       const { revokeApiKey } = await import('../common/store/api-keys.js');
       const revoked = await withStore((s) => revokeApiKey(s.pool, id));
       print(!!opts.json, revoked, () => tty`api key ${revoked.id} (${revoked.name}) revoked at ${revoked.revokedAt}`);
+    });
+
+  // ---------------------------------------------------------------- audit verify
+  const audit = program.command('audit').description('the audit trail: hash-chained events per token');
+  audit
+    .command('verify')
+    .description(
+      'recompute every chain from its stored text and check the signed checkpoints (exit 1 naming each broken chain and the seq of its first broken link)',
+    )
+    .option('--token <id>', "only this token's chain (its checkpoint head is still compared)")
+    .addOption(json)
+    .action(async (opts: { token?: string; json?: boolean }) => {
+      const report = await withStore((s) => s.verifyAudit(opts.token !== undefined ? { tokenId: opts.token } : {}));
+      for (const w of report.warnings) warn(w);
+      print(!!opts.json, report, () => {
+        const cp = report.checkpoint;
+        const lines = [
+          `recomputed ${report.chains} chain(s), ${report.events} event(s)` +
+            (report.tokenId ? tty` of token ${report.tokenId}` : ''),
+          cp
+            ? tty`compared with checkpoint #${cp.seq} of ${cp.at} (${cp.keyId}: ${cp.chains} chain(s), ${cp.events} event(s)); ${report.checkpointsChecked} checkpoint signature(s) checked`
+            : `no checkpoint compared (${report.checkpointsChecked} checked)`,
+          ...report.broken.map((b) => tty`BROKEN token ${b.tokenId} seq ${b.seq}: ${b.problem}: ${b.detail}`),
+          ...report.checkpointProblems.map((p) => tty`BROKEN checkpoint #${p.checkpoint}: ${p.problem}: ${p.detail}`),
+          report.ok ? 'audit trail intact' : 'audit trail BROKEN',
+        ];
+        return lines.join('\n');
+      });
+      if (!report.ok) process.exitCode = EXIT.failure;
     });
 
   return program;

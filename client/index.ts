@@ -131,6 +131,15 @@ export type {
   SuspiciousInput,
   SuspiciousOutcome,
 } from './self-managing.js';
+// Audit verification (TokenWardenStore#verifyAudit, inherited by TokenWarden).
+export type {
+  AuditBreak,
+  AuditCheckpointSummary,
+  AuditVerifyInput,
+  AuditVerifyReport,
+  BrokenAuditLink,
+  CheckpointProblem,
+} from './store.js';
 /** Offline check of a token string's shape and checksum (for secret scanners); no store access. */
 export { isWellFormedToken } from '../common/secrets.js';
 

@@ -6,7 +6,7 @@
 import { z } from 'zod';
 import { loadStoreSettings, type StoreSettings } from '../common/config.js';
 import { createPool, type StorePool } from '../common/db.js';
-import { ConfigError, InvalidInputError } from '../common/errors.js';
+import { ConfigError, InvalidInputError, NotFoundError } from '../common/errors.js';
 import { PROPAGATION_STATES, TOKEN_STATUSES, type TokenStatus } from '../common/names.js';
 import { checkReceiverUrl, resolveReceiver, type ReceiverAllowance } from '../common/addresses.js';
 import { generateSigningSecret, MasterKeyring } from '../common/secrets.js';
@@ -22,12 +22,23 @@ import {
 } from '../common/store/receivers.js';
 import type { ReceiverRecord, TokenRecord } from '../common/store/rows.js';
 import { listTokens, requireToken } from '../common/store/tokens.js';
+import { auditKeyFrom, verifyAuditTrail, type AuditVerifyReport } from '../common/store/audit-verify.js';
 import { parseInput, receiverIdSchema, subjectLookupSchema, tokenIdSchema } from '../common/validation.js';
 
 export { loadStoreSettings, type StoreSettings } from '../common/config.js';
 export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.js';
 export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/store/rows.js';
 export type { DeliveryReport } from '../common/store/deliveries.js';
+export type {
+  AuditBreak,
+  AuditCheckpointSummary,
+  AuditVerifyReport,
+  BrokenAuditLink,
+  CheckpointProblem,
+} from '../common/store/audit-verify.js';
+
+const auditVerifySchema = z.object({ tokenId: tokenIdSchema.optional() });
+export type AuditVerifyInput = z.input<typeof auditVerifySchema>;
 
 const listSchema = z.object({
   subject: subjectLookupSchema.optional(),
@@ -235,5 +246,22 @@ export class TokenWardenStore {
 
   async removeReceiver(id: string): Promise<ReceiverRecord> {
     return removeReceiver(this.pool, parseInput(receiverIdSchema, id, 'receiver id'));
+  }
+
+  /**
+   * Recomputes every audit chain (or one token's) from its stored text and checks the signed
+   * checkpoints with the configured audit key: `ok` is false on any broken link or checkpoint
+   * problem, each broken chain named with the seq of its first broken link.
+   */
+  async verifyAudit(input: AuditVerifyInput = {}): Promise<AuditVerifyReport> {
+    const { tokenId } = parseInput(auditVerifySchema, input, 'audit verify options');
+    const report = await verifyAuditTrail(this.pool, {
+      ...(tokenId !== undefined ? { tokenId } : {}),
+      key: auditKeyFrom(this.settings),
+    });
+    // Nothing of it anywhere (no chain, no checkpoint head, no row): an unknown token, not a clean one.
+    if (tokenId !== undefined && report.chains === 0 && report.broken.length === 0)
+      throw new NotFoundError('token', tokenId);
+    return report;
   }
 }

@@ -37,6 +37,12 @@ export interface StoreSettings {
    * encrypts, all decrypt. Empty: payloads go to Temporal in plaintext.
    */
   payloadKeys: Buffer[];
+  /** The ed25519 private key (its 32-byte seed) that signs audit checkpoints; undefined when not configured. */
+  auditKey?: Buffer | undefined;
+  /** The raw ed25519 public key that checks checkpoints where the signing key is not given (an auditor). */
+  auditPublicKey?: Buffer | undefined;
+  /** The least time between two audit checkpoints the reconciler writes (TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL). */
+  auditCheckpointIntervalMs?: number;
   /** Address ranges receivers may use besides public ones (the dev stack allows loopback). */
   receiverAllow: ReceiverAllowance[];
   /** The longest lifetime a token may be issued with (TOKENWARDEN_MAX_TTL). */
@@ -130,6 +136,8 @@ export interface StackFile {
   masterKeyFile?: string;
   /** Where the stack's payload keys are; absent when the stack got them from TOKENWARDEN_PAYLOAD_KEYS. */
   payloadKeysFile?: string;
+  /** Where the stack's audit key is; absent when the stack got it from TOKENWARDEN_AUDIT_KEY. */
+  auditKeyFile?: string;
   /** The stack's process: a file left behind by a killed stack is ignored. */
   pid: number;
   /** Receivers' address ranges the stack allows; clients of its store apply them too. */
@@ -152,6 +160,9 @@ const duration = (name: string, fallback: string) =>
       }
       return ms;
     });
+
+/** How often the reconciler signs the audit chains' heads at most (TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL's default). */
+export const DEFAULT_AUDIT_CHECKPOINT_INTERVAL_MS = 15 * 60_000;
 
 /** One year, as peers cap tokens (TOKENWARDEN_MAX_TTL's default). */
 export const DEFAULT_MAX_TTL_MS = 365 * 86_400_000;
@@ -220,6 +231,19 @@ const envSchema = z.object({
     })
     .optional(),
   TOKENWARDEN_PAYLOAD_KEYS_FILE: z.string().min(1).optional(),
+  TOKENWARDEN_AUDIT_KEY: z
+    .string()
+    .refine(isMasterKey, 'TOKENWARDEN_AUDIT_KEY must be an ed25519 private key: its 32-byte seed, base64-encoded')
+    .optional(),
+  TOKENWARDEN_AUDIT_KEY_FILE: z.string().min(1).optional(),
+  TOKENWARDEN_AUDIT_PUBLIC_KEY: z
+    .string()
+    .refine(isMasterKey, 'TOKENWARDEN_AUDIT_PUBLIC_KEY must be a raw ed25519 public key: 32 bytes, base64-encoded')
+    .optional(),
+  TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL: duration(
+    'TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL',
+    formatDuration(DEFAULT_AUDIT_CHECKPOINT_INTERVAL_MS),
+  ).refine((ms) => ms >= 1_000, 'TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL must be at least 1s'),
   TOKENWARDEN_DEFAULT_GRACE: duration('TOKENWARDEN_DEFAULT_GRACE', '10m'),
   TOKENWARDEN_OWNER_DIR_ROOT: z
     .string()
@@ -394,6 +418,8 @@ export const DEFAULT_DB_SCHEMA = 'tokenwarden';
 export const masterKeyFile = (dataDir: string) => path.join(dataDir, 'master.key');
 /** The dev stack's payload keys (one per line or comma-separated, base64; the first encrypts). */
 export const payloadKeysFile = (dataDir: string) => path.join(dataDir, 'payload.keys');
+/** Where the dev stack keeps the key that signs audit checkpoints (base64 of the ed25519 seed). */
+export const auditKeyFile = (dataDir: string) => path.join(dataDir, 'audit.key');
 
 /**
  * The one config loader. Temporal connection settings follow the SDK's envconfig conventions
@@ -499,6 +525,10 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
   if (e.TOKENWARDEN_PAYLOAD_KEYS) payloadKeys = e.TOKENWARDEN_PAYLOAD_KEYS;
   else if (e.TOKENWARDEN_PAYLOAD_KEYS_FILE) payloadKeys = readPayloadKeysFile(e.TOKENWARDEN_PAYLOAD_KEYS_FILE);
   else if (existsSync(payloadKeysFile(dataDir))) payloadKeys = readPayloadKeysFile(payloadKeysFile(dataDir));
+  let auditKey: Buffer | undefined;
+  if (e.TOKENWARDEN_AUDIT_KEY) auditKey = Buffer.from(e.TOKENWARDEN_AUDIT_KEY, 'base64');
+  else if (e.TOKENWARDEN_AUDIT_KEY_FILE) auditKey = readAuditKeyFile(e.TOKENWARDEN_AUDIT_KEY_FILE);
+  else if (existsSync(auditKeyFile(dataDir))) auditKey = readAuditKeyFile(auditKeyFile(dataDir));
 
   const settings: StoreSettings = {
     databaseUrl,
@@ -514,6 +544,11 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
     masterKey,
     previousMasterKeys: e.TOKENWARDEN_PREVIOUS_MASTER_KEYS,
     payloadKeys,
+    auditKey,
+    ...(e.TOKENWARDEN_AUDIT_PUBLIC_KEY
+      ? { auditPublicKey: Buffer.from(e.TOKENWARDEN_AUDIT_PUBLIC_KEY, 'base64') }
+      : {}),
+    auditCheckpointIntervalMs: e.TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL,
     // The dev stack's own allowance applies to whoever uses its store, unless set explicitly.
     receiverAllow:
       e.TOKENWARDEN_RECEIVER_ALLOW ?? (stack && databaseUrl === stack.databaseUrl ? (stack.receiverAllow ?? []) : []),
@@ -563,6 +598,22 @@ function readPayloadKeysFile(file: string): Buffer[] {
   if (keys === undefined || keys.length === 0)
     throw new ConfigError(PAYLOAD_KEYS_HINT(`the payload keys file ${file}`, list));
   return keys;
+}
+
+/** An audit key file holds the ed25519 seed in base64 (what `tokenwarden start` writes). */
+function readAuditKeyFile(file: string): Buffer {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError(
+      `TOKENWARDEN_AUDIT_KEY_FILE: cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? err}`,
+    );
+  }
+  const key = Buffer.from(text.trim(), 'base64');
+  if (key.length !== 32)
+    throw new ConfigError(`the audit key in ${file} must be a 32-byte ed25519 seed, base64-encoded`);
+  return key;
 }
 
 function stringEnv(env: NodeJS.ProcessEnv): Record<string, string> {

@@ -15,6 +15,8 @@ export interface Tables {
   receiver: string;
   delivery: string;
   audit_event: string;
+  audit_checkpoint: string;
+  audit_checkpoint_head: string;
   api_key: string;
 }
 
@@ -27,6 +29,8 @@ export const tablesFor = (schema: string): Tables => {
     receiver: `${q}.receiver`,
     delivery: `${q}.delivery`,
     audit_event: `${q}.audit_event`,
+    audit_checkpoint: `${q}.audit_checkpoint`,
+    audit_checkpoint_head: `${q}.audit_checkpoint_head`,
     api_key: `${q}.api_key`,
   };
 };

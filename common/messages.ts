@@ -270,6 +270,21 @@ export interface ReconcileReport {
   wedged: string[];
   /** Rows that could not be healed this pass (retried on the next). */
   errors: { tokenId: string; error: string }[];
+  /** The audit checkpoint at the end of the pass (passes recorded before checkpoints have none). */
+  auditCheckpoint?: AuditCheckpointOutcome;
+}
+
+/** What a pass's audit checkpoint step did (common/store/audit-verify.ts writes it). */
+export interface AuditCheckpointOutcome {
+  written: boolean;
+  /** Why none was written: the last one is younger than the interval, nothing changed since, or no key. */
+  skipped?: 'recent' | 'unchanged' | 'no audit key';
+  /** The checkpoint written, or the latest one when skipped. */
+  seq?: number;
+  chains?: number;
+  events?: number;
+  /** SHA-256 of the signed statement (logged by the worker: a copy outside the database). */
+  digest?: string;
 }
 
 export const emptyReconcileReport = (): ReconcileReport => ({

@@ -9,6 +9,7 @@ import { mkdir, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Connection } from '@temporalio/client';
 import {
+  auditKeyFile,
   loadApiSettings,
   loadSettings,
   masterKeyFile,
@@ -87,6 +88,7 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
       ...process.env,
     });
     const codecEndpoint = `http://${apiHostForUrl(apiSettings.host)}:${apiSettings.port}/codec`;
+    const auditKey = await ensureAuditKey(dataDir, log);
 
     const cliPath = await resolveTemporalCli(log);
     const namespace = DEFAULT_NAMESPACE;
@@ -150,6 +152,7 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
       taskQueue: settings.temporal.taskQueue,
       ...(keyFile ? { masterKeyFile: keyFile } : {}),
       ...(payloadKeysPath ? { payloadKeysFile: payloadKeysPath } : {}),
+      ...(auditKey ? { auditKeyFile: auditKey } : {}),
       pid: process.pid,
       receiverAllow: settings.receiverAllow,
       api: api.url,
@@ -215,6 +218,20 @@ async function ensurePayloadKeys(dataDir: string, log: (msg: string) => void): P
 function apiHostForUrl(host: string): string {
   if (host === '0.0.0.0' || host === '::') return '127.0.0.1';
   return host.includes(':') ? `[${host}]` : host;
+}
+
+/**
+ * An ed25519 seed, created once; it signs the audit checkpoints the reconciler writes. Returns the
+ * file the stack's key is in, or undefined when it comes from TOKENWARDEN_AUDIT_KEY.
+ */
+async function ensureAuditKey(dataDir: string, log: (msg: string) => void): Promise<string | undefined> {
+  if (process.env.TOKENWARDEN_AUDIT_KEY) return undefined;
+  if (process.env.TOKENWARDEN_AUDIT_KEY_FILE) return path.resolve(process.env.TOKENWARDEN_AUDIT_KEY_FILE);
+  const file = auditKeyFile(dataDir);
+  if (existsSync(file)) return file;
+  await writeFile(file, `${randomBytes(32).toString('base64')}\n`, { mode: 0o600, flag: 'wx' });
+  log(`created the audit key ${file} (it signs the audit checkpoints; keep it apart from the database)`);
+  return file;
 }
 
 function envPort(name: string, fallback: number): number {

@@ -244,6 +244,7 @@ describe('tokenwarden CLI: commands that need only the store load no Temporal SD
       ['receiver', 'list', '--json'],
       ['receiver', 'rekey', '--json'],
       ['receiver', 'remove', 'modules-rcv', '--json'],
+      ['audit', 'verify', '--json'],
       ['migrate'],
       ['--version'],
     ]) {
@@ -479,6 +480,7 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
       'DATABASE_URL',
       'TEMPORAL_ADDRESS',
       'TEMPORAL_NAMESPACE',
+      'TOKENWARDEN_AUDIT_KEY_FILE',
       'TOKENWARDEN_DB_SCHEMA',
       'TOKENWARDEN_MASTER_KEY_FILE',
       'TOKENWARDEN_OWNER_DIR_ROOT',
@@ -502,6 +504,11 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
     const payloadKey = (await readFile(payloadKeysFile, 'utf8')).trim();
     assert.equal(Buffer.from(payloadKey, 'base64').length, 32);
     assert.ok(!printed.stdout.includes(payloadKey), 'the payload key itself is not printed');
+    // The stack made its audit key (the checkpoints' signer) in its data folder, and names only the file.
+    assert.equal(env.TOKENWARDEN_AUDIT_KEY_FILE, path.join(dataDir, 'audit.key'));
+    const auditKey = (await readFile(env.TOKENWARDEN_AUDIT_KEY_FILE!, 'utf8')).trim();
+    assert.equal(Buffer.from(auditKey, 'base64').length, 32);
+    assert.ok(!printed.stdout.includes(auditKey), 'the audit key itself is not printed');
 
     const temporal = new Client({
       connection: await Connection.connect({ address: env.TEMPORAL_ADDRESS! }),

@@ -22,6 +22,7 @@ const bundle = process.env.TOKENWARDEN_TEST_WORKFLOW_BUNDLE;
 describe('recorded histories replay', () => {
   it('should have the recorded scenarios checked in', () => {
     assert.deepEqual(files, [
+      'before-audit-checkpoint/reconcile-pass.json',
       'before-local-store-calls/cancelled-mid-propagation.json',
       'before-local-store-calls/continue-as-new.json.gz',
       'before-local-store-calls/database-clock-wait.json',
@@ -49,6 +50,7 @@ describe('recorded histories replay', () => {
       'owner-down-warning-revoke.json',
       'policy-changed-revoke.json',
       'policy-changed-shorten.json',
+      'reconcile-pass.json',
       'restart-adopts-stuck.json',
       'revoke-stuck-retry.json',
       'rotation-automatic.json',

@@ -38,11 +38,19 @@ const { reconcileSetsWithRows } = proxyLocalActivities<Activities>({
   retry: { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '10s', maximumAttempts: 5 },
 });
 
+/** Signs the audit chains' heads: one transaction, quick when not due (the last is recent). */
+const { writeAuditCheckpoint } = proxyLocalActivities<Activities>({
+  startToCloseTimeout: '5m',
+  retry: { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '10s', maximumAttempts: 3 },
+});
+
 /**
  * A fresh pass first asks which sets hold rows, and walks only those: a quiet pass costs one local
  * activity instead of one page activity per set (each is a billed action on Temporal Cloud).
  */
 const QUIET_PASS_CHECK = 'quiet-pass-check';
+/** The pass's last run ends with an audit checkpoint (a tampered trail fails the pass). */
+const AUDIT_CHECKPOINT = 'audit-checkpoint';
 
 /**
  * Run by a Temporal Schedule every minute: heals whatever a crash left between store and workflows.
@@ -93,6 +101,12 @@ export async function reconcile(input?: ReconcileInput): Promise<ReconcileReport
       ...(input?.setBudgetMs !== undefined ? { setBudgetMs: input.setBudgetMs } : {}),
       carried: { walked: [...walked], resumeAfter, report },
     });
+  }
+  if (patched(AUDIT_CHECKPOINT)) {
+    report.auditCheckpoint = await writeAuditCheckpoint.executeWithOptions(
+      { summary: "sign the audit chains' heads" },
+      [],
+    );
   }
   if (report.counts.errors > 0) {
     const first = report.errors[0]!;

@@ -5,6 +5,8 @@
  */
 export * from './rows.js';
 export * from './audit.js';
+// Verification of the audit chains and their signed checkpoints (migrations/0021).
+export * from './audit-verify.js';
 export * from './receivers.js';
 export * from './tokens.js';
 export * from './kill.js';
