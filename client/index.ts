@@ -587,11 +587,17 @@ export class TokenWarden extends TokenWardenStore {
         handle.executeUpdate(update, options),
       );
     } catch (err) {
+      if (err instanceof WorkflowUpdateFailedError) {
+        // Its validator refused (a field, e.g. `reason: …`) or its handler did (every receiver
+        // confirmed meanwhile: about the token): a refusal, never worth retrying as it is.
+        const message = err.cause?.message ?? err.message;
+        const field = /^(reason|actor): /.exec(message);
+        const path = field ? field[1]! : 'tokenId';
+        const detail = field ? message.slice(field[0].length) : `its workflow refused the ${kind}: ${message}`;
+        throw new InvalidInputError(`invalid ${kind} request: ${path}: ${detail}`, [{ path, message: detail }]);
+      }
       const what =
-        err instanceof WorkflowUpdateFailedError
-          ? // Its validator refused (e.g. every receiver confirmed meanwhile), or its handler failed.
-            `its workflow refused the ${kind}: ${err.cause?.message ?? err.message}`
-          : err instanceof WorkflowNotFoundError
+        err instanceof WorkflowNotFoundError
             ? 'its workflow is not running; the reconciler restarts an unfinished propagation, then try again'
             : err instanceof WorkflowUpdateRPCTimeoutOrCancelledError
               ? `its workflow did not apply the ${kind} within ${OPERATOR_DEADLINE_MS / 1000} s (is a worker running?); check with show`

@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { SEARCH_ATTRIBUTE, tokenWorkflowId } from '../common/names.js';
 import { msToTs } from '@temporalio/common/lib/time.js';
-import { ConfigError } from '../common/errors.js';
+import { ConfigError, InvalidInputError } from '../common/errors.js';
 import { checkSearchAttributes } from '../worker/worker.js';
 import { runCli } from './support/cli.js';
 import { TestContext, type RunningWorker } from './support/context.js';
@@ -103,6 +103,26 @@ describe('the operator view of a token', () => {
       e.userMetadata?.summary?.data ? [JSON.parse(Buffer.from(e.userMetadata.summary.data).toString()) as string] : [],
     );
     assert.ok(after.includes('forced complete by ops:bob: crm decommissioned'), after.join(' | '));
+  });
+
+  it("should report a workflow's refusal of an operator Update as a field-named error, exit 2, not retried", async () => {
+    const issued = await ctx.warden.issue({ subject: 'usr_operator_refusal', ttl: '1h' });
+    // The store says a revocation propagates (a stale read, as in a race with completion); the
+    // living token's workflow knows better and refuses.
+    await ctx.sql.query(`UPDATE token SET propagation = 'pending' WHERE id = $1`, [issued.tokenId]);
+    const err = await ctx.warden.retryPropagation(issued.tokenId, { reason: 'crm back up' }).then(
+      () => assert.fail('the workflow accepted a retry of a living token'),
+      (e: unknown) => e,
+    );
+    assert.ok(err instanceof InvalidInputError, String(err));
+    assert.deepEqual(
+      err.fields.map((f) => f.path),
+      ['tokenId'],
+    );
+    assert.match(err.message, /its workflow refused the retry: .*not propagating/);
+    const run = await runCli(['force', issued.tokenId, '--reason', 'crm gone'], ctx.childEnv());
+    assert.equal(run.code, 2, run.stderr);
+    assert.match(run.stderr, /invalid force request: tokenId: its workflow refused the force/);
   });
 
   it('should refuse to start a worker on a namespace missing a search attribute, naming the command', async () => {
