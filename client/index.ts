@@ -33,6 +33,7 @@ import {
   type PolicyRecord,
 } from './policies.js';
 import * as selfManaging from './self-managing.js';
+import { tokenHistory, type HistoryEntry } from './history.js';
 import type {
   ChangeExpiryInput,
   RotateInput,
@@ -131,6 +132,8 @@ export type {
   SuspiciousInput,
   SuspiciousOutcome,
 } from './self-managing.js';
+// A token's life from its workflow's history (client/history.ts).
+export { HISTORY_ENTRY_KINDS, formatTimeline, type HistoryEntry, type HistoryEntryKind } from './history.js';
 /** Offline check of a token string's shape and checksum (for secret scanners); no store access. */
 export { isWellFormedToken } from '../common/secrets.js';
 
@@ -589,6 +592,20 @@ export class TokenWarden extends TokenWardenStore {
               : `the ${kind} could not be sent to its workflow (${causes(err)})`;
       throw new Error(`token ${req.tokenId}: ${what}`, { cause: err });
     }
+  }
+
+  // ------------------------------------------------ history of a token (client/history.ts)
+
+  /**
+   * The token's whole life, oldest first, from its workflow's history (every run of its workflow
+   * id, payloads decoded through this client's data converter), then its delivery rows as the
+   * store holds them now. Runs Temporal no longer holds are stood in for by the store's audit
+   * events, in entries that say so (`history.unavailable`, `history.partial`).
+   */
+  async history(tokenId: string): Promise<HistoryEntry[]> {
+    const id = parseInput(tokenIdSchema, tokenId, 'token id');
+    const token = await store.requireToken(this.pool, id);
+    return tokenHistory({ client: this.temporal, pool: this.pool }, token);
   }
 
   // ------------------------------------------------ self-managing tokens (client/self-managing.ts, client/policies.ts)

@@ -1,0 +1,329 @@
+/**
+ * `history`: a token's life read back from its workflow's history (every run of its workflow id,
+ * payloads decoded through the client's data converter), and the store's audit events when
+ * Temporal no longer holds it. Real dev server, real Postgres, real receivers on loopback.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { loadDataConverter } from '@temporalio/common/lib/internal-non-workflow/index.js';
+import { tokenWorkflowId } from '../common/names.js';
+import { formatTimeline, renderRuns, type HistoryEntry } from '../client/history.js';
+import { TestContext, type RunningWorker } from './support/context.js';
+import { TestReceiver } from './support/receiver.js';
+import { runCli } from './support/cli.js';
+import { loadHistory } from './support/history.js';
+import { waitUntil } from './support/wait.js';
+import * as store from '../common/store/index.js';
+
+let ctx: TestContext;
+let worker: RunningWorker;
+const receivers: TestReceiver[] = [];
+let counter = 0;
+
+before(async () => {
+  ctx = await TestContext.create('history');
+  worker = await ctx.startWorker();
+});
+after(async () => {
+  await worker?.stop();
+  for (const r of receivers) await r.close();
+  await ctx?.close();
+});
+
+async function addReceiver(): Promise<{ id: string; receiver: TestReceiver }> {
+  const receiver = await TestReceiver.start();
+  receivers.push(receiver);
+  const id = `rcv-h${++counter}`;
+  const added = await ctx.warden.addReceiver({ id, url: receiver.url });
+  receiver.secret = added.secret;
+  return { id, receiver };
+}
+
+const handleOf = (tokenId: string) => ctx.client.workflow.getHandle(tokenWorkflowId(tokenId));
+
+/** The token's workflow has continued as new at least once: its current run is not `firstRunId`. */
+const continuedFrom = (tokenId: string, firstRunId: string) => async () =>
+  (await handleOf(tokenId).describe()).runId !== firstRunId;
+
+const ofKind = (entries: HistoryEntry[], kind: string) => entries.filter((e) => e.kind === kind);
+
+/** Deletes one run of the token's workflow, as retention does, and waits until Temporal no longer serves it. */
+async function deleteRun(tokenId: string, runId: string): Promise<void> {
+  const workflowId = tokenWorkflowId(tokenId);
+  await ctx.client.workflowService.deleteWorkflowExecution({
+    namespace: ctx.settings.temporal.namespace,
+    workflowExecution: { workflowId, runId },
+  });
+  await waitUntil(
+    async () =>
+      ctx.client.workflowService
+        .getWorkflowExecutionHistory({ namespace: ctx.settings.temporal.namespace, execution: { workflowId, runId } })
+        .then(
+          (r) => {
+            throw new Error(`still served: ${r.history?.events?.length} events`);
+          },
+          (err: { code?: number; message?: string }) => {
+            if (err.code === 5) return true;
+            throw new Error(`code ${err.code}: ${err.message}`);
+          },
+        ),
+    `run ${runId} deleted`,
+    // The server deletes a run that is no longer its workflow's current one some 20 s later.
+    60_000,
+    250,
+  );
+}
+
+describe('history of a token', () => {
+  it('should show a failing receiver, an operator retry and the revocation, across a continue-as-new, in the library and the CLI', async () => {
+    const failing = await addReceiver();
+    const flaky = await addReceiver();
+    failing.receiver.behaviour = () => ({ status: 400 });
+    flaky.receiver.behaviour = (n) => (n === 1 ? { status: 503 } : { status: 204 });
+    const issued = await ctx.warden.issue({
+      subject: 'usr_history',
+      receivers: [failing.id, flaky.id],
+      ttl: '1h',
+    });
+    const firstRunId = (await handleOf(issued.tokenId).describe()).runId;
+
+    // A rotation continues the workflow as new: the history must follow into the next run.
+    const rotated = await ctx.warden.rotate(issued.tokenId, { grace: '1h', reason: 'quarterly', actor: 'ops:alice' });
+    await waitUntil(continuedFrom(issued.tokenId, firstRunId), 'the workflow continued as new');
+
+    await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'contract ended', actor: 'admin:bob' });
+    await waitUntil(
+      async () => (await store.requireToken(ctx.pool, issued.tokenId)).propagation === 'stuck',
+      'propagation stuck on the failing receiver',
+    );
+    failing.receiver.behaviour = () => ({ status: 204 });
+    await ctx.warden.retryPropagation(issued.tokenId, { reason: 'receiver fixed', actor: 'ops:carol' });
+    await handleOf(issued.tokenId).result();
+
+    const entries = await ctx.warden.history(issued.tokenId);
+    try {
+      await checkStory();
+    } catch (err) {
+      // The timeline read back is what explains a failure on a loaded machine.
+      throw new Error(`${String(err)}\n${formatTimeline(issued.tokenId, entries)}`, { cause: err });
+    }
+
+    async function checkStory(): Promise<void> {
+      const kinds = entries.map((e) => e.kind);
+
+      // The story, in order (other entries, e.g. timers, come between).
+      const story = [
+        'issued',
+        'operator',
+        'rotated',
+        'run.continued',
+        'revoke.requested',
+        'killed',
+        'escalated',
+        'operator',
+        'propagation',
+        'completed',
+      ];
+      let from = 0;
+      for (const kind of story) {
+        const at = kinds.indexOf(kind as HistoryEntry['kind'], from);
+        assert.ok(at >= 0, `${kind} after position ${from} in ${kinds.join(',')}`);
+        from = at + 1;
+      }
+      // Times never go back.
+      const historyTimes = entries.filter((e) => e.source === 'history').map((e) => Date.parse(e.at));
+      assert.deepEqual(
+        historyTimes,
+        [...historyTimes].sort((a, b) => a - b),
+      );
+
+      // Two runs: the issue's, and the one it continued as.
+      const runIds = [...new Set(entries.flatMap((e) => (e.runId ? [e.runId] : [])))];
+      assert.equal(runIds.length, 2);
+      const [issuedEntry] = ofKind(entries, 'issued');
+      assert.equal(issuedEntry!.runId, firstRunId);
+      assert.equal(issuedEntry!.subject, 'usr_history');
+      assert.deepEqual(issuedEntry!.receivers, [failing.id, flaky.id].sort());
+      const [continued] = ofKind(entries, 'run.continued');
+      assert.equal(continued!.previousRunId, firstRunId);
+      assert.equal(continued!.previousRunRetained, true);
+
+      const [rotation] = ofKind(entries, 'rotated');
+      assert.equal(rotation!.credentialId, rotated.credentialId);
+      const rotateRequest = ofKind(entries, 'operator').find((e) => e.action === 'rotate')!;
+      assert.deepEqual([rotateRequest.actor, rotateRequest.reason], ['ops:alice', 'quarterly']);
+
+      // Who asked, and why, decoded from the signal's payload.
+      const [revoke] = ofKind(entries, 'revoke.requested');
+      assert.deepEqual(
+        [revoke!.actor, revoke!.reason, revoke!.initiatingEntity],
+        ['admin:bob', 'contract ended', 'admin'],
+      );
+      const [killed] = ofKind(entries, 'killed');
+      assert.deepEqual([killed!.status, killed!.by, killed!.reason], ['revoked', 'admin:bob', 'contract ended']);
+
+      // Every delivery with its HTTP status: the failing receiver's 400, then its 204 after the retry;
+      // the flaky one's 503, then its 204.
+      const deliveries = (receiverId: string) =>
+        ofKind(entries, 'delivery')
+          .filter((e) => e.receiverId === receiverId && e.credentialEvent === false)
+          .map((e) => [e.outcome, e.statusCode]);
+      assert.deepEqual(deliveries(failing.id), [
+        ['rejected', 400],
+        ['delivered', 204],
+      ]);
+      assert.deepEqual(deliveries(flaky.id), [
+        ['failed', 503],
+        ['delivered', 204],
+      ]);
+      const lastToFlaky = ofKind(entries, 'delivery')
+        .filter((e) => e.receiverId === flaky.id)
+        .at(-1)!;
+      assert.equal(lastToFlaky.storeAttempts, 2, 'the store counts both POSTs');
+
+      const [escalated] = ofKind(entries, 'escalated');
+      // The failing receiver is named (the flaky one too when its retry was still under way).
+      assert.ok(
+        (escalated!.receivers as { receiverId: string }[]).some((r) => r.receiverId === failing.id),
+        JSON.stringify(escalated),
+      );
+      const retry = ofKind(entries, 'operator').find((e) => e.action === 'retryPropagation')!;
+      assert.deepEqual([retry.actor, retry.reason], ['ops:carol', 'receiver fixed']);
+      const retried = ofKind(entries, 'operator.done').find((e) => e.action === 'retryPropagation')!;
+      // A rejection escalates at once: the flaky receiver may still be waiting for its own retry then.
+      assert.ok(record(retried.result).retrying instanceof Array, JSON.stringify(retried));
+      assert.ok((record(retried.result).retrying as string[]).includes(failing.id), JSON.stringify(retried));
+      const [completed] = ofKind(entries, 'completed');
+      assert.deepEqual([completed!.status, completed!.propagation, completed!.forced], ['revoked', 'complete', false]);
+
+      // The store's rows close the timeline: every POST counted.
+      const states = ofKind(entries, 'delivery.state').filter((e) => e.receiverId !== undefined);
+      assert.deepEqual(
+        states.map((e) => [e.receiverId, e.status, e.attempts, e.source]),
+        [
+          [failing.id, 'delivered', 2, 'store'],
+          [flaky.id, 'delivered', 2, 'store'],
+        ].sort(),
+      );
+
+      // The CLI: the same entries as JSON; an aligned timeline for people; no secret anywhere.
+      const env = ctx.childEnv();
+      const asJson = await runCli(['history', issued.tokenId, '--json'], env);
+      assert.equal(asJson.code, 0, asJson.stderr);
+      assert.deepEqual(
+        (JSON.parse(asJson.stdout) as HistoryEntry[]).map((e) => e.kind),
+        kinds,
+      );
+      const human = await runCli(['history', issued.tokenId], env);
+      assert.equal(human.code, 0, human.stderr);
+      const lines = human.stdout.trimEnd().split('\n');
+      assert.match(lines[0]!, new RegExp(`^history of ${issued.tokenId}: 2 run\\(s\\)`));
+      const entryLines = lines.filter((l) => /^\d{4}-\d\d-\d\dT/.test(l));
+      assert.equal(entryLines.length, entries.length);
+      // The description column starts at the same place on every line.
+      const column = (line: string) => /^\S+ {2}\S+ +/.exec(line)![0].length;
+      assert.equal(new Set(entryLines.map(column)).size, 1, entryLines.join('\n'));
+      assert.ok(
+        entryLines.some((l) => l.includes(`revocation to ${failing.id}: rejected, HTTP 400`)),
+        human.stdout,
+      );
+      assert.ok(
+        entryLines.some((l) => /retryPropagation by ops:carol: receiver fixed/.test(l)),
+        human.stdout,
+      );
+      for (const output of [asJson.stdout, human.stdout]) {
+        assert.ok(!output.includes(issued.token) && !output.includes(rotated.token), 'no raw token in the history');
+        for (const r of [failing, flaky]) assert.ok(!output.includes(r.receiver.secret!), 'no signing secret');
+      }
+    }
+  });
+
+  it("should fall back to the store's audit events, and say so, for runs Temporal no longer holds", async () => {
+    const receiver = await addReceiver();
+    const issued = await ctx.warden.issue({ subject: 'usr_retention', receivers: [receiver.id], ttl: '1h' });
+    const firstRunId = (await handleOf(issued.tokenId).describe()).runId;
+    await ctx.warden.rotate(issued.tokenId, { grace: '1h', reason: 'monthly' });
+    await waitUntil(continuedFrom(issued.tokenId, firstRunId), 'the workflow continued as new');
+
+    // The first run gone: the store stands in for it, and the timeline says where Temporal's begins.
+    await deleteRun(issued.tokenId, firstRunId);
+    const partial = await ctx.warden.history(issued.tokenId);
+    assert.equal(partial[0]!.kind, 'history.partial', partial.map((e) => e.kind).join(','));
+    assert.equal(partial[0]!.source, 'store');
+    const firstHistory = partial.findIndex((e) => e.source === 'history');
+    const stoodIn = partial.slice(1, firstHistory);
+    assert.ok(
+      stoodIn.every((e) => e.kind === 'audit' && e.source === 'store'),
+      JSON.stringify(stoodIn),
+    );
+    assert.ok(
+      stoodIn.some((e) => e.event === 'token.issued'),
+      JSON.stringify(stoodIn),
+    );
+    assert.equal(partial[firstHistory]!.kind, 'run.continued');
+    assert.equal(partial[firstHistory]!.previousRunRetained, false);
+    assert.equal(ofKind(partial, 'issued').length, 0, 'the issue is not claimed from a run that is gone');
+
+    await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'left the company', actor: 'admin:dana' });
+    const last = handleOf(issued.tokenId);
+    await last.result();
+    await deleteRun(issued.tokenId, (await last.describe()).runId);
+
+    const entries = await ctx.warden.history(issued.tokenId);
+    assert.equal(entries[0]!.kind, 'history.unavailable');
+    assert.match(String(entries[0]!.reason), /Temporal holds no history/);
+    assert.ok(
+      entries.every((e) => e.source === 'store'),
+      'nothing claimed from history',
+    );
+    const audit = ofKind(entries, 'audit');
+    const revoked = audit.find((e) => e.event === 'token.revoked')!;
+    assert.deepEqual(
+      [record(revoked.data).actor, record(revoked.data).reason],
+      ['admin:dana', 'left the company'],
+      JSON.stringify(revoked),
+    );
+    assert.ok(audit.some((e) => e.event === 'propagation.complete'));
+    assert.deepEqual(
+      audit.map((e) => e.seq),
+      audit.map((_, i) => i + 1),
+      'every audit event, in chain order',
+    );
+
+    const human = await runCli(['history', issued.tokenId], ctx.childEnv());
+    assert.equal(human.code, 0, human.stderr);
+    assert.match(human.stdout, /Temporal no longer holds it; from the store's audit events/);
+    assert.match(human.stdout, /audit +token\.revoked/);
+  });
+
+  it('should name the field of a malformed token id, and say when the token does not exist', async () => {
+    const bad = await runCli(['history', 'not-a-token'], ctx.childEnv());
+    assert.equal(bad.code, 2, bad.stderr);
+    assert.match(bad.stderr, /expected a token id/);
+    const unknown = await runCli(['history', `tok_${'0'.repeat(32)}`], ctx.childEnv());
+    assert.equal(unknown.code, 3, unknown.stderr);
+  });
+
+  it('should render a recorded history with the default converter (no server): stuck, retried, complete', async () => {
+    const { events } = loadHistory('revoke-stuck-retry.json');
+    const entries = await renderRuns(loadDataConverter(), 'default', 'token:tok_x', [
+      { runId: 'recorded', events: events ?? [] },
+    ]);
+    const deliveries = ofKind(entries, 'delivery').map((e) => [e.receiverId, e.outcome, e.statusCode, e.storeAttempts]);
+    assert.deepEqual(deliveries, [
+      ['rcv-10', 'rejected', 400, 1],
+      ['rcv-11', 'delivered', 204, 1],
+      ['rcv-10', 'delivered', 204, 2],
+    ]);
+    assert.deepEqual(
+      ofKind(entries, 'operator').map((e) => [e.action, e.actor, e.reason]),
+      [['retryPropagation', 'ops:carol', 'receiver fixed']],
+    );
+    assert.deepEqual(
+      ofKind(entries, 'propagation').map((e) => e.state),
+      ['pending', 'complete'],
+    );
+  });
+});
+
+const record = (value: unknown): Record<string, unknown> => (value ?? {}) as Record<string, unknown>;
