@@ -88,36 +88,68 @@ export interface WorkflowRun {
 export async function tokenHistory(deps: HistoryDeps, token: TokenRecord): Promise<HistoryEntry[]> {
   const workflowId = tokenWorkflowId(token.id);
   const runs = await fetchRuns(deps.client, workflowId);
-  const converter = deps.client.options.loadedDataConverter;
+  const audit = await auditEntries(deps.pool, token.id);
   const entries: HistoryEntry[] = [];
   if (runs.length === 0) {
     entries.push({
-      at: token.issuedAt,
+      at: audit[0]?.at ?? token.issuedAt,
       kind: 'history.unavailable',
       source: 'store',
       reason: `Temporal holds no history of ${workflowId} (its retention has passed, or it was deleted): the store's audit events follow`,
     });
-    entries.push(...(await auditEntries(deps.pool, token.id)));
+    entries.push(...audit);
   } else {
+    const converter = deps.client.options.loadedDataConverter;
     const fromHistory = await renderRuns(converter, deps.client.options.namespace, workflowId, runs);
-    const firstRunAt = Date.parse(fromHistory[0]!.at);
-    const missingBefore = fromHistory[0]!.kind !== 'issued';
-    // Audit events older than the first retained run: the issue's own record, unless a run is missing.
-    const before = (await auditEntries(deps.pool, token.id)).filter((e) => Date.parse(e.at) < firstRunAt);
-    const unexplained = before.filter((e) => !ISSUE_AUDIT_KINDS.has(e.event as string));
-    if (missingBefore || unexplained.length > 0) {
-      entries.push({
-        at: before[0]?.at ?? token.issuedAt,
-        kind: 'history.partial',
-        source: 'store',
-        reason: `Temporal no longer holds the runs of ${workflowId} before ${fromHistory[0]!.at}: the store's audit events until then follow`,
-      });
-      entries.push(...before);
-    }
-    entries.push(...fromHistory);
+    entries.push(...standIn(workflowId, runs, fromHistory, audit));
   }
   entries.push(...(await deliveryStates(deps.pool, token.id)));
   return entries;
+}
+
+/**
+ * The history's entries with the store's audit events of the times no retained run covers (a run
+ * Temporal no longer holds, or a change made while no run was open), each such stretch preceded
+ * by a `history.partial` entry that says which. Audit events inside a run are left out: the run's
+ * own entries tell them. The issue's record before the issue's run is the `issued` entry.
+ */
+function standIn(
+  workflowId: string,
+  runs: WorkflowRun[],
+  fromHistory: HistoryEntry[],
+  audit: HistoryEntry[],
+): HistoryEntry[] {
+  const spans = runs.map((run) => ({
+    from: eventMs(run.events[0]),
+    to: isClosed(run) ? eventMs(run.events.at(-1)) : Number.POSITIVE_INFINITY,
+  }));
+  const firstIsIssue = fromHistory[0]?.kind === 'issued';
+  const outside = audit.filter((e) => {
+    const ms = Date.parse(e.at);
+    if (spans.some((span) => ms >= span.from && ms <= span.to)) return false;
+    return !(firstIsIssue && ms < spans[0]!.from && ISSUE_AUDIT_KINDS.has(e.event as string));
+  });
+  const merged = [...fromHistory, ...outside]
+    .map((entry, index) => ({ entry, index, ms: Date.parse(entry.at) }))
+    .sort((a, b) => a.ms - b.ms || a.index - b.index)
+    .map(({ entry }) => entry);
+  const out: HistoryEntry[] = [];
+  for (const [i, entry] of merged.entries()) {
+    const startsStretch = entry.source === 'store' && (i === 0 || merged[i - 1]!.source !== 'store');
+    if (startsStretch) {
+      const next = merged.slice(i).find((e) => e.source === 'history');
+      const beforeAnyRun = !merged.slice(0, i).some((e) => e.source === 'history');
+      const reason =
+        next?.kind === 'run.continued' && next.previousRunRetained === false
+          ? `Temporal no longer holds the run(s) of ${workflowId} before ${next.at} (retention or deletion): the store's audit events stand in`
+          : beforeAnyRun && next !== undefined
+            ? `Temporal holds no run of ${workflowId} before ${next.at} (not started yet, or dropped by retention): the store's audit events stand in`
+            : `recorded in the store while no run of ${workflowId} was open: the store's audit events`;
+      out.push({ at: entry.at, kind: 'history.partial', source: 'store', reason });
+    }
+    out.push(entry);
+  }
+  return out;
 }
 
 /** The audit kinds written when a token comes under management, before its workflow starts. */
@@ -395,6 +427,8 @@ export async function renderRuns(
                 actor: text(payload.actor) ?? null,
                 initiatingEntity: text(payload.initiatingEntity) ?? null,
                 ...defined({ correlationId: text(payload.correlationId) }),
+                // Still revokes (reason `unspecified`, audited as signal.malformed).
+                ...(text(payload.reason) === undefined ? { malformed: true } : {}),
                 identity,
               });
               break;
@@ -913,7 +947,9 @@ function describeEntry(e: HistoryEntry): string {
           .join(', ') || 'no receivers'
       }`;
     case 'revoke.requested':
-      return `${by(e.actor, e.reason)}${e.initiatingEntity ? ` (${String(e.initiatingEntity)})` : ''}`;
+      return e.malformed
+        ? 'a revoke signal that could not be read (it still revokes, reason unspecified)'
+        : `${by(e.actor, e.reason)}${e.initiatingEntity ? ` (${String(e.initiatingEntity)})` : ''}`;
     case 'suspicious.reported':
       return by(e.actor, e.reason);
     case 'policy.changed':

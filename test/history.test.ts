@@ -5,7 +5,9 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import type { Payload, PayloadCodec } from '@temporalio/common';
 import { loadDataConverter } from '@temporalio/common/lib/internal-non-workflow/index.js';
+import proto from '@temporalio/proto';
 import { tokenWorkflowId } from '../common/names.js';
 import { formatTimeline, renderRuns, type HistoryEntry } from '../client/history.js';
 import { TestContext, type RunningWorker } from './support/context.js';
@@ -296,6 +298,50 @@ describe('history of a token', () => {
     assert.match(human.stdout, /audit +token\.revoked/);
   });
 
+  it('should show a delivery still retrying (attempt, last answer), then the operator forcing it complete', async () => {
+    const down = await addReceiver();
+    down.receiver.behaviour = () => ({ status: 503 });
+    const issued = await ctx.warden.issue({ subject: 'usr_history_force', receivers: [down.id], ttl: '1h' });
+    await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'key leaked', actor: 'admin:frank' });
+
+    // History closes an activity's events only when it ends: the attempt under way comes from the server.
+    const retrying = await waitUntil(async () => {
+      const entries = await ctx.warden.history(issued.tokenId);
+      const last = ofKind(entries, 'delivery').at(-1);
+      return last?.outcome === 'in-flight' && Number(last.activityAttempts) >= 2 && last.statusCode === 503
+        ? { last, entries }
+        : undefined;
+    }, 'a delivery retrying with its last answer');
+    assert.match(String(retrying.last.error), new RegExp(`receiver ${down.id} answered HTTP 503`));
+    const [state] = ofKind(retrying.entries, 'delivery.state');
+    assert.equal(state!.status, 'pending');
+    assert.ok(Number(state!.attempts) >= 2, JSON.stringify(state));
+
+    await waitUntil(
+      async () => (await store.requireToken(ctx.pool, issued.tokenId)).propagation === 'stuck',
+      'propagation stuck',
+    );
+    await ctx.warden.forceComplete(issued.tokenId, { reason: 'receiver retired', actor: 'ops:erin' });
+    await handleOf(issued.tokenId).result();
+
+    const entries = await ctx.warden.history(issued.tokenId);
+    try {
+      const [forced] = ofKind(entries, 'forced');
+      assert.deepEqual([forced!.receivers, forced!.actor, forced!.reason], [[down.id], 'ops:erin', 'receiver retired']);
+      const force = ofKind(entries, 'operator').find((e) => e.action === 'forceComplete')!;
+      assert.deepEqual([force.actor, force.reason], ['ops:erin', 'receiver retired']);
+      assert.equal(ofKind(entries, 'delivery').at(-1)!.outcome, 'interrupted', 'the retrying delivery was cancelled');
+      const [completed] = ofKind(entries, 'completed');
+      assert.equal(completed!.forced, true);
+      assert.deepEqual(
+        ofKind(entries, 'delivery.state').map((e) => [e.receiverId, e.status]),
+        [[down.id, 'forced']],
+      );
+    } catch (err) {
+      throw new Error(`${String(err)}\n${formatTimeline(issued.tokenId, entries)}`, { cause: err });
+    }
+  });
+
   it('should name the field of a malformed token id, and say when the token does not exist', async () => {
     const bad = await runCli(['history', 'not-a-token'], ctx.childEnv());
     assert.equal(bad.code, 2, bad.stderr);
@@ -324,6 +370,71 @@ describe('history of a token', () => {
       ['pending', 'complete'],
     );
   });
+
+  it("should decode every payload through the client's codecs (a sealed history reads as the plain one)", async () => {
+    const plain = loadHistory('revoke-stuck-retry.json');
+    const sealed = loadHistory('revoke-stuck-retry.json');
+    await sealPayloads(sealed, sealingCodec);
+    assert.ok(
+      !JSON.stringify(sealed.toJSON()).includes(Buffer.from('contract ended').toString('base64').slice(0, 12)),
+      'the sealed copy holds no plaintext reason',
+    );
+    const render = (history: typeof plain, codecs: PayloadCodec[]) =>
+      renderRuns(loadDataConverter({ payloadCodecs: codecs }), 'default', 'token:tok_x', [
+        { runId: 'recorded', events: history.events ?? [] },
+      ]);
+    const expected = await render(plain, []);
+    assert.deepEqual(await render(sealed, [sealingCodec]), expected);
+    // Without the codec, the sealed payloads are unreadable, and the timeline says so rather than fail.
+    const unsealed = await render(sealed, []);
+    assert.equal(ofKind(unsealed, 'revoke.requested')[0]!.malformed, true);
+  });
+
+  it('should show a revoke signal that could not be read as such', async () => {
+    const { events } = loadHistory('malformed-revoke.json');
+    const entries = await renderRuns(loadDataConverter(), 'default', 'token:tok_x', [
+      { runId: 'recorded', events: events ?? [] },
+    ]);
+    const [revoke] = ofKind(entries, 'revoke.requested');
+    assert.equal(revoke!.malformed, true);
+    assert.ok(ofKind(entries, 'killed').length === 1);
+  });
 });
 
 const record = (value: unknown): Record<string, unknown> => (value ?? {}) as Record<string, unknown>;
+
+const { Payload: ProtoPayload } = proto.temporal.api.common.v1;
+const SEALED = 'binary/test-sealed';
+
+/** A codec that hides every payload (its bytes reversed inside another payload), as an encrypting one would. */
+const sealingCodec: PayloadCodec = {
+  async encode(payloads: Payload[]): Promise<Payload[]> {
+    return payloads.map((p) => ({
+      metadata: { encoding: new TextEncoder().encode(SEALED) },
+      data: Uint8Array.from(ProtoPayload.encode(p).finish()).reverse(),
+    }));
+  },
+  async decode(payloads: Payload[]): Promise<Payload[]> {
+    return payloads.map((p) =>
+      new TextDecoder().decode(p.metadata?.encoding ?? new Uint8Array()) === SEALED
+        ? ProtoPayload.decode(Uint8Array.from(p.data ?? new Uint8Array()).reverse())
+        : p,
+    );
+  },
+};
+
+const isPayload = (value: object): value is Payload =>
+  'data' in value && value.data instanceof Uint8Array && 'metadata' in value;
+
+/** Runs every payload of a recorded history through `codec`, in place, as a worker with that codec would have written it. */
+async function sealPayloads(value: unknown, codec: PayloadCodec): Promise<void> {
+  if (!value || typeof value !== 'object') return;
+  // The proto module's types are reflection objects, not classes: a payload is known by its shape.
+  if (isPayload(value)) {
+    const [sealed] = await codec.encode([value]);
+    value.metadata = sealed!.metadata ?? {};
+    value.data = sealed!.data ?? new Uint8Array();
+    return;
+  }
+  for (const child of Object.values(value)) await sealPayloads(child, codec);
+}
