@@ -18,6 +18,7 @@ import { optionalTsToMs } from '@temporalio/common/lib/time.js';
 import proto from '@temporalio/proto';
 import type { StorePool } from '../common/db.js';
 import { RECEIVER_REJECTED, tokenWorkflowId } from '../common/names.js';
+import { withCallDeadline } from '../common/temporal.js';
 import { listDeliveryReports, readAudit, type TokenRecord } from '../common/store/index.js';
 
 const { temporal } = proto;
@@ -87,7 +88,16 @@ export interface WorkflowRun {
  */
 export async function tokenHistory(deps: HistoryDeps, token: TokenRecord): Promise<HistoryEntry[]> {
   const workflowId = tokenWorkflowId(token.id);
-  const runs = await fetchRuns(deps.client, workflowId);
+  let runs: WorkflowRun[];
+  let unreadable: string | undefined;
+  try {
+    runs = await fetchRuns(deps.client, workflowId);
+  } catch (err) {
+    // Temporal down or refusing: the operator still gets the store's account, and is told why.
+    if (grpcCode(err) === undefined) throw err;
+    runs = [];
+    unreadable = err instanceof Error ? err.message : String(err);
+  }
   const audit = await auditEntries(deps.pool, token.id);
   const entries: HistoryEntry[] = [];
   if (runs.length === 0) {
@@ -95,7 +105,10 @@ export async function tokenHistory(deps: HistoryDeps, token: TokenRecord): Promi
       at: audit[0]?.at ?? token.issuedAt,
       kind: 'history.unavailable',
       source: 'store',
-      reason: `Temporal holds no history of ${workflowId} (its retention has passed, or it was deleted): the store's audit events follow`,
+      reason:
+        unreadable !== undefined
+          ? `Temporal could not be read (${unreadable}): the store's audit events follow`
+          : `Temporal holds no history of ${workflowId} (its retention has passed, or it was deleted): the store's audit events follow`,
     });
     entries.push(...audit);
   } else {
@@ -152,8 +165,8 @@ function standIn(
   return out;
 }
 
-/** The audit kinds written when a token comes under management, before its workflow starts. */
-const ISSUE_AUDIT_KINDS = new Set(['token.issued', 'token.imported']);
+/** The audit kind written when a token comes under management (issue or import), before its workflow starts. */
+const ISSUE_AUDIT_KINDS = new Set(['token.issued']);
 
 /**
  * Every run of the workflow id Temporal still holds: those its visibility lists, and any run a
@@ -162,9 +175,11 @@ const ISSUE_AUDIT_KINDS = new Set(['token.issued', 'token.imported']);
 export async function fetchRuns(client: Client, workflowId: string): Promise<WorkflowRun[]> {
   const runIds = new Set<string>();
   // Token ids are validated (tok_ and hex digits): nothing in them needs escaping in the query.
-  for await (const execution of client.workflow.list({ query: `WorkflowId = '${workflowId}'` })) {
-    runIds.add(execution.runId);
-  }
+  await withCallDeadline(client, async () => {
+    for await (const execution of client.workflow.list({ query: `WorkflowId = '${workflowId}'` })) {
+      runIds.add(execution.runId);
+    }
+  });
   const runs = new Map<string, WorkflowRun>();
   const pending = [...runIds];
   // The latest run, in case visibility lags behind its start.
@@ -191,10 +206,12 @@ export async function fetchRuns(client: Client, workflowId: string): Promise<Wor
   const open = sorted.filter((run) => !isClosed(run));
   for (const run of open) {
     try {
-      const described = await client.workflowService.describeWorkflowExecution({
-        namespace: client.options.namespace,
-        execution: { workflowId, runId: run.runId },
-      });
+      const described = await withCallDeadline(client, () =>
+        client.workflowService.describeWorkflowExecution({
+          namespace: client.options.namespace,
+          execution: { workflowId, runId: run.runId },
+        }),
+      );
       run.pendingActivities = described.pendingActivities ?? [];
     } catch (err) {
       if (!isNotFound(err)) throw err;
@@ -229,15 +246,18 @@ async function fetchRun(
   let resolvedRunId = runId;
   try {
     if (resolvedRunId === undefined) {
-      const described = await client.workflow.getHandle(workflowId).describe();
+      const described = await withCallDeadline(client, () => client.workflow.getHandle(workflowId).describe());
       resolvedRunId = described.runId;
     }
     do {
-      const response = await client.workflowService.getWorkflowExecutionHistory({
-        namespace: client.options.namespace,
-        execution: { workflowId, runId: resolvedRunId },
-        ...(nextPageToken ? { nextPageToken } : {}),
-      });
+      const page = nextPageToken;
+      const response = await withCallDeadline(client, () =>
+        client.workflowService.getWorkflowExecutionHistory({
+          namespace: client.options.namespace,
+          execution: { workflowId, runId: resolvedRunId },
+          ...(page ? { nextPageToken: page } : {}),
+        }),
+      );
       events.push(...(response.history?.events ?? []));
       nextPageToken = response.nextPageToken?.length ? response.nextPageToken : undefined;
     } while (nextPageToken);
@@ -248,10 +268,18 @@ async function fetchRun(
   return events.length > 0 ? { runId: resolvedRunId, events } : undefined;
 }
 
+/** The gRPC status of a failed Temporal call: on the error (a raw call) or its cause (the SDK's ServiceError). */
+function grpcCode(err: unknown): number | undefined {
+  for (let e = err; e instanceof Error; e = e.cause) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === 'number') return code;
+  }
+  return undefined;
+}
+
 /** The server's NOT_FOUND (gRPC code 5), as a raw call or the SDK's WorkflowNotFoundError. */
 function isNotFound(err: unknown): boolean {
-  if (!(err instanceof Error)) return false;
-  return err.name === 'WorkflowNotFoundError' || (err as { code?: unknown }).code === 5;
+  return (err instanceof Error && err.name === 'WorkflowNotFoundError') || grpcCode(err) === 5;
 }
 
 const eventMs = (event: HistoryEvent | undefined): number => optionalTsToMs(event?.eventTime) ?? 0;
@@ -903,9 +931,9 @@ async function deliveryStates(pool: StorePool, tokenId: string): Promise<History
 /** One line per entry: time, kind, what happened; aligned. The caller makes it printable. */
 export function formatTimeline(tokenId: string, entries: HistoryEntry[]): string {
   const runs = [...new Set(entries.flatMap((e) => (e.runId ? [e.runId] : [])))];
-  const fromStore = entries.some((e) => e.kind === 'history.unavailable');
-  const header = fromStore
-    ? `history of ${tokenId}: Temporal no longer holds it; from the store's audit events`
+  const unavailable = entries.find((e) => e.kind === 'history.unavailable');
+  const header = unavailable
+    ? `history of ${tokenId}: from the store's audit events only (${String(unavailable.reason).replace(/: the store's audit events follow$/, '')})`
     : `history of ${tokenId}: ${runs.length} run(s) of its workflow`;
   const kindWidth = Math.max(...entries.map((e) => e.kind.length), 4);
   const lines = [header];

@@ -10,6 +10,7 @@ import { loadDataConverter } from '@temporalio/common/lib/internal-non-workflow/
 import proto from '@temporalio/proto';
 import { tokenWorkflowId } from '../common/names.js';
 import { formatTimeline, renderRuns, type HistoryEntry } from '../client/history.js';
+import { TokenWarden } from '../client/index.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { runCli } from './support/cli.js';
@@ -294,7 +295,10 @@ describe('history of a token', () => {
 
     const human = await runCli(['history', issued.tokenId], ctx.childEnv());
     assert.equal(human.code, 0, human.stderr);
-    assert.match(human.stdout, /Temporal no longer holds it; from the store's audit events/);
+    assert.match(
+      human.stdout,
+      /^history of tok_\w+: from the store's audit events only \(Temporal holds no history of token:tok_\w+ \(its retention has passed, or it was deleted\)\)\n/,
+    );
     assert.match(human.stdout, /audit +token\.revoked/);
   });
 
@@ -339,6 +343,28 @@ describe('history of a token', () => {
       );
     } catch (err) {
       throw new Error(`${String(err)}\n${formatTimeline(issued.tokenId, entries)}`, { cause: err });
+    }
+  });
+
+  it("should give the store's audit events, and say why, when Temporal cannot be reached", async () => {
+    const issued = await ctx.warden.issue({ subject: 'usr_history_down', receivers: [], ttl: '1h' });
+    await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'temporal drill', actor: 'admin:gus' });
+    await handleOf(issued.tokenId).result();
+    // Nothing listens on port 1: every Temporal call fails within the call deadline.
+    const offline = await TokenWarden.connect({
+      ...ctx.settings,
+      temporal: { ...ctx.settings.temporal, connectionOptions: { address: '127.0.0.1:1' } },
+    });
+    try {
+      const entries = await offline.history(issued.tokenId);
+      assert.equal(entries[0]!.kind, 'history.unavailable');
+      assert.match(String(entries[0]!.reason), /^Temporal could not be read \(/);
+      assert.ok(
+        ofKind(entries, 'audit').some((e) => e.event === 'token.revoked'),
+        JSON.stringify(entries),
+      );
+    } finally {
+      await offline.close();
     }
   });
 
