@@ -1086,7 +1086,6 @@ export function buildProgram(): Command {
       const entries = await withWarden((tw) => tw.history(tokenId));
       print(!!opts.json, entries, () =>
         formatTimeline(tokenId, entries)
-          .split('\n')
           .map((line) => printable(line))
           .join('\n'),
       );

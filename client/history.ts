@@ -928,8 +928,13 @@ async function deliveryStates(pool: StorePool, tokenId: string): Promise<History
 
 // ---------------------------------------------------------------- human output
 
-/** One line per entry: time, kind, what happened; aligned. The caller makes it printable. */
-export function formatTimeline(tokenId: string, entries: HistoryEntry[]): string {
+/**
+ * The timeline for people: a header, then one line per entry (time, kind, what happened), aligned,
+ * with a line naming each run where it begins. Lines, not one text: values from history may hold
+ * line breaks (a Signal sent straight to Temporal bypasses validation), so the caller makes each
+ * line printable on its own and no value can start a line of its own.
+ */
+export function formatTimeline(tokenId: string, entries: HistoryEntry[]): string[] {
   const runs = [...new Set(entries.flatMap((e) => (e.runId ? [e.runId] : [])))];
   const unavailable = entries.find((e) => e.kind === 'history.unavailable');
   const header = unavailable
@@ -950,7 +955,7 @@ export function formatTimeline(tokenId: string, entries: HistoryEntry[]): string
     }
     lines.push(`${entry.at}  ${entry.kind.padEnd(kindWidth)}  ${describeEntry(entry)}`);
   }
-  return lines.join('\n');
+  return lines;
 }
 
 const list = (value: unknown): string => (Array.isArray(value) && value.length ? value.join(', ') : 'none');

@@ -9,6 +9,8 @@ import type { Payload, PayloadCodec } from '@temporalio/common';
 import { loadDataConverter } from '@temporalio/common/lib/internal-non-workflow/index.js';
 import proto from '@temporalio/proto';
 import { tokenWorkflowId } from '../common/names.js';
+import { signalRevoke } from '../common/temporal.js';
+import { revokeSignal } from '../common/messages.js';
 import { formatTimeline, renderRuns, type HistoryEntry } from '../client/history.js';
 import { TokenWarden } from '../client/index.js';
 import { TestContext, type RunningWorker } from './support/context.js';
@@ -53,6 +55,7 @@ const ofKind = (entries: HistoryEntry[], kind: string) => entries.filter((e) => 
 /** Deletes one run of the token's workflow, as retention does, and waits until Temporal no longer serves it. */
 async function deleteRun(tokenId: string, runId: string): Promise<void> {
   const workflowId = tokenWorkflowId(tokenId);
+  const started = Date.now();
   await ctx.client.workflowService.deleteWorkflowExecution({
     namespace: ctx.settings.temporal.namespace,
     workflowExecution: { workflowId, runId },
@@ -71,11 +74,15 @@ async function deleteRun(tokenId: string, runId: string): Promise<void> {
           },
         ),
     `run ${runId} deleted`,
-    // The server deletes a run that is no longer its workflow's current one some 20 s later.
-    60_000,
+    // The server deletes a run asynchronously: 10-60 s after the call here.
+    120_000,
     250,
   );
+  deletions.push(Date.now() - started);
 }
+
+/** How long each deletion took to show (reported by the fallback test, for the design notes). */
+const deletions: number[] = [];
 
 describe('history of a token', () => {
   it('should show a failing receiver, an operator retry and the revocation, across a continue-as-new, in the library and the CLI', async () => {
@@ -108,7 +115,7 @@ describe('history of a token', () => {
       await checkStory();
     } catch (err) {
       // The timeline read back is what explains a failure on a loaded machine.
-      throw new Error(`${String(err)}\n${formatTimeline(issued.tokenId, entries)}`, { cause: err });
+      throw new Error(`${String(err)}\n${formatTimeline(issued.tokenId, entries).join('\n')}`, { cause: err });
     }
 
     async function checkStory(): Promise<void> {
@@ -241,7 +248,7 @@ describe('history of a token', () => {
     }
   });
 
-  it("should fall back to the store's audit events, and say so, for runs Temporal no longer holds", async () => {
+  it("should fall back to the store's audit events, and say so, for runs Temporal no longer holds", async (t) => {
     const receiver = await addReceiver();
     const issued = await ctx.warden.issue({ subject: 'usr_retention', receivers: [receiver.id], ttl: '1h' });
     const firstRunId = (await handleOf(issued.tokenId).describe()).runId;
@@ -300,6 +307,7 @@ describe('history of a token', () => {
       /^history of tok_\w+: from the store's audit events only \(Temporal holds no history of token:tok_\w+ \(its retention has passed, or it was deleted\)\)\n/,
     );
     assert.match(human.stdout, /audit +token\.revoked/);
+    t.diagnostic(`deletions took ${deletions.join(', ')} ms to show`);
   });
 
   it('should show a delivery still retrying (attempt, last answer), then the operator forcing it complete', async () => {
@@ -342,8 +350,83 @@ describe('history of a token', () => {
         [[down.id, 'forced']],
       );
     } catch (err) {
-      throw new Error(`${String(err)}\n${formatTimeline(issued.tokenId, entries)}`, { cause: err });
+      throw new Error(`${String(err)}\n${formatTimeline(issued.tokenId, entries).join('\n')}`, { cause: err });
     }
+  });
+
+  it('should follow a later run of the same workflow id (a run lost mid-propagation, restarted as the reconciler does)', async () => {
+    const receiver = await addReceiver();
+    receiver.receiver.behaviour = () => ({ status: 503 });
+    const issued = await ctx.warden.issue({ subject: 'usr_history_restart', receivers: [receiver.id], ttl: '1h' });
+    await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'rotation of staff', actor: 'admin:hal' });
+    await waitUntil(
+      async () => (await store.listDeliveries(ctx.pool, issued.tokenId))[0]?.attempts,
+      'a first delivery attempt',
+    );
+    const lost = await handleOf(issued.tokenId).describe();
+    await handleOf(issued.tokenId).terminate('drill: the worker fleet lost this run');
+    receiver.receiver.behaviour = () => ({ status: 204 });
+    const token = await store.requireToken(ctx.pool, issued.tokenId);
+    await signalRevoke(
+      ctx.client,
+      token,
+      { reason: token.revokeReason!, actor: token.revokedBy!, initiatingEntity: token.initiatingEntity! },
+      ctx.settings.temporal.taskQueue,
+      ctx.settings.timing,
+    );
+    await handleOf(issued.tokenId).result();
+
+    const entries = await ctx.warden.history(issued.tokenId);
+    try {
+      const runIds = [...new Set(entries.flatMap((e) => (e.runId ? [e.runId] : [])))];
+      assert.equal(runIds.length, 2);
+      assert.equal(runIds[0], lost.runId);
+      const [ended] = ofKind(entries, 'run.ended');
+      assert.deepEqual(
+        [ended!.runId, ended!.status, ended!.reason],
+        [lost.runId, 'terminated', 'drill: the worker fleet lost this run'],
+      );
+      const [started] = ofKind(entries, 'run.started');
+      assert.equal(started!.runId, runIds[1]);
+      assert.match(String(started!.why), /started with a revoke/);
+      assert.ok(entries.indexOf(ended!) < entries.indexOf(started!));
+      // The new run adopts the kill the first made, and delivers.
+      const kills = ofKind(entries, 'killed').map((e) => [e.runId, e.byThisRun, e.by, e.reason]);
+      assert.deepEqual(kills.at(-1), [runIds[1], false, 'admin:hal', 'rotation of staff']);
+      assert.deepEqual(
+        ofKind(entries, 'delivery')
+          .filter((e) => e.runId === runIds[1])
+          .map((e) => [e.outcome, e.statusCode])
+          .at(-1),
+        ['delivered', 204],
+      );
+      assert.equal(ofKind(entries, 'completed')[0]!.runId, runIds[1]);
+    } catch (err) {
+      throw new Error(`${String(err)}\n${formatTimeline(issued.tokenId, entries).join('\n')}`, { cause: err });
+    }
+  });
+
+  it('should keep a value from history on its own line, escaped (a Signal sent straight to Temporal is not validated)', async () => {
+    const issued = await ctx.warden.issue({ subject: 'usr_history_forged', receivers: [], ttl: '1h' });
+    const forged = '2026-01-01T00:00:00.000Z  completed         revoked, propagation complete';
+    await handleOf(issued.tokenId).signal(revokeSignal, {
+      reason: `left\n${forged}`,
+      actor: 'ops\u001b[2Jerin',
+      initiatingEntity: 'admin',
+    });
+    await waitUntil(
+      async () => ofKind(await ctx.warden.history(issued.tokenId), 'revoke.requested').length > 0,
+      'the revoke in history',
+    );
+    const human = await runCli(['history', issued.tokenId], ctx.childEnv());
+    assert.equal(human.code, 0, human.stderr);
+    const lines = human.stdout.split('\n');
+    assert.ok(!lines.some((l) => l.startsWith(forged)), human.stdout);
+    const revoke = lines.find((l) => l.includes('revoke.requested'))!;
+    assert.ok(revoke.includes('\\x0a2026-01-01T00:00:00.000Z') && revoke.includes('ops\\x1b[2Jerin'), revoke);
+    const asJson = await runCli(['history', issued.tokenId, '--json'], ctx.childEnv());
+    const [entry] = ofKind(JSON.parse(asJson.stdout) as HistoryEntry[], 'revoke.requested');
+    assert.equal(entry!.reason, `left\n${forged}`, 'JSON keeps the value itself');
   });
 
   it("should give the store's audit events, and say why, when Temporal cannot be reached", async () => {
