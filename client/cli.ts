@@ -1115,6 +1115,24 @@ export function buildProgram(): Command {
       },
     );
 
+  // ------------------------------------------------ history of a token (client/history.ts)
+  program
+    .command('history')
+    .description(
+      "a token's whole life from its workflow's history (every run; the store's audit events where Temporal no longer holds it)",
+    )
+    .argument('<tokenId>')
+    .addOption(json)
+    .action(async (tokenId: string, opts: { json?: boolean }) => {
+      const { formatTimeline } = await import('./history.js');
+      const entries = await withWarden((tw) => tw.history(tokenId));
+      print(!!opts.json, entries, () =>
+        formatTimeline(tokenId, entries)
+          .map((line) => printable(line))
+          .join('\n'),
+      );
+    });
+
   const receiver = program.command('receiver').description('downstream services told of every revocation');
   receiver
     .command('add')

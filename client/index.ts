@@ -33,6 +33,7 @@ import {
   type PolicyRecord,
 } from './policies.js';
 import * as selfManaging from './self-managing.js';
+import { tokenHistory, type HistoryEntry } from './history.js';
 import type {
   ChangeExpiryInput,
   RotateInput,
@@ -140,6 +141,8 @@ export type {
   BrokenAuditLink,
   CheckpointProblem,
 } from './store.js';
+// A token's life from its workflow's history (client/history.ts).
+export { HISTORY_ENTRY_KINDS, formatTimeline, type HistoryEntry, type HistoryEntryKind } from './history.js';
 /** Offline check of a token string's shape and checksum (for secret scanners); no store access. */
 export { isWellFormedToken } from '../common/secrets.js';
 
@@ -598,12 +601,26 @@ export class TokenWarden extends TokenWardenStore {
       }
       const what =
         err instanceof WorkflowNotFoundError
-            ? 'its workflow is not running; the reconciler restarts an unfinished propagation, then try again'
-            : err instanceof WorkflowUpdateRPCTimeoutOrCancelledError
-              ? `its workflow did not apply the ${kind} within ${OPERATOR_DEADLINE_MS / 1000} s (is a worker running?); check with show`
-              : `the ${kind} could not be sent to its workflow (${causes(err)})`;
+          ? 'its workflow is not running; the reconciler restarts an unfinished propagation, then try again'
+          : err instanceof WorkflowUpdateRPCTimeoutOrCancelledError
+            ? `its workflow did not apply the ${kind} within ${OPERATOR_DEADLINE_MS / 1000} s (is a worker running?); check with show`
+            : `the ${kind} could not be sent to its workflow (${causes(err)})`;
       throw new Error(`token ${req.tokenId}: ${what}`, { cause: err });
     }
+  }
+
+  // ------------------------------------------------ history of a token (client/history.ts)
+
+  /**
+   * The token's whole life, oldest first, from its workflow's history (every run of its workflow
+   * id, payloads decoded through this client's data converter), then its delivery rows as the
+   * store holds them now. Runs Temporal no longer holds are stood in for by the store's audit
+   * events, in entries that say so (`history.unavailable`, `history.partial`).
+   */
+  async history(tokenId: string): Promise<HistoryEntry[]> {
+    const id = parseInput(tokenIdSchema, tokenId, 'token id');
+    const token = await store.requireToken(this.pool, id);
+    return tokenHistory({ client: this.temporal, pool: this.pool }, token);
   }
 
   // ------------------------------------------------ self-managing tokens (client/self-managing.ts, client/policies.ts)
