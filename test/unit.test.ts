@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { EMAIL_ADDRESS } from '../common/secret-shapes.js';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
@@ -570,6 +571,19 @@ describe('listen addresses', () => {
     for (const host of ['localhost', '127.0.0.1', '127.8.9.10', '::1']) assert.equal(isLoopbackHost(host), true, host);
     for (const host of ['0.0.0.0', '::', '10.0.0.1', 'example.com', '128.0.0.1', '::ffff:10.0.0.1']) {
       assert.equal(isLoopbackHost(host), false, host);
+    }
+  });
+});
+
+describe('email addresses in reasons', () => {
+  // Quadratic backtracking here would wedge a token: the workflow's validators run it on whatever a
+  // raw Update carries. A 200 KB text took minutes with the unbounded pattern; it must take moments.
+  it('should find an address, and scan a long text without one in linear time', { timeout: 20_000 }, () => {
+    assert.equal(EMAIL_ADDRESS.test('asked by jane.doe@example.com'), true);
+    assert.equal(EMAIL_ADDRESS.test('asked by usr_8f3a21 (ticket 4411)'), false);
+    for (const text of ['a'.repeat(200_000) + '@', 'a@' + 'a.'.repeat(100_000) + '1', 'x@' + 'a-'.repeat(100_000)]) {
+      assert.equal(EMAIL_ADDRESS.test(text), false);
+      assert.equal(reasonSchema.safeParse(text).success, false, 'refused (too long), without hanging');
     }
   });
 });
