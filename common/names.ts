@@ -62,6 +62,7 @@ export const ACTIVITY_NAMES = [
   'setScheduledRevoke',
   'changeExpiry',
   'applyPolicy',
+  'writeAuditCheckpoint',
 ] as const;
 
 /**
