@@ -22,12 +22,16 @@ import {
 } from '../common/store/receivers.js';
 import type { ReceiverRecord, TokenRecord } from '../common/store/rows.js';
 import { listTokens, requireToken } from '../common/store/tokens.js';
+import { exportDeaths, type DeathRecord } from '../common/store/audit-export.js';
+import { deathFilterSchema, type DeathFilterInput } from './audit-export.js';
 import { parseInput, receiverIdSchema, subjectLookupSchema, tokenIdSchema } from '../common/validation.js';
 
 export { loadStoreSettings, type StoreSettings } from '../common/config.js';
 export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.js';
 export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/store/rows.js';
 export type { DeliveryReport } from '../common/store/deliveries.js';
+export type { DeathRecord, ReceiverEvidence, ReceiverOutcome } from '../common/store/audit-export.js';
+export type { DeathFilterInput } from './audit-export.js';
 
 const listSchema = z.object({
   subject: subjectLookupSchema.optional(),
@@ -37,6 +41,8 @@ const listSchema = z.object({
   before: tokenIdSchema.optional(),
 });
 export type ListFilter = z.input<typeof listSchema>;
+
+const fetchSizeSchema = z.number().int().min(1).max(100_000);
 
 /** A receiver's URL, stored as the parser's normalised `href`: what is shown is what workers reach. */
 const receiverUrlSchema = (allow: readonly ReceiverAllowance[]) =>
@@ -224,6 +230,18 @@ export class TokenWardenStore {
       }
     }
     return outcome;
+  }
+
+  /**
+   * Evidence of terminations: one record per token death (revocation or expiry) matching the
+   * filter (`since` inclusive, `until` exclusive, by the instant it died in the store; ISO 8601),
+   * oldest first, streamed from a server-side cursor `fetchSize` rows at a time (default 500), so
+   * memory stays flat whatever the count. The filter is checked before anything is read.
+   */
+  exportDeaths(filter: DeathFilterInput = {}, options: { fetchSize?: number } = {}): AsyncGenerator<DeathRecord> {
+    const parsed = parseInput(deathFilterSchema, filter, 'export filter');
+    if (options.fetchSize !== undefined) parseInput(fetchSizeSchema, options.fetchSize, 'fetchSize');
+    return exportDeaths(this.pool, parsed, options);
   }
 
   async listReceivers(): Promise<ReceiverRecord[]> {
