@@ -51,6 +51,7 @@ export const DEATH_CSV_COLUMNS = [
   'receiversForced',
   'receiversUnconfirmed',
   'receivers',
+  'auditSeqs',
   'asOf',
 ] as const;
 
@@ -82,6 +83,7 @@ export function deathCsvRow(record: DeathRecord): string {
     receiversForced: count(['forced']),
     receiversUnconfirmed: count(['pending', 'failed', 'cancelled', 'untold']),
     receivers: JSON.stringify(record.receivers),
+    auditSeqs: record.auditSeqs.join(' '),
   };
   return `${DEATH_CSV_COLUMNS.map((column) => csvField(cells[column])).join(',')}\r\n`;
 }

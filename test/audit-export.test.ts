@@ -239,6 +239,44 @@ describe('audit export', () => {
     assert.ok(ms(expired.recordedAt) >= ms(expired.deadInStoreAt), 'recorded at or after the expiry');
   });
 
+  it("should take settled facts from the audit chain: an edited delivery row changes none, one settled without an event is 'unaudited'", async () => {
+    const first = await testReceiver(() => 204);
+    const second = await testReceiver(() => 204);
+    const subject = newSubject();
+    const tokenId = await storeOnlyToken(subject, [first.id, second.id], 3_600_000);
+    await store.killToken(ctx.pool, { tokenId, reason: 'audit', actor: 'ops', initiatingEntity: 'admin' });
+    const [delivery] = await store.listDeliveries(ctx.pool, tokenId);
+    await store.recordDeliveryAttempt(ctx.pool, delivery!.eventId, first.id, {
+      kind: 'retryable',
+      statusCode: 502,
+      error: 'HTTP 502',
+    });
+    await store.recordDeliveryAttempt(ctx.pool, delivery!.eventId, first.id, { kind: 'delivered', statusCode: 200 });
+    const before = (await onlyRecord(subject)).receivers[0]!;
+    assert.deepEqual([before.receiverId, before.outcome, before.attempts], [first.id, 'acknowledged', 2]);
+
+    // Rows are not evidence: an hour taken off the acknowledgement, attempts rewritten, and the
+    // second delivery marked delivered with no audit event.
+    await ctx.sql.query(
+      `UPDATE delivery SET acked_at = acked_at - interval '1 hour', attempts = 1 WHERE token_id = $1 AND receiver_id = $2`,
+      [tokenId, first.id],
+    );
+    await ctx.sql.query(
+      `UPDATE delivery SET status = 'delivered', acked_at = now(), attempts = 1 WHERE token_id = $1 AND receiver_id = $2`,
+      [tokenId, second.id],
+    );
+    const after = await onlyRecord(subject);
+    assert.deepEqual(after.receivers[0], before);
+    assert.equal(after.receivers[1]!.outcome, 'unaudited');
+    assert.equal(after.receivers[1]!.confirmedAt, null);
+    assert.equal(after.deadEverywhereAt, null);
+    const chain = await store.readAudit(ctx.pool, tokenId);
+    assert.deepEqual(
+      after.auditSeqs.map((seq) => chain.find((e) => e.seq === seq)!.kind),
+      ['token.revoked', 'delivery.delivered'],
+    );
+  });
+
   it('should filter by death time (since inclusive, until exclusive) and subject; refuse a reversed range', async () => {
     const subject = newSubject();
     const ids: string[] = [];
@@ -330,6 +368,8 @@ describe('audit export', () => {
     closers.push(() => spied.end());
 
     const records = exportDeaths(spied, { subject }, { fetchSize });
+    // A failed assertion must still end the export: its connection would otherwise hold up the pool's end.
+    closers.unshift(async () => void (await records.return()));
     const first = await records.next();
     assert.equal(first.done, false);
     assert.deepEqual(fetched, [fetchSize], 'one batch read for the first record, nothing ahead');

@@ -2,8 +2,11 @@
  * Evidence of terminations: one record per token death (revocation or expiry) with who asked, why,
  * when it was due, when the store stopped accepting it and when each receiver confirmed, read
  * through a server-side cursor (DECLARE … FETCH in one read-only transaction), so an export of a
- * year of deaths holds one batch in memory, never the whole result. Every instant is the store's
- * (PostgreSQL's) clock, ISO 8601 in UTC with milliseconds; README "Audit export" defines each field.
+ * year of deaths holds one batch in memory, never the whole result. Every settled fact (the kill,
+ * acknowledgements, verifications, forcing, escalation) is read from the token's hash-chained
+ * audit events, the text `audit verify` checks, not from the mutable token and delivery rows;
+ * those give only what is still in progress. Instants are the store's (PostgreSQL's) clock, ISO
+ * 8601 in UTC with milliseconds; README "Evidence for auditors" defines every field.
  */
 import { z } from 'zod';
 import { checkout, quoteIdent, type StorePool } from '../db.js';
@@ -18,7 +21,7 @@ export interface DeathFilter {
   subject?: string;
 }
 
-/** How one receiver learned of the death; see README "Audit export" for the exact meanings. */
+/** How one receiver learned of the death; see README "Evidence for auditors" for the exact meanings. */
 export const RECEIVER_OUTCOMES = [
   'verified',
   'acknowledged',
@@ -27,6 +30,7 @@ export const RECEIVER_OUTCOMES = [
   'pending',
   'failed',
   'untold',
+  'unaudited',
 ] as const;
 export type ReceiverOutcome = (typeof RECEIVER_OUTCOMES)[number];
 
@@ -35,16 +39,17 @@ export interface ReceiverEvidence {
   outcome: ReceiverOutcome;
   /** When the store recorded the receiver's first 2xx to the signed event; null until then. */
   acknowledgedAt: string | null;
-  /** POSTs of the event made so far (retries included). */
+  /** POSTs of the event (retries included): at settlement, or so far while unsettled. */
   attempts: number;
   /** When the receiver's probe said the token is rejected there; null when it has not (or offers no probe). */
   verifiedAt: string | null;
-  /** Probe requests made so far. */
+  /** Probe requests made: at verification, or so far. */
   probes: number;
   /** When this receiver counts as told: verifiedAt, or acknowledgedAt for one settled without a probe. */
   confirmedAt: string | null;
   /** The operator's override that settled it unconfirmed (`tokenwarden force`). */
   forced: { at: string; actor: string; reason: string } | null;
+  /** The delivery row's latest attempt (live state, not chained). */
   lastAttemptAt: string | null;
   lastStatusCode: number | null;
   lastError: string | null;
@@ -65,7 +70,7 @@ export interface DeathRecord {
   expiresAt: string;
   /** From when the token was due to be dead: its expiry, a scheduled revocation's instant, or the revoke's commit. */
   requestedAt: string;
-  /** From when the store refused it (every verifier and introspection): revoked_at, or the expiry. */
+  /** From when the store refused it (every verifier and introspection): the kill's commit, or the expiry. */
   deadInStoreAt: string;
   /** When the death was written with its outbox rows; null for an expiry no process has recorded yet. */
   recordedAt: string | null;
@@ -73,14 +78,17 @@ export interface DeathRecord {
   deadEverywhereAt: string | null;
   timeToDeadInStoreMs: number;
   timeToDeadEverywhereMs: number | null;
+  /** The token row's propagation state now (as of `asOf`). */
   propagation: 'none' | 'pending' | 'stuck' | 'complete';
   /** The first escalation: no confirmation from every receiver by the deadline. */
   stuckAt: string | null;
-  /** When the store marked propagation complete (every receiver confirmed, or an operator forced it). */
+  /** When propagation completed (every receiver confirmed, or an operator forced the rest). */
   propagationCompletedAt: string | null;
   /** The revocation event's id: the `webhook-id` every receiver was sent. */
   eventId: string | null;
   receivers: ReceiverEvidence[];
+  /** The `seq` of each audit event of the token's chain this record's settled facts come from. */
+  auditSeqs: number[];
   /** The store's clock when the export began: pending, stuck and failed states are as of this instant. */
   asOf: string;
 }
@@ -90,44 +98,71 @@ export const DEATH_EXPORT_FETCH_SIZE = 500;
 
 const CURSOR = 'death_export';
 
+/** The audit event kinds a death's record is drawn from. */
+const EVIDENCE_KINDS = [
+  'token.revoked',
+  'token.expired',
+  'revoke.scheduled',
+  'revoke.schedule-cancelled',
+  'delivery.acknowledged',
+  'delivery.delivered',
+  'delivery.cancelled',
+  'propagation.stuck',
+  'propagation.forced',
+  'propagation.complete',
+];
+
 const isoText = z.string().regex(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
 const deliveryJson = z.object({
+  eventId: z.string(),
   receiverId: z.string(),
-  status: z.enum(DELIVERY_STATES).nullable(),
-  attempts: z.number().int().nullable(),
-  probes: z.number().int().nullable(),
-  ackedAt: isoText.nullable(),
-  verifiedAt: isoText.nullable(),
+  status: z.enum(DELIVERY_STATES),
+  attempts: z.number().int(),
+  probes: z.number().int(),
   lastAttemptAt: isoText.nullable(),
   lastStatusCode: z.number().int().nullable(),
   lastError: z.string().nullable(),
-});
-const forcedJson = z.object({
-  at: isoText,
-  data: z.object({ actor: z.string(), reason: z.string(), receivers: z.array(z.string()) }),
 });
 const deathRow = z.object({
   id: z.string(),
   subject: z.string(),
   name: z.string().nullable(),
   policy: z.string().nullable(),
-  status: z.enum(['revoked', 'expired']),
-  reason: z.string(),
-  actor: z.string(),
-  initiating_entity: z.enum(INITIATING_ENTITIES),
-  correlation_id: z.string().nullable(),
+  receivers: z.array(z.string()),
+  unrecorded: z.boolean(),
   issued_at: isoText,
   expires_at: isoText,
-  requested_at: isoText,
-  dead_in_store_at: isoText,
-  recorded_at: isoText.nullable(),
+  died_at: isoText,
   propagation: z.enum(PROPAGATION_STATES),
-  stuck_at: isoText.nullable(),
-  propagation_completed_at: isoText.nullable(),
-  event_id: z.string().nullable(),
-  deliveries: z.array(deliveryJson),
-  forced: z.array(forcedJson),
+  events: z.array(z.string()).nullable(),
+  deliveries: z.array(deliveryJson).nullable(),
 });
+
+/** An audit event as hashed: its canonical text's own fields, never the row's unhashed columns. */
+const chainedEvent = z.object({
+  seq: z.number().int(),
+  kind: z.string(),
+  at: isoText,
+  data: z.record(z.string(), z.unknown()),
+});
+type ChainedEvent = z.output<typeof chainedEvent>;
+const killData = z.object({
+  reason: z.string(),
+  actor: z.string(),
+  initiatingEntity: z.enum(INITIATING_ENTITIES),
+  occurredAt: isoText,
+  eventId: z.string(),
+  correlationId: z.string().nullable().optional(),
+});
+const deliveryData = z.object({
+  eventId: z.string(),
+  receiverId: z.string(),
+  attempts: z.number().int(),
+  verified: z.boolean().optional(),
+  probes: z.number().int().optional(),
+});
+const forcedData = z.object({ reason: z.string(), actor: z.string(), receivers: z.array(z.string()) });
+const scheduleData = z.object({ at: z.iso.datetime({ offset: true }) });
 
 /**
  * The deaths matching `filter`, oldest death first (then token id), as a stream: one read-only
@@ -154,6 +189,7 @@ export async function* exportDeaths(
       filter.since ?? null,
       filter.until ?? null,
       filter.subject ?? null,
+      EVIDENCE_KINDS,
     ]);
     for (;;) {
       const { rows } = await client.query(`FETCH FORWARD ${fetchSize} FROM ${CURSOR}`);
@@ -177,9 +213,9 @@ export async function* exportDeaths(
 }
 
 /**
- * The export's statement ($1 since, $2 until, $3 subject; each NULL when not filtered on). The
- * tokens are sorted in the inner query and the per-token reads are subqueries of the outer one, so
- * each FETCH reads the deliveries and audit events of the rows it returns, not of every death.
+ * The export's statement ($1 since, $2 until, $3 subject, each NULL when not filtered on; $4 the
+ * evidence kinds). The tokens are sorted in the inner query and the per-token reads are subqueries
+ * of the outer one, so each FETCH reads the events and deliveries of the rows it returns only.
  */
 export function deathsQuery(pool: StorePool): string {
   const t = pool.tables;
@@ -187,100 +223,143 @@ export function deathsQuery(pool: StorePool): string {
   // An active row past its expiry is dead (DESIGN §2) even before a process records it.
   const diedAt = `CASE WHEN tk.status = 'active' THEN tk.expires_at ELSE tk.revoked_at END`;
   return `
-    SELECT t.id, t.subject, t.name, t.policy,
-           CASE WHEN t.status = 'active' THEN 'expired' ELSE t.status END AS status,
-           -- An expiry not yet recorded: what its kill will record (migrations/0002 kill_token).
-           coalesce(t.revoke_reason, 'expired') AS reason,
-           coalesce(t.revoked_by, 'system') AS actor,
-           coalesce(t.initiating_entity, 'system') AS initiating_entity,
-           k.data ->> 'correlationId' AS correlation_id,
-           ${iso}(t.issued_at) AS issued_at,
-           ${iso}(t.expires_at) AS expires_at,
-           ${iso}(CASE WHEN t.status = 'revoked' AND t.revoke_scheduled_at <= t.died_at
-                       THEN t.revoke_scheduled_at ELSE t.died_at END) AS requested_at,
-           ${iso}(t.died_at) AS dead_in_store_at,
-           ${iso}(k.recorded_at) AS recorded_at,
+    SELECT t.id, t.subject, t.name, t.policy, t.receivers, t.status = 'active' AS unrecorded,
+           ${iso}(t.issued_at) AS issued_at, ${iso}(t.expires_at) AS expires_at, ${iso}(t.died_at) AS died_at,
            t.propagation,
-           (SELECT ${iso}(min(a.recorded_at)) FROM ${t.audit_event} a
-             WHERE a.token_id = t.id AND a.kind = 'propagation.stuck') AS stuck_at,
-           ${iso}(t.propagation_completed_at) AS propagation_completed_at,
-           k.data ->> 'eventId' AS event_id,
-           (SELECT coalesce(json_agg(json_build_object(
-                     'receiverId', r.id, 'status', d.status, 'attempts', d.attempts, 'probes', d.probes,
-                     'ackedAt', ${iso}(d.acked_at), 'verifiedAt', ${iso}(d.verified_at),
-                     'lastAttemptAt', ${iso}(d.last_attempt_at), 'lastStatusCode', d.last_status_code,
-                     'lastError', d.last_error) ORDER BY r.n), '[]'::json)
-              FROM unnest(t.receivers) WITH ORDINALITY AS r(id, n)
-              LEFT JOIN ${t.delivery} d ON d.event_id = k.data ->> 'eventId' AND d.receiver_id = r.id) AS deliveries,
-           (SELECT coalesce(json_agg(json_build_object('at', ${iso}(a.recorded_at), 'data', a.canonical::json -> 'data')
-                                     ORDER BY a.seq), '[]'::json)
-              FROM ${t.audit_event} a WHERE a.token_id = t.id AND a.kind = 'propagation.forced') AS forced
+           (SELECT array_agg(a.canonical ORDER BY a.seq) FROM ${t.audit_event} a
+             WHERE a.token_id = t.id AND a.kind = ANY ($4::text[])) AS events,
+           (SELECT json_agg(json_build_object(
+                     'eventId', d.event_id, 'receiverId', d.receiver_id, 'status', d.status,
+                     'attempts', d.attempts, 'probes', d.probes, 'lastAttemptAt', ${iso}(d.last_attempt_at),
+                     'lastStatusCode', d.last_status_code, 'lastError', d.last_error))
+              FROM ${t.delivery} d WHERE d.token_id = t.id) AS deliveries
       FROM (SELECT tk.*, ${diedAt} AS died_at FROM ${t.token} tk
              WHERE (tk.status <> 'active' OR tk.expires_at <= now())
                AND ($1::timestamptz IS NULL OR ${diedAt} >= $1::timestamptz)
                AND ($2::timestamptz IS NULL OR ${diedAt} < $2::timestamptz)
                AND ($3::text IS NULL OR tk.subject = $3::text)
              ORDER BY died_at, tk.id) t
-      LEFT JOIN LATERAL (SELECT a.recorded_at, a.canonical::jsonb -> 'data' AS data FROM ${t.audit_event} a
-                          WHERE a.token_id = t.id AND a.idempotency_key = 'killed') k ON true
      ORDER BY t.died_at, t.id`;
 }
 
 const later = (a: string, b: string) => (Date.parse(a) >= Date.parse(b) ? a : b);
+const iso = (instant: string) => new Date(instant).toISOString();
 
 function toDeathRecord(row: z.output<typeof deathRow>, asOf: string): DeathRecord {
-  const receivers = row.deliveries.map((d): ReceiverEvidence => {
-    const forcing = d.status === 'forced' ? row.forced.find((f) => f.data.receivers.includes(d.receiverId)) : undefined;
-    const outcome: ReceiverOutcome =
-      d.status === null
-        ? 'untold'
-        : d.status === 'delivered'
-          ? d.verifiedAt !== null
-            ? 'verified'
-            : 'acknowledged'
-          : d.status;
+  const events = (row.events ?? []).map((text) => parseRow(chainedEvent, 'audit_event canonical', JSON.parse(text)));
+  const used: ChainedEvent[] = [];
+  const use = (event: ChainedEvent | undefined): ChainedEvent | undefined => {
+    if (event) used.push(event);
+    return event;
+  };
+  const killEvent = use(
+    row.unrecorded ? undefined : events.find((e) => e.kind === 'token.revoked' || e.kind === 'token.expired'),
+  );
+  if (!row.unrecorded && !killEvent) {
+    throw new Error(
+      `token ${row.id} is dead in the store but its audit chain holds no kill event: check it with \`tokenwarden audit verify --token ${row.id}\``,
+    );
+  }
+  const kill = killEvent && parseRow(killData, 'kill event', killEvent.data);
+  const status = killEvent?.kind === 'token.revoked' ? 'revoked' : 'expired';
+  const deadInStoreAt = kill?.occurredAt ?? row.died_at;
+  const afterKill = events.filter((e) => !killEvent || e.seq > killEvent.seq);
+  const ofThisEvent = (kind: string) =>
+    afterKill
+      .filter((e) => e.kind === kind)
+      .map((e) => ({ event: e, data: parseRow(deliveryData, kind, e.data) }))
+      .filter((e) => e.data.eventId === kill?.eventId);
+  const acknowledgements = ofThisEvent('delivery.acknowledged');
+  const settlements = [...ofThisEvent('delivery.delivered'), ...ofThisEvent('delivery.cancelled')];
+  const forcings = afterKill
+    .filter((e) => e.kind === 'propagation.forced')
+    .map((e) => ({ event: e, data: parseRow(forcedData, 'propagation.forced', e.data) }));
+  const rows = new Map((row.deliveries ?? []).filter((d) => d.eventId === kill?.eventId).map((d) => [d.receiverId, d]));
+
+  const receivers = row.receivers.map((receiverId): ReceiverEvidence => {
+    const delivery = rows.get(receiverId);
+    const acknowledged = use(acknowledgements.find((a) => a.data.receiverId === receiverId)?.event);
+    const settled = settlements.find((a) => a.data.receiverId === receiverId);
+    use(settled?.event);
+    const forcing = forcings.find((f) => f.data.receivers.includes(receiverId));
+    use(forcing?.event);
+    const verified = settled?.event.kind === 'delivery.delivered' && settled.data.verified === true;
+    const outcome: ReceiverOutcome = settled
+      ? settled.event.kind === 'delivery.cancelled'
+        ? 'cancelled'
+        : verified
+          ? 'verified'
+          : 'acknowledged'
+      : forcing
+        ? 'forced'
+        : delivery === undefined
+          ? 'untold'
+          : delivery.status === 'pending' || delivery.status === 'failed'
+            ? delivery.status
+            : // The row says settled, yet no audit event records it: the row is not evidence.
+              'unaudited';
+    const acknowledgedAt = acknowledged?.at ?? (outcome === 'acknowledged' ? settled!.event.at : null);
+    const verifiedAt = verified ? settled!.event.at : null;
     return {
-      receiverId: d.receiverId,
+      receiverId,
       outcome,
-      acknowledgedAt: d.ackedAt,
-      attempts: d.attempts ?? 0,
-      verifiedAt: d.verifiedAt,
-      probes: d.probes ?? 0,
-      confirmedAt: outcome === 'verified' ? d.verifiedAt : outcome === 'acknowledged' ? d.ackedAt : null,
-      forced: forcing ? { at: forcing.at, actor: forcing.data.actor, reason: forcing.data.reason } : null,
-      lastAttemptAt: d.lastAttemptAt,
-      lastStatusCode: d.lastStatusCode,
-      lastError: d.lastError,
+      acknowledgedAt,
+      attempts: settled?.data.attempts ?? delivery?.attempts ?? 0,
+      verifiedAt,
+      probes: settled?.data.probes ?? delivery?.probes ?? 0,
+      confirmedAt: outcome === 'verified' ? verifiedAt : outcome === 'acknowledged' ? acknowledgedAt : null,
+      forced: forcing ? { at: forcing.event.at, actor: forcing.data.actor, reason: forcing.data.reason } : null,
+      lastAttemptAt: delivery?.lastAttemptAt ?? null,
+      lastStatusCode: delivery?.lastStatusCode ?? null,
+      lastError: delivery?.lastError ?? null,
     };
   });
+
+  // A revocation scheduled for an instant at or before the kill was due then (the last schedule
+  // before the kill, unless cancelled after it).
+  const schedule =
+    status === 'revoked'
+      ? events.filter((e) => e.kind.startsWith('revoke.schedule') && e.seq < killEvent!.seq).at(-1)
+      : undefined;
+  const scheduledAt =
+    schedule?.kind === 'revoke.scheduled' ? parseRow(scheduleData, 'revoke.scheduled', schedule.data).at : undefined;
+  const dueAtSchedule = scheduledAt !== undefined && Date.parse(scheduledAt) <= Date.parse(deadInStoreAt);
+  if (dueAtSchedule) use(schedule);
+  const requestedAt = dueAtSchedule ? iso(scheduledAt) : deadInStoreAt;
+
   const confirmations = receivers.map((r) => r.confirmedAt);
   const deadEverywhereAt = confirmations.every((c): c is string => c !== null)
-    ? confirmations.reduce(later, row.dead_in_store_at)
+    ? confirmations.reduce(later, deadInStoreAt)
     : null;
-  const since = (instant: string) => Date.parse(instant) - Date.parse(row.requested_at);
+  const stuck = use(afterKill.find((e) => e.kind === 'propagation.stuck'));
+  const completed = use(afterKill.find((e) => e.kind === 'propagation.complete'));
+  const since = (instant: string) => Date.parse(instant) - Date.parse(requestedAt);
   return {
     tokenId: row.id,
     subject: row.subject,
     name: row.name,
     policy: row.policy,
-    status: row.status,
-    reason: row.reason,
-    actor: row.actor,
-    initiatingEntity: row.initiating_entity,
-    correlationId: row.correlation_id,
+    status,
+    // An expiry not yet recorded: what its kill will record (migrations/0002 kill_token).
+    reason: kill?.reason ?? 'expired',
+    actor: kill?.actor ?? 'system',
+    initiatingEntity: kill?.initiatingEntity ?? 'system',
+    correlationId: kill?.correlationId ?? null,
     issuedAt: row.issued_at,
     expiresAt: row.expires_at,
-    requestedAt: row.requested_at,
-    deadInStoreAt: row.dead_in_store_at,
-    recordedAt: row.recorded_at,
+    requestedAt,
+    deadInStoreAt,
+    recordedAt: killEvent?.at ?? null,
     deadEverywhereAt,
-    timeToDeadInStoreMs: since(row.dead_in_store_at),
+    timeToDeadInStoreMs: since(deadInStoreAt),
     timeToDeadEverywhereMs: deadEverywhereAt === null ? null : since(deadEverywhereAt),
     propagation: row.propagation,
-    stuckAt: row.stuck_at,
-    propagationCompletedAt: row.propagation_completed_at,
-    eventId: row.event_id,
+    stuckAt: stuck?.at ?? null,
+    // The kill of a token without receivers completes its propagation itself, without an event.
+    propagationCompletedAt: completed?.at ?? (killEvent && row.receivers.length === 0 ? killEvent.at : null),
+    eventId: kill?.eventId ?? null,
     receivers,
+    auditSeqs: [...new Set(used.map((e) => e.seq))].sort((a, b) => a - b),
     asOf,
   };
 }
