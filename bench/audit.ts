@@ -1,5 +1,5 @@
 /**
- * `npm run bench:audit [-- --deaths N --receivers R --rounds K]`: the audit trail's read paths on an
+ * `npm run bench:audit [-- --deaths N --receivers R --rounds K --explain]`: the audit trail's read paths on an
  * embedded PostgreSQL (or DATABASE_URL), against floors measured in the same run on the same rows.
  *  (a) export: `exportDeaths` (the server-side cursor, the records assembled from the hash chain)
  *      written as JSON lines, against a bare SELECT over the same rows: the same cursor and fetch
@@ -17,7 +17,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import { checkout, createPool, migrate, quoteIdent, type StorePool } from '../common/db.js';
-import { DEATH_EXPORT_FETCH_SIZE, exportDeaths } from '../common/store/audit-export.js';
+import { DEATH_EXPORT_FETCH_SIZE, deathsQuery, EVIDENCE_KINDS, exportDeaths } from '../common/store/audit-export.js';
 import { killTokens } from '../common/store/kill.js';
 import { startEmbeddedPostgres } from '../dev/postgres.js';
 import { freePort } from '../dev/processes.js';
@@ -33,6 +33,7 @@ function parseOptions(argv: string[]) {
       deaths: { type: 'string', default: '20000' },
       receivers: { type: 'string', default: '3' },
       rounds: { type: 'string', default: '3' },
+      explain: { type: 'boolean', default: false },
     },
   });
   const deaths = Number(values.deaths);
@@ -41,7 +42,7 @@ function parseOptions(argv: string[]) {
   if (!Number.isInteger(deaths) || deaths < 1) throw new Error('--deaths: expected a positive integer');
   if (!Number.isInteger(receivers) || receivers < 1 || receivers > 3) throw new Error('--receivers: 1 to 3');
   if (!Number.isInteger(rounds) || rounds < 1) throw new Error('--rounds: expected a positive integer');
-  return { deaths, receivers, rounds };
+  return { deaths, receivers, rounds, explain: values.explain };
 }
 
 /** Deaths as the store writes them, set-based (the store's own functions), in chunks of one transaction each. */
@@ -129,13 +130,12 @@ async function barePass(pool: StorePool): Promise<Pass & { rows: number }> {
     await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
     const statements = [
       `SELECT t.*, a.canonical FROM ${t.token} t JOIN ${t.audit_event} a ON a.token_id = t.id
-        WHERE t.status <> 'active' AND a.kind IN ('token.revoked', 'token.expired', 'delivery.acknowledged',
-              'delivery.delivered', 'delivery.cancelled', 'propagation.stuck', 'propagation.forced', 'propagation.complete')
+        WHERE t.status <> 'active' AND a.kind = ANY ($1::text[])
         ORDER BY t.revoked_at, t.id, a.seq`,
       `SELECT d.* FROM ${t.token} t JOIN ${t.delivery} d ON d.token_id = t.id WHERE t.status <> 'active'`,
     ];
     for (const [i, sql] of statements.entries()) {
-      await client.query(`DECLARE bare_${i} NO SCROLL CURSOR FOR ${sql}`);
+      await client.query(`DECLARE bare_${i} NO SCROLL CURSOR FOR ${sql}`, i === 0 ? [EVIDENCE_KINDS] : []);
       for (;;) {
         const batch = await client.query(`FETCH FORWARD ${DEATH_EXPORT_FETCH_SIZE} FROM bare_${i}`);
         rows += batch.rows.length;
@@ -172,9 +172,15 @@ async function main(): Promise<void> {
     say(`  seeded in ${((performance.now() - seeding) / 1000).toFixed(1)} s`);
     const { rows: counted } = await pool.query(
       `SELECT count(*)::int AS n FROM ${pool.tables.audit_event} a JOIN ${pool.tables.token} t ON t.id = a.token_id
-        WHERE t.status <> 'active' AND a.kind <> 'token.issued'`,
+        WHERE t.status <> 'active' AND a.kind = ANY ($1::text[])`,
+      [EVIDENCE_KINDS],
     );
     const evidenceEvents = counted[0]!.n as number;
+
+    if (opts.explain) {
+      const { rows: plan } = await pool.query(`EXPLAIN ${deathsQuery(pool)}`, [null, null, null, EVIDENCE_KINDS]);
+      say(`the export's plan:\n${plan.map((r) => `  ${r['QUERY PLAN'] as string}`).join('\n')}`);
+    }
 
     // Interleaved rounds, so a checkpoint or autovacuum weighs on both alike; medians reported.
     const exports: Pass[] = [];

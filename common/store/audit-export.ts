@@ -99,7 +99,7 @@ export const DEATH_EXPORT_FETCH_SIZE = 500;
 const CURSOR = 'death_export';
 
 /** The audit event kinds a death's record is drawn from. */
-const EVIDENCE_KINDS = [
+export const EVIDENCE_KINDS = [
   'token.revoked',
   'token.expired',
   'revoke.scheduled',
