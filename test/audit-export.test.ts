@@ -6,6 +6,9 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { DEATH_CSV_COLUMNS } from '../client/audit-export.js';
 import type { DeathRecord } from '../client/store.js';
@@ -18,6 +21,7 @@ import * as store from '../common/store/index.js';
 import { startReceiver, type ExampleReceiver } from '../examples/receiver/receiver.js';
 import { runCli } from './support/cli.js';
 import { TestContext, type RunningWorker } from './support/context.js';
+import { recordingModulesTo, temporalSdkFiles } from './support/loaded-modules.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
 
@@ -332,8 +336,15 @@ describe('audit export', () => {
     assert.equal(row.receiversTotal, '0');
     assert.deepEqual(JSON.parse(row.receivers!), []);
 
-    const jsonl = await runCli(['audit', 'export', '--subject', subject], ctx.childEnv());
+    // A store-only command: it must not load the Temporal SDK.
+    const modules = path.join(await mkdtemp(path.join(os.tmpdir(), 'tokenwarden-export-')), 'modules.json');
+    closers.push(() => rm(path.dirname(modules), { recursive: true, force: true }));
+    const jsonl = await runCli(['audit', 'export', '--subject', subject], {
+      ...ctx.childEnv(),
+      ...recordingModulesTo(modules),
+    });
     assert.equal(jsonl.code, 0, jsonl.stderr);
+    assert.deepEqual(await temporalSdkFiles(modules), []);
     const lines = jsonl.stdout.trimEnd().split('\n');
     assert.equal(lines.length, 1);
     const fromCli = JSON.parse(lines[0]!) as DeathRecord;
