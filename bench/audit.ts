@@ -2,9 +2,9 @@
  * `npm run bench:audit [-- --deaths N --receivers R --rounds K --explain]`: the audit trail's read paths on an
  * embedded PostgreSQL (or DATABASE_URL), against floors measured in the same run on the same rows.
  *  (a) export: `exportDeaths` (the server-side cursor, the records assembled from the hash chain)
- *      written as JSON lines, against a bare SELECT over the same rows: the same cursor and fetch
- *      size over the dead tokens joined with their evidence events, and over their delivery rows,
- *      nothing assembled. Deaths/s and audit events/s, ratio, and the exporter's heap high-water mark.
+ *      written as JSON lines, against a bare SELECT over the same rows: the dead tokens, their
+ *      evidence events and their delivery rows, each row once, unsorted, through the same kind of
+ *      cursor and fetch size, nothing assembled. Deaths/s and audit events/s, ratio, and the exporter's heap high-water mark.
  *  (b) verify and (c) the payload codec's cost: see the marked places below.
  * N deaths (default 20,000), each with R receivers (default 3) settled as the store settles them
  * (a retried acknowledgement, an acknowledgement, a probe's verification), so each token's chain holds
@@ -120,24 +120,20 @@ async function exportPass(pool: StorePool): Promise<Pass> {
   return { seconds, records, heapHighMiB: mib(Math.max(0, heapHigh)) };
 }
 
-/** The floor: the same rows through the same kind of cursor and fetch size, discarded unassembled. */
-async function barePass(pool: StorePool): Promise<Pass & { rows: number }> {
-  const t = pool.tables;
+/** Statements read through cursors in one read-only transaction, FETCH by FETCH, rows discarded. */
+async function cursorPass(
+  pool: StorePool,
+  statements: { sql: string; params: unknown[] }[],
+): Promise<Pass & { rows: number }> {
   const client = await checkout(pool);
   let rows = 0;
   const started = performance.now();
   try {
     await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
-    const statements = [
-      `SELECT t.*, a.canonical FROM ${t.token} t JOIN ${t.audit_event} a ON a.token_id = t.id
-        WHERE t.status <> 'active' AND a.kind = ANY ($1::text[])
-        ORDER BY t.revoked_at, t.id, a.seq`,
-      `SELECT d.* FROM ${t.token} t JOIN ${t.delivery} d ON d.token_id = t.id WHERE t.status <> 'active'`,
-    ];
-    for (const [i, sql] of statements.entries()) {
-      await client.query(`DECLARE bare_${i} NO SCROLL CURSOR FOR ${sql}`, i === 0 ? [EVIDENCE_KINDS] : []);
+    for (const [i, { sql, params }] of statements.entries()) {
+      await client.query(`DECLARE pass_${i} NO SCROLL CURSOR FOR ${sql}`, params);
       for (;;) {
-        const batch = await client.query(`FETCH FORWARD ${DEATH_EXPORT_FETCH_SIZE} FROM bare_${i}`);
+        const batch = await client.query(`FETCH FORWARD ${DEATH_EXPORT_FETCH_SIZE} FROM pass_${i}`);
         rows += batch.rows.length;
         if (batch.rows.length < DEATH_EXPORT_FETCH_SIZE) break;
       }
@@ -148,6 +144,27 @@ async function barePass(pool: StorePool): Promise<Pass & { rows: number }> {
   }
   return { seconds: (performance.now() - started) / 1000, records: 0, rows, heapHighMiB: 0 };
 }
+
+/** The floor: each row once, unsorted: the dead tokens, their evidence events, their deliveries. */
+const barePass = (pool: StorePool) => {
+  const t = pool.tables;
+  return cursorPass(pool, [
+    { sql: `SELECT t.* FROM ${t.token} t WHERE t.status <> 'active'`, params: [] },
+    {
+      sql: `SELECT a.token_id, a.seq, a.kind, a.canonical FROM ${t.audit_event} a JOIN ${t.token} t ON t.id = a.token_id
+             WHERE t.status <> 'active' AND a.kind = ANY ($1::text[])`,
+      params: [EVIDENCE_KINDS],
+    },
+    {
+      sql: `SELECT d.* FROM ${t.delivery} d JOIN ${t.token} t ON t.id = d.token_id WHERE t.status <> 'active'`,
+      params: [],
+    },
+  ]);
+};
+
+/** Where the export's time goes: its own statement fetched alone, nothing assembled in Node. */
+const queryPass = (pool: StorePool) =>
+  cursorPass(pool, [{ sql: deathsQuery(pool), params: [null, null, null, EVIDENCE_KINDS] }]);
 
 const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
 
@@ -185,14 +202,17 @@ async function main(): Promise<void> {
     // Interleaved rounds, so a checkpoint or autovacuum weighs on both alike; medians reported.
     const exports: Pass[] = [];
     const bares: (Pass & { rows: number })[] = [];
+    const queries: Pass[] = [];
     for (let round = 1; round <= opts.rounds; round++) {
       const bare = await barePass(pool);
+      const query = await queryPass(pool);
       const exported = await exportPass(pool);
       if (exported.records !== opts.deaths) throw new Error(`exported ${exported.records} of ${opts.deaths} deaths`);
       bares.push(bare);
+      queries.push(query);
       exports.push(exported);
       say(
-        `  round ${round}: export ${exported.seconds.toFixed(2)} s (heap +${exported.heapHighMiB} MiB at most), bare SELECT ${bare.seconds.toFixed(2)} s (${bare.rows} rows)`,
+        `  round ${round}: export ${exported.seconds.toFixed(2)} s (heap +${exported.heapHighMiB} MiB at most), its statement alone ${query.seconds.toFixed(2)} s, bare SELECT ${bare.seconds.toFixed(2)} s (${bare.rows} rows)`,
       );
     }
     const exportSeconds = median(exports.map((p) => p.seconds));
@@ -205,6 +225,7 @@ async function main(): Promise<void> {
       exportSeconds: Math.round(exportSeconds * 1000) / 1000,
       exportDeathsPerSecond: Math.round(opts.deaths / exportSeconds),
       exportEventsPerSecond: Math.round(evidenceEvents / exportSeconds),
+      exportStatementSeconds: Math.round(median(queries.map((p) => p.seconds)) * 1000) / 1000,
       bareSelectSeconds: Math.round(bareSeconds * 1000) / 1000,
       bareSelectRows: bares[0]!.rows,
       bareSelectEventsPerSecond: Math.round(evidenceEvents / bareSeconds),
