@@ -1,6 +1,8 @@
 /** The `tokenwarden` command. Human output by default, `--json` for scripts; one-line errors. */
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
 import { Command, CommanderError, Option } from 'commander';
 import { loadApiSettings, loadSettings, loadStoreSettings, PACKAGE_ROOT, readStackFile } from '../common/config.js';
 import { migrate } from '../common/db.js';
@@ -9,7 +11,8 @@ import { UNPRINTABLE } from '../common/validation.js';
 import type { PolicyRecord, TokenWarden } from './index.js';
 import { formatDuration } from '../common/durations.js';
 import type { BulkCommandOptions } from './bulk/command.js';
-import { TokenWardenStore, type TokenView } from './store.js';
+import { TokenWardenStore, type DeathRecord, type TokenView } from './store.js';
+import { DEATH_EXPORT_FORMATS, deathCsvHeader, deathCsvRow, type DeathExportFormat } from './audit-export.js';
 
 const EXIT = { failure: 1, invalidInput: 2, notFound: 3 } as const;
 
@@ -1276,7 +1279,9 @@ export function buildProgram(): Command {
     });
 
   // ---------------------------------------------------------------- audit verify
-  const audit = program.command('audit').description('the audit trail: hash-chained events per token');
+  const audit = program
+    .command('audit')
+    .description('the audit trail: hash-chained events per token, verified, and evidence for auditors');
   audit
     .command('verify')
     .description(
@@ -1302,6 +1307,56 @@ export function buildProgram(): Command {
         return lines.join('\n');
       });
       if (!report.ok) process.exitCode = EXIT.failure;
+    });
+
+  // ------------------------------------------------ audit export: evidence of terminations
+  audit
+    .command('export')
+    .description(
+      "one record per token death (revocation or expiry): who asked, why, when it was due, when the store refused it, each receiver's acknowledgement and verification; streamed, oldest first",
+    )
+    .option(
+      '--since <date>',
+      'deaths at or after this instant (ISO 8601 date or date-time; a date alone is midnight UTC)',
+    )
+    .option('--until <date>', 'deaths before this instant (ISO 8601 date or date-time)')
+    .option('--subject <id>', "only this subject's tokens")
+    .addOption(
+      new Option('--format <format>', 'jsonl (one JSON record per line) or csv (one row per death)')
+        .choices(DEATH_EXPORT_FORMATS)
+        .default('jsonl'),
+    )
+    .action(async (opts: { since?: string; until?: string; subject?: string; format: DeathExportFormat }) => {
+      const filter = {
+        ...(opts.since !== undefined ? { since: opts.since } : {}),
+        ...(opts.until !== undefined ? { until: opts.until } : {}),
+        ...(opts.subject !== undefined ? { subject: opts.subject } : {}),
+      };
+      await withStore(async (store) => {
+        let records: AsyncGenerator<DeathRecord>;
+        try {
+          records = store.exportDeaths(filter);
+        } catch (err) {
+          // The library names `since`; the user typed `--since`.
+          if (!(err instanceof InvalidInputError)) throw err;
+          const fields = err.fields.map((f) => ({ ...f, path: f.path === '(input)' ? f.path : `--${f.path}` }));
+          throw new InvalidInputError(
+            `invalid audit export: ${fields.map((f) => `${f.path}: ${f.message}`).join('; ')}`,
+            fields,
+          );
+        }
+        async function* lines() {
+          if (opts.format === 'csv') yield deathCsvHeader();
+          for await (const record of records) {
+            yield opts.format === 'csv' ? deathCsvRow(record) : `${printableJson(record)}\n`;
+          }
+        }
+        // pipeline waits for stdout to drain: a slow reader slows the cursor, memory stays flat.
+        await pipeline(Readable.from(lines()), process.stdout).catch((err: NodeJS.ErrnoException) => {
+          // The reader went away (`| head`): what it wanted was written.
+          if (err.code !== 'EPIPE') throw err;
+        });
+      });
     });
 
   return program;

@@ -21,7 +21,14 @@ import type { RevokeRequest } from '../common/messages.js';
 import { INITIATING_ENTITIES, type InitiatingEntity } from '../common/names.js';
 import * as store from '../common/store/index.js';
 import type { BulkRevokeFilter, BulkRevokeRecord, BulkRevokeState, TokenRecord } from '../common/store/index.js';
-import { actorSchema, parseInput, reasonSchema, receiverIdSchema, subjectLookupSchema } from '../common/validation.js';
+import {
+  actorSchema,
+  instantSchema,
+  parseInput,
+  reasonSchema,
+  receiverIdSchema,
+  subjectLookupSchema,
+} from '../common/validation.js';
 import { causes, tellPaced, tellWarnings, type TellOutcome, type TellPace } from './tell.js';
 
 // Errors a retry may cure: connection lost, deadlock, serialization failure, statement timeout.
@@ -61,11 +68,6 @@ const namePrefixSchema = z
   .min(1, 'expected a non-empty name prefix')
   .max(200, 'expected at most 200 characters')
   .refine((p) => p.trim() === p, 'must not begin or end with whitespace (quote exactly the prefix meant)');
-
-/** An instant: an ISO 8601 date (midnight UTC) or date-time with Z or an offset. */
-const instantSchema = z.union([z.iso.datetime({ offset: true }), z.iso.date()], {
-  error: 'expected an ISO 8601 date or date-time, e.g. 2026-01-31 or 2026-01-31T12:00:00Z',
-});
 
 export const revokeFilterSchema = z
   .strictObject({

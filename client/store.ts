@@ -23,6 +23,8 @@ import {
 import type { ReceiverRecord, TokenRecord } from '../common/store/rows.js';
 import { listTokens, requireToken } from '../common/store/tokens.js';
 import { auditKeyFrom, verifyAuditTrail, type AuditVerifyReport } from '../common/store/audit-verify.js';
+import { exportDeaths, type DeathRecord } from '../common/store/audit-export.js';
+import { deathFilterSchema, type DeathFilterInput } from './audit-export.js';
 import { parseInput, receiverIdSchema, subjectLookupSchema, tokenIdSchema } from '../common/validation.js';
 
 export { loadStoreSettings, type StoreSettings } from '../common/config.js';
@@ -39,6 +41,8 @@ export type {
 
 const auditVerifySchema = z.object({ tokenId: tokenIdSchema.optional() });
 export type AuditVerifyInput = z.input<typeof auditVerifySchema>;
+export type { DeathRecord, ReceiverEvidence, ReceiverOutcome } from '../common/store/audit-export.js';
+export type { DeathFilterInput } from './audit-export.js';
 
 const listSchema = z.object({
   subject: subjectLookupSchema.optional(),
@@ -50,6 +54,8 @@ const listSchema = z.object({
   before: tokenIdSchema.optional(),
 });
 export type ListFilter = z.input<typeof listSchema>;
+
+const fetchSizeSchema = z.number().int().min(1).max(100_000);
 
 /** A receiver's URL, stored as the parser's normalised `href`: what is shown is what workers reach. */
 const receiverUrlSchema = (allow: readonly ReceiverAllowance[]) =>
@@ -238,6 +244,18 @@ export class TokenWardenStore {
       }
     }
     return outcome;
+  }
+
+  /**
+   * Evidence of terminations: one record per token death (revocation or expiry) matching the
+   * filter (`since` inclusive, `until` exclusive, by the instant it died in the store; ISO 8601),
+   * oldest first, streamed from a server-side cursor `fetchSize` rows at a time (default 500), so
+   * memory stays flat whatever the count. The filter is checked before anything is read.
+   */
+  exportDeaths(filter: DeathFilterInput = {}, options: { fetchSize?: number } = {}): AsyncGenerator<DeathRecord> {
+    const parsed = parseInput(deathFilterSchema, filter, 'export filter');
+    if (options.fetchSize !== undefined) parseInput(fetchSizeSchema, options.fetchSize, 'fetchSize');
+    return exportDeaths(this.pool, parsed, options);
   }
 
   async listReceivers(): Promise<ReceiverRecord[]> {

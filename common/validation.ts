@@ -140,6 +140,11 @@ export const nameSchema = freeText(200, 'expected a non-empty name').superRefine
 
 export const correlationIdSchema = freeText(200, 'expected a non-empty correlation id');
 
+/** An instant: an ISO 8601 date (midnight UTC) or date-time with Z or an offset. */
+export const instantSchema = z.union([z.iso.datetime({ offset: true }), z.iso.date()], {
+  error: 'expected an ISO 8601 date or date-time, e.g. 2026-01-31 or 2026-01-31T12:00:00Z',
+});
+
 /** A policy's name, as the `policy` table's check: lowercase, digits, `.`, `_`, `-`. */
 export const policyNameSchema = z
   .string()
