@@ -342,7 +342,12 @@ describe('history of a token', () => {
       assert.deepEqual([forced!.receivers, forced!.actor, forced!.reason], [[down.id], 'ops:erin', 'receiver retired']);
       const force = ofKind(entries, 'operator').find((e) => e.action === 'forceComplete')!;
       assert.deepEqual([force.actor, force.reason], ['ops:erin', 'receiver retired']);
-      assert.equal(ofKind(entries, 'delivery').at(-1)!.outcome, 'interrupted', 'the retrying delivery was cancelled');
+      // The retrying delivery was cancelled (TRY_CANCEL): either the run recorded only the cancel, or
+      // the attempt in flight ended after the force and returned the row the force settled.
+      assert.ok(
+        ['interrupted', 'forced'].includes(String(ofKind(entries, 'delivery').at(-1)!.outcome)),
+        'the retrying delivery was cancelled',
+      );
       const [completed] = ofKind(entries, 'completed');
       assert.equal(completed!.forced, true);
       assert.deepEqual(

@@ -389,7 +389,11 @@ describe('token lifecycle', () => {
     const forcedEvent = (await store.readAudit(ctx.pool, issued.tokenId)).find((e) => e.kind === 'propagation.forced');
     assert.match(forcedEvent!.canonical, /receiver decommissioned/);
     const details = await currentDetails(handle);
-    assert.match(details, /Propagation \*\*complete\*\*, forced by an operator: 0 of 1 receivers confirmed, 1 forced/);
+    // Who forced it and why stay in the final details.
+    assert.match(
+      details,
+      /Propagation \*\*complete\*\*, forced by ops:dan \(receiver decommissioned\): 0 of 1 receivers confirmed, 1 forced/,
+    );
     assert.doesNotMatch(details, /every receiver confirmed/);
     assert.equal((await handle.query(describeQuery)).phase, 'complete');
     await maybeRecordHistory(handle, 'escalate-force');
