@@ -3,6 +3,7 @@ import path from 'node:path';
 import { gunzipSync, gzipSync } from 'node:zlib';
 import type { WorkflowHandle } from '@temporalio/client';
 import type { LoadedDataConverter, Payload } from '@temporalio/common';
+import { optionalTsToMs } from '@temporalio/common/lib/time.js';
 import proto from '@temporalio/proto';
 
 const { temporal } = proto;
@@ -67,7 +68,7 @@ export async function historyTimeline(handle: WorkflowHandle, since: number): Pr
   const { EventType, TaskQueueKind, TimeoutType } = temporal.api.enums.v1;
   return (events ?? [])
     .map((e) => {
-      const at = Number(e.eventTime?.seconds ?? 0) * 1000 + Math.round((e.eventTime?.nanos ?? 0) / 1e6);
+      const at = optionalTsToMs(e.eventTime) ?? 0;
       const type = EventType[e.eventType ?? 0] ?? String(e.eventType);
       const offset = at - since;
       const details = [
