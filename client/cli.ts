@@ -6,7 +6,13 @@ import { pipeline } from 'node:stream/promises';
 import { Command, CommanderError, Option } from 'commander';
 import { loadApiSettings, loadSettings, loadStoreSettings, PACKAGE_ROOT, readStackFile } from '../common/config.js';
 import { migrate } from '../common/db.js';
-import { ConfigError, InvalidInputError, NotFoundError, PolicyApplyInProgressError } from '../common/errors.js';
+import {
+  ConfigError,
+  InvalidInputError,
+  NotFoundError,
+  PolicyApplyInProgressError,
+  TokenStateConflictError,
+} from '../common/errors.js';
 import { UNPRINTABLE } from '../common/validation.js';
 import type { PolicyRecord, TokenWarden } from './index.js';
 import { formatDuration } from '../common/durations.js';
@@ -14,7 +20,7 @@ import type { BulkCommandOptions } from './bulk/command.js';
 import { TokenWardenStore, type DeathRecord, type TokenView } from './store.js';
 import { DEATH_EXPORT_FORMATS, deathCsvHeader, deathCsvRow, type DeathExportFormat } from './audit-export.js';
 
-const EXIT = { failure: 1, invalidInput: 2, notFound: 3 } as const;
+const EXIT = { failure: 1, invalidInput: 2, notFound: 3, conflict: 4 } as const;
 
 const UNPRINTABLE_ALL = new RegExp(UNPRINTABLE.source, 'gu');
 const hex = (char: string, digits: number) => char.codePointAt(0)!.toString(16).padStart(digits, '0');
@@ -1376,13 +1382,16 @@ export async function main(argv: string[]): Promise<void> {
         ? EXIT.invalidInput
         : err instanceof NotFoundError
           ? EXIT.notFound
-          : EXIT.failure;
+          : err instanceof TokenStateConflictError
+            ? EXIT.conflict
+            : EXIT.failure;
     const message = err instanceof Error ? err.message : String(err);
     const known =
       err instanceof InvalidInputError ||
       err instanceof NotFoundError ||
       err instanceof ConfigError ||
-      err instanceof PolicyApplyInProgressError;
+      err instanceof PolicyApplyInProgressError ||
+      err instanceof TokenStateConflictError;
     process.stderr.write(`tokenwarden: ${printable(message)}\n`);
     if (!known && process.env.TOKENWARDEN_DEBUG) console.error(err);
     process.exitCode = code;

@@ -14,7 +14,8 @@ import {
 import type { StorePool } from '../common/db.js';
 import { z } from 'zod';
 import { loadSettings, type Settings } from '../common/config.js';
-import { InvalidInputError } from '../common/errors.js';
+import { NotPropagatingError } from '../common/errors.js';
+import { updateRefusal } from './errors.js';
 import { newCredentialId, newTokenId } from '../common/ids.js';
 import { INITIATING_ENTITIES, type InitiatingEntity, type TokenStatus } from '../common/names.js';
 import { generateTokenString, hashToken } from '../common/secrets.js';
@@ -104,7 +105,14 @@ export {
   type TokenSummary,
   type TokenView,
 } from './store.js';
-export { InvalidInputError, NotFoundError, ConfigError } from '../common/errors.js';
+export {
+  InvalidInputError,
+  NotFoundError,
+  ConfigError,
+  TokenStateConflictError,
+  TokenNotActiveError,
+  NotPropagatingError,
+} from '../common/errors.js';
 export type { TokenRecord, DeliveryRecord, ReceiverRecord } from '../common/store/index.js';
 import type { TokenRecord } from '../common/store/index.js';
 export type { DeliveryReport } from '../common/store/deliveries.js';
@@ -264,9 +272,10 @@ function bulkOptions<O extends BulkOptions>(options: O): O {
 }
 
 const notPropagating = (tokenId: string, detail: string) =>
-  new InvalidInputError(`invalid token id: ${tokenId} is not propagating a revocation (${detail})`, [
-    { path: 'tokenId', message: `not propagating a revocation (${detail})` },
-  ]);
+  new NotPropagatingError(tokenId, `token ${tokenId} is not propagating a revocation (${detail})`);
+
+/** The field prefixes of the operator Updates' refusals (`request:` is an undecodable payload). */
+const OPERATOR_FIELDS = { reason: 'reason', actor: 'actor', request: 'request' } as const;
 
 /** The store's reads and receivers (TokenWardenStore), and what tells tokens' workflows through Temporal. */
 export class TokenWarden extends TokenWardenStore {
@@ -591,20 +600,17 @@ export class TokenWarden extends TokenWardenStore {
       );
     } catch (err) {
       if (err instanceof WorkflowUpdateFailedError) {
-        // Its validator refused (a field, e.g. `reason: …`) or its handler did (every receiver
-        // confirmed meanwhile: about the token): a refusal, never worth retrying as it is.
-        const message = err.cause?.message ?? err.message;
-        const field = /^(reason|actor): /.exec(message);
-        const path = field ? field[1]! : 'tokenId';
-        const detail = field ? message.slice(field[0].length) : `its workflow refused the ${kind}: ${message}`;
-        throw new InvalidInputError(`invalid ${kind} request: ${path}: ${detail}`, [{ path, message: detail }]);
+        const refusal = updateRefusal(err, { tokenId: req.tokenId, kind, fields: OPERATOR_FIELDS });
+        if (refusal) throw refusal;
       }
       const what =
         err instanceof WorkflowNotFoundError
           ? 'its workflow is not running; the reconciler restarts an unfinished propagation, then try again'
           : err instanceof WorkflowUpdateRPCTimeoutOrCancelledError
             ? `its workflow did not apply the ${kind} within ${OPERATOR_DEADLINE_MS / 1000} s (is a worker running?); check with show`
-            : `the ${kind} could not be sent to its workflow (${causes(err)})`;
+            : err instanceof WorkflowUpdateFailedError
+              ? `its workflow failed the ${kind} (${causes(err)}); check with show`
+              : `the ${kind} could not be sent to its workflow (${causes(err)})`;
       throw new Error(`token ${req.tokenId}: ${what}`, { cause: err });
     }
   }

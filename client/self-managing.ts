@@ -39,6 +39,7 @@ import { requirePolicy, tokenPolicy } from '../common/store/policies.js';
 import { requireToken } from '../common/store/tokens.js';
 import { findSecret, MAX_JSON_DEPTH, nestsTooDeep } from '../common/secret-shapes.js';
 import { actorSchema, parseInput, reasonSchema, secretKind, tokenIdSchema, ttlSchema } from '../common/validation.js';
+import { updateRefusal } from './errors.js';
 import { causes } from './tell.js';
 
 /** The token's workflow could not be reached or did not answer in time (the API answers 503). */
@@ -183,7 +184,7 @@ const REQUEST_FIELDS: Record<string, string> = {
   grace: 'grace',
 };
 
-/** Sends an Update and waits for the workflow's answer; its refusals become InvalidInputError naming the field. */
+/** Sends an Update and waits for the workflow's answer; its refusals become bad input or a conflict (client/errors.ts). */
 async function sendUpdate<Result, Arg>(
   deps: SelfManagingDeps,
   kind: string,
@@ -199,20 +200,17 @@ async function sendUpdate<Result, Arg>(
     );
   } catch (err) {
     if (err instanceof WorkflowUpdateFailedError) {
-      // The workflow refused (validator or handler): its message starts with the field it is about.
-      const message = err.cause?.message ?? err.message;
-      const field = /^([a-zA-Z]+): /.exec(message);
-      const path = field ? REQUEST_FIELDS[field[1]!] : undefined;
-      throw path
-        ? refusal(path, message.slice(field![0].length))
-        : refusal('tokenId', `its workflow refused the ${kind}: ${message}`);
+      const refused = updateRefusal(err, { tokenId, kind, fields: { ...REQUEST_FIELDS, request: 'request' } });
+      if (refused) throw refused;
     }
     const what =
       err instanceof WorkflowNotFoundError
         ? 'its workflow is not running (the reconciler starts the workflow of an active token; try again shortly)'
         : err instanceof WorkflowUpdateRPCTimeoutOrCancelledError
           ? `its workflow did not apply the ${kind} within ${SELF_MANAGING_DEADLINE_MS / 1000} s (is a worker running?); check with show`
-          : `the ${kind} could not be sent to its workflow (${causes(err)})`;
+          : err instanceof WorkflowUpdateFailedError
+            ? `its workflow failed the ${kind} (${causes(err)}); check with show`
+            : `the ${kind} could not be sent to its workflow (${causes(err)})`;
     throw new WorkflowUnavailableError(`token ${tokenId}: ${what}`, { cause: err });
   }
 }

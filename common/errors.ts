@@ -26,15 +26,28 @@ export class ConfigError extends Error {
   override readonly name = 'ConfigError';
 }
 
-/** The token is revoked, expired or past its expiry: it can no longer be rotated, suspended or re-timed. */
-export class TokenNotActiveError extends Error {
-  override readonly name = 'TokenNotActiveError';
+/**
+ * The token's state refuses the request, though the request itself is well formed: nothing was
+ * changed (the API answers 409, the CLI exits 4). `show` tells the state; retrying as it is fails again.
+ */
+export class TokenStateConflictError extends Error {
+  override readonly name: string = 'TokenStateConflictError';
   constructor(
     readonly tokenId: string,
     message: string,
   ) {
     super(message);
   }
+}
+
+/** The token is revoked, expired or past its expiry: it can no longer be rotated, suspended or re-timed. */
+export class TokenNotActiveError extends TokenStateConflictError {
+  override readonly name = 'TokenNotActiveError';
+}
+
+/** Retry and force apply only while a revocation propagates (pending or stuck). */
+export class NotPropagatingError extends TokenStateConflictError {
+  override readonly name = 'NotPropagatingError';
 }
 
 /** An apply of the same policy is running (in this or another process): one at a time, so the namespace sees one rate. */

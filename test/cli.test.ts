@@ -386,7 +386,7 @@ describe('tokenwarden CLI: retry and force', () => {
   it('should retry a refused delivery now, once the receiver accepts', async () => {
     const { tokenId: active } = await ctx.warden.issue({ subject: 'usr_retry', ttl: '1h' });
     const early = await cli(['retry', active, '--reason', 'too early']);
-    assert.equal(early.code, 2, early.stderr);
+    assert.equal(early.code, 4, early.stderr);
     assert.match(early.stderr, /is not propagating a revocation \(status active, propagation none\)/);
     oneLine(early);
 
@@ -402,7 +402,7 @@ describe('tokenwarden CLI: retry and force', () => {
     assert.ok(flaky.requests.slice(attemptsBefore).some((r) => r.answered === 204 && r.verified));
 
     const late = await cli(['retry', tokenId, '--reason', 'again']);
-    assert.equal(late.code, 2, late.stderr);
+    assert.equal(late.code, 4, late.stderr);
     assert.match(late.stderr, /is not propagating a revocation \(status revoked, propagation complete\)/);
   });
 

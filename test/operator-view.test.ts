@@ -9,11 +9,13 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { SEARCH_ATTRIBUTE, tokenWorkflowId } from '../common/names.js';
 import { msToTs } from '@temporalio/common/lib/time.js';
-import { ConfigError, InvalidInputError } from '../common/errors.js';
+import proto from '@temporalio/proto';
+import { ConfigError, InvalidInputError, NotPropagatingError } from '../common/errors.js';
 import { checkSearchAttributes } from '../worker/worker.js';
 import { runCli } from './support/cli.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { decodedHistory } from './support/history.js';
+import { patchedUpserts } from './support/patches.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
 
@@ -99,33 +101,46 @@ describe('the operator view of a token', () => {
     await handle.result();
     const pendingAtEnd = await searchAttribute(issued.tokenId, SEARCH_ATTRIBUTE.pendingReceivers);
     assert.equal(pendingAtEnd, undefined, `none pending once complete: ${JSON.stringify(pendingAtEnd)}`);
+    // Patched once, before the first upsert; then one upsert per change of the pending set: both
+    // (unless billing confirmed while the kill committed), crm alone, none. Never a repeat.
+    const trail = patchedUpserts(
+      await handle.fetchHistory(),
+      'pending-receivers',
+      SEARCH_ATTRIBUTE.pendingReceivers.name,
+    );
+    assert.equal(trail.markers, 1, JSON.stringify(trail));
+    assert.ok(trail.markerFirst, JSON.stringify(trail));
+    const expected = [['view-billing', 'view-crm'], ['view-crm'], null];
+    assert.deepEqual(trail.upserts, expected.slice(expected.length - trail.upserts.length), JSON.stringify(trail));
+    assert.ok(trail.upserts.length >= 2, JSON.stringify(trail));
     const after = ((await decodedHistory(handle)).events ?? []).flatMap((e) =>
       e.userMetadata?.summary?.data ? [JSON.parse(Buffer.from(e.userMetadata.summary.data).toString()) as string] : [],
     );
     assert.ok(after.includes('forced complete by ops:bob: crm decommissioned'), after.join(' | '));
   });
 
-  it("should report a workflow's refusal of an operator Update as a field-named error, exit 2, not retried", async () => {
+  it("should report a workflow's refusal of an operator Update by the token's state as a conflict, exit 4", async () => {
     const issued = await ctx.warden.issue({ subject: 'usr_operator_refusal', ttl: '1h' });
     // The store says a revocation propagates (a stale read, as in a race with completion); the
-    // living token's workflow knows better and refuses.
+    // living token's workflow knows better and refuses: the request was fine, the state was not.
     await ctx.sql.query(`UPDATE token SET propagation = 'pending' WHERE id = $1`, [issued.tokenId]);
     const err = await ctx.warden.retryPropagation(issued.tokenId, { reason: 'crm back up' }).then(
       () => assert.fail('the workflow accepted a retry of a living token'),
       (e: unknown) => e,
     );
-    assert.ok(err instanceof InvalidInputError, String(err));
-    assert.deepEqual(
-      err.fields.map((f) => f.path),
-      ['tokenId'],
-    );
-    assert.match(err.message, /its workflow refused the retry: .*not propagating/);
+    assert.ok(err instanceof NotPropagatingError, String(err));
+    assert.ok(!(err instanceof InvalidInputError));
+    assert.equal(err.tokenId, issued.tokenId);
+    assert.match(err.message, /not propagating a revocation \(phase active\)/);
     const run = await runCli(['force', issued.tokenId, '--reason', 'crm gone'], ctx.childEnv());
-    assert.equal(run.code, 2, run.stderr);
-    assert.match(run.stderr, /invalid force request: tokenId: its workflow refused the force/);
+    assert.equal(run.code, 4, run.stderr);
+    assert.match(
+      run.stderr,
+      new RegExp(`^tokenwarden: token ${issued.tokenId} is not propagating a revocation \\(phase active\\)`),
+    );
   });
 
-  it('should refuse to start a worker on a namespace missing a search attribute, naming the command', async () => {
+  it('should refuse to start a worker on a namespace missing a search attribute or holding one mistyped, naming the command', async () => {
     const namespace = `bare-${Date.now()}`;
     await ctx.client.workflowService.registerNamespace({
       namespace,
@@ -147,6 +162,39 @@ describe('the operator view of a token', () => {
         `temporal operator search-attribute create --namespace ${namespace} --name TokenPendingReceivers --type KeywordList`,
       ),
     );
+
+    // Registered under another type, the workflow's upsert of a list would fail its task on every retry.
+    await ctx.client.connection.operatorService.addSearchAttributes({
+      namespace,
+      searchAttributes: {
+        TokenPendingReceivers: proto.temporal.api.enums.v1.IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD,
+      },
+    });
+    await waitUntil(
+      async () =>
+        'TokenPendingReceivers' in
+        ((await ctx.client.connection.operatorService.listSearchAttributes({ namespace })).customAttributes ?? {}),
+      'the mistyped search attribute registered',
+    );
+    const mistyped = await checkSearchAttributes(ctx.client, namespace).then(
+      () => assert.fail('a search attribute of the wrong type was accepted'),
+      (e: unknown) => e,
+    );
+    assert.ok(mistyped instanceof ConfigError, String(mistyped));
+    assert.match(
+      mistyped.message,
+      /has TokenPendingReceivers registered as KEYWORD where tokenwarden writes KeywordList/,
+    );
+    assert.match(mistyped.message, /--name TokenPendingReceivers --type KeywordList/);
+
+    // Only "may not list" is trusted; a namespace the server does not know is an error, not a warning.
+    const unknown = await checkSearchAttributes(ctx.client, `${namespace}-unknown`).then(
+      () => assert.fail('an unknown namespace passed the check'),
+      (e: unknown) => e,
+    );
+    assert.ok(!(unknown instanceof ConfigError), String(unknown));
+
     await checkSearchAttributes(ctx.client, ctx.settings.temporal.namespace);
+    await ctx.client.connection.operatorService.deleteNamespace({ namespace });
   });
 });

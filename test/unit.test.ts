@@ -29,8 +29,12 @@ import { DefaultLogger } from '@temporalio/worker';
 import { compileWorkerOptions } from '@temporalio/worker/lib/worker-options.js';
 import { ConfigError } from '../common/errors.js';
 import {
+  INVALID_LIFECYCLE_REQUEST,
   INVALID_OPERATOR_REQUEST,
   LifecycleState,
+  NOT_PROPAGATING,
+  TOKEN_NOT_ACTIVE,
+  parseSuspiciousReport,
   formatMs,
   isReceiverRejection,
   msUntil,
@@ -49,6 +53,11 @@ import {
   TimeoutType,
 } from '@temporalio/common';
 import { RECEIVER_REJECTED } from '../common/names.js';
+import { WorkflowUpdateFailedError } from '@temporalio/client';
+import Fastify from 'fastify';
+import { handleError } from '../client/api/problems.js';
+import { updateRefusal } from '../client/errors.js';
+import { NotPropagatingError, TokenNotActiveError, TokenStateConflictError } from '../common/errors.js';
 
 describe('durations', () => {
   it('should parse the units people write', () => {
@@ -584,6 +593,128 @@ describe('email addresses in reasons', () => {
     for (const text of ['a'.repeat(200_000) + '@', 'a@' + 'a.'.repeat(100_000) + '1', 'x@' + 'a-'.repeat(100_000)]) {
       assert.equal(EMAIL_ADDRESS.test(text), false);
       assert.equal(reasonSchema.safeParse(text).success, false, 'refused (too long), without hanging');
+    }
+  });
+});
+
+describe('raw Signal reasons: masked, then cut', () => {
+  it('should mask addresses before cutting, so a reason stays within 500 and no address is cut in half', () => {
+    const many = parseRevokeSignal({ reason: 'a@b.cc '.repeat(70).trim() });
+    assert.ok([...many.reason].length <= 500, `${[...many.reason].length} code points`);
+    assert.match(many.reason, /^\[an email address\] \[an email address\]/);
+    // Cut first, the 500th code point fell inside the address: its local part was kept unmasked.
+    const straddling = parseRevokeSignal({ reason: `${'x'.repeat(490)} jane.doe@example.com` });
+    assert.doesNotMatch(straddling.reason, /jane/);
+    assert.ok([...straddling.reason].length <= 500);
+    const report = parseSuspiciousReport({ reason: `${'y'.repeat(490)} jane.doe@example.com` });
+    assert.doesNotMatch(report.reason, /jane/);
+  });
+});
+
+describe('operator text in current details', () => {
+  const input: TokenWorkflowInput = {
+    version: 1,
+    tokenId: 'tok_md',
+    subject: 'usr_md',
+    receivers: ['crm'],
+    expiresAt: '2026-01-01T01:00:00.000Z',
+    revocationEventId: 'evt_md',
+  };
+  const image = '![x](https://attacker.example/p.png)';
+  const unescaped = /!\[x\]\(https/;
+
+  it('should show markdown in reasons, actors and receiver answers as text, never as an image or link', () => {
+    const state = new LifecycleState(input);
+    state.revokeRequested({ reason: `left ${image}`, actor: `<img src=x>${image}` });
+    state.killing('revoke');
+    assert.doesNotMatch(state.details(), unescaped);
+    assert.doesNotMatch(state.details(), /(?<!\\)<img/);
+    state.timingKnown({ escalateAfterMs: 60_000, retryInitialMs: 1_000, retryMaxMs: 10_000, source: 'worker' });
+    state.killed(
+      {
+        status: 'revoked',
+        propagation: 'pending',
+        revokedAt: '2026-01-01T00:00:00.000Z',
+        revokedBy: `ops:${image}`,
+        revokeReason: `left ${image}`,
+      },
+      Date.parse('2026-01-01T00:00:01.000Z'),
+    );
+    state.deliveryObserved({
+      receiverId: 'crm',
+      eventId: 'evt_md',
+      status: 'pending',
+      attempts: 1,
+      lastStatusCode: 400,
+      lastError: `HTTP 400: ${image}`,
+    });
+    assert.doesNotMatch(state.details(), unescaped);
+    assert.match(state.details(), /HTTP 400: \\!\\\[x\\\]\(https:\/\/attacker\.example\/p\.png\)/);
+    state.forcedComplete(['crm'], { actor: `ops:${image}`, reason: `gone\n# ${image}` });
+    state.completed('complete');
+    const details = state.details();
+    assert.doesNotMatch(details, unescaped);
+    assert.match(details, /forced by ops:\\!\\\[x\\\]\(https:\/\/attacker\.example\/p\.png\) \(gone # \\!\\\[x/);
+  });
+});
+
+describe('workflow refusals of Updates, by failure type', () => {
+  const refused = (message: string, type: string) =>
+    updateRefusal(
+      new WorkflowUpdateFailedError('Workflow Update failed', ApplicationFailure.nonRetryable(message, type)),
+      {
+        tokenId: 'tok_1',
+        kind: 'retry',
+        fields: { reason: 'reason', actor: 'actor', request: 'request' },
+      },
+    );
+
+  it('should name the field of a validator refusal, and make a state refusal a conflict', () => {
+    const field = refused('reason: a non-empty reason is required', INVALID_OPERATOR_REQUEST);
+    assert.ok(field instanceof InvalidInputError, String(field));
+    assert.deepEqual(field.fields, [{ path: 'reason', message: 'a non-empty reason is required' }]);
+    const undecodable = refused(
+      'request: the payload could not be decoded (encoding binary/encrypted)',
+      INVALID_OPERATOR_REQUEST,
+    );
+    assert.ok(undecodable instanceof InvalidInputError);
+    assert.equal(undecodable.fields[0]?.path, 'request');
+    const lifecycle = refused('reason: too long', INVALID_LIFECYCLE_REQUEST);
+    assert.ok(lifecycle instanceof InvalidInputError);
+
+    const notPropagating = refused('token tok_1 is not propagating a revocation (phase active)', NOT_PROPAGATING);
+    assert.ok(notPropagating instanceof NotPropagatingError, String(notPropagating));
+    assert.ok(notPropagating instanceof TokenStateConflictError);
+    assert.equal(notPropagating.tokenId, 'tok_1');
+    const notActive = refused('token tok_1 is not active (phase killing)', TOKEN_NOT_ACTIVE);
+    assert.ok(notActive instanceof TokenNotActiveError, String(notActive));
+    assert.ok(notActive instanceof TokenStateConflictError);
+  });
+
+  it('should leave a failure of the handler itself to the caller, not call it bad input', () => {
+    assert.equal(refused('activity failed', 'PostgresError'), undefined);
+    const untyped = new WorkflowUpdateFailedError('Workflow Update failed', new Error('workflow completed'));
+    assert.equal(updateRefusal(untyped, { tokenId: 'tok_1', kind: 'force', fields: {} }), undefined);
+  });
+
+  it('should answer a conflict with the token state as HTTP 409, a problem naming it', async () => {
+    const app = Fastify();
+    app.setErrorHandler(handleError);
+    app.get('/conflict', async () => {
+      throw new NotPropagatingError('tok_1', 'token tok_1 is not propagating a revocation (phase active)');
+    });
+    app.get('/dead', async () => {
+      throw new TokenNotActiveError('tok_1', 'token tok_1 is not active');
+    });
+    try {
+      for (const url of ['/conflict', '/dead']) {
+        const answer = await app.inject({ method: 'GET', url });
+        assert.equal(answer.statusCode, 409, answer.body);
+        assert.equal(answer.headers['content-type'], 'application/problem+json; charset=utf-8');
+        assert.equal(answer.json<{ type: string }>().type, 'urn:tokenwarden:problem:token-state-conflict');
+      }
+    } finally {
+      await app.close();
     }
   });
 });

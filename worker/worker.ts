@@ -1,7 +1,9 @@
 /** Worker process: one pg pool, one Temporal client, the activities built once, graceful shutdown. */
 import path from 'node:path';
 import v8 from 'node:v8';
-import { ScheduleAlreadyRunning, ScheduleOverlapPolicy, type Client } from '@temporalio/client';
+import { isGrpcServiceError, ScheduleAlreadyRunning, ScheduleOverlapPolicy, type Client } from '@temporalio/client';
+import { encodeSearchAttributeIndexedValueType } from '@temporalio/common/lib/search-attributes.js';
+import proto from '@temporalio/proto';
 import { DefaultLogger, NativeConnection, Runtime, Worker, type WorkflowBundleOption } from '@temporalio/worker';
 import type { StorePool } from '../common/db.js';
 import { PACKAGE_ROOT, type Settings } from '../common/config.js';
@@ -128,34 +130,49 @@ export async function ensureReconcilerSchedule(client: Client, settings: Setting
   }
 }
 
+/** gRPC status codes that mean "this caller may not list search attributes" (some hosted setups). */
+const GRPC_PERMISSION_DENIED = 7;
+const GRPC_UNIMPLEMENTED = 12;
+
 /**
- * Runs a worker and the expiry sweep until shutdown (SIGINT/SIGTERM are handled by the SDK's
- * Runtime). With `ensureSchedule`, also creates the reconciler Schedule and triggers one pass right away.
- */
-/**
- * Refuses to start against a namespace missing one of tokenwarden's search attributes: a workflow
- * upserting an unregistered one fails its task on every retry. Says which to create, and how. A
- * server that does not let this caller list them (some hosted setups) is trusted, with a warning.
+ * Refuses to start against a namespace missing one of tokenwarden's search attributes, or holding one
+ * under another type: a workflow upserting it then fails its task on every retry. Says what to create,
+ * and how. A server that does not let this caller list them is trusted, with a warning; any other
+ * error (unreachable, deadline) is thrown.
  */
 export async function checkSearchAttributes(client: Client, namespace: string): Promise<void> {
-  let registered: Record<string, unknown>;
+  let registered: Record<string, proto.temporal.api.enums.v1.IndexedValueType>;
   try {
     const answer = await client.connection.operatorService.listSearchAttributes({ namespace });
     registered = { ...(answer.customAttributes ?? {}), ...(answer.systemAttributes ?? {}) };
   } catch (err) {
+    if (!(isGrpcServiceError(err) && (err.code === GRPC_PERMISSION_DENIED || err.code === GRPC_UNIMPLEMENTED))) {
+      throw err;
+    }
     console.warn(
-      `tokenwarden: could not list the search attributes of namespace ${namespace} (${(err as Error).message}); make sure ${Object.values(
+      `tokenwarden: could not list the search attributes of namespace ${namespace} (${err.message}); make sure ${Object.values(
         SEARCH_ATTRIBUTE,
       )
-        .map((k) => k.name)
+        .map((k) => `${k.name} (${SEARCH_ATTRIBUTE_CLI_TYPES[k.name]})`)
         .join(', ')} are registered`,
     );
     return;
   }
-  const missing = Object.values(SEARCH_ATTRIBUTE).filter((k) => !(k.name in registered));
-  if (missing.length > 0) {
+  const keys = Object.values(SEARCH_ATTRIBUTE);
+  const missing = keys.filter((k) => !(k.name in registered));
+  const mistyped = keys.filter(
+    (k) => k.name in registered && registered[k.name] !== encodeSearchAttributeIndexedValueType(k.type),
+  );
+  const problems = [
+    ...(missing.length > 0 ? [`lacks the search attribute(s) ${missing.map((k) => k.name).join(', ')}`] : []),
+    ...mistyped.map(
+      (k) =>
+        `has ${k.name} registered as ${typeName(registered[k.name]!)} where tokenwarden writes ${SEARCH_ATTRIBUTE_CLI_TYPES[k.name]} (remove it, then create it with that type)`,
+    ),
+  ];
+  if (problems.length > 0) {
     throw new ConfigError(
-      `namespace ${namespace} lacks the search attribute(s) ${missing.map((k) => k.name).join(', ')}; register them first:\n${missing
+      `namespace ${namespace} ${problems.join('; ')}; register them first:\n${[...missing, ...mistyped]
         .map(
           (k) =>
             `  temporal operator search-attribute create --namespace ${namespace} --name ${k.name} --type ${SEARCH_ATTRIBUTE_CLI_TYPES[k.name]}`,
@@ -165,6 +182,14 @@ export async function checkSearchAttributes(client: Client, namespace: string): 
   }
 }
 
+/** `KEYWORD_LIST` for INDEXED_VALUE_TYPE_KEYWORD_LIST, as the server names a registered type. */
+const typeName = (type: proto.temporal.api.enums.v1.IndexedValueType): string =>
+  (proto.temporal.api.enums.v1.IndexedValueType[type] ?? String(type)).replace(/^INDEXED_VALUE_TYPE_/, '');
+
+/**
+ * Runs a worker and the expiry sweep until shutdown (SIGINT/SIGTERM are handled by the SDK's
+ * Runtime). With `ensureSchedule`, also creates the reconciler Schedule and triggers one pass right away.
+ */
 export async function runWorkerProcess(
   settings: Settings,
   opts: { ensureSchedule: boolean },

@@ -55,6 +55,25 @@ const text = (value: unknown, max: number): string | undefined => {
   return clean.length > 0 ? [...clean].slice(0, max).join('') : undefined;
 };
 
+/** How much of a raw text the masks read: enough to fill 500 after masking, bounded for a 2 MB Signal. */
+const MASK_WINDOW = 20_000;
+const EMAIL_ADDRESSES = new RegExp(EMAIL_ADDRESS.source, 'g');
+
+/**
+ * A raw Signal's reason as recorded: secret-shaped text noted, addresses masked, then cut to 500,
+ * so masking short addresses cannot grow it past the bound the library enforces.
+ */
+function recordedReason(value: unknown): string | undefined {
+  const wide = text(value, MASK_WINDOW);
+  return wide === undefined ? undefined : text(redactedText(wide).replace(EMAIL_ADDRESSES, '[an email address]'), 500);
+}
+
+/**
+ * Operators' and receivers' text inside the current details, which the Web UI renders as markdown:
+ * escaped so that an image or link in a reason is shown as text, never fetched; one line.
+ */
+const md = (value: string): string => value.replace(/\s+/g, ' ').replace(/[\\`*_[\]<>!|~]/g, '\\$&');
+
 export type ParsedRevoke = RevokeRequest & {
   malformed: boolean;
   /** The encoding of a payload the converter could not decode (see payload-converter.ts). */
@@ -71,7 +90,7 @@ export function parseRevokeSignal(payload: unknown): ParsedRevoke {
   // audit, receivers' events) as a note of what it looked like, never as itself.
   const secretFree = (value: string | undefined) => (value === undefined ? undefined : redactedText(value));
   // An address in a raw Signal's reason (the library refuses one) is kept out of the audit data.
-  const reason = secretFree(text(p.reason, 500))?.replace(new RegExp(EMAIL_ADDRESS.source, 'g'), '[an email address]');
+  const reason = recordedReason(p.reason);
   const actor = secretFree(text(p.actor, 200));
   const entity = INITIATING_ENTITIES.includes(p.initiatingEntity as InitiatingEntity)
     ? (p.initiatingEntity as InitiatingEntity)
@@ -442,9 +461,9 @@ export class LifecycleState {
   /** The workflow's current details (markdown, shown in the Web UI): what is true now. */
   details(): string {
     if (this.phase === 'active') return `**active** until ${this.expiresAt}.`;
-    if (this.phase === 'killing') return `**killing** in the store: ${this.whyKilling}.`;
+    if (this.phase === 'killing') return `**killing** in the store: ${md(this.whyKilling ?? '')}.`;
     const k = this.kill!;
-    const lines = [`**${this.status}** at ${k.revokedAt} by ${k.revokedBy}: ${k.revokeReason}.`];
+    const lines = [`**${this.status}** at ${k.revokedAt} by ${md(`${k.revokedBy}`)}: ${md(`${k.revokeReason}`)}.`];
     const all = this.all();
     const confirmed = all.filter((d) => d.status === 'delivered').length;
     const forced = all.filter((d) => d.status === 'forced').length;
@@ -452,7 +471,7 @@ export class LifecycleState {
     if (this.phase === 'complete') {
       lines.push(
         forced
-          ? `Propagation **complete**, forced by ${this.forcedBy ? `${this.forcedBy.actor} (${this.forcedBy.reason})` : 'an operator'}: ${progress}.`
+          ? `Propagation **complete**, forced by ${this.forcedBy ? `${md(this.forcedBy.actor)} (${md(this.forcedBy.reason)})` : 'an operator'}: ${progress}.`
           : all.length === 0
             ? 'Propagation **complete**: no receivers.'
             : `Propagation **complete**: every receiver confirmed.`,
@@ -501,14 +520,18 @@ export class LifecycleState {
 
 function describeDelivery(d: DeliveryView): string {
   const attempts = `${d.attempts} attempt${d.attempts === 1 ? '' : 's'}`;
-  const last = d.lastError ? `; last: ${d.lastError}` : d.lastStatusCode !== null ? `; HTTP ${d.lastStatusCode}` : '';
+  const last = d.lastError
+    ? `; last: ${md(d.lastError)}`
+    : d.lastStatusCode !== null
+      ? `; HTTP ${d.lastStatusCode}`
+      : '';
   switch (d.status) {
     case 'delivered':
       return `confirmed after ${attempts}`;
     case 'forced':
       return `forced complete by an operator after ${attempts}${last}`;
     case 'cancelled':
-      return `cancelled (${d.lastError ?? 'receiver removed'})`;
+      return `cancelled (${md(d.lastError ?? 'receiver removed')})`;
     case 'failed':
       return `rejected after ${attempts}${last}; waits for an operator`;
     default:
@@ -617,7 +640,7 @@ export function parseSuspiciousReport(payload: unknown): {
   // audit trail (the Signal's own payload stays in history; only a payload codec hides that).
   const secretFree = (value: string | undefined) => (value === undefined ? undefined : redactedText(value));
   // An address in a raw Signal's reason (the library refuses one) is kept out of the audit data.
-  const reason = secretFree(text(p.reason, 500))?.replace(new RegExp(EMAIL_ADDRESS.source, 'g'), '[an email address]');
+  const reason = recordedReason(p.reason);
   // The audit key holds it: a secret-shaped id is dropped, not redacted (redacted ids would collide).
   const givenReportId = text(p.reportId, 100);
   const reportId =

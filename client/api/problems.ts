@@ -5,7 +5,12 @@
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
 import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { InvalidInputError, NotFoundError, PolicyApplyInProgressError } from '../../common/errors.js';
+import {
+  InvalidInputError,
+  NotFoundError,
+  PolicyApplyInProgressError,
+  TokenStateConflictError,
+} from '../../common/errors.js';
 
 /** Where a bad field was: the request part, then its path inside it (`subject`, `receivers.0`). */
 export interface FieldProblem {
@@ -41,6 +46,8 @@ export const PROBLEM_TYPE = {
   notFound: 'urn:tokenwarden:problem:not-found',
   /** Another apply of the policy is running (here or in another process): try again when it ends. */
   applyInProgress: 'urn:tokenwarden:problem:policy-apply-in-progress',
+  /** The token's state refuses the request (not propagating, no longer active); `show` tells it. */
+  tokenState: 'urn:tokenwarden:problem:token-state-conflict',
   /** Status-only problems: the title is the HTTP status phrase (RFC 9457 §4.2.1). */
   blank: 'about:blank',
 } as const;
@@ -144,6 +151,12 @@ export function handleError(error: FastifyError, request: FastifyRequest, reply:
     return sendProblem(
       reply,
       problem(request, 409, error.message, { type: PROBLEM_TYPE.applyInProgress, title: 'Policy apply in progress' }),
+    );
+  }
+  if (error instanceof TokenStateConflictError) {
+    return sendProblem(
+      reply,
+      problem(request, 409, error.message, { type: PROBLEM_TYPE.tokenState, title: "Conflict with the token's state" }),
     );
   }
   const status = error.statusCode ?? 500;

@@ -22,6 +22,7 @@ const errors = {
   401: problemSchema,
   403: problemSchema,
   404: problemSchema,
+  409: problemSchema.describe("the token's state refuses it (no longer active)"),
   503: problemSchema,
 };
 

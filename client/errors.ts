@@ -1,0 +1,53 @@
+/**
+ * A workflow's failure of an Update, said to the caller by the failure's type: a refused field is
+ * bad input (400, exit 2), a refusal by the token's state is a conflict (409, exit 4), anything else
+ * is a fault of the handler, which the caller reports with the failure as its cause.
+ */
+import { ApplicationFailure, type WorkflowUpdateFailedError } from '@temporalio/client';
+import { InvalidInputError, NotPropagatingError, TokenNotActiveError } from '../common/errors.js';
+import {
+  INVALID_LIFECYCLE_REQUEST,
+  INVALID_OPERATOR_REQUEST,
+  NOT_PROPAGATING,
+  TOKEN_NOT_ACTIVE,
+} from '../workflows/lifecycle-state.js';
+
+/** Failure types that refuse the request's input; their message starts with the field (`reason: …`). */
+const INPUT_REFUSALS: ReadonlySet<string> = new Set([
+  INVALID_OPERATOR_REQUEST,
+  INVALID_LIFECYCLE_REQUEST,
+  // An activity's refusal the workflow passes on: the token or the policy's owner receiver is gone.
+  'NotFoundError',
+  'NoOwnerDestination',
+]);
+
+export interface UpdateRefusalContext {
+  tokenId: string;
+  /** What was asked, as the caller said it (`retry`, `rotate`). */
+  kind: string;
+  /** The message's field prefixes the caller knows, mapped to the names the caller used. */
+  fields: Readonly<Record<string, string>>;
+}
+
+/** The refusal `err` stands for, or undefined when the handler failed instead (keep `err` as the cause). */
+export function updateRefusal(
+  err: WorkflowUpdateFailedError,
+  { tokenId, kind, fields }: UpdateRefusalContext,
+): InvalidInputError | NotPropagatingError | TokenNotActiveError | undefined {
+  const failure = err.cause instanceof ApplicationFailure ? err.cause : undefined;
+  const type = failure?.type ?? undefined;
+  if (failure === undefined || type === undefined) return undefined;
+  const message = failure.message;
+  // The workflow's refusal names the token and its phase already.
+  if (type === NOT_PROPAGATING) return new NotPropagatingError(tokenId, message);
+  if (type === TOKEN_NOT_ACTIVE) return new TokenNotActiveError(tokenId, message);
+  if (!INPUT_REFUSALS.has(type)) return undefined;
+  const prefix = /^(\w+): /.exec(message);
+  const path = prefix ? fields[prefix[1]!] : undefined;
+  if (path !== undefined) {
+    const detail = message.slice(prefix![0].length);
+    return new InvalidInputError(`invalid ${kind} request: ${path}: ${detail}`, [{ path, message: detail }]);
+  }
+  const detail = `its workflow refused the ${kind}: ${message}`;
+  return new InvalidInputError(`invalid ${kind} request: tokenId: ${detail}`, [{ path: 'tokenId', message: detail }]);
+}
