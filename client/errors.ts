@@ -3,7 +3,7 @@
  * bad input (400, exit 2), a refusal by the token's state is a conflict (409, exit 4), anything else
  * is a fault of the handler, which the caller reports with the failure as its cause.
  */
-import { ApplicationFailure, type WorkflowUpdateFailedError } from '@temporalio/client';
+import { ApplicationFailure, isGrpcServiceError, type WorkflowUpdateFailedError } from '@temporalio/client';
 import { InvalidInputError, NotPropagatingError, TokenNotActiveError } from '../common/errors.js';
 import {
   INVALID_LIFECYCLE_REQUEST,
@@ -50,4 +50,46 @@ export function updateRefusal(
   }
   const detail = `its workflow refused the ${kind}: ${message}`;
   return new InvalidInputError(`invalid ${kind} request: tokenId: ${detail}`, [{ path: 'tokenId', message: detail }]);
+}
+
+/** gRPC FAILED_PRECONDITION: how the server's WorkflowNotReady reaches a client. */
+const GRPC_FAILED_PRECONDITION = 9;
+
+/**
+ * Whether the server aborted the Update because a workflow task failed (a worker lost mid-task, an
+ * overloaded one): the Update was not applied, and the same Update id may be sent again.
+ */
+export function abortedByWorkflowTaskFailure(err: unknown): boolean {
+  for (let e: unknown = err; e instanceof Error; e = e.cause) {
+    if (
+      isGrpcServiceError(e) &&
+      e.code === GRPC_FAILED_PRECONDITION &&
+      /unexpected workflow task failure/i.test(e.details || e.message)
+    ) {
+      return true;
+    }
+  }
+  return false;
+}
+
+/** How often an aborted Update is sent, and the pause before the first resend (doubling). */
+export const UPDATE_ABORT_ATTEMPTS = 3;
+const UPDATE_ABORT_PAUSE_MS = 500;
+
+/**
+ * Sends an Update (`send` must reuse one Update id: the server applies an id once), again after an
+ * abort on a failed workflow task, at most UPDATE_ABORT_ATTEMPTS times and never past `deadline`.
+ */
+export async function sendWithAbortRetries<T>(send: () => Promise<T>, deadline: number): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await send();
+    } catch (err) {
+      const pause = UPDATE_ABORT_PAUSE_MS * 2 ** (attempt - 1);
+      if (attempt >= UPDATE_ABORT_ATTEMPTS || Date.now() + pause >= deadline || !abortedByWorkflowTaskFailure(err)) {
+        throw err;
+      }
+      await new Promise((resolve) => setTimeout(resolve, pause));
+    }
+  }
 }

@@ -15,7 +15,7 @@ import type { StorePool } from '../common/db.js';
 import { z } from 'zod';
 import { loadSettings, type Settings } from '../common/config.js';
 import { NotPropagatingError } from '../common/errors.js';
-import { updateRefusal } from './errors.js';
+import { sendWithAbortRetries, updateRefusal } from './errors.js';
 import { newCredentialId, newTokenId } from '../common/ids.js';
 import { INITIATING_ENTITIES, type InitiatingEntity, type TokenStatus } from '../common/names.js';
 import { generateTokenString, hashToken } from '../common/secrets.js';
@@ -595,8 +595,9 @@ export class TokenWarden extends TokenWardenStore {
     const handle = this.temporal.workflow.getHandle(tokenWorkflowId(req.tokenId));
     const options = { args: [request] as [OperatorRequest], updateId: req.requestId ?? randomUUID() };
     try {
-      return await this.temporal.connection.withDeadline(Date.now() + OPERATOR_DEADLINE_MS, () =>
-        handle.executeUpdate(update, options),
+      const deadline = Date.now() + OPERATOR_DEADLINE_MS;
+      return await this.temporal.connection.withDeadline(deadline, () =>
+        sendWithAbortRetries(() => handle.executeUpdate(update, options), deadline),
       );
     } catch (err) {
       if (err instanceof WorkflowUpdateFailedError) {

@@ -39,7 +39,7 @@ import { requirePolicy, tokenPolicy } from '../common/store/policies.js';
 import { requireToken } from '../common/store/tokens.js';
 import { findSecret, MAX_JSON_DEPTH, nestsTooDeep } from '../common/secret-shapes.js';
 import { actorSchema, parseInput, reasonSchema, secretKind, tokenIdSchema, ttlSchema } from '../common/validation.js';
-import { updateRefusal } from './errors.js';
+import { sendWithAbortRetries, updateRefusal } from './errors.js';
 import { causes } from './tell.js';
 
 /** The token's workflow could not be reached or did not answer in time (the API answers 503). */
@@ -195,8 +195,9 @@ async function sendUpdate<Result, Arg>(
 ): Promise<Result> {
   const handle = deps.temporal.workflow.getHandle(tokenWorkflowId(tokenId));
   try {
-    return await deps.temporal.connection.withDeadline(Date.now() + SELF_MANAGING_DEADLINE_MS, () =>
-      handle.executeUpdate(update, { args: [arg] as [Arg], updateId }),
+    const deadline = Date.now() + SELF_MANAGING_DEADLINE_MS;
+    return await deps.temporal.connection.withDeadline(deadline, () =>
+      sendWithAbortRetries(() => handle.executeUpdate(update, { args: [arg] as [Arg], updateId }), deadline),
     );
   } catch (err) {
     if (err instanceof WorkflowUpdateFailedError) {

@@ -6,7 +6,8 @@
  * the code before a patch, named after that patch, and stays as long as such runs may exist.
  * To record: `TOKENWARDEN_RECORD_HISTORIES=1 npm test -- lifecycle` writes the history of every
  * scenario whose test calls maybeRecordHistory(), skipping files that already exist. After adding a
- * patch, move the top-level files into a folder named after it, then record. Never delete and
+ * patch, move the top-level files into a folder named after it, then record (a patch reached only
+ * by some scenarios may move just those; the others then keep replaying the pre-patch path). Never delete and
  * re-record a history to make this test pass: that hides the very change it exists to catch.
  */
 import assert from 'node:assert/strict';
@@ -14,7 +15,9 @@ import { describe, it } from 'node:test';
 import { Worker } from '@temporalio/worker';
 import { WORKFLOWS_PATH } from '../worker/worker.js';
 import { workerDataConverter } from '../common/data-converter.js';
+import { SEARCH_ATTRIBUTE } from '../common/names.js';
 import { historyFiles, loadHistory, RECORDING_PAYLOAD_KEY } from './support/history.js';
+import { patchedUpserts } from './support/patches.js';
 
 const files = historyFiles();
 const bundle = process.env.TOKENWARDEN_TEST_WORKFLOW_BUNDLE;
@@ -33,6 +36,7 @@ describe('recorded histories replay', () => {
       'before-local-store-calls/malformed-revoke.json',
       'before-local-store-calls/restart-adopts-stuck.json',
       'before-local-store-calls/revoke-stuck-retry.json',
+      'before-pending-receivers/revoke-stuck-retry.json',
       'before-store-driven-propagation/expire-deliver.json',
       'before-store-driven-propagation/revoke-stuck-retry.json',
       'cancelled-mid-propagation.json',
@@ -65,6 +69,29 @@ describe('recorded histories replay', () => {
       'suspicious-rotate.json',
       'warnings-expire.json',
     ]);
+  });
+  it('should hold a stuck propagation patched once for its pending receivers, each upsert a change', () => {
+    // Recorded under the patch: its marker, then TokenPendingReceivers as the set shrank. Replay
+    // fails if a later edit moves or repeats the upsert (into a query, before the patch call).
+    const trail = patchedUpserts(
+      loadHistory('revoke-stuck-retry.json'),
+      'pending-receivers',
+      SEARCH_ATTRIBUTE.pendingReceivers.name,
+    );
+    assert.equal(trail.markers, 1, JSON.stringify(trail));
+    assert.ok(trail.markerFirst, JSON.stringify(trail));
+    assert.ok(trail.upserts.length >= 2, JSON.stringify(trail));
+    assert.equal(trail.upserts.at(-1), null, 'cleared once complete');
+    for (let i = 1; i < trail.upserts.length; i++) {
+      assert.notDeepEqual(trail.upserts[i], trail.upserts[i - 1], `upsert ${i} changes nothing`);
+    }
+    // Recorded before it: no marker, no upsert (the pre-patch path).
+    const before = patchedUpserts(
+      loadHistory('before-pending-receivers/revoke-stuck-retry.json'),
+      'pending-receivers',
+      SEARCH_ATTRIBUTE.pendingReceivers.name,
+    );
+    assert.deepEqual(before, { markers: 0, markerFirst: false, upserts: [] });
   });
   for (const file of files) {
     it(`should replay ${file} without a determinism error`, async () => {

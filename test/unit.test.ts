@@ -53,10 +53,15 @@ import {
   TimeoutType,
 } from '@temporalio/common';
 import { RECEIVER_REJECTED } from '../common/names.js';
-import { WorkflowUpdateFailedError } from '@temporalio/client';
+import { ServiceError, WorkflowUpdateFailedError } from '@temporalio/client';
 import Fastify from 'fastify';
 import { handleError } from '../client/api/problems.js';
-import { updateRefusal } from '../client/errors.js';
+import {
+  abortedByWorkflowTaskFailure,
+  sendWithAbortRetries,
+  UPDATE_ABORT_ATTEMPTS,
+  updateRefusal,
+} from '../client/errors.js';
 import { NotPropagatingError, TokenNotActiveError, TokenStateConflictError } from '../common/errors.js';
 
 describe('durations', () => {
@@ -716,5 +721,54 @@ describe('workflow refusals of Updates, by failure type', () => {
     } finally {
       await app.close();
     }
+  });
+});
+
+describe('an Update aborted on a failed workflow task', () => {
+  // The server's WorkflowNotReady as the SDK hands it on: a ServiceError caused by the gRPC status.
+  // Not provoked against the dev server: a transient workflow-task failure cannot be caused on demand.
+  const grpcError = (code: number, details: string) =>
+    new ServiceError('Workflow Update failed', {
+      cause: Object.assign(new Error(`${code} ${details}`), { code, details, metadata: {} }),
+    });
+  const aborted = () =>
+    grpcError(9, 'Unable to perform workflow execution update due to unexpected workflow task failure.');
+
+  it('should send it again, the same call, a bounded number of times', async () => {
+    let calls = 0;
+    const applied = await sendWithAbortRetries(async () => {
+      if (++calls < UPDATE_ABORT_ATTEMPTS) throw aborted();
+      return 'applied';
+    }, Date.now() + 15_000);
+    assert.deepEqual([applied, calls], ['applied', UPDATE_ABORT_ATTEMPTS]);
+
+    calls = 0;
+    const always = await sendWithAbortRetries(async () => {
+      calls++;
+      throw aborted();
+    }, Date.now() + 15_000).catch((e: unknown) => e);
+    assert.ok(abortedByWorkflowTaskFailure(always), String(always));
+    assert.equal(calls, UPDATE_ABORT_ATTEMPTS);
+  });
+
+  it('should not resend other failures, nor past the deadline', async () => {
+    for (const err of [grpcError(9, 'some other precondition'), grpcError(14, 'unavailable'), new Error('boom')]) {
+      let calls = 0;
+      await assert.rejects(
+        sendWithAbortRetries(async () => {
+          calls++;
+          throw err;
+        }, Date.now() + 15_000),
+      );
+      assert.equal(calls, 1, err.message);
+    }
+    let calls = 0;
+    await assert.rejects(
+      sendWithAbortRetries(async () => {
+        calls++;
+        throw aborted();
+      }, Date.now() + 100),
+    );
+    assert.equal(calls, 1, 'no resend that would end past the deadline');
   });
 });
