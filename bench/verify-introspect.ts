@@ -114,7 +114,7 @@ export async function runIntrospectionBench(opts: IntrospectionBenchOptions): Pr
     reconcileGraceMs: 60_000,
     masterKey: randomBytes(32),
     previousMasterKeys: [],
-      payloadKeys: [],
+    payloadKeys: [],
     receiverAllow: [],
     maxTtlMs: DEFAULT_MAX_TTL_MS,
     worker: WORKER_TUNING_DEFAULTS,
