@@ -423,6 +423,8 @@ describe('payloads in Temporal', () => {
         });
       assert.equal((await ask('::ffff:127.0.0.1', {})).statusCode, 200, 'a mapped loopback peer is loopback');
       assert.equal((await ask('127.0.0.1', { host: `localhost:${port}` })).statusCode, 200);
+      // Every case is asked, and every one answered otherwise than 401 named.
+      const admitted: string[] = [];
       for (const [label, peer, headers] of [
         ['a private-network peer', '10.1.2.3', {}],
         ['a mapped private-network peer', '::ffff:10.1.2.3', {}],
@@ -433,10 +435,12 @@ describe('payloads in Temporal', () => {
         ['a proxy saying so in Forwarded', '127.0.0.1', { forwarded: 'for=203.0.113.9' }],
       ] as const) {
         const refused = await ask(peer, headers);
-        assert.equal(refused.statusCode, 401, `${label}: ${refused.body}`);
+        if (refused.statusCode !== 401) admitted.push(`${label}: ${refused.statusCode}`);
       }
       // Refused before the body is read: a malformed body from afar is not even parsed.
-      assert.equal((await ask('10.1.2.3', {}, '{not json')).statusCode, 401);
+      const unread = await ask('10.1.2.3', {}, '{not json');
+      if (unread.statusCode !== 401) admitted.push(`a malformed body from afar: ${unread.statusCode}`);
+      assert.deepEqual(admitted, []);
       // A remote caller with a key is a caller like any other.
       const keyed = await ask('10.1.2.3', { authorization: `Bearer ${codecKey}` });
       assert.equal(keyed.statusCode, 200, keyed.body);
