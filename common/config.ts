@@ -9,7 +9,7 @@ import { DEFAULT_NAMESPACE, DEFAULT_TASK_QUEUE, type PropagationTiming } from '.
 import { formatDuration, parseDuration, DURATION_HINT } from './durations.js';
 import { ConfigError } from './errors.js';
 import { isLoopbackHost, RECEIVER_ALLOWANCES, type ReceiverAllowance } from './addresses.js';
-import { DECRYPT_ONLY, payloadKeyId } from './payload-codec.js';
+import { DECRYPT_ONLY, payloadKeyId } from './payload-key-id.js';
 
 /** The package root (this file lives in dist/common/). */
 export const PACKAGE_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');

@@ -6,7 +6,8 @@
 import path from 'node:path';
 import type { DataConverter, PayloadCodec } from '@temporalio/common';
 import { PACKAGE_ROOT, type StoreSettings } from './config.js';
-import { EncryptionCodec, payloadKeyId } from './payload-codec.js';
+import { EncryptionCodec } from './payload-codec.js';
+import { payloadKeyId } from './payload-key-id.js';
 
 /** Tolerates undecodable payloads (workflows/payload-converter.ts); bundles must be built with it too. */
 export const PAYLOAD_CONVERTER_PATH = path.join(PACKAGE_ROOT, 'dist', 'workflows', 'payload-converter.js');

@@ -17,9 +17,10 @@
  *
  * Runs outside the workflow sandbox (client, worker, API), so node:crypto is fine here.
  */
-import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
+import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
 import type { Payload, PayloadCodec } from '@temporalio/common';
 import proto from '@temporalio/proto';
+import { DECRYPT_ONLY, payloadKeyId } from './payload-key-id.js';
 
 const { temporal } = proto;
 
@@ -35,14 +36,6 @@ const AAD = Buffer.from('tokenwarden payload v1');
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
-
-/** A payload key's public id: derived, never a prefix of the key itself. */
-export function payloadKeyId(key: Buffer): string {
-  return Buffer.from(hkdfSync('sha256', key, Buffer.alloc(0), 'tokenwarden payload key id', 8)).toString('hex');
-}
-
-/** The `encryptKeyId` that encrypts nothing: every process first learns a key, then encryption starts. */
-export const DECRYPT_ONLY = 'none';
 
 export interface PayloadCodecOptions {
   /** The id of the configured key that encrypts, or DECRYPT_ONLY; the first key when unset. */

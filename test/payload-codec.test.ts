@@ -14,13 +14,8 @@ import { TokenWarden } from '../client/index.js';
 import { loadApiSettings, loadStoreSettings, type Settings } from '../common/config.js';
 import { payloadCodecs } from '../common/data-converter.js';
 import { ConfigError } from '../common/errors.js';
-import {
-  DECRYPT_ONLY,
-  ENCRYPTED_ENCODING,
-  EncryptionCodec,
-  KEY_ID_METADATA,
-  payloadKeyId,
-} from '../common/payload-codec.js';
+import { ENCRYPTED_ENCODING, EncryptionCodec, KEY_ID_METADATA } from '../common/payload-codec.js';
+import { DECRYPT_ONLY, payloadKeyId } from '../common/payload-key-id.js';
 import { tokenWorkflowId } from '../common/names.js';
 import * as store from '../common/store/index.js';
 import type { TokenLifecycleResult } from '../common/messages.js';
