@@ -12,7 +12,7 @@ import { createApiServer, type ApiServer } from '../client/api/server.js';
 import { createVerifier, type Verifier } from '../client/verifier.js';
 import { TokenWarden } from '../client/index.js';
 import { loadApiSettings, loadStoreSettings, type Settings } from '../common/config.js';
-import { payloadCodecs } from '../common/data-converter.js';
+import { describePayloadEncryption, payloadCodecs } from '../common/data-converter.js';
 import { ConfigError } from '../common/errors.js';
 import { ENCRYPTED_ENCODING, EncryptionCodec, KEY_ID_METADATA } from '../common/payload-codec.js';
 import { DECRYPT_ONLY, payloadKeyId } from '../common/payload-key-id.js';
@@ -143,6 +143,17 @@ describe('the payload codec', () => {
     assert.equal(text((await named.decode([underSecond!]))[0]!), '"written by a process already rolled"');
 
     assert.throws(() => new EncryptionCodec([first], { encryptKeyId: payloadKeyId(second) }), /not configured/);
+
+    // What a worker logs at start: ids only, so a fleet halfway through a change shows.
+    const [firstId, secondId] = [payloadKeyId(first), payloadKeyId(second)];
+    assert.equal(
+      describePayloadEncryption({ payloadKeys: [first, second], payloadEncryptKeyId: secondId }),
+      `payloads encrypted with key ${secondId}; keys that decrypt: ${firstId}, ${secondId}`,
+    );
+    assert.equal(
+      describePayloadEncryption({ payloadKeys: [first], payloadEncryptKeyId: DECRYPT_ONLY }),
+      `payloads encrypted with key none (plaintext); keys that decrypt: ${firstId}`,
+    );
   });
 
   it('should, without keys, encrypt nothing and still report the encrypted payloads it meets', async () => {
