@@ -8,7 +8,8 @@ import { z } from 'zod';
 import { DEFAULT_NAMESPACE, DEFAULT_TASK_QUEUE, type PropagationTiming } from './names.js';
 import { formatDuration, parseDuration, DURATION_HINT } from './durations.js';
 import { ConfigError } from './errors.js';
-import { RECEIVER_ALLOWANCES, type ReceiverAllowance } from './addresses.js';
+import { isLoopbackHost, RECEIVER_ALLOWANCES, type ReceiverAllowance } from './addresses.js';
+import { DECRYPT_ONLY, payloadKeyId } from './payload-key-id.js';
 
 /** The package root (this file lives in dist/common/). */
 export const PACKAGE_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -34,9 +35,15 @@ export interface StoreSettings {
   previousMasterKeys: Buffer[];
   /**
    * Keys that encrypt what tokenwarden stores in Temporal (common/payload-codec.ts): the first
-   * encrypts, all decrypt. Empty: payloads go to Temporal in plaintext.
+   * encrypts (unless payloadEncryptKeyId names another), all decrypt. Empty: payloads go to Temporal
+   * in plaintext.
    */
   payloadKeys: Buffer[];
+  /**
+   * Which payload key encrypts (TOKENWARDEN_PAYLOAD_ENCRYPT_KEY_ID): a configured key's id, or `none`
+   * (decrypt only, while every process learns a first key); unset: the first key.
+   */
+  payloadEncryptKeyId?: string;
   /** The ed25519 private key (its 32-byte seed) that signs audit checkpoints; undefined when not configured. */
   auditKey?: Buffer | undefined;
   /** The raw ed25519 public key that checks checkpoints where the signing key is not given (an auditor). */
@@ -231,6 +238,13 @@ const envSchema = z.object({
     })
     .optional(),
   TOKENWARDEN_PAYLOAD_KEYS_FILE: z.string().min(1).optional(),
+  TOKENWARDEN_PAYLOAD_ENCRYPT_KEY_ID: z
+    .string()
+    .regex(
+      /^([0-9a-f]{16}|none)$/,
+      'TOKENWARDEN_PAYLOAD_ENCRYPT_KEY_ID must be a payload key id (16 hex digits, as the worker logs it at start) or none',
+    )
+    .optional(),
   TOKENWARDEN_AUDIT_KEY: z
     .string()
     .refine(isMasterKey, 'TOKENWARDEN_AUDIT_KEY must be an ed25519 private key: its 32-byte seed, base64-encoded')
@@ -362,8 +376,15 @@ export function loadApiSettings(env: NodeJS.ProcessEnv = process.env): ApiSettin
       `invalid configuration: ${parsed.error.issues.map((i) => `${String(i.path[0] ?? '')}: ${i.message}`).join('; ')}`,
     );
   }
+  const host = parsed.data.TOKENWARDEN_API_HOST.replace(/^\[(.*)\]$/, '$1');
+  // Keyless answers trust the TCP peer: on a non-loopback address a proxy or a neighbour would be that peer.
+  if (parsed.data.TOKENWARDEN_CODEC_KEYLESS === 'loopback' && !isLoopbackHost(host)) {
+    throw new ConfigError(
+      `invalid configuration: TOKENWARDEN_CODEC_KEYLESS: loopback needs TOKENWARDEN_API_HOST to be a loopback address (got ${host})`,
+    );
+  }
   return {
-    host: parsed.data.TOKENWARDEN_API_HOST.replace(/^\[(.*)\]$/, '$1'),
+    host,
     port: parsed.data.TOKENWARDEN_API_PORT,
     foreignTokens: parsed.data.TOKENWARDEN_FOREIGN_TOKENS,
     codec: {
@@ -525,6 +546,17 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
   if (e.TOKENWARDEN_PAYLOAD_KEYS) payloadKeys = e.TOKENWARDEN_PAYLOAD_KEYS;
   else if (e.TOKENWARDEN_PAYLOAD_KEYS_FILE) payloadKeys = readPayloadKeysFile(e.TOKENWARDEN_PAYLOAD_KEYS_FILE);
   else if (existsSync(payloadKeysFile(dataDir))) payloadKeys = readPayloadKeysFile(payloadKeysFile(dataDir));
+  const payloadEncryptKeyId = e.TOKENWARDEN_PAYLOAD_ENCRYPT_KEY_ID;
+  if (payloadEncryptKeyId !== undefined && payloadEncryptKeyId !== DECRYPT_ONLY) {
+    const ids = payloadKeys.map(payloadKeyId);
+    if (!ids.includes(payloadEncryptKeyId)) {
+      throw new ConfigError(
+        `invalid configuration: TOKENWARDEN_PAYLOAD_ENCRYPT_KEY_ID: ${payloadEncryptKeyId} is not the id of a configured payload key (${
+          ids.length ? `configured: ${ids.join(', ')}` : 'none is configured'
+        })`,
+      );
+    }
+  }
   let auditKey: Buffer | undefined;
   if (e.TOKENWARDEN_AUDIT_KEY) auditKey = Buffer.from(e.TOKENWARDEN_AUDIT_KEY, 'base64');
   else if (e.TOKENWARDEN_AUDIT_KEY_FILE) auditKey = readAuditKeyFile(e.TOKENWARDEN_AUDIT_KEY_FILE);
@@ -544,6 +576,7 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
     masterKey,
     previousMasterKeys: e.TOKENWARDEN_PREVIOUS_MASTER_KEYS,
     payloadKeys,
+    ...(payloadEncryptKeyId !== undefined ? { payloadEncryptKeyId } : {}),
     auditKey,
     ...(e.TOKENWARDEN_AUDIT_PUBLIC_KEY
       ? { auditPublicKey: Buffer.from(e.TOKENWARDEN_AUDIT_PUBLIC_KEY, 'base64') }

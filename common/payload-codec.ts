@@ -2,8 +2,11 @@
  * Payload encryption for everything tokenwarden stores in Temporal: workflow inputs, Signals,
  * Updates, activity arguments and results, summaries, and failure messages (with the failure
  * converter in workflows/failure-converter.ts). AES-256-GCM; the key's id travels in the payload's
- * metadata, so keys roll: the first configured key encrypts, every configured key decrypts, and a
- * payload that was never encrypted (histories recorded before encryption) passes through unchanged.
+ * metadata, so keys roll: one configured key encrypts (the first, unless another is named, or none
+ * while a fleet learns a new key), every configured key decrypts, and a payload that was never
+ * encrypted (histories recorded before encryption) passes through unchanged. This gives
+ * confidentiality, not integrity: plaintext payloads are accepted by design, so anyone who may send
+ * a Signal can forge one, and the constant associated data does not bind a ciphertext to a workflow.
  *
  * A payload this codec cannot decrypt (a key no longer configured, bytes that fail authentication, a
  * forged `binary/encrypted` payload sent by hand) is returned as it is, never thrown: a decode that
@@ -14,9 +17,10 @@
  *
  * Runs outside the workflow sandbox (client, worker, API), so node:crypto is fine here.
  */
-import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
+import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
 import type { Payload, PayloadCodec } from '@temporalio/common';
 import proto from '@temporalio/proto';
+import { DECRYPT_ONLY, payloadKeyId } from './payload-key-id.js';
 
 const { temporal } = proto;
 
@@ -33,58 +37,68 @@ const AAD = Buffer.from('tokenwarden payload v1');
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
-/** A payload key's public id: derived, never a prefix of the key itself. */
-export function payloadKeyId(key: Buffer): string {
-  return Buffer.from(hkdfSync('sha256', key, Buffer.alloc(0), 'tokenwarden payload key id', 8)).toString('hex');
-}
-
 export interface PayloadCodecOptions {
+  /** The id of the configured key that encrypts, or DECRYPT_ONLY; the first key when unset. */
+  encryptKeyId?: string;
   /** Called once per key id the codec met but does not hold (the id only, never key material). */
   onUnknownKey?: (keyId: string) => void;
 }
 
+/**
+ * Without keys it encrypts nothing and still reports the encrypted payloads it meets: a process
+ * started without keys in an encrypted deployment then says so instead of reading them as malformed.
+ */
 export class EncryptionCodec implements PayloadCodec {
-  private readonly currentId: string;
-  private readonly current: Buffer;
+  private readonly current: { id: string; key: Buffer } | undefined;
   private readonly byId = new Map<string, Buffer>();
   private readonly reported = new Set<string>();
 
-  /** `keys[0]` encrypts; every key decrypts. */
+  /** Every key decrypts; `options.encryptKeyId` (default: `keys[0]`) encrypts. */
   constructor(
     keys: readonly Buffer[],
     private readonly options: PayloadCodecOptions = {},
   ) {
-    if (keys.length === 0) throw new Error('a payload codec needs at least one key');
     for (const key of keys) {
       if (key.length !== 32) throw new Error('payload keys must be 32 bytes');
       const id = payloadKeyId(key);
       if (!this.byId.has(id)) this.byId.set(id, key);
     }
-    this.current = keys[0]!;
-    this.currentId = payloadKeyId(this.current);
+    const encryptId = options.encryptKeyId ?? (keys[0] && payloadKeyId(keys[0]));
+    if (encryptId === undefined || encryptId === DECRYPT_ONLY) this.current = undefined;
+    else {
+      const key = this.byId.get(encryptId);
+      if (!key) throw new Error(`the payload key ${encryptId} that should encrypt is not configured`);
+      this.current = { id: encryptId, key };
+    }
   }
 
-  /** The id of the key that encrypts. */
-  get keyId(): string {
-    return this.currentId;
+  /** The id of the key that encrypts; undefined when none does. */
+  get keyId(): string | undefined {
+    return this.current?.id;
+  }
+
+  /** The ids of the keys that decrypt. */
+  get keyIds(): string[] {
+    return [...this.byId.keys()];
   }
 
   async encode(payloads: Payload[]): Promise<Payload[]> {
-    return payloads.map((payload) => this.encrypt(payload));
+    const current = this.current;
+    return current ? payloads.map((payload) => this.encrypt(payload, current)) : payloads;
   }
 
   async decode(payloads: Payload[]): Promise<Payload[]> {
     return payloads.map((payload) => this.decrypt(payload) ?? payload);
   }
 
-  private encrypt(payload: Payload): Payload {
+  private encrypt(payload: Payload, current: { id: string; key: Buffer }): Payload {
     const plaintext = temporal.api.common.v1.Payload.encode(payload).finish();
     const iv = randomBytes(IV_BYTES);
-    const cipher = createCipheriv('aes-256-gcm', this.current, iv);
+    const cipher = createCipheriv('aes-256-gcm', current.key, iv);
     cipher.setAAD(AAD);
     const data = Buffer.concat([iv, cipher.update(plaintext), cipher.final(), cipher.getAuthTag()]);
     return {
-      metadata: { encoding: encoder.encode(ENCRYPTED_ENCODING), [KEY_ID_METADATA]: encoder.encode(this.currentId) },
+      metadata: { encoding: encoder.encode(ENCRYPTED_ENCODING), [KEY_ID_METADATA]: encoder.encode(current.id) },
       data: new Uint8Array(data),
     };
   }

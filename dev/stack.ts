@@ -17,6 +17,7 @@ import {
   payloadKeysFile,
   type StackFile,
 } from '../common/config.js';
+import { isLoopbackHost } from '../common/addresses.js';
 import { migrate } from '../common/db.js';
 import { DEFAULT_NAMESPACE } from '../common/names.js';
 import { runWorkerProcess } from '../worker/worker.js';
@@ -81,9 +82,11 @@ export async function runStack(opts: StackOptions = {}): Promise<never> {
     const keyFile = await ensureMasterKey(dataDir, log);
     const payloadKeysPath = await ensurePayloadKeys(dataDir, log);
     // The Web UI decodes payloads through the stack's HTTP API (its codec endpoints).
-    // Its UI cannot send a key: loopback callers need none (a key is still needed from elsewhere).
+    // Its UI cannot send a key: loopback callers need none (a key is still needed from elsewhere),
+    // and only when the API listens on loopback, since keyless answers trust the TCP peer.
+    const apiHost = loadApiSettings({ ...process.env, TOKENWARDEN_CODEC_KEYLESS: 'off' }).host;
     const apiSettings = loadApiSettings({
-      TOKENWARDEN_CODEC_KEYLESS: 'loopback',
+      TOKENWARDEN_CODEC_KEYLESS: isLoopbackHost(apiHost) ? 'loopback' : 'off',
       TOKENWARDEN_CODEC_ORIGINS: `http://localhost:${uiPort},http://127.0.0.1:${uiPort}`,
       ...process.env,
     });

@@ -5,13 +5,20 @@
  * Real Temporal dev server, real PostgreSQL, the HTTP API on loopback.
  */
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
+import { createCipheriv, randomBytes } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import type { Payload } from '@temporalio/common';
 import { createApiServer, type ApiServer } from '../client/api/server.js';
 import { createVerifier, type Verifier } from '../client/verifier.js';
-import { ENCRYPTED_ENCODING, EncryptionCodec, KEY_ID_METADATA, payloadKeyId } from '../common/payload-codec.js';
+import { TokenWarden } from '../client/index.js';
+import { loadApiSettings, loadStoreSettings, type Settings } from '../common/config.js';
+import { describePayloadEncryption, payloadCodecs } from '../common/data-converter.js';
+import { ConfigError } from '../common/errors.js';
+import { ENCRYPTED_ENCODING, EncryptionCodec, KEY_ID_METADATA } from '../common/payload-codec.js';
+import { DECRYPT_ONLY, payloadKeyId } from '../common/payload-key-id.js';
 import { tokenWorkflowId } from '../common/names.js';
+import * as store from '../common/store/index.js';
+import type { TokenLifecycleResult } from '../common/messages.js';
 import { createApiKey } from '../common/store/api-keys.js';
 import { call } from './support/api.js';
 import { TestContext, type RunningWorker } from './support/context.js';
@@ -25,6 +32,32 @@ const json = (value: unknown): Payload => ({
   metadata: { encoding: Buffer.from('json/plain') },
   data: Buffer.from(JSON.stringify(value)),
 });
+
+/** What this process writes to stderr while `body` runs (the codecs report unknown keys there). */
+async function capturingStderr<T>(body: (written: () => string) => Promise<T>): Promise<T> {
+  let text = '';
+  const write = process.stderr.write.bind(process.stderr);
+  process.stderr.write = ((chunk: string | Uint8Array, ...rest: never[]) => {
+    text += typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8');
+    return write(chunk, ...rest);
+  }) as typeof process.stderr.write;
+  try {
+    return await body(() => text);
+  } finally {
+    process.stderr.write = write;
+  }
+}
+
+/** An encrypted payload as another codec would write it: `plaintext` sealed under `key` with `aad`. */
+function sealed(key: Buffer, plaintext: Buffer, aad: string): Payload {
+  const iv = randomBytes(12);
+  const cipher = createCipheriv('aes-256-gcm', key, iv);
+  cipher.setAAD(Buffer.from(aad));
+  return {
+    metadata: { encoding: Buffer.from(ENCRYPTED_ENCODING), [KEY_ID_METADATA]: Buffer.from(payloadKeyId(key)) },
+    data: Buffer.concat([iv, cipher.update(plaintext), cipher.final(), cipher.getAuthTag()]),
+  };
+}
 
 describe('the payload codec', () => {
   it('should encrypt under the first key, name it, and decrypt back to the same payload', async () => {
@@ -70,6 +103,98 @@ describe('the payload codec', () => {
     const tampered = { ...ours!, data: Buffer.from(ours!.data!) };
     tampered.data[20]! ^= 1;
     assert.deepEqual(await codec.decode([tampered]), [tampered], 'a tampered ciphertext fails authentication');
+  });
+
+  it('should leave as it is a payload whose nonce, tag, length, associated data or plaintext is wrong', async () => {
+    const key = randomBytes(32);
+    const codec = new EncryptionCodec([key]);
+    const [ours] = await codec.encode([json('sealed')]);
+    const flipped = (at: number): Payload => {
+      const data = Buffer.from(ours!.data!);
+      data[at < 0 ? data.length + at : at]! ^= 0x80;
+      return { ...ours!, data };
+    };
+    const cases: Array<[string, Payload]> = [
+      ['a flipped nonce byte', flipped(0)],
+      ['a flipped tag byte', flipped(-1)],
+      ['data shorter than a nonce and a tag', { ...ours!, data: Buffer.from(ours!.data!).subarray(0, 27) }],
+      ['the right key under other associated data', sealed(key, Buffer.from(ours!.data!), 'another use v1')],
+      // Authentic, but not a Payload message: a length prefix running past the end.
+      [
+        'an authentic ciphertext of bytes that are no payload',
+        sealed(key, Buffer.from([0x0a, 0xff]), 'tokenwarden payload v1'),
+      ],
+    ];
+    for (const [label, payload] of cases) assert.deepEqual(await codec.decode([payload]), [payload], label);
+    assert.equal(text((await codec.decode([ours!]))[0]!), '"sealed"', 'the untouched payload still opens');
+  });
+
+  it('should encrypt with the key the setting names, or with none while every key still decrypts', async () => {
+    const [first, second] = [randomBytes(32), randomBytes(32)];
+    const [underSecond] = await new EncryptionCodec([second]).encode([json('written by a process already rolled')]);
+    const named = new EncryptionCodec([first, second], { encryptKeyId: payloadKeyId(second) });
+    assert.equal(meta((await named.encode([json('x')]))[0]!, KEY_ID_METADATA), payloadKeyId(second));
+
+    const decryptOnly = new EncryptionCodec([first], { encryptKeyId: DECRYPT_ONLY });
+    const plain = json('a first rollout: nothing encrypted yet');
+    assert.deepEqual(await decryptOnly.encode([plain]), [plain], 'decrypt-only encrypts nothing');
+    const [underFirst] = await new EncryptionCodec([first]).encode([json('already encrypted')]);
+    assert.equal(text((await decryptOnly.decode([underFirst!]))[0]!), '"already encrypted"');
+    assert.equal(text((await named.decode([underSecond!]))[0]!), '"written by a process already rolled"');
+
+    assert.throws(() => new EncryptionCodec([first], { encryptKeyId: payloadKeyId(second) }), /not configured/);
+
+    // What a worker logs at start: ids only, so a fleet halfway through a change shows.
+    const [firstId, secondId] = [payloadKeyId(first), payloadKeyId(second)];
+    assert.equal(
+      describePayloadEncryption({ payloadKeys: [first, second], payloadEncryptKeyId: secondId }),
+      `payloads encrypted with key ${secondId}; keys that decrypt: ${firstId}, ${secondId}`,
+    );
+    assert.equal(
+      describePayloadEncryption({ payloadKeys: [first], payloadEncryptKeyId: DECRYPT_ONLY }),
+      `payloads encrypted with key none (plaintext); keys that decrypt: ${firstId}`,
+    );
+  });
+
+  it('should, without keys, encrypt nothing and still report the encrypted payloads it meets', async () => {
+    const unknown: string[] = [];
+    const keyless = new EncryptionCodec([], { onUnknownKey: (id) => unknown.push(id) });
+    const plain = json('plaintext');
+    assert.deepEqual(await keyless.encode([plain]), [plain]);
+    const [foreign] = await new EncryptionCodec([randomBytes(32)]).encode([json('encrypted elsewhere')]);
+    assert.deepEqual(await keyless.decode([foreign!]), [foreign]);
+    assert.deepEqual(unknown, [meta(foreign!, KEY_ID_METADATA)]);
+    // Every process gets a codec, keys or not: one without keys reports instead of staying silent.
+    assert.equal(payloadCodecs({ payloadKeys: [] }).length, 1);
+  });
+
+  it('should refuse an encrypting key id that names no configured key, listing the configured ids', () => {
+    const key = randomBytes(32);
+    const env = {
+      DATABASE_URL: 'postgres://tokenwarden@127.0.0.1:5432/tokenwarden',
+      TOKENWARDEN_DATA_DIR: '/nonexistent',
+      TOKENWARDEN_PAYLOAD_KEYS: key.toString('base64'),
+    };
+    const load = (id: string) => loadStoreSettings({ ...env, TOKENWARDEN_PAYLOAD_ENCRYPT_KEY_ID: id });
+    assert.equal(load(payloadKeyId(key)).payloadEncryptKeyId, payloadKeyId(key));
+    assert.equal(load('none').payloadEncryptKeyId, DECRYPT_ONLY);
+    assert.throws(
+      () => load('0123456789abcdef'),
+      (err: Error) =>
+        err instanceof ConfigError &&
+        err.message.includes('TOKENWARDEN_PAYLOAD_ENCRYPT_KEY_ID') &&
+        err.message.includes(payloadKeyId(key)) &&
+        !err.message.includes(key.toString('base64')),
+    );
+    assert.throws(() => load('my-key'), /TOKENWARDEN_PAYLOAD_ENCRYPT_KEY_ID must be a payload key id/);
+  });
+
+  it('should refuse keyless codec answers on an API that does not listen on loopback', () => {
+    assert.throws(
+      () => loadApiSettings({ TOKENWARDEN_CODEC_KEYLESS: 'loopback', TOKENWARDEN_API_HOST: '0.0.0.0' }),
+      /TOKENWARDEN_CODEC_KEYLESS: loopback needs TOKENWARDEN_API_HOST to be a loopback address/,
+    );
+    assert.equal(loadApiSettings({ TOKENWARDEN_CODEC_KEYLESS: 'loopback' }).codec.keylessLoopback, true);
   });
 });
 
@@ -244,8 +369,12 @@ describe('payloads in Temporal', () => {
     assert.match(ui.headers.get('access-control-allow-methods') ?? '', /POST/);
     assert.match(ui.headers.get('access-control-allow-headers') ?? '', /x-namespace/);
     assert.match(ui.headers.get('access-control-allow-headers') ?? '', /content-type/);
+    assert.equal(ui.headers.get('vary'), 'Origin', 'caches keep answers per origin');
+    assert.equal(ui.headers.get('access-control-allow-credentials'), null, 'no credentials: the key is a header');
     const elsewhere = await preflight('https://evil.example');
     assert.equal(elsewhere.headers.get('access-control-allow-origin'), null, 'no CORS grant for another site');
+    assert.equal(elsewhere.headers.get('access-control-allow-credentials'), null);
+    assert.equal(elsewhere.headers.get('vary'), 'Origin');
 
     const post = await call(url, 'POST', '/codec/decode', {
       key: codecKey,
@@ -253,23 +382,179 @@ describe('payloads in Temporal', () => {
       headers: { origin: 'http://localhost:8233' },
     });
     assert.equal(post.headers.get('access-control-allow-origin'), 'http://localhost:8233');
+    assert.equal(post.headers.get('access-control-allow-credentials'), null);
+
+    // A refusal reaches the UI as what it is (a missing key, a bad body), not as a network error.
+    for (const [status, options] of [
+      [401, { json: { payloads: [] } }],
+      [400, { key: codecKey, json: { payloads: 'none' } }],
+    ] as const) {
+      const refused = await call(url, 'POST', '/codec/decode', {
+        ...options,
+        headers: { origin: 'http://localhost:8233' },
+      });
+      assert.equal(refused.status, status, refused.text);
+      assert.equal(refused.headers.get('access-control-allow-origin'), 'http://localhost:8233', `${status}`);
+      assert.equal(refused.headers.get('vary'), 'Origin');
+    }
   });
 
-  it('should answer loopback callers without a key only where the stack opens it so', async () => {
+  it('should answer keyless only a loopback peer naming a loopback host from no page or an allowed one', async () => {
     const open = await createApiServer({
       warden: ctx.warden,
       verifier,
       logger: false,
-      codec: { origins: [], keylessLoopback: true },
+      codec: { origins: ['http://localhost:8233'], keylessLoopback: true },
     });
     try {
       await open.listen({ host: '127.0.0.1', port: 0 });
       const address = open.server.address();
-      const openUrl = `http://127.0.0.1:${typeof address === 'object' && address ? address.port : 0}`;
+      const port = typeof address === 'object' && address ? address.port : 0;
+      const openUrl = `http://127.0.0.1:${port}`;
       const answer = await call(openUrl, 'POST', '/codec/decode', { json: { payloads: [] } });
       assert.equal(answer.status, 200, answer.text);
+      const fromUi = await call(openUrl, 'POST', '/codec/decode', {
+        json: { payloads: [] },
+        headers: { origin: 'http://localhost:8233' },
+      });
+      assert.equal(fromUi.status, 200, fromUi.text);
+
+      const ask = (remoteAddress: string, headers: Record<string, string>, payload: unknown = { payloads: [] }) =>
+        open.inject({
+          method: 'POST',
+          url: '/codec/decode',
+          remoteAddress,
+          headers: { host: `127.0.0.1:${port}`, 'content-type': 'application/json', ...headers },
+          payload: typeof payload === 'string' ? payload : JSON.stringify(payload),
+        });
+      assert.equal((await ask('::ffff:127.0.0.1', {})).statusCode, 200, 'a mapped loopback peer is loopback');
+      assert.equal((await ask('127.0.0.1', { host: `localhost:${port}` })).statusCode, 200);
+      // Every case is asked, and every one answered otherwise than 401 named.
+      const admitted: string[] = [];
+      for (const [label, peer, headers] of [
+        ['a private-network peer', '10.1.2.3', {}],
+        ['a mapped private-network peer', '::ffff:10.1.2.3', {}],
+        ['a rebound name in Host', '127.0.0.1', { host: `evil.example:${port}` }],
+        ['another port in Host', '127.0.0.1', { host: `127.0.0.1:${port + 1}` }],
+        ["another site's page", '127.0.0.1', { origin: 'https://evil.example' }],
+        ['a proxy on this host', '127.0.0.1', { 'x-forwarded-for': '203.0.113.9' }],
+        ['a proxy saying so in Forwarded', '127.0.0.1', { forwarded: 'for=203.0.113.9' }],
+      ] as const) {
+        const refused = await ask(peer, headers);
+        if (refused.statusCode !== 401) admitted.push(`${label}: ${refused.statusCode}`);
+      }
+      // Refused before the body is read: a malformed body from afar is not even parsed.
+      const unread = await ask('10.1.2.3', {}, '{not json');
+      if (unread.statusCode !== 401) admitted.push(`a malformed body from afar: ${unread.statusCode}`);
+      assert.deepEqual(admitted, []);
+      // A remote caller with a key is a caller like any other.
+      const keyed = await ask('10.1.2.3', { authorization: `Bearer ${codecKey}` });
+      assert.equal(keyed.statusCode, 200, keyed.body);
     } finally {
       await open.close();
     }
   });
+
+  it('should refuse payloads stored externally, naming the field, rather than drop their reference', async () => {
+    const refused = await call(url, 'POST', '/codec/encode', {
+      key: codecKey,
+      json: { payloads: [{ metadata: {}, data: '', externalPayloads: [{ sizeBytes: '10' }] }] },
+    });
+    assert.equal(refused.status, 400, refused.text);
+    assert.match(JSON.stringify(refused.body.errors), /payloads\.0\.externalPayloads/);
+  });
+
+  it("should keep the endpoint's unknown-key reports apart from the worker's", async () => {
+    const forged = Array.from({ length: 120 }, (_, i) => ({
+      metadata: {
+        encoding: Buffer.from(ENCRYPTED_ENCODING).toString('base64'),
+        [KEY_ID_METADATA]: Buffer.from(`forged-${i}`).toString('base64'),
+      },
+      data: Buffer.alloc(40).toString('base64'),
+    }));
+    const [elsewhere] = await new EncryptionCodec([randomBytes(32)]).encode([json('a key the worker lacks')]);
+    await capturingStderr(async (written) => {
+      const answer = await call(url, 'POST', '/codec/decode', { key: codecKey, json: { payloads: forged } });
+      assert.equal(answer.status, 200, answer.text);
+      // The worker's codec (this process's, for these settings) still has its whole report budget.
+      await payloadCodecs(ctx.settings)[0]!.decode([elsewhere!]);
+      assert.match(
+        written(),
+        new RegExp(`tokenwarden: a payload is encrypted with key ${meta(elsewhere!, KEY_ID_METADATA)}`),
+      );
+    });
+  });
+});
+
+describe('a fleet learning a payload key', () => {
+  let ctx: TestContext;
+  let keylessWorker: RunningWorker;
+  let rollout: Settings;
+
+  before(async () => {
+    ctx = await TestContext.create('payload_rollout');
+    // A queue of its own, served only by a worker started before the fleet had any payload key.
+    rollout = {
+      ...ctx.settings,
+      temporal: { ...ctx.settings.temporal, taskQueue: `${ctx.settings.temporal.taskQueue}-rollout` },
+    };
+    keylessWorker = await ctx.startWorker({ ...rollout, payloadKeys: [] });
+  });
+  after(async () => {
+    await keylessWorker?.stop();
+    await ctx?.close();
+  });
+
+  it(
+    'should keep the reason of a revoke sent by a process that already holds the key but only decrypts',
+    { timeout: 60_000 },
+    async () => {
+      const warden = await TokenWarden.connect({
+        ...rollout,
+        payloadKeys: [randomBytes(32)],
+        payloadEncryptKeyId: DECRYPT_ONLY,
+      });
+      try {
+        const issued = await warden.issue({ subject: 'usr_rollout', ttl: '1h' });
+        await warden.revoke({ tokenId: issued.tokenId, reason: 'first rollout, phase one' });
+        const done = (await ctx.client.workflow
+          .getHandle(tokenWorkflowId(issued.tokenId))
+          .result()) as TokenLifecycleResult;
+        assert.equal(done.propagation, 'complete');
+        const audit = await store.readAudit(ctx.pool, issued.tokenId);
+        assert.ok(
+          !audit.some((e) => e.kind === 'signal.malformed'),
+          `audit kinds: ${audit.map((e) => e.kind).join(', ')}`,
+        );
+      } finally {
+        await warden.close();
+      }
+    },
+  );
+
+  it(
+    'should have a worker without keys report the key of an encrypted payload it meets',
+    { timeout: 60_000 },
+    async () => {
+      const key = randomBytes(32);
+      const warden = await TokenWarden.connect({ ...rollout, payloadKeys: [key] });
+      try {
+        await capturingStderr(async (written) => {
+          const issued = await warden.issue({ subject: 'usr_rollout_early', ttl: '1h' });
+          try {
+            await waitUntil(
+              () =>
+                written().includes(`a payload is encrypted with key ${payloadKeyId(key)}, which is not configured`) ||
+                undefined,
+              'the keyless worker names the key it lacks',
+            );
+          } finally {
+            await ctx.client.workflow.getHandle(tokenWorkflowId(issued.tokenId)).terminate('test over');
+          }
+        });
+      } finally {
+        await warden.close();
+      }
+    },
+  );
 });

@@ -18,7 +18,12 @@ import {
 import { ConfigError } from '../common/errors.js';
 import { createActivities, type Activities } from '../activities/index.js';
 import { connectTemporal } from '../common/temporal.js';
-import { FAILURE_CONVERTER_PATH, PAYLOAD_CONVERTER_PATH, workerDataConverter } from '../common/data-converter.js';
+import {
+  describePayloadEncryption,
+  FAILURE_CONVERTER_PATH,
+  PAYLOAD_CONVERTER_PATH,
+  workerDataConverter,
+} from '../common/data-converter.js';
 import type { ReconcileInput } from '../common/messages.js';
 import { startExpirySweeper } from './expiry-sweeper.js';
 
@@ -208,6 +213,8 @@ export async function runWorkerProcess(
   await checkSearchAttributes(client, settings.temporal.namespace);
   const connection = await NativeConnection.connect(settings.temporal.connectionOptions);
   const worker = await createTokenWorker({ connection, client, pool, settings });
+  // Key ids only: a fleet mid-roll (processes encrypting with different keys) shows in the logs.
+  console.error(`tokenwarden worker: ${describePayloadEncryption(settings)}`);
   if (opts.ensureSchedule) {
     await ensureReconcilerSchedule(client, settings);
     await client.schedule.getHandle(RECONCILER_SCHEDULE_ID).trigger(ScheduleOverlapPolicy.SKIP);

@@ -19,6 +19,8 @@ declare module 'fastify' {
     scopes?: readonly ApiKeyScope[];
     /** No authentication: a route must declare this or scopes (checked when it is registered). */
     public?: boolean;
+    /** A scoped route's callers that need no key (decided before the body is read); the rest need one. */
+    keyless?: (request: FastifyRequest) => boolean;
   }
 }
 
@@ -62,8 +64,8 @@ export class ApiKeyAuthenticator {
   /** The onRequest hook: routes configured with scopes require a key holding one of them. */
   hook() {
     return async (request: FastifyRequest, reply: FastifyReply) => {
-      const scopes = request.routeOptions.config.scopes;
-      if (!scopes) return;
+      const { scopes, keyless } = request.routeOptions.config;
+      if (!scopes || keyless?.(request)) return;
       const header = request.headers.authorization;
       const match = typeof header === 'string' ? /^Bearer ([\x21-\x7e]{1,200})$/i.exec(header) : null;
       const key = match ? await this.authenticate(match[1]!) : undefined;

@@ -6,13 +6,14 @@
  * answered for the configured origins only.
  *
  * A key with the `codec` scope (or `admin`) is required; the dev stack may open it to loopback
- * callers without a key (its Web UI cannot send one), see ApiSettings.codecKeylessLoopback.
+ * callers without a key (its Web UI cannot send one), see `keylessCaller`.
  */
+import type { AddressInfo } from 'node:net';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import type { Payload } from '@temporalio/common';
 import { isLoopbackHost } from '../../../common/addresses.js';
-import { payloadCodecs } from '../../../common/data-converter.js';
+import { codecEndpointCodecs } from '../../../common/data-converter.js';
 import type { TokenWarden } from '../../index.js';
 import { problem, problemSchema, sendProblem } from '../problems.js';
 import type { ApiInstance } from '../server.js';
@@ -20,7 +21,7 @@ import type { ApiInstance } from '../server.js';
 export interface CodecOptions {
   /** Origins allowed to call from a browser (the Web UI's, e.g. http://localhost:8233). */
   origins: readonly string[];
-  /** No key needed from a loopback caller (the dev stack's UI); a key is needed from anywhere else. */
+  /** No key needed from a loopback caller of a loopback host (the dev stack's UI); a key from anyone else. */
   keylessLoopback: boolean;
 }
 
@@ -36,8 +37,11 @@ const base64 = z
 const payloadJson = z.strictObject({
   metadata: z.record(z.string().min(1).max(256), base64).optional(),
   data: base64.optional(),
-  // Protobuf JSON may carry this for payloads stored externally; passed through untouched.
-  externalPayloads: z.array(z.unknown()).optional(),
+  // Payloads stored outside Temporal: tokenwarden stores none, and encrypting one would drop its reference.
+  externalPayloads: z
+    .array(z.unknown())
+    .max(0, 'payloads stored externally are not supported: this codec would drop their reference')
+    .optional(),
 });
 type PayloadJson = z.infer<typeof payloadJson>;
 
@@ -55,25 +59,51 @@ const toJson = (p: Payload): PayloadJson => ({
   data: Buffer.from(p.data ?? new Uint8Array()).toString('base64'),
 });
 
-/** The TCP peer, not a forwarded header: a proxy in front makes every caller remote, never local. */
-function fromLoopback(request: FastifyRequest): boolean {
-  const peer = request.socket.remoteAddress ?? '';
-  return isLoopbackHost(peer.startsWith('::ffff:') ? peer.slice('::ffff:'.length) : peer);
+/** The names a Host header gives this machine: a page of another site reaching loopback names its own. */
+function loopbackHostHeader(request: FastifyRequest): boolean {
+  let url: URL;
+  try {
+    url = new URL(`http://${request.headers.host ?? ''}`);
+  } catch {
+    return false;
+  }
+  const listening = request.server.server.address() as AddressInfo | null;
+  const port = url.port === '' ? 80 : Number(url.port);
+  return isLoopbackHost(url.hostname.replace(/^\[(.*)\]$/, '$1')) && port === listening?.port;
 }
 
+/**
+ * Who may call without a key: a loopback TCP peer (a proxy's forwarding headers make it remote: a
+ * proxy on this host is a loopback peer), naming a loopback host (DNS rebinding names another), from
+ * no browser page or an allowed origin's. Decided before the body is read; anyone else needs a key.
+ */
+function keylessCaller(allowed: ReadonlySet<string>) {
+  return (request: FastifyRequest): boolean => {
+    const peer = request.socket.remoteAddress ?? '';
+    if (!isLoopbackHost(peer.startsWith('::ffff:') ? peer.slice('::ffff:'.length) : peer)) return false;
+    if (FORWARDING_HEADERS.some((h) => h in request.headers)) return false;
+    if (!loopbackHostHeader(request)) return false;
+    const origin = request.headers.origin;
+    return origin === undefined || allowed.has(origin);
+  };
+}
+
+const FORWARDING_HEADERS = ['forwarded', 'x-forwarded-for', 'x-forwarded-host', 'x-real-ip'];
+
 export async function codecRoutes(app: ApiInstance, warden: TokenWarden, options: CodecOptions): Promise<void> {
-  const codecs = payloadCodecs(warden.settings);
+  const codecs = codecEndpointCodecs(warden.settings);
   const namespace = warden.settings.temporal.namespace;
   const allowed = new Set(options.origins);
 
-  /** CORS for an allowed origin only: another site's page cannot read what the codec answers. */
-  const cors = (request: FastifyRequest, reply: FastifyReply) => {
+  /**
+   * CORS for an allowed origin only, on every answer (a refusal too: the UI then shows why, not a
+   * network error). No credentials: the key travels in Authorization, never in a cookie.
+   */
+  const cors = async (request: FastifyRequest, reply: FastifyReply, payload: unknown) => {
     const origin = request.headers.origin;
     reply.header('vary', 'Origin');
-    if (typeof origin === 'string' && allowed.has(origin)) {
-      reply.header('access-control-allow-origin', origin);
-      reply.header('access-control-allow-credentials', 'true');
-    }
+    if (typeof origin === 'string' && allowed.has(origin)) reply.header('access-control-allow-origin', origin);
+    return payload;
   };
 
   for (const operation of ['encode', 'decode'] as const) {
@@ -82,10 +112,10 @@ export async function codecRoutes(app: ApiInstance, warden: TokenWarden, options
       url,
       {
         config: { public: true },
+        onSend: cors,
         schema: { summary: "CORS preflight for the Web UI's origin (no key: a browser sends none here)", security: [] },
       },
-      async (request, reply) => {
-        cors(request, reply);
+      async (_request, reply) => {
         return reply
           .code(204)
           .header('access-control-allow-methods', 'POST, OPTIONS')
@@ -98,7 +128,8 @@ export async function codecRoutes(app: ApiInstance, warden: TokenWarden, options
     app.post(
       url,
       {
-        config: options.keylessLoopback ? { public: true } : { scopes: ['codec'] },
+        config: { scopes: ['codec'], ...(options.keylessLoopback ? { keyless: keylessCaller(allowed) } : {}) },
+        onSend: cors,
         bodyLimit: CODEC_BODY_LIMIT,
         schema: {
           summary:
@@ -111,10 +142,6 @@ export async function codecRoutes(app: ApiInstance, warden: TokenWarden, options
         },
       },
       async (request, reply) => {
-        cors(request, reply);
-        if (options.keylessLoopback && !fromLoopback(request)) {
-          return sendProblem(reply, problem(request, 403, 'the codec answers loopback callers only'));
-        }
         const asked = request.headers['x-namespace'];
         // Decoding another namespace's payloads leaves them as they are; encoding them with this
         // deployment's key would make them unreadable to their own workers.
