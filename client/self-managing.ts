@@ -15,7 +15,7 @@ import {
 import { z } from 'zod';
 import type { StorePool } from '../common/db.js';
 import { formatDuration, parseDuration, DURATION_HINT } from '../common/durations.js';
-import { InvalidInputError } from '../common/errors.js';
+import { InvalidInputError, TokenNotActiveError } from '../common/errors.js';
 import { newCredentialId } from '../common/ids.js';
 import {
   cancelScheduledRevokeUpdate,
@@ -169,7 +169,7 @@ const refusal = (path: string, message: string) =>
 async function requireLive(deps: SelfManagingDeps, tokenId: string, what: string): Promise<void> {
   const token = await requireToken(deps.pool, tokenId);
   if (token.effectiveStatus !== 'active') {
-    throw refusal('tokenId', `${tokenId} is ${token.effectiveStatus}: it cannot be ${what}`);
+    throw new TokenNotActiveError(tokenId, `token ${tokenId} is ${token.effectiveStatus}: it cannot be ${what}`);
   }
 }
 
@@ -343,7 +343,10 @@ export async function changeExpiry(
   const req = parseInput(expirySchema(deps.maxTtlMs), { ...input, tokenId }, `${mode} request`);
   const token = await requireToken(deps.pool, req.tokenId);
   if (token.effectiveStatus !== 'active') {
-    throw refusal('tokenId', `${req.tokenId} is ${token.effectiveStatus}: its expiry cannot move`);
+    throw new TokenNotActiveError(
+      req.tokenId,
+      `token ${req.tokenId} is ${token.effectiveStatus}: its expiry cannot move`,
+    );
   }
   const found = await tokenPolicy(deps.pool, req.tokenId);
   const nowMs = Date.parse(found!.dbNow);

@@ -182,16 +182,22 @@ describe('tokenwarden rotate, report, suspend, revoke --at, extend, shorten', ()
     assert.equal(await signals(tokenId, SIGNAL.reportSuspicious), 0);
   });
 
-  it('should refuse every one of them for a dead token, naming tokenId', async () => {
+  it('should refuse every one of them for a dead token as a conflict (exit 4), naming the token', async () => {
     const dead = json(await cli('issue', '--subject', 'usr_cli_dead', '--ttl', '10m', '--json')).tokenId;
     json(await cli('revoke', dead, '--reason', 'gone', '--json'));
-    refused(await cli('rotate', dead), /tokenId: .* is revoked: it cannot be rotated/);
-    refused(await cli('suspend', dead, '--reason', 'r'), /tokenId: .* is revoked/);
-    refused(await cli('resume', dead, '--reason', 'r'), /tokenId: .* is revoked/);
-    refused(await cli('report', dead, '--reason', 'r'), /tokenId: .* is revoked/);
-    refused(await cli('revoke', dead, '--at', '2099-01-01T00:00:00Z', '--reason', 'r'), /tokenId: .* is revoked/);
-    refused(await cli('revoke', dead, '--cancel-scheduled', '--reason', 'r'), /tokenId: .* is revoked/);
-    refused(await cli('extend', dead, '--ttl', '5m', '--reason', 'r'), /tokenId: .* is revoked/);
+    const conflict = (run: CliRun, message: RegExp) => {
+      assert.equal(run.code, 4, `${run.args.join(' ')}: ${run.stderr}`);
+      assert.match(run.stderr, message, run.args.join(' '));
+      assert.equal(run.stdout, '');
+    };
+    const isRevoked = new RegExp(`token ${dead} is revoked`);
+    conflict(await cli('rotate', dead), new RegExp(`token ${dead} is revoked: it cannot be rotated`));
+    conflict(await cli('suspend', dead, '--reason', 'r'), isRevoked);
+    conflict(await cli('resume', dead, '--reason', 'r'), isRevoked);
+    conflict(await cli('report', dead, '--reason', 'r'), isRevoked);
+    conflict(await cli('revoke', dead, '--at', '2099-01-01T00:00:00Z', '--reason', 'r'), isRevoked);
+    conflict(await cli('revoke', dead, '--cancel-scheduled', '--reason', 'r'), isRevoked);
+    conflict(await cli('extend', dead, '--ttl', '5m', '--reason', 'r'), isRevoked);
     const missing = await cli('suspend', 'tok_0193aaaaaaaaaaaaaaaaaaaaaaaaaaaa', '--reason', 'r');
     assert.equal(missing.code, 3, missing.stderr);
   });
