@@ -119,7 +119,11 @@ describe('secret hygiene of the whole run', () => {
     try {
       const scan = new RunSecretScan(await runSecrets());
       scan.searchLogs(LOGS_DIR);
-      assert.deepEqual(scan.hits(), [`an issued token in ${name}.log line 1`]);
+      // Only this file's hit: a leak elsewhere in the run is the first test's to report.
+      assert.deepEqual(
+        scan.hits().filter((hit) => hit.includes(name)),
+        [`an issued token in ${name}.log line 1`],
+      );
     } finally {
       await rm(path.join(LOGS_DIR, `${name}.log`));
     }
