@@ -19,6 +19,8 @@ export interface EmbeddedPostgresOptions {
   dataDir: string;
   port: number;
   log?: (msg: string) => void;
+  /** Receives every line the server prints (a test run keeps them for its secret scan). */
+  serverLog?: (line: string) => void;
   /** Extra `postgres -c name=value` settings, e.g. fsync=off for throwaway test clusters. */
   settings?: Record<string, string>;
 }
@@ -67,6 +69,7 @@ export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Prom
     onLine: (line) => {
       if (ready && /\b(FATAL|PANIC):/.test(line)) log(`postgres: ${line}`);
     },
+    ...(opts.serverLog ? { onOutput: opts.serverLog } : {}),
   });
 
   const connect = { host: '127.0.0.1', port: opts.port, user: SUPERUSER, password };

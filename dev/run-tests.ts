@@ -2,8 +2,11 @@
  * `npm test`: one Temporal dev server, one Postgres and one workflow bundle for the whole run
  * (dev/services.ts), shared by every test file through TOKENWARDEN_TEST_* variables, then `node --test`.
  * Arguments filter the test files by path: `npm test -- store` runs the files whose path contains "store".
+ * Every line the tests, their processes and the services print is kept in the run's directory
+ * (TOKENWARDEN_TEST_RUN_DIR, `logs/`) for the closing secret scan, test/zz-secret-hygiene.test.ts.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { appendFileSync, mkdirSync, openSync, writeSync } from 'node:fs';
 import { chmod, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -16,7 +19,22 @@ const TEST_DIR = path.join(PACKAGE_ROOT, 'dist', 'test');
 const TEST_TIMEOUT_MS = 5 * 60_000;
 /** The whole run (about 6 minutes on 2 cores) may take this long before it is stopped as failed. */
 const RUN_TIMEOUT_MS = Number(process.env.TOKENWARDEN_TEST_RUN_TIMEOUT_MS ?? 45 * 60_000);
-const say = (msg: string) => process.stderr.write(`[run-tests] ${msg}\n`);
+let logsDir: string | undefined;
+/**
+ * Appends to one of the run's log files, synchronously: what a process prints before dying is kept.
+ * Quiet once the run's directory is gone (messages of the cleanup itself).
+ */
+function keep(name: string, text: string): void {
+  try {
+    if (logsDir) appendFileSync(path.join(logsDir, name), text, { mode: 0o600 });
+  } catch {
+    // The run's directory was removed: nothing left to scan.
+  }
+}
+const say = (msg: string) => {
+  process.stderr.write(`[run-tests] ${msg}\n`);
+  keep('run-tests.log', `${msg}\n`);
+};
 
 async function main(): Promise<number> {
   const filters = process.argv.slice(2);
@@ -31,6 +49,8 @@ async function main(): Promise<number> {
   const tmp = await mkdtemp(path.join(os.tmpdir(), 'tokenwarden-test-'));
   // mkdtemp makes it 0700; as root, Postgres runs as the postgres user and must traverse it.
   await chmod(tmp, 0o711);
+  logsDir = path.join(tmp, 'logs');
+  mkdirSync(logsDir, { mode: 0o700 });
   const cleanups: Array<() => Promise<void>> = [() => rm(tmp, { recursive: true, force: true })];
   // Ctrl-C or SIGTERM: stop the tests (node --test also gets the terminal's Ctrl-C by itself),
   // then clean up as usual; the servers are detached, so the signal never reaches them.
@@ -49,6 +69,7 @@ async function main(): Promise<number> {
       workflows: { token: WORKFLOW_BUNDLE_OPTIONS },
       ...(process.env.DATABASE_URL ? { databaseUrl: process.env.DATABASE_URL } : {}),
       log: say,
+      serverLog: (service, line) => keep(`${service}.log`, `${line}\n`),
     });
     cleanups.push(services.stop);
     const bundlePath = path.join(tmp, 'workflow-bundle.js');
@@ -70,9 +91,11 @@ async function main(): Promise<number> {
       ...files,
     ];
     const child = spawn(process.execPath, args, {
-      stdio: 'inherit',
+      // stdout and stderr pass through here to be kept as well (children of the tests inherit them).
+      stdio: ['inherit', 'pipe', 'pipe'],
       env: {
         ...process.env,
+        TOKENWARDEN_TEST_RUN_DIR: tmp,
         TOKENWARDEN_TEST_TEMPORAL_ADDRESS: services.temporalAddress,
         TOKENWARDEN_TEST_NAMESPACE: services.namespace,
         TOKENWARDEN_TEST_DATABASE_URL: services.databaseUrl,
@@ -81,6 +104,15 @@ async function main(): Promise<number> {
       },
     });
     testProcess = child;
+    const outputFile = openSync(path.join(logsDir, 'test-output.log'), 'a', 0o600);
+    const outputDone = [child.stdout, child.stderr].map((stream, i) => {
+      const terminal = i === 0 ? process.stdout : process.stderr;
+      stream.on('data', (chunk: Buffer) => {
+        writeSync(outputFile, chunk);
+        terminal.write(chunk);
+      });
+      return new Promise<void>((resolve) => stream.once('close', resolve));
+    });
     const watchdog = setTimeout(() => {
       say(
         `the tests have run for ${RUN_TIMEOUT_MS / 60_000} min: stopping them (a leaked handle or a hung test); this run FAILED`,
@@ -91,6 +123,8 @@ async function main(): Promise<number> {
       child.once('error', reject);
       child.once('exit', (c, s) => resolve([c, s]));
     }).finally(() => clearTimeout(watchdog));
+    // The last of the output, unless a leaked grandchild holds the pipes open.
+    await Promise.race([Promise.all(outputDone), new Promise((resolve) => setTimeout(resolve, 2_000).unref())]);
     return code ?? (signal ? 1 : 0);
   } finally {
     for (const cleanup of cleanups.reverse()) await cleanup().catch((err: Error) => say(`cleanup: ${err.message}`));

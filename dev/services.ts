@@ -41,6 +41,8 @@ export async function startThrowawayServices<B extends string>(opts: {
   /** Extra `temporal server start-dev` arguments. */
   serverArgs?: string[];
   log: (msg: string) => void;
+  /** Receives every log line of the Temporal server and of the embedded PostgreSQL, by service. */
+  serverLog?: (service: 'temporal' | 'postgres', line: string) => void;
 }): Promise<ThrowawayServices<B>> {
   const cleanups: Array<{ name: string; run: () => Promise<void> }> = [];
   const stop = async () => {
@@ -64,6 +66,7 @@ export async function startThrowawayServices<B extends string>(opts: {
           port: await freePort(),
           namespace,
           ...(opts.serverArgs?.length ? { extraArgs: opts.serverArgs } : {}),
+          ...(opts.serverLog ? { log: (line: string) => opts.serverLog!('temporal', line) } : {}),
         });
         cleanups.push({ name: 'temporal dev server', run: server.stop });
         const connection = await Connection.connect({ address: server.address });
@@ -80,6 +83,7 @@ export async function startThrowawayServices<B extends string>(opts: {
           dataDir: path.join(opts.tmpDir, 'postgres'),
           port: await freePort(),
           log: opts.log,
+          ...(opts.serverLog ? { serverLog: (line: string) => opts.serverLog!('postgres', line) } : {}),
           // A throwaway cluster: durability only costs time here.
           settings: { fsync: 'off', synchronous_commit: 'off', full_page_writes: 'off' },
         });

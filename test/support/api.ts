@@ -4,11 +4,16 @@ import type { TokenVerifier } from '../../client/api/server.js';
 import { createApiServer, type ApiServer } from '../../client/api/server.js';
 import { createApiKey } from '../../common/store/api-keys.js';
 import type { TestContext } from './context.js';
+import { runLog } from './run-record.js';
+
+let apiServers = 0;
 
 export class LogCapture extends Writable {
   text = '';
+  private readonly runLog = runLog(`api-${process.pid}-${++apiServers}`);
   override _write(chunk: Buffer, _encoding: string, done: () => void): void {
     this.text += chunk.toString('utf8');
+    this.runLog(chunk.toString('utf8'));
     done();
   }
 }

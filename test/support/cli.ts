@@ -2,6 +2,10 @@
 import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { PACKAGE_ROOT } from '../../common/config.js';
+import { runLog } from './run-record.js';
+
+/** The commands' error output (stdout carries issued tokens by design, so only stderr is a log). */
+const cliLog = runLog(`cli-${process.pid}`);
 
 export interface CliRun {
   args: string[];
@@ -16,7 +20,10 @@ export function runCli(args: string[], env: Record<string, string>, stdin = ''):
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
-    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+    child.stderr.on('data', (c: Buffer) => {
+      stderr += c.toString();
+      cliLog(c.toString());
+    });
     child.on('error', reject);
     child.on('close', (code) => resolve({ args, code, stdout, stderr }));
     child.stdin.end(stdin);

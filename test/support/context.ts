@@ -14,6 +14,7 @@ import { TokenWarden } from '../../client/index.js';
 import { createTokenWorker, type TokenWorkerOptions } from '../../worker/worker.js';
 import { clientDataConverter } from '../../common/data-converter.js';
 import { RECORDING_PAYLOAD_KEY } from './history.js';
+import { recordKeys, recordStoreSecrets } from './run-record.js';
 
 function required(name: string): string {
   const value = process.env[name];
@@ -80,6 +81,7 @@ export class TestContext {
       ownerDirRoot: os.tmpdir(),
       worker: WORKER_TUNING_DEFAULTS,
     };
+    recordKeys(settings.payloadKeys, [settings.masterKey!, ...settings.previousMasterKeys]);
     const pool = createPool(databaseUrl, schema, 5);
     const sql = new pg.Pool({ connectionString: databaseUrl, max: 2, options: `-c search_path=${quoteIdent(schema)}` });
     // Fault-injection tests restart the database under it: an idle connection's end is no failure.
@@ -158,6 +160,8 @@ export class TestContext {
     await this.client.connection.close();
     await this.nativeConnection.close();
     try {
+      // The run's closing secret scan matches what it finds against these; the schema goes next.
+      await recordStoreSecrets(this.sql, [this.settings.masterKey!, ...this.settings.previousMasterKeys]);
       if (!process.env.TOKENWARDEN_KEEP_TEST_SCHEMAS) {
         await this.sql.query(`DROP SCHEMA ${quoteIdent(this.settings.databaseSchema)} CASCADE`);
       }

@@ -7,6 +7,7 @@ import type { Client } from '@temporalio/client';
 import proto from '@temporalio/proto';
 import { PACKAGE_ROOT } from '../../common/config.js';
 import { ManagedChild, waitUntilReady } from '../../dev/processes.js';
+import { runLog } from './run-record.js';
 
 const { TaskQueueType } = proto.temporal.api.enums.v1;
 const BIN = path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js');
@@ -23,9 +24,13 @@ export class WorkerProcess {
     readonly name: string,
     env: Record<string, string>,
   ) {
+    const log = runLog(`worker-${process.pid}-${name}`);
     this.child = new ManagedChild(name, process.execPath, [BIN, 'worker', '--no-schedule'], {
       env,
-      onOutput: (line) => this.output.push(line),
+      onOutput: (line) => {
+        this.output.push(line);
+        log(line);
+      },
     });
   }
 

@@ -1,0 +1,125 @@
+/**
+ * What a test run keeps for its closing secret scan (test/zz-secret-hygiene.test.ts), in the run's
+ * private directory that dev/run-tests names in TOKENWARDEN_TEST_RUN_DIR and deletes afterwards:
+ * every process's log lines under `logs/`, and under `secrets/` the payload keys (to decode
+ * histories) and the SHA-256 of every issued token and signing key (never the secrets themselves).
+ * Without that variable (a test started by hand) nothing is kept.
+ */
+import { createHash } from 'node:crypto';
+import { appendFileSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+import type pg from 'pg';
+import { MasterKeyring, signingKeyBytes } from '../../common/secrets.js';
+
+export const RUN_DIR = process.env.TOKENWARDEN_TEST_RUN_DIR;
+export const LOGS_DIR = RUN_DIR && path.join(RUN_DIR, 'logs');
+const SECRETS_DIR = RUN_DIR && path.join(RUN_DIR, 'secrets');
+
+/** SHA-256 hex: how tokens (the store's lookup key) and signing keys are recorded and matched. */
+export const sha256Hex = (text: string): string => createHash('sha256').update(text, 'utf8').digest('hex');
+
+/** What one process recorded: the lines of `secrets/<pid>.jsonl`, merged. */
+export interface RunSecrets {
+  /** Base64 payload keys the run's clients and workers used. */
+  payloadKeys: string[];
+  /** SHA-256 of every token string issued (the store's credential.secret_hash). */
+  tokenHashes: string[];
+  /** SHA-256 of the base64 key of every signing secret (the part after `whsec_`). */
+  signingKeyHashes: string[];
+  /** SHA-256 of the base64 of every master and payload key. */
+  keyHashes: string[];
+  /** Receivers whose secret no recorded master key opens: not searched, said in the summary. */
+  unreadableSigningSecrets: number;
+}
+
+const emptySecrets = (): RunSecrets => ({
+  payloadKeys: [],
+  tokenHashes: [],
+  signingKeyHashes: [],
+  keyHashes: [],
+  unreadableSigningSecrets: 0,
+});
+
+function record(entry: Partial<RunSecrets>): void {
+  if (!SECRETS_DIR) return;
+  mkdirSync(SECRETS_DIR, { recursive: true, mode: 0o700 });
+  appendFileSync(path.join(SECRETS_DIR, `${process.pid}.jsonl`), `${JSON.stringify(entry)}\n`, { mode: 0o600 });
+}
+
+/** The keys a context encrypts payloads and receiver secrets with, recorded when it is made. */
+export function recordKeys(payloadKeys: readonly Buffer[], masterKeys: readonly Buffer[]): void {
+  record({
+    payloadKeys: payloadKeys.map((k) => k.toString('base64')),
+    keyHashes: [...payloadKeys, ...masterKeys].map((k) => sha256Hex(k.toString('base64'))),
+  });
+}
+
+/**
+ * The tokens and signing secrets of one store schema (read through `sql`, whose search_path is the
+ * schema), before a test drops it. Receivers' secrets are opened with the given master keys.
+ */
+export async function readStoreSecrets(
+  sql: pg.Pool | pg.Client,
+  masterKeys: readonly Buffer[],
+): Promise<Pick<RunSecrets, 'tokenHashes' | 'signingKeyHashes' | 'unreadableSigningSecrets'>> {
+  const { rows: credentials } = await sql.query<{ hash: string }>(
+    `SELECT encode(secret_hash, 'hex') AS hash FROM credential`,
+  );
+  const { rows: receivers } = await sql.query<{ id: string; ciphertext: Buffer; key_id: string }>(
+    `SELECT id, secret_ciphertext AS ciphertext, secret_key_id AS key_id FROM receiver`,
+  );
+  const keyring = new MasterKeyring(masterKeys[0], masterKeys.slice(1));
+  const signingKeyHashes: string[] = [];
+  let unreadableSigningSecrets = 0;
+  for (const r of receivers) {
+    let secret: string | undefined;
+    try {
+      secret = keyring.decrypt(r.key_id, r.ciphertext, r.id);
+    } catch {
+      secret = undefined;
+    }
+    if (secret === undefined) unreadableSigningSecrets++;
+    else signingKeyHashes.push(sha256Hex(signingKeyBytes(secret).toString('base64')));
+  }
+  return { tokenHashes: credentials.map((c) => c.hash), signingKeyHashes, unreadableSigningSecrets };
+}
+
+/** Records a schema's secrets (see readStoreSecrets); a no-op outside a recorded run. */
+export async function recordStoreSecrets(sql: pg.Pool, masterKeys: readonly Buffer[]): Promise<void> {
+  if (!SECRETS_DIR) return;
+  record(await readStoreSecrets(sql, masterKeys));
+}
+
+/** Everything every process of the run recorded so far. */
+export function readRunSecrets(): RunSecrets {
+  const merged = emptySecrets();
+  if (!SECRETS_DIR) return merged;
+  const files = readdirSync(SECRETS_DIR, { withFileTypes: true }).filter((f) => f.isFile());
+  for (const file of files) {
+    for (const line of readFileSync(path.join(SECRETS_DIR, file.name), 'utf8').split('\n')) {
+      if (!line) continue;
+      mergeSecrets(merged, JSON.parse(line) as Partial<RunSecrets>);
+    }
+  }
+  return merged;
+}
+
+export function mergeSecrets(into: RunSecrets, from: Partial<RunSecrets>): RunSecrets {
+  into.payloadKeys.push(...(from.payloadKeys ?? []));
+  into.tokenHashes.push(...(from.tokenHashes ?? []));
+  into.signingKeyHashes.push(...(from.signingKeyHashes ?? []));
+  into.keyHashes.push(...(from.keyHashes ?? []));
+  into.unreadableSigningSecrets += from.unreadableSigningSecrets ?? 0;
+  return into;
+}
+
+/**
+ * A log file of this run for one process or server (`logs/<name>.log`): every line appended as it
+ * comes, synchronously, so that a process killed next has lost none. A no-op outside a recorded run.
+ */
+export function runLog(name: string): (text: string) => void {
+  if (!LOGS_DIR) return () => {};
+  mkdirSync(LOGS_DIR, { recursive: true, mode: 0o700 });
+  const file = path.join(LOGS_DIR, `${name.replace(/[^\w.-]+/g, '-')}.log`);
+  return (text) => appendFileSync(file, text.endsWith('\n') ? text : `${text}\n`, { mode: 0o600 });
+}
