@@ -39,6 +39,8 @@ export interface StoreSettings {
   payloadKeys: Buffer[];
   /** The ed25519 private key (its 32-byte seed) that signs audit checkpoints; undefined when not configured. */
   auditKey?: Buffer | undefined;
+  /** Where auditKey was read: env (TOKENWARDEN_AUDIT_KEY), file (TOKENWARDEN_AUDIT_KEY_FILE) or data dir (audit.key). */
+  auditKeySource?: AuditKeySource | undefined;
   /** The raw ed25519 public key that checks checkpoints where the signing key is not given (an auditor). */
   auditPublicKey?: Buffer | undefined;
   /** The least time between two audit checkpoints the reconciler writes (TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL). */
@@ -418,6 +420,8 @@ export const DEFAULT_DB_SCHEMA = 'tokenwarden';
 export const masterKeyFile = (dataDir: string) => path.join(dataDir, 'master.key');
 /** The dev stack's payload keys (one per line or comma-separated, base64; the first encrypts). */
 export const payloadKeysFile = (dataDir: string) => path.join(dataDir, 'payload.keys');
+export type AuditKeySource = 'env' | 'file' | 'data dir';
+
 /** Where the dev stack keeps the key that signs audit checkpoints (base64 of the ed25519 seed). */
 export const auditKeyFile = (dataDir: string) => path.join(dataDir, 'audit.key');
 
@@ -526,9 +530,12 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
   else if (e.TOKENWARDEN_PAYLOAD_KEYS_FILE) payloadKeys = readPayloadKeysFile(e.TOKENWARDEN_PAYLOAD_KEYS_FILE);
   else if (existsSync(payloadKeysFile(dataDir))) payloadKeys = readPayloadKeysFile(payloadKeysFile(dataDir));
   let auditKey: Buffer | undefined;
-  if (e.TOKENWARDEN_AUDIT_KEY) auditKey = Buffer.from(e.TOKENWARDEN_AUDIT_KEY, 'base64');
-  else if (e.TOKENWARDEN_AUDIT_KEY_FILE) auditKey = readAuditKeyFile(e.TOKENWARDEN_AUDIT_KEY_FILE);
-  else if (existsSync(auditKeyFile(dataDir))) auditKey = readAuditKeyFile(auditKeyFile(dataDir));
+  let auditKeySource: AuditKeySource | undefined;
+  if (e.TOKENWARDEN_AUDIT_KEY) [auditKey, auditKeySource] = [Buffer.from(e.TOKENWARDEN_AUDIT_KEY, 'base64'), 'env'];
+  else if (e.TOKENWARDEN_AUDIT_KEY_FILE)
+    [auditKey, auditKeySource] = [readAuditKeyFile(e.TOKENWARDEN_AUDIT_KEY_FILE), 'file'];
+  else if (existsSync(auditKeyFile(dataDir)))
+    [auditKey, auditKeySource] = [readAuditKeyFile(auditKeyFile(dataDir)), 'data dir'];
 
   const settings: StoreSettings = {
     databaseUrl,
@@ -545,6 +552,7 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
     previousMasterKeys: e.TOKENWARDEN_PREVIOUS_MASTER_KEYS,
     payloadKeys,
     auditKey,
+    auditKeySource,
     ...(e.TOKENWARDEN_AUDIT_PUBLIC_KEY
       ? { auditPublicKey: Buffer.from(e.TOKENWARDEN_AUDIT_PUBLIC_KEY, 'base64') }
       : {}),
