@@ -1337,6 +1337,9 @@ export function buildProgram(): Command {
             ? tty`compared with checkpoint #${cp.seq} of ${cp.at} (${cp.keyId}: ${cp.chains} chain(s), ${cp.events} event(s)); ${report.checkpointsChecked} checkpoint signature(s) checked`
             : `no checkpoint compared (${report.checkpointsChecked} checked)`,
           ...report.broken.map((b) => tty`BROKEN token ${b.tokenId} seq ${b.seq}: ${b.problem}: ${b.detail}`),
+          ...(report.brokenChains > report.broken.length
+            ? [`BROKEN ${report.brokenChains - report.broken.length} more chain(s), not named`]
+            : []),
           ...report.checkpointProblems.map((p) => tty`BROKEN checkpoint #${p.checkpoint}: ${p.problem}: ${p.detail}`),
           !report.ok
             ? 'audit trail BROKEN'

@@ -22,7 +22,12 @@ import {
 } from '../common/store/receivers.js';
 import type { ReceiverRecord, TokenRecord } from '../common/store/rows.js';
 import { listTokens, requireToken } from '../common/store/tokens.js';
-import { auditVerifyKeyFrom, verifyAuditTrail, type AuditVerifyReport } from '../common/store/audit-verify.js';
+import {
+  auditCheckingKey,
+  auditVerifyKeyFrom,
+  verifyAuditTrail,
+  type AuditVerifyReport,
+} from '../common/store/audit-verify.js';
 import { exportDeaths, type DeathRecord } from '../common/store/audit-export.js';
 import { deathFilterSchema, type DeathFilterInput } from './audit-export.js';
 import { parseInput, receiverIdSchema, subjectLookupSchema, tokenIdSchema } from '../common/validation.js';
@@ -287,6 +292,7 @@ export class TokenWardenStore {
     const report = await verifyAuditTrail(this.pool, {
       ...(tokenId !== undefined ? { tokenId } : {}),
       ...(key ? { key: key.key, keySource: key.source } : {}),
+      previousKeys: (this.settings.auditPreviousPublicKeys ?? []).map(auditCheckingKey),
       // The writer's interval, then a reconciler pass (every minute) and two minutes of margin.
       staleAfterMs: (this.settings.auditCheckpointIntervalMs ?? DEFAULT_AUDIT_CHECKPOINT_INTERVAL_MS) + 3 * 60_000,
       ...(strict !== undefined ? { strict } : {}),

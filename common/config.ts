@@ -43,6 +43,8 @@ export interface StoreSettings {
   auditKeySource?: AuditKeySource | undefined;
   /** The raw ed25519 public key that checks checkpoints where the signing key is not given (an auditor). */
   auditPublicKey?: Buffer | undefined;
+  /** Public keys of earlier audit signing keys: checkpoints they signed still check, and link (a key roll). */
+  auditPreviousPublicKeys?: Buffer[];
   /** The least time between two audit checkpoints the reconciler writes (TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL). */
   auditCheckpointIntervalMs?: number;
   /** Address ranges receivers may use besides public ones (the dev stack allows loopback). */
@@ -242,6 +244,24 @@ const envSchema = z.object({
     .string()
     .refine(isMasterKey, 'TOKENWARDEN_AUDIT_PUBLIC_KEY must be a raw ed25519 public key: 32 bytes, base64-encoded')
     .optional(),
+  TOKENWARDEN_AUDIT_PREVIOUS_PUBLIC_KEYS: z
+    .string()
+    .default('')
+    .transform((text, ctx) => {
+      const keys = text
+        .split(',')
+        .map((k) => k.trim())
+        .filter(Boolean);
+      const bad = keys.map((k, i) => (isMasterKey(k) ? -1 : i + 1)).filter((i) => i > 0);
+      if (bad.length > 0) {
+        ctx.addIssue({
+          code: 'custom',
+          message: `TOKENWARDEN_AUDIT_PREVIOUS_PUBLIC_KEYS must be comma-separated raw ed25519 public keys of 32 bytes, base64-encoded (key ${bad.join(', ')} is not)`,
+        });
+        return z.NEVER;
+      }
+      return keys.map((k) => Buffer.from(k, 'base64'));
+    }),
   TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL: duration(
     'TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL',
     formatDuration(DEFAULT_AUDIT_CHECKPOINT_INTERVAL_MS),
@@ -556,6 +576,7 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
     ...(e.TOKENWARDEN_AUDIT_PUBLIC_KEY
       ? { auditPublicKey: Buffer.from(e.TOKENWARDEN_AUDIT_PUBLIC_KEY, 'base64') }
       : {}),
+    auditPreviousPublicKeys: e.TOKENWARDEN_AUDIT_PREVIOUS_PUBLIC_KEYS,
     auditCheckpointIntervalMs: e.TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL,
     // The dev stack's own allowance applies to whoever uses its store, unless set explicitly.
     receiverAllow:

@@ -248,6 +248,29 @@ describe('audit verify: the chains', () => {
   });
 });
 
+describe('audit verify: a trail broken wholesale', () => {
+  it('should count every broken chain once and name only the first ones', async () => {
+    const s = await TestStore.create();
+    const tokens = [await s.token(2), await s.token(2), await s.token(2)].sort();
+    await s.checkpoint();
+    // Every chain gone, token rows kept: each is missing against its head and has no event at all.
+    await s.tamper((c) => c.query('DELETE FROM audit_event'));
+    const all = await s.verify();
+    assert.deepEqual(
+      brokenOf(all),
+      tokens.map((tokenId) => ({ tokenId, seq: 1, problem: 'deleted' })),
+    );
+    assert.equal(all.brokenChains, 3);
+    const capped = await s.verify({ namedBroken: 1 });
+    assert.deepEqual(brokenOf(capped), [{ tokenId: tokens[0], seq: 1, problem: 'deleted' }]);
+    assert.equal(capped.brokenChains, 3);
+    assert.equal(capped.ok, false);
+    const keyless = await s.verify({ key: null, namedBroken: 2 });
+    assert.equal(keyless.broken.length, 2);
+    assert.equal(keyless.brokenChains, 3, 'counted beyond the named ones');
+  });
+});
+
 describe('audit verify: signed checkpoints', () => {
   it('should catch chains deleted or rewritten whole, and a deleted last event, against the checkpoint', async () => {
     const s = await TestStore.create();
@@ -374,6 +397,33 @@ describe('audit verify: signed checkpoints', () => {
     );
   });
 
+  it('should roll the signing key: the writer links only to a checkpoint of a known key, verify accepts previous keys', async () => {
+    const s = await TestStore.create();
+    const tokenId = await s.token(2);
+    await s.checkpoint();
+    await store.recordAudit(s.pool, tokenId, 'n3', 'token.note', { n: 3 });
+    const rolled = store.auditSigningKey(randomBytes(32));
+    const previous = store.auditCheckingKey(store.rawPublicKey(key.publicKey));
+
+    // Without the old public key the new key cannot tell checkpoint #1 from a forgery: it refuses.
+    await assert.rejects(store.writeAuditCheckpoint(s.pool, rolled, { minIntervalMs: 0 }), (err: unknown) => {
+      assert.ok(err instanceof store.AuditTamperedError, String(err));
+      assert.match(err.message, new RegExp(`checkpoint #1 .*${key.keyId}.*TOKENWARDEN_AUDIT_PREVIOUS_PUBLIC_KEYS`));
+      return true;
+    });
+    const written = await store.writeAuditCheckpoint(s.pool, rolled, { minIntervalMs: 0, previousKeys: [previous] });
+    assert.equal(written.seq, 2);
+
+    const without = await s.verify({ key: rolled });
+    assert.deepEqual(
+      without.checkpointProblems.map(({ checkpoint, problem }) => ({ checkpoint, problem })),
+      [{ checkpoint: 1, problem: 'unknown-key' }],
+    );
+    const withPrevious = await s.verify({ key: rolled, previousKeys: [previous] });
+    assert.equal(withPrevious.ok, true, JSON.stringify(withPrevious));
+    assert.equal(withPrevious.checkpointsChecked, 2);
+  });
+
   it('should fail when every checkpoint was deleted over events old enough to have been signed', async () => {
     const s = await TestStore.create();
     await s.token(3);
@@ -464,6 +514,36 @@ describe('audit verify: signed checkpoints', () => {
     assert.deepEqual(report.broken, []);
     assert.match(report.warnings.join('\n'), /checkpoint #1 was superseded during verification .*re-run/);
     assert.equal(report.ok, true);
+  });
+
+  it('should find an unchanged store unchanged without writing a head row', async () => {
+    const s = await TestStore.create();
+    const tokenId = await s.token(2);
+    await s.checkpoint();
+    const statements: string[] = [];
+    const recording = createPool(ctx.settings.databaseUrl, s.schema, 1);
+    recording.on('connect', (client) => {
+      const query = client.query.bind(client) as (...args: unknown[]) => unknown;
+      (client as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
+        const text = args[0] as string | { text: string };
+        statements.push(typeof text === 'string' ? text : text.text);
+        return query(...args);
+      };
+    });
+    try {
+      const quiet = await store.writeAuditCheckpoint(recording, key, { minIntervalMs: 0, batchSize: 1 });
+      assert.deepEqual(quiet, { written: false, skipped: 'unchanged', seq: 1 });
+      assert.deepEqual(
+        statements.filter((text) => /INSERT INTO \S*audit_checkpoint_head/.test(text)),
+        [],
+        'no head row inserted (and rolled back) when nothing changed',
+      );
+      await store.recordAudit(s.pool, tokenId, 'n3', 'token.note', { n: 3 });
+      assert.equal((await store.writeAuditCheckpoint(recording, key, { minIntervalMs: 0, batchSize: 1 })).seq, 2);
+      assert.equal((await s.verify()).ok, true);
+    } finally {
+      await recording.end();
+    }
   });
 
   it('should write at most one checkpoint per interval, none when no chain changed, and keep two heads', async () => {

@@ -12,6 +12,8 @@ export type { AuditCheckpointOutcome } from '../messages.js';
 
 /** Rows one query of the verifier reads at most. */
 export const AUDIT_VERIFY_BATCH = 1000;
+/** Broken chains a report names at most: a trail broken wholesale must not fill memory (all are counted). */
+export const AUDIT_BROKEN_NAMED = 1000;
 /** Checkpoints whose heads are kept: the latest, and the one before it while a verifier may still read it. */
 export const AUDIT_CHECKPOINT_HEADS_KEPT = 2;
 
@@ -328,8 +330,10 @@ export interface AuditVerifyReport {
   tokenId?: string;
   chains: number;
   events: number;
-  /** The first broken link of each broken chain, in token id order. */
+  /** The first broken link of each broken chain, in token id order: the first AUDIT_BROKEN_NAMED. */
   broken: BrokenAuditLink[];
+  /** How many chains are broken, named or not. */
+  brokenChains: number;
   /** The key checkpoints were checked with and where it came from; null without one. */
   key: { keyId: string; source: string } | null;
   /** The checkpoint the chains were compared with (the latest), when one was checked. */
@@ -348,6 +352,10 @@ export interface AuditVerifyOptions {
   key?: AuditKey | undefined;
   /** Where `key` came from (env, file, data dir), reported back. */
   keySource?: string;
+  /** How many broken chains the report names at most (all are counted); AUDIT_BROKEN_NAMED by default. */
+  namedBroken?: number;
+  /** Earlier keys (TOKENWARDEN_AUDIT_PREVIOUS_PUBLIC_KEYS): checkpoints they signed check too. */
+  previousKeys?: AuditKey[];
   /**
    * How old (database clock) an event may be before a checkpoint must cover it: the writer's
    * interval plus a pass and a margin. Without it, uncovered events are not looked at.
@@ -531,6 +539,7 @@ export async function verifyAuditTrail(db: Queryable, options: AuditVerifyOption
     chains: 0,
     events: 0,
     broken: [],
+    brokenChains: 0,
     key: options.key ? { keyId: options.key.keyId, source: options.keySource ?? 'given' } : null,
     checkpoint: null,
     checkpointsChecked: 0,
@@ -541,7 +550,13 @@ export async function verifyAuditTrail(db: Queryable, options: AuditVerifyOption
   const { rows: clock } = await db.query(`SELECT now() AS now`);
   const now = clock[0].now as Date;
   const latest = options.key
-    ? await checkCheckpoints(db, options.key, batch, report, options.expectCheckpoint)
+    ? await checkCheckpoints(
+        db,
+        [options.key, ...(options.previousKeys ?? [])],
+        batch,
+        report,
+        options.expectCheckpoint,
+      )
     : undefined;
   if (!options.key) {
     report.warnings.push(
@@ -553,6 +568,7 @@ export async function verifyAuditTrail(db: Queryable, options: AuditVerifyOption
     );
   }
 
+  const broken = new BrokenChains(options.namedBroken ?? AUDIT_BROKEN_NAMED);
   const heads = new Lookahead(latest ? checkpointHeads(db, latest.statement.seq, batch) : (async function* () {})());
   const digest = new HeadsDigest();
   const concerned = (tokenId: string) => options.tokenId === undefined || tokenId === options.tokenId;
@@ -573,7 +589,7 @@ export async function verifyAuditTrail(db: Queryable, options: AuditVerifyOption
       await heads.take();
       digest.add(head);
       if (concerned(head.tokenId)) {
-        report.broken.push({
+        broken.add({
           tokenId: head.tokenId,
           seq: 1,
           problem: 'deleted',
@@ -598,12 +614,12 @@ export async function verifyAuditTrail(db: Queryable, options: AuditVerifyOption
     uncovered += walk.uncovered;
     if (walk.oldestUncoveredAt && (!oldestUncoveredAt || walk.oldestUncoveredAt < oldestUncoveredAt))
       oldestUncoveredAt = walk.oldestUncoveredAt;
-    const broken = walk.finish();
-    if (broken) return void report.broken.push(broken);
+    const chainBreak = walk.finish();
+    if (chainBreak) return broken.add(chainBreak);
     const row = await rowOf(walk.tokenId);
     // Row and chain were read at different moments: a kill committed in between is no tampering.
     const mismatch = row && rowMismatch(walk.facts, row) && (await recheckRow(db, walk.tokenId));
-    if (mismatch) report.broken.push({ tokenId: walk.tokenId, problem: 'row-mismatch', ...mismatch });
+    if (mismatch) broken.add({ tokenId: walk.tokenId, problem: 'row-mismatch', ...mismatch });
   };
 
   let walk: ChainWalk | undefined;
@@ -677,9 +693,10 @@ export async function verifyAuditTrail(db: Queryable, options: AuditVerifyOption
     }
   }
 
-  await findTokensWithoutChain(db, options.tokenId, report);
-  report.broken.sort((a, b) => (a.tokenId < b.tokenId ? -1 : a.tokenId > b.tokenId ? 1 : 0));
-  report.ok = report.broken.length === 0 && report.checkpointProblems.length === 0;
+  await findTokensWithoutChain(db, options.tokenId, latest?.statement.seq, broken);
+  report.broken = broken.named.sort((a, b) => (a.tokenId < b.tokenId ? -1 : a.tokenId > b.tokenId ? 1 : 0));
+  report.brokenChains = broken.count;
+  report.ok = broken.count === 0 && report.checkpointProblems.length === 0;
   return report;
 }
 
@@ -722,24 +739,48 @@ async function recheckRow(db: Queryable, tokenId: string): Promise<{ seq: number
  * Every token is issued with its first event in one statement: a token without any lost its whole
  * chain (also one created after the latest checkpoint). The first 1,000 are named.
  */
-async function findTokensWithoutChain(db: Queryable, tokenId: string | undefined, report: AuditVerifyReport) {
+async function findTokensWithoutChain(
+  db: Queryable,
+  tokenId: string | undefined,
+  latestCheckpoint: number | undefined,
+  broken: BrokenChains,
+) {
   const t = db.tables;
+  // A token with a head in the latest checkpoint was already named, from that head.
   const { rows } = await db.query(
-    `SELECT k.id FROM ${t.token} k
+    `SELECT k.id, count(*) OVER () AS total FROM ${t.token} k
       WHERE NOT EXISTS (SELECT 1 FROM ${t.audit_event} a WHERE a.token_id = k.id)
-        ${tokenId !== undefined ? 'AND k.id = $1' : ''}
-      ORDER BY k.id LIMIT 1000`,
-    tokenId !== undefined ? [tokenId] : [],
+        AND NOT EXISTS (SELECT 1 FROM ${t.audit_checkpoint_head} h WHERE h.checkpoint_seq = $1 AND h.token_id = k.id)
+        ${tokenId !== undefined ? 'AND k.id = $2' : ''}
+      ORDER BY k.id LIMIT ${broken.limit}`,
+    tokenId !== undefined ? [latestCheckpoint ?? 0, tokenId] : [latestCheckpoint ?? 0],
   );
   for (const r of rows) {
-    const id = r.id as string;
-    if (report.broken.some((b) => b.tokenId === id)) continue;
-    report.broken.push({
-      tokenId: id,
+    broken.add({
+      tokenId: r.id as string,
       seq: 1,
       problem: 'deleted',
       detail: 'the token has no audit event at all: its whole chain was deleted',
     });
+  }
+  broken.countUnnamed(Number(rows[0]?.total ?? 0) - rows.length);
+}
+
+/** Broken chains: every one counted, the first `limit` (by token id, mostly) named. */
+class BrokenChains {
+  readonly named: BrokenAuditLink[] = [];
+  readonly #namedIds = new Set<string>();
+  count = 0;
+  constructor(readonly limit: number) {}
+  add(broken: BrokenAuditLink): void {
+    if (this.#namedIds.has(broken.tokenId)) return;
+    this.count++;
+    if (this.named.length >= this.limit) return;
+    this.named.push(broken);
+    this.#namedIds.add(broken.tokenId);
+  }
+  countUnnamed(n: number): void {
+    this.count += Math.max(0, n);
   }
 }
 
@@ -754,7 +795,7 @@ interface CheckedCheckpoint {
  */
 async function checkCheckpoints(
   db: Queryable,
-  key: AuditKey,
+  keys: AuditKey[],
   batch: number,
   report: AuditVerifyReport,
   expected?: { seq: number; digest: string },
@@ -767,7 +808,7 @@ async function checkCheckpoints(
     report.checkpointsChecked++;
     const problem = (kind: CheckpointProblem['problem'], detail: string) =>
       report.checkpointProblems.push({ checkpoint: row.seq, problem: kind, detail });
-    const checked = checkCheckpoint(row, key, problem);
+    const checked = checkCheckpoint(row, keys, problem);
     if (row.seq !== previousSeq + 1) {
       problem('sequence', `it follows checkpoint #${previousSeq}: checkpoint(s) in between were deleted`);
     } else if (checked && previous && checked.statement.previous !== previous.statementDigest) {
@@ -806,13 +847,18 @@ async function checkCheckpoints(
   return latest;
 }
 
+/** Checks one checkpoint with the key of its key id among `keys` (the current one first). */
 function checkCheckpoint(
   row: CheckpointRow,
-  key: AuditKey,
+  keys: AuditKey[],
   problem: (kind: CheckpointProblem['problem'], detail: string) => void,
 ): CheckedCheckpoint | undefined {
-  if (row.keyId !== key.keyId) {
-    problem('unknown-key', `signed by ${row.keyId}, not by the configured key ${key.keyId}`);
+  const key = keys.find((k) => k.keyId === row.keyId);
+  if (!key) {
+    problem(
+      'unknown-key',
+      `signed by ${row.keyId}, neither the configured key ${keys[0]?.keyId ?? '(none)'} nor one of TOKENWARDEN_AUDIT_PREVIOUS_PUBLIC_KEYS`,
+    );
     return undefined;
   }
   if (!verify(null, Buffer.from(row.statement, 'utf8'), key.publicKey, row.signature)) {
@@ -849,7 +895,7 @@ export class AuditTamperedError extends Error {
 export async function writeAuditCheckpoint(
   pool: StorePool,
   key: AuditKey,
-  options: { minIntervalMs: number; batchSize?: number },
+  options: { minIntervalMs: number; batchSize?: number; previousKeys?: AuditKey[] },
 ): Promise<AuditCheckpointOutcome> {
   if (!key.privateKey) throw new Error('writing an audit checkpoint needs the signing key (TOKENWARDEN_AUDIT_KEY)');
   const batch = options.batchSize ?? AUDIT_VERIFY_BATCH;
@@ -879,22 +925,26 @@ export async function writeAuditCheckpoint(
     }
     let previousStatement: CheckpointStatement | undefined;
     if (previous) {
-      // Linking to a forged checkpoint would lend it this one's signature. (One signed by another key
-      // cannot be checked here: verify reports it.)
+      // Linking to a forged checkpoint would lend it this one's signature, and one signed by a key
+      // nobody configured is indistinguishable from a forgery.
       const failed = (detail: string) =>
         new AuditTamperedError(
           `refusing to write an audit checkpoint: checkpoint #${previous.seq} ${detail} (run \`tokenwarden audit verify\`)`,
           [],
         );
-      if (previous.keyId === key.keyId) {
-        checkCheckpoint(previous, key, (_, detail) => {
-          throw failed(detail);
-        });
-      }
+      checkCheckpoint(previous, [key, ...(options.previousKeys ?? [])], (_, detail) => {
+        throw failed(detail);
+      });
       try {
         previousStatement = JSON.parse(previous.statement) as CheckpointStatement;
       } catch {
         throw failed('is not JSON');
+      }
+      // Read-only first: on a quiet store a due pass must not insert (and roll back) a row per chain.
+      // Nothing is signed then, so there is nothing to vouch for: verify checks the stored heads.
+      if ((await currentHeadsDigest(db, batch)) === previousStatement.headsDigest) {
+        await db.query('ROLLBACK');
+        return { written: false, skipped: 'unchanged', seq: previousStatement.seq };
       }
       await checkPreviousHeadsHold(db, previous.seq, previousStatement, batch);
     }
@@ -937,6 +987,31 @@ export async function writeAuditCheckpoint(
     throw err;
   } finally {
     db.release();
+  }
+}
+
+/**
+ * The digest of every chain's head now, in keyset pages of the primary key (each page one statement:
+ * a head is always a committed prefix, and chains only grow), writing nothing.
+ */
+async function currentHeadsDigest(db: Queryable, batch: number): Promise<string> {
+  const t = db.tables;
+  const digest = new HeadsDigest();
+  let after = '';
+  for (;;) {
+    const { rows } = await db.query(
+      `SELECT h.token_id, h.seq, a.hash
+         FROM (SELECT token_id, max(seq) AS seq FROM ${t.audit_event} WHERE token_id > $1
+                GROUP BY token_id ORDER BY token_id LIMIT $2) h
+         JOIN ${t.audit_event} a ON a.token_id = h.token_id AND a.seq = h.seq
+        ORDER BY h.token_id`,
+      [after, batch],
+    );
+    for (const r of rows) {
+      digest.add({ tokenId: r.token_id as string, seq: r.seq as number, hash: (r.hash as Buffer).toString('hex') });
+    }
+    if (rows.length < batch) return digest.digest();
+    after = rows[rows.length - 1]!.token_id as string;
   }
 }
 
