@@ -379,7 +379,7 @@ describe('audit export', () => {
   it('should write RFC 4180 CSV from the CLI: quotes and commas kept, formulas defused, the same records as jsonl', async () => {
     const subject = newSubject();
     const tokenId = await storeOnlyToken(subject, [], 3_600_000);
-    const reason = 'said "no", then left, badly';
+    const reason = '\uff1dsaid "no", then left, badly';
     await store.killToken(ctx.pool, { tokenId, reason, actor: '=HYPERLINK("x")', initiatingEntity: 'admin' });
 
     const csv = await runCli(['audit', 'export', '--subject', subject, '--format', 'csv'], ctx.childEnv());
@@ -388,7 +388,7 @@ describe('audit export', () => {
     assert.deepEqual(table[0], [...DEATH_CSV_COLUMNS]);
     assert.equal(table.length, 2, csv.stdout);
     const row = Object.fromEntries(DEATH_CSV_COLUMNS.map((c, i) => [c, table[1]![i]]));
-    assert.equal(row.reason, reason);
+    assert.equal(row.reason, `'${reason}`, 'a leading fullwidth = runs as a formula in some locales');
     assert.equal(row.actor, `'=HYPERLINK("x")`, 'a leading = would run as a formula');
     assert.equal(row.tokenId, tokenId);
     assert.equal(row.receiversTotal, '0');
@@ -409,7 +409,9 @@ describe('audit export', () => {
     const fromLibrary = await onlyRecord(subject);
     assert.deepEqual({ ...fromCli, asOf: '' }, { ...fromLibrary, asOf: '' });
     assert.equal(row.auditSeqs, fromCli.auditSeqs.join(' '));
-    const plain = DEATH_CSV_COLUMNS.filter((c) => !['actor', 'receivers', 'auditSeqs'].includes(c) && c in fromCli);
+    const plain = DEATH_CSV_COLUMNS.filter(
+      (c) => !['actor', 'reason', 'receivers', 'auditSeqs'].includes(c) && c in fromCli,
+    );
     for (const column of plain) {
       const value = fromCli[column as keyof DeathRecord];
       if (column !== 'asOf') assert.equal(row[column], value === null ? '' : String(value), column);
