@@ -21,7 +21,7 @@ export interface ReconcilerDeps {
   pool: StorePool;
   client: Client;
   settings: Pick<Settings, 'timing' | 'reconcileGraceMs' | 'temporal'> &
-    Partial<Pick<Settings, 'auditKey' | 'auditCheckpointIntervalMs'>>;
+    Partial<Pick<Settings, 'auditKey' | 'auditPreviousPublicKeys' | 'auditCheckpointIntervalMs'>>;
 }
 
 export interface ReconcilePageInput {
@@ -63,6 +63,11 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
   const { pool, client, settings } = deps;
   const taskQueue = settings.temporal.taskQueue;
   const auditKey = settings.auditKey ? store.auditSigningKey(settings.auditKey) : undefined;
+  const auditPreviousKeys = (settings.auditPreviousPublicKeys ?? []).map((raw) => store.auditCheckingKey(raw));
+  const auditCheckpointIntervalMs = settings.auditCheckpointIntervalMs ?? DEFAULT_AUDIT_CHECKPOINT_INTERVAL_MS;
+  // After an `unchanged` answer the heads scan is not repeated for an interval: a quiet store would
+  // otherwise be scanned every pass (a change waits at most one more interval to be signed).
+  let unchanged: { until: number; seq: number | undefined } | undefined;
 
   // A run this starts carries the token's policy snapshot, as the issue's start would have.
   const tell = async (token: store.TokenRecord) =>
@@ -199,11 +204,19 @@ export function createReconcilerActivities(deps: ReconcilerDeps) {
      */
     async writeAuditCheckpoint(): Promise<AuditCheckpointOutcome> {
       if (!auditKey) return { written: false, skipped: 'no audit key' };
+      if (unchanged && Date.now() < unchanged.until) {
+        return { written: false, skipped: 'unchanged', ...(unchanged.seq !== undefined ? { seq: unchanged.seq } : {}) };
+      }
       let outcome: AuditCheckpointOutcome;
       try {
         outcome = await store.writeAuditCheckpoint(pool, auditKey, {
-          minIntervalMs: settings.auditCheckpointIntervalMs ?? DEFAULT_AUDIT_CHECKPOINT_INTERVAL_MS,
+          minIntervalMs: auditCheckpointIntervalMs,
+          previousKeys: auditPreviousKeys,
         });
+        unchanged =
+          outcome.skipped === 'unchanged'
+            ? { until: Date.now() + auditCheckpointIntervalMs, seq: outcome.seq }
+            : undefined;
       } catch (err) {
         if (err instanceof store.AuditTamperedError) {
           throw ApplicationFailure.create({

@@ -56,8 +56,11 @@ export const DEATH_CSV_COLUMNS = [
 ] as const;
 
 const UNPRINTABLE_ALL = new RegExp(UNPRINTABLE.source, 'gu');
-/** A spreadsheet runs a cell that begins with one of these as a formula (CSV injection). */
-const FORMULA_START = /^[=+\-@\t\r]/;
+/**
+ * A spreadsheet runs a cell that begins with one of these as a formula (CSV injection), the
+ * fullwidth forms too (some Excel locales). Tab and CR never start a cell: they are escaped first.
+ */
+const FORMULA_START = /^[=+\-@\uff1d\uff0b\uff0d\uff20]/;
 
 /**
  * One RFC 4180 field. Text a spreadsheet would run as a formula gets a leading `'` (OWASP's CSV

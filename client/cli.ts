@@ -23,14 +23,35 @@ import { DEATH_EXPORT_FORMATS, deathCsvHeader, deathCsvRow, type DeathExportForm
 const EXIT = { failure: 1, invalidInput: 2, notFound: 3, conflict: 4 } as const;
 
 const UNPRINTABLE_ALL = new RegExp(UNPRINTABLE.source, 'gu');
+// The backslash too: the escapes must be told from the same text typed literally.
+const UNPRINTABLE_OR_BACKSLASH = new RegExp(`\\\\|${UNPRINTABLE.source}`, 'gu');
 const hex = (char: string, digits: number) => char.codePointAt(0)!.toString(16).padStart(digits, '0');
 
 /**
- * Text as a terminal should show it, never obey it: ESC becomes `\x1b`, U+202E `\u202e`. Stored
- * values are validated, but rows written before that (or by hand) reach terminals too.
+ * Text as a terminal should show it, never obey it: ESC becomes `\x1b`, U+202E `\u202e`, and a
+ * backslash `\\`, so each shown text stands for one text only. Stored values are validated, but
+ * rows written before that (or by hand) reach terminals too.
  */
 export function printable(text: string): string {
-  return text.replace(UNPRINTABLE_ALL, (c) => (c.length === 1 && c < '\u0100' ? `\\x${hex(c, 2)}` : `\\u${hex(c, 4)}`));
+  return text.replace(UNPRINTABLE_OR_BACKSLASH, (c) =>
+    c === '\\' ? '\\\\' : c.length === 1 && c < '\u0100' ? `\\x${hex(c, 2)}` : `\\u${hex(c, 4)}`,
+  );
+}
+
+/**
+ * The library names its fields (`since`, `tokenId`); the user typed options (`--since`, `--token`):
+ * an InvalidInputError renamed to those, anything else unchanged. Unlisted fields become `--<field>`.
+ */
+function asOptionError(err: unknown, command: string, options: Record<string, string>): unknown {
+  if (!(err instanceof InvalidInputError)) return err;
+  const fields = err.fields.map((f) => ({
+    ...f,
+    path: f.path === '(input)' ? f.path : (options[f.path] ?? `--${f.path}`),
+  }));
+  return new InvalidInputError(
+    `invalid ${command}: ${fields.map((f) => `${f.path}: ${f.message}`).join('; ')}`,
+    fields,
+  );
 }
 
 /** A template whose interpolated values are made printable (the template's own text is ours). */
@@ -1294,21 +1315,43 @@ export function buildProgram(): Command {
       'recompute every chain from its stored text and check the signed checkpoints (exit 1 naming each broken chain and the seq of its first broken link)',
     )
     .option('--token <id>', "only this token's chain (its checkpoint head is still compared)")
+    .option('--strict', 'fail (exit 1) when old events are not covered by the latest checkpoint, not only warn')
+    .option(
+      '--expect-checkpoint <seq:digest>',
+      "a checkpoint recorded elsewhere (a reconciler pass's auditCheckpoint seq and digest) that must still be there",
+    )
     .addOption(json)
-    .action(async (opts: { token?: string; json?: boolean }) => {
-      const report = await withStore((s) => s.verifyAudit(opts.token !== undefined ? { tokenId: opts.token } : {}));
+    .action(async (opts: { token?: string; strict?: boolean; expectCheckpoint?: string; json?: boolean }) => {
+      const input = {
+        ...(opts.token !== undefined ? { tokenId: opts.token } : {}),
+        ...(opts.strict ? { strict: true } : {}),
+        ...(opts.expectCheckpoint !== undefined ? { expectCheckpoint: opts.expectCheckpoint } : {}),
+      };
+      const report = await withStore((s) =>
+        s.verifyAudit(input).catch((err: unknown) => {
+          throw asOptionError(err, 'audit verify', { tokenId: '--token', expectCheckpoint: '--expect-checkpoint' });
+        }),
+      );
       for (const w of report.warnings) warn(w);
       print(!!opts.json, report, () => {
         const cp = report.checkpoint;
         const lines = [
           `recomputed ${report.chains} chain(s), ${report.events} event(s)` +
             (report.tokenId ? tty` of token ${report.tokenId}` : ''),
+          report.key ? tty`checkpoint key ${report.key.keyId} from ${report.key.source}` : 'no checkpoint key',
           cp
             ? tty`compared with checkpoint #${cp.seq} of ${cp.at} (${cp.keyId}: ${cp.chains} chain(s), ${cp.events} event(s)); ${report.checkpointsChecked} checkpoint signature(s) checked`
             : `no checkpoint compared (${report.checkpointsChecked} checked)`,
           ...report.broken.map((b) => tty`BROKEN token ${b.tokenId} seq ${b.seq}: ${b.problem}: ${b.detail}`),
+          ...(report.brokenChains > report.broken.length
+            ? [`BROKEN ${report.brokenChains - report.broken.length} more chain(s), not named`]
+            : []),
           ...report.checkpointProblems.map((p) => tty`BROKEN checkpoint #${p.checkpoint}: ${p.problem}: ${p.detail}`),
-          report.ok ? 'audit trail intact' : 'audit trail BROKEN',
+          !report.ok
+            ? 'audit trail BROKEN'
+            : report.key && report.checkpoint
+              ? 'audit trail intact'
+              : 'chains intact; checkpoints NOT checked',
         ];
         return lines.join('\n');
       });
@@ -1343,13 +1386,7 @@ export function buildProgram(): Command {
         try {
           records = store.exportDeaths(filter);
         } catch (err) {
-          // The library names `since`; the user typed `--since`.
-          if (!(err instanceof InvalidInputError)) throw err;
-          const fields = err.fields.map((f) => ({ ...f, path: f.path === '(input)' ? f.path : `--${f.path}` }));
-          throw new InvalidInputError(
-            `invalid audit export: ${fields.map((f) => `${f.path}: ${f.message}`).join('; ')}`,
-            fields,
-          );
+          throw asOptionError(err, 'audit export', {});
         }
         async function* lines() {
           if (opts.format === 'csv') yield deathCsvHeader();

@@ -961,6 +961,7 @@ export function formatTimeline(tokenId: string, entries: HistoryEntry[]): string
 const list = (value: unknown): string => (Array.isArray(value) && value.length ? value.join(', ') : 'none');
 const by = (actor: unknown, reason: unknown): string =>
   `${actor ? `by ${String(actor)}` : 'by an unnamed actor'}${reason ? `: ${String(reason)}` : ''}`;
+const sentVia = (identity: unknown): string => (identity ? `; sent by client ${String(identity)}` : '');
 const plural = (n: unknown, word: string): string => `${String(n)} ${word}${n === 1 ? '' : 's'}`;
 
 function describeEntry(e: HistoryEntry): string {
@@ -979,12 +980,13 @@ function describeEntry(e: HistoryEntry): string {
           .map((r) => `${r.receiverId} ${r.status} after ${plural(r.attempts, 'attempt')}`)
           .join(', ') || 'no receivers'
       }`;
+    // The actor is what the sender wrote; the client identity is what Temporal recorded of the sender.
     case 'revoke.requested':
       return e.malformed
-        ? 'a revoke signal that could not be read (it still revokes, reason unspecified)'
-        : `${by(e.actor, e.reason)}${e.initiatingEntity ? ` (${String(e.initiatingEntity)})` : ''}`;
+        ? `a revoke signal that could not be read (it still revokes, reason unspecified)${sentVia(e.identity)}`
+        : `${by(e.actor, e.reason)}${e.initiatingEntity ? ` (${String(e.initiatingEntity)})` : ''}${sentVia(e.identity)}`;
     case 'suspicious.reported':
-      return by(e.actor, e.reason);
+      return `${by(e.actor, e.reason)}${sentVia(e.identity)}`;
     case 'policy.changed':
       return `policy ${String(e.policy ?? '(unnamed)')}${e.operationId ? ` (operation ${String(e.operationId)})` : ''}`;
     case 'signal':

@@ -4,7 +4,7 @@
  * apps that only read use it alone, so they never load the Temporal SDK.
  */
 import { z } from 'zod';
-import { loadStoreSettings, type StoreSettings } from '../common/config.js';
+import { DEFAULT_AUDIT_CHECKPOINT_INTERVAL_MS, loadStoreSettings, type StoreSettings } from '../common/config.js';
 import { createPool, type StorePool } from '../common/db.js';
 import { ConfigError, InvalidInputError, NotFoundError } from '../common/errors.js';
 import { PROPAGATION_STATES, TOKEN_STATUSES, type TokenStatus } from '../common/names.js';
@@ -22,7 +22,12 @@ import {
 } from '../common/store/receivers.js';
 import type { ReceiverRecord, TokenRecord } from '../common/store/rows.js';
 import { listTokens, requireToken } from '../common/store/tokens.js';
-import { auditKeyFrom, verifyAuditTrail, type AuditVerifyReport } from '../common/store/audit-verify.js';
+import {
+  auditCheckingKey,
+  auditVerifyKeyFrom,
+  verifyAuditTrail,
+  type AuditVerifyReport,
+} from '../common/store/audit-verify.js';
 import { exportDeaths, type DeathRecord } from '../common/store/audit-export.js';
 import { deathFilterSchema, type DeathFilterInput } from './audit-export.js';
 import { parseInput, receiverIdSchema, subjectLookupSchema, tokenIdSchema } from '../common/validation.js';
@@ -39,7 +44,17 @@ export type {
   CheckpointProblem,
 } from '../common/store/audit-verify.js';
 
-const auditVerifySchema = z.object({ tokenId: tokenIdSchema.optional() });
+const auditVerifySchema = z.object({
+  tokenId: tokenIdSchema.optional(),
+  /** Fail, not warn, when old events are not covered by the latest checkpoint. */
+  strict: z.boolean().optional(),
+  /** `<seq>:<digest>` of a checkpoint recorded elsewhere (a pass's `auditCheckpoint`, a previous verify). */
+  expectCheckpoint: z
+    .string()
+    .regex(/^[1-9]\d*:[0-9a-f]{64}$/, 'expected <seq>:<digest> (the digest is 64 hex digits)')
+    .transform((text) => ({ seq: Number(text.split(':')[0]), digest: text.split(':')[1]! }))
+    .optional(),
+});
 export type AuditVerifyInput = z.input<typeof auditVerifySchema>;
 export type { DeathRecord, ReceiverEvidence, ReceiverOutcome } from '../common/store/audit-export.js';
 export type { DeathFilterInput } from './audit-export.js';
@@ -272,10 +287,16 @@ export class TokenWardenStore {
    * problem, each broken chain named with the seq of its first broken link.
    */
   async verifyAudit(input: AuditVerifyInput = {}): Promise<AuditVerifyReport> {
-    const { tokenId } = parseInput(auditVerifySchema, input, 'audit verify options');
+    const { tokenId, strict, expectCheckpoint } = parseInput(auditVerifySchema, input, 'audit verify options');
+    const key = auditVerifyKeyFrom(this.settings);
     const report = await verifyAuditTrail(this.pool, {
       ...(tokenId !== undefined ? { tokenId } : {}),
-      key: auditKeyFrom(this.settings),
+      ...(key ? { key: key.key, keySource: key.source } : {}),
+      previousKeys: (this.settings.auditPreviousPublicKeys ?? []).map(auditCheckingKey),
+      // The writer's interval, then a reconciler pass (every minute) and two minutes of margin.
+      staleAfterMs: (this.settings.auditCheckpointIntervalMs ?? DEFAULT_AUDIT_CHECKPOINT_INTERVAL_MS) + 3 * 60_000,
+      ...(strict !== undefined ? { strict } : {}),
+      ...(expectCheckpoint ? { expectCheckpoint } : {}),
     });
     // Nothing of it anywhere (no chain, no checkpoint head, no row): an unknown token, not a clean one.
     if (tokenId !== undefined && report.chains === 0 && report.broken.length === 0)

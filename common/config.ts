@@ -46,8 +46,12 @@ export interface StoreSettings {
   payloadEncryptKeyId?: string;
   /** The ed25519 private key (its 32-byte seed) that signs audit checkpoints; undefined when not configured. */
   auditKey?: Buffer | undefined;
+  /** Where auditKey was read: env (TOKENWARDEN_AUDIT_KEY), file (TOKENWARDEN_AUDIT_KEY_FILE) or data dir (audit.key). */
+  auditKeySource?: AuditKeySource | undefined;
   /** The raw ed25519 public key that checks checkpoints where the signing key is not given (an auditor). */
   auditPublicKey?: Buffer | undefined;
+  /** Public keys of earlier audit signing keys: checkpoints they signed still check, and link (a key roll). */
+  auditPreviousPublicKeys?: Buffer[];
   /** The least time between two audit checkpoints the reconciler writes (TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL). */
   auditCheckpointIntervalMs?: number;
   /** Address ranges receivers may use besides public ones (the dev stack allows loopback). */
@@ -254,6 +258,24 @@ const envSchema = z.object({
     .string()
     .refine(isMasterKey, 'TOKENWARDEN_AUDIT_PUBLIC_KEY must be a raw ed25519 public key: 32 bytes, base64-encoded')
     .optional(),
+  TOKENWARDEN_AUDIT_PREVIOUS_PUBLIC_KEYS: z
+    .string()
+    .default('')
+    .transform((text, ctx) => {
+      const keys = text
+        .split(',')
+        .map((k) => k.trim())
+        .filter(Boolean);
+      const bad = keys.map((k, i) => (isMasterKey(k) ? -1 : i + 1)).filter((i) => i > 0);
+      if (bad.length > 0) {
+        ctx.addIssue({
+          code: 'custom',
+          message: `TOKENWARDEN_AUDIT_PREVIOUS_PUBLIC_KEYS must be comma-separated raw ed25519 public keys of 32 bytes, base64-encoded (key ${bad.join(', ')} is not)`,
+        });
+        return z.NEVER;
+      }
+      return keys.map((k) => Buffer.from(k, 'base64'));
+    }),
   TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL: duration(
     'TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL',
     formatDuration(DEFAULT_AUDIT_CHECKPOINT_INTERVAL_MS),
@@ -439,6 +461,8 @@ export const DEFAULT_DB_SCHEMA = 'tokenwarden';
 export const masterKeyFile = (dataDir: string) => path.join(dataDir, 'master.key');
 /** The dev stack's payload keys (one per line or comma-separated, base64; the first encrypts). */
 export const payloadKeysFile = (dataDir: string) => path.join(dataDir, 'payload.keys');
+export type AuditKeySource = 'env' | 'file' | 'data dir';
+
 /** Where the dev stack keeps the key that signs audit checkpoints (base64 of the ed25519 seed). */
 export const auditKeyFile = (dataDir: string) => path.join(dataDir, 'audit.key');
 
@@ -558,9 +582,12 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
     }
   }
   let auditKey: Buffer | undefined;
-  if (e.TOKENWARDEN_AUDIT_KEY) auditKey = Buffer.from(e.TOKENWARDEN_AUDIT_KEY, 'base64');
-  else if (e.TOKENWARDEN_AUDIT_KEY_FILE) auditKey = readAuditKeyFile(e.TOKENWARDEN_AUDIT_KEY_FILE);
-  else if (existsSync(auditKeyFile(dataDir))) auditKey = readAuditKeyFile(auditKeyFile(dataDir));
+  let auditKeySource: AuditKeySource | undefined;
+  if (e.TOKENWARDEN_AUDIT_KEY) [auditKey, auditKeySource] = [Buffer.from(e.TOKENWARDEN_AUDIT_KEY, 'base64'), 'env'];
+  else if (e.TOKENWARDEN_AUDIT_KEY_FILE)
+    [auditKey, auditKeySource] = [readAuditKeyFile(e.TOKENWARDEN_AUDIT_KEY_FILE), 'file'];
+  else if (existsSync(auditKeyFile(dataDir)))
+    [auditKey, auditKeySource] = [readAuditKeyFile(auditKeyFile(dataDir)), 'data dir'];
 
   const settings: StoreSettings = {
     databaseUrl,
@@ -578,9 +605,11 @@ function loadFromEnvironment(env: NodeJS.ProcessEnv): {
     payloadKeys,
     ...(payloadEncryptKeyId !== undefined ? { payloadEncryptKeyId } : {}),
     auditKey,
+    auditKeySource,
     ...(e.TOKENWARDEN_AUDIT_PUBLIC_KEY
       ? { auditPublicKey: Buffer.from(e.TOKENWARDEN_AUDIT_PUBLIC_KEY, 'base64') }
       : {}),
+    auditPreviousPublicKeys: e.TOKENWARDEN_AUDIT_PREVIOUS_PUBLIC_KEYS,
     auditCheckpointIntervalMs: e.TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL,
     // The dev stack's own allowance applies to whoever uses its store, unless set explicitly.
     receiverAllow:

@@ -277,8 +277,68 @@ describe('audit export', () => {
     const chain = await store.readAudit(ctx.pool, tokenId);
     assert.deepEqual(
       after.auditSeqs.map((seq) => chain.find((e) => e.seq === seq)!.kind),
-      ['token.revoked', 'delivery.delivered'],
+      ['token.issued', 'token.revoked', 'delivery.delivered'],
     );
+  });
+
+  it('should take the receivers and subject from the chain: an edited token row changes no record, and verify names it', async () => {
+    const first = await testReceiver(() => 204);
+    const second = await testReceiver(() => 204);
+    const subject = newSubject();
+    const tokenId = await storeOnlyToken(subject, [first.id, second.id], 3_600_000);
+    await store.killToken(ctx.pool, { tokenId, reason: 'audit', actor: 'ops', initiatingEntity: 'admin' });
+    const [delivery] = await store.listDeliveries(ctx.pool, tokenId);
+    await store.recordDeliveryAttempt(ctx.pool, delivery!.eventId, first.id, { kind: 'delivered', statusCode: 200 });
+    const before: Partial<DeathRecord> = await onlyRecord(subject);
+    delete before.asOf;
+    assert.deepEqual(
+      before.receivers!.map((r) => [r.receiverId, r.outcome]),
+      [
+        [first.id, 'acknowledged'],
+        [second.id, 'pending'],
+      ],
+    );
+    assert.equal(before.deadEverywhereAt, null);
+    assert.equal((await ctx.warden.verifyAudit({ tokenId })).ok, true);
+
+    // The unconfirmed receiver dropped from the row: the death would read as dead everywhere.
+    await ctx.sql.query(`UPDATE token SET receivers = array_remove(receivers, $2) WHERE id = $1`, [tokenId, second.id]);
+    const after: Partial<DeathRecord> = await onlyRecord(subject);
+    delete after.asOf;
+    assert.deepEqual(after, before);
+    const report = await ctx.warden.verifyAudit({ tokenId });
+    assert.deepEqual(
+      report.broken.map(({ seq, problem }) => ({ seq, problem })),
+      [{ seq: 1, problem: 'row-mismatch' }],
+    );
+    assert.match(report.broken[0]!.detail, /other receivers than its issue event/);
+    const cli = await runCli(['audit', 'verify', '--token', tokenId], ctx.childEnv());
+    assert.equal(cli.code, 1, cli.stderr + cli.stdout);
+    assert.match(cli.stdout, new RegExp(`BROKEN token ${tokenId} seq \\d+: row-mismatch`));
+
+    // Another subject on the row: the record keeps the issued one, verify names the edit.
+    await ctx.sql.query(`UPDATE token SET subject = $2, receivers = $3 WHERE id = $1`, [
+      tokenId,
+      `${subject}_moved`,
+      [first.id, second.id],
+    ]);
+    const [moved] = await exported({ subject: `${subject}_moved` });
+    assert.equal(moved?.subject, subject);
+    const renamed = await ctx.warden.verifyAudit({ tokenId });
+    assert.deepEqual(
+      renamed.broken.map(({ seq, problem }) => ({ seq, problem })),
+      [{ seq: 1, problem: 'row-mismatch' }],
+    );
+    assert.match(renamed.broken[0]!.detail, /another subject/);
+
+    // The kill's own facts: a revocation reason rewritten on the row.
+    await ctx.sql.query(`UPDATE token SET subject = $2, revoke_reason = 'routine' WHERE id = $1`, [tokenId, subject]);
+    const rewritten = await ctx.warden.verifyAudit({ tokenId });
+    assert.deepEqual(
+      rewritten.broken.map(({ seq, problem }) => ({ seq, problem })),
+      [{ seq: 2, problem: 'row-mismatch' }],
+    );
+    assert.match(rewritten.broken[0]!.detail, /revoke_reason/);
   });
 
   it('should filter by death time (since inclusive, until exclusive) and subject; refuse a reversed range', async () => {
@@ -321,7 +381,7 @@ describe('audit export', () => {
   it('should write RFC 4180 CSV from the CLI: quotes and commas kept, formulas defused, the same records as jsonl', async () => {
     const subject = newSubject();
     const tokenId = await storeOnlyToken(subject, [], 3_600_000);
-    const reason = 'said "no", then left, badly';
+    const reason = '\uff1dsaid "no", then left, badly';
     await store.killToken(ctx.pool, { tokenId, reason, actor: '=HYPERLINK("x")', initiatingEntity: 'admin' });
 
     const csv = await runCli(['audit', 'export', '--subject', subject, '--format', 'csv'], ctx.childEnv());
@@ -330,7 +390,7 @@ describe('audit export', () => {
     assert.deepEqual(table[0], [...DEATH_CSV_COLUMNS]);
     assert.equal(table.length, 2, csv.stdout);
     const row = Object.fromEntries(DEATH_CSV_COLUMNS.map((c, i) => [c, table[1]![i]]));
-    assert.equal(row.reason, reason);
+    assert.equal(row.reason, `'${reason}`, 'a leading fullwidth = runs as a formula in some locales');
     assert.equal(row.actor, `'=HYPERLINK("x")`, 'a leading = would run as a formula');
     assert.equal(row.tokenId, tokenId);
     assert.equal(row.receiversTotal, '0');
@@ -350,7 +410,11 @@ describe('audit export', () => {
     const fromCli = JSON.parse(lines[0]!) as DeathRecord;
     const fromLibrary = await onlyRecord(subject);
     assert.deepEqual({ ...fromCli, asOf: '' }, { ...fromLibrary, asOf: '' });
-    for (const column of DEATH_CSV_COLUMNS.filter((c) => c !== 'actor' && c in fromCli && c !== 'receivers')) {
+    assert.equal(row.auditSeqs, fromCli.auditSeqs.join(' '));
+    const plain = DEATH_CSV_COLUMNS.filter(
+      (c) => !['actor', 'reason', 'receivers', 'auditSeqs'].includes(c) && c in fromCli,
+    );
+    for (const column of plain) {
       const value = fromCli[column as keyof DeathRecord];
       if (column !== 'asOf') assert.equal(row[column], value === null ? '' : String(value), column);
     }

@@ -16,6 +16,7 @@ import { WORKFLOW_TYPE } from '../common/names.js';
 import type { ReconcileInput, ReconcileReport } from '../common/messages.js';
 import * as store from '../common/store/index.js';
 import { TokenWardenStore } from '../client/store.js';
+import { ConfigError } from '../common/errors.js';
 import { runCli } from './support/cli.js';
 import { maybeRecordHistory } from './support/history.js';
 import { TestContext } from './support/context.js';
@@ -247,6 +248,29 @@ describe('audit verify: the chains', () => {
   });
 });
 
+describe('audit verify: a trail broken wholesale', () => {
+  it('should count every broken chain once and name only the first ones', async () => {
+    const s = await TestStore.create();
+    const tokens = [await s.token(2), await s.token(2), await s.token(2)].sort();
+    await s.checkpoint();
+    // Every chain gone, token rows kept: each is missing against its head and has no event at all.
+    await s.tamper((c) => c.query('DELETE FROM audit_event'));
+    const all = await s.verify();
+    assert.deepEqual(
+      brokenOf(all),
+      tokens.map((tokenId) => ({ tokenId, seq: 1, problem: 'deleted' })),
+    );
+    assert.equal(all.brokenChains, 3);
+    const capped = await s.verify({ namedBroken: 1 });
+    assert.deepEqual(brokenOf(capped), [{ tokenId: tokens[0], seq: 1, problem: 'deleted' }]);
+    assert.equal(capped.brokenChains, 3);
+    assert.equal(capped.ok, false);
+    const keyless = await s.verify({ key: null, namedBroken: 2 });
+    assert.equal(keyless.broken.length, 2);
+    assert.equal(keyless.brokenChains, 3, 'counted beyond the named ones');
+  });
+});
+
 describe('audit verify: signed checkpoints', () => {
   it('should catch chains deleted or rewritten whole, and a deleted last event, against the checkpoint', async () => {
     const s = await TestStore.create();
@@ -285,8 +309,11 @@ describe('audit verify: signed checkpoints', () => {
       await c.query('DELETE FROM audit_event WHERE token_id = $1 AND seq = 4', [shortened]);
     });
 
-    // Each chain alone is consistent: without the checkpoint, nothing shows.
-    assert.deepEqual((await s.verify({ key: null })).broken, []);
+    // Each chain alone is consistent: without the checkpoint, only the rewritten kill shows, because
+    // the token row (left alone) still holds the reason its chain no longer does.
+    assert.deepEqual(brokenOf(await s.verify({ key: null })), [
+      { tokenId: rewritten, seq: 4, problem: 'row-mismatch' },
+    ]);
     const report = await s.verify();
     assert.deepEqual(
       brokenOf(report),
@@ -368,6 +395,155 @@ describe('audit verify: signed checkpoints', () => {
       problems(await other.s.verify({ key: stranger })).map((p) => p.problem),
       ['unknown-key', 'unknown-key', 'unknown-key'],
     );
+  });
+
+  it('should roll the signing key: the writer links only to a checkpoint of a known key, verify accepts previous keys', async () => {
+    const s = await TestStore.create();
+    const tokenId = await s.token(2);
+    await s.checkpoint();
+    await store.recordAudit(s.pool, tokenId, 'n3', 'token.note', { n: 3 });
+    const rolled = store.auditSigningKey(randomBytes(32));
+    const previous = store.auditCheckingKey(store.rawPublicKey(key.publicKey));
+
+    // Without the old public key the new key cannot tell checkpoint #1 from a forgery: it refuses.
+    await assert.rejects(store.writeAuditCheckpoint(s.pool, rolled, { minIntervalMs: 0 }), (err: unknown) => {
+      assert.ok(err instanceof store.AuditTamperedError, String(err));
+      assert.match(err.message, new RegExp(`checkpoint #1 .*${key.keyId}.*TOKENWARDEN_AUDIT_PREVIOUS_PUBLIC_KEYS`));
+      return true;
+    });
+    const written = await store.writeAuditCheckpoint(s.pool, rolled, { minIntervalMs: 0, previousKeys: [previous] });
+    assert.equal(written.seq, 2);
+
+    const without = await s.verify({ key: rolled });
+    assert.deepEqual(
+      without.checkpointProblems.map(({ checkpoint, problem }) => ({ checkpoint, problem })),
+      [{ checkpoint: 1, problem: 'unknown-key' }],
+    );
+    const withPrevious = await s.verify({ key: rolled, previousKeys: [previous] });
+    assert.equal(withPrevious.ok, true, JSON.stringify(withPrevious));
+    assert.equal(withPrevious.checkpointsChecked, 2);
+  });
+
+  it('should fail when every checkpoint was deleted over events old enough to have been signed', async () => {
+    const s = await TestStore.create();
+    await s.token(3);
+    assert.equal((await s.checkpoint()).written, true);
+    await s.tamper(async (c) => {
+      await c.query('DELETE FROM audit_checkpoint_head');
+      await c.query('DELETE FROM audit_checkpoint');
+    });
+    // Not yet due: a store the reconciler has not reached is no fault.
+    const young = await s.verify({ staleAfterMs: 60 * 60_000 });
+    assert.equal(young.ok, true, JSON.stringify(young));
+    // Due (every event counts as old enough): no checkpoint at all is a fault.
+    const due = await s.verify({ staleAfterMs: 0 });
+    assert.equal(due.ok, false);
+    assert.deepEqual(
+      due.checkpointProblems.map(({ checkpoint, problem }) => ({ checkpoint, problem })),
+      [{ checkpoint: 0, problem: 'checkpoint-missing' }],
+    );
+    // Without a key nothing can be said of checkpoints (the CLI's summary says so).
+    assert.deepEqual((await s.verify({ staleAfterMs: 0, key: null })).checkpointProblems, []);
+  });
+
+  it('should flag a rollback of the latest checkpoint: uncovered events, and a missing expected checkpoint', async () => {
+    const s = await TestStore.create();
+    const tokenId = await s.token(3);
+    const first = await s.checkpoint();
+    await store.recordAudit(s.pool, tokenId, 'n4', 'token.note', { n: 4 });
+    const second = await s.checkpoint();
+    assert.equal(second.written && second.seq, 2);
+    const anchor = { seq: 2, digest: second.digest ?? '' };
+    const clean = await s.verify({ staleAfterMs: 0, strict: true, expectCheckpoint: anchor });
+    assert.equal(clean.ok, true, JSON.stringify(clean));
+    assert.deepEqual(clean.warnings, []);
+
+    // Checkpoint #2 and its heads deleted: #1 still verifies, but seq 4 is old and unsigned.
+    await s.tamper(async (c) => {
+      await c.query('DELETE FROM audit_checkpoint_head WHERE checkpoint_seq = 2');
+      await c.query('DELETE FROM audit_checkpoint WHERE seq = 2');
+    });
+    const lenient = await s.verify({ staleAfterMs: 0 });
+    assert.equal(lenient.ok, true, JSON.stringify(lenient));
+    assert.equal(lenient.checkpoint?.seq, 1);
+    assert.match(lenient.warnings.join('\n'), /checkpoint-stale: 1 event\(s\) since .* not covered by checkpoint #1/);
+    const strict = await s.verify({ staleAfterMs: 0, strict: true });
+    assert.deepEqual(
+      strict.checkpointProblems.map(({ checkpoint, problem }) => ({ checkpoint, problem })),
+      [{ checkpoint: 1, problem: 'checkpoint-stale' }],
+    );
+    const anchored = await s.verify({ expectCheckpoint: anchor });
+    assert.deepEqual(
+      anchored.checkpointProblems.map(({ checkpoint, problem }) => ({ checkpoint, problem })),
+      [{ checkpoint: 2, problem: 'anchor' }],
+    );
+    assert.equal(anchored.ok, false);
+    const firstAnchor = { seq: 1, digest: first.digest ?? '' };
+    assert.deepEqual((await s.verify({ expectCheckpoint: firstAnchor })).checkpointProblems, []);
+    assert.deepEqual(
+      (await s.verify({ expectCheckpoint: { seq: 1, digest: '0'.repeat(64) } })).checkpointProblems.map(
+        (p) => p.problem,
+      ),
+      ['anchor'],
+    );
+  });
+
+  it('should warn, not cry tampering, when two checkpoints written during a verify prune the heads it reads', async () => {
+    const s = await TestStore.create();
+    const tokens = [await s.token(2), await s.token(2), await s.token(2)];
+    await s.checkpoint();
+    let written = false;
+    const racing = {
+      tables: s.pool.tables,
+      query: async (text: string, params?: unknown[]) => {
+        const result = await s.pool.query(text, params);
+        // After the verifier's first page of heads: two checkpoints land, the second prunes #1's heads.
+        if (!written && /FROM \S*audit_checkpoint_head\S*\s+WHERE checkpoint_seq = \$1 AND token_id >/.test(text)) {
+          written = true;
+          for (const tokenId of tokens.slice(0, 2)) {
+            await store.recordAudit(s.pool, tokenId, 'later', 'token.note', { n: 3 });
+            assert.equal((await s.checkpoint()).written, true);
+          }
+        }
+        return result;
+      },
+    } as unknown as Queryable;
+    const report = await store.verifyAuditTrail(racing, { key, batchSize: 1, staleAfterMs: 0, strict: true });
+    assert.ok(written, 'the checkpoints were written during the walk');
+    assert.deepEqual(report.checkpointProblems, []);
+    assert.deepEqual(report.broken, []);
+    assert.match(report.warnings.join('\n'), /checkpoint #1 was superseded during verification .*re-run/);
+    assert.equal(report.ok, true);
+  });
+
+  it('should find an unchanged store unchanged without writing a head row', async () => {
+    const s = await TestStore.create();
+    const tokenId = await s.token(2);
+    await s.checkpoint();
+    const statements: string[] = [];
+    const recording = createPool(ctx.settings.databaseUrl, s.schema, 1);
+    recording.on('connect', (client) => {
+      const query = client.query.bind(client) as (...args: unknown[]) => unknown;
+      (client as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
+        const text = args[0] as string | { text: string };
+        statements.push(typeof text === 'string' ? text : text.text);
+        return query(...args);
+      };
+    });
+    try {
+      const quiet = await store.writeAuditCheckpoint(recording, key, { minIntervalMs: 0, batchSize: 1 });
+      assert.deepEqual(quiet, { written: false, skipped: 'unchanged', seq: 1 });
+      assert.deepEqual(
+        statements.filter((text) => /INSERT INTO \S*audit_checkpoint_head/.test(text)),
+        [],
+        'no head row inserted (and rolled back) when nothing changed',
+      );
+      await store.recordAudit(s.pool, tokenId, 'n3', 'token.note', { n: 3 });
+      assert.equal((await store.writeAuditCheckpoint(recording, key, { minIntervalMs: 0, batchSize: 1 })).seq, 2);
+      assert.equal((await s.verify()).ok, true);
+    } finally {
+      await recording.end();
+    }
   });
 
   it('should write at most one checkpoint per interval, none when no chain changed, and keep two heads', async () => {
@@ -471,6 +647,34 @@ describe('audit checkpoints by the reconciler, and the CLI', () => {
     const intact = await runCli(['audit', 'verify'], env);
     assert.equal(intact.code, 0, intact.stderr + intact.stdout);
     assert.match(intact.stdout, /audit trail intact/);
+    assert.match(intact.stdout, new RegExp(`checkpoint key ${key.keyId} from env \\(TOKENWARDEN_AUDIT_PUBLIC_KEY\\)`));
+
+    // Without a key only the chains are checked, and the summary says so.
+    const keyless: Record<string, string> = { ...env };
+    delete keyless.TOKENWARDEN_AUDIT_PUBLIC_KEY;
+    const unchecked = await runCli(['audit', 'verify'], keyless);
+    assert.equal(unchecked.code, 0, unchecked.stderr + unchecked.stdout);
+    assert.match(unchecked.stdout, /chains intact; checkpoints NOT checked/);
+    assert.doesNotMatch(unchecked.stdout, /audit trail intact/);
+
+    // A pinned public key is never overridden by a signing key found on the host.
+    const other = randomBytes(32).toString('base64');
+    const conflicting = await runCli(['audit', 'verify'], { ...env, TOKENWARDEN_AUDIT_KEY: other });
+    assert.equal(conflicting.code, 1, conflicting.stderr + conflicting.stdout);
+    assert.match(conflicting.stderr, /TOKENWARDEN_AUDIT_PUBLIC_KEY .* signing key from TOKENWARDEN_AUDIT_KEY/);
+    assert.equal(conflicting.stdout, '');
+    assert.doesNotMatch(conflicting.stderr, new RegExp(other.replace(/[+/]/g, '.')));
+    const pinnedStore = await TokenWardenStore.connect({
+      ...ctx.settings,
+      databaseSchema: s.schema,
+      auditKey: randomBytes(32),
+      auditPublicKey: store.rawPublicKey(key.publicKey),
+    });
+    try {
+      await assert.rejects(pinnedStore.verifyAudit(), ConfigError);
+    } finally {
+      await pinnedStore.close();
+    }
 
     await s.tamper((c) =>
       c.query(
@@ -487,9 +691,13 @@ describe('audit checkpoints by the reconciler, and the CLI', () => {
     const parsed = JSON.parse(json.stdout) as store.AuditVerifyReport;
     assert.deepEqual(brokenOf(parsed), [{ tokenId, seq: 2, problem: 'edited' }]);
 
+    // The options the user typed are named, not the library's fields.
     const bad = await runCli(['audit', 'verify', '--token', 'nope'], env);
     assert.equal(bad.code, 2, bad.stderr);
-    assert.match(bad.stderr, /tokenId/);
+    assert.match(bad.stderr, /--token: /);
+    const badAnchor = await runCli(['audit', 'verify', '--expect-checkpoint', '1:abc'], env);
+    assert.equal(badAnchor.code, 2, badAnchor.stderr);
+    assert.match(badAnchor.stderr, /--expect-checkpoint: expected <seq>:<digest>/);
 
     // The library's method is the CLI's.
     const library = await TokenWardenStore.connect({ ...ctx.settings, databaseSchema: s.schema, auditKey: seed });

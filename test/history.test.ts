@@ -11,6 +11,7 @@ import proto from '@temporalio/proto';
 import { tokenWorkflowId } from '../common/names.js';
 import { signalRevoke } from '../common/temporal.js';
 import { revokeSignal } from '../common/messages.js';
+import { printable } from '../client/cli.js';
 import { formatTimeline, renderRuns, type HistoryEntry } from '../client/history.js';
 import { TokenWarden } from '../client/index.js';
 import { TestContext, type RunningWorker } from './support/context.js';
@@ -432,6 +433,15 @@ describe('history of a token', () => {
     const asJson = await runCli(['history', issued.tokenId, '--json'], ctx.childEnv());
     const [entry] = ofKind(JSON.parse(asJson.stdout) as HistoryEntry[], 'revoke.requested');
     assert.equal(entry!.reason, `left\n${forged}`, 'JSON keeps the value itself');
+    // The actor is only what the sender wrote: the client identity Temporal recorded is shown too.
+    assert.ok(typeof entry!.identity === 'string' && entry!.identity.length > 0, JSON.stringify(entry));
+    assert.ok(revoke.includes(`sent by client ${entry!.identity as string}`), revoke);
+  });
+
+  it('should escape a backslash, so a typed escape never reads as the character it names', () => {
+    assert.equal(printable('left\\x0anext'), 'left\\\\x0anext');
+    assert.notEqual(printable('left\\x0anext'), printable('left\nnext'));
+    assert.equal(printable('left\nnext'), 'left\\x0anext');
   });
 
   it("should give the store's audit events, and say why, when Temporal cannot be reached", async () => {

@@ -5,7 +5,8 @@
  * year of deaths holds one batch in memory, never the whole result. Every settled fact (the kill,
  * acknowledgements, verifications, forcing, escalation) is read from the token's hash-chained
  * audit events, the text `audit verify` checks, not from the mutable token and delivery rows;
- * those give only what is still in progress. Instants are the store's (PostgreSQL's) clock, ISO
+ * those give only what is still in progress. The subject and filters' matching columns of the token
+ * row are compared with the chain by `audit verify` (row-mismatch). Instants are the store's (PostgreSQL's) clock, ISO
  * 8601 in UTC with milliseconds; README "Evidence for auditors" defines every field.
  */
 import { z } from 'zod';
@@ -100,6 +101,7 @@ const CURSOR = 'death_export';
 
 /** The audit event kinds a death's record is drawn from. */
 export const EVIDENCE_KINDS = [
+  'token.issued',
   'token.revoked',
   'token.expired',
   'revoke.scheduled',
@@ -152,8 +154,12 @@ const killData = z.object({
   initiatingEntity: z.enum(INITIATING_ENTITIES),
   occurredAt: isoText,
   eventId: z.string(),
+  /** The receivers the kill was sent to (its outbox rows): the record's receivers, never the row's. */
+  receivers: z.array(z.string()),
+  credentialIds: z.array(z.string()).optional(),
   correlationId: z.string().nullable().optional(),
 });
+const issuedData = z.object({ subject: z.string(), receivers: z.array(z.string()) });
 const deliveryData = z.object({
   eventId: z.string(),
   receiverId: z.string(),
@@ -261,6 +267,11 @@ function toDeathRecord(row: z.output<typeof deathRow>, asOf: string): DeathRecor
     );
   }
   const kill = killEvent && parseRow(killData, 'kill event', killEvent.data);
+  const issuedEvent = use(events.find((e) => e.kind === 'token.issued'));
+  const issued = issuedEvent && parseRow(issuedData, 'token.issued', issuedEvent.data);
+  // The chain's facts, not the row's: a row edited after the fact (a receiver dropped) must not
+  // turn an unconfirmed receiver into none. An expiry not yet recorded has only its issue event.
+  const receiverIds = kill?.receivers ?? issued?.receivers ?? row.receivers;
   const status = killEvent?.kind === 'token.revoked' ? 'revoked' : 'expired';
   const deadInStoreAt = kill?.occurredAt ?? row.died_at;
   const afterKill = events.filter((e) => !killEvent || e.seq > killEvent.seq);
@@ -276,7 +287,7 @@ function toDeathRecord(row: z.output<typeof deathRow>, asOf: string): DeathRecor
     .map((e) => ({ event: e, data: parseRow(forcedData, 'propagation.forced', e.data) }));
   const rows = new Map((row.deliveries ?? []).filter((d) => d.eventId === kill?.eventId).map((d) => [d.receiverId, d]));
 
-  const receivers = row.receivers.map((receiverId): ReceiverEvidence => {
+  const receivers = receiverIds.map((receiverId): ReceiverEvidence => {
     const delivery = rows.get(receiverId);
     const acknowledged = use(acknowledgements.find((a) => a.data.receiverId === receiverId)?.event);
     const settled = settlements.find((a) => a.data.receiverId === receiverId);
@@ -336,7 +347,7 @@ function toDeathRecord(row: z.output<typeof deathRow>, asOf: string): DeathRecor
   const since = (instant: string) => Date.parse(instant) - Date.parse(requestedAt);
   return {
     tokenId: row.id,
-    subject: row.subject,
+    subject: issued?.subject ?? row.subject,
     name: row.name,
     policy: row.policy,
     status,
@@ -356,7 +367,7 @@ function toDeathRecord(row: z.output<typeof deathRow>, asOf: string): DeathRecor
     propagation: row.propagation,
     stuckAt: stuck?.at ?? null,
     // The kill of a token without receivers completes its propagation itself, without an event.
-    propagationCompletedAt: completed?.at ?? (killEvent && row.receivers.length === 0 ? killEvent.at : null),
+    propagationCompletedAt: completed?.at ?? (killEvent && receiverIds.length === 0 ? killEvent.at : null),
     eventId: kill?.eventId ?? null,
     receivers,
     auditSeqs: [...new Set(used.map((e) => e.seq))].sort((a, b) => a - b),

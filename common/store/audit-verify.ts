@@ -4,13 +4,16 @@
  * batches (never every row in memory); a checkpoint signs the digest of every chain's head.
  */
 import { createHash, createPrivateKey, createPublicKey, sign, verify, type KeyObject } from 'node:crypto';
-import { checkout, type Queryable, type StorePool } from '../db.js';
+import { checkout, quoteIdent, type Queryable, type StorePool } from '../db.js';
+import { ConfigError } from '../errors.js';
 import type { AuditCheckpointOutcome } from '../messages.js';
 
 export type { AuditCheckpointOutcome } from '../messages.js';
 
 /** Rows one query of the verifier reads at most. */
 export const AUDIT_VERIFY_BATCH = 1000;
+/** Broken chains a report names at most: a trail broken wholesale must not fill memory (all are counted). */
+export const AUDIT_BROKEN_NAMED = 1000;
 /** Checkpoints whose heads are kept: the latest, and the one before it while a verifier may still read it. */
 export const AUDIT_CHECKPOINT_HEADS_KEPT = 2;
 
@@ -48,11 +51,38 @@ export function auditCheckingKey(raw: Buffer): AuditKey {
   return { keyId: keyIdOf(publicKey), publicKey };
 }
 
-/** The configured key, if any: the signing key wins (its public half checks too). */
-export function auditKeyFrom(settings: { auditKey?: Buffer | undefined; auditPublicKey?: Buffer | undefined }) {
-  if (settings.auditKey) return auditSigningKey(settings.auditKey);
-  if (settings.auditPublicKey) return auditCheckingKey(settings.auditPublicKey);
-  return undefined;
+/** The names of the settings a key came from, for messages. */
+const SIGNING_KEY_ORIGIN = {
+  env: 'TOKENWARDEN_AUDIT_KEY',
+  file: 'TOKENWARDEN_AUDIT_KEY_FILE',
+  'data dir': 'audit.key in TOKENWARDEN_DATA_DIR',
+} as const;
+
+/**
+ * The key checkpoints are verified with, and where it came from: a pinned public key
+ * (TOKENWARDEN_AUDIT_PUBLIC_KEY) wins, since a signing key found on the host is what a forger would
+ * have replaced; the two disagreeing is a configuration error, never a silent choice.
+ */
+export function auditVerifyKeyFrom(settings: {
+  auditKey?: Buffer | undefined;
+  auditKeySource?: keyof typeof SIGNING_KEY_ORIGIN | undefined;
+  auditPublicKey?: Buffer | undefined;
+}): { key: AuditKey; source: string } | undefined {
+  const signing = settings.auditKey ? auditSigningKey(settings.auditKey) : undefined;
+  const signingOrigin = settings.auditKeySource ? SIGNING_KEY_ORIGIN[settings.auditKeySource] : 'settings.auditKey';
+  if (settings.auditPublicKey) {
+    const pinned = auditCheckingKey(settings.auditPublicKey);
+    if (signing && signing.keyId !== pinned.keyId) {
+      throw new ConfigError(
+        `TOKENWARDEN_AUDIT_PUBLIC_KEY (${pinned.keyId}) is not the public half of the signing key from ${signingOrigin} (${signing.keyId}): ` +
+          'unset one of them (an auditor pins the public key and needs no signing key)',
+      );
+    }
+    return { key: pinned, source: 'env (TOKENWARDEN_AUDIT_PUBLIC_KEY)' };
+  }
+  if (!signing) return undefined;
+  const where = settings.auditKeySource ?? 'settings';
+  return { key: signing, source: `${where} (${signingOrigin})` };
 }
 
 // ---------------------------------------------------------------- canonical text
@@ -170,6 +200,43 @@ async function* checkpointHeads(db: Queryable, checkpointSeq: number, batch: num
   }
 }
 
+/** The token row's facts its chain also records (never changed after issue or kill). */
+interface TokenFacts {
+  tokenId: string;
+  subject: string;
+  receivers: string[];
+  status: string;
+  revokedAt: string | null;
+  revokedBy: string | null;
+  revokeReason: string | null;
+}
+
+/** Token rows (or one token's) in id order, one keyset page at a time. */
+async function* tokenFacts(db: Queryable, batch: number, tokenId?: string): AsyncGenerator<TokenFacts> {
+  const t = db.tables;
+  let after = '';
+  for (;;) {
+    const { rows } = await db.query(
+      `SELECT id, subject, receivers, status, ${quoteIdent(t.schema)}.iso_time(revoked_at) AS revoked_at, revoked_by, revoke_reason
+         FROM ${t.token} WHERE id > $1 ${tokenId !== undefined ? 'AND id = $3' : ''} ORDER BY id LIMIT $2`,
+      tokenId !== undefined ? [after, batch, tokenId] : [after, batch],
+    );
+    for (const r of rows) {
+      yield {
+        tokenId: r.id as string,
+        subject: r.subject as string,
+        receivers: r.receivers as string[],
+        status: r.status as string,
+        revokedAt: r.revoked_at as string | null,
+        revokedBy: r.revoked_by as string | null,
+        revokeReason: r.revoke_reason as string | null,
+      };
+    }
+    if (rows.length < batch) return;
+    after = rows[rows.length - 1]!.id as string;
+  }
+}
+
 interface CheckpointRow {
   seq: number;
   createdAt: Date;
@@ -222,9 +289,10 @@ class Lookahead<T> {
  * How a chain is broken at `seq`. edited: the stored text or a column no longer is what was written
  * (or a row was rewritten with a fresh hash, so the next one no longer links to it); deleted: events
  * are missing (a gap, the chain's end, or the whole chain); inserted: events that were never appended
- * in that place; checkpoint-mismatch: the chain is consistent but not the one a signed checkpoint saw.
+ * in that place; checkpoint-mismatch: the chain is consistent but not the one a signed checkpoint saw;
+ * row-mismatch: the chain is intact but the token row (subject, receivers, status, revocation) says otherwise.
  */
-export type AuditBreak = 'edited' | 'deleted' | 'inserted' | 'checkpoint-mismatch';
+export type AuditBreak = 'edited' | 'deleted' | 'inserted' | 'checkpoint-mismatch' | 'row-mismatch';
 
 /** The first broken link of one token's chain. */
 export interface BrokenAuditLink {
@@ -236,8 +304,13 @@ export interface BrokenAuditLink {
 
 export interface CheckpointProblem {
   checkpoint: number;
-  /** signature: forged or altered; unknown-key: signed by another key; sequence: one missing or replaced; heads: its head rows altered or gone. */
-  problem: 'signature' | 'unknown-key' | 'sequence' | 'heads';
+  /**
+   * signature: forged or altered; unknown-key: signed by another key; sequence: one missing or
+   * replaced; heads: its head rows altered or gone; checkpoint-missing: events old enough to be
+   * signed but no checkpoint at all; checkpoint-stale: events old enough to be signed that the latest
+   * does not cover (a fault only with `strict`); anchor: the expected checkpoint is not in the sequence.
+   */
+  problem: 'signature' | 'unknown-key' | 'sequence' | 'heads' | 'checkpoint-missing' | 'checkpoint-stale' | 'anchor';
   detail: string;
 }
 
@@ -257,8 +330,12 @@ export interface AuditVerifyReport {
   tokenId?: string;
   chains: number;
   events: number;
-  /** The first broken link of each broken chain, in token id order. */
+  /** The first broken link of each broken chain, in token id order: the first AUDIT_BROKEN_NAMED. */
   broken: BrokenAuditLink[];
+  /** How many chains are broken, named or not. */
+  brokenChains: number;
+  /** The key checkpoints were checked with and where it came from; null without one. */
+  key: { keyId: string; source: string } | null;
   /** The checkpoint the chains were compared with (the latest), when one was checked. */
   checkpoint: AuditCheckpointSummary | null;
   /** Checkpoints whose signature and place in the sequence were checked. */
@@ -273,10 +350,78 @@ export interface AuditVerifyOptions {
   batchSize?: number;
   /** The key checkpoints must be signed by; without one they are not checked (a warning says so). */
   key?: AuditKey | undefined;
+  /** Where `key` came from (env, file, data dir), reported back. */
+  keySource?: string;
+  /** How many broken chains the report names at most (all are counted); AUDIT_BROKEN_NAMED by default. */
+  namedBroken?: number;
+  /** Earlier keys (TOKENWARDEN_AUDIT_PREVIOUS_PUBLIC_KEYS): checkpoints they signed check too. */
+  previousKeys?: AuditKey[];
+  /**
+   * How old (database clock) an event may be before a checkpoint must cover it: the writer's
+   * interval plus a pass and a margin. Without it, uncovered events are not looked at.
+   */
+  staleAfterMs?: number;
+  /** Uncovered old events fail the check rather than warn. */
+  strict?: boolean;
+  /** A checkpoint recorded elsewhere (a previous run, a pass's result) that must still be in the sequence. */
+  expectCheckpoint?: { seq: number; digest: string };
+}
+
+/** What a chain says of the facts its token row also holds: its issue and its kill. */
+interface ChainFacts {
+  issued?: { seq: number; subject?: unknown; receivers?: unknown };
+  kill?: { seq: number; kind: string; reason?: unknown; actor?: unknown; occurredAt?: unknown; receivers?: unknown };
+  lastSeq: number;
+}
+
+const KILL_KINDS: Record<string, string> = { 'token.revoked': 'revoked', 'token.expired': 'expired' };
+
+function noteFacts(facts: ChainFacts, seq: number, kind: unknown, data: unknown): void {
+  const d = (typeof data === 'object' && data !== null ? data : {}) as Record<string, unknown>;
+  if (kind === 'token.issued') facts.issued = { seq, subject: d.subject, receivers: d.receivers };
+  else if (typeof kind === 'string' && KILL_KINDS[kind]) {
+    facts.kill = { seq, kind, reason: d.reason, actor: d.actor, occurredAt: d.occurredAt, receivers: d.receivers };
+  }
+}
+
+const sameList = (a: unknown, b: string[]) =>
+  Array.isArray(a) && a.length === b.length && a.every((v, i) => v === b[i]);
+
+/**
+ * Where the token row contradicts its chain (the row is what verifiers, filters and the export's
+ * selection read): the seq of the event it contradicts and how; undefined when they agree.
+ */
+function rowMismatch(facts: ChainFacts, row: TokenFacts): { seq: number; detail: string } | undefined {
+  const { issued, kill } = facts;
+  if (issued && issued.subject !== row.subject) {
+    return { seq: issued.seq, detail: 'the token row names another subject than its issue event' };
+  }
+  if (issued && Array.isArray(issued.receivers) && !sameList(issued.receivers, row.receivers)) {
+    return { seq: issued.seq, detail: 'the token row names other receivers than its issue event' };
+  }
+  if (!kill) {
+    return row.status === 'active'
+      ? undefined
+      : { seq: facts.lastSeq + 1, detail: `the token row says ${row.status}, but its chain records no kill` };
+  }
+  const differs = [
+    row.status !== KILL_KINDS[kill.kind] && 'status',
+    kill.occurredAt !== undefined && row.revokedAt !== kill.occurredAt && 'revoked_at',
+    kill.actor !== undefined && row.revokedBy !== kill.actor && 'revoked_by',
+    kill.reason !== undefined && row.revokeReason !== kill.reason && 'revoke_reason',
+    Array.isArray(kill.receivers) && !sameList(kill.receivers, row.receivers) && 'receivers',
+  ].filter((f): f is string => f !== false);
+  return differs.length === 0
+    ? undefined
+    : { seq: kill.seq, detail: `the token row's ${differs.join(', ')} disagree(s) with its ${kill.kind} event` };
 }
 
 /** One token's chain as it is walked, event by event. */
 class ChainWalk {
+  readonly facts: ChainFacts = { lastSeq: 0 };
+  /** Events after the checkpoint's head (all when it has none), and the oldest one's `at`. */
+  uncovered = 0;
+  oldestUncoveredAt: string | undefined;
   events = 0;
   #prev: { seq: number; hash: string } | null = null;
   /** Each accepted event's hash and seq, to recognise a link that skips inserted events. */
@@ -298,7 +443,7 @@ class ChainWalk {
     this.events++;
     if (this.broken) return;
     if (this.head && row.seq === this.head.seq) this.#hashAtHead = row.hash;
-    let body: { tokenId?: unknown; seq?: unknown; kind?: unknown; prevHash?: unknown };
+    let body: { tokenId?: unknown; seq?: unknown; kind?: unknown; prevHash?: unknown; data?: unknown };
     try {
       body = JSON.parse(row.canonical) as typeof body;
     } catch {
@@ -351,6 +496,13 @@ class ChainWalk {
     }
     this.#prev = { seq: row.seq, hash: row.hash };
     this.#seqOfHash.set(row.hash, row.seq);
+    this.facts.lastSeq = row.seq;
+    noteFacts(this.facts, row.seq, body.kind, body.data);
+    const at = (body as { at?: unknown }).at;
+    if ((!this.head || row.seq > this.head.seq) && typeof at === 'string') {
+      this.uncovered++;
+      if (this.oldestUncoveredAt === undefined || at < this.oldestUncoveredAt) this.oldestUncoveredAt = at;
+    }
   }
 
   /** After the last event: is the chain still the one the checkpoint signed? */
@@ -387,13 +539,25 @@ export async function verifyAuditTrail(db: Queryable, options: AuditVerifyOption
     chains: 0,
     events: 0,
     broken: [],
+    brokenChains: 0,
+    key: options.key ? { keyId: options.key.keyId, source: options.keySource ?? 'given' } : null,
     checkpoint: null,
     checkpointsChecked: 0,
     checkpointProblems: [],
     warnings: [],
   };
 
-  const latest = options.key ? await checkCheckpoints(db, options.key, batch, report) : undefined;
+  const { rows: clock } = await db.query(`SELECT now() AS now`);
+  const now = clock[0].now as Date;
+  const latest = options.key
+    ? await checkCheckpoints(
+        db,
+        [options.key, ...(options.previousKeys ?? [])],
+        batch,
+        report,
+        options.expectCheckpoint,
+      )
+    : undefined;
   if (!options.key) {
     report.warnings.push(
       'checkpoints not checked: no audit key configured (TOKENWARDEN_AUDIT_KEY or TOKENWARDEN_AUDIT_PUBLIC_KEY); a chain deleted or rewritten whole would go unnoticed',
@@ -404,6 +568,7 @@ export async function verifyAuditTrail(db: Queryable, options: AuditVerifyOption
     );
   }
 
+  const broken = new BrokenChains(options.namedBroken ?? AUDIT_BROKEN_NAMED);
   const heads = new Lookahead(latest ? checkpointHeads(db, latest.statement.seq, batch) : (async function* () {})());
   const digest = new HeadsDigest();
   const concerned = (tokenId: string) => options.tokenId === undefined || tokenId === options.tokenId;
@@ -424,7 +589,7 @@ export async function verifyAuditTrail(db: Queryable, options: AuditVerifyOption
       await heads.take();
       digest.add(head);
       if (concerned(head.tokenId)) {
-        report.broken.push({
+        broken.add({
           tokenId: head.tokenId,
           seq: 1,
           problem: 'deleted',
@@ -433,18 +598,35 @@ export async function verifyAuditTrail(db: Queryable, options: AuditVerifyOption
       }
     }
   };
-  const finish = (walk: ChainWalk) => {
+  const tokenRows = new Lookahead(tokenFacts(db, batch, options.tokenId));
+  const rowOf = async (tokenId: string) => {
+    for (let row = await tokenRows.peek(); row && row.tokenId < tokenId; row = await tokenRows.peek()) {
+      await tokenRows.take();
+    }
+    const row = await tokenRows.peek();
+    return row?.tokenId === tokenId ? row : undefined;
+  };
+  let uncovered = 0;
+  let oldestUncoveredAt: string | undefined;
+  const finish = async (walk: ChainWalk) => {
     report.chains++;
     report.events += walk.events;
-    const broken = walk.finish();
-    if (broken) report.broken.push(broken);
+    uncovered += walk.uncovered;
+    if (walk.oldestUncoveredAt && (!oldestUncoveredAt || walk.oldestUncoveredAt < oldestUncoveredAt))
+      oldestUncoveredAt = walk.oldestUncoveredAt;
+    const chainBreak = walk.finish();
+    if (chainBreak) return broken.add(chainBreak);
+    const row = await rowOf(walk.tokenId);
+    // Row and chain were read at different moments: a kill committed in between is no tampering.
+    const mismatch = row && rowMismatch(walk.facts, row) && (await recheckRow(db, walk.tokenId));
+    if (mismatch) broken.add({ tokenId: walk.tokenId, problem: 'row-mismatch', ...mismatch });
   };
 
   let walk: ChainWalk | undefined;
   let lastTokenId: string | undefined;
   for await (const row of auditRows(db, batch, options.tokenId)) {
     if (walk?.tokenId !== row.tokenId) {
-      if (walk) finish(walk);
+      if (walk) await finish(walk);
       if (lastTokenId !== undefined && !(lastTokenId < row.tokenId)) {
         throw new Error(
           `audit events out of order (${lastTokenId} before ${row.tokenId}): token ids must sort bytewise`,
@@ -456,50 +638,149 @@ export async function verifyAuditTrail(db: Queryable, options: AuditVerifyOption
     }
     walk.add(row);
   }
-  if (walk) finish(walk);
+  if (walk) await finish(walk);
   await chainsGoneBefore(undefined);
 
+  let superseded = false;
   if (latest) {
     const signed = latest.statement;
     if (digest.digest() !== signed.headsDigest || digest.chains !== signed.chains || digest.events !== signed.events) {
-      report.checkpointProblems.push({
-        checkpoint: signed.seq,
-        problem: 'heads',
-        detail:
-          `its stored heads (${digest.chains} chain(s), ${digest.events} event(s)) are not the ones it signed ` +
-          `(${signed.chains} chain(s), ${signed.events} event(s)): they were altered, or a later checkpoint was deleted`,
-      });
+      // The writer prunes heads AUDIT_CHECKPOINT_HEADS_KEPT checkpoints back: two written during a long
+      // walk deleted the heads being read, which is no tampering (checkpoint rows cannot be deleted).
+      const { rows: newest } = await db.query(`SELECT max(seq) AS seq FROM ${db.tables.audit_checkpoint}`);
+      const newestSeq = (newest[0]?.seq as number | null) ?? 0;
+      if (newestSeq >= signed.seq + AUDIT_CHECKPOINT_HEADS_KEPT) {
+        superseded = true;
+        report.warnings.push(
+          `checkpoint #${signed.seq} was superseded during verification (the latest is #${newestSeq}) and its heads pruned: its heads were not compared; re-run`,
+        );
+      } else
+        report.checkpointProblems.push({
+          checkpoint: signed.seq,
+          problem: 'heads',
+          detail:
+            `its stored heads (${digest.chains} chain(s), ${digest.events} event(s)) are not the ones it signed ` +
+            `(${signed.chains} chain(s), ${signed.events} event(s)): they were altered, or a later checkpoint was deleted`,
+        });
     }
   }
 
-  await findTokensWithoutChain(db, options.tokenId, report);
-  report.broken.sort((a, b) => (a.tokenId < b.tokenId ? -1 : a.tokenId > b.tokenId ? 1 : 0));
-  report.ok = report.broken.length === 0 && report.checkpointProblems.length === 0;
+  // The reconciler signs within its interval and a pass of any change: older events it has not
+  // signed mean it is down, or that the checkpoints covering them were deleted (a rollback).
+  if (
+    options.key &&
+    !superseded &&
+    options.staleAfterMs !== undefined &&
+    oldestUncoveredAt !== undefined &&
+    Date.parse(oldestUncoveredAt) <= now.getTime() - options.staleAfterMs
+  ) {
+    const age = `${uncovered} event(s) since ${oldestUncoveredAt}`;
+    if (report.checkpointsChecked === 0) {
+      report.checkpointProblems.push({
+        checkpoint: 0,
+        problem: 'checkpoint-missing',
+        detail: `${age} and no checkpoint at all: every checkpoint was deleted, or none was ever written (is the reconciler running with the audit key?)`,
+      });
+    } else {
+      const detail = `${age} are not covered by checkpoint #${report.checkpoint?.seq ?? '?'}: the reconciler is not signing, or later checkpoints were deleted`;
+      if (options.strict) {
+        report.checkpointProblems.push({
+          checkpoint: report.checkpoint?.seq ?? 0,
+          problem: 'checkpoint-stale',
+          detail,
+        });
+      } else report.warnings.push(`checkpoint-stale: ${detail}`);
+    }
+  }
+
+  await findTokensWithoutChain(db, options.tokenId, latest?.statement.seq, broken);
+  report.broken = broken.named.sort((a, b) => (a.tokenId < b.tokenId ? -1 : a.tokenId > b.tokenId ? 1 : 0));
+  report.brokenChains = broken.count;
+  report.ok = broken.count === 0 && report.checkpointProblems.length === 0;
   return report;
+}
+
+/** One token's row and its chain's issue and kill events, read in one statement: do they still disagree? */
+async function recheckRow(db: Queryable, tokenId: string): Promise<{ seq: number; detail: string } | undefined> {
+  const t = db.tables;
+  const { rows } = await db.query(
+    `SELECT t.id, t.subject, t.receivers, t.status, ${quoteIdent(t.schema)}.iso_time(t.revoked_at) AS revoked_at,
+            t.revoked_by, t.revoke_reason,
+            (SELECT array_agg(a.canonical ORDER BY a.seq) FROM ${t.audit_event} a
+              WHERE a.token_id = t.id AND a.kind = ANY ($2::text[])) AS events,
+            (SELECT max(a.seq) FROM ${t.audit_event} a WHERE a.token_id = t.id) AS last_seq
+       FROM ${t.token} t WHERE t.id = $1`,
+    [tokenId, ['token.issued', ...Object.keys(KILL_KINDS)]],
+  );
+  const r = rows[0];
+  if (!r) return undefined;
+  const facts: ChainFacts = { lastSeq: (r.last_seq as number | null) ?? 0 };
+  for (const text of (r.events as string[] | null) ?? []) {
+    let body: { seq: number; kind: unknown; data: unknown };
+    try {
+      body = JSON.parse(text) as typeof body;
+    } catch {
+      continue; // Edited since the walk read it: the next verify names it.
+    }
+    noteFacts(facts, body.seq, body.kind, body.data);
+  }
+  return rowMismatch(facts, {
+    tokenId,
+    subject: r.subject as string,
+    receivers: r.receivers as string[],
+    status: r.status as string,
+    revokedAt: r.revoked_at as string | null,
+    revokedBy: r.revoked_by as string | null,
+    revokeReason: r.revoke_reason as string | null,
+  });
 }
 
 /**
  * Every token is issued with its first event in one statement: a token without any lost its whole
  * chain (also one created after the latest checkpoint). The first 1,000 are named.
  */
-async function findTokensWithoutChain(db: Queryable, tokenId: string | undefined, report: AuditVerifyReport) {
+async function findTokensWithoutChain(
+  db: Queryable,
+  tokenId: string | undefined,
+  latestCheckpoint: number | undefined,
+  broken: BrokenChains,
+) {
   const t = db.tables;
+  // A token with a head in the latest checkpoint was already named, from that head.
   const { rows } = await db.query(
-    `SELECT k.id FROM ${t.token} k
+    `SELECT k.id, count(*) OVER () AS total FROM ${t.token} k
       WHERE NOT EXISTS (SELECT 1 FROM ${t.audit_event} a WHERE a.token_id = k.id)
-        ${tokenId !== undefined ? 'AND k.id = $1' : ''}
-      ORDER BY k.id LIMIT 1000`,
-    tokenId !== undefined ? [tokenId] : [],
+        AND NOT EXISTS (SELECT 1 FROM ${t.audit_checkpoint_head} h WHERE h.checkpoint_seq = $1 AND h.token_id = k.id)
+        ${tokenId !== undefined ? 'AND k.id = $2' : ''}
+      ORDER BY k.id LIMIT ${broken.limit}`,
+    tokenId !== undefined ? [latestCheckpoint ?? 0, tokenId] : [latestCheckpoint ?? 0],
   );
   for (const r of rows) {
-    const id = r.id as string;
-    if (report.broken.some((b) => b.tokenId === id)) continue;
-    report.broken.push({
-      tokenId: id,
+    broken.add({
+      tokenId: r.id as string,
       seq: 1,
       problem: 'deleted',
       detail: 'the token has no audit event at all: its whole chain was deleted',
     });
+  }
+  broken.countUnnamed(Number(rows[0]?.total ?? 0) - rows.length);
+}
+
+/** Broken chains: every one counted, the first `limit` (by token id, mostly) named. */
+class BrokenChains {
+  readonly named: BrokenAuditLink[] = [];
+  readonly #namedIds = new Set<string>();
+  count = 0;
+  constructor(readonly limit: number) {}
+  add(broken: BrokenAuditLink): void {
+    if (this.#namedIds.has(broken.tokenId)) return;
+    this.count++;
+    if (this.named.length >= this.limit) return;
+    this.named.push(broken);
+    this.#namedIds.add(broken.tokenId);
+  }
+  countUnnamed(n: number): void {
+    this.count += Math.max(0, n);
   }
 }
 
@@ -514,10 +795,12 @@ interface CheckedCheckpoint {
  */
 async function checkCheckpoints(
   db: Queryable,
-  key: AuditKey,
+  keys: AuditKey[],
   batch: number,
   report: AuditVerifyReport,
+  expected?: { seq: number; digest: string },
 ): Promise<CheckedCheckpoint | undefined> {
+  let anchorSeen = false;
   let previous: CheckedCheckpoint | undefined;
   let previousSeq = 0;
   let latest: CheckedCheckpoint | undefined;
@@ -525,7 +808,7 @@ async function checkCheckpoints(
     report.checkpointsChecked++;
     const problem = (kind: CheckpointProblem['problem'], detail: string) =>
       report.checkpointProblems.push({ checkpoint: row.seq, problem: kind, detail });
-    const checked = checkCheckpoint(row, key, problem);
+    const checked = checkCheckpoint(row, keys, problem);
     if (row.seq !== previousSeq + 1) {
       problem('sequence', `it follows checkpoint #${previousSeq}: checkpoint(s) in between were deleted`);
     } else if (checked && previous && checked.statement.previous !== previous.statementDigest) {
@@ -533,9 +816,22 @@ async function checkCheckpoints(
     } else if (checked && !previous && previousSeq === 0 && checked.statement.previous !== null) {
       problem('sequence', 'the first checkpoint names one before it');
     }
+    if (expected && row.seq === expected.seq) {
+      anchorSeen = true;
+      if (sha256(row.statement) !== expected.digest) {
+        problem('anchor', `its digest is not the expected ${expected.digest}: it was replaced`);
+      }
+    }
     previousSeq = row.seq;
     previous = checked;
     latest = checked;
+  }
+  if (expected && !anchorSeen) {
+    report.checkpointProblems.push({
+      checkpoint: expected.seq,
+      problem: 'anchor',
+      detail: `the expected checkpoint #${expected.seq} is not in the sequence (${previousSeq} checkpoint(s)): it was deleted`,
+    });
   }
   if (latest) {
     const s = latest.statement;
@@ -551,13 +847,18 @@ async function checkCheckpoints(
   return latest;
 }
 
+/** Checks one checkpoint with the key of its key id among `keys` (the current one first). */
 function checkCheckpoint(
   row: CheckpointRow,
-  key: AuditKey,
+  keys: AuditKey[],
   problem: (kind: CheckpointProblem['problem'], detail: string) => void,
 ): CheckedCheckpoint | undefined {
-  if (row.keyId !== key.keyId) {
-    problem('unknown-key', `signed by ${row.keyId}, not by the configured key ${key.keyId}`);
+  const key = keys.find((k) => k.keyId === row.keyId);
+  if (!key) {
+    problem(
+      'unknown-key',
+      `signed by ${row.keyId}, neither the configured key ${keys[0]?.keyId ?? '(none)'} nor one of TOKENWARDEN_AUDIT_PREVIOUS_PUBLIC_KEYS`,
+    );
     return undefined;
   }
   if (!verify(null, Buffer.from(row.statement, 'utf8'), key.publicKey, row.signature)) {
@@ -594,7 +895,7 @@ export class AuditTamperedError extends Error {
 export async function writeAuditCheckpoint(
   pool: StorePool,
   key: AuditKey,
-  options: { minIntervalMs: number; batchSize?: number },
+  options: { minIntervalMs: number; batchSize?: number; previousKeys?: AuditKey[] },
 ): Promise<AuditCheckpointOutcome> {
   if (!key.privateKey) throw new Error('writing an audit checkpoint needs the signing key (TOKENWARDEN_AUDIT_KEY)');
   const batch = options.batchSize ?? AUDIT_VERIFY_BATCH;
@@ -624,22 +925,26 @@ export async function writeAuditCheckpoint(
     }
     let previousStatement: CheckpointStatement | undefined;
     if (previous) {
-      // Linking to a forged checkpoint would lend it this one's signature. (One signed by another key
-      // cannot be checked here: verify reports it.)
+      // Linking to a forged checkpoint would lend it this one's signature, and one signed by a key
+      // nobody configured is indistinguishable from a forgery.
       const failed = (detail: string) =>
         new AuditTamperedError(
           `refusing to write an audit checkpoint: checkpoint #${previous.seq} ${detail} (run \`tokenwarden audit verify\`)`,
           [],
         );
-      if (previous.keyId === key.keyId) {
-        checkCheckpoint(previous, key, (_, detail) => {
-          throw failed(detail);
-        });
-      }
+      checkCheckpoint(previous, [key, ...(options.previousKeys ?? [])], (_, detail) => {
+        throw failed(detail);
+      });
       try {
         previousStatement = JSON.parse(previous.statement) as CheckpointStatement;
       } catch {
         throw failed('is not JSON');
+      }
+      // Read-only first: on a quiet store a due pass must not insert (and roll back) a row per chain.
+      // Nothing is signed then, so there is nothing to vouch for: verify checks the stored heads.
+      if ((await currentHeadsDigest(db, batch)) === previousStatement.headsDigest) {
+        await db.query('ROLLBACK');
+        return { written: false, skipped: 'unchanged', seq: previousStatement.seq };
       }
       await checkPreviousHeadsHold(db, previous.seq, previousStatement, batch);
     }
@@ -682,6 +987,31 @@ export async function writeAuditCheckpoint(
     throw err;
   } finally {
     db.release();
+  }
+}
+
+/**
+ * The digest of every chain's head now, in keyset pages of the primary key (each page one statement:
+ * a head is always a committed prefix, and chains only grow), writing nothing.
+ */
+async function currentHeadsDigest(db: Queryable, batch: number): Promise<string> {
+  const t = db.tables;
+  const digest = new HeadsDigest();
+  let after = '';
+  for (;;) {
+    const { rows } = await db.query(
+      `SELECT h.token_id, h.seq, a.hash
+         FROM (SELECT token_id, max(seq) AS seq FROM ${t.audit_event} WHERE token_id > $1
+                GROUP BY token_id ORDER BY token_id LIMIT $2) h
+         JOIN ${t.audit_event} a ON a.token_id = h.token_id AND a.seq = h.seq
+        ORDER BY h.token_id`,
+      [after, batch],
+    );
+    for (const r of rows) {
+      digest.add({ tokenId: r.token_id as string, seq: r.seq as number, hash: (r.hash as Buffer).toString('hex') });
+    }
+    if (rows.length < batch) return digest.digest();
+    after = rows[rows.length - 1]!.token_id as string;
   }
 }
 
