@@ -474,8 +474,9 @@ describe('history of a token', () => {
     assert.equal(unknown.code, 3, unknown.stderr);
   });
 
+  // A plaintext recording (made before payload encryption): read with no codec at all.
   it('should render a recorded history with the default converter (no server): stuck, retried, complete', async () => {
-    const { events } = loadHistory('revoke-stuck-retry.json');
+    const { events } = loadHistory('before-pending-receivers/revoke-stuck-retry.json');
     const entries = await renderRuns(loadDataConverter(), 'default', 'token:tok_x', [
       { runId: 'recorded', events: events ?? [] },
     ]);
@@ -496,8 +497,8 @@ describe('history of a token', () => {
   });
 
   it("should decode every payload through the client's codecs (a sealed history reads as the plain one)", async () => {
-    const plain = loadHistory('revoke-stuck-retry.json');
-    const sealed = loadHistory('revoke-stuck-retry.json');
+    const plain = loadHistory('before-pending-receivers/revoke-stuck-retry.json');
+    const sealed = loadHistory('before-pending-receivers/revoke-stuck-retry.json');
     await sealPayloads(sealed, sealingCodec);
     assert.ok(
       !JSON.stringify(sealed.toJSON()).includes(Buffer.from('contract ended').toString('base64').slice(0, 12)),

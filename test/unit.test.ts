@@ -614,6 +614,16 @@ describe('raw Signal reasons: masked, then cut', () => {
     const report = parseSuspiciousReport({ reason: `${'y'.repeat(490)} jane.doe@example.com` });
     assert.doesNotMatch(report.reason, /jane/);
   });
+
+  it('should keep the old reading for a Signal received before the masked-reasons patch (replay)', () => {
+    const reason = `${'x'.repeat(490)} jane.doe@example.com and more`;
+    assert.equal(parseRevokeSignal({ reason }, false).reason, reason.slice(0, 500));
+    assert.equal(
+      parseSuspiciousReport({ reason: 'ask jane.doe@example.com' }, false).reason,
+      'ask jane.doe@example.com',
+    );
+    assert.equal(parseSuspiciousReport({ reason: 'ask jane.doe@example.com' }).reason, 'ask [an email address]');
+  });
 });
 
 describe('operator text in current details', () => {

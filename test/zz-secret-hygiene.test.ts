@@ -9,6 +9,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { Runtime } from '@temporalio/worker';
 import { quoteIdent } from '../common/db.js';
 import { generateSigningSecret, generateTokenString } from '../common/secrets.js';
 import { TestContext, type RunningWorker } from './support/context.js';
@@ -84,7 +85,11 @@ describe('secret hygiene of the whole run', () => {
     if (LOGS_DIR) scan.searchLogs(LOGS_DIR);
     t.diagnostic(`${scan.summary()} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
     t.diagnostic(`log files: ${[...scan.logFiles].map(([file, bytes]) => `${file} (${bytes} bytes)`).join(', ')}`);
-    assert.ok(scan.searched.histories >= 3, 'the histories of this file at least were searched');
+    assert.ok(scan.searched.histories >= 2, 'the histories of this file at least were searched');
+    if (LOGS_DIR) {
+      // The runner's copy of the test output must exist and hold something, or the scan read nothing.
+      assert.ok((scan.logFiles.get('test-output.log') ?? 0) > 0, 'the test output was kept and searched');
+    }
     assert.deepEqual(scan.hits(), []);
   });
 
@@ -127,6 +132,16 @@ describe('secret hygiene of the whole run', () => {
     } finally {
       await rm(path.join(LOGS_DIR, `${name}.log`));
     }
+  });
+
+  it("should catch an issued token logged through the in-process workers' runtime logger", async (t) => {
+    if (!LOGS_DIR) return t.skip('not a recorded run (start it with npm test)');
+    Runtime.instance().logger.warn('planted: activity failed', { error: `bad credential ${issuedTokens[1]}` });
+    const scan = new RunSecretScan(await runSecrets());
+    scan.searchLogs(LOGS_DIR);
+    const hits = scan.hits().filter((hit) => hit.includes(`in-process-${process.pid}.log`));
+    assert.equal(hits.length, 1, hits.join('; '));
+    assert.match(hits[0]!, new RegExp(`^an issued token in in-process-${process.pid}\\.log line \\d+$`));
   });
 
   it('should catch an issued token planted in a signal payload, which only the decoded history shows', async () => {

@@ -63,7 +63,12 @@ const EMAIL_ADDRESSES = new RegExp(EMAIL_ADDRESS.source, 'g');
  * A raw Signal's reason as recorded: secret-shaped text noted, addresses masked, then cut to 500,
  * so masking short addresses cannot grow it past the bound the library enforces.
  */
-function recordedReason(value: unknown): string | undefined {
+function recordedReason(value: unknown, masked: boolean): string | undefined {
+  // Before the masking: secret shapes noted in the first 500 characters, addresses kept.
+  if (!masked) {
+    const cut = text(value, 500);
+    return cut === undefined ? undefined : redactedText(cut);
+  }
   const wide = text(value, MASK_WINDOW);
   return wide === undefined ? undefined : text(redactedText(wide).replace(EMAIL_ADDRESSES, '[an email address]'), 500);
 }
@@ -84,13 +89,13 @@ export type ParsedRevoke = RevokeRequest & {
  * A revoke Signal is never refused (batch operations and old clients send it): a malformed payload
  * still revokes, with reason `unspecified`, and the audit trail says so.
  */
-export function parseRevokeSignal(payload: unknown): ParsedRevoke {
+export function parseRevokeSignal(payload: unknown, maskedReasons = true): ParsedRevoke {
   const p = (typeof payload === 'object' && payload !== null ? payload : {}) as Record<string, unknown>;
   // A Signal bypasses the library's refusal of secrets: a secret-shaped text is recorded (kill,
   // audit, receivers' events) as a note of what it looked like, never as itself.
   const secretFree = (value: string | undefined) => (value === undefined ? undefined : redactedText(value));
   // An address in a raw Signal's reason (the library refuses one) is kept out of the audit data.
-  const reason = recordedReason(p.reason);
+  const reason = recordedReason(p.reason, maskedReasons);
   const actor = secretFree(text(p.actor, 200));
   const entity = INITIATING_ENTITIES.includes(p.initiatingEntity as InitiatingEntity)
     ? (p.initiatingEntity as InitiatingEntity)
@@ -265,10 +270,10 @@ export class LifecycleState {
 
   // ---------------------------------------------------------------- transitions
 
-  /** A revoke Signal arrived (the first one counts). */
-  revokeRequested(payload: unknown): void {
+  /** A revoke Signal arrived (the first one counts); `masked` asks the run's patch decision only then. */
+  revokeRequested(payload: unknown, masked: () => boolean = () => true): void {
     if (this.revokeRequest) return;
-    this.revokeRequest = parseRevokeSignal(payload);
+    this.revokeRequest = parseRevokeSignal(payload, masked());
     this.changed();
   }
 
@@ -628,7 +633,10 @@ export function validateChangeExpiryRequest(request: unknown): asserts request i
 }
 
 /** A suspicious report is never refused: whatever arrives is acted on; the audit keeps what could be read. */
-export function parseSuspiciousReport(payload: unknown): {
+export function parseSuspiciousReport(
+  payload: unknown,
+  maskedReasons = true,
+): {
   reason: string;
   actor: string;
   reportId: string | undefined;
@@ -640,7 +648,7 @@ export function parseSuspiciousReport(payload: unknown): {
   // audit trail (the Signal's own payload stays in history; only a payload codec hides that).
   const secretFree = (value: string | undefined) => (value === undefined ? undefined : redactedText(value));
   // An address in a raw Signal's reason (the library refuses one) is kept out of the audit data.
-  const reason = recordedReason(p.reason);
+  const reason = recordedReason(p.reason, maskedReasons);
   // The audit key holds it: a secret-shaped id is dropped, not redacted (redacted ids would collide).
   const givenReportId = text(p.reportId, 100);
   const reportId =

@@ -137,6 +137,11 @@ const PATCHES = {
    * stuck on crm?" is one visibility query.
    */
   pendingReceivers: 'pending-receivers',
+  /**
+   * A raw Signal's reason (revoke, suspicious report) is recorded with email addresses masked, the
+   * masking done before the cut to 500 characters; a Signal received before it keeps its old reading.
+   */
+  maskedReasons: 'masked-reasons',
 } as const;
 
 /** A warning the owner's destination has not taken within this is dropped (audited as notice.dropped). */
@@ -381,7 +386,7 @@ class TokenLifecycle {
 
   /** Handlers first, before any await: an Update reaching a workflow without its handler is rejected. */
   private listen(): void {
-    setHandler(revokeSignal, (payload) => this.state.revokeRequested(payload));
+    setHandler(revokeSignal, (payload) => this.state.revokeRequested(payload, () => patched(PATCHES.maskedReasons)));
     setHandler(describeQuery, () => this.state.view());
     const validator = (request: unknown) => {
       validateOperatorRequest(request);
@@ -1050,7 +1055,7 @@ class TokenLifecycle {
   /** Suspicious activity: the evidence is audited, then the policy rotates (grace 0) or revokes. */
   private async reportSuspicious(payload: unknown): Promise<void> {
     if (!this.enterSelfManaging()) return;
-    const report = parseSuspiciousReport(payload);
+    const report = parseSuspiciousReport(payload, patched(PATCHES.maskedReasons));
     if (this.activeRefusal()) return;
     const n = this.alive.suspiciousReported();
     const wantsRotate = this.alive.policy?.onSuspicious === 'rotate';

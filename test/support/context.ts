@@ -14,7 +14,7 @@ import { TokenWarden } from '../../client/index.js';
 import { createTokenWorker, type TokenWorkerOptions } from '../../worker/worker.js';
 import { clientDataConverter } from '../../common/data-converter.js';
 import { RECORDING_PAYLOAD_KEY } from './history.js';
-import { recordKeys, recordStoreSecrets } from './run-record.js';
+import { LOGS_DIR, recordKeys, recordStoreSecrets, runLog } from './run-record.js';
 
 function required(name: string): string {
   const value = process.env[name];
@@ -55,7 +55,9 @@ export class TestContext {
     services: ContextServices = {},
   ): Promise<TestContext> {
     // Quiet runtime: expected activity failures (fault injection) would otherwise fill the output.
-    quietRuntime ??= Runtime.install({ logger: new DefaultLogger('ERROR') });
+    // In a recorded run every line from INFO up (workflow and activity logs, the SDK's failure lines
+    // with their messages) goes to the run's logs, which the closing secret scan reads.
+    quietRuntime ??= Runtime.install({ logger: LOGS_DIR ? runLogger() : new DefaultLogger('ERROR') });
     const databaseUrl = services.databaseUrl ?? required('TOKENWARDEN_TEST_DATABASE_URL');
     const address = services.temporalAddress ?? required('TOKENWARDEN_TEST_TEMPORAL_ADDRESS');
     const namespace = services.namespace ?? required('TOKENWARDEN_TEST_NAMESPACE');
@@ -173,3 +175,29 @@ export class TestContext {
     }
   }
 }
+
+/** The in-process workers' logger of a recorded run: every entry to logs/, errors also to stderr. */
+function runLogger(): DefaultLogger {
+  const write = runLog(`in-process-${process.pid}`);
+  const console = new DefaultLogger('ERROR');
+  return new DefaultLogger('INFO', (entry) => {
+    write(`${entry.level} ${entry.message} ${safeJson(entry.meta)}`);
+    if (entry.level === 'ERROR') console.log('ERROR', entry.message, entry.meta);
+  });
+}
+
+const safeJson = (value: unknown): string => {
+  try {
+    return (
+      JSON.stringify(value, (_k, v: unknown) =>
+        v instanceof Error
+          ? { name: v.name, message: v.message, stack: v.stack, cause: v.cause }
+          : typeof v === 'bigint'
+            ? String(v)
+            : v,
+      ) ?? ''
+    );
+  } catch {
+    return String(value);
+  }
+};
