@@ -33,6 +33,7 @@ import {
   writeAuditCheckpoint,
   type AuditKey,
 } from '../common/store/audit-verify.js';
+import { ENCRYPTED_ENCODING } from '../common/payload-codec.js';
 import { connectTemporal } from '../common/temporal.js';
 import { checkout, createPool, migrate, quoteIdent, type StorePool } from '../common/db.js';
 import { DEATH_EXPORT_FETCH_SIZE, deathsQuery, EVIDENCE_KINDS, exportDeaths } from '../common/store/audit-export.js';
@@ -55,8 +56,8 @@ function parseOptions(argv: string[]) {
       receivers: { type: 'string', default: '3' },
       rounds: { type: 'string', default: '3' },
       explain: { type: 'boolean', default: false },
-      revokes: { type: 'string', default: '60' },
-      warmup: { type: 'string', default: '5' },
+      revokes: { type: 'string', default: '100' },
+      warmup: { type: 'string', default: '10' },
     },
   });
   const deaths = Number(values.deaths);
@@ -276,8 +277,12 @@ async function codecCost(revokes: number, warmup: number) {
     // An empty data folder: no payload.keys to be found there either.
     const plainDir = await mkdtemp(path.join(os.tmpdir(), 'tokenwarden-bench-plain-'));
     stopping.push(() => rm(plainDir, { recursive: true, force: true }));
-    const { TOKENWARDEN_PAYLOAD_KEYS_FILE: _keys, ...withoutKeys } = stack.clientEnv;
-    const plainEnv = { ...withoutKeys, TOKENWARDEN_DATA_DIR: plainDir, TOKENWARDEN_TASK_QUEUE: plainQueue };
+    const plainEnv: NodeJS.ProcessEnv = {
+      ...stack.clientEnv,
+      TOKENWARDEN_DATA_DIR: plainDir,
+      TOKENWARDEN_TASK_QUEUE: plainQueue,
+    };
+    delete plainEnv.TOKENWARDEN_PAYLOAD_KEYS_FILE;
     const plainWorker = new ManagedChild(
       'tokenwarden worker (no payload key)',
       process.execPath,
@@ -325,6 +330,15 @@ async function codecCost(revokes: number, warmup: number) {
         a.tokens.push(issued.tokenId);
       }
       for (const tokenId of a.tokens) await waitUntilIdle(a.client, tokenWorkflowId(tokenId), halt.signal);
+    }
+    // What makes the two arms differ, checked in what Temporal stored: the first token's workflow input.
+    for (const a of [encrypted, plain]) {
+      const { events } = await a.client.workflow.getHandle(tokenWorkflowId(a.tokens[0]!)).fetchHistory();
+      const stored = events?.[0]?.workflowExecutionStartedEventAttributes?.input?.payloads?.[0]?.metadata?.encoding;
+      const isEncrypted =
+        stored !== undefined && stored !== null && Buffer.from(stored).toString() === ENCRYPTED_ENCODING;
+      if (isEncrypted !== (a.name === 'encrypted'))
+        throw new Error(`the ${a.name} arm's history input is ${isEncrypted ? '' : 'not '}encrypted`);
     }
     const within = async <T>(promise: Promise<T>, what: string): Promise<T> => {
       let timer: NodeJS.Timeout | undefined;
