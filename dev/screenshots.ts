@@ -1,10 +1,12 @@
 /**
  * Takes the README's Web UI screenshots (docs/screenshots/*.png): a throwaway dev stack (`tokenwarden
  * start` in a temporary data folder) with a few tokens, one stuck on a failing receiver, one revoked,
- * one forced by an operator, photographed by headless Chromium driven over the DevTools protocol.
+ * one forced by an operator, one adopted by a reconciler pass, photographed by headless Chromium
+ * driven over the DevTools protocol.
  * Not part of the test suite: `npm run build && node dist/dev/screenshots.js` (needs `chromium`).
  */
 import { spawn, execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import http from 'node:http';
@@ -13,9 +15,13 @@ import os from 'node:os';
 import path from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { promisify } from 'node:util';
-import { Client, Connection } from '@temporalio/client';
-import { PACKAGE_ROOT } from '../common/config.js';
-import { DEFAULT_NAMESPACE, tokenWorkflowId } from '../common/names.js';
+import { TokenWarden } from '../client/index.js';
+import { loadSettings, PACKAGE_ROOT } from '../common/config.js';
+import { newCredentialId, newTokenId } from '../common/ids.js';
+import type { ReconcileInput } from '../common/messages.js';
+import { DEFAULT_NAMESPACE, RECONCILER_WORKFLOW_ID, tokenWorkflowId, WORKFLOW_TYPE } from '../common/names.js';
+import * as store from '../common/store/index.js';
+import { connectTemporal } from '../common/temporal.js';
 import { freePort, ManagedChild, waitUntilReady } from './processes.js';
 
 const OUT_DIR = path.join(PACKAGE_ROOT, 'docs', 'screenshots');
@@ -131,16 +137,20 @@ class Page {
     return result.value as T;
   }
 
-  /** Waits until every one of `texts` shows on the page. */
-  async waitForText(texts: string[], timeoutMs = 60_000): Promise<void> {
+  /** Waits until every one of `texts` shows on the page, and none of `absent`. */
+  async waitForText(texts: string[], absent: string[] = [], timeoutMs = 60_000): Promise<void> {
     // Markdown (current details) renders in an iframe of the page's origin: its text counts too.
     const check = `(() => {
       const t = [document, ...[...document.querySelectorAll('iframe')].map((f) => f.contentDocument)]
         .map((d) => (d && d.body ? d.body.innerText : '')).join('\\n');
-      return ${JSON.stringify(texts)}.every((s) => t.includes(s));
+      return ${JSON.stringify(texts)}.every((s) => t.includes(s)) && !${JSON.stringify(absent)}.some((s) => t.includes(s));
     })()`;
     try {
-      await until(`the page to show ${texts.join(', ')}`, () => this.evaluate<boolean>(check), timeoutMs);
+      await until(
+        `the page to show ${texts.join(', ')}${absent.length ? ` and not ${absent.join(', ')}` : ''}`,
+        () => this.evaluate<boolean>(check),
+        timeoutMs,
+      );
     } catch (err) {
       const shown = await this.evaluate<string>(`(document.body ? document.body.innerText : '').slice(0, 3000)`);
       throw new Error(`${(err as Error).message}; the page shows:\n${shown}`);
@@ -182,7 +192,6 @@ async function main(): Promise<void> {
     say(`starting a dev stack in ${dataDir}`);
     const stackFile = path.join(dataDir, 'stack.json');
     await waitUntilReady(stack, () => readFile(stackFile, 'utf8'), 180_000);
-    const { temporalAddress } = JSON.parse(await readFile(stackFile, 'utf8')) as { temporalAddress: string };
 
     // Operators' commands, as a person types them; outputs (secrets, raw tokens) are parsed, never printed.
     const cli = async (...args: string[]): Promise<unknown> => {
@@ -211,8 +220,9 @@ async function main(): Promise<void> {
     await cli('revoke', exported, '--reason', 'left the company', '--actor', 'ops:alice');
     await cli('revoke', rotated, '--reason', 'key rotated out', '--actor', 'ops:bob');
 
-    const connection = await Connection.connect({ address: temporalAddress });
-    const client = new Client({ connection, namespace: DEFAULT_NAMESPACE });
+    const settings = loadSettings(env);
+    const warden = await TokenWarden.connect(settings);
+    const client = await connectTemporal(settings);
     try {
       const propagation = async (tokenId: string) =>
         (await client.workflow.getHandle(tokenWorkflowId(tokenId)).describe()).searchAttributes.TokenPropagation?.[0];
@@ -224,13 +234,25 @@ async function main(): Promise<void> {
       await until('the failing receiver to be escalated', async () => (await propagation(stolen)) === 'stuck');
       await until('the forced token to complete', async () => (await propagation(exported)) === 'complete');
       const stolenRun = (await client.workflow.getHandle(tokenWorkflowId(stolen)).describe()).runId;
-      const reconcileRun = await until('a finished reconciler pass', async () => {
-        for await (const run of client.workflow.list({
-          query: `WorkflowType = 'reconcile' AND ExecutionStatus = 'Completed'`,
-        }))
-          return run;
-        return undefined;
+      // A crash for the reconciler to heal: an issuer that wrote its token and died before starting
+      // the workflow (the first step of issuing alone; no raw token exists for it). A pass run now,
+      // with no grace for recent rows, adopts it.
+      await store.insertToken(warden.pool, {
+        tokenId: newTokenId(),
+        credentialId: newCredentialId(),
+        subject: 'usr_5d2e77',
+        name: 'issuer crashed',
+        scopes: [],
+        receivers: ['billing'],
+        ttlMs: 30 * 86_400_000,
+        secretHash: randomBytes(32),
       });
+      const reconcileRun = await client.workflow.start(WORKFLOW_TYPE.reconcile, {
+        workflowId: `${RECONCILER_WORKFLOW_ID}-now`,
+        taskQueue: settings.temporal.taskQueue,
+        args: [{ version: 1, graceMs: 0 } satisfies ReconcileInput],
+      });
+      await reconcileRun.result();
 
       browser = spawn(
         CHROMIUM,
@@ -263,18 +285,24 @@ async function main(): Promise<void> {
       const tokenPage = `${ui}/workflows/${encodeURIComponent(tokenWorkflowId(stolen))}/${stolenRun}`;
       await token.goto(`${tokenPage}/history`);
       // The revoke's reason is in an encrypted payload: shown only once the codec endpoint decoded it.
-      await token.waitForText(['laptop stolen', 'ops:alice', 'HTTP 503']);
+      await token.waitForText(
+        ['usr_8f3a21', 'revoke by ops:alice: laptop stolen', 'deliver revocation to 2 receivers', 'HTTP 503'],
+        ['encryption-key-id'],
+      );
       say(`token.png: ${await token.screenshot(path.join(OUT_DIR, 'token.png'))} bytes`);
       await token.goto(`${tokenPage}/user-metadata`);
       await token.waitForText(['Current Details', 'receivers confirmed', 'Timing (from the']);
       say(`token-details.png: ${await token.screenshot(path.join(OUT_DIR, 'token-details.png'))} bytes`);
 
       const pass = await Page.open(tools, 1400, 900);
-      await pass.goto(`${ui}/workflows/${encodeURIComponent(reconcileRun.workflowId)}/${reconcileRun.runId}/history`);
-      await pass.waitForText(['summary', 'Audit checkpoint']);
+      await pass.goto(
+        `${ui}/workflows/${encodeURIComponent(reconcileRun.workflowId)}/${reconcileRun.firstExecutionRunId}/history`,
+      );
+      await pass.waitForText(['summary', 'Healed 1 token(s)', 'graceMs'], ['encryption-key-id']);
       say(`reconcile.png: ${await pass.screenshot(path.join(OUT_DIR, 'reconcile.png'))} bytes`);
     } finally {
-      await connection.close();
+      await warden.close();
+      await client.connection.close();
     }
   } finally {
     browser?.kill('SIGKILL');
