@@ -257,6 +257,8 @@ export type ReconcileAction = (typeof RECONCILE_ACTIONS)[number];
  * pass over thousands of rows still fits in one payload.
  */
 export interface ReconcileReport {
+  /** What the pass healed, in words (the Web UI shows a run's result; passes recorded before have none). */
+  summary?: string;
   counts: Record<ReconcileAction | 'errors', number>;
   /** Active rows past expiry, killed as expired. */
   expired: string[];

@@ -31,7 +31,7 @@ import {
   type TokenLifecycleResult,
   type TokenWorkflowInput,
 } from '../common/messages.js';
-import { RECONCILE_REPORT_SAMPLE } from '../workflows/reconciler.js';
+import { describeReconcileReport, RECONCILE_REPORT_SAMPLE } from '../workflows/reconciler.js';
 import { insertTokenRow } from './support/tokens.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { decodedHistory } from './support/history.js';
@@ -404,6 +404,64 @@ describe('reconciler', () => {
     assert.ok(report.started.includes(tokens[0]!.id) && report.started.includes(tokens[2]!.id), JSON.stringify(report));
     assert.ok((await reconcileNow()).started.includes(broken));
     assert.ok((await store.requireToken(ctx.pool, broken)).workflowStartedAt);
+  });
+
+  it('should say what it healed in its result and current details, as the Web UI shows them', async () => {
+    const orphan = await insertOnly(3_600_000);
+    const pass = await ctx.client.workflow.start(WORKFLOW_TYPE.reconcile, {
+      workflowId: `reconcile-${randomBytes(4).toString('hex')}`,
+      taskQueue: ctx.settings.temporal.taskQueue,
+      args: [{ version: 1, graceMs: 0 } satisfies ReconcileInput],
+    });
+    const report = (await pass.result()) as ReconcileReport;
+    assert.equal(Object.keys(report)[0], 'summary', 'the first thing the UI shows of the result');
+    assert.ok(report.started.includes(orphan.id), JSON.stringify(report));
+    assert.match(
+      report.summary ?? '',
+      new RegExp(`^Healed \\d+ token\\(s\\)\\. .*workflow started: ${report.counts.started} \\(`),
+    );
+    if (report.counts.started <= 3) assert.ok(report.summary?.includes(orphan.id), report.summary);
+    const metadata = await pass.query<{ currentDetails?: string }>('__temporal_workflow_metadata');
+    assert.equal(metadata.currentDetails, report.summary);
+
+    // A failed pass carries its summary in the failure's details: what it healed and what it could not.
+    const broken = await insertOnly(3_600_000);
+    const failed = await refusingUpdates(`OLD.id = '${broken.id}'`, () => failedPassReport(reconcileNow()));
+    assert.match(
+      failed.summary ?? '',
+      new RegExp(`Not healed, retried next pass: 1 \\(${broken.id}: .*injected fault`),
+    );
+    await reconcileNow();
+  });
+
+  it('should word a report: counts of every kind, the first few ids, errors and the checkpoint', () => {
+    const report = emptyReconcileReport();
+    report.counts.expired = 5;
+    report.expired.push('tok_e1', 'tok_e2', 'tok_e3', 'tok_e4', 'tok_e5');
+    report.counts.restarted = 1;
+    report.restarted.push('tok_r1');
+    report.counts.wedged = 1;
+    report.wedged.push('tok_w1');
+    report.counts.errors = 4;
+    report.errors.push(
+      ...['tok_x1', 'tok_x2', 'tok_x3', 'tok_x4'].map((tokenId) => ({
+        tokenId,
+        error: `deadlock on ${tokenId}\nat stack`,
+      })),
+    );
+    report.auditCheckpoint = { written: true, seq: 7, chains: 3, events: 42, digest: 'ab'.repeat(32) };
+    assert.equal(
+      describeReconcileReport(report),
+      'Healed 6 token(s). overdue, killed as expired: 5 (tok_e1, tok_e2, tok_e3 and 2 more); ' +
+        'propagation restarted: 1 (tok_r1). ' +
+        'Stuck, needs an operator (its workflow cannot make progress): 1 (tok_w1). ' +
+        'Not healed, retried next pass: 4 (tok_x1: deadlock on tok_x1; tok_x2: deadlock on tok_x2; tok_x3: deadlock on tok_x3; and 1 more). ' +
+        'Audit checkpoint 7 signed (3 chains, 42 events).',
+    );
+    assert.equal(
+      describeReconcileReport({ ...emptyReconcileReport(), auditCheckpoint: { written: false, skipped: 'recent' } }),
+      'Nothing healed. Audit checkpoint not written (recent).',
+    );
   });
 
   it('should resume a page after the rows its last heartbeat recorded', async () => {

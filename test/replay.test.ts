@@ -37,6 +37,7 @@ describe('recorded histories replay', () => {
       'before-local-store-calls/restart-adopts-stuck.json',
       'before-local-store-calls/revoke-stuck-retry.json',
       'before-pending-receivers/revoke-stuck-retry.json',
+      'before-reconcile-summary/reconcile-pass.json',
       'before-store-driven-propagation/expire-deliver.json',
       'before-store-driven-propagation/revoke-stuck-retry.json',
       'cancelled-mid-propagation.json',

@@ -4,12 +4,14 @@ import {
   patched,
   proxyActivities,
   proxyLocalActivities,
+  setCurrentDetails,
 } from '@temporalio/workflow';
 import type { Activities } from '../activities/index.js';
 import { RECONCILE_SETS, type ReconcileSet } from '../common/names.js';
 import {
   addToReconcileReport,
   emptyReconcileReport,
+  type ReconcileAction,
   type ReconcileInput,
   type ReconcileReport,
 } from '../common/messages.js';
@@ -51,6 +53,61 @@ const { writeAuditCheckpoint } = proxyLocalActivities<Activities>({
 const QUIET_PASS_CHECK = 'quiet-pass-check';
 /** The pass's last run ends with an audit checkpoint (a tampered trail fails the pass). */
 const AUDIT_CHECKPOINT = 'audit-checkpoint';
+/** The pass's result (or failure details) opens with what it healed in words, read in the Web UI. */
+const RECONCILE_SUMMARY = 'reconcile-summary';
+
+/** Ids a summary names per kind (the report's lists hold more, its counts every row). */
+const SUMMARY_IDS = 3;
+/** Kept short in a summary: an error's first line is enough to know where to look. */
+const SUMMARY_ERROR_CHARS = 120;
+
+const HEALED: Record<Exclude<ReconcileAction, 'wedged'>, string> = {
+  expired: 'overdue, killed as expired',
+  signalled: 'dead, handed to their workflow',
+  restarted: 'propagation restarted',
+  started: 'workflow started',
+};
+
+function someIds(ids: string[], count: number): string {
+  const named = ids.slice(0, SUMMARY_IDS);
+  return count > named.length ? `${named.join(', ')} and ${count - named.length} more` : named.join(', ');
+}
+
+/**
+ * What a pass did in a few lines an operator reads in the Web UI (the run's result and current
+ * details): how many tokens of each kind were healed, naming the first few, what could not be, and the checkpoint.
+ */
+export function describeReconcileReport(report: ReconcileReport): string {
+  const kinds = (Object.keys(HEALED) as (keyof typeof HEALED)[]).filter((kind) => report.counts[kind] > 0);
+  const healed = kinds.reduce((sum, kind) => sum + report.counts[kind], 0);
+  const lines = [
+    healed === 0
+      ? 'Nothing healed.'
+      : `Healed ${healed} token(s). ` +
+        kinds
+          .map((kind) => `${HEALED[kind]}: ${report.counts[kind]} (${someIds(report[kind], report.counts[kind])})`)
+          .join('; ') +
+        '.',
+  ];
+  if (report.counts.wedged > 0)
+    lines.push(
+      `Stuck, needs an operator (its workflow cannot make progress): ${report.counts.wedged} (${someIds(report.wedged, report.counts.wedged)}).`,
+    );
+  if (report.counts.errors > 0) {
+    const named = report.errors
+      .slice(0, SUMMARY_IDS)
+      .map((e) => `${e.tokenId}: ${(e.error.split('\n')[0] ?? '').slice(0, SUMMARY_ERROR_CHARS)}`);
+    const more = report.counts.errors - named.length;
+    lines.push(
+      `Not healed, retried next pass: ${report.counts.errors} (${named.join('; ')}${more > 0 ? `; and ${more} more` : ''}).`,
+    );
+  }
+  const checkpoint = report.auditCheckpoint;
+  if (checkpoint?.written)
+    lines.push(`Audit checkpoint ${checkpoint.seq} signed (${checkpoint.chains} chains, ${checkpoint.events} events).`);
+  else if (checkpoint) lines.push(`Audit checkpoint not written (${checkpoint.skipped ?? 'not due'}).`);
+  return lines.join(' ');
+}
 
 /**
  * Run by a Temporal Schedule every minute: heals whatever a crash left between store and workflows.
@@ -75,6 +132,10 @@ export async function reconcile(input?: ReconcileInput): Promise<ReconcileReport
     let afterId: string | null = input?.carried?.resumeAfter[set] ?? null;
     const setStarted = Date.now();
     do {
+      // Current details only answer the UI's query: no history event, nothing to replay.
+      setCurrentDetails(
+        `Walking the **${set}** set after ${afterId ?? 'the start'}. So far: ${describeReconcileReport(report)}`,
+      );
       const page = await reconcilePage.executeWithOptions(
         { summary: `heal ${set} rows after ${afterId ?? 'the start'}` },
         [
@@ -108,6 +169,9 @@ export async function reconcile(input?: ReconcileInput): Promise<ReconcileReport
       [],
     );
   }
+  const summary = describeReconcileReport(report);
+  setCurrentDetails(summary);
+  const result: ReconcileReport = patched(RECONCILE_SUMMARY) ? { summary, ...report } : report;
   if (report.counts.errors > 0) {
     const first = report.errors[0]!;
     throw ApplicationFailure.create({
@@ -118,8 +182,8 @@ export async function reconcile(input?: ReconcileInput): Promise<ReconcileReport
           500,
         ),
       nonRetryable: true,
-      details: [report],
+      details: [result],
     });
   }
-  return report;
+  return result;
 }
