@@ -257,6 +257,8 @@ describe('lifecycle state', () => {
     assert.deepEqual(state.verdict(now), { kind: 'stuck' });
     const details = state.details();
     assert.match(details, /^\*\*revoked\*\* at 2026-01-01T00:00:00.000Z by admin:alice: left\./);
+    // One paragraph per line (the Web UI's markdown joins single line breaks).
+    assert.match(details, /left\.\n\nPropagation \*\*stuck\*\*[^\n]*\n\n- `crm`: rejected[^\n]*\n\n- `billing`: /);
     assert.match(details, /Propagation \*\*stuck\*\*: 1 of 2 receivers confirmed\./);
     assert.match(
       details,

@@ -496,7 +496,8 @@ export class LifecycleState {
         `Timing (from the ${t.source}): escalate after ${formatMs(t.escalateAfterMs)}; retries from ${formatMs(t.retryInitialMs)}, doubling up to ${formatMs(t.retryMaxMs)}.`,
       );
     }
-    return lines.join('\n');
+    // Blank lines between: the Web UI's markdown joins single line breaks into one paragraph.
+    return lines.join('\n\n');
   }
 
   // ---------------------------------------------------------------- internals
