@@ -81,7 +81,11 @@ export class TestContext {
       maxTtlMs: DEFAULT_MAX_TTL_MS,
       // The tests' owner folders are made in the system's temporary folder.
       ownerDirRoot: os.tmpdir(),
-      worker: WORKER_TUNING_DEFAULTS,
+      // TOKENWARDEN_TEST_CACHED_WORKFLOWS=0 replays every workflow task from the start: a way to run a
+      // file's scenarios as a determinism check of the live code against itself.
+      worker: process.env.TOKENWARDEN_TEST_CACHED_WORKFLOWS
+        ? { ...WORKER_TUNING_DEFAULTS, cachedWorkflows: Number(process.env.TOKENWARDEN_TEST_CACHED_WORKFLOWS) }
+        : WORKER_TUNING_DEFAULTS,
     };
     recordKeys(settings.payloadKeys, [settings.masterKey!, ...settings.previousMasterKeys]);
     const pool = createPool(databaseUrl, schema, 5);
