@@ -180,6 +180,28 @@ export const DEFAULT_MAX_TTL_MS = 365 * 86_400_000;
 /** The longest TOKENWARDEN_MAX_TTL may be: keeps every expiry a date PostgreSQL, JS and Temporal agree on. */
 export const MAX_TTL_CEILING_MS = 3650 * 86_400_000;
 
+/** A comma-separated list of 32-byte base64 keys (empty: none); an error names positions, never key material. */
+function base64KeyList(name: string, what: string) {
+  return z
+    .string()
+    .default('')
+    .transform((text, ctx) => {
+      const keys = text
+        .split(',')
+        .map((k) => k.trim())
+        .filter(Boolean);
+      const bad = keys.map((k, i) => (isMasterKey(k) ? -1 : i + 1)).filter((i) => i > 0);
+      if (bad.length > 0) {
+        ctx.addIssue({
+          code: 'custom',
+          message: `${name} must be comma-separated ${what}, base64-encoded (key ${bad.join(', ')} is not)`,
+        });
+        return z.NEVER;
+      }
+      return keys.map((k) => Buffer.from(k, 'base64'));
+    });
+}
+
 const envSchema = z.object({
   DATABASE_URL: z.url({ protocol: /^postgres(ql)?$/, error: 'DATABASE_URL must be a postgres:// URL' }).optional(),
   TOKENWARDEN_DB_SCHEMA: z
@@ -192,25 +214,7 @@ const envSchema = z.object({
     .string()
     .refine(isMasterKey, 'TOKENWARDEN_MASTER_KEY must be 32 bytes, base64-encoded')
     .optional(),
-  TOKENWARDEN_PREVIOUS_MASTER_KEYS: z
-    .string()
-    .default('')
-    .transform((text, ctx) => {
-      const keys = text
-        .split(',')
-        .map((k) => k.trim())
-        .filter(Boolean);
-      // Positions only: a message must never quote key material.
-      const bad = keys.map((k, i) => (isMasterKey(k) ? -1 : i + 1)).filter((i) => i > 0);
-      if (bad.length > 0) {
-        ctx.addIssue({
-          code: 'custom',
-          message: `TOKENWARDEN_PREVIOUS_MASTER_KEYS must be comma-separated keys of 32 bytes, base64-encoded (key ${bad.join(', ')} is not)`,
-        });
-        return z.NEVER;
-      }
-      return keys.map((k) => Buffer.from(k, 'base64'));
-    }),
+  TOKENWARDEN_PREVIOUS_MASTER_KEYS: base64KeyList('TOKENWARDEN_PREVIOUS_MASTER_KEYS', 'keys of 32 bytes'),
   TOKENWARDEN_RECEIVER_ALLOW: z
     .string()
     .transform((text, ctx) => {
@@ -258,24 +262,10 @@ const envSchema = z.object({
     .string()
     .refine(isMasterKey, 'TOKENWARDEN_AUDIT_PUBLIC_KEY must be a raw ed25519 public key: 32 bytes, base64-encoded')
     .optional(),
-  TOKENWARDEN_AUDIT_PREVIOUS_PUBLIC_KEYS: z
-    .string()
-    .default('')
-    .transform((text, ctx) => {
-      const keys = text
-        .split(',')
-        .map((k) => k.trim())
-        .filter(Boolean);
-      const bad = keys.map((k, i) => (isMasterKey(k) ? -1 : i + 1)).filter((i) => i > 0);
-      if (bad.length > 0) {
-        ctx.addIssue({
-          code: 'custom',
-          message: `TOKENWARDEN_AUDIT_PREVIOUS_PUBLIC_KEYS must be comma-separated raw ed25519 public keys of 32 bytes, base64-encoded (key ${bad.join(', ')} is not)`,
-        });
-        return z.NEVER;
-      }
-      return keys.map((k) => Buffer.from(k, 'base64'));
-    }),
+  TOKENWARDEN_AUDIT_PREVIOUS_PUBLIC_KEYS: base64KeyList(
+    'TOKENWARDEN_AUDIT_PREVIOUS_PUBLIC_KEYS',
+    'raw ed25519 public keys of 32 bytes',
+  ),
   TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL: duration(
     'TOKENWARDEN_AUDIT_CHECKPOINT_INTERVAL',
     formatDuration(DEFAULT_AUDIT_CHECKPOINT_INTERVAL_MS),
