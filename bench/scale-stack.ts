@@ -12,7 +12,7 @@ import { promisify } from 'node:util';
 import proto from '@temporalio/proto';
 import type { Client } from '@temporalio/client';
 import { loadSettings, PACKAGE_ROOT, readStackFile, type Settings } from '../common/config.js';
-import { freePort, ManagedChild } from '../dev/processes.js';
+import { cleanEnv, freePort, ManagedChild } from '../dev/processes.js';
 import { descendants } from './proc.js';
 
 export const CLI_PATH = path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js');
@@ -40,26 +40,6 @@ export interface UserStack {
   /** Throws when the stack or a worker process has exited (a crash, an out-of-memory kill). */
   assertRunning(): void;
   stop(): Promise<void>;
-}
-
-/**
- * The bench's environment without any setting that would point the stack or its clients elsewhere
- * (a developer's DATABASE_URL, TEMPORAL_ADDRESS, TOKENWARDEN_*): the stack is used as it comes.
- * BENCH_KEEP_ENV names variables to keep (comma-separated), to measure a worker setting, e.g.
- * `BENCH_KEEP_ENV=TOKENWARDEN_STICKY_TIMEOUT TOKENWARDEN_STICKY_TIMEOUT=30s npm run bench:scale`.
- */
-function cleanEnv(): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {};
-  const keep = new Set((process.env.BENCH_KEEP_ENV ?? '').split(',').filter(Boolean));
-  for (const [name, value] of Object.entries(process.env)) {
-    if (keep.has(name)) {
-      env[name] = value;
-      continue;
-    }
-    if (name === 'DATABASE_URL' || name.startsWith('TOKENWARDEN_') || name.startsWith('TEMPORAL_')) continue;
-    env[name] = value;
-  }
-  return env;
 }
 
 /** `export NAME='value'` lines (POSIX single quotes, `'\''` for a quote) to variables. */

@@ -148,3 +148,23 @@ export async function waitUntilReady<T>(child: ManagedChild, probe: () => Promis
     await new Promise((r) => setTimeout(r, 100));
   }
 }
+
+/**
+ * This process's environment without any setting that would point a throwaway stack or its clients
+ * elsewhere (a developer's DATABASE_URL, TEMPORAL_ADDRESS, TOKENWARDEN_*): the stack is used as it
+ * comes (benchmarks, screenshots). BENCH_KEEP_ENV names variables to keep (comma-separated), to measure a worker setting, e.g.
+ * `BENCH_KEEP_ENV=TOKENWARDEN_STICKY_TIMEOUT TOKENWARDEN_STICKY_TIMEOUT=30s npm run bench:scale`.
+ */
+export function cleanEnv(): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {};
+  const keep = new Set((process.env.BENCH_KEEP_ENV ?? '').split(',').filter(Boolean));
+  for (const [name, value] of Object.entries(process.env)) {
+    if (keep.has(name)) {
+      env[name] = value;
+      continue;
+    }
+    if (name === 'DATABASE_URL' || name.startsWith('TOKENWARDEN_') || name.startsWith('TEMPORAL_')) continue;
+    env[name] = value;
+  }
+  return env;
+}

@@ -22,7 +22,7 @@ import type { ReconcileInput } from '../common/messages.js';
 import { DEFAULT_NAMESPACE, RECONCILER_WORKFLOW_ID, tokenWorkflowId, WORKFLOW_TYPE } from '../common/names.js';
 import * as store from '../common/store/index.js';
 import { connectTemporal } from '../common/temporal.js';
-import { freePort, ManagedChild, waitUntilReady } from './processes.js';
+import { cleanEnv, freePort, ManagedChild, waitUntilReady } from './processes.js';
 
 const OUT_DIR = path.join(PACKAGE_ROOT, 'docs', 'screenshots');
 const CLI = path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js');
@@ -41,12 +41,16 @@ export const OPERATOR_COLUMNS = [
 
 const say = (msg: string) => console.error(`screenshots: ${msg}`);
 
+/** Set by Ctrl-C: waits stop and the script cleans up (stack stopped, data folder removed) before exiting. */
+let interrupted = false;
+
 /** Polls `probe` until it returns something truthy; a dev script's wait, bounded and named. */
 async function until<T>(what: string, probe: () => Promise<T | undefined | false>, timeoutMs = 60_000): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const value = await probe().catch(() => undefined);
     if (value) return value;
+    if (interrupted) throw new Error(`interrupted while waiting for ${what}`);
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((resolve) => setTimeout(resolve, 500));
   }
@@ -66,6 +70,9 @@ async function receiver(status: number): Promise<{ url: string; close: () => Pro
   };
 }
 
+/** A DevTools call not answered in this long fails (the script then stops its stack and cleans up). */
+const DEVTOOLS_CALL_TIMEOUT_MS = 60_000;
+
 /** Chrome DevTools protocol over --remote-debugging-pipe (fd 3 in, fd 4 out; NUL-separated JSON). */
 class DevTools {
   private nextId = 1;
@@ -81,11 +88,12 @@ class DevTools {
       this.buffer += chunk;
       let end: number;
       while ((end = this.buffer.indexOf('\0')) >= 0) {
-        const message = JSON.parse(this.buffer.slice(0, end)) as {
-          id?: number;
-          result?: unknown;
-          error?: { message: string };
-        };
+        let message: { id?: number; result?: unknown; error?: { message: string } };
+        try {
+          message = JSON.parse(this.buffer.slice(0, end)) as typeof message;
+        } catch {
+          message = {};
+        }
         this.buffer = this.buffer.slice(end + 1);
         const waiter = message.id !== undefined ? this.pending.get(message.id) : undefined;
         if (!waiter) continue;
@@ -94,14 +102,32 @@ class DevTools {
         else waiter.resolve(message.result);
       }
     });
+    // Chromium gone: every call still waiting fails now instead of hanging the script.
+    output.on('close', () => {
+      for (const waiter of this.pending.values()) waiter.reject(new Error('Chromium closed its DevTools pipe'));
+      this.pending.clear();
+    });
   }
 
   send<T = Record<string, unknown>>(method: string, params: object = {}, sessionId?: string): Promise<T> {
     const id = this.nextId++;
     this.input.write(`${JSON.stringify({ id, method, params, ...(sessionId ? { sessionId } : {}) })}\0`);
-    return new Promise<T>((resolve, reject) =>
-      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject }),
-    );
+    return new Promise<T>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new Error(`Chromium did not answer ${method} within ${DEVTOOLS_CALL_TIMEOUT_MS / 1000} s`));
+      }, DEVTOOLS_CALL_TIMEOUT_MS);
+      this.pending.set(id, {
+        resolve: (v) => {
+          clearTimeout(timer);
+          resolve(v as T);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      });
+    });
   }
 }
 
@@ -175,8 +201,9 @@ async function main(): Promise<void> {
     await freePort(),
     await freePort(),
   ];
+  // Never the caller's DATABASE_URL, TEMPORAL_* or TOKENWARDEN_*: fake receivers and tokens stay in the throwaway stack.
   const env = {
-    ...process.env,
+    ...cleanEnv(),
     TOKENWARDEN_DATA_DIR: dataDir,
     TOKENWARDEN_TEMPORAL_PORT: String(temporalPort),
     TOKENWARDEN_UI_PORT: String(uiPort),
@@ -188,6 +215,11 @@ async function main(): Promise<void> {
   const receivers = { billing: await receiver(204), crm: await receiver(503), ldap: await receiver(400) };
   const stack = new ManagedChild('the dev stack', process.execPath, [CLI, 'start'], { env });
   let browser: ReturnType<typeof spawn> | undefined;
+  process.once('SIGINT', () => {
+    interrupted = true;
+    say('interrupted: cleaning up');
+    browser?.kill('SIGKILL');
+  });
   try {
     say(`starting a dev stack in ${dataDir}`);
     const stackFile = path.join(dataDir, 'stack.json');
@@ -308,7 +340,7 @@ async function main(): Promise<void> {
     browser?.kill('SIGKILL');
     await stack.stop('SIGINT', 30_000);
     for (const r of Object.values(receivers)) await r.close();
-    await rm(dataDir, { recursive: true, force: true });
+    await rm(dataDir, { recursive: true, force: true, maxRetries: 5, retryDelay: 200 });
   }
 }
 

@@ -77,7 +77,7 @@ function recordedReason(value: unknown, masked: boolean): string | undefined {
  * Operators' and receivers' text inside the current details, which the Web UI renders as markdown:
  * escaped so that an image or link in a reason is shown as text, never fetched; one line.
  */
-const md = (value: string): string => value.replace(/\s+/g, ' ').replace(/[\\`*_[\]<>!|~]/g, '\\$&');
+export const md = (value: string): string => value.replace(/\s+/g, ' ').replace(/[\\`*_[\]<>!|~]/g, '\\$&');
 
 export type ParsedRevoke = RevokeRequest & {
   malformed: boolean;

@@ -8,6 +8,7 @@ import {
 } from '@temporalio/workflow';
 import type { Activities } from '../activities/index.js';
 import { RECONCILE_SETS, type ReconcileSet } from '../common/names.js';
+import { md } from './lifecycle-state.js';
 import {
   addToReconcileReport,
   emptyReconcileReport,
@@ -134,7 +135,7 @@ export async function reconcile(input?: ReconcileInput): Promise<ReconcileReport
     do {
       // Current details only answer the UI's query: no history event, nothing to replay.
       setCurrentDetails(
-        `Walking the **${set}** set after ${afterId ?? 'the start'}. So far: ${describeReconcileReport(report)}`,
+        `Walking the **${set}** set after ${afterId ?? 'the start'}. So far: ${md(describeReconcileReport(report))}`,
       );
       const page = await reconcilePage.executeWithOptions(
         { summary: `heal ${set} rows after ${afterId ?? 'the start'}` },
@@ -170,7 +171,8 @@ export async function reconcile(input?: ReconcileInput): Promise<ReconcileReport
     );
   }
   const summary = describeReconcileReport(report);
-  setCurrentDetails(summary);
+  // Row errors quote other systems' text: escaped, so the UI shows it and never renders or fetches it.
+  setCurrentDetails(md(summary));
   const result: ReconcileReport = patched(RECONCILE_SUMMARY) ? { summary, ...report } : report;
   if (report.counts.errors > 0) {
     const first = report.errors[0]!;

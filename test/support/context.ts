@@ -84,7 +84,7 @@ export class TestContext {
       // TOKENWARDEN_TEST_CACHED_WORKFLOWS=0 replays every workflow task from the start: a way to run a
       // file's scenarios as a determinism check of the live code against itself.
       worker: process.env.TOKENWARDEN_TEST_CACHED_WORKFLOWS
-        ? { ...WORKER_TUNING_DEFAULTS, cachedWorkflows: Number(process.env.TOKENWARDEN_TEST_CACHED_WORKFLOWS) }
+        ? { ...WORKER_TUNING_DEFAULTS, cachedWorkflows: cachedWorkflows(process.env.TOKENWARDEN_TEST_CACHED_WORKFLOWS) }
         : WORKER_TUNING_DEFAULTS,
     };
     recordKeys(settings.payloadKeys, [settings.masterKey!, ...settings.previousMasterKeys]);
@@ -185,7 +185,11 @@ function runLogger(): DefaultLogger {
   const write = runLog(`in-process-${process.pid}`);
   const console = new DefaultLogger('ERROR');
   return new DefaultLogger('INFO', (entry) => {
-    write(`${entry.level} ${entry.message} ${safeJson(entry.meta)}`);
+    try {
+      write(`${entry.level} ${entry.message} ${safeJson(entry.meta)}`);
+    } catch {
+      // A full disk must not fail the activity or workflow that logged; the scan then reads less.
+    }
     if (entry.level === 'ERROR') console.log('ERROR', entry.message, entry.meta);
   });
 }
@@ -205,3 +209,13 @@ const safeJson = (value: unknown): string => {
     return String(value);
   }
 };
+
+function cachedWorkflows(text: string): number {
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < 0) {
+    throw new Error(
+      `TOKENWARDEN_TEST_CACHED_WORKFLOWS must be a whole number (0: no cache), not ${JSON.stringify(text)}`,
+    );
+  }
+  return n;
+}
