@@ -314,14 +314,8 @@ export interface CheckpointProblem {
   detail: string;
 }
 
-export interface AuditCheckpointSummary {
-  seq: number;
-  at: string;
-  keyId: string;
-  chains: number;
-  events: number;
-  headsDigest: string;
-}
+/** A checkpoint as reports name it: its statement without the version and the link. */
+export type AuditCheckpointSummary = Omit<CheckpointStatement, 'v' | 'previous'>;
 
 export interface AuditVerifyReport {
   /** No broken link and no checkpoint problem. */
