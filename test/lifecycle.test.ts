@@ -28,6 +28,7 @@ import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { historyText, maybeRecordHistory, decodedHistory } from './support/history.js';
 import { waitUntil } from './support/wait.js';
+import { retriedUpdate } from './support/updates.js';
 
 let ctx: TestContext;
 let worker: RunningWorker | undefined;
@@ -331,12 +332,12 @@ describe('token lifecycle', () => {
     assert.doesNotMatch(details, /pending/i);
     assert.match(details, new RegExp(`${a.id}\`: rejected after 1 attempt; last: receiver ${a.id} answered HTTP 400`));
 
-    const noReason = await updateRejection(handle.executeUpdate(retryPropagationUpdate, { args: [{ reason: '' }] }));
+    const noReason = await updateRejection(retriedUpdate(handle, retryPropagationUpdate, { args: [{ reason: '' }] }));
     assert.equal(noReason.nonRetryable, true, 'a rejected Update is not worth retrying');
     assert.equal(noReason.type, INVALID_OPERATOR_REQUEST);
     assert.match(noReason.message, /^reason: /);
     a.receiver.behaviour = () => ({ status: 204 });
-    const retried = await handle.executeUpdate(retryPropagationUpdate, {
+    const retried = await retriedUpdate(handle, retryPropagationUpdate, {
       args: [{ reason: 'receiver fixed', actor: 'ops:carol' }],
     });
     assert.deepEqual(retried.retrying, [a.id]);
@@ -374,10 +375,10 @@ describe('token lifecycle', () => {
     const stuckEvent = (await store.readAudit(ctx.pool, issued.tokenId)).find((e) => e.kind === 'propagation.stuck');
     assert.match(stuckEvent!.canonical, /"attempts":[1-9]/);
 
-    const missing = await updateRejection(handle.executeUpdate(forceCompleteUpdate, { args: [{} as never] }));
+    const missing = await updateRejection(retriedUpdate(handle, forceCompleteUpdate, { args: [{} as never] }));
     assert.equal(missing.nonRetryable, true);
     assert.match(missing.message, /^reason: /);
-    const forced = await handle.executeUpdate(forceCompleteUpdate, {
+    const forced = await retriedUpdate(handle, forceCompleteUpdate, {
       args: [{ reason: 'receiver decommissioned', actor: 'ops:dan' }],
     });
     assert.deepEqual(forced.forced, [a.id]);
@@ -412,7 +413,7 @@ describe('token lifecycle', () => {
       await slow.warden.revoke({ tokenId: issued.tokenId, reason: 'offboarding' });
       await waitUntil(() => r.requests.length >= 1, 'a first delivery attempt');
       const handle = slow.client.workflow.getHandle(tokenWorkflowId(issued.tokenId));
-      await handle.executeUpdate(forceCompleteUpdate, { args: [{ reason: 'receiver retired' }] });
+      await retriedUpdate(handle, forceCompleteUpdate, { args: [{ reason: 'receiver retired' }] });
       await waitUntil(
         async () => (await handle.describe()).status.name === 'COMPLETED',
         'the workflow to complete',
@@ -420,7 +421,7 @@ describe('token lifecycle', () => {
       );
       assert.equal((await slow.warden.show(issued.tokenId)).propagation, 'complete');
       await assert.rejects(
-        handle.executeUpdate(forceCompleteUpdate, { args: [{ reason: 'again' }] }),
+        retriedUpdate(handle, forceCompleteUpdate, { args: [{ reason: 'again' }] }),
         'nothing left to force once complete',
       );
     } finally {
@@ -547,7 +548,7 @@ describe('token lifecycle', () => {
     const issued = await ctx.warden.issue({ subject: 'usr_two_escalations', receivers: [a.id], ttl: '1h' });
     await ctx.warden.revoke({ tokenId: issued.tokenId, reason: 'offboarding' });
     await waitUntil(propagationIs(issued.tokenId, 'stuck'), 'the first escalation');
-    await handleOf(issued.tokenId).executeUpdate(retryPropagationUpdate, { args: [{ reason: 'receiver restarted' }] });
+    await retriedUpdate(handleOf(issued.tokenId), retryPropagationUpdate, { args: [{ reason: 'receiver restarted' }] });
     await waitUntil(propagationIs(issued.tokenId, 'pending'), 'propagation pending after the retry');
     await handleOf(issued.tokenId).terminate('drill: the worker fleet lost this run');
 
@@ -559,7 +560,7 @@ describe('token lifecycle', () => {
       ['propagation.stuck', 'propagation.retry-requested', 'propagation.pending', 'propagation.stuck'],
     );
     assert.equal(store.findBrokenAuditLink(await store.readAudit(ctx.pool, issued.tokenId)), null);
-    await handleOf(issued.tokenId).executeUpdate(forceCompleteUpdate, { args: [{ reason: 'drill over' }] });
+    await retriedUpdate(handleOf(issued.tokenId), forceCompleteUpdate, { args: [{ reason: 'drill over' }] });
     await result(issued.tokenId);
   });
 
@@ -598,7 +599,7 @@ describe('token lifecycle', () => {
 
     // Only an operator sends the rejected delivery again.
     rejecting.receiver.behaviour = () => ({ status: 204 });
-    const retried = await handle.executeUpdate(retryPropagationUpdate, { args: [{ reason: 'endpoint restored' }] });
+    const retried = await retriedUpdate(handle, retryPropagationUpdate, { args: [{ reason: 'endpoint restored' }] });
     assert.deepEqual(retried.retrying, [rejecting.id]);
     const done = await result(issued.tokenId);
     assert.equal(done.propagation, 'complete');
@@ -656,7 +657,7 @@ describe('token lifecycle', () => {
         await currentDetails(handle),
         /Timing \(from the worker\): escalate after 1 s; retries from 100 ms, doubling up to 400 ms\./,
       );
-      await handle.executeUpdate(forceCompleteUpdate, { args: [{ reason: 'drill over' }] });
+      await retriedUpdate(handle, forceCompleteUpdate, { args: [{ reason: 'drill over' }] });
     } finally {
       await fastWorker.stop();
       await issuer.close();
@@ -687,7 +688,7 @@ describe('token lifecycle', () => {
     await ensureWorker();
     const issued = await ctx.warden.issue({ subject: 'usr_alive', ttl: '1h' });
     const handle = handleOf(issued.tokenId);
-    const refused = await updateRejection(handle.executeUpdate(forceCompleteUpdate, { args: [{ reason: 'x' }] }));
+    const refused = await updateRejection(retriedUpdate(handle, forceCompleteUpdate, { args: [{ reason: 'x' }] }));
     assert.equal(refused.nonRetryable, true);
     assert.equal(refused.type, NOT_PROPAGATING);
     assert.match(refused.message, /is not propagating a revocation \(phase active\)/);

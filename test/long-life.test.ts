@@ -20,6 +20,7 @@ import { SecretScan } from './support/secret-scan.js';
 import { insertPolicy, isValid, ownerFolder, startToken } from './support/self-managing.js';
 import { waitUntil } from './support/wait.js';
 import { WorkerProcess } from './support/worker-process.js';
+import { retriedUpdate } from './support/updates.js';
 
 let ctx: TestContext;
 let worker: WorkerProcess;
@@ -84,7 +85,7 @@ describe('long life', () => {
       ...Array.from({ length: 8 }, async () => {
         while (nextUpdate < updates) {
           const n = nextUpdate++;
-          await t.handle.executeUpdate(scheduleRevokeUpdate, {
+          await retriedUpdate(t.handle, scheduleRevokeUpdate, {
             args: [{ at: new Date(far + n * 1000).toISOString(), reason: `schedule ${n}` }],
           });
         }
@@ -106,7 +107,7 @@ describe('long life', () => {
 
     // The carried state still works: a schedule close by revokes on time.
     const at = new Date(Date.now() + 2_000).toISOString();
-    await t.handle.executeUpdate(scheduleRevokeUpdate, { args: [{ at, reason: 'after the load' }] });
+    await retriedUpdate(t.handle, scheduleRevokeUpdate, { args: [{ at, reason: 'after the load' }] });
     const done = (await t.handle.result()) as TokenLifecycleResult;
     assert.equal(done.status, 'revoked');
     assert.equal((await store.requireToken(ctx.pool, t.tokenId)).revokeReason, 'after the load');

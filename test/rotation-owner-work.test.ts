@@ -24,6 +24,7 @@ import { maybeRecordHistory } from './support/history.js';
 import { TestReceiver } from './support/receiver.js';
 import { insertPolicy, isValid, newSecret, startToken } from './support/self-managing.js';
 import { waitUntil } from './support/wait.js';
+import { retriedUpdate } from './support/updates.js';
 
 let ctx: TestContext;
 let worker: RunningWorker;
@@ -117,7 +118,7 @@ describe('rotations with a slow or failing owner', () => {
     const t = await startToken(ctx, { ttlMs: 120_000, receivers: ['rcv-owner-work-1'] });
     loseFirstRotateResult.add(t.tokenId);
     const fresh = newSecret();
-    const answer = await t.handle.executeUpdate(rotateUpdate, {
+    const answer = await retriedUpdate(t.handle, rotateUpdate, {
       args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 500 }],
     });
     assert.equal(loseFirstRotateResult.has(t.tokenId), false, 'the first attempt lost its result');
@@ -159,7 +160,7 @@ describe('rotations with a slow or failing owner', () => {
     const sending = (await t.handle.describe()).runId;
     const [received] = rotatedSecretsFor(owner, t.tokenId);
     const manual = newSecret();
-    const rotated = t.handle.executeUpdate(rotateUpdate, {
+    const rotated = retriedUpdate(t.handle, rotateUpdate, {
       args: [{ credentialId: manual.credentialId, secretHash: manual.secretHash }],
     });
     await waitUntil(() => cancellationSeen.has(t.tokenId), 'the sending attempt told of the cancellation', 15_000);
@@ -269,7 +270,7 @@ describe('rotations with a slow or failing owner', () => {
     const rotate = held();
     heldRotates.set(t.tokenId, rotate.until);
     const manual = newSecret();
-    const rotated = t.handle.executeUpdate(rotateUpdate, {
+    const rotated = retriedUpdate(t.handle, rotateUpdate, {
       args: [{ credentialId: manual.credentialId, secretHash: manual.secretHash }],
     });
     // The report's rotation queues behind the manual one; once that one is recorded, continue-as-new
@@ -299,7 +300,7 @@ describe('rotations with a slow or failing owner', () => {
     // A deadline of the token's own that only the workflow acts on (the reconciler does not), set
     // while the run drains: it must not wait for the handler.
     const scheduledAt = Date.now() + 3_000;
-    await t.handle.executeUpdate(scheduleRevokeUpdate, {
+    await retriedUpdate(t.handle, scheduleRevokeUpdate, {
       args: [{ at: new Date(scheduledAt).toISOString(), reason: 'offboarding' }],
     });
     await waitUntil(
@@ -319,7 +320,7 @@ describe('expiry changes', () => {
   it('should adopt the expiry the store committed last when an earlier change answers late', async () => {
     const t = await startToken(ctx, { ttlMs: 60_000 });
     lateExtends.add(t.tokenId);
-    const extend = t.handle.executeUpdate(changeExpiryUpdate, {
+    const extend = retriedUpdate(t.handle, changeExpiryUpdate, {
       args: [{ ttlMs: 120_000, mode: 'extend', reason: 'more time' }],
     });
     await waitUntil(() => (expiryChangesStarted.get(t.tokenId) ?? 0) >= 1, 'the extend started', 15_000);
@@ -330,7 +331,7 @@ describe('expiry changes', () => {
       'the extend committed',
       15_000,
     );
-    const shorten = t.handle.executeUpdate(changeExpiryUpdate, {
+    const shorten = retriedUpdate(t.handle, changeExpiryUpdate, {
       args: [{ ttlMs: 30_000, mode: 'shorten', reason: 'less time' }],
     });
     await Promise.all([extend, shorten]);

@@ -27,6 +27,7 @@ import { historyText, maybeRecordHistory, decodedHistory } from './support/histo
 import { TestReceiver } from './support/receiver.js';
 import { insertPolicy, newSecret, ownerFolder, startToken, isValid } from './support/self-managing.js';
 import { waitUntil } from './support/wait.js';
+import { retriedUpdate } from './support/updates.js';
 
 let ctx: TestContext;
 let worker: RunningWorker;
@@ -97,7 +98,7 @@ describe('rotation', () => {
     const t = await startToken(ctx, { ttlMs: 120_000, receivers: [a.id, b.id] });
     const fresh = newSecret();
 
-    const rotated = await t.handle.executeUpdate(rotateUpdate, {
+    const rotated = await retriedUpdate(t.handle, rotateUpdate, {
       args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 3_000, actor: 'alice' }],
     });
     assert.equal(rotated.credentialId, fresh.credentialId);
@@ -105,7 +106,7 @@ describe('rotation', () => {
     assert.ok(rotated.previousValidUntil, 'the old credential has a grace');
 
     // A retried Update with the same credential id is the same rotation.
-    const again = await t.handle.executeUpdate(rotateUpdate, {
+    const again = await retriedUpdate(t.handle, rotateUpdate, {
       args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 3_000 }],
     });
     assert.equal(again.credentialId, fresh.credentialId);
@@ -133,7 +134,7 @@ describe('rotation', () => {
   it('should store a manual rotation in the workflow task that accepts it, with only its hash in history', async () => {
     const t = await startToken(ctx, { ttlMs: 120_000 });
     const fresh = newSecret();
-    await t.handle.executeUpdate(rotateUpdate, {
+    await retriedUpdate(t.handle, rotateUpdate, {
       args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 1_000 }],
     });
     // The rotation continues as new: its run is closed, and holds the whole Update.
@@ -170,7 +171,7 @@ describe('rotation', () => {
       // (every 8 s), and the revoke Signal reaches the run in the next task.
       await lock.query('BEGIN');
       await lock.query('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [t.tokenId]);
-      const rotating = t.handle.executeUpdate(rotateUpdate, {
+      const rotating = retriedUpdate(t.handle, rotateUpdate, {
         args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 1_000 }],
       });
       const waitingOnTheRow = async (routine: string) =>
@@ -225,7 +226,7 @@ describe('rotation', () => {
     try {
       await lock.query('BEGIN');
       await lock.query('SELECT 1 FROM token WHERE id = $1 FOR UPDATE', [t.tokenId]);
-      const rotating = t.handle.executeUpdate(rotateUpdate, {
+      const rotating = retriedUpdate(t.handle, rotateUpdate, {
         args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 500 }],
       });
       // The first attempt timed out (10 s) still waiting on the row; the second waits behind it.
@@ -261,7 +262,7 @@ describe('rotation', () => {
     const first = newSecret();
     const second = newSecret();
     const rotateTo = (s: ReturnType<typeof newSecret>, graceMs: number) =>
-      t.handle.executeUpdate(rotateUpdate, {
+      retriedUpdate(t.handle, rotateUpdate, {
         args: [{ credentialId: s.credentialId, secretHash: s.secretHash, graceMs }],
       });
     await rotateTo(first, 500);
@@ -280,7 +281,7 @@ describe('rotation', () => {
     const a = await addReceiver();
     const t = await startToken(ctx, { ttlMs: 120_000, receivers: [a.id] });
     const fresh = newSecret();
-    await t.handle.executeUpdate(rotateUpdate, {
+    await retriedUpdate(t.handle, rotateUpdate, {
       args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 1_000 }],
     });
     // The workflow's timer fires at the valid_until the rotation answered; moving valid_until 3 s
@@ -322,7 +323,7 @@ describe('rotation', () => {
     stuck.receiver.behaviour = () => ({ status: 503 });
     const t = await startToken(ctx, { ttlMs: 120_000, receivers: [stuck.id] });
     const bad = await rejection(
-      t.handle.executeUpdate(rotateUpdate, { args: [{ credentialId: 'nope', secretHash: 'a'.repeat(64) }] }),
+      retriedUpdate(t.handle, rotateUpdate, { args: [{ credentialId: 'nope', secretHash: 'a'.repeat(64) }] }),
     );
     assert.equal(bad.type, INVALID_LIFECYCLE_REQUEST);
     assert.match(bad.message, /^credentialId:/);
@@ -331,7 +332,7 @@ describe('rotation', () => {
     await waitUntil(async () => (await t.handle.query(describeQuery)).phase !== 'active', 'the workflow killing');
     const fresh = newSecret();
     const dead = await rejection(
-      t.handle.executeUpdate(rotateUpdate, {
+      retriedUpdate(t.handle, rotateUpdate, {
         args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash }],
       }),
     );

@@ -16,6 +16,7 @@ import { runCli } from './support/cli.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { historyText, decodedHistory } from './support/history.js';
 import { newSecret, startToken } from './support/self-managing.js';
+import { retriedUpdate } from './support/updates.js';
 
 let ctx: TestContext;
 let worker: RunningWorker;
@@ -125,7 +126,7 @@ describe('a secret-shaped reason or actor', () => {
       { reason: `found ${SIGNING_SECRET}`, actor: 'eve' },
       { reason: 'routine', actor: `eve ${t.token}` },
     ]) {
-      const err = await t.handle.executeUpdate(suspendUpdate, { args: [request] }).then(
+      const err = await retriedUpdate(t.handle, suspendUpdate, { args: [request] }).then(
         () => assert.fail('the update was accepted'),
         (e: unknown) => e,
       );
@@ -214,7 +215,7 @@ describe('an email address in a reason', () => {
 
   it("should be refused by the workflow's validator past the library, and kept out of the audit data from a raw revoke Signal", async () => {
     const t = await startToken(ctx, { ttlMs: 3_600_000 });
-    const err = await t.handle.executeUpdate(suspendUpdate, { args: [{ reason: `for ${EMAIL}`, actor: 'eve' }] }).then(
+    const err = await retriedUpdate(t.handle, suspendUpdate, { args: [{ reason: `for ${EMAIL}`, actor: 'eve' }] }).then(
       () => assert.fail('the update was accepted'),
       (e: unknown) => e,
     );

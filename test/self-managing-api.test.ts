@@ -203,12 +203,15 @@ describe('HTTP API: self-managing routes', () => {
     assert.equal(report.reportId, res.body.reportId);
   });
 
-  it('should refuse token messages for a dead token naming the id, before Temporal is asked', async () => {
+  it('should refuse token messages for a dead token as a conflict with its state (409), naming the id, before Temporal is asked', async () => {
     const issued = await admin('POST', '/v1/tokens', { subject: 'usr_api_dead', ttl: '1h' });
     await admin('POST', `/v1/tokens/${issued.body.tokenId}/revoke`, { reason: 'gone' });
     const id = issued.body.tokenId;
     for (const [method, path, body] of ROUTES.filter(([, p]) => p.includes(TOKEN_ID))) {
-      invalid(await admin(method, path.replace(TOKEN_ID, id), body), ['params id']);
+      const res = await admin(method, path.replace(TOKEN_ID, id), body);
+      assert.equal(res.status, 409, `${method} ${path}: ${res.text}`);
+      assert.equal(res.body.type, 'urn:tokenwarden:problem:token-state-conflict');
+      assert.match(res.body.detail, new RegExp(`token ${id} is revoked`));
     }
   });
 });

@@ -19,6 +19,7 @@ import { TestContext, type RunningWorker } from './support/context.js';
 import { maybeRecordHistory } from './support/history.js';
 import { insertPolicy, startToken } from './support/self-managing.js';
 import { waitUntil } from './support/wait.js';
+import { retriedUpdate } from './support/updates.js';
 
 /** A store write of the schedule that takes this long (a lock wait, a retried write). */
 const SLOW_WRITE_MS = 4_000;
@@ -75,8 +76,8 @@ describe('scheduled revoke against a slow store write', () => {
   it('should not revoke once a cancel has been answered, even if its store write was slow', async () => {
     const t = await startToken(ctx, { ttlMs: 120_000 });
     const at = new Date(Date.now() + 1_500).toISOString();
-    await t.handle.executeUpdate(scheduleRevokeUpdate, { args: [{ at, reason: 'planned end' }] });
-    const cancelled = await t.handle.executeUpdate(cancelScheduledRevokeUpdate, { args: [{ reason: 'slow write' }] });
+    await retriedUpdate(t.handle, scheduleRevokeUpdate, { args: [{ at, reason: 'planned end' }] });
+    const cancelled = await retriedUpdate(t.handle, cancelScheduledRevokeUpdate, { args: [{ reason: 'slow write' }] });
     assert.equal(cancelled.revokeAt, null);
     await assertAliveAfter(t, at);
     const audit = (await store.readAudit(ctx.pool, t.tokenId)).map((e) => e.kind);
@@ -88,9 +89,9 @@ describe('scheduled revoke against a slow store write', () => {
   it('should not revoke at the old instant once a reschedule has been answered', async () => {
     const t = await startToken(ctx, { ttlMs: 120_000 });
     const at = new Date(Date.now() + 1_500).toISOString();
-    await t.handle.executeUpdate(scheduleRevokeUpdate, { args: [{ at, reason: 'planned end' }] });
+    await retriedUpdate(t.handle, scheduleRevokeUpdate, { args: [{ at, reason: 'planned end' }] });
     const later = new Date(Date.now() + 60_000).toISOString();
-    const moved = await t.handle.executeUpdate(scheduleRevokeUpdate, { args: [{ at: later, reason: 'slow write' }] });
+    const moved = await retriedUpdate(t.handle, scheduleRevokeUpdate, { args: [{ at: later, reason: 'slow write' }] });
     assert.equal(moved.revokeAt, later);
     await assertAliveAfter(t, at);
     const row = await ctx.sql.query('SELECT revoke_scheduled_at AS at FROM token WHERE id = $1', [t.tokenId]);
@@ -104,8 +105,8 @@ describe('scheduled revoke audit', () => {
     const t = await startToken(ctx, { ttlMs: 120_000 });
     const at = new Date(Date.now() + 60_000).toISOString();
     for (let i = 0; i < 2; i++) {
-      await t.handle.executeUpdate(scheduleRevokeUpdate, { args: [{ at, reason: 'planned end' }] });
-      await t.handle.executeUpdate(cancelScheduledRevokeUpdate, { args: [{ reason: 'keep it' }] });
+      await retriedUpdate(t.handle, scheduleRevokeUpdate, { args: [{ at, reason: 'planned end' }] });
+      await retriedUpdate(t.handle, cancelScheduledRevokeUpdate, { args: [{ reason: 'keep it' }] });
     }
     const kinds = (await store.readAudit(ctx.pool, t.tokenId)).map((e) => e.kind);
     assert.equal(kinds.filter((k) => k === 'revoke.scheduled').length, 2, kinds.join(','));
@@ -126,7 +127,7 @@ describe('policy changes answered out of order', () => {
     await t.handle.signal(policyChangedSignal, {});
     await waitUntil(() => staleRead.answered, 'version 2 answered late', 15_000);
     // An Update after both answers: the run has handled them by the time it is answered.
-    const suspended = await t.handle.executeUpdate(suspendUpdate, { args: [{ reason: 'after the policy reads' }] });
+    const suspended = await retriedUpdate(t.handle, suspendUpdate, { args: [{ reason: 'after the policy reads' }] });
     assert.equal(suspended.suspended, true);
     assert.equal((await store.requireToken(ctx.pool, t.tokenId)).status, 'active');
     await ctx.warden.revoke({ tokenId: t.tokenId, reason: 'test over', actor: 'test' });
@@ -144,7 +145,7 @@ describe('suspend and resume against a slow store answer', () => {
       async () => (await store.requireToken(ctx.pool, t.tokenId)).suspendedAt !== null,
       'the suspension committed in the store',
     );
-    const resumed = await t.handle.executeUpdate(resumeUpdate, { args: [{ reason: 'cleared' }] });
+    const resumed = await retriedUpdate(t.handle, resumeUpdate, { args: [{ reason: 'cleared' }] });
     assert.equal(resumed.suspended, false);
     assert.equal((await suspending.result()).suspended, true);
     assert.equal((await store.requireToken(ctx.pool, t.tokenId)).suspendedAt, null);

@@ -23,6 +23,7 @@ import { TestContext, type RunningWorker } from './support/context.js';
 import { maybeRecordHistory, decodedHistory } from './support/history.js';
 import { insertPolicy, isValid, startToken } from './support/self-managing.js';
 import { waitUntil } from './support/wait.js';
+import { retriedUpdate } from './support/updates.js';
 
 let ctx: TestContext;
 let worker: RunningWorker;
@@ -58,7 +59,7 @@ describe('scheduled revoke', () => {
   it('should revoke at the instant with the reason given, initiated by an admin', async () => {
     const t = await startToken(ctx, { ttlMs: 120_000 });
     const at = new Date(Date.now() + 3_000).toISOString();
-    const scheduled = await t.handle.executeUpdate(scheduleRevokeUpdate, {
+    const scheduled = await retriedUpdate(t.handle, scheduleRevokeUpdate, {
       args: [{ at, reason: 'contract ends', actor: 'alice' }],
     });
     assert.equal(scheduled.revokeAt, at);
@@ -79,8 +80,8 @@ describe('scheduled revoke', () => {
   it('should not revoke once the schedule is cancelled', async () => {
     const t = await startToken(ctx, { ttlMs: 120_000 });
     const at = new Date(Date.now() + 2_000).toISOString();
-    await t.handle.executeUpdate(scheduleRevokeUpdate, { args: [{ at, reason: 'maybe' }] });
-    const cancelled = await t.handle.executeUpdate(cancelScheduledRevokeUpdate, { args: [{ reason: 'stays' }] });
+    await retriedUpdate(t.handle, scheduleRevokeUpdate, { args: [{ at, reason: 'maybe' }] });
+    const cancelled = await retriedUpdate(t.handle, cancelScheduledRevokeUpdate, { args: [{ reason: 'stays' }] });
     assert.equal(cancelled.revokeAt, null);
     assert.equal((await scheduledColumns(t.tokenId)).at, null);
     // Past the instant, by the workflow's own clock: a timer that had fired would have killed it.
@@ -93,7 +94,7 @@ describe('scheduled revoke', () => {
   it('should refuse an instant in the past, naming the field', async () => {
     const t = await startToken(ctx, { ttlMs: 120_000 });
     const refused = await rejection(
-      t.handle.executeUpdate(scheduleRevokeUpdate, { args: [{ at: '2001-01-01T00:00:00Z', reason: 'x' }] }),
+      retriedUpdate(t.handle, scheduleRevokeUpdate, { args: [{ at: '2001-01-01T00:00:00Z', reason: 'x' }] }),
     );
     assert.equal(refused.type, INVALID_LIFECYCLE_REQUEST);
     assert.match(refused.message, /^at:/);
@@ -104,13 +105,13 @@ describe('suspend and resume', () => {
   it('should fail verification while suspended, keep the token alive, and pass again after resume', async () => {
     const t = await startToken(ctx, { ttlMs: 120_000 });
     assert.equal(await isValid(ctx, t.token), true);
-    const suspended = await t.handle.executeUpdate(suspendUpdate, { args: [{ reason: 'incident 42', actor: 'bob' }] });
+    const suspended = await retriedUpdate(t.handle, suspendUpdate, { args: [{ reason: 'incident 42', actor: 'bob' }] });
     assert.equal(suspended.suspended, true);
     assert.equal(await isValid(ctx, t.token), false, 'a suspended token fails verification');
     assert.equal((await t.handle.describe()).typedSearchAttributes.get(SEARCH_ATTRIBUTE.suspended), true);
     assert.equal((await store.requireToken(ctx.pool, t.tokenId)).status, 'active', 'not dead');
 
-    const resumed = await t.handle.executeUpdate(resumeUpdate, { args: [{ reason: 'cleared' }] });
+    const resumed = await retriedUpdate(t.handle, resumeUpdate, { args: [{ reason: 'cleared' }] });
     assert.equal(resumed.suspended, false);
     assert.equal(await isValid(ctx, t.token), true);
     assert.equal((await t.handle.describe()).typedSearchAttributes.get(SEARCH_ATTRIBUTE.suspended), false);
@@ -119,14 +120,14 @@ describe('suspend and resume', () => {
 
   it('should still expire while suspended', async () => {
     const t = await startToken(ctx, { ttlMs: 3_000 });
-    await t.handle.executeUpdate(suspendUpdate, { args: [{ reason: 'incident' }] });
+    await retriedUpdate(t.handle, suspendUpdate, { args: [{ reason: 'incident' }] });
     const done = (await t.handle.result()) as TokenLifecycleResult;
     assert.equal(done.status, 'expired');
   });
 
   it('should refuse a suspend without a reason', async () => {
     const t = await startToken(ctx, { ttlMs: 120_000 });
-    const refused = await rejection(t.handle.executeUpdate(suspendUpdate, { args: [{ reason: '' }] }));
+    const refused = await rejection(retriedUpdate(t.handle, suspendUpdate, { args: [{ reason: '' }] }));
     assert.match(refused.message, /^reason:/);
   });
 });
@@ -134,7 +135,7 @@ describe('suspend and resume', () => {
 describe('extend and shorten', () => {
   it('should move the expiry in the store and the timer, and expire at the new instant', async () => {
     const t = await startToken(ctx, { ttlMs: 2_000 });
-    const extended = await t.handle.executeUpdate(changeExpiryUpdate, {
+    const extended = await retriedUpdate(t.handle, changeExpiryUpdate, {
       args: [{ ttlMs: 6_000, mode: 'extend', reason: 'one more run' }],
     });
     assert.ok(Date.parse(extended.expiresAt) > Date.parse(extended.previousExpiresAt));
@@ -149,7 +150,7 @@ describe('extend and shorten', () => {
 
   it('should shorten and expire early', async () => {
     const t = await startToken(ctx, { ttlMs: 120_000 });
-    const shortened = await t.handle.executeUpdate(changeExpiryUpdate, {
+    const shortened = await retriedUpdate(t.handle, changeExpiryUpdate, {
       args: [{ ttlMs: 2_000, mode: 'shorten', reason: 'done early' }],
     });
     const done = (await t.handle.result()) as TokenLifecycleResult;
@@ -163,7 +164,7 @@ describe('extend and shorten', () => {
     const policy = await insertPolicy(ctx, { name: 'short-lived', maxLifetimeMs: 60_000 });
     const t = await startToken(ctx, { ttlMs: 30_000, policy });
     const refused = await rejection(
-      t.handle.executeUpdate(changeExpiryUpdate, { args: [{ ttlMs: 3_600_000, mode: 'extend', reason: 'more' }] }),
+      retriedUpdate(t.handle, changeExpiryUpdate, { args: [{ ttlMs: 3_600_000, mode: 'extend', reason: 'more' }] }),
     );
     assert.match(refused.message, /^ttl:/);
     assert.match(refused.message, /max lifetime: the expiry may be at most \d{4}-/);
@@ -173,7 +174,7 @@ describe('extend and shorten', () => {
   it('should refuse an extension beyond the global maximum lifetime', async () => {
     const t = await startToken(ctx, { ttlMs: 30_000 });
     const refused = await rejection(
-      t.handle.executeUpdate(changeExpiryUpdate, {
+      retriedUpdate(t.handle, changeExpiryUpdate, {
         args: [{ ttlMs: ctx.settings.maxTtlMs + 86_400_000, mode: 'extend', reason: 'forever' }],
       }),
     );

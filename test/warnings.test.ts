@@ -13,6 +13,7 @@ import { TestReceiver } from './support/receiver.js';
 import { maybeRecordHistory } from './support/history.js';
 import { waitUntil } from './support/wait.js';
 import { insertPolicy, isValid, newSecret, ownerFolder, startToken } from './support/self-managing.js';
+import { retriedUpdate } from './support/updates.js';
 
 let ctx: TestContext;
 let worker: RunningWorker;
@@ -200,7 +201,7 @@ describe('warnings', () => {
       );
       const fresh = newSecret();
       const rotated = await within(
-        t.handle.executeUpdate(rotateUpdate, {
+        retriedUpdate(t.handle, rotateUpdate, {
           args: [{ credentialId: fresh.credentialId, secretHash: fresh.secretHash, graceMs: 0 }],
         }),
         8_000,
