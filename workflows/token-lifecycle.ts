@@ -361,8 +361,8 @@ class TokenLifecycle {
   private localRotation: Promise<unknown> | undefined;
   /** Whether this run follows PATCHES.ownerWorkV2: only a `true` answer is kept. */
   private ownerWorkV2Decision = false;
-  /** Whether this run follows PATCHES.pendingReceivers: only a `true` answer is kept. */
-  private pendingReceiversDecision = false;
+  /** Whether this run follows PATCHES.pendingReceivers, asked once at the run's start. */
+  private readonly pendingReceiversDecision: boolean;
   /** The receivers TokenPendingReceivers last said (comma-joined), undefined before the first upsert. */
   private pendingReceiversShown: string | undefined;
   /** The periodic rotation in flight (PATCHES.ownerWorkV2): when it started, and its end. */
@@ -371,6 +371,10 @@ class TokenLifecycle {
   private lastRotationFailed = false;
 
   constructor(private readonly input: TokenWorkflowInput) {
+    // Asked once, in the run's first task: a decision asked later, after a local activity's result,
+    // could fall in another workflow task on replay than live (a task heartbeated while the local
+    // activity ran). A run started before this code never maintains the attribute.
+    this.pendingReceiversDecision = patched(PATCHES.pendingReceivers);
     this.alive = new AliveState(input, Date.now());
     // Every transition rewrites the current details, so the Web UI never shows a stale phase.
     this.state = new LifecycleState(input, (state) => {
@@ -477,7 +481,6 @@ class TokenLifecycle {
       .sort();
     const shown = pending.join(',');
     if (shown === this.pendingReceiversShown) return;
-    if (!this.pendingReceiversDecision) this.pendingReceiversDecision = patched(PATCHES.pendingReceivers);
     if (!this.pendingReceiversDecision) return;
     this.pendingReceiversShown = shown;
     upsertSearchAttributes([{ key: SEARCH_ATTRIBUTE.pendingReceivers, value: pending.length > 0 ? pending : null }]);
