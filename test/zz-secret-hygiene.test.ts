@@ -136,6 +136,8 @@ describe('secret hygiene of the whole run', () => {
 
   it("should catch an issued token logged through the in-process workers' runtime logger", async (t) => {
     if (!LOGS_DIR) return t.skip('not a recorded run (start it with npm test)');
+    // Deliberate: the runtime logger writes WARN to the run's private log file only (never the console),
+    // deleted with the run; the scan must find it there.
     Runtime.instance().logger.warn('planted: activity failed', { error: `bad credential ${issuedTokens[1]}` });
     const scan = new RunSecretScan(await runSecrets());
     scan.searchLogs(LOGS_DIR);

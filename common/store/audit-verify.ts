@@ -222,15 +222,7 @@ async function* tokenFacts(db: Queryable, batch: number, tokenId?: string): Asyn
       tokenId !== undefined ? [after, batch, tokenId] : [after, batch],
     );
     for (const r of rows) {
-      yield {
-        tokenId: r.id as string,
-        subject: r.subject as string,
-        receivers: r.receivers as string[],
-        status: r.status as string,
-        revokedAt: r.revoked_at as string | null,
-        revokedBy: r.revoked_by as string | null,
-        revokeReason: r.revoke_reason as string | null,
-      };
+      yield tokenRowFacts(r.id as string, r);
     }
     if (rows.length < batch) return;
     after = rows[rows.length - 1]!.id as string;
@@ -718,15 +710,7 @@ async function recheckRow(db: Queryable, tokenId: string): Promise<{ seq: number
     }
     noteFacts(facts, body.seq, body.kind, body.data);
   }
-  return rowMismatch(facts, {
-    tokenId,
-    subject: r.subject as string,
-    receivers: r.receivers as string[],
-    status: r.status as string,
-    revokedAt: r.revoked_at as string | null,
-    revokedBy: r.revoked_by as string | null,
-    revokeReason: r.revoke_reason as string | null,
-  });
+  return rowMismatch(facts, tokenRowFacts(tokenId, r));
 }
 
 /**
@@ -1053,4 +1037,17 @@ async function checkPreviousHeadsHold(
       broken.slice(0, 20),
     );
   }
+}
+
+/** A token row's facts that its chain must agree with (subject, receivers, death). */
+function tokenRowFacts(tokenId: string, r: Record<string, unknown>) {
+  return {
+    tokenId,
+    subject: r.subject as string,
+    receivers: r.receivers as string[],
+    status: r.status as string,
+    revokedAt: r.revoked_at as string | null,
+    revokedBy: r.revoked_by as string | null,
+    revokeReason: r.revoke_reason as string | null,
+  };
 }
