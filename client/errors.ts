@@ -4,11 +4,17 @@
  * is a fault of the handler, which the caller reports with the failure as its cause.
  */
 import { ApplicationFailure, isGrpcServiceError, type WorkflowUpdateFailedError } from '@temporalio/client';
-import { InvalidInputError, NotPropagatingError, TokenNotActiveError } from '../common/errors.js';
+import {
+  InvalidInputError,
+  NotPropagatingError,
+  TokenNotActiveError,
+  TokenStateConflictError,
+} from '../common/errors.js';
 import {
   INVALID_LIFECYCLE_REQUEST,
   INVALID_OPERATOR_REQUEST,
   NOT_PROPAGATING,
+  RUN_PREDATES_REQUEST,
   TOKEN_NOT_ACTIVE,
 } from '../workflows/lifecycle-state.js';
 
@@ -33,7 +39,7 @@ export interface UpdateRefusalContext {
 export function updateRefusal(
   err: WorkflowUpdateFailedError,
   { tokenId, kind, fields }: UpdateRefusalContext,
-): InvalidInputError | NotPropagatingError | TokenNotActiveError | undefined {
+): InvalidInputError | TokenStateConflictError | undefined {
   const failure = err.cause instanceof ApplicationFailure ? err.cause : undefined;
   const type = failure?.type ?? undefined;
   if (failure === undefined || type === undefined) return undefined;
@@ -41,6 +47,12 @@ export function updateRefusal(
   // The workflow's refusal names the token and its phase already.
   if (type === NOT_PROPAGATING) return new NotPropagatingError(tokenId, message);
   if (type === TOKEN_NOT_ACTIVE) return new TokenNotActiveError(tokenId, message);
+  if (type === RUN_PREDATES_REQUEST) {
+    return new TokenStateConflictError(
+      tokenId,
+      `token ${tokenId}: ${message}; it still expires and can be revoked as before (for this request, issue a new token and revoke this one)`,
+    );
+  }
   if (!INPUT_REFUSALS.has(type)) return undefined;
   const prefix = /^(\w+): /.exec(message);
   const path = prefix ? fields[prefix[1]!] : undefined;

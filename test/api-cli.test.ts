@@ -12,6 +12,7 @@ import { waitUntil } from './support/wait.js';
 import { runCli } from './support/cli.js';
 import { TestContext } from './support/context.js';
 import { recordingModulesTo, temporalSdkFiles } from './support/loaded-modules.js';
+import { runOutput } from './support/run-record.js';
 
 let ctx: TestContext;
 let dir: string;
@@ -115,7 +116,11 @@ describe('tokenwarden api', () => {
       env: { ...ctx.childEnv() },
     });
     let stderr = '';
-    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+    const log = runOutput('api');
+    child.stderr.on('data', (c: Buffer) => {
+      stderr += c.toString();
+      log(c);
+    });
     const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
     const lock = await ctx.sql.connect();
     try {

@@ -21,6 +21,7 @@ import { TestReceiver } from './support/receiver.js';
 import { SecretScan } from './support/secret-scan.js';
 import { waitUntil } from './support/wait.js';
 import { WorkerProcess } from './support/worker-process.js';
+import { runOutput } from './support/run-record.js';
 
 let ctx: TestContext;
 let worker: WorkerProcess;
@@ -604,8 +605,14 @@ async function run(args: string[], env: Record<string, string>): Promise<Run> {
 function background(args: string[], env: Record<string, string>): { child: ChildProcess; output(): string } {
   const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), ...args], { env });
   let output = '';
-  child.stdout!.on('data', (c: Buffer) => (output += c.toString()));
-  child.stderr!.on('data', (c: Buffer) => (output += c.toString()));
+  // A long-running command (stack, worker): all its output is its log.
+  const log = runOutput(args[0] ?? 'cli');
+  const keep = (c: Buffer) => {
+    output += c.toString();
+    log(c);
+  };
+  child.stdout!.on('data', keep);
+  child.stderr!.on('data', keep);
   return { child, output: () => output };
 }
 

@@ -17,6 +17,7 @@ import { PACKAGE_ROOT } from '../common/config.js';
 import { generateTokenString } from '../common/secrets.js';
 import { nameSchema, parseInput, subjectSchema, ttlSchema } from '../common/validation.js';
 import { runCli, type CliRun } from './support/cli.js';
+import { runOutput } from './support/run-record.js';
 import { SecretScan } from './support/secret-scan.js';
 
 let dir: string;
@@ -48,9 +49,11 @@ async function cli(args: string[], stdin?: string): Promise<CliRun> {
 /** A command line run by bash in `dir`, for process substitution (`<(…)`). */
 async function shell(script: string): Promise<CliRun> {
   const run = await new Promise<CliRun>((resolve) =>
-    execFile('bash', ['-c', script], { cwd: dir, env: { ...env, CLI } }, (err, stdout, stderr) =>
-      resolve({ args: [script], code: err ? ((err as { code?: number }).code ?? -1) : 0, stdout, stderr }),
-    ),
+    execFile('bash', ['-c', script], { cwd: dir, env: { ...env, CLI } }, (err, stdout, stderr) => {
+      // The command's error output is its log (stdout carries issued tokens by design).
+      runOutput('cli')(stderr);
+      resolve({ args: [script], code: err ? ((err as { code?: number }).code ?? -1) : 0, stdout, stderr });
+    }),
   );
   outputs.push(run);
   return run;

@@ -23,6 +23,7 @@ import * as store from '../common/store/index.js';
 import type { DeliveryView } from '../common/messages.js';
 import { TestContext } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
+import { runOutput } from './support/run-record.js';
 
 let ctx: TestContext;
 let receiver: TestReceiver;
@@ -446,8 +447,16 @@ describe('master keyring', () => {
       );
       let stdout = '';
       let stderr = '';
-      child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
-      child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+      // rekey prints key ids and receiver ids, never a key: both streams are its log.
+      const log = runOutput('rekey');
+      child.stdout.on('data', (c: Buffer) => {
+        stdout += c.toString();
+        log(c);
+      });
+      child.stderr.on('data', (c: Buffer) => {
+        stderr += c.toString();
+        log(c);
+      });
       child.on('error', reject);
       child.on('close', (code) => resolve({ code, stdout, stderr }));
     });

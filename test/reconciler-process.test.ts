@@ -20,6 +20,7 @@ import { insertTokenRow } from './support/tokens.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { decodedHistory } from './support/history.js';
 import { TestReceiver } from './support/receiver.js';
+import { runOutput } from './support/run-record.js';
 import { waitUntil } from './support/wait.js';
 import { WedgingWorker } from './support/wedging.js';
 
@@ -44,8 +45,13 @@ before(async () => {
     env: { ...ctx.childEnv(), TOKENWARDEN_METRICS_ADDRESS: metricsAddress },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
-  child.stdout!.on('data', (chunk: Buffer) => childOutput.push(chunk.toString()));
-  child.stderr!.on('data', (chunk: Buffer) => childOutput.push(chunk.toString()));
+  const log = runOutput('worker');
+  const keep = (chunk: Buffer) => {
+    childOutput.push(chunk.toString());
+    log(chunk);
+  };
+  child.stdout!.on('data', keep);
+  child.stderr!.on('data', keep);
   childExited = new Promise((resolve) => child.once('exit', resolve));
 });
 after(async () => {

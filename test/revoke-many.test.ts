@@ -13,6 +13,7 @@ import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { issueInOpenTransaction, waitingOnIssuanceBarrier } from './support/open-issue.js';
 import { waitUntil } from './support/wait.js';
+import { runOutput } from './support/run-record.js';
 
 let ctx: TestContext;
 let worker: RunningWorker;
@@ -486,8 +487,16 @@ function startCli(args: string[], opts: { tty?: boolean } = {}) {
       })
     : spawn(process.execPath, argv, { env: ctx.childEnv(), stdio: ['pipe', 'pipe', 'pipe'] });
   const out = { stdout: '', stderr: '' };
-  child.stdout.on('data', (c: Buffer) => (out.stdout += c.toString()));
-  child.stderr.on('data', (c: Buffer) => (out.stderr += c.toString()));
+  // Its error output is the command's log (on a pseudo-terminal both streams arrive as stdout).
+  const log = runOutput('cli');
+  child.stdout.on('data', (c: Buffer) => {
+    out.stdout += c.toString();
+    if (opts.tty) log(c);
+  });
+  child.stderr.on('data', (c: Buffer) => {
+    out.stderr += c.toString();
+    log(c);
+  });
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
     child.on('exit', (code, signal) => resolve({ code, signal })),
   );
@@ -653,7 +662,11 @@ describe('tokenwarden revoke --where', () => {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let stderr = '';
-    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+    const log = runOutput('cli');
+    child.stderr.on('data', (c: Buffer) => {
+      stderr += c.toString();
+      log(c);
+    });
     const exited = new Promise<NodeJS.Signals | null>((resolve) =>
       child.on('exit', (_code, signal) => resolve(signal)),
     );

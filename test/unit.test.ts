@@ -34,6 +34,8 @@ import {
   LifecycleState,
   NOT_PROPAGATING,
   TOKEN_NOT_ACTIVE,
+  RUN_PREDATES_REQUEST,
+  runPredatesRequest,
   parseSuspiciousReport,
   formatMs,
   isReceiverRejection,
@@ -706,6 +708,12 @@ describe('workflow refusals of Updates, by failure type', () => {
     const notActive = refused('token tok_1 is not active (phase killing)', TOKEN_NOT_ACTIVE);
     assert.ok(notActive instanceof TokenNotActiveError, String(notActive));
     assert.ok(notActive instanceof TokenStateConflictError);
+    // A run started by an earlier release cannot take the request: the token's state, not the caller's input.
+    const tooOld = refused(runPredatesRequest('rotate').message, RUN_PREDATES_REQUEST);
+    assert.ok(tooOld instanceof TokenStateConflictError, String(tooOld));
+    assert.equal(tooOld.tokenId, 'tok_1');
+    assert.match(tooOld.message, /^token tok_1: rotate: not supported by this run \(started by an earlier release/);
+    assert.match(tooOld.message, /issue a new token and revoke this one/);
   });
 
   it('should leave a failure of the handler itself to the caller, not call it bad input', () => {

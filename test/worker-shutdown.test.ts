@@ -13,6 +13,7 @@ import type { TokenLifecycleResult } from '../common/messages.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { waitUntil } from './support/wait.js';
+import { runOutput } from './support/run-record.js';
 
 let ctx: TestContext;
 let receiver: TestReceiver;
@@ -40,8 +41,13 @@ describe('worker shutdown', () => {
       env: ctx.childEnv(),
       stdio: ['ignore', 'pipe', 'pipe'],
     });
-    child.stdout!.on('data', (chunk: Buffer) => output.push(chunk.toString()));
-    child.stderr!.on('data', (chunk: Buffer) => output.push(chunk.toString()));
+    const log = runOutput('worker');
+    const keep = (chunk: Buffer) => {
+      output.push(chunk.toString());
+      log(chunk);
+    };
+    child.stdout!.on('data', keep);
+    child.stderr!.on('data', keep);
     const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
       child!.once('exit', (code, signal) => resolve({ code, signal })),
     );

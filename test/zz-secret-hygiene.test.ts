@@ -20,6 +20,7 @@ import {
   mergeSecrets,
   readRunSecrets,
   readStoreSecrets,
+  recordStoreSecrets,
   runLog,
   sha256Hex,
   type RunSecrets,
@@ -83,14 +84,60 @@ describe('secret hygiene of the whole run', () => {
     const started = Date.now();
     await scan.searchHistories(ctx.client.connection);
     if (LOGS_DIR) scan.searchLogs(LOGS_DIR);
+    // This file's store; every other file's store was searched as it closed (test/support/context.ts).
+    await scan.searchTables(ctx.sql, "this file's store");
     t.diagnostic(`${scan.summary()} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
-    t.diagnostic(`log files: ${[...scan.logFiles].map(([file, bytes]) => `${file} (${bytes} bytes)`).join(', ')}`);
+    t.diagnostic(
+      `stores searched as their files closed: ${secrets.storeRows} rows of ${secrets.storeTables} tables, ${secrets.storeHits.length} hit(s)`,
+    );
+    const groups = new Map<string, { files: number; bytes: number }>();
+    for (const [file, bytes] of scan.logFiles) {
+      const group = groups.get(file.replace(/(-\d+)+\.log$/, '')) ?? { files: 0, bytes: 0 };
+      group.files++;
+      group.bytes += bytes;
+      groups.set(file.replace(/(-\d+)+\.log$/, ''), group);
+    }
+    t.diagnostic(
+      `log files: ${[...groups].map(([name, g]) => `${name} (${g.files} file(s), ${g.bytes} bytes)`).join(', ')}`,
+    );
     assert.ok(scan.searched.histories >= 2, 'the histories of this file at least were searched');
+    assert.ok(scan.searched.tables >= 10 && scan.searched.rows > 0, "this file's store was searched");
     if (LOGS_DIR) {
       // The runner's copy of the test output must exist and hold something, or the scan read nothing.
       assert.ok((scan.logFiles.get('test-output.log') ?? 0) > 0, 'the test output was kept and searched');
     }
     assert.deepEqual(scan.hits(), []);
+    assert.deepEqual(secrets.storeHits, []);
+  });
+
+  it('should catch an issued token or signing secret planted in a table of the store, as text or as bytes', async (t) => {
+    await ctx.sql.query('CREATE TABLE planted_notes (note text, raw bytea)');
+    try {
+      // The token as bytes (a bytea prints as hex), the signing secret as text.
+      await ctx.sql.query('INSERT INTO planted_notes VALUES (NULL, $1), ($2, NULL)', [
+        Buffer.from(`bearer ${issuedTokens[1]}`),
+        `secret was ${signingSecret}`,
+      ]);
+      const scan = new RunSecretScan(await runSecrets());
+      await scan.searchTables(ctx.sql, 'the planted store');
+      assert.deepEqual(scan.hits().sort(), [
+        'an issued signing secret in the planted store, table planted_notes',
+        'an issued token in the planted store, table planted_notes',
+      ]);
+      if (!LOGS_DIR) return t.skip('the record kept when a store closes: not a recorded run (start it with npm test)');
+      // What a closing test context does before it drops its schema: the hits reach the run's record.
+      const before = readRunSecrets().storeHits.length;
+      await recordStoreSecrets(ctx.sql, 'the planted store', {
+        master: [ctx.settings.masterKey!],
+        payload: ctx.settings.payloadKeys,
+      });
+      assert.deepEqual(readRunSecrets().storeHits.slice(before).sort(), [
+        'an issued signing secret in the planted store, table planted_notes',
+        'an issued token in the planted store, table planted_notes',
+      ]);
+    } finally {
+      await ctx.sql.query('DROP TABLE planted_notes');
+    }
   });
 
   it('should catch an issued token or signing secret planted in a log line, and no fake', async () => {

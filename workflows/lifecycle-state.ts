@@ -550,6 +550,15 @@ function describeDelivery(d: DeliveryView): string {
 /** Failure type of the self-managing Updates' validators and refusals (non-retryable). */
 export const INVALID_LIFECYCLE_REQUEST = 'InvalidLifecycleRequest';
 export const TOKEN_NOT_ACTIVE = 'TokenNotActive';
+/** A run started by an earlier release (before PATCHES.selfManaging) cannot take the self-managing Updates. */
+export const RUN_PREDATES_REQUEST = 'RunPredatesRequest';
+
+/** The refusal of a self-managing Update by a run that predates it (a conflict with the token's run, not bad input). */
+export const runPredatesRequest = (kind: string): ApplicationFailure =>
+  ApplicationFailure.nonRetryable(
+    `${kind}: not supported by this run (started by an earlier release, before ${kind} existed)`,
+    RUN_PREDATES_REQUEST,
+  );
 
 const refuse = (message: string): never => {
   throw ApplicationFailure.nonRetryable(message, INVALID_LIFECYCLE_REQUEST);

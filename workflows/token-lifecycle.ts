@@ -33,6 +33,7 @@ import { summaryText } from '../common/text.js';
 import {
   AliveState,
   INVALID_LIFECYCLE_REQUEST,
+  runPredatesRequest,
   isOwnerWork,
   TOKEN_NOT_ACTIVE,
   parseSuspiciousReport,
@@ -858,7 +859,7 @@ class TokenLifecycle {
   }
 
   private async rotate(request: RotateRequest): Promise<RotateResult> {
-    if (!this.enterSelfManaging()) throw ApplicationFailure.nonRetryable('rotate: not supported by this run');
+    if (!this.enterSelfManaging()) throw runPredatesRequest('rotate');
     // The caller's rotation goes first: a periodic one waiting on the owner is cancelled (re-armed).
     if (this.offPath) this.periodicRotation?.cancel();
     return this.serialized(async () => {
@@ -918,7 +919,7 @@ class TokenLifecycle {
   }
 
   private async setSuspended(suspended: boolean, request: SuspendRequest): Promise<SuspendResult> {
-    if (!this.enterSelfManaging()) throw ApplicationFailure.nonRetryable('suspend: not supported by this run');
+    if (!this.enterSelfManaging()) throw runPredatesRequest('suspend');
     this.requireActive();
     // The Update's id makes a retried activity the same change, audited once.
     const requestId = currentUpdateInfo()?.id;
@@ -942,7 +943,7 @@ class TokenLifecycle {
   }
 
   private async scheduleRevoke(request: ScheduleRevokeRequest): Promise<ScheduleRevokeResult> {
-    if (!this.enterSelfManaging()) throw ApplicationFailure.nonRetryable('scheduleRevoke: not supported by this run');
+    if (!this.enterSelfManaging()) throw runPredatesRequest('scheduleRevoke');
     this.requireActive();
     const at = new Date(Date.parse(request.at)).toISOString();
     const actor = request.actor ?? 'operator';
@@ -994,7 +995,7 @@ class TokenLifecycle {
 
   private async cancelScheduledRevoke(request: OperatorRequest): Promise<ScheduleRevokeResult> {
     if (!this.enterSelfManaging()) {
-      throw ApplicationFailure.nonRetryable('cancelScheduledRevoke: not supported by this run');
+      throw runPredatesRequest('cancelScheduledRevoke');
     }
     this.requireActive();
     if (this.offPath) {
@@ -1010,7 +1011,7 @@ class TokenLifecycle {
   }
 
   private async changeExpiry(request: ChangeExpiryRequest): Promise<ChangeExpiryResult> {
-    if (!this.enterSelfManaging()) throw ApplicationFailure.nonRetryable('changeExpiry: not supported by this run');
+    if (!this.enterSelfManaging()) throw runPredatesRequest('changeExpiry');
     this.requireActive();
     const requestId = currentUpdateInfo()?.id ?? `${workflowInfo().runId}:${this.alive.changes}`;
     const change = () =>

@@ -4,7 +4,7 @@ import path from 'node:path';
 import type { Client } from '@temporalio/client';
 import type pg from 'pg';
 import { PACKAGE_ROOT } from '../../common/config.js';
-import { runLog } from './run-record.js';
+import { runOutput } from './run-record.js';
 import { waitUntil } from './wait.js';
 
 /** A `tokenwarden` process whose output is kept, to be killed or awaited. */
@@ -16,10 +16,10 @@ export function spawnCli(
   let output = '';
   child.stdout!.on('data', (c: Buffer) => (output += c.toString()));
   // stderr is the command's log; stdout carries issued tokens by design.
-  const log = runLog(`cli-${process.pid}`);
+  const log = runOutput('cli');
   child.stderr!.on('data', (c: Buffer) => {
     output += c.toString();
-    log(c.toString());
+    log(c);
   });
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
     child.once('exit', (code, signal) => resolve({ code, signal })),

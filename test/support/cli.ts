@@ -2,10 +2,7 @@
 import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { PACKAGE_ROOT } from '../../common/config.js';
-import { runLog } from './run-record.js';
-
-/** The commands' error output (stdout carries issued tokens by design, so only stderr is a log). */
-const cliLog = runLog(`cli-${process.pid}`);
+import { runOutput } from './run-record.js';
 
 export interface CliRun {
   args: string[];
@@ -17,12 +14,14 @@ export interface CliRun {
 export function runCli(args: string[], env: Record<string, string>, stdin = ''): Promise<CliRun> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'tokenwarden.js'), ...args], { env });
+    // The command's error output is its log (stdout carries issued tokens by design).
+    const cliLog = runOutput('cli');
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
     child.stderr.on('data', (c: Buffer) => {
       stderr += c.toString();
-      cliLog(c.toString());
+      cliLog(c);
     });
     child.on('error', reject);
     child.on('close', (code) => resolve({ args, code, stdout, stderr }));

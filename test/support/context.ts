@@ -166,8 +166,12 @@ export class TestContext {
     await this.client.connection.close();
     await this.nativeConnection.close();
     try {
-      // The run's closing secret scan matches what it finds against these; the schema goes next.
-      await recordStoreSecrets(this.sql, [this.settings.masterKey!, ...this.settings.previousMasterKeys]);
+      // The run's closing secret scan matches what it finds against these, and reports what this
+      // schema's rows held of them; the schema goes next.
+      await recordStoreSecrets(this.sql, `store schema ${this.settings.databaseSchema}`, {
+        master: [this.settings.masterKey!, ...this.settings.previousMasterKeys],
+        payload: this.settings.payloadKeys,
+      });
       if (!process.env.TOKENWARDEN_KEEP_TEST_SCHEMAS) {
         await this.sql.query(`DROP SCHEMA ${quoteIdent(this.settings.databaseSchema)} CASCADE`);
       }

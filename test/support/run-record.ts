@@ -10,6 +10,7 @@ import { appendFileSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import type pg from 'pg';
 import { MasterKeyring, signingKeyBytes } from '../../common/secrets.js';
+import { RunSecretScan } from './run-secret-scan.js';
 
 export const RUN_DIR = process.env.TOKENWARDEN_TEST_RUN_DIR;
 export const LOGS_DIR = RUN_DIR && path.join(RUN_DIR, 'logs');
@@ -30,6 +31,11 @@ export interface RunSecrets {
   keyHashes: string[];
   /** Receivers whose secret no recorded master key opens: not searched, said in the summary. */
   unreadableSigningSecrets: number;
+  /** Where a schema's own rows held one of its secrets, found before the schema was dropped (never the secret). */
+  storeHits: string[];
+  /** Tables and rows so searched. */
+  storeTables: number;
+  storeRows: number;
 }
 
 const emptySecrets = (): RunSecrets => ({
@@ -38,6 +44,9 @@ const emptySecrets = (): RunSecrets => ({
   signingKeyHashes: [],
   keyHashes: [],
   unreadableSigningSecrets: 0,
+  storeHits: [],
+  storeTables: 0,
+  storeRows: 0,
 });
 
 function record(entry: Partial<RunSecrets>): void {
@@ -84,10 +93,25 @@ export async function readStoreSecrets(
   return { tokenHashes: credentials.map((c) => c.hash), signingKeyHashes, unreadableSigningSecrets };
 }
 
-/** Records a schema's secrets (see readStoreSecrets); a no-op outside a recorded run. */
-export async function recordStoreSecrets(sql: pg.Pool, masterKeys: readonly Buffer[]): Promise<void> {
+/**
+ * Records a schema's secrets (see readStoreSecrets) and searches every row of its tables for them
+ * (and for the keys the context used), before a test drops it: the store keeps hashes and ciphertext
+ * only. A no-op outside a recorded run.
+ */
+export async function recordStoreSecrets(
+  sql: pg.Pool,
+  where: string,
+  keys: { master: readonly Buffer[]; payload: readonly Buffer[] },
+): Promise<void> {
   if (!SECRETS_DIR) return;
-  record(await readStoreSecrets(sql, masterKeys));
+  const secrets = await readStoreSecrets(sql, keys.master);
+  const scan = new RunSecretScan({
+    ...emptySecrets(),
+    ...secrets,
+    keyHashes: [...keys.master, ...keys.payload].map((k) => sha256Hex(k.toString('base64'))),
+  });
+  await scan.searchTables(sql, where);
+  record({ ...secrets, storeHits: scan.hits(), storeTables: scan.searched.tables, storeRows: scan.searched.rows });
 }
 
 /** Everything every process of the run recorded so far. */
@@ -110,8 +134,25 @@ export function mergeSecrets(into: RunSecrets, from: Partial<RunSecrets>): RunSe
   into.signingKeyHashes.push(...(from.signingKeyHashes ?? []));
   into.keyHashes.push(...(from.keyHashes ?? []));
   into.unreadableSigningSecrets += from.unreadableSigningSecrets ?? 0;
+  into.storeHits.push(...(from.storeHits ?? []));
+  into.storeTables += from.storeTables ?? 0;
+  into.storeRows += from.storeRows ?? 0;
   return into;
 }
+
+/**
+ * One child process's output kept verbatim in this run's logs, as `logs/<name>-<pid>-<n>.log` (a
+ * file per child: two children's chunks never interleave), chunk by chunk as it arrives, with no line
+ * break added (a chunk may end inside a line, and a token cut in two would escape the scan). A no-op
+ * outside a recorded run.
+ */
+export function runOutput(name: string): (chunk: Buffer | string) => void {
+  if (!LOGS_DIR) return () => {};
+  mkdirSync(LOGS_DIR, { recursive: true, mode: 0o700 });
+  const file = path.join(LOGS_DIR, `${name.replace(/[^\w.-]+/g, '-')}-${process.pid}-${++outputs}.log`);
+  return (chunk) => appendFileSync(file, chunk, { mode: 0o600 });
+}
+let outputs = 0;
 
 /**
  * A log file of this run for one process or server (`logs/<name>.log`): every line appended as it

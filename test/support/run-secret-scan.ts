@@ -9,6 +9,8 @@ import path from 'node:path';
 import type { ConnectionLike } from '@temporalio/client';
 import type { Payload } from '@temporalio/common';
 import proto from '@temporalio/proto';
+import type pg from 'pg';
+import { quoteIdent } from '../../common/db.js';
 import { ENCRYPTED_ENCODING, EncryptionCodec } from '../../common/payload-codec.js';
 import { isWellFormedToken } from '../../common/secrets.js';
 import { historyText } from './history.js';
@@ -18,6 +20,8 @@ const { NamespaceState } = proto.temporal.api.enums.v1;
 const TOKEN_SHAPE = /tw_[0-9A-Za-z]{43}_[0-9A-Za-z]{6}/g;
 /** Base64 of 32 bytes: a signing secret's key (also inside `whsec_…`), a master or payload key. */
 const KEY_SHAPE = /[0-9A-Za-z+/]{43}=/g;
+/** A bytea value as a row prints it (`\\x…`, its backslash doubled inside a row's text). */
+const BYTEA_HEX = /\\+x((?:[0-9a-f]{2})+)/g;
 /** Histories fetched at once: enough to hide the round trips, few enough for a shared 2-core machine. */
 const HISTORY_CONCURRENCY = 4;
 
@@ -41,6 +45,8 @@ export class RunSecretScan {
     unissuedTokens: 0,
     /** Encrypted payloads no recorded key opens (tests of foreign or broken ciphertext). */
     undecodedPayloads: 0,
+    tables: 0,
+    rows: 0,
   };
 
   constructor(private readonly secrets: RunSecrets) {
@@ -81,6 +87,25 @@ export class RunSecretScan {
       for (const hit of [...this.found].slice(before.hits)) this.found.delete(hit);
       this.searched.unissuedTokens = before.unissued;
       text.split('\n').forEach((line, i) => this.search(`${path.relative(dir, name)} line ${i + 1}`, line));
+    }
+  }
+
+  /**
+   * Every row of every table of the schema `sql` works in (its search_path), as PostgreSQL prints it,
+   * and every bytea value in it decoded (a secret stored as bytes prints as hex).
+   */
+  async searchTables(sql: pg.Pool | pg.Client, where: string): Promise<void> {
+    const { rows: tables } = await sql.query<{ name: string }>(
+      `SELECT table_name AS name FROM information_schema.tables
+        WHERE table_schema = current_schema() AND table_type = 'BASE TABLE' ORDER BY table_name`,
+    );
+    for (const { name } of tables) {
+      const { rows } = await sql.query<{ row: string }>(`SELECT t::text AS row FROM ${quoteIdent(name)} t`);
+      this.searched.tables++;
+      this.searched.rows += rows.length;
+      const text = rows.map((r) => r.row).join('\n');
+      const bytes = [...text.matchAll(BYTEA_HEX)].map(([, hex]) => Buffer.from(hex!, 'hex').toString('latin1'));
+      this.search(`${where}, table ${name}`, `${text}\n${bytes.join('\n')}`);
     }
   }
 
