@@ -47,10 +47,12 @@ export function updateRefusal(
   // The workflow's refusal names the token and its phase already.
   if (type === NOT_PROPAGATING) return new NotPropagatingError(tokenId, message);
   if (type === TOKEN_NOT_ACTIVE) return new TokenNotActiveError(tokenId, message);
+  // Defensive: a live run takes the self-managing patch when the first such Update arrives, so only
+  // a run whose history already decided against it can refuse (none is known to exist).
   if (type === RUN_PREDATES_REQUEST) {
     return new TokenStateConflictError(
       tokenId,
-      `token ${tokenId}: ${message}; it still expires and can be revoked as before (for this request, issue a new token and revoke this one)`,
+      `token ${tokenId}: its workflow run was started by an earlier release and cannot take a ${kind} request; it still expires and can be revoked`,
     );
   }
   if (!INPUT_REFUSALS.has(type)) return undefined;

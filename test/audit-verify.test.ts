@@ -21,6 +21,7 @@ import { runCli } from './support/cli.js';
 import { maybeRecordHistory } from './support/history.js';
 import { TestContext } from './support/context.js';
 import { insertTokenRow } from './support/tokens.js';
+import { recordStoreSecrets } from './support/run-record.js';
 
 let ctx: TestContext;
 const seed = randomBytes(32);
@@ -103,6 +104,7 @@ class TestStore {
 
   async drop(): Promise<void> {
     await this.pool.end();
+    await recordStoreSecrets(this.sql, this.schema, { master: [ctx.settings.masterKey!], payload: [] });
     await this.sql.query(`DROP SCHEMA ${quoteIdent(this.schema)} CASCADE`);
     await this.sql.end();
   }

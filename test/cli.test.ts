@@ -9,7 +9,7 @@ import path from 'node:path';
 import { Client, Connection } from '@temporalio/client';
 import proto from '@temporalio/proto';
 import { after, before, describe, it } from 'node:test';
-import { PACKAGE_ROOT } from '../common/config.js';
+import { masterKeyFile, PACKAGE_ROOT, payloadKeysFile } from '../common/config.js';
 import { newTokenId } from '../common/ids.js';
 import { tokenWorkflowId } from '../common/names.js';
 import { isWellFormedToken } from '../common/secrets.js';
@@ -21,7 +21,7 @@ import { TestReceiver } from './support/receiver.js';
 import { SecretScan } from './support/secret-scan.js';
 import { waitUntil } from './support/wait.js';
 import { WorkerProcess } from './support/worker-process.js';
-import { runOutput } from './support/run-record.js';
+import { recordKeys, recordStoreSecrets, runOutput } from './support/run-record.js';
 
 let ctx: TestContext;
 let worker: WorkerProcess;
@@ -432,7 +432,22 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
   after(async () => {
     // The worker before the stack: it is the stack's Temporal that the worker polls.
     for (const child of children.reverse()) await stop(child);
-    if (stackSchema) await ctx.sql.query(`DROP SCHEMA IF EXISTS ${stackSchema} CASCADE`);
+    if (stackSchema) {
+      // The stack's own keys, made in its data folder: searched for in the run's logs and its store.
+      const keys = async (file: string) =>
+        (await readFile(file, 'utf8').catch(() => ''))
+          .split(/[\s,]+/)
+          .filter(Boolean)
+          .map((k) => Buffer.from(k, 'base64'));
+      const master = await keys(masterKeyFile(dataDir));
+      const payload = await keys(payloadKeysFile(dataDir));
+      recordKeys(payload, master);
+      const made = await ctx.sql.query('SELECT 1 FROM information_schema.schemata WHERE schema_name = $1', [
+        stackSchema,
+      ]);
+      if (made.rowCount) await recordStoreSecrets(ctx.sql, stackSchema, { master, payload });
+      await ctx.sql.query(`DROP SCHEMA IF EXISTS ${stackSchema} CASCADE`);
+    }
     if (dataDir) await rm(dataDir, { recursive: true, force: true });
   });
 

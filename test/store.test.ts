@@ -9,6 +9,7 @@ import * as store from '../common/store/index.js';
 import { insertTokenRow } from './support/tokens.js';
 import { TestContext } from './support/context.js';
 import { waitUntil } from './support/wait.js';
+import { recordStoreSecrets } from './support/run-record.js';
 
 let ctx: TestContext;
 before(async () => {
@@ -256,6 +257,7 @@ describe('central store', () => {
       await pool.query(`UPDATE ${pool.tables.token} SET status = 'zombie' WHERE id = $1`, [t.id]);
       await assert.rejects(store.getToken(pool, t.id), /unexpected token row in the store: status/);
     } finally {
+      await recordStoreSecrets(pool, schema, { master: [ctx.settings.masterKey!], payload: [] });
       await pool.query(`DROP SCHEMA ${quoteIdent(schema)} CASCADE`);
       await pool.end();
     }

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Runtime } from '@temporalio/worker';
 import { quoteIdent } from '../common/db.js';
-import { generateSigningSecret, generateTokenString } from '../common/secrets.js';
+import { generateSigningSecret, generateTokenString, signingKeyBytes } from '../common/secrets.js';
 import { TestContext, type RunningWorker } from './support/context.js';
 import { TestReceiver } from './support/receiver.js';
 import { RunSecretScan } from './support/run-secret-scan.js';
@@ -20,6 +20,7 @@ import {
   mergeSecrets,
   readRunSecrets,
   readStoreSecrets,
+  recordMark,
   recordStoreSecrets,
   runLog,
   sha256Hex,
@@ -61,19 +62,25 @@ after(async () => {
 async function runSecrets(): Promise<RunSecrets> {
   const secrets = mergeSecrets(readRunSecrets(), {
     payloadKeys: ctx.settings.payloadKeys.map((k) => k.toString('base64')),
-    ...(await readStoreSecrets(ctx.sql, [ctx.settings.masterKey!])),
+    keyHashes: [...ctx.settings.payloadKeys, ctx.settings.masterKey!].map((k) => sha256Hex(k.toString('base64'))),
+    ...(await readStoreSecrets(ctx.sql, ctx.settings.databaseSchema, [ctx.settings.masterKey!])),
   });
   // Schemas a test kept (TOKENWARDEN_KEEP_TEST_SCHEMAS, or a file that failed before closing): their tokens too.
-  const { rows: schemas } = await ctx.sql.query<{ schema: string }>(
-    `SELECT table_schema AS schema FROM information_schema.tables WHERE table_name = 'credential'`,
-  );
-  for (const { schema } of schemas) {
+  for (const schema of await storeSchemas()) {
     const { rows } = await ctx.sql.query<{ hash: string }>(
       `SELECT encode(secret_hash, 'hex') AS hash FROM ${quoteIdent(schema)}.credential`,
     );
     secrets.tokenHashes.push(...rows.map((r) => r.hash));
   }
   return secrets;
+}
+
+/** Every store schema in the database now: this file's, and any a test kept. */
+async function storeSchemas(): Promise<string[]> {
+  const { rows } = await ctx.sql.query<{ schema: string }>(
+    `SELECT table_schema AS schema FROM information_schema.tables WHERE table_name = 'credential' ORDER BY 1`,
+  );
+  return rows.map((r) => r.schema);
 }
 
 describe('secret hygiene of the whole run', () => {
@@ -84,8 +91,16 @@ describe('secret hygiene of the whole run', () => {
     const started = Date.now();
     await scan.searchHistories(ctx.client.connection);
     if (LOGS_DIR) scan.searchLogs(LOGS_DIR);
-    // This file's store; every other file's store was searched as it closed (test/support/context.ts).
-    await scan.searchTables(ctx.sql, "this file's store");
+    // Every store still here (this file's, any a test kept); the others were searched as their test
+    // contexts closed (test/support/context.ts), and every store a context made must be one or the other.
+    const present = await storeSchemas();
+    for (const schema of present) await scan.searchTables(ctx.sql, schema, `store schema ${schema}`);
+    const searched = new Set([...secrets.storesSearched, ...present]);
+    assert.deepEqual(
+      secrets.storesMade.filter((schema) => !searched.has(schema)),
+      [],
+      'stores dropped without a search',
+    );
     t.diagnostic(`${scan.summary()} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
     t.diagnostic(
       `stores searched as their files closed: ${secrets.storeRows} rows of ${secrets.storeTables} tables, ${secrets.storeHits.length} hit(s)`,
@@ -101,7 +116,10 @@ describe('secret hygiene of the whole run', () => {
       `log files: ${[...groups].map(([name, g]) => `${name} (${g.files} file(s), ${g.bytes} bytes)`).join(', ')}`,
     );
     assert.ok(scan.searched.histories >= 2, 'the histories of this file at least were searched');
-    assert.ok(scan.searched.tables >= 10 && scan.searched.rows > 0, "this file's store was searched");
+    assert.ok(
+      present.includes(ctx.settings.databaseSchema) && scan.searched.rows > 0,
+      "this file's store was searched",
+    );
     if (LOGS_DIR) {
       // The runner's copy of the test output must exist and hold something, or the scan read nothing.
       assert.ok((scan.logFiles.get('test-output.log') ?? 0) > 0, 'the test output was kept and searched');
@@ -111,32 +129,48 @@ describe('secret hygiene of the whole run', () => {
   });
 
   it('should catch an issued token or signing secret planted in a table of the store, as text or as bytes', async (t) => {
-    await ctx.sql.query('CREATE TABLE planted_notes (note text, raw bytea)');
+    await ctx.sql.query('CREATE TABLE planted_notes (note text, raw bytea); CREATE TABLE planted_keys (raw bytea)');
     try {
-      // The token as bytes (a bytea prints as hex), the signing secret as text.
+      // The token as bytes (a bytea prints as hex), the signing secret as text; keys as raw bytes, not
+      // at the start of their value.
       await ctx.sql.query('INSERT INTO planted_notes VALUES (NULL, $1), ($2, NULL)', [
         Buffer.from(`bearer ${issuedTokens[1]}`),
         `secret was ${signingSecret}`,
       ]);
+      await ctx.sql.query('INSERT INTO planted_keys VALUES ($1), ($2)', [
+        Buffer.concat([Buffer.from('key:'), signingKeyBytes(signingSecret)]),
+        Buffer.concat([Buffer.from([0, 1, 2]), ctx.settings.payloadKeys[0]!]),
+      ]);
       const scan = new RunSecretScan(await runSecrets());
-      await scan.searchTables(ctx.sql, 'the planted store');
+      await scan.searchTables(ctx.sql, ctx.settings.databaseSchema, 'the planted store');
       assert.deepEqual(scan.hits().sort(), [
+        'a master or payload key in the planted store, table planted_keys',
+        'an issued signing secret in the planted store, table planted_keys',
         'an issued signing secret in the planted store, table planted_notes',
         'an issued token in the planted store, table planted_notes',
       ]);
       if (!LOGS_DIR) return t.skip('the record kept when a store closes: not a recorded run (start it with npm test)');
-      // What a closing test context does before it drops its schema: the hits reach the run's record.
-      const before = readRunSecrets().storeHits.length;
-      await recordStoreSecrets(ctx.sql, 'the planted store', {
-        master: [ctx.settings.masterKey!],
-        payload: ctx.settings.payloadKeys,
-      });
-      assert.deepEqual(readRunSecrets().storeHits.slice(before).sort(), [
-        'an issued signing secret in the planted store, table planted_notes',
-        'an issued token in the planted store, table planted_notes',
-      ]);
+      // What a closing test context does before it drops its schema: the hits reach the run's record
+      // (taken back afterwards: they are this test's own).
+      const undo = recordMark();
+      try {
+        const before = readRunSecrets().storeHits.length;
+        await recordStoreSecrets(ctx.sql, ctx.settings.databaseSchema, {
+          master: [ctx.settings.masterKey!],
+          payload: ctx.settings.payloadKeys,
+        });
+        const where = (table: string) => `store schema ${ctx.settings.databaseSchema}, table ${table}`;
+        assert.deepEqual(readRunSecrets().storeHits.slice(before).sort(), [
+          `a master or payload key in ${where('planted_keys')}`,
+          `an issued signing secret in ${where('planted_keys')}`,
+          `an issued signing secret in ${where('planted_notes')}`,
+          `an issued token in ${where('planted_notes')}`,
+        ]);
+      } finally {
+        undo();
+      }
     } finally {
-      await ctx.sql.query('DROP TABLE planted_notes');
+      await ctx.sql.query('DROP TABLE planted_notes, planted_keys');
     }
   });
 

@@ -14,7 +14,7 @@ import { TokenWarden } from '../../client/index.js';
 import { createTokenWorker, type TokenWorkerOptions } from '../../worker/worker.js';
 import { clientDataConverter } from '../../common/data-converter.js';
 import { RECORDING_PAYLOAD_KEY } from './history.js';
-import { LOGS_DIR, recordKeys, recordStoreSecrets, runLog } from './run-record.js';
+import { LOGS_DIR, recordKeys, recordStoreMade, recordStoreSecrets, runLog } from './run-record.js';
 
 function required(name: string): string {
   const value = process.env[name];
@@ -63,6 +63,7 @@ export class TestContext {
     const namespace = services.namespace ?? required('TOKENWARDEN_TEST_NAMESPACE');
     const schema = `test_${label}_${randomBytes(4).toString('hex')}`;
     await migrate(databaseUrl, schema);
+    recordStoreMade(schema);
     const settings: Settings = {
       temporal: { connectionOptions: { address }, namespace, taskQueue: `tq-${schema}` },
       databaseUrl,
@@ -161,25 +162,28 @@ export class TestContext {
   }
 
   async close(): Promise<void> {
-    for (const w of [...this.workers]) await w.stop();
-    await this.warden.close();
-    await this.client.connection.close();
-    await this.nativeConnection.close();
     try {
-      // The run's closing secret scan matches what it finds against these, and reports what this
-      // schema's rows held of them; the schema goes next.
-      await recordStoreSecrets(this.sql, `store schema ${this.settings.databaseSchema}`, {
-        master: [this.settings.masterKey!, ...this.settings.previousMasterKeys],
-        payload: this.settings.payloadKeys,
-      });
-      if (!process.env.TOKENWARDEN_KEEP_TEST_SCHEMAS) {
-        await this.sql.query(`DROP SCHEMA ${quoteIdent(this.settings.databaseSchema)} CASCADE`);
-      }
+      for (const w of [...this.workers]) await w.stop();
+      await this.warden.close();
+      await this.client.connection.close();
+      await this.nativeConnection.close();
     } finally {
-      // Even when the database is gone (a fault test failed while it was down): open pools would
-      // keep the test process alive.
-      await this.sql.end();
-      await this.pool.end();
+      try {
+        // The run's closing secret scan matches what it finds against these, and reports what this
+        // schema's rows held (recordStoreSecrets never throws); the schema goes next.
+        await recordStoreSecrets(this.sql, this.settings.databaseSchema, {
+          master: [this.settings.masterKey!, ...this.settings.previousMasterKeys],
+          payload: this.settings.payloadKeys,
+        });
+        if (!process.env.TOKENWARDEN_KEEP_TEST_SCHEMAS) {
+          await this.sql.query(`DROP SCHEMA ${quoteIdent(this.settings.databaseSchema)} CASCADE`);
+        }
+      } finally {
+        // Even when the database is gone (a fault test failed while it was down), or a worker failed
+        // to stop: open pools would keep the test process alive.
+        await this.sql.end();
+        await this.pool.end();
+      }
     }
   }
 }

@@ -6,9 +6,10 @@
  * Without that variable (a test started by hand) nothing is kept.
  */
 import { createHash } from 'node:crypto';
-import { appendFileSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, truncateSync } from 'node:fs';
 import path from 'node:path';
 import type pg from 'pg';
+import { quoteIdent } from '../../common/db.js';
 import { MasterKeyring, signingKeyBytes } from '../../common/secrets.js';
 import { RunSecretScan } from './run-secret-scan.js';
 
@@ -36,6 +37,9 @@ export interface RunSecrets {
   /** Tables and rows so searched. */
   storeTables: number;
   storeRows: number;
+  /** Schemas test contexts made, and schemas searched before they were dropped. */
+  storesMade: string[];
+  storesSearched: string[];
 }
 
 const emptySecrets = (): RunSecrets => ({
@@ -47,6 +51,8 @@ const emptySecrets = (): RunSecrets => ({
   storeHits: [],
   storeTables: 0,
   storeRows: 0,
+  storesMade: [],
+  storesSearched: [],
 });
 
 function record(entry: Partial<RunSecrets>): void {
@@ -63,19 +69,25 @@ export function recordKeys(payloadKeys: readonly Buffer[], masterKeys: readonly 
   });
 }
 
+/** A context's new store schema, recorded so the closing scan can tell one dropped without a search. */
+export function recordStoreMade(schema: string): void {
+  record({ storesMade: [schema] });
+}
+
 /**
- * The tokens and signing secrets of one store schema (read through `sql`, whose search_path is the
- * schema), before a test drops it. Receivers' secrets are opened with the given master keys.
+ * The tokens and signing secrets of one store schema, before a test drops it. Receivers' secrets are
+ * opened with the given master keys (those none opens are counted).
  */
 export async function readStoreSecrets(
   sql: pg.Pool | pg.Client,
+  schema: string,
   masterKeys: readonly Buffer[],
 ): Promise<Pick<RunSecrets, 'tokenHashes' | 'signingKeyHashes' | 'unreadableSigningSecrets'>> {
   const { rows: credentials } = await sql.query<{ hash: string }>(
-    `SELECT encode(secret_hash, 'hex') AS hash FROM credential`,
+    `SELECT encode(secret_hash, 'hex') AS hash FROM ${quoteIdent(schema)}.credential`,
   );
   const { rows: receivers } = await sql.query<{ id: string; ciphertext: Buffer; key_id: string }>(
-    `SELECT id, secret_ciphertext AS ciphertext, secret_key_id AS key_id FROM receiver`,
+    `SELECT id, secret_ciphertext AS ciphertext, secret_key_id AS key_id FROM ${quoteIdent(schema)}.receiver`,
   );
   const keyring = new MasterKeyring(masterKeys[0], masterKeys.slice(1));
   const signingKeyHashes: string[] = [];
@@ -94,24 +106,47 @@ export async function readStoreSecrets(
 }
 
 /**
- * Records a schema's secrets (see readStoreSecrets) and searches every row of its tables for them
- * (and for the keys the context used), before a test drops it: the store keeps hashes and ciphertext
- * only. A no-op outside a recorded run.
+ * Before a test drops a store schema: records its secrets (see readStoreSecrets) and searches every
+ * row of its tables for them and for every secret the run recorded so far (the store keeps hashes
+ * and ciphertext only). A schema that cannot be searched is recorded as a hit, so the run's closing
+ * scan fails rather than trusting a store nobody read. A no-op outside a recorded run.
  */
 export async function recordStoreSecrets(
-  sql: pg.Pool,
-  where: string,
+  sql: pg.Pool | pg.Client,
+  schema: string,
   keys: { master: readonly Buffer[]; payload: readonly Buffer[] },
 ): Promise<void> {
   if (!SECRETS_DIR) return;
-  const secrets = await readStoreSecrets(sql, keys.master);
-  const scan = new RunSecretScan({
-    ...emptySecrets(),
-    ...secrets,
-    keyHashes: [...keys.master, ...keys.payload].map((k) => sha256Hex(k.toString('base64'))),
-  });
-  await scan.searchTables(sql, where);
-  record({ ...secrets, storeHits: scan.hits(), storeTables: scan.searched.tables, storeRows: scan.searched.rows });
+  const where = `store schema ${schema}`;
+  try {
+    const secrets = await readStoreSecrets(sql, schema, keys.master);
+    const scan = new RunSecretScan(
+      mergeSecrets(readRunSecrets(), {
+        ...secrets,
+        keyHashes: [...keys.master, ...keys.payload].map((k) => sha256Hex(k.toString('base64'))),
+      }),
+    );
+    await scan.searchTables(sql, schema, where);
+    record({
+      ...secrets,
+      storeHits: scan.hits(),
+      storeTables: scan.searched.tables,
+      storeRows: scan.searched.rows,
+      storesSearched: [schema],
+    });
+  } catch (err) {
+    record({ storeHits: [`${where} could not be searched (${(err as Error).message})`], storesSearched: [schema] });
+  }
+}
+
+/** Takes back what this process records after the call, when the returned function is called (a test's planted records). */
+export function recordMark(): () => void {
+  if (!SECRETS_DIR) return () => {};
+  const file = path.join(SECRETS_DIR, `${process.pid}.jsonl`);
+  const size = existsSync(file) ? statSync(file).size : 0;
+  return () => {
+    if (existsSync(file)) truncateSync(file, size);
+  };
 }
 
 /** Everything every process of the run recorded so far. */
@@ -137,6 +172,8 @@ export function mergeSecrets(into: RunSecrets, from: Partial<RunSecrets>): RunSe
   into.storeHits.push(...(from.storeHits ?? []));
   into.storeTables += from.storeTables ?? 0;
   into.storeRows += from.storeRows ?? 0;
+  into.storesMade.push(...(from.storesMade ?? []));
+  into.storesSearched.push(...(from.storesSearched ?? []));
   return into;
 }
 
@@ -150,7 +187,17 @@ export function runOutput(name: string): (chunk: Buffer | string) => void {
   if (!LOGS_DIR) return () => {};
   mkdirSync(LOGS_DIR, { recursive: true, mode: 0o700 });
   const file = path.join(LOGS_DIR, `${name.replace(/[^\w.-]+/g, '-')}-${process.pid}-${++outputs}.log`);
-  return (chunk) => appendFileSync(file, chunk, { mode: 0o600 });
+  let lost = false;
+  return (chunk) => {
+    if (lost || chunk.length === 0) return;
+    try {
+      appendFileSync(file, chunk, { mode: 0o600 });
+    } catch (err) {
+      // Never thrown into a stream handler; said once on the test's own output, which the runner keeps.
+      lost = true;
+      process.stderr.write(`run-record: output not kept in ${file} (${(err as Error).message})\n`);
+    }
+  };
 }
 let outputs = 0;
 

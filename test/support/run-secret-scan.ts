@@ -19,7 +19,8 @@ import { sha256Hex, type RunSecrets } from './run-record.js';
 const { NamespaceState } = proto.temporal.api.enums.v1;
 const TOKEN_SHAPE = /tw_[0-9A-Za-z]{43}_[0-9A-Za-z]{6}/g;
 /** Base64 of 32 bytes: a signing secret's key (also inside `whsec_…`), a master or payload key. */
-const KEY_SHAPE = /[0-9A-Za-z+/]{43}=/g;
+const KEY_SHAPE = /([0-9A-Za-z+/]{43}=)/g;
+const KEY_SHAPE_ANYWHERE = /(?=([0-9A-Za-z+/]{43}=))/g;
 /** A bytea value as a row prints it (`\\x…`, its backslash doubled inside a row's text). */
 const BYTEA_HEX = /\\+x((?:[0-9a-f]{2})+)/g;
 /** Histories fetched at once: enough to hide the round trips, few enough for a shared 2-core machine. */
@@ -57,18 +58,27 @@ export class RunSecretScan {
     this.codec = payloadKeys.length ? new EncryptionCodec(payloadKeys) : undefined;
   }
 
-  /** Records a hit for each issued secret in `text`; `where` names the place, never the secret. */
-  search(where: string, text: string): void {
+  /**
+   * Records a hit for each issued secret in `text`; `where` names the place, never the secret.
+   * `overlapping` also tries keys that start inside a longer run of base64 characters (for bytes
+   * that are not text; too slow for whole histories).
+   */
+  search(where: string, text: string, opts: { overlapping?: boolean } = {}): void {
     for (const [match] of text.matchAll(TOKEN_SHAPE)) {
       if (!isWellFormedToken(match)) continue;
       if (this.tokenHashes.has(sha256Hex(match))) this.found.add(`an issued token in ${where}`);
       else this.searched.unissuedTokens++;
     }
-    for (const [match] of text.matchAll(KEY_SHAPE)) {
-      const hash = sha256Hex(match);
-      if (this.signingKeyHashes.has(hash)) this.found.add(`an issued signing secret in ${where}`);
-      else if (this.keyHashes.has(hash)) this.found.add(`a master or payload key in ${where}`);
+    for (const [, match] of text.matchAll(opts.overlapping ? KEY_SHAPE_ANYWHERE : KEY_SHAPE)) {
+      this.matchKey(where, match!);
     }
+  }
+
+  /** A hit when `base64` is an issued signing key or a master or payload key of the run. */
+  private matchKey(where: string, base64: string): void {
+    const hash = sha256Hex(base64);
+    if (this.signingKeyHashes.has(hash)) this.found.add(`an issued signing secret in ${where}`);
+    else if (this.keyHashes.has(hash)) this.found.add(`a master or payload key in ${where}`);
   }
 
   /** Every line of every file under `dir` (the run's logs), line numbers in the hits. */
@@ -91,21 +101,32 @@ export class RunSecretScan {
   }
 
   /**
-   * Every row of every table of the schema `sql` works in (its search_path), as PostgreSQL prints it,
-   * and every bytea value in it decoded (a secret stored as bytes prints as hex).
+   * Every row of every table of `schema`, as PostgreSQL prints it, and every bytea value in it
+   * decoded: searched as text (a secret stored as bytes), and every 32-byte window of it as a key
+   * (a signing, master or payload key stored raw).
    */
-  async searchTables(sql: pg.Pool | pg.Client, where: string): Promise<void> {
+  async searchTables(sql: pg.Pool | pg.Client, schema: string, where: string): Promise<void> {
     const { rows: tables } = await sql.query<{ name: string }>(
       `SELECT table_name AS name FROM information_schema.tables
-        WHERE table_schema = current_schema() AND table_type = 'BASE TABLE' ORDER BY table_name`,
+        WHERE table_schema = $1 AND table_type = 'BASE TABLE' ORDER BY table_name`,
+      [schema],
     );
     for (const { name } of tables) {
-      const { rows } = await sql.query<{ row: string }>(`SELECT t::text AS row FROM ${quoteIdent(name)} t`);
+      const { rows } = await sql.query<{ row: string }>(
+        `SELECT t::text AS row FROM ${quoteIdent(schema)}.${quoteIdent(name)} t`,
+      );
       this.searched.tables++;
       this.searched.rows += rows.length;
+      const at = `${where}, table ${name}`;
       const text = rows.map((r) => r.row).join('\n');
-      const bytes = [...text.matchAll(BYTEA_HEX)].map(([, hex]) => Buffer.from(hex!, 'hex').toString('latin1'));
-      this.search(`${where}, table ${name}`, `${text}\n${bytes.join('\n')}`);
+      this.search(at, text);
+      for (const [, hex] of text.matchAll(BYTEA_HEX)) {
+        const bytes = Buffer.from(hex!, 'hex');
+        this.search(at, bytes.toString('latin1'), { overlapping: true });
+        for (let i = 0; i + 32 <= bytes.length; i++) {
+          this.matchKey(at, bytes.subarray(i, i + 32).toString('base64'));
+        }
+      }
     }
   }
 
