@@ -52,7 +52,7 @@ export function updateRefusal(
   if (type === RUN_PREDATES_REQUEST) {
     return new TokenStateConflictError(
       tokenId,
-      `token ${tokenId}: its workflow run was started by an earlier release and cannot take a ${kind} request; it still expires and can be revoked`,
+      `token ${tokenId}: its workflow run was started by an earlier release and cannot take this request (${kind}); it still expires and can be revoked`,
     );
   }
   if (!INPUT_REFUSALS.has(type)) return undefined;

@@ -21,7 +21,7 @@ import { runCli } from './support/cli.js';
 import { maybeRecordHistory } from './support/history.js';
 import { TestContext } from './support/context.js';
 import { insertTokenRow } from './support/tokens.js';
-import { recordStoreSecrets } from './support/run-record.js';
+import { recordStoreMade, recordStoreSecrets } from './support/run-record.js';
 
 let ctx: TestContext;
 const seed = randomBytes(32);
@@ -49,6 +49,7 @@ class TestStore {
   static async create(): Promise<TestStore> {
     const schema = `test_auditv_${randomBytes(4).toString('hex')}`;
     await migrate(ctx.settings.databaseUrl, schema);
+    recordStoreMade(schema);
     const pool = createPool(ctx.settings.databaseUrl, schema, 3);
     const sql = new pg.Pool({
       connectionString: ctx.settings.databaseUrl,
@@ -104,8 +105,9 @@ class TestStore {
 
   async drop(): Promise<void> {
     await this.pool.end();
-    await recordStoreSecrets(this.sql, this.schema, { master: [ctx.settings.masterKey!], payload: [] });
-    await this.sql.query(`DROP SCHEMA ${quoteIdent(this.schema)} CASCADE`);
+    if (await recordStoreSecrets(this.sql, this.schema, { master: [ctx.settings.masterKey!], payload: [] })) {
+      await this.sql.query(`DROP SCHEMA ${quoteIdent(this.schema)} CASCADE`);
+    }
     await this.sql.end();
   }
 }

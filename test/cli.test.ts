@@ -21,7 +21,7 @@ import { TestReceiver } from './support/receiver.js';
 import { SecretScan } from './support/secret-scan.js';
 import { waitUntil } from './support/wait.js';
 import { WorkerProcess } from './support/worker-process.js';
-import { recordKeys, recordStoreSecrets, runOutput } from './support/run-record.js';
+import { recordKeys, recordStoreMade, recordStoreSecrets, runOutput } from './support/run-record.js';
 
 let ctx: TestContext;
 let worker: WorkerProcess;
@@ -442,11 +442,14 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
       const master = await keys(masterKeyFile(dataDir));
       const payload = await keys(payloadKeysFile(dataDir));
       recordKeys(payload, master);
-      const made = await ctx.sql.query('SELECT 1 FROM information_schema.schemata WHERE schema_name = $1', [
-        stackSchema,
-      ]);
-      if (made.rowCount) await recordStoreSecrets(ctx.sql, stackSchema, { master, payload });
-      await ctx.sql.query(`DROP SCHEMA IF EXISTS ${stackSchema} CASCADE`);
+      // A store the stack made (its credential table is there): searched, and dropped only then.
+      const made = await ctx.sql.query(
+        `SELECT 1 FROM information_schema.tables WHERE table_schema = $1 AND table_name = 'credential'`,
+        [stackSchema],
+      );
+      if (!made.rowCount || (await recordStoreSecrets(ctx.sql, stackSchema, { master, payload }))) {
+        await ctx.sql.query(`DROP SCHEMA IF EXISTS ${stackSchema} CASCADE`);
+      }
     }
     if (dataDir) await rm(dataDir, { recursive: true, force: true });
   });
@@ -454,6 +457,7 @@ describe('tokenwarden CLI: a dev stack without its worker, and its settings as e
   it('should run separate worker processes with what `tokenwarden env` prints', async () => {
     dataDir = await mkdtemp(path.join(os.tmpdir(), 'tokenwarden-stack-'));
     stackSchema = `test_stack_${randomBytes(4).toString('hex')}`;
+    recordStoreMade(stackSchema);
     const taskQueue = `tq-${stackSchema}`;
     const base = {
       PATH: process.env.PATH ?? '',

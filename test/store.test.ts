@@ -9,7 +9,7 @@ import * as store from '../common/store/index.js';
 import { insertTokenRow } from './support/tokens.js';
 import { TestContext } from './support/context.js';
 import { waitUntil } from './support/wait.js';
-import { recordStoreSecrets } from './support/run-record.js';
+import { recordStoreMade, recordStoreSecrets } from './support/run-record.js';
 
 let ctx: TestContext;
 before(async () => {
@@ -248,6 +248,7 @@ describe('central store', () => {
     // test keeps the status/revoked_at invariant.
     const schema = `${ctx.settings.databaseSchema}_unchecked`;
     await migrate(ctx.settings.databaseUrl, schema);
+    recordStoreMade(schema);
     const pool = createPool(ctx.settings.databaseUrl, schema, 1);
     try {
       const t = await newToken({ receivers: [] }, pool);
@@ -257,8 +258,9 @@ describe('central store', () => {
       await pool.query(`UPDATE ${pool.tables.token} SET status = 'zombie' WHERE id = $1`, [t.id]);
       await assert.rejects(store.getToken(pool, t.id), /unexpected token row in the store: status/);
     } finally {
-      await recordStoreSecrets(pool, schema, { master: [ctx.settings.masterKey!], payload: [] });
-      await pool.query(`DROP SCHEMA ${quoteIdent(schema)} CASCADE`);
+      if (await recordStoreSecrets(pool, schema, { master: [ctx.settings.masterKey!], payload: [] })) {
+        await pool.query(`DROP SCHEMA ${quoteIdent(schema)} CASCADE`);
+      }
       await pool.end();
     }
   });

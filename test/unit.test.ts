@@ -714,7 +714,7 @@ describe('workflow refusals of Updates, by failure type', () => {
     assert.equal(tooOld.tokenId, 'tok_1');
     assert.equal(
       tooOld.message,
-      'token tok_1: its workflow run was started by an earlier release and cannot take a retry request; it still expires and can be revoked',
+      'token tok_1: its workflow run was started by an earlier release and cannot take this request (retry); it still expires and can be revoked',
     );
   });
 

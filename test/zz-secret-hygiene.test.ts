@@ -18,6 +18,7 @@ import { RunSecretScan } from './support/run-secret-scan.js';
 import {
   LOGS_DIR,
   mergeSecrets,
+  RUN_DIR,
   readRunSecrets,
   readStoreSecrets,
   recordMark,
@@ -96,6 +97,7 @@ describe('secret hygiene of the whole run', () => {
     const present = await storeSchemas();
     for (const schema of present) await scan.searchTables(ctx.sql, schema, `store schema ${schema}`);
     const searched = new Set([...secrets.storesSearched, ...present]);
+    if (RUN_DIR) assert.ok(secrets.storesMade.includes(ctx.settings.databaseSchema), 'the stores made are recorded');
     assert.deepEqual(
       secrets.storesMade.filter((schema) => !searched.has(schema)),
       [],

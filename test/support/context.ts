@@ -161,30 +161,39 @@ export class TestContext {
     };
   }
 
+  /**
+   * Stops everything the context started, then searches its store for leaked secrets and drops it
+   * (kept when it could not be searched: the run's closing scan searches it). Every step runs even
+   * when an earlier one failed; the failures are thrown together at the end.
+   */
   async close(): Promise<void> {
-    try {
-      for (const w of [...this.workers]) await w.stop();
-      await this.warden.close();
-      await this.client.connection.close();
-      await this.nativeConnection.close();
-    } finally {
+    const errors: unknown[] = [];
+    const step = async (fn: () => Promise<unknown>) => {
       try {
-        // The run's closing secret scan matches what it finds against these, and reports what this
-        // schema's rows held (recordStoreSecrets never throws); the schema goes next.
-        await recordStoreSecrets(this.sql, this.settings.databaseSchema, {
-          master: [this.settings.masterKey!, ...this.settings.previousMasterKeys],
-          payload: this.settings.payloadKeys,
-        });
-        if (!process.env.TOKENWARDEN_KEEP_TEST_SCHEMAS) {
-          await this.sql.query(`DROP SCHEMA ${quoteIdent(this.settings.databaseSchema)} CASCADE`);
-        }
-      } finally {
-        // Even when the database is gone (a fault test failed while it was down), or a worker failed
-        // to stop: open pools would keep the test process alive.
-        await this.sql.end();
-        await this.pool.end();
+        await fn();
+      } catch (err) {
+        errors.push(err);
       }
-    }
+    };
+    for (const w of [...this.workers]) await step(() => w.stop());
+    await step(() => this.warden.close());
+    await step(() => this.client.connection.close());
+    await step(() => this.nativeConnection.close());
+    await step(async () => {
+      const searched = await recordStoreSecrets(this.sql, this.settings.databaseSchema, {
+        master: [this.settings.masterKey!, ...this.settings.previousMasterKeys],
+        payload: this.settings.payloadKeys,
+      });
+      if (searched && !process.env.TOKENWARDEN_KEEP_TEST_SCHEMAS) {
+        await this.sql.query(`DROP SCHEMA ${quoteIdent(this.settings.databaseSchema)} CASCADE`);
+      }
+    });
+    // Even when the database is gone (a fault test failed while it was down), or a worker failed to
+    // stop: open pools would keep the test process alive.
+    await step(() => this.sql.end());
+    await step(() => this.pool.end());
+    if (errors.length === 1) throw errors[0];
+    if (errors.length > 1) throw new AggregateError(errors, `closing the test context: ${errors.length} failures`);
   }
 }
 

@@ -108,35 +108,39 @@ export async function readStoreSecrets(
 /**
  * Before a test drops a store schema: records its secrets (see readStoreSecrets) and searches every
  * row of its tables for them and for every secret the run recorded so far (the store keeps hashes
- * and ciphertext only). A schema that cannot be searched is recorded as a hit, so the run's closing
- * scan fails rather than trusting a store nobody read. A no-op outside a recorded run.
+ * and ciphertext only). Returns whether the schema was searched: when it could not be (the database
+ * is down), nothing is recorded and the caller must keep the schema, for the run's closing scan to
+ * search (or, gone with its database, to report as dropped unsearched). True outside a recorded run.
  */
 export async function recordStoreSecrets(
   sql: pg.Pool | pg.Client,
   schema: string,
   keys: { master: readonly Buffer[]; payload: readonly Buffer[] },
-): Promise<void> {
-  if (!SECRETS_DIR) return;
-  const where = `store schema ${schema}`;
+): Promise<boolean> {
+  if (!SECRETS_DIR) return true;
+  let secrets: Awaited<ReturnType<typeof readStoreSecrets>>;
+  let scan: RunSecretScan;
   try {
-    const secrets = await readStoreSecrets(sql, schema, keys.master);
-    const scan = new RunSecretScan(
+    secrets = await readStoreSecrets(sql, schema, keys.master);
+    scan = new RunSecretScan(
       mergeSecrets(readRunSecrets(), {
         ...secrets,
         keyHashes: [...keys.master, ...keys.payload].map((k) => sha256Hex(k.toString('base64'))),
       }),
     );
-    await scan.searchTables(sql, schema, where);
-    record({
-      ...secrets,
-      storeHits: scan.hits(),
-      storeTables: scan.searched.tables,
-      storeRows: scan.searched.rows,
-      storesSearched: [schema],
-    });
+    await scan.searchTables(sql, schema, `store schema ${schema}`);
   } catch (err) {
-    record({ storeHits: [`${where} could not be searched (${(err as Error).message})`], storesSearched: [schema] });
+    process.stderr.write(`run-record: store schema ${schema} not searched, so kept (${(err as Error).message})\n`);
+    return false;
   }
+  record({
+    ...secrets,
+    storeHits: scan.hits(),
+    storeTables: scan.searched.tables,
+    storeRows: scan.searched.rows,
+    storesSearched: [schema],
+  });
+  return true;
 }
 
 /** Takes back what this process records after the call, when the returned function is called (a test's planted records). */
@@ -185,19 +189,8 @@ export function mergeSecrets(into: RunSecrets, from: Partial<RunSecrets>): RunSe
  */
 export function runOutput(name: string): (chunk: Buffer | string) => void {
   if (!LOGS_DIR) return () => {};
-  mkdirSync(LOGS_DIR, { recursive: true, mode: 0o700 });
   const file = path.join(LOGS_DIR, `${name.replace(/[^\w.-]+/g, '-')}-${process.pid}-${++outputs}.log`);
-  let lost = false;
-  return (chunk) => {
-    if (lost || chunk.length === 0) return;
-    try {
-      appendFileSync(file, chunk, { mode: 0o600 });
-    } catch (err) {
-      // Never thrown into a stream handler; said once on the test's own output, which the runner keeps.
-      lost = true;
-      process.stderr.write(`run-record: output not kept in ${file} (${(err as Error).message})\n`);
-    }
-  };
+  return appender(file, (chunk) => chunk);
 }
 let outputs = 0;
 
@@ -207,7 +200,24 @@ let outputs = 0;
  */
 export function runLog(name: string): (text: string) => void {
   if (!LOGS_DIR) return () => {};
-  mkdirSync(LOGS_DIR, { recursive: true, mode: 0o700 });
   const file = path.join(LOGS_DIR, `${name.replace(/[^\w.-]+/g, '-')}.log`);
-  return (text) => appendFileSync(file, text.endsWith('\n') ? text : `${text}\n`, { mode: 0o600 });
+  return appender(file, (text: string) => (text.endsWith('\n') ? text : `${text}\n`));
+}
+
+/**
+ * Appends to a run log, synchronously; never throws (it is called from stream handlers and loggers):
+ * a write that fails is said once on the test's own error output, which the runner keeps.
+ */
+function appender<T extends Buffer | string>(file: string, form: (chunk: T) => Buffer | string): (chunk: T) => void {
+  let lost = false;
+  return (chunk) => {
+    if (lost || chunk.length === 0) return;
+    try {
+      mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
+      appendFileSync(file, form(chunk), { mode: 0o600 });
+    } catch (err) {
+      lost = true;
+      process.stderr.write(`run-record: output not kept in ${file} (${(err as Error).message})\n`);
+    }
+  };
 }
