@@ -122,7 +122,7 @@ describe('tokenwarden CLI', () => {
   });
 
   it('should import a signing secret from stdin, never from the command line', async () => {
-    const secret = `whsec_${Buffer.alloc(32, 9).toString('base64')}`;
+    const secret = `whsec_${randomBytes(32).toString('base64')}`;
     scan.addSigningSecret('crm', secret);
     const run = await cli(['receiver', 'add', 'crm', '--url', receiver.url, '--secret-stdin', '--json'], `${secret}\n`);
     const added = json(run);

@@ -3,6 +3,7 @@
  * receivers on loopback. Durations are seconds, configured per test context.
  */
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import {
   ApplicationFailure,
@@ -767,7 +768,7 @@ describe('token lifecycle', () => {
       scopes: [],
       receivers: [a.id],
       ttlMs: 3_000,
-      secretHash: Buffer.alloc(32, 9),
+      secretHash: randomBytes(32),
     });
     // The workflow believes expiry comes 2 s before the store does: a database clock 2 s behind.
     const early = new Date(Date.parse(token.expiresAt) - 2_000).toISOString();
